@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Idempotent setup for a Debian 12 machine: system packages (only those
+# missing), kernel headers for bcc, and the project venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(python3-venv python3-bpfcc linux-headers-amd64 netcat-openbsd nftables iproute2)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "setup: missing Debian packages: ${missing[*]} (run 'sudo make setup' once)" >&2
+        exit 2
+    fi
+    echo "setup: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# bcc compiles against /lib/modules/$(uname -r)/build. A kernel without its
+# own headers package (as on some cloud/VM kernels) gets Debian's generic
+# linux-headers-amd64 linked in; a kernel that has headers is left alone.
+kdir="/lib/modules/$(uname -r)"
+if [ ! -e "$kdir/build/include" ] && [ "$(id -u)" -eq 0 ]; then
+    amd64=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1 || true)
+    common=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n 1 || true)
+    if [ -n "$amd64" ] && [ -n "$common" ]; then
+        echo "setup: kernel $(uname -r) has no headers; linking $amd64 for bcc"
+        mkdir -p "$kdir"
+        ln -sfn "$amd64" "$kdir/build"
+        ln -sfn "$common" "$kdir/source"
+    fi
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+stamp=.venv/.installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+    touch "$stamp"
+fi

@@ -1,0 +1,485 @@
+"""The proxy's JSON configuration, parsed and validated into frozen dataclasses.
+
+The challenge's format loads unchanged::
+
+    {"Apps": [{"Name": "five-thousand", "Ports": [5001, 5200],
+               "Targets": ["tcp-echo.fly.dev:5001", "tcp-echo.fly.dev:5002"]}]}
+
+Options may be set per app or in a top-level ``"Defaults"`` object. An app's own
+value wins over ``Defaults``, which wins over the built-in default:
+
+==============  ===========  =======  =================================================
+Option          Default      Unit     Why
+==============  ===========  =======  =================================================
+Strategy        round-robin  --       Spreads connections evenly without tracking any
+                                      state; ``least-connections`` suits apps whose
+                                      connections vary a lot in lifetime.
+ConnectTimeout  2.0          seconds  Survives one lost SYN (Linux resends it after 1 s)
+                                      but fails a dead target fast, rather than after
+                                      the kernel's ~127 s of SYN retries. Must be > 0
+                                      and <= 300; the cap catches milliseconds typed
+                                      as seconds.
+==============  ===========  =======  =================================================
+
+Adding an option takes a field on ``_Options`` (default and bounds), the same field
+on `AppConfig`, and a row in this table.
+
+Validation is strict, because a proxy that guesses what a typo meant sends traffic
+somewhere nobody intended: unknown keys, wrong types (``"5001"`` is not a port) and
+out-of-range values are all errors. Every problem is reported at once, each with its
+location (``Apps[2].Ports[1]``), so one edit fixes them all.
+
+pydantic is this module's implementation detail: the rest of the program sees only the
+dataclasses, and no exception but `ConfigError` escapes `parse_config` or `load_config`.
+"""
+
+import difflib
+import enum
+import ipaddress
+import json
+import os
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationError
+from pydantic.alias_generators import to_pascal
+from pydantic_core import ErrorDetails
+
+__all__ = [
+    "AppConfig",
+    "Config",
+    "ConfigError",
+    "Strategy",
+    "Target",
+    "load_config",
+    "parse_config",
+    "read_config_bytes",
+]
+
+
+class ConfigError(Exception):
+    """Our side: the configuration is wrong (as opposed to peer/target errors).
+
+    ``problems`` holds every problem found, each prefixed with its location, such as
+    ``"Apps[2].Ports[1]: must be between 1 and 65535, got 70000"``.
+    """
+
+    source: str  # the file's path, or "<config>"
+    problems: tuple[str, ...]
+
+    def __init__(self, source: str, problems: Iterable[str]) -> None:
+        self.source = source
+        self.problems = tuple(problems)
+        super().__init__(source, self.problems)  # keeps the error picklable
+
+    def __str__(self) -> str:
+        if len(self.problems) == 1:
+            return f"{self.source}: {self.problems[0]}"
+        lines = "".join(f"\n  {problem}" for problem in self.problems)
+        return f"{self.source}: {len(self.problems)} problems:{lines}"
+
+
+class Strategy(enum.StrEnum):
+    """How an app picks a target for each new connection."""
+
+    ROUND_ROBIN = "round-robin"
+    RANDOM = "random"
+    LEAST_CONNECTIONS = "least-connections"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A backend to connect to; ``host`` is a DNS name or an IP address (IPv6 unbracketed)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class AppConfig:
+    """One app: the ports it listens on, the targets it forwards to, and its options."""
+
+    name: str
+    ports: tuple[int, ...]
+    targets: tuple[Target, ...]
+    strategy: Strategy
+    connect_timeout: float  # seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """A validated configuration: names and ports are unique across all apps."""
+
+    apps: tuple[AppConfig, ...]
+
+    def port_map(self) -> dict[int, AppConfig]:
+        """Map every listening port to the app that owns it."""
+        return {port: app for app in self.apps for port in app.ports}
+
+    @property
+    def ports(self) -> frozenset[int]:
+        """Every port the proxy listens on."""
+        return frozenset(port for app in self.apps for port in app.ports)
+
+
+def parse_config(data: bytes | str, source: str = "<config>") -> Config:
+    """Parse a JSON configuration; raise `ConfigError` listing every problem in it.
+
+    ``source`` names the input in error messages (usually the file's path).
+    """
+    doc, problems = _load_json(data, source)
+    try:
+        raw: _File | None = _File.model_validate(doc)
+    except ValidationError as exc:
+        raw = None
+        problems += [(err["loc"], _message(err)) for err in exc.errors(include_url=False)]
+    # Cross-app checks read the raw document, so they run even when pydantic fails.
+    problems += _cross_check(doc)
+    if raw is None or problems:
+        problems.sort(key=lambda problem: [(isinstance(part, str), part) for part in problem[0]])
+        raise ConfigError(source, [f"{_format_loc(loc)}: {message}" for loc, message in problems])
+    return Config(apps=tuple(_app_config(app, raw.defaults) for app in raw.apps))
+
+
+def read_config_bytes(path: str | os.PathLike[str]) -> bytes:
+    """Read a configuration file's bytes, bounded; raise `ConfigError` if that fails.
+
+    Kept apart from parsing so a reload can compare contents before parsing.
+    """
+    source = os.fspath(path)
+    try:
+        with open(path, "rb") as file:
+            data = file.read(_MAX_FILE_BYTES + 1)  # bounded, in case of /dev/zero or a FIFO
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read file: {exc.strerror or exc}"]) from exc
+    if len(data) > _MAX_FILE_BYTES:
+        raise ConfigError(source, [f"file is larger than {_MAX_FILE_BYTES // 2**20} MiB"])
+    return data
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and parse a configuration file; raise `ConfigError` if that fails."""
+    return parse_config(read_config_bytes(path), os.fspath(path))
+
+
+# ---------------------------------------------------------------------------------------
+# Internals
+
+_Loc = tuple[int | str, ...]  # a path into the document, like ("Apps", 2, "Ports", 1)
+_Problem = tuple[_Loc, str]
+
+_MAX_FILE_BYTES = 16 * 2**20
+_MAX_NAME_LENGTH = 128  # names end up in logs and metric labels
+# A DNS label: 1-63 letters, digits, '-' or '_' (for names like _service.example), not
+# starting or ending with '-'. ASCII only: internationalised names go in as "xn--...".
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def _check_name(name: str) -> str:
+    if not name:
+        raise ValueError("must not be empty")
+    if len(name) > _MAX_NAME_LENGTH:
+        raise ValueError(f"must be at most {_MAX_NAME_LENGTH} characters, got {len(name)}")
+    if name != name.strip():
+        raise ValueError("must not start or end with whitespace")
+    if any(unicodedata.category(char) == "Cc" for char in name):
+        raise ValueError("must not contain control characters")
+    return name
+
+
+def _check_port(port: int) -> int:
+    if not 1 <= port <= 65535:
+        raise ValueError(f"must be between 1 and 65535, got {port}")
+    return port
+
+
+def _parse_target(value: object) -> Target:
+    """Parse ``"host:port"`` or ``"[ipv6]:port"``; raise ValueError saying what is wrong."""
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, got {_show(value)}")
+    if not value:
+        raise ValueError("must not be empty, expected host:port")
+    if value.startswith("["):
+        host, bracket, rest = value[1:].partition("]")
+        if not bracket:
+            raise ValueError("missing ']' after the IPv6 address")
+        if rest and not rest.startswith(":"):
+            raise ValueError("expected ':' after ']'")
+        port_text = rest[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"invalid IPv6 address {host!r}") from None
+    else:
+        host, colon, port_text = value.rpartition(":")
+        if not colon:
+            raise ValueError("missing port, expected host:port")
+        if ":" in host:
+            if _is_ipv6(host) and port_text:
+                raise ValueError(f"IPv6 addresses need brackets: write it as [{host}]:{port_text}")
+            raise ValueError("too many ':'; IPv6 addresses need brackets, as in [::1]:8080")
+        if not host:
+            raise ValueError("missing host, expected host:port")
+        _check_host(host)
+    if not port_text:
+        raise ValueError("missing port, expected host:port")
+    if not (port_text.isascii() and port_text.isdigit()):
+        raise ValueError(f"port must be a number, got {port_text!r}")
+    port = int(port_text) if len(port_text) <= 5 else 0
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port must be between 1 and 65535, got {port_text}")
+    return Target(host, port)
+
+
+def _check_host(host: str) -> None:
+    """Accept an IPv4 address or a DNS name (an optional trailing dot marks it fully qualified)."""
+    if re.fullmatch(r"[0-9.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"invalid IPv4 address {host!r}") from None
+        return
+    name = host.removesuffix(".")
+    if len(name) > 253:
+        raise ValueError(f"host name is longer than 253 characters ({len(name)})")
+    if not all(_DNS_LABEL.fullmatch(label) for label in name.split(".")):
+        raise ValueError(
+            f"invalid host name {host!r}: each '.'-separated part must be 1-63 letters,"
+            " digits, '-' or '_', and not start or end with '-'"
+        )
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+class _Model(BaseModel):
+    # JSON keys are the CamelCase aliases of the snake_case fields.
+    model_config = ConfigDict(strict=True, extra="forbid", alias_generator=to_pascal, frozen=True)
+
+
+class _Options(_Model):
+    """The per-app options: ``Defaults`` is one of these, and each app extends it.
+
+    A field's default is the built-in default; ``model_fields_set`` tells what the file set.
+    Field names match `AppConfig`'s.
+    """
+
+    # Strict mode would want a Strategy instance; lax enum validation is still an exact match.
+    strategy: Annotated[Strategy, Field(strict=False)] = Strategy.ROUND_ROBIN
+    connect_timeout: float = Field(default=2.0, gt=0, le=300, allow_inf_nan=False)
+
+
+class _App(_Options):
+    name: Annotated[str, AfterValidator(_check_name)]
+    ports: list[Annotated[int, AfterValidator(_check_port)]] = Field(min_length=1)
+    # PlainValidator: _parse_target does the whole job, checking that it got a str included.
+    targets: list[Annotated[Target, PlainValidator(_parse_target)]] = Field(min_length=1)
+
+
+class _File(_Model):
+    apps: list[_App]
+    defaults: _Options = _Options()
+
+
+def _app_config(app: _App, defaults: _Options) -> AppConfig:
+    """Merge: the app's own value, else the Defaults value (itself built-in unless set)."""
+    options: dict[str, Any] = {
+        name: getattr(app if name in app.model_fields_set else defaults, name)
+        for name in _Options.model_fields
+    }
+    return AppConfig(name=app.name, ports=tuple(app.ports), targets=tuple(app.targets), **options)
+
+
+def _load_json(data: bytes | str, source: str) -> tuple[object, list[_Problem]]:
+    """Decode and parse; return the document and its duplicate-key problems.
+
+    Syntax errors are fatal (raised at once): nothing after them can be checked.
+    """
+    if isinstance(data, str):
+        text = data.removeprefix("\ufeff")
+    else:
+        try:
+            text = data.decode("utf-8-sig")  # tolerate the BOM some editors write
+        except UnicodeDecodeError as exc:
+            where = _line_column(data[: exc.start].decode("utf-8-sig"))
+            raise ConfigError(source, [f"{where}: not valid UTF-8 ({exc.reason})"]) from None
+    if not text.strip():
+        raise ConfigError(source, ["(top level): empty document, expected a JSON object"])
+
+    # json keeps the last of repeated keys silently; remember them to report instead.
+    # Holding each object here keeps it alive, so its id() cannot be reused by another.
+    repeated: list[tuple[dict[str, Any], list[str]]] = []
+
+    def object_pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(pairs)
+        if len(obj) < len(pairs):
+            counts = Counter(key for key, _ in pairs)
+            repeated.append((obj, [key for key, count in counts.items() if count > 1]))
+        return obj
+
+    try:
+        doc = json.loads(text, object_pairs_hook=object_pairs_hook)
+    except json.JSONDecodeError as exc:
+        message = exc.msg[:1].lower() + exc.msg[1:]
+        raise ConfigError(source, [f"line {exc.lineno}, column {exc.colno}: {message}"]) from None
+    except RecursionError:
+        raise ConfigError(source, ["(top level): nested too deeply"]) from None
+    except ValueError:  # int() refuses more than sys.get_int_max_str_digits() digits
+        raise ConfigError(source, ["(top level): a number has too many digits"]) from None
+    return doc, list(_duplicate_keys(doc, {id(obj): keys for obj, keys in repeated}))
+
+
+def _line_column(prefix: str) -> str:
+    """The position just after ``prefix``, counted in characters as json does."""
+    line = prefix.count("\n") + 1
+    column = len(prefix) - (prefix.rfind("\n") + 1) + 1
+    return f"line {line}, column {column}"
+
+
+def _duplicate_keys(doc: object, repeated: dict[int, list[str]]) -> Iterator[_Problem]:
+    """Locate the objects with repeated keys (iteratively: documents may nest deeply)."""
+    stack: list[tuple[_Loc, object]] = [((), doc)] if repeated else []
+    while stack:
+        loc, value = stack.pop()
+        if isinstance(value, dict):
+            for key in repeated.get(id(value), ()):
+                yield (*loc, key), f"duplicate key {key!r}"
+            stack.extend(((*loc, key), item) for key, item in value.items())
+        elif isinstance(value, list):
+            stack.extend(((*loc, index), item) for index, item in enumerate(value))
+
+
+def _cross_check(doc: object) -> Iterator[_Problem]:
+    """Report what spans several values: repeated names, ports and targets.
+
+    Only values that are valid on their own are compared; pydantic reports the others.
+    """
+    apps = doc.get("Apps") if isinstance(doc, dict) else None
+    if not isinstance(apps, list):
+        return
+    names: dict[str, int] = {}
+    port_owners: dict[int, tuple[str, _Loc]] = {}
+    for i, app in enumerate(apps):
+        if not isinstance(app, dict):
+            continue
+        name = app.get("Name")
+        label = f"app {name!r}" if isinstance(name, str) and name else f"app Apps[{i}]"
+        if isinstance(name, str):
+            if name in names:
+                yield ("Apps", i, "Name"), f"duplicate app name {name!r} (also Apps[{names[name]}])"
+            names.setdefault(name, i)
+
+        own_ports: set[int] = set()
+        for j, port in _items(app.get("Ports")):
+            if type(port) is not int or not 1 <= port <= 65535:
+                continue
+            loc: _Loc = ("Apps", i, "Ports", j)
+            if port in own_ports:
+                yield loc, f"port {port} is listed twice in {label}"
+            elif port in port_owners:
+                owner, owner_loc = port_owners[port]
+                yield loc, f"port {port} is already used by {owner} ({_format_loc(owner_loc)})"
+            else:
+                port_owners[port] = (label, loc)
+            own_ports.add(port)
+
+        own_targets: set[tuple[str, int]] = set()
+        for j, text in _items(app.get("Targets")):
+            try:
+                target = _parse_target(text)
+            except ValueError:
+                continue
+            key = (target.host.lower(), target.port)  # DNS names are case-insensitive
+            if key in own_targets:
+                yield ("Apps", i, "Targets", j), f"target {text!r} is listed twice in {label}"
+            own_targets.add(key)
+
+
+def _items(value: object) -> Iterable[tuple[int, object]]:
+    return enumerate(value) if isinstance(value, list) else ()
+
+
+_TYPE_NAMES = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "an object",
+    "model_type": "an object",
+}
+
+
+def _message(err: ErrorDetails) -> str:
+    """Rewrite a pydantic error as a short plain-English message."""
+    kind, ctx, got = err["type"], err.get("ctx", {}), _show(err["input"])
+    if kind in _TYPE_NAMES:
+        return f"must be {_TYPE_NAMES[kind]}, got {got}"
+    match kind:
+        case "missing":
+            return "missing required key"
+        case "extra_forbidden":
+            return f"unknown key{_key_hint(err['loc'])}"
+        case "value_error":  # raised by our own validators, already phrased for people
+            return str(ctx["error"])
+        case "too_short":
+            return "must not be empty"
+        case "enum":
+            return f"must be one of {', '.join(repr(s.value) for s in Strategy)}, got {got}"
+        case "greater_than":
+            return f"must be greater than {ctx['gt']:g}, got {got}"
+        case "less_than_equal":
+            return f"must be at most {ctx['le']:g}, got {got}"
+        case "finite_number":
+            return f"must be a finite number, got {got}"
+    message = err["msg"].replace("Input should be", "must be")
+    return f"{message[:1].lower()}{message[1:]}, got {got}"
+
+
+def _key_hint(loc: _Loc) -> str:
+    """Suggest the allowed key closest to an unknown one (ignoring case), or list them all."""
+    model: type[_Model] = _File if len(loc) == 1 else _Options if loc[0] == "Defaults" else _App
+    allowed = {
+        (field.alias or name).lower(): field.alias or name
+        for name, field in model.model_fields.items()
+    }
+    close = difflib.get_close_matches(str(loc[-1]).lower(), allowed, n=1)
+    if close:
+        return f" (did you mean {allowed[close[0]]!r}?)"
+    return f" (expected one of: {', '.join(sorted(allowed.values()))})"
+
+
+def _format_loc(loc: _Loc) -> str:
+    """``("Apps", 2, "Ports", 1)`` -> ``Apps[2].Ports[1]``; odd keys are JSON-quoted."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part.isidentifier():
+            text += f".{part}" if text else part
+        else:
+            text += f"[{json.dumps(part)}]"
+    return text or "(top level)"
+
+
+def _show(value: object) -> str:
+    """Render a bad value briefly, as JSON, for "got ..." (escaping anything unprintable)."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    text = json.dumps(value)
+    return text if len(text) <= 40 else f"{text[:36]}..."
