@@ -1,0 +1,3 @@
+from tcpproxy.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""What both binaries' command lines share: options, logging, error exits."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from tcpproxy import __version__
+from tcpproxy.config import Config, ConfigError, parse_config, read_config_bytes
+from tcpproxy.errors import ProxyError
+from tcpproxy.service import DEFAULT_DRAIN_TIMEOUT
+
+__all__ = [
+    "EXIT_USAGE",
+    "common_options",
+    "fail",
+    "raise_fd_limit",
+    "read_config",
+    "run_cli",
+    "setup_logging",
+]
+
+EXIT_USAGE = 2  # our error: bad config, bad option, cannot start as asked
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def common_options(prog: str) -> Callable[[F], F]:
+    """The options both binaries take, with the same names, defaults and help."""
+
+    def decorate(func: F) -> F:
+        for option in reversed(
+            [
+                click.option(
+                    "-c", "--config", "config_path",
+                    type=click.Path(path_type=Path, dir_okay=False),
+                    default=Path("config.json"), show_default=True,
+                    envvar=f"{prog.upper()}_CONFIG", show_envvar=True,
+                    help="Config file, watched for changes (also reloaded on SIGHUP).",
+                ),
+                click.option(
+                    "--drain-timeout", type=click.FloatRange(min=0), metavar="SECONDS",
+                    default=DEFAULT_DRAIN_TIMEOUT, show_default=True,
+                    help="On SIGTERM/SIGINT, how long open connections may take to finish.",
+                ),
+                click.option(
+                    "--splice/--no-splice", default=True, show_default=True,
+                    help="Relay with zero-copy splice(2), or copy through a buffer.",
+                ),
+                click.option(
+                    "--log-level", type=click.Choice(LOG_LEVELS), default="info",
+                    show_default=True,
+                    help="'debug' logs one line per connection.",
+                ),
+                click.version_option(__version__, prog_name=prog),
+            ]
+        ):  # fmt: skip
+            func = option(func)
+        return func
+
+    return decorate
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft descriptor limit to the hard one; return the new soft limit.
+
+    Each proxied connection holds two sockets and, while splicing, two pipes
+    (six descriptors); the usual soft limit of 1024 would cap a proxy at ~170
+    connections. As HAProxy does, take what the administrator allows.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
+
+
+def fail(prog: str, message: str) -> int:
+    """Print an error of ours (no traceback) and return the exit code for it."""
+    click.echo(f"{prog}: error: {message}", err=True)
+    return EXIT_USAGE
+
+
+def read_config(path: Path) -> tuple[bytes, Config]:
+    """Read and validate the config file once: its bytes (to compare on reload) and model."""
+    data = read_config_bytes(path)
+    return data, parse_config(data, str(path))
+
+
+def run_cli(prog: str, command: click.Command, argv: Sequence[str] | None) -> int:
+    """Run a click command in-process and return its exit code (tests call this)."""
+    try:
+        result = command.main(args=argv, prog_name=prog, standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except (click.Abort, KeyboardInterrupt):
+        return 130
+    except (ConfigError, ProxyError) as exc:
+        return fail(prog, str(exc))
+    return result if isinstance(result, int) else 0

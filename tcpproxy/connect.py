@@ -1,0 +1,85 @@
+"""Connecting to an app's targets, with failover.
+
+A target that refuses, does not resolve, or does not answer within the app's
+connect timeout costs the client nothing but time: the next target in the
+balancer's order is tried, until each has been tried once.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+
+import trio
+
+from tcpproxy.config import Target
+from tcpproxy.errors import TargetUnavailable
+from tcpproxy.resolve import Resolver
+
+__all__ = ["connect_target", "describe_error", "open_target"]
+
+
+def describe_error(exc: BaseException) -> str:
+    """Short lowercase reason for logs: 'connection refused', 'no answer within 2s'."""
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve: {exc.strerror or exc}".lower()
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
+
+
+async def connect_target(target: Target, resolver: Resolver) -> trio.socket.SocketType:
+    """Connect to one target, trying each address its host resolves to.
+
+    Resource handling: the returned socket is the caller's; a socket that did
+    not connect (error or cancellation) is closed here.
+    """
+    last: OSError | None = None
+    for family, sockaddr in await resolver.resolve(target.host, target.port):
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await sock.connect(sockaddr)
+        except OSError as exc:
+            sock.close()
+            last = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise last or OSError(f"{target.host} has no address")
+
+
+async def open_target(
+    name: str,
+    order: list[Target],
+    resolver: Resolver,
+    connect_timeout: float,
+    *,
+    on_failure: Callable[[Target, str], None] | None = None,
+) -> tuple[trio.socket.SocketType, Target]:
+    """Connect to the first target of `order` that answers.
+
+    Args:
+      name: the app's name, for the error.
+      order: every target once, the preferred first (see `Balancer.order`).
+      connect_timeout: seconds allowed per target, resolution included.
+      on_failure: told of each target that failed (health tracking, logs).
+
+    Raises:
+      TargetUnavailable: every target failed; it lists why for each.
+    """
+    failures: list[tuple[str, str]] = []
+    for target in order:
+        try:
+            with trio.fail_after(connect_timeout):
+                return await connect_target(target, resolver), target
+        except trio.TooSlowError:
+            why = f"no answer within {connect_timeout:g}s"
+        except OSError as exc:
+            why = describe_error(exc)
+        failures.append((str(target), why))
+        if on_failure is not None:
+            on_failure(target, why)
+    raise TargetUnavailable(name, failures)

@@ -1,0 +1,53 @@
+"""`make run`: echo backends for the config's loopback targets, then tcpproxy.
+
+So that `echo hello | nc -N localhost 6300` answers on a machine with nothing
+else running. Targets that are not on loopback are left to exist elsewhere.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tcpproxy.cli import main as tcpproxy_main
+from tcpproxy.cli_common import fail, read_config
+from tcpproxy.config import ConfigError
+
+
+def loopback_ports(config_path: Path) -> list[int]:
+    _, config = read_config(config_path)
+    ports = set()
+    for app in config.apps:
+        for target in app.targets:
+            host = target.host
+            try:
+                local = host == "localhost" or ipaddress.ip_address(host).is_loopback
+            except ValueError:
+                local = False
+            if local:
+                ports.add(target.port)
+    return sorted(ports)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    config_path = (
+        Path(args[args.index("--config") + 1]) if "--config" in args else Path("config.json")
+    )
+    try:
+        ports = loopback_ports(config_path)
+    except ConfigError as exc:
+        return fail("tcpproxy", str(exc))
+    echo = subprocess.Popen([sys.executable, "-m", "tcpproxy.echo", *map(str, ports)])
+    try:
+        return tcpproxy_main(args)
+    finally:
+        echo.terminate()
+        echo.wait(timeout=5)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

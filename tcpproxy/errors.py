@@ -1,0 +1,32 @@
+"""The error hierarchy: ours (configuration, startup) versus theirs (peers, targets).
+
+`ConfigError` lives in `tcpproxy.config` with the code that raises it; it is
+re-exported here so callers find every error type in one place.
+"""
+
+from __future__ import annotations
+
+from tcpproxy.config import ConfigError
+
+__all__ = ["ConfigError", "ProxyError", "StartupError", "TargetUnavailable"]
+
+
+class ProxyError(Exception):
+    """Base of the proxy's own errors."""
+
+
+class StartupError(ProxyError):
+    """Ours: the proxy cannot start as configured (a port cannot be bound, ...).
+
+    The message names the problem and its location; the CLI prints it and exits 2.
+    """
+
+
+class TargetUnavailable(ProxyError):
+    """Theirs: no target of an app could be connected; `failures` says why for each."""
+
+    def __init__(self, app: str, failures: list[tuple[str, str]]) -> None:
+        self.app = app
+        self.failures = failures
+        detail = "; ".join(f"{target}: {why}" for target, why in failures)
+        super().__init__(f"app {app!r}: no target could be connected ({detail})")

@@ -1,0 +1,131 @@
+"""Opening listening sockets and serving them: kept apart (as trio's
+`open_tcp_listeners` and `serve_listeners` are) so both binaries compose them.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import Callable
+
+import trio
+
+from tcpproxy.errors import StartupError
+
+__all__ = ["ACCEPT_CAPACITY_ERRNOS", "BACKLOG", "accept_loop", "bind_hint", "open_listener"]
+
+log = logging.getLogger("tcpproxy")
+
+BACKLOG = 4096  # pending connections per listener; the kernel caps it at net.core.somaxconn
+# accept() failures that mean "out of resources": back off and retry, never crash
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_BACKOFF = 0.100  # seconds to sleep after an accept capacity error
+# accept() failures about one connection that died in the queue: skip it
+ACCEPT_TRANSIENT_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+
+Dispatch = Callable[[trio.socket.SocketType, int, tuple], None]
+
+
+def bind_hint(exc: OSError) -> str:
+    """What to do about a bind error, for the startup message."""
+    if exc.errno == errno.EADDRINUSE:
+        return "address already in use (another process listens there)"
+    if exc.errno == errno.EACCES:
+        return "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "address not available on this machine"
+    return (exc.strerror or str(exc)).lower()
+
+
+def open_listener(
+    host: str | None, port: int, *, reuse_port: bool = False
+) -> trio.socket.SocketType:
+    """A listening TCP socket on host:port; host None means every address.
+
+    Every address is `[::]` dual-stack where IPv6 exists, else `0.0.0.0`.
+
+    Raises:
+      StartupError: naming the address and port and what to do.
+    """
+    if host is None or host in ("", "*"):
+        candidates = [(socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")]
+    else:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        candidates = [(family, host.strip("[]"))]
+    last: OSError | None = None
+    for family, address in candidates:
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:  # no IPv6 on this machine
+            last = exc
+            continue
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6 and address == "::":
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepted
+            sock_addr = (address, port, 0, 0) if family == socket.AF_INET6 else (address, port)
+            sock.bind(sock_addr)
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            if exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL) and len(candidates) > 1:
+                last = exc
+                continue
+            where = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+            hint = bind_hint(exc)
+            raise StartupError(f"cannot listen on port {port} ({where}): {hint}") from None
+        return trio.socket.from_stdlib_socket(sock)
+    raise StartupError(f"cannot listen on port {port}: {bind_hint(last) if last else 'no address'}")
+
+
+async def accept_loop(
+    listener: trio.socket.SocketType,
+    port: int | None,
+    dispatch: Dispatch,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept connections until cancelled, handing each to `dispatch(sock, port, peer)`.
+
+    `dispatch` is synchronous and starts the connection's task elsewhere (so
+    connections outlive this loop: a listener can stop while they drain).
+    `port` None means "the connection's own destination port" (getsockname),
+    as for bpfproxy's one steered socket.
+
+    Resource handling: closes `listener` when it ends (cancellation included).
+
+    Error handling: out-of-resource errors (EMFILE...) are logged and retried
+    after ACCEPT_BACKOFF, so running out of descriptors never kills the proxy;
+    errors about a single aborted connection are skipped; anything else
+    propagates.
+    """
+    with listener:
+        task_status.started()
+        while True:
+            try:
+                sock, peer = await listener.accept()
+            except OSError as exc:
+                if exc.errno in ACCEPT_CAPACITY_ERRNOS:
+                    log.error(
+                        "port %s: accept failed: %s; retrying in %.0f ms",
+                        port or "*", exc.strerror, ACCEPT_BACKOFF * 1000,
+                    )  # fmt: skip
+                    await trio.sleep(ACCEPT_BACKOFF)
+                    continue
+                if exc.errno in ACCEPT_TRANSIENT_ERRNOS:
+                    continue
+                raise
+            if port is None:
+                try:
+                    local_port = sock.getsockname()[1]
+                except OSError:  # already reset by the peer
+                    sock.close()
+                    continue
+                dispatch(sock, local_port, peer)
+            else:
+                dispatch(sock, port, peer)

@@ -1,0 +1,102 @@
+"""tcpproxy's frontend: one listening socket per configured port."""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from tcpproxy.config import Config
+from tcpproxy.errors import StartupError
+from tcpproxy.listeners import Dispatch, accept_loop, open_listener
+
+__all__ = ["PortListeners"]
+
+log = logging.getLogger("tcpproxy")
+
+
+class PortListeners:
+    """A listener per port, opened and closed as the config's ports change.
+
+    Resource handling: owns every listening socket. `open()` opens all or
+    none; `serve()` closes them when it is cancelled; `update()` opens the
+    new ports before anything else changes, so a port that cannot be bound
+    rejects the whole reload, and ports that stay keep their socket (no gap).
+    """
+
+    name = "tcpproxy"
+
+    def __init__(self, bind: str | None = None) -> None:
+        self._bind = bind
+        self._pending: dict[int, trio.socket.SocketType] = {}  # opened, not yet accepting
+        self._scopes: dict[int, trio.CancelScope] = {}  # accepting
+        self._nursery: trio.Nursery | None = None
+        self._dispatch: Dispatch | None = None
+
+    @property
+    def ports(self) -> frozenset[int]:
+        return frozenset(self._pending) | frozenset(self._scopes)
+
+    def _open_all(self, ports: frozenset[int], config: Config) -> dict[int, trio.socket.SocketType]:
+        names = {port: app.name for app in config.apps for port in app.ports}
+        opened: dict[int, trio.socket.SocketType] = {}
+        try:
+            for port in sorted(ports):
+                try:
+                    opened[port] = open_listener(self._bind, port)
+                except StartupError as exc:
+                    raise StartupError(f"app {names.get(port, '?')!r}: {exc}") from None
+        except BaseException:
+            for sock in opened.values():
+                sock.close()
+            raise
+        return opened
+
+    def open(self, config: Config) -> None:
+        """Bind every port of `config`; raises StartupError naming the first that fails."""
+        self._pending.update(self._open_all(config.ports - self.ports, config))
+
+    async def serve(
+        self, dispatch: Dispatch, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery, self._dispatch = nursery, dispatch
+                self._start_pending()
+                task_status.started()
+                await trio.sleep_forever()  # the port set may become empty; keep serving reloads
+        finally:
+            self._nursery = None
+            for sock in self._pending.values():
+                sock.close()
+            self._pending.clear()
+
+    def _start_pending(self) -> None:
+        assert self._nursery is not None and self._dispatch is not None
+        for port, sock in sorted(self._pending.items()):
+            scope = trio.CancelScope()
+            self._scopes[port] = scope
+            self._nursery.start_soon(self._accept, scope, sock, port, self._dispatch)
+        self._pending.clear()
+
+    async def _accept(
+        self, scope: trio.CancelScope, sock: trio.socket.SocketType, port: int, dispatch: Dispatch
+    ) -> None:
+        with scope:
+            await accept_loop(sock, port, dispatch)
+
+    def update(self, old: Config, new: Config) -> None:
+        added = new.ports - self.ports
+        removed = self.ports - new.ports
+        self._pending.update(self._open_all(added, new))  # may raise: nothing changed yet
+        if self._nursery is not None:
+            self._start_pending()
+        for port in sorted(added):
+            log.info("listening on port %d", port)
+        for port in sorted(removed):
+            scope = self._scopes.pop(port, None)
+            if scope is not None:
+                scope.cancel()  # its loop closes the socket; its connections go on
+            else:
+                self._pending.pop(port).close()
+            log.info("stopped listening on port %d", port)

@@ -1,0 +1,182 @@
+"""The life of a proxy process, shared by both binaries: start, reload, drain, stop.
+
+A `Frontend` is how connections arrive (tcpproxy: a listener per port;
+bpfproxy: one socket steered by BPF). Everything else — routing, target
+choice, relaying, reload and shutdown — is the same code.
+
+Lifecycle rules:
+1. Startup errors (config, bind, BPF) happen before serving and are raised.
+2. A reload (file change or SIGHUP) validates the new file first; an invalid
+   one is logged and changes nothing. A valid one is applied as a diff:
+   the frontend first (it may still reject, e.g. a port that cannot be
+   bound), then the routes, with no checkpoint between, so no connection
+   sees half a reload. Established connections are never touched.
+3. SIGTERM or SIGINT stops accepting, lets connections finish for up to the
+   drain timeout, then cuts the rest; a second SIGINT cuts them at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Protocol
+
+import trio
+
+from tcpproxy.config import Config, ConfigError, parse_config, read_config_bytes
+from tcpproxy.diff import diff_configs, format_ports
+from tcpproxy.errors import StartupError
+from tcpproxy.listeners import Dispatch
+from tcpproxy.proxy import Proxy
+from tcpproxy.watch import watch_config
+
+__all__ = ["DEFAULT_DRAIN_TIMEOUT", "Frontend", "Reloader", "run_service"]
+
+log = logging.getLogger("tcpproxy")
+
+DEFAULT_DRAIN_TIMEOUT = 30.0  # seconds open connections may take to finish on shutdown
+
+
+class Frontend(Protocol):
+    """How connections reach the proxy."""
+
+    name: str
+
+    async def serve(self, dispatch: Dispatch, *, task_status: trio.TaskStatus[None] = ...) -> None:
+        """Accept on every listener until cancelled; started() once accepting."""
+
+    def update(self, old: Config, new: Config) -> None:
+        """Apply a reload's port changes; raise StartupError (changing nothing) to reject it."""
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
+class Reloader:
+    """Serialises reloads: requests coalesce, one is applied at a time."""
+
+    def __init__(self, path: Path, proxy: Proxy, frontend: Frontend, data: bytes) -> None:
+        self._path = path
+        self._proxy = proxy
+        self._frontend = frontend
+        self._last_seen = data  # contents of the last file read, applied or not
+        self._send, self._receive = trio.open_memory_channel[str](1)
+        self.reloads = 0  # applied reloads, for tests and status
+        self.rejected = 0
+
+    def request(self, why: str) -> None:
+        try:
+            self._send.send_nowait(why)
+        except trio.WouldBlock:  # one is pending already; it will read the newest file
+            pass
+
+    async def run(self) -> None:
+        async for why in self._receive:
+            await self._reload(why)
+
+    async def _reload(self, why: str) -> None:
+        try:
+            data = await trio.to_thread.run_sync(read_config_bytes, self._path)
+        except ConfigError as exc:
+            self.rejected += 1
+            log.error("reload (%s) rejected, keeping the running config: %s", why, exc)
+            return
+        forced = why == "SIGHUP"
+        if data == self._last_seen and not forced:
+            return  # an event that did not change the contents
+        self._last_seen = data
+        try:
+            new = await trio.to_thread.run_sync(parse_config, data, str(self._path))
+        except ConfigError as exc:
+            self.rejected += 1
+            log.error("reload (%s) rejected, keeping the running config: %s", why, exc)
+            return
+        self.apply(new, why, _digest(data))
+
+    def apply(self, new: Config, why: str, digest: str) -> None:
+        old = self._proxy.config
+        diff = diff_configs(old, new)
+        if diff.empty:
+            log.info("reload (%s): config %s has no changes", why, digest)
+            return
+        try:
+            self._frontend.update(old, new)
+        except StartupError as exc:
+            self.rejected += 1
+            log.error("reload (%s) rejected, keeping the running config: %s", why, exc)
+            return
+        self._proxy.apply(new)
+        self.reloads += 1
+        log.info("reload (%s): config %s applied: %s", why, digest, diff.summary())
+
+
+async def run_service(
+    path: Path,
+    data: bytes,
+    config: Config,
+    frontend: Frontend,
+    *,
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+    use_splice: bool = True,
+    task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `config` through `frontend` until SIGTERM/SIGINT, then drain.
+
+    Args:
+      path: the config file, watched for changes.
+      data: its contents as loaded (so the first change event is compared
+        against what is running).
+      drain_timeout: seconds connections may take to finish after a stop.
+    """
+    stop_accepting = trio.CancelScope()
+    cut_connections = trio.CancelScope()
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as outer:
+            with cut_connections:
+                async with trio.open_nursery() as connections:
+                    proxy = Proxy(config, connections, use_splice=use_splice)
+                    reloader = Reloader(path, proxy, frontend, data)
+                    outer.start_soon(
+                        _handle_signals, signals, reloader, stop_accepting, cut_connections
+                    )
+                    with stop_accepting:
+                        async with trio.open_nursery() as control:
+                            await control.start(frontend.serve, proxy.dispatch)
+                            await control.start(watch_config, path, reloader.request)
+                            control.start_soon(reloader.run)
+                            log.info(
+                                "%s started: %d apps, ports %s, config %s",
+                                frontend.name, len(config.apps),
+                                format_ports(config.ports), _digest(data),
+                            )  # fmt: skip
+                            task_status.started(proxy)
+                    # accepting has stopped and every listener is closed
+                    if proxy.active_total:
+                        log.info("draining %d connections for up to %gs",
+                                 proxy.active_total, drain_timeout)  # fmt: skip
+                    connections.cancel_scope.deadline = trio.current_time() + drain_timeout
+            if proxy.active_total:
+                log.warning("closed %d connections still open at shutdown", proxy.active_total)
+            outer.cancel_scope.cancel()
+    log.info("%s stopped", frontend.name)
+
+
+async def _handle_signals(
+    signals: AsyncIterator[int],
+    reloader: Reloader,
+    stop_accepting: trio.CancelScope,
+    cut_connections: trio.CancelScope,
+) -> None:
+    async for signum in signals:
+        if signum == signal.SIGHUP:
+            reloader.request("SIGHUP")
+        elif not stop_accepting.cancel_called:
+            log.info("%s: stopping", signal.Signals(signum).name)
+            stop_accepting.cancel()
+        elif signum == signal.SIGINT:
+            log.info("SIGINT again: closing connections now")
+            cut_connections.cancel()

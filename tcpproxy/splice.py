@@ -1,0 +1,227 @@
+"""The splice core: move bytes both ways between two connected sockets.
+
+Both binaries hand every proxied connection to `relay()`. Bytes move through a
+pipe with `splice(2)` (zero copy: they never enter Python), or with
+recv/send through one small buffer where splice is unavailable.
+
+Rules:
+1. Each direction runs until its source reaches EOF, then shuts down the
+   write side of its destination (half-close is forwarded, so
+   `echo hello | nc -N` gets its answer).
+2. The relay ends when both directions have ended.
+3. An error on either side (reset, broken pipe, timeout) ends both at once:
+   the other peer's socket is aborted with an RST so it learns promptly that
+   the stream is incomplete, instead of waiting or seeing a clean FIN.
+4. Backpressure is the kernel's: at most one pipe (or one buffer) of bytes per
+   direction is in the proxy's hands, and nothing is read while it is full.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import os
+import socket
+import struct
+from dataclasses import dataclass, field
+
+import trio
+
+__all__ = ["CHUNK_SIZE", "EndReason", "RelayStats", "abort", "relay"]
+
+CHUNK_SIZE = 64 * 1024  # bytes per direction in flight in the proxy: one pipe, or one buffer
+FAIRNESS_BYTES = 1024 * 1024  # after this many bytes without blocking, yield to other tasks
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_HAVE_SPLICE = hasattr(os, "splice")
+_PIPE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})  # pipe2() may fail with
+_LINGER_ABORT = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+
+
+class EndReason(enum.StrEnum):
+    """Why a relay ended, as logged per connection."""
+
+    DONE = "done"  # both sides closed cleanly
+    CLIENT_ERROR = "client-error"  # the client reset or failed
+    TARGET_ERROR = "target-error"  # the target reset or failed
+    CANCELLED = "cancelled"  # the proxy ended it (shutdown, idle timeout)
+
+
+@dataclass(slots=True)
+class RelayStats:
+    """Bytes moved each way and why the relay ended; updated live."""
+
+    up: int = 0  # client -> target
+    down: int = 0  # target -> client
+    reason: EndReason = EndReason.DONE
+    error: str = field(default="")
+
+
+class _SideError(Exception):
+    def __init__(self, side: EndReason, exc: OSError) -> None:
+        self.side = side
+        self.exc = exc
+
+
+def abort(sock: trio.socket.SocketType) -> None:
+    """Close with RST: the peer sees a reset, not an orderly end of stream."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+    except OSError:
+        pass
+    sock.close()
+
+
+def _shutdown_write(sock: trio.socket.SocketType) -> None:
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:  # peer already gone: the other direction will report it
+        pass
+
+
+class _Direction:
+    """One way of a relay; `up` says which counter of the stats it feeds."""
+
+    __slots__ = ("dst", "dst_side", "src", "src_side", "stats", "up")
+
+    def __init__(
+        self,
+        src: trio.socket.SocketType,
+        dst: trio.socket.SocketType,
+        stats: RelayStats,
+        *,
+        up: bool,
+    ) -> None:
+        self.src, self.dst, self.stats, self.up = src, dst, stats, up
+        client, target = EndReason.CLIENT_ERROR, EndReason.TARGET_ERROR
+        self.src_side, self.dst_side = (client, target) if up else (target, client)
+
+    def _count(self, n: int) -> None:
+        if self.up:
+            self.stats.up += n
+        else:
+            self.stats.down += n
+
+    async def run(self, use_splice: bool) -> None:
+        if use_splice:
+            try:
+                rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno not in _PIPE_ERRNOS:
+                    raise
+                use_splice = False  # out of descriptors for a pipe: copy instead
+            else:
+                try:
+                    await self._splice(rfd, wfd)
+                finally:
+                    os.close(rfd)
+                    os.close(wfd)
+        if not use_splice:
+            await self._copy()
+        _shutdown_write(self.dst)
+
+    async def _splice(self, rfd: int, wfd: int) -> None:
+        src_fd, dst_fd = self.src.fileno(), self.dst.fileno()
+        splice = os.splice
+        wait_readable, wait_writable = trio.lowlevel.wait_readable, trio.lowlevel.wait_writable
+        unyielded = 0
+        while True:
+            try:
+                n = splice(src_fd, wfd, CHUNK_SIZE, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                unyielded = 0
+                await wait_readable(src_fd)
+                continue
+            except OSError as exc:
+                raise _SideError(self.src_side, exc) from None
+            if n == 0:
+                return
+            pending = n
+            while pending:
+                try:
+                    m = splice(rfd, dst_fd, pending, flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    unyielded = 0
+                    await wait_writable(dst_fd)
+                    continue
+                except OSError as exc:
+                    raise _SideError(self.dst_side, exc) from None
+                pending -= m
+                self._count(m)
+            unyielded += n
+            if unyielded >= FAIRNESS_BYTES:
+                unyielded = 0
+                await trio.lowlevel.checkpoint()
+
+    async def _copy(self) -> None:
+        buf = bytearray(CHUNK_SIZE)
+        view = memoryview(buf)
+        while True:
+            try:
+                n = await self.src.recv_into(buf)
+            except OSError as exc:
+                raise _SideError(self.src_side, exc) from None
+            if n == 0:
+                return
+            sent = 0
+            while sent < n:
+                try:
+                    sent += await self.dst.send(view[sent:n])
+                except OSError as exc:
+                    raise _SideError(self.dst_side, exc) from None
+            self._count(n)
+
+
+async def relay(
+    client: trio.socket.SocketType,
+    target: trio.socket.SocketType,
+    stats: RelayStats | None = None,
+    *,
+    use_splice: bool = True,
+) -> RelayStats:
+    """Relay between `client` and `target` until both directions end.
+
+    Args:
+      client, target: connected, non-blocking trio stream sockets.
+      stats: updated live (so an idle timer or metrics can read it); a new one
+        is made when omitted.
+      use_splice: move bytes with splice(2); False copies through a buffer.
+
+    Returns:
+      The stats, with `reason` saying how it ended.
+
+    Resource handling:
+      Closes neither socket on a clean end; the caller owns both. On an error
+      on one side, the *other* socket is aborted (closed with RST) here so its
+      peer learns at once; closing the failed one is still the caller's job
+      (closing twice is harmless).
+
+    Error handling:
+      Peer errors (resets, broken pipes) end the relay and are reported in the
+      stats, never raised. Cancellation propagates as usual.
+    """
+    stats = stats if stats is not None else RelayStats()
+    use_splice = use_splice and _HAVE_SPLICE
+    up = _Direction(client, target, stats, up=True)
+    down = _Direction(target, client, stats, up=False)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(up.run, use_splice)
+            nursery.start_soon(down.run, use_splice)
+    except BaseExceptionGroup as group:  # trio wraps a failed direction's error
+        matched, rest = group.split(_SideError)
+        if rest is not None:
+            raise rest from None
+        assert matched is not None
+        _record_error(stats, matched.exceptions[0], client, target)  # type: ignore[arg-type]
+    return stats
+
+
+def _record_error(
+    stats: RelayStats,
+    err: _SideError,
+    client: trio.socket.SocketType,
+    target: trio.socket.SocketType,
+) -> None:
+    stats.reason = err.side
+    stats.error = os.strerror(err.exc.errno) if err.exc.errno else str(err.exc)
+    abort(target if err.side is EndReason.CLIENT_ERROR else client)
