@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test lint bpfproxy bench-ports clean
 
 setup:
 	@bash scripts/setup.sh
@@ -17,6 +17,14 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# compile and load the sk_lookup program without attaching it (needs root)
+bpfproxy: setup
+	$(BIN)/bpfproxy --check
+
+# time 20,000-port map updates in a throwaway network namespace (needs root)
+bench-ports: setup
+	$(BIN)/python scripts/bench_ports.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

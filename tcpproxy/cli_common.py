@@ -89,6 +89,7 @@ def raise_fd_limit() -> int:
 
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)  # its debug lines are per poll
 
 
 def fail(prog: str, message: str) -> int:

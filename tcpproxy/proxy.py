@@ -39,6 +39,8 @@ class AppRuntime:
 
 def _format_peer(peer: tuple) -> str:
     host, port = peer[0], peer[1]
+    if host.startswith("::ffff:") and "." in host:  # IPv4 client on a dual-stack socket
+        host = host[7:]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 

@@ -1,13 +1,31 @@
-"""Shared fixtures: temporary config files and backends that clean up after themselves."""
+"""Shared fixtures: temporary config files, backends and network namespaces that clean up."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import Backend
+from tests.netns import bpf_unavailable_reason, netns_fixture
+
+__all__ = ["netns_fixture"]
+
+# Set by .ci/run when it runs as root: a BPF test that cannot run is then a failure.
+REQUIRE_BPF = os.environ.get("TCPPROXY_REQUIRE_BPF") == "1"
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("bpf") is None:
+        return
+    reason = bpf_unavailable_reason()
+    if reason is None:
+        return
+    if REQUIRE_BPF:
+        pytest.fail(f"BPF test cannot run but TCPPROXY_REQUIRE_BPF=1: {reason}", pytrace=False)
+    pytest.skip(reason)
 
 
 @pytest.fixture

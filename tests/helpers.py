@@ -56,11 +56,12 @@ class Backend:
         handler: Callable[[socket.socket], None] | None = None,
         port: int = 0,
         host: str = "127.0.0.1",
+        make_socket: Callable[[int], socket.socket] | None = None,
     ) -> None:
         self.name = name
         self._handler = handler or self._named_echo
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        self._sock = (make_socket or socket.socket)(family)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
         self._sock.listen(1024)
@@ -130,9 +131,15 @@ def echo(conn: socket.socket) -> None:
     conn.shutdown(socket.SHUT_WR)
 
 
-def connect(port: int, host: str = "127.0.0.1", timeout: float = TIMEOUT) -> socket.socket:
+def connect(
+    port: int,
+    host: str = "127.0.0.1",
+    timeout: float = TIMEOUT,
+    make_socket: Callable[[int], socket.socket] | None = None,
+) -> socket.socket:
+    """A client connection; `make_socket(family)` makes it elsewhere (a network namespace)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = (make_socket or socket.socket)(family)
     sock.settimeout(timeout)
     sock.connect((host, port))
     return sock
@@ -155,15 +162,22 @@ def recv_all(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
-def which_backend(port: int, host: str = "127.0.0.1") -> str:
+def which_backend(
+    port: int, host: str = "127.0.0.1", make_socket: Callable[[int], socket.socket] | None = None
+) -> str:
     """Connect through the proxy and return the name the backend announced."""
-    with connect(port, host) as sock:
+    with connect(port, host, make_socket=make_socket) as sock:
         return recv_line(sock).decode().strip()
 
 
-def exchange(port: int, payload: bytes = b"hello", host: str = "127.0.0.1") -> bytes:
+def exchange(
+    port: int,
+    payload: bytes = b"hello",
+    host: str = "127.0.0.1",
+    make_socket: Callable[[int], socket.socket] | None = None,
+) -> bytes:
     """Send `payload`, half-close, and read everything back (like `nc -N`)."""
-    with connect(port, host) as sock:
+    with connect(port, host, make_socket=make_socket) as sock:
         sock.sendall(payload)
         sock.shutdown(socket.SHUT_WR)
         return recv_all(sock)

@@ -1,0 +1,1 @@
+"""bpfproxy: every configured port on one socket, steered by an sk_lookup program."""

@@ -1,0 +1,3 @@
+from bpfproxy.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+../bpf/sk_lookup.c

@@ -1,0 +1,72 @@
+"""bpfproxy's frontend: one listening socket, every configured port steered to it."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+
+from bpfproxy.dispatcher import Dispatcher, SteeringError
+from tcpproxy.config import Config
+from tcpproxy.diff import format_ports
+from tcpproxy.errors import StartupError
+from tcpproxy.listeners import Dispatch, accept_loop
+
+__all__ = ["SteeredListener", "check_listen_port"]
+
+log = logging.getLogger("tcpproxy")
+
+
+def check_listen_port(listen_port: int, config: Config) -> None:
+    """The listening port is served normally, so no app may claim it."""
+    for app in config.apps:
+        if listen_port in app.ports:
+            index = app.ports.index(listen_port)
+            raise StartupError(
+                f"port {listen_port} of app {app.name!r} (Ports[{index}]) is bpfproxy's own "
+                f"listening port (-p): choose another -p or remove the port from the app"
+            )
+
+
+class SteeredListener:
+    """One listener; the BPF port map decides which connections reach it.
+
+    Resource handling: owns neither the socket nor the dispatcher (the CLI
+    opens and closes both, dispatcher first so no port stays captured);
+    `serve()` accepts until cancelled.
+    """
+
+    name = "bpfproxy"
+
+    def __init__(
+        self, listener: trio.socket.SocketType, dispatcher: Dispatcher, listen_port: int
+    ) -> None:
+        self._listener = listener
+        self._dispatcher = dispatcher
+        self._listen_port = listen_port
+
+    def steer(self, config: Config) -> None:
+        """Make the port map hold exactly `config`'s ports, logging the change."""
+        started = time.perf_counter()
+        try:
+            added, removed = self._dispatcher.set_ports(config.ports)
+        except SteeringError as exc:
+            raise StartupError(f"port map: {exc}") from None
+        elapsed = (time.perf_counter() - started) * 1000
+        if added or removed:
+            log.info(
+                "port map: %d ports steered (added %s; removed %s) in %.1f ms",
+                len(self._dispatcher.ports), format_ports(added) if added else "none",
+                format_ports(removed) if removed else "none", elapsed,
+            )  # fmt: skip
+
+    async def serve(
+        self, dispatch: Dispatch, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        # port None: each connection's own destination port (getsockname) picks its app
+        await accept_loop(self._listener, None, dispatch, task_status=task_status)
+
+    def update(self, old: Config, new: Config) -> None:
+        check_listen_port(self._listen_port, new)
+        self.steer(new)
