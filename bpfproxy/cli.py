@@ -13,7 +13,7 @@ import trio
 from bpfproxy.steered import SteeredListener, check_listen_port
 from tcpproxy.cli_common import (
     common_options,
-    raise_fd_limit,
+    fit_connection_limit,
     read_config,
     run_cli,
     setup_logging,
@@ -63,6 +63,7 @@ def command(
     bind: str | None,
     check: bool,
     drain_timeout: float,
+    max_connections: int | None,
     splice: bool,
     log_level: str,
 ) -> int:
@@ -81,7 +82,7 @@ def command(
         check_environment()  # first: "run it with sudo" is what a user must fix first
         data, config = read_config(config_path)
         check_listen_port(listen_port, config)
-        raise_fd_limit()
+        limit = fit_connection_limit(max_connections)
         with contextlib.ExitStack() as stack:
             listener = open_listener(bind, listen_port)
             stack.callback(listener.close)
@@ -92,7 +93,9 @@ def command(
             trio.run(
                 lambda: run_service(
                     config_path, data, config, frontend,
-                    drain_timeout=drain_timeout, use_splice=splice,
+                    drain_timeout=drain_timeout,
+            max_connections=limit,
+            use_splice=splice,
                 )
             )  # fmt: skip
     except SteeringError as exc:

@@ -11,7 +11,8 @@ from bpfproxy.dispatcher import Dispatcher, SteeringError
 from tcpproxy.config import Config
 from tcpproxy.diff import format_ports
 from tcpproxy.errors import StartupError
-from tcpproxy.listeners import Dispatch, accept_loop
+from tcpproxy.listeners import accept_loop
+from tcpproxy.proxy import Proxy
 
 __all__ = ["SteeredListener", "check_listen_port"]
 
@@ -62,10 +63,12 @@ class SteeredListener:
             )  # fmt: skip
 
     async def serve(
-        self, dispatch: Dispatch, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self, proxy: Proxy, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         # port None: each connection's own destination port (getsockname) picks its app
-        await accept_loop(self._listener, None, dispatch, task_status=task_status)
+        await accept_loop(
+            self._listener, None, proxy.dispatch, proxy.slots, task_status=task_status
+        )
 
     def update(self, old: Config, new: Config) -> None:
         check_listen_port(self._listen_port, new)

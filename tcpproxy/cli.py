@@ -10,7 +10,7 @@ import trio
 
 from tcpproxy.cli_common import (
     common_options,
-    raise_fd_limit,
+    fit_connection_limit,
     read_config,
     run_cli,
     setup_logging,
@@ -36,19 +36,30 @@ Examples:
     help="Address to listen on.  [default: every address, IPv4 and IPv6]",
 )  # fmt: skip
 def command(
-    config_path: Path, bind: str | None, drain_timeout: float, splice: bool, log_level: str
+    config_path: Path,
+    bind: str | None,
+    drain_timeout: float,
+    max_connections: int | None,
+    splice: bool,
+    log_level: str,
 ) -> int:
     """Proxy TCP connections: one listener per port of every app in the config,
     each connection relayed to one of its app's targets. The config is reloaded
     on change without dropping connections; SIGTERM drains, then exits."""
     setup_logging(log_level)
-    raise_fd_limit()
     data, config = read_config(config_path)
+    limit = fit_connection_limit(max_connections)
     frontend = PortListeners(bind)
     frontend.open(config)
     trio.run(
         lambda: run_service(
-            config_path, data, config, frontend, drain_timeout=drain_timeout, use_splice=splice
+            config_path,
+            data,
+            config,
+            frontend,
+            drain_timeout=drain_timeout,
+            max_connections=limit,
+            use_splice=splice,
         )
     )
     return 0

@@ -14,13 +14,13 @@ import click
 from tcpproxy import __version__
 from tcpproxy.config import Config, ConfigError, parse_config, read_config_bytes
 from tcpproxy.errors import ProxyError
-from tcpproxy.service import DEFAULT_DRAIN_TIMEOUT
+from tcpproxy.service import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CONNECTIONS
 
 __all__ = [
     "EXIT_USAGE",
     "common_options",
     "fail",
-    "raise_fd_limit",
+    "fit_connection_limit",
     "read_config",
     "run_cli",
     "setup_logging",
@@ -52,6 +52,13 @@ def common_options(prog: str) -> Callable[[F], F]:
                     help="On SIGTERM/SIGINT, how long open connections may take to finish.",
                 ),
                 click.option(
+                    "--max-connections", type=click.IntRange(min=1), metavar="N",
+                    default=None,
+                    help="Open connections at once, all apps together; at the limit new "
+                    f"ones wait in the listen queue.  [default: {DEFAULT_MAX_CONNECTIONS}, "
+                    "or fewer if the descriptor limit allows fewer (6 per connection)]",
+                ),
+                click.option(
                     "--splice/--no-splice", default=True, show_default=True,
                     help="Relay with zero-copy splice(2), or copy through a buffer.",
                 ),
@@ -69,12 +76,18 @@ def common_options(prog: str) -> Callable[[F], F]:
     return decorate
 
 
-def raise_fd_limit() -> int:
-    """Raise the soft descriptor limit to the hard one; return the new soft limit.
+FDS_PER_CONNECTION = 6  # two sockets and two pipes (two descriptors each)
+FDS_RESERVED = 64  # for listeners, the BPF maps, logs, probes
 
-    Each proxied connection holds two sockets and, while splicing, two pipes
-    (six descriptors); the usual soft limit of 1024 would cap a proxy at ~170
-    connections. As HAProxy does, take what the administrator allows.
+
+def fit_connection_limit(wanted: int | None) -> int:
+    """Raise the soft descriptor limit to the hard one; return the connection limit.
+
+    The usual soft limit of 1024 would cap a proxy at ~160 connections; as
+    HAProxy does, take what the administrator allows. With no `wanted`
+    limit, use DEFAULT_MAX_CONNECTIONS or what the descriptors allow if
+    fewer. An explicit limit the descriptors cannot back is kept (running out
+    of descriptors is survived: accepting pauses) but warned about.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard > soft:
@@ -84,7 +97,16 @@ def raise_fd_limit() -> int:
             soft = target
         except (ValueError, OSError):
             pass
-    return soft
+    fits = max(1, (soft - FDS_RESERVED) // FDS_PER_CONNECTION)
+    if wanted is None:
+        return min(DEFAULT_MAX_CONNECTIONS, fits)
+    if wanted > fits:
+        logging.getLogger("tcpproxy").warning(
+            "max-connections %d needs more descriptors than the limit of %d allows (%d per "
+            "connection, so about %d connections); raise it with ulimit -n or LimitNOFILE=",
+            wanted, soft, FDS_PER_CONNECTION, fits,
+        )  # fmt: skip
+    return wanted
 
 
 def setup_logging(level: str) -> None:

@@ -19,6 +19,13 @@ ConnectTimeout  2.0          seconds  Survives one lost SYN (Linux resends it af
                                       the kernel's ~127 s of SYN retries. Must be > 0
                                       and <= 300; the cap catches milliseconds typed
                                       as seconds.
+IdleTimeout     3600.0       seconds  No byte either way for this long closes both sides;
+                                      long enough for idle database sessions, short
+                                      enough that vanished peers do not pin descriptors.
+MaxConnections  10000        count    Open connections of the app at once; the excess
+                                      is reset (bounded resources per app).
+HealthCheck     none         object   Active TCP-connect checks (Interval 2 s, Timeout
+                                      1 s, Rise 2, Fall 3); none means passive only.
 ==============  ===========  =======  =================================================
 
 Adding an option takes a field on ``_Options`` (default and bounds), the same field
@@ -53,6 +60,7 @@ __all__ = [
     "AppConfig",
     "Config",
     "ConfigError",
+    "HealthCheck",
     "Strategy",
     "Target",
     "load_config",
@@ -105,14 +113,27 @@ class Target:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """Active health checking: a TCP connect to each target every `interval`."""
+
+    interval: float = 2.0  # seconds between probes of one target
+    timeout: float = 1.0  # seconds a probe's connect may take
+    rise: int = 2  # consecutive successes that bring a down target up
+    fall: int = 3  # consecutive failures that take an up target down
+
+
+@dataclass(frozen=True, slots=True)
 class AppConfig:
     """One app: the ports it listens on, the targets it forwards to, and its options."""
 
     name: str
     ports: tuple[int, ...]
     targets: tuple[Target, ...]
-    strategy: Strategy
-    connect_timeout: float  # seconds
+    strategy: Strategy = Strategy.ROUND_ROBIN
+    connect_timeout: float = 2.0  # seconds
+    idle_timeout: float = 3600.0  # seconds without a byte either way before both sides close
+    max_connections: int = 10000  # open connections of this app at once
+    health_check: HealthCheck | None = None  # None: passive health only
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +292,13 @@ class _Model(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", alias_generator=to_pascal, frozen=True)
 
 
+class _HealthCheck(_Model):
+    interval: float = Field(default=2.0, gt=0, le=3600, allow_inf_nan=False)
+    timeout: float = Field(default=1.0, gt=0, le=300, allow_inf_nan=False)
+    rise: int = Field(default=2, ge=1, le=100)
+    fall: int = Field(default=3, ge=1, le=100)
+
+
 class _Options(_Model):
     """The per-app options: ``Defaults`` is one of these, and each app extends it.
 
@@ -281,6 +309,9 @@ class _Options(_Model):
     # Strict mode would want a Strategy instance; lax enum validation is still an exact match.
     strategy: Annotated[Strategy, Field(strict=False)] = Strategy.ROUND_ROBIN
     connect_timeout: float = Field(default=2.0, gt=0, le=300, allow_inf_nan=False)
+    idle_timeout: float = Field(default=3600.0, gt=0, le=7 * 86400, allow_inf_nan=False)
+    max_connections: int = Field(default=10000, ge=1, le=1_000_000)
+    health_check: _HealthCheck | None = None
 
 
 class _App(_Options):
@@ -301,6 +332,8 @@ def _app_config(app: _App, defaults: _Options) -> AppConfig:
         name: getattr(app if name in app.model_fields_set else defaults, name)
         for name in _Options.model_fields
     }
+    if options["health_check"] is not None:
+        options["health_check"] = HealthCheck(**options["health_check"].model_dump())
     return AppConfig(name=app.name, ports=tuple(app.ports), targets=tuple(app.targets), **options)
 
 
@@ -452,6 +485,8 @@ def _message(err: ErrorDetails) -> str:
 def _key_hint(loc: _Loc) -> str:
     """Suggest the allowed key closest to an unknown one (ignoring case), or list them all."""
     model: type[_Model] = _File if len(loc) == 1 else _Options if loc[0] == "Defaults" else _App
+    if "HealthCheck" in loc[:-1]:
+        model = _HealthCheck
     allowed = {
         (field.alias or name).lower(): field.alias or name
         for name, field in model.model_fields.items()

@@ -7,16 +7,23 @@ balancer's order is tried, until each has been tried once.
 
 from __future__ import annotations
 
+import errno
 import socket
 from collections.abc import Callable
 
 import trio
 
 from tcpproxy.config import Target
-from tcpproxy.errors import TargetUnavailable
+from tcpproxy.errors import ResourceExhausted, TargetUnavailable
 from tcpproxy.resolve import Resolver
 
-__all__ = ["connect_target", "describe_error", "open_target"]
+__all__ = ["LOCAL_ERRNOS", "connect_target", "describe_error", "open_target"]
+
+# Failures that are ours (out of descriptors, memory or local ports), not the target's: they
+# end the attempt without blaming the target or trying the others.
+LOCAL_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
+)
 
 
 def describe_error(exc: BaseException) -> str:
@@ -69,6 +76,7 @@ async def open_target(
 
     Raises:
       TargetUnavailable: every target failed; it lists why for each.
+      ResourceExhausted: this process is out of descriptors or memory.
     """
     failures: list[tuple[str, str]] = []
     for target in order:
@@ -78,6 +86,10 @@ async def open_target(
         except trio.TooSlowError:
             why = f"no answer within {connect_timeout:g}s"
         except OSError as exc:
+            if exc.errno in LOCAL_ERRNOS:
+                raise ResourceExhausted(
+                    f"cannot connect to {target}: {describe_error(exc)}"
+                ) from None
             why = describe_error(exc)
         failures.append((str(target), why))
         if on_failure is not None:

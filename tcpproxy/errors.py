@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from tcpproxy.config import ConfigError
 
-__all__ = ["ConfigError", "ProxyError", "StartupError", "TargetUnavailable"]
+__all__ = ["ConfigError", "ProxyError", "ResourceExhausted", "StartupError", "TargetUnavailable"]
 
 
 class ProxyError(Exception):
@@ -30,3 +30,7 @@ class TargetUnavailable(ProxyError):
         self.failures = failures
         detail = "; ".join(f"{target}: {why}" for target, why in failures)
         super().__init__(f"app {app!r}: no target could be connected ({detail})")
+
+
+class ResourceExhausted(ProxyError):
+    """Ours, transient: out of descriptors or memory for this connection."""

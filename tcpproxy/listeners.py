@@ -87,6 +87,7 @@ async def accept_loop(
     listener: trio.socket.SocketType,
     port: int | None,
     dispatch: Dispatch,
+    slots: trio.Semaphore,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -96,6 +97,11 @@ async def accept_loop(
     connections outlive this loop: a listener can stop while they drain).
     `port` None means "the connection's own destination port" (getsockname),
     as for bpfproxy's one steered socket.
+
+    A slot of `slots` is taken before each accept and handed to `dispatch`
+    with the connection (it gives the slot back when the connection ends):
+    at the connection limit this loop waits, and new connections queue in
+    the kernel's listen backlog rather than fail.
 
     Resource handling: closes `listener` when it ends (cancellation included).
 
@@ -107,25 +113,45 @@ async def accept_loop(
     with listener:
         task_status.started()
         while True:
+            await slots.acquire()
             try:
-                sock, peer = await listener.accept()
-            except OSError as exc:
-                if exc.errno in ACCEPT_CAPACITY_ERRNOS:
+                sock, peer, local_port = await _accept(listener, port)
+            except BaseException:
+                slots.release()
+                raise
+            dispatch(sock, local_port, peer)
+
+
+async def _accept(
+    listener: trio.socket.SocketType, port: int | None
+) -> tuple[trio.socket.SocketType, tuple, int]:
+    """accept(), retrying what says nothing about the listener; see accept_loop.
+
+    Returns the socket, its peer, and its local port (`port`, or asked).
+    """
+    failures = 0  # accept capacity errors in a row: logged at the first and the end
+    while True:
+        try:
+            sock, peer = await listener.accept()
+        except OSError as exc:
+            if exc.errno in ACCEPT_CAPACITY_ERRNOS:
+                if not failures:
                     log.error(
-                        "port %s: accept failed: %s; retrying in %.0f ms",
+                        "port %s: accept failed: %s; retrying every %.0f ms",
                         port or "*", exc.strerror, ACCEPT_BACKOFF * 1000,
                     )  # fmt: skip
-                    await trio.sleep(ACCEPT_BACKOFF)
-                    continue
-                if exc.errno in ACCEPT_TRANSIENT_ERRNOS:
-                    continue
-                raise
-            if port is None:
-                try:
-                    local_port = sock.getsockname()[1]
-                except OSError:  # already reset by the peer
-                    sock.close()
-                    continue
-                dispatch(sock, local_port, peer)
-            else:
-                dispatch(sock, port, peer)
+                failures += 1
+                await trio.sleep(ACCEPT_BACKOFF)
+                continue
+            if exc.errno in ACCEPT_TRANSIENT_ERRNOS:
+                continue
+            raise
+        if failures:
+            log.warning("port %s: accepting again after %d failed tries", port or "*", failures)
+            failures = 0
+        if port is not None:
+            return sock, peer, port
+        try:
+            return sock, peer, sock.getsockname()[1]
+        except OSError:  # already reset by the peer
+            sock.close()

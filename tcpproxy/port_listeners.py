@@ -8,7 +8,8 @@ import trio
 
 from tcpproxy.config import Config
 from tcpproxy.errors import StartupError
-from tcpproxy.listeners import Dispatch, accept_loop, open_listener
+from tcpproxy.listeners import accept_loop, open_listener
+from tcpproxy.proxy import Proxy
 
 __all__ = ["PortListeners"]
 
@@ -31,7 +32,7 @@ class PortListeners:
         self._pending: dict[int, trio.socket.SocketType] = {}  # opened, not yet accepting
         self._scopes: dict[int, trio.CancelScope] = {}  # accepting
         self._nursery: trio.Nursery | None = None
-        self._dispatch: Dispatch | None = None
+        self._proxy: Proxy | None = None
 
     @property
     def ports(self) -> frozenset[int]:
@@ -57,11 +58,11 @@ class PortListeners:
         self._pending.update(self._open_all(config.ports - self.ports, config))
 
     async def serve(
-        self, dispatch: Dispatch, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self, proxy: Proxy, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         try:
             async with trio.open_nursery() as nursery:
-                self._nursery, self._dispatch = nursery, dispatch
+                self._nursery, self._proxy = nursery, proxy
                 self._start_pending()
                 task_status.started()
                 await trio.sleep_forever()  # the port set may become empty; keep serving reloads
@@ -72,18 +73,18 @@ class PortListeners:
             self._pending.clear()
 
     def _start_pending(self) -> None:
-        assert self._nursery is not None and self._dispatch is not None
+        assert self._nursery is not None and self._proxy is not None
         for port, sock in sorted(self._pending.items()):
             scope = trio.CancelScope()
             self._scopes[port] = scope
-            self._nursery.start_soon(self._accept, scope, sock, port, self._dispatch)
+            self._nursery.start_soon(self._accept, scope, sock, port, self._proxy)
         self._pending.clear()
 
     async def _accept(
-        self, scope: trio.CancelScope, sock: trio.socket.SocketType, port: int, dispatch: Dispatch
+        self, scope: trio.CancelScope, sock: trio.socket.SocketType, port: int, proxy: Proxy
     ) -> None:
         with scope:
-            await accept_loop(sock, port, dispatch)
+            await accept_loop(sock, port, proxy.dispatch, proxy.slots)
 
     def update(self, old: Config, new: Config) -> None:
         added = new.ports - self.ports

@@ -2,6 +2,16 @@
 
 How a connection arrives (a listener per port, or one socket steered by BPF)
 is the binary's business; from `dispatch()` on, both run this code.
+
+Limits:
+- `max_connections` (process-wide): each accept loop takes a slot before
+  accepting, so at the limit the proxy stops accepting and new connections
+  wait in the kernel's listen queue (as HAProxy's maxconn does) instead of
+  failing; they are accepted as slots free up.
+- An app's `MaxConnections`: a connection over it is closed at once with a
+  reset (one listener may serve many apps under bpfproxy, so there is no
+  per-app queue to hold it in); a warning is logged at most once per
+  LIMIT_LOG_INTERVAL per app.
 """
 
 from __future__ import annotations
@@ -16,13 +26,17 @@ import trio
 from tcpproxy.balance import Balancer
 from tcpproxy.config import AppConfig, Config, Target
 from tcpproxy.connect import open_target
-from tcpproxy.errors import TargetUnavailable
+from tcpproxy.errors import ResourceExhausted, TargetUnavailable
+from tcpproxy.health import HealthBook
+from tcpproxy.monitor import HealthMonitor
 from tcpproxy.resolve import Resolver
 from tcpproxy.splice import EndReason, RelayStats, abort, relay
 
-__all__ = ["AppRuntime", "Proxy"]
+__all__ = ["LIMIT_LOG_INTERVAL", "AppRuntime", "Proxy"]
 
 log = logging.getLogger("tcpproxy")
+
+LIMIT_LOG_INTERVAL = 10.0  # seconds between repeated "limit reached" warnings
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +51,7 @@ class AppRuntime:
     balancer: Balancer
 
 
-def _format_peer(peer: tuple) -> str:
+def format_peer(peer: tuple) -> str:
     host, port = peer[0], peer[1]
     if host.startswith("::ffff:") and "." in host:  # IPv4 client on a dual-stack socket
         host = host[7:]
@@ -51,6 +65,7 @@ class Proxy:
       config: the initial configuration.
       connections: the nursery that owns every connection task; it outlives
         listeners, so connections drain after their listener stops.
+      max_connections: process-wide limit of open connections.
       resolver: host name resolution (a fresh one when omitted).
       use_splice: relay with splice(2) (default) or copy through a buffer.
     """
@@ -60,14 +75,20 @@ class Proxy:
         config: Config,
         connections: trio.Nursery,
         *,
+        max_connections: int,
         resolver: Resolver | None = None,
         use_splice: bool = True,
     ) -> None:
         self._connections = connections
         self._resolver = resolver or Resolver()
         self._use_splice = use_splice
-        self.active: Counter[Target] = Counter()  # open connections per target (least-connections)
+        self.max_connections = max_connections
+        self.slots = trio.Semaphore(max_connections)  # taken by accept loops, given back here
+        self.health = HealthMonitor(HealthBook(), self._resolver)
+        self.active: Counter[Target] = Counter()  # open connections per target
+        self.active_by_app: Counter[str] = Counter()
         self.active_total = 0
+        self._limit_logged: dict[str, float] = {}
         self.config = Config(apps=())
         self._apps: dict[str, AppRuntime] = {}
         self._routes: dict[int, AppRuntime] = {}
@@ -92,22 +113,45 @@ class Proxy:
         if config != self.config:
             self._resolver.forget()
         self.config = config
+        self.health.apply(config)
 
     def route(self, port: int) -> AppRuntime | None:
         return self._routes.get(port)
 
+    def _warn_limit(self, key: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._limit_logged.get(key, -LIMIT_LOG_INTERVAL) >= LIMIT_LOG_INTERVAL:
+            self._limit_logged[key] = now
+            log.warning(message, *args)
+
     def dispatch(self, client: trio.socket.SocketType, port: int, peer: tuple) -> None:
-        """Take an accepted connection: route it now, serve it in its own task.
+        """Take an accepted connection and the slot its accept loop took.
 
         Routing happens here, synchronously at accept time, so a reload that
-        lands before the task runs cannot strand the connection.
+        lands before the connection's task runs cannot strand it.
         """
         app = self._routes.get(port)
         if app is None:  # steered or queued before its port was removed
-            log.debug("conn %s port=%d: no app for this port; closing", _format_peer(peer), port)
+            log.debug("conn %s port=%d: no app for this port; closing", format_peer(peer), port)
             client.close()
+            self.slots.release()
             return
+        name = app.config.name
+        if self.active_by_app[name] >= app.config.max_connections:
+            self._warn_limit(
+                name, "app %r: MaxConnections (%d) reached; resetting new connections",
+                name, app.config.max_connections,
+            )  # fmt: skip
+            abort(client)
+            self.slots.release()
+            return
+        if self.slots.value == 0:
+            self._warn_limit(
+                "", "max-connections (%d) reached; new connections wait in the listen queue",
+                self.max_connections,
+            )  # fmt: skip
         self.active_total += 1
+        self.active_by_app[name] += 1
         self._connections.start_soon(self._serve, client, port, peer, app)
 
     async def _serve(
@@ -118,37 +162,63 @@ class Proxy:
         target: Target | None = None
         target_sock: trio.socket.SocketType | None = None
         reason = "cancelled"
+        cfg = app.config
+        failed: list[str] = []  # targets tried in vain before the one that answered
+        health = self.health
+
+        def on_failure(failed_target: Target, why: str) -> None:
+            failed.append(str(failed_target))
+            health.connect_failed(failed_target, why, cfg.connect_timeout)
+
         try:
-            cfg = app.config
             try:
                 target_sock, target = await open_target(
-                    cfg.name, app.balancer.order(), self._resolver, cfg.connect_timeout
+                    cfg.name,
+                    app.balancer.order(health.book.is_down),
+                    self._resolver,
+                    cfg.connect_timeout,
+                    on_failure=on_failure,
                 )
             except TargetUnavailable as exc:
                 reason = "no-target"
-                log.warning("conn %s port=%d: %s", _format_peer(peer), port, exc)
+                log.warning("conn %s port=%d: %s", format_peer(peer), port, exc)
                 return
+            except ResourceExhausted as exc:
+                reason = "no-resources"
+                self._warn_limit("resources", "conn %s port=%d: %s", format_peer(peer), port, exc)
+                return
+            health.connect_ok(target)
             self.active[target] += 1
             try:
-                await relay(client, target_sock, stats, use_splice=self._use_splice)
+                await relay(
+                    client, target_sock, stats,
+                    use_splice=self._use_splice, idle_timeout=cfg.idle_timeout,
+                )  # fmt: skip
             finally:
                 self.active[target] -= 1
+                if not self.active[target]:
+                    del self.active[target]  # bounded: only targets with open connections
             reason = stats.reason.value
-            if stats.reason is not EndReason.DONE:
+            if stats.reason in (EndReason.CLIENT_ERROR, EndReason.TARGET_ERROR):
                 reason = f"{reason} ({stats.error})"
         except Exception:  # a bug must cost one connection, not the proxy
             reason = "internal-error"
-            log.exception("conn %s port=%d: internal error", _format_peer(peer), port)
+            log.exception("conn %s port=%d: internal error", format_peer(peer), port)
         finally:
             self.active_total -= 1
-            if reason.startswith("cancelled"):
+            self.active_by_app[cfg.name] -= 1
+            if not self.active_by_app[cfg.name]:
+                del self.active_by_app[cfg.name]
+            self.slots.release()
+            if reason == "cancelled":
                 abort(client)  # the proxy cut it short: tell the client it is incomplete
             client.close()
             if target_sock is not None:
                 target_sock.close()
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
-                    "conn %s port=%d app=%s target=%s up=%d down=%d duration=%.3fs end=%s",
-                    _format_peer(peer), port, app.config.name, target or "-",
+                    "conn %s port=%d app=%s target=%s up=%d down=%d duration=%.3fs end=%s%s",
+                    format_peer(peer), port, cfg.name, target or "-",
                     stats.up, stats.down, time.monotonic() - started, reason,
+                    f" failed-first={','.join(failed)}" if failed else "",
                 )  # fmt: skip

@@ -29,15 +29,21 @@ import trio
 from tcpproxy.config import Config, ConfigError, parse_config, read_config_bytes
 from tcpproxy.diff import diff_configs, format_ports
 from tcpproxy.errors import StartupError
-from tcpproxy.listeners import Dispatch
 from tcpproxy.proxy import Proxy
 from tcpproxy.watch import watch_config
 
-__all__ = ["DEFAULT_DRAIN_TIMEOUT", "Frontend", "Reloader", "run_service"]
+__all__ = [
+    "DEFAULT_DRAIN_TIMEOUT",
+    "DEFAULT_MAX_CONNECTIONS",
+    "Frontend",
+    "Reloader",
+    "run_service",
+]
 
 log = logging.getLogger("tcpproxy")
 
 DEFAULT_DRAIN_TIMEOUT = 30.0  # seconds open connections may take to finish on shutdown
+DEFAULT_MAX_CONNECTIONS = 10000  # open connections per process; see the CLI's --max-connections
 
 
 class Frontend(Protocol):
@@ -45,8 +51,8 @@ class Frontend(Protocol):
 
     name: str
 
-    async def serve(self, dispatch: Dispatch, *, task_status: trio.TaskStatus[None] = ...) -> None:
-        """Accept on every listener until cancelled; started() once accepting."""
+    async def serve(self, proxy: Proxy, *, task_status: trio.TaskStatus[None] = ...) -> None:
+        """Accept on every listener for `proxy` until cancelled; started() once accepting."""
 
     def update(self, old: Config, new: Config) -> None:
         """Apply a reload's port changes; raise StartupError (changing nothing) to reject it."""
@@ -121,6 +127,7 @@ async def run_service(
     frontend: Frontend,
     *,
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
     use_splice: bool = True,
     task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -138,20 +145,23 @@ async def run_service(
         async with trio.open_nursery() as outer:
             with cut_connections:
                 async with trio.open_nursery() as connections:
-                    proxy = Proxy(config, connections, use_splice=use_splice)
+                    proxy = Proxy(
+                        config, connections, max_connections=max_connections, use_splice=use_splice
+                    )
                     reloader = Reloader(path, proxy, frontend, data)
                     outer.start_soon(
                         _handle_signals, signals, reloader, stop_accepting, cut_connections
                     )
                     with stop_accepting:
                         async with trio.open_nursery() as control:
-                            await control.start(frontend.serve, proxy.dispatch)
+                            await control.start(proxy.health.run)
+                            await control.start(frontend.serve, proxy)
                             await control.start(watch_config, path, reloader.request)
                             control.start_soon(reloader.run)
                             log.info(
-                                "%s started: %d apps, ports %s, config %s",
+                                "%s started: %d apps, ports %s, config %s, max %d connections",
                                 frontend.name, len(config.apps),
-                                format_ports(config.ports), _digest(data),
+                                format_ports(config.ports), _digest(data), max_connections,
                             )  # fmt: skip
                             task_status.started(proxy)
                     # accepting has stopped and every listener is closed

@@ -14,6 +14,10 @@ Rules:
    the stream is incomplete, instead of waiting or seeing a clean FIN.
 4. Backpressure is the kernel's: at most one pipe (or one buffer) of bytes per
    direction is in the proxy's hands, and nothing is read while it is full.
+5. Idle timeout: when no byte has moved either way for `idle_timeout`
+   seconds, both directions stop (the caller then closes both sockets).
+   Activity pushes a deadline forward rather than running a timer task, so
+   an idle timeout costs no task per connection.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ __all__ = ["CHUNK_SIZE", "EndReason", "RelayStats", "abort", "relay"]
 
 CHUNK_SIZE = 64 * 1024  # bytes per direction in flight in the proxy: one pipe, or one buffer
 FAIRNESS_BYTES = 1024 * 1024  # after this many bytes without blocking, yield to other tasks
+IDLE_DEADLINE_STEP = 1.0  # seconds: how stale the idle deadline may get (so ends up to 1 s late)
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _HAVE_SPLICE = hasattr(os, "splice")
 _PIPE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})  # pipe2() may fail with
@@ -43,7 +48,8 @@ class EndReason(enum.StrEnum):
     DONE = "done"  # both sides closed cleanly
     CLIENT_ERROR = "client-error"  # the client reset or failed
     TARGET_ERROR = "target-error"  # the target reset or failed
-    CANCELLED = "cancelled"  # the proxy ended it (shutdown, idle timeout)
+    IDLE = "idle-timeout"  # no byte either way for the idle timeout
+    CANCELLED = "cancelled"  # the proxy ended it (shutdown)
 
 
 @dataclass(slots=True)
@@ -54,6 +60,25 @@ class RelayStats:
     down: int = 0  # target -> client
     reason: EndReason = EndReason.DONE
     error: str = field(default="")
+
+
+class _Idle:
+    """Pushes a cancel scope's deadline forward on activity, at most every `step` seconds."""
+
+    __slots__ = ("idle", "pushed_at", "scope", "step")
+
+    def __init__(self, scope: trio.CancelScope, idle: float) -> None:
+        self.scope = scope
+        self.idle = idle
+        self.step = min(IDLE_DEADLINE_STEP, idle / 4)
+        self.pushed_at = trio.current_time()
+        scope.deadline = self.pushed_at + idle
+
+    def touch(self) -> None:
+        now = trio.current_time()
+        if now - self.pushed_at >= self.step:
+            self.pushed_at = now
+            self.scope.deadline = now + self.idle
 
 
 class _SideError(Exception):
@@ -81,17 +106,18 @@ def _shutdown_write(sock: trio.socket.SocketType) -> None:
 class _Direction:
     """One way of a relay; `up` says which counter of the stats it feeds."""
 
-    __slots__ = ("dst", "dst_side", "src", "src_side", "stats", "up")
+    __slots__ = ("dst", "dst_side", "idle", "src", "src_side", "stats", "up")
 
     def __init__(
         self,
         src: trio.socket.SocketType,
         dst: trio.socket.SocketType,
         stats: RelayStats,
+        idle: _Idle | None,
         *,
         up: bool,
     ) -> None:
-        self.src, self.dst, self.stats, self.up = src, dst, stats, up
+        self.src, self.dst, self.stats, self.idle, self.up = src, dst, stats, idle, up
         client, target = EndReason.CLIENT_ERROR, EndReason.TARGET_ERROR
         self.src_side, self.dst_side = (client, target) if up else (target, client)
 
@@ -100,6 +126,8 @@ class _Direction:
             self.stats.up += n
         else:
             self.stats.down += n
+        if self.idle is not None:
+            self.idle.touch()
 
     async def run(self, use_splice: bool) -> None:
         if use_splice:
@@ -177,6 +205,7 @@ async def relay(
     stats: RelayStats | None = None,
     *,
     use_splice: bool = True,
+    idle_timeout: float | None = None,
 ) -> RelayStats:
     """Relay between `client` and `target` until both directions end.
 
@@ -185,6 +214,8 @@ async def relay(
       stats: updated live (so an idle timer or metrics can read it); a new one
         is made when omitted.
       use_splice: move bytes with splice(2); False copies through a buffer.
+      idle_timeout: seconds without a byte either way that end the relay
+        (reason IDLE); None for no limit.
 
     Returns:
       The stats, with `reason` saying how it ended.
@@ -201,12 +232,17 @@ async def relay(
     """
     stats = stats if stats is not None else RelayStats()
     use_splice = use_splice and _HAVE_SPLICE
-    up = _Direction(client, target, stats, up=True)
-    down = _Direction(target, client, stats, up=False)
+    scope = trio.CancelScope()
+    idle = _Idle(scope, idle_timeout) if idle_timeout else None
+    up = _Direction(client, target, stats, idle, up=True)
+    down = _Direction(target, client, stats, idle, up=False)
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(up.run, use_splice)
-            nursery.start_soon(down.run, use_splice)
+        with scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(up.run, use_splice)
+                nursery.start_soon(down.run, use_splice)
+        if scope.cancelled_caught:
+            stats.reason = EndReason.IDLE
     except BaseExceptionGroup as group:  # trio wraps a failed direction's error
         matched, rest = group.split(_SideError)
         if rest is not None:

@@ -209,12 +209,14 @@ def test_utf8_bom_is_tolerated() -> None:
         ),
         (
             document(Defaults={"Ports": [1]}),
-            "Defaults.Ports: unknown key (expected one of: ConnectTimeout, Strategy)",
+            "Defaults.Ports: unknown key (expected one of: ConnectTimeout, HealthCheck,"
+            " IdleTimeout, MaxConnections, Strategy)",
         ),
         (
             document(app(**{"a b": 1})),
             'Apps[0]["a b"]: unknown key'
-            " (expected one of: ConnectTimeout, Name, Ports, Strategy, Targets)",
+            " (expected one of: ConnectTimeout, HealthCheck, IdleTimeout, MaxConnections,"
+            " Name, Ports, Strategy, Targets)",
         ),
         # Name
         (document(app(Name=None)), "Apps[0].Name: missing required key"),
@@ -384,7 +386,10 @@ def test_problems_in_defaults_and_apps_do_not_mask_each_other() -> None:
     found = problems(document(app(Name=""), app(Name="b", Ports=[1000]), Defaults={"X": 1}))
     assert "Apps[0].Name: must not be empty" in found
     assert "Apps[1].Ports[0]: port 1000 is already used by app Apps[0] (Apps[0].Ports[0])" in found
-    assert "Defaults.X: unknown key (expected one of: ConnectTimeout, Strategy)" in found
+    assert (
+        "Defaults.X: unknown key (expected one of: ConnectTimeout, HealthCheck,"
+        " IdleTimeout, MaxConnections, Strategy)" in found
+    )
 
 
 # --- JSON-level problems ------------------------------------------------------------

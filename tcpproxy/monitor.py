@@ -1,0 +1,127 @@
+"""Probing targets: recovery probes for targets marked down, and active checks.
+
+The I/O half of health; `tcpproxy.health` decides what each outcome means.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from tcpproxy.config import Config, HealthCheck, Target
+from tcpproxy.connect import LOCAL_ERRNOS, connect_target, describe_error
+from tcpproxy.health import HealthBook
+from tcpproxy.resolve import Resolver
+
+__all__ = ["HealthMonitor", "probe"]
+
+log = logging.getLogger("tcpproxy")
+
+
+async def probe(target: Target, resolver: Resolver, timeout: float) -> tuple[bool | None, str]:
+    """One TCP connect to `target`: (True, ""), (False, why), or (None, why) when the
+    failure was ours (out of descriptors) and says nothing about the target."""
+    try:
+        with trio.fail_after(timeout):
+            sock = await connect_target(target, resolver)
+    except trio.TooSlowError:
+        return False, f"no answer within {timeout:g}s"
+    except OSError as exc:
+        return (None if exc.errno in LOCAL_ERRNOS else False), describe_error(exc)
+    sock.close()
+    return True, ""
+
+
+class HealthMonitor:
+    """Runs the probes `HealthBook` asks for.
+
+    Resource handling: every probe task lives in the nursery of `run()`; a
+    reload cancels the active checks of targets that left the config.
+    """
+
+    def __init__(self, book: HealthBook, resolver: Resolver) -> None:
+        self.book = book
+        self._resolver = resolver
+        self._nursery: trio.Nursery | None = None
+        self._recovering: set[Target] = set()
+        self._checks: dict[tuple[Target, HealthCheck], trio.CancelScope] = {}
+        self._config: Config | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if self._config is not None:
+                    self.apply(self._config)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            self._recovering.clear()
+            self._checks.clear()
+
+    # -- passive ------------------------------------------------------------
+
+    def connect_ok(self, target: Target) -> None:
+        message = self.book.connect_ok(target)
+        if message:
+            log.info("%s", message)
+
+    def connect_failed(self, target: Target, why: str, timeout: float) -> None:
+        message = self.book.connect_failed(target, why, trio.current_time())
+        if message is None:
+            return
+        log.warning("%s", message)
+        if self._nursery is not None and target not in self._recovering:
+            self._recovering.add(target)
+            self._nursery.start_soon(self._recover, target, timeout)
+
+    async def _recover(self, target: Target, timeout: float) -> None:
+        try:
+            while self.book.is_down(target):
+                await trio.sleep_until(self.book.get(target).retry_at)
+                if not self.book.is_down(target):
+                    break  # a client connection got through meanwhile
+                ok, why = await probe(target, self._resolver, timeout)
+                if ok is None:
+                    continue  # our own shortage; try again after the back-off
+                message = self.book.probe_result(target, ok, trio.current_time(), why=why)
+                if message:
+                    log.info("%s", message)
+        finally:
+            self._recovering.discard(target)
+
+    # -- active -------------------------------------------------------------
+
+    def apply(self, config: Config) -> None:
+        """Run active checks for exactly the (target, HealthCheck) pairs of `config`."""
+        self._config = config
+        self.book.retain({t for app in config.apps for t in app.targets})
+        if self._nursery is None:
+            return
+        wanted = {
+            (target, app.health_check)
+            for app in config.apps
+            if app.health_check is not None
+            for target in app.targets
+        }
+        for key in list(self._checks):
+            if key not in wanted:
+                self._checks.pop(key).cancel()
+        for key in wanted - self._checks.keys():
+            scope = trio.CancelScope()
+            self._checks[key] = scope
+            self._nursery.start_soon(self._check, scope, *key)
+
+    async def _check(self, scope: trio.CancelScope, target: Target, check: HealthCheck) -> None:
+        with scope:
+            while True:
+                ok, why = await probe(target, self._resolver, check.timeout)
+                if ok is not None:
+                    message = self.book.probe_result(
+                        target, ok, trio.current_time(), why=why, rise=check.rise, fall=check.fall
+                    )
+                    if message:
+                        log.warning("%s (health check)", message)
+                await trio.sleep(check.interval)
