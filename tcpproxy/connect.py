@@ -8,6 +8,7 @@ balancer's order is tried, until each has been tried once.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from collections.abc import Callable
 
@@ -30,6 +31,8 @@ def describe_error(exc: BaseException) -> str:
     """Short lowercase reason for logs: 'connection refused', 'no answer within 2s'."""
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve: {exc.strerror or exc}".lower()
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno).lower()  # trio's connect wraps it with the address
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
     return str(exc) or type(exc).__name__

@@ -106,7 +106,7 @@ class HealthBook:
         health.backoff = BACKOFF_INITIAL
         health.retry_at = now + BACKOFF_INITIAL
         health.successes = 0
-        return f"target {target} is down: {why}; probing it again in {BACKOFF_INITIAL:g}s"
+        return f"target {target} is down: {why}"
 
     def _up(self, target: Target, health: TargetHealth, why: str) -> str:
         health.down = False

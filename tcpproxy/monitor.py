@@ -11,7 +11,7 @@ import trio
 
 from tcpproxy.config import Config, HealthCheck, Target
 from tcpproxy.connect import LOCAL_ERRNOS, connect_target, describe_error
-from tcpproxy.health import HealthBook
+from tcpproxy.health import BACKOFF_INITIAL, HealthBook
 from tcpproxy.resolve import Resolver
 
 __all__ = ["HealthMonitor", "probe"]
@@ -72,7 +72,7 @@ class HealthMonitor:
         message = self.book.connect_failed(target, why, trio.current_time())
         if message is None:
             return
-        log.warning("%s", message)
+        log.warning("%s; probing it again in %gs", message, BACKOFF_INITIAL)
         if self._nursery is not None and target not in self._recovering:
             self._recovering.add(target)
             self._nursery.start_soon(self._recover, target, timeout)

@@ -171,35 +171,48 @@ class Proxy:
             health.connect_failed(failed_target, why, cfg.connect_timeout)
 
         try:
-            try:
-                target_sock, target = await open_target(
-                    cfg.name,
-                    app.balancer.order(health.book.is_down),
-                    self._resolver,
-                    cfg.connect_timeout,
-                    on_failure=on_failure,
-                )
-            except TargetUnavailable as exc:
-                reason = "no-target"
-                log.warning("conn %s port=%d: %s", format_peer(peer), port, exc)
-                return
-            except ResourceExhausted as exc:
-                reason = "no-resources"
-                self._warn_limit("resources", "conn %s port=%d: %s", format_peer(peer), port, exc)
-                return
-            health.connect_ok(target)
-            self.active[target] += 1
-            try:
-                await relay(
-                    client, target_sock, stats,
-                    use_splice=self._use_splice, idle_timeout=cfg.idle_timeout,
-                )  # fmt: skip
-            finally:
-                self.active[target] -= 1
-                if not self.active[target]:
-                    del self.active[target]  # bounded: only targets with open connections
+            order = app.balancer.order(health.book.is_down)
+            while True:
+                try:
+                    target_sock, target = await open_target(
+                        cfg.name, order, self._resolver, cfg.connect_timeout, on_failure=on_failure
+                    )
+                except TargetUnavailable as exc:
+                    reason = "no-target"
+                    log.warning("conn %s port=%d: %s", format_peer(peer), port, exc)
+                    return
+                except ResourceExhausted as exc:
+                    reason = "no-resources"
+                    self._warn_limit(
+                        "resources", "conn %s port=%d: %s", format_peer(peer), port, exc
+                    )
+                    return
+                health.connect_ok(target)
+                self.active[target] += 1
+                try:
+                    await relay(
+                        client, target_sock, stats,
+                        use_splice=self._use_splice, idle_timeout=cfg.idle_timeout,
+                    )  # fmt: skip
+                finally:
+                    self.active[target] -= 1
+                    if not self.active[target]:
+                        del self.active[target]  # bounded: only targets with open connections
+                order = order[order.index(target) + 1 :]
+                if stats.reason is not EndReason.TARGET_EARLY_ERROR or not order:
+                    break
+                # The target failed before any byte moved: the client never knew it.
+                failed.append(f"{target}({stats.error.lower()})")
+                target_sock.close()
+                target_sock = None
             reason = stats.reason.value
-            if stats.reason in (EndReason.CLIENT_ERROR, EndReason.TARGET_ERROR):
+            if stats.reason is EndReason.TARGET_EARLY_ERROR:
+                abort(client)  # no target left to try
+            if stats.reason in (
+                EndReason.CLIENT_ERROR,
+                EndReason.TARGET_ERROR,
+                EndReason.TARGET_EARLY_ERROR,
+            ):
                 reason = f"{reason} ({stats.error})"
         except Exception:  # a bug must cost one connection, not the proxy
             reason = "internal-error"

@@ -12,6 +12,10 @@ Rules:
 3. An error on either side (reset, broken pipe, timeout) ends both at once:
    the other peer's socket is aborted with an RST so it learns promptly that
    the stream is incomplete, instead of waiting or seeing a clean FIN.
+   Except: a target that fails before a single byte was taken from the
+   client or from it (reason TARGET_EARLY_ERROR) leaves the client open, so
+   the caller can try another target (a target restarting resets the
+   connections waiting in its accept queue; clients need not see that).
 4. Backpressure is the kernel's: at most one pipe (or one buffer) of bytes per
    direction is in the proxy's hands, and nothing is read while it is full.
 5. Idle timeout: when no byte has moved either way for `idle_timeout`
@@ -48,6 +52,7 @@ class EndReason(enum.StrEnum):
     DONE = "done"  # both sides closed cleanly
     CLIENT_ERROR = "client-error"  # the client reset or failed
     TARGET_ERROR = "target-error"  # the target reset or failed
+    TARGET_EARLY_ERROR = "target-early-error"  # target failed before any byte moved: retryable
     IDLE = "idle-timeout"  # no byte either way for the idle timeout
     CANCELLED = "cancelled"  # the proxy ended it (shutdown)
 
@@ -106,7 +111,7 @@ def _shutdown_write(sock: trio.socket.SocketType) -> None:
 class _Direction:
     """One way of a relay; `up` says which counter of the stats it feeds."""
 
-    __slots__ = ("dst", "dst_side", "idle", "src", "src_side", "stats", "up")
+    __slots__ = ("dst", "dst_side", "idle", "src", "src_side", "stats", "taken", "up")
 
     def __init__(
         self,
@@ -118,6 +123,7 @@ class _Direction:
         up: bool,
     ) -> None:
         self.src, self.dst, self.stats, self.idle, self.up = src, dst, stats, idle, up
+        self.taken = 0  # bytes read from src, delivered or not
         client, target = EndReason.CLIENT_ERROR, EndReason.TARGET_ERROR
         self.src_side, self.dst_side = (client, target) if up else (target, client)
 
@@ -163,6 +169,7 @@ class _Direction:
                 raise _SideError(self.src_side, exc) from None
             if n == 0:
                 return
+            self.taken += n
             pending = n
             while pending:
                 try:
@@ -190,6 +197,7 @@ class _Direction:
                 raise _SideError(self.src_side, exc) from None
             if n == 0:
                 return
+            self.taken += n
             sent = 0
             while sent < n:
                 try:
@@ -223,8 +231,8 @@ async def relay(
     Resource handling:
       Closes neither socket on a clean end; the caller owns both. On an error
       on one side, the *other* socket is aborted (closed with RST) here so its
-      peer learns at once; closing the failed one is still the caller's job
-      (closing twice is harmless).
+      peer learns at once (but see rule 3's exception); closing the failed one
+      is still the caller's job (closing twice is harmless).
 
     Error handling:
       Peer errors (resets, broken pipes) end the relay and are reported in the
@@ -248,16 +256,13 @@ async def relay(
         if rest is not None:
             raise rest from None
         assert matched is not None
-        _record_error(stats, matched.exceptions[0], client, target)  # type: ignore[arg-type]
+        err: _SideError = matched.exceptions[0]  # type: ignore[assignment]
+        stats.error = os.strerror(err.exc.errno) if err.exc.errno else str(err.exc)
+        if err.side is EndReason.TARGET_ERROR and up.taken == 0 and down.taken == 0:
+            # Nothing was taken from the client or given to it: the caller may
+            # still try another target, so the client is left open.
+            stats.reason = EndReason.TARGET_EARLY_ERROR
+        else:
+            stats.reason = err.side
+            abort(target if err.side is EndReason.CLIENT_ERROR else client)
     return stats
-
-
-def _record_error(
-    stats: RelayStats,
-    err: _SideError,
-    client: trio.socket.SocketType,
-    target: trio.socket.SocketType,
-) -> None:
-    stats.reason = err.side
-    stats.error = os.strerror(err.exc.errno) if err.exc.errno else str(err.exc)
-    abort(target if err.side is EndReason.CLIENT_ERROR else client)

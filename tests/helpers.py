@@ -85,7 +85,8 @@ class Backend:
             except OSError:
                 return
             with self._lock:
-                if self._closed:
+                if self._closed:  # as the kernel does to a closed listener's queue: reset
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
                     conn.close()
                     return
                 self.accepted += 1
@@ -105,6 +106,15 @@ class Backend:
     def _named_echo(self, conn: socket.socket) -> None:
         conn.sendall(self.name.encode() + b"\n")
         echo(conn)
+
+    def stop_accepting(self) -> None:
+        """Close the listener only: open connections run to their end."""
+        with self._lock:
+            self._closed = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        self._thread.join(TIMEOUT)
 
     def close(self) -> None:
         with self._lock:

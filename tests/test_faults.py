@@ -291,3 +291,34 @@ def test_2000_concurrent_connections_with_a_third_of_targets_failing(
 
 def _quick_echo(conn: socket.socket) -> None:
     echo(conn)
+
+
+def test_active_health_checks_log_state_changes(deployment: Deployment) -> None:
+    d = deployment
+    (port, target_port) = d.ports(2)
+    first = d.backend("t", port=target_port)
+    check = {"Interval": 0.2, "Timeout": 0.5, "Rise": 2, "Fall": 2}
+    proxy = d.start([app("A", [port], [first.address], HealthCheck=check)])
+    first.close()
+    proxy.wait_for(rf"target 127.0.0.1:{target_port} is down: connection refused.*health check")
+    d.backend("t2", port=target_port)
+    proxy.wait_for(rf"target 127.0.0.1:{target_port} is up again: 2 probe\(s\) succeeded")
+    assert d.which(port) == "t2"
+
+
+def test_target_resetting_before_any_byte_is_retried_on_another(deployment: Deployment) -> None:
+    d = deployment
+
+    def reset_at_once(conn: socket.socket) -> None:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RST)
+        conn.close()
+
+    flaky, good = d.backend("flaky", reset_at_once), d.backend("good")
+    (port,) = d.ports(1)
+    proxy = d.start([app("A", [port], [flaky.address, good.address])])
+    # Server-speaks-first (as SMTP, SSH, MySQL): the client has sent nothing when
+    # the reset comes, so nothing is lost by trying the next target.
+    for _ in range(4):  # round-robin puts the flaky one first every other time
+        assert d.which(port) == "good"
+    assert wait_until(lambda: proxy.output.count("end=") == 4), proxy.output
+    assert re.search(rf"failed-first={re.escape(flaky.address)}\(connection reset", proxy.output)

@@ -116,3 +116,18 @@ async def test_cancel_releases_every_descriptor(use_splice: bool) -> None:
     for s in (client, proxy_client, proxy_target, target):
         s.close()
     assert open_fds() == before
+
+
+@MODES
+async def test_target_failing_before_any_byte_leaves_the_client_open(use_splice: bool) -> None:
+    client, proxy_client = await tcp_pair()
+    proxy_target, target = await tcp_pair()
+    target.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    target.close()
+    with trio.fail_after(5):
+        stats = await relay(proxy_client, proxy_target, use_splice=use_splice)
+    assert stats.reason is EndReason.TARGET_EARLY_ERROR
+    await client.send(b"still usable")  # the proxy may hand it to another target
+    assert await proxy_client.recv(100) == b"still usable"
+    for s in (client, proxy_client, proxy_target):
+        s.close()
