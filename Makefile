@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint bpfproxy bench-ports clean
+.PHONY: setup run test lint bpfproxy bench bench-ports clean
 
 setup:
 	@bash scripts/setup.sh
@@ -21,6 +21,11 @@ lint: setup
 # compile and load the sk_lookup program without attaching it (needs root)
 bpfproxy: setup
 	$(BIN)/bpfproxy --check
+
+# direct vs HAProxy vs tcpproxy vs bpfproxy (needs root); writes docs/benchmarks.md
+bench: setup
+	@bash scripts/setup.sh --bench
+	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
 
 # time 20,000-port map updates in a throwaway network namespace (needs root)
 bench-ports: setup

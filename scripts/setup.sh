@@ -5,6 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(python3-venv python3-bpfcc linux-headers-amd64 netcat-openbsd nftables iproute2)
+EXTRAS=test
+if [ "${1:-}" = "--bench" ]; then  # the load tools and peers `make bench` measures with
+    APT_PACKAGES+=(sockperf iperf3 wrk nginx-light haproxy)
+    EXTRAS=test,bench
+fi
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -39,8 +44,8 @@ fi
 if [ ! -x .venv/bin/python ]; then
     /usr/bin/python3 -m venv --system-site-packages .venv
 fi
-stamp=.venv/.installed
+stamp=".venv/.installed-${EXTRAS/,/-}"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+    .venv/bin/pip install -q --disable-pip-version-check -e ".[$EXTRAS]"
     touch "$stamp"
 fi
