@@ -86,7 +86,7 @@ def command(
         with contextlib.ExitStack() as stack:
             listener = open_listener(bind, listen_port)
             stack.callback(listener.close)
-            dispatcher = Dispatcher(listener)  # type: ignore[arg-type]
+            dispatcher = Dispatcher(listener)
             stack.callback(dispatcher.close)  # runs before listener.close: unsteer first
             frontend = SteeredListener(listener, dispatcher, listen_port)
             frontend.steer(config)

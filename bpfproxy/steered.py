@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import time
 
 import trio
@@ -40,9 +41,7 @@ class SteeredListener:
 
     name = "bpfproxy"
 
-    def __init__(
-        self, listener: trio.socket.SocketType, dispatcher: Dispatcher, listen_port: int
-    ) -> None:
+    def __init__(self, listener: socket.socket, dispatcher: Dispatcher, listen_port: int) -> None:
         self._listener = listener
         self._dispatcher = dispatcher
         self._listen_port = listen_port

@@ -22,6 +22,8 @@ __all__ = ["LOCAL_ERRNOS", "connect_target", "describe_error", "open_target"]
 
 # Failures that are ours (out of descriptors, memory or local ports), not the target's: they
 # end the attempt without blaming the target or trying the others.
+_STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+
 LOCAL_ERRNOS = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
 )
@@ -32,24 +34,32 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve: {exc.strerror or exc}".lower()
     if isinstance(exc, OSError) and exc.errno:
-        return os.strerror(exc.errno).lower()  # trio's connect wraps it with the address
+        return os.strerror(exc.errno).lower()
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
     return str(exc) or type(exc).__name__
 
 
-async def connect_target(target: Target, resolver: Resolver) -> trio.socket.SocketType:
+async def connect_target(target: Target, resolver: Resolver) -> socket.socket:
     """Connect to one target, trying each address its host resolves to.
+
+    Returns a connected, non-blocking socket with TCP_NODELAY (the proxy
+    forwards what it reads at once; Nagle would hold back small answers).
 
     Resource handling: the returned socket is the caller's; a socket that did
     not connect (error or cancellation) is closed here.
     """
     last: OSError | None = None
     for family, sockaddr in await resolver.resolve(target.host, target.port):
-        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(family, _STREAM_NONBLOCK)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await sock.connect(sockaddr)
+            err = sock.connect_ex(sockaddr)
+            if err == errno.EINPROGRESS:
+                await trio.lowlevel.wait_writable(sock)
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err))
         except OSError as exc:
             sock.close()
             last = exc
@@ -68,7 +78,7 @@ async def open_target(
     connect_timeout: float,
     *,
     on_failure: Callable[[Target, str], None] | None = None,
-) -> tuple[trio.socket.SocketType, Target]:
+) -> tuple[socket.socket, Target]:
     """Connect to the first target of `order` that answers.
 
     Args:

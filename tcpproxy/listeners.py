@@ -21,10 +21,11 @@ BACKLOG = 4096  # pending connections per listener; the kernel caps it at net.co
 # accept() failures that mean "out of resources": back off and retry, never crash
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_BACKOFF = 0.100  # seconds to sleep after an accept capacity error
+ACCEPT_BATCH = 64  # connections accepted in a row before yielding to other tasks
 # accept() failures about one connection that died in the queue: skip it
 ACCEPT_TRANSIENT_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 
-Dispatch = Callable[[trio.socket.SocketType, int, tuple], None]
+Dispatch = Callable[[socket.socket, int, tuple], None]
 
 
 def bind_hint(exc: OSError) -> str:
@@ -38,10 +39,8 @@ def bind_hint(exc: OSError) -> str:
     return (exc.strerror or str(exc)).lower()
 
 
-def open_listener(
-    host: str | None, port: int, *, reuse_port: bool = False
-) -> trio.socket.SocketType:
-    """A listening TCP socket on host:port; host None means every address.
+def open_listener(host: str | None, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening, non-blocking TCP socket on host:port; host None means every address.
 
     Every address is `[::]` dual-stack where IPv6 exists, else `0.0.0.0`.
 
@@ -79,12 +78,12 @@ def open_listener(
             where = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
             hint = bind_hint(exc)
             raise StartupError(f"cannot listen on port {port} ({where}): {hint}") from None
-        return trio.socket.from_stdlib_socket(sock)
+        return sock
     raise StartupError(f"cannot listen on port {port}: {bind_hint(last) if last else 'no address'}")
 
 
 async def accept_loop(
-    listener: trio.socket.SocketType,
+    listener: socket.socket,
     port: int | None,
     dispatch: Dispatch,
     slots: trio.Semaphore,
@@ -101,57 +100,64 @@ async def accept_loop(
     A slot of `slots` is taken before each accept and handed to `dispatch`
     with the connection (it gives the slot back when the connection ends):
     at the connection limit this loop waits, and new connections queue in
-    the kernel's listen backlog rather than fail.
+    the kernel's listen backlog rather than fail. A burst is accepted
+    without waiting for readiness again (up to ACCEPT_BATCH in a row).
 
     Resource handling: closes `listener` when it ends (cancellation included).
 
-    Error handling: out-of-resource errors (EMFILE...) are logged and retried
-    after ACCEPT_BACKOFF, so running out of descriptors never kills the proxy;
-    errors about a single aborted connection are skipped; anything else
-    propagates.
+    Error handling: out-of-resource errors (EMFILE...) are logged once per
+    episode and retried after ACCEPT_BACKOFF, so running out of descriptors
+    never kills the proxy; errors about a single aborted connection are
+    skipped; anything else propagates.
     """
     with listener:
         task_status.started()
+        accept, wait_readable = listener.accept, trio.lowlevel.wait_readable
+        batch = 0
+        failures = 0  # capacity errors in a row: logged at the first and at the end
         while True:
-            await slots.acquire()
             try:
-                sock, peer, local_port = await _accept(listener, port)
+                slots.acquire_nowait()
+            except trio.WouldBlock:
+                await slots.acquire()
+            try:
+                while True:
+                    try:
+                        sock, peer = accept()
+                    except BlockingIOError:
+                        batch = 0
+                        await wait_readable(listener)
+                        continue
+                    except OSError as exc:
+                        if exc.errno in ACCEPT_CAPACITY_ERRNOS:
+                            if not failures:
+                                log.error(
+                                    "port %s: accept failed: %s; retrying every %.0f ms",
+                                    port or "*", exc.strerror, ACCEPT_BACKOFF * 1000,
+                                )  # fmt: skip
+                            failures += 1
+                            await trio.sleep(ACCEPT_BACKOFF)
+                            continue
+                        if exc.errno in ACCEPT_TRANSIENT_ERRNOS:
+                            continue
+                        raise
+                    sock.setblocking(False)
+                    if port is not None:
+                        local_port = port
+                        break
+                    try:
+                        local_port = sock.getsockname()[1]
+                        break
+                    except OSError:  # already reset by the peer
+                        sock.close()
             except BaseException:
                 slots.release()
                 raise
+            if failures:
+                log.warning("port %s: accepting again after %d failed tries", port or "*", failures)
+                failures = 0
             dispatch(sock, local_port, peer)
-
-
-async def _accept(
-    listener: trio.socket.SocketType, port: int | None
-) -> tuple[trio.socket.SocketType, tuple, int]:
-    """accept(), retrying what says nothing about the listener; see accept_loop.
-
-    Returns the socket, its peer, and its local port (`port`, or asked).
-    """
-    failures = 0  # accept capacity errors in a row: logged at the first and the end
-    while True:
-        try:
-            sock, peer = await listener.accept()
-        except OSError as exc:
-            if exc.errno in ACCEPT_CAPACITY_ERRNOS:
-                if not failures:
-                    log.error(
-                        "port %s: accept failed: %s; retrying every %.0f ms",
-                        port or "*", exc.strerror, ACCEPT_BACKOFF * 1000,
-                    )  # fmt: skip
-                failures += 1
-                await trio.sleep(ACCEPT_BACKOFF)
-                continue
-            if exc.errno in ACCEPT_TRANSIENT_ERRNOS:
-                continue
-            raise
-        if failures:
-            log.warning("port %s: accepting again after %d failed tries", port or "*", failures)
-            failures = 0
-        if port is not None:
-            return sock, peer, port
-        try:
-            return sock, peer, sock.getsockname()[1]
-        except OSError:  # already reset by the peer
-            sock.close()
+            batch += 1
+            if batch >= ACCEPT_BATCH:
+                batch = 0
+                await trio.lowlevel.checkpoint()  # a long burst must not starve the others

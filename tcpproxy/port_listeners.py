@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 
 import trio
 
@@ -29,7 +30,7 @@ class PortListeners:
 
     def __init__(self, bind: str | None = None) -> None:
         self._bind = bind
-        self._pending: dict[int, trio.socket.SocketType] = {}  # opened, not yet accepting
+        self._pending: dict[int, socket.socket] = {}  # opened, not yet accepting
         self._scopes: dict[int, trio.CancelScope] = {}  # accepting
         self._nursery: trio.Nursery | None = None
         self._proxy: Proxy | None = None
@@ -38,9 +39,9 @@ class PortListeners:
     def ports(self) -> frozenset[int]:
         return frozenset(self._pending) | frozenset(self._scopes)
 
-    def _open_all(self, ports: frozenset[int], config: Config) -> dict[int, trio.socket.SocketType]:
+    def _open_all(self, ports: frozenset[int], config: Config) -> dict[int, socket.socket]:
         names = {port: app.name for app in config.apps for port in app.ports}
-        opened: dict[int, trio.socket.SocketType] = {}
+        opened: dict[int, socket.socket] = {}
         try:
             for port in sorted(ports):
                 try:
@@ -81,7 +82,7 @@ class PortListeners:
         self._pending.clear()
 
     async def _accept(
-        self, scope: trio.CancelScope, sock: trio.socket.SocketType, port: int, proxy: Proxy
+        self, scope: trio.CancelScope, sock: socket.socket, port: int, proxy: Proxy
     ) -> None:
         with scope:
             await accept_loop(sock, port, proxy.dispatch, proxy.slots)

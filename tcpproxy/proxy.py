@@ -17,6 +17,7 @@ Limits:
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -124,7 +125,7 @@ class Proxy:
             self._limit_logged[key] = now
             log.warning(message, *args)
 
-    def dispatch(self, client: trio.socket.SocketType, port: int, peer: tuple) -> None:
+    def dispatch(self, client: socket.socket, port: int, peer: tuple) -> None:
         """Take an accepted connection and the slot its accept loop took.
 
         Routing happens here, synchronously at accept time, so a reload that
@@ -154,13 +155,11 @@ class Proxy:
         self.active_by_app[name] += 1
         self._connections.start_soon(self._serve, client, port, peer, app)
 
-    async def _serve(
-        self, client: trio.socket.SocketType, port: int, peer: tuple, app: AppRuntime
-    ) -> None:
+    async def _serve(self, client: socket.socket, port: int, peer: tuple, app: AppRuntime) -> None:
         started = time.monotonic()
         stats = RelayStats()
         target: Target | None = None
-        target_sock: trio.socket.SocketType | None = None
+        target_sock: socket.socket | None = None
         reason = "cancelled"
         cfg = app.config
         failed: list[str] = []  # targets tried in vain before the one that answered

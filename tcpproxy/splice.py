@@ -1,8 +1,11 @@
 """The splice core: move bytes both ways between two connected sockets.
 
-Both binaries hand every proxied connection to `relay()`. Bytes move through a
-pipe with `splice(2)` (zero copy: they never enter Python), or with
-recv/send through one small buffer where splice is unavailable.
+Both binaries hand every proxied connection to `relay()`. Each direction
+starts by copying with recv/send (small messages cost the same two syscalls
+either way, and need no pipe); once a read fills COPY_SIZE, a bulk transfer
+is under way and the direction switches to `splice(2)` through a pipe (zero
+copy: the bytes never enter Python) until EOF. An idle connection holds no
+buffer and no pipe.
 
 Rules:
 1. Each direction runs until its source reaches EOF, then shuts down the
@@ -16,8 +19,9 @@ Rules:
    client or from it (reason TARGET_EARLY_ERROR) leaves the client open, so
    the caller can try another target (a target restarting resets the
    connections waiting in its accept queue; clients need not see that).
-4. Backpressure is the kernel's: at most one pipe (or one buffer) of bytes per
-   direction is in the proxy's hands, and nothing is read while it is full.
+4. Backpressure is the kernel's: at most one pipe (64 KiB) or one read
+   (16 KiB) per direction is in the proxy's hands, and nothing more is read
+   until it has been written.
 5. Idle timeout: when no byte has moved either way for `idle_timeout`
    seconds, both directions stop (the caller then closes both sockets).
    Activity pushes a deadline forward rather than running a timer task, so
@@ -37,7 +41,8 @@ import trio
 
 __all__ = ["CHUNK_SIZE", "EndReason", "RelayStats", "abort", "relay"]
 
-CHUNK_SIZE = 64 * 1024  # bytes per direction in flight in the proxy: one pipe, or one buffer
+CHUNK_SIZE = 64 * 1024  # bytes per direction in flight in the proxy when splicing: one pipe
+COPY_SIZE = 16 * 1024  # bytes per read when copying; a full read switches to splice
 FAIRNESS_BYTES = 1024 * 1024  # after this many bytes without blocking, yield to other tasks
 IDLE_DEADLINE_STEP = 1.0  # seconds: how stale the idle deadline may get (so ends up to 1 s late)
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
@@ -92,7 +97,7 @@ class _SideError(Exception):
         self.exc = exc
 
 
-def abort(sock: trio.socket.SocketType) -> None:
+def abort(sock: socket.socket) -> None:
     """Close with RST: the peer sees a reset, not an orderly end of stream."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
@@ -101,7 +106,7 @@ def abort(sock: trio.socket.SocketType) -> None:
     sock.close()
 
 
-def _shutdown_write(sock: trio.socket.SocketType) -> None:
+def _shutdown_write(sock: socket.socket) -> None:
     try:
         sock.shutdown(socket.SHUT_WR)
     except OSError:  # peer already gone: the other direction will report it
@@ -115,8 +120,8 @@ class _Direction:
 
     def __init__(
         self,
-        src: trio.socket.SocketType,
-        dst: trio.socket.SocketType,
+        src: socket.socket,
+        dst: socket.socket,
         stats: RelayStats,
         idle: _Idle | None,
         *,
@@ -136,22 +141,69 @@ class _Direction:
             self.idle.touch()
 
     async def run(self, use_splice: bool) -> None:
-        if use_splice:
-            try:
-                rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            except OSError as exc:
-                if exc.errno not in _PIPE_ERRNOS:
-                    raise
-                use_splice = False  # out of descriptors for a pipe: copy instead
-            else:
-                try:
-                    await self._splice(rfd, wfd)
-                finally:
-                    os.close(rfd)
-                    os.close(wfd)
-        if not use_splice:
-            await self._copy()
+        """Copy until the first full read, then splice (if allowed) until EOF."""
+        if await self._copy(stop_when_bulk=use_splice):
+            await self._bulk()
         _shutdown_write(self.dst)
+
+    async def _bulk(self) -> None:
+        try:
+            rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno not in _PIPE_ERRNOS:
+                raise
+            await self._copy(stop_when_bulk=False)  # out of descriptors for a pipe
+            return
+        try:
+            await self._splice(rfd, wfd)
+        finally:
+            os.close(rfd)
+            os.close(wfd)
+
+    async def _copy(self, *, stop_when_bulk: bool) -> bool:
+        """recv/send through a transient buffer; True when it stopped for bulk.
+
+        Small messages cost the same two syscalls as splice, with no pipe to
+        set up; a read that fills COPY_SIZE means a bulk transfer is under
+        way, for which splice saves copying (HAProxy's splice-auto).
+        """
+        src, dst = self.src, self.dst
+        wait_readable, wait_writable = trio.lowlevel.wait_readable, trio.lowlevel.wait_writable
+        drained = False  # the last read emptied the socket: wait before reading again
+        while True:
+            if drained:
+                await wait_readable(src)
+            try:
+                data = src.recv(COPY_SIZE)
+            except BlockingIOError:
+                drained = True
+                continue
+            except OSError as exc:
+                raise _SideError(self.src_side, exc) from None
+            if not data:
+                return False
+            n = len(data)
+            self.taken += n
+            view = memoryview(data)
+            while True:
+                try:
+                    sent = dst.send(view)
+                except BlockingIOError:
+                    await wait_writable(dst)
+                    continue
+                except OSError as exc:
+                    raise _SideError(self.dst_side, exc) from None
+                if sent == len(view):
+                    break
+                view = view[sent:]
+            self._count(n)
+            if n < COPY_SIZE:
+                drained = True
+            elif stop_when_bulk:
+                return True
+            else:
+                drained = False
+                await trio.lowlevel.checkpoint()  # bulk copy: let others run
 
     async def _splice(self, rfd: int, wfd: int) -> None:
         src_fd, dst_fd = self.src.fileno(), self.dst.fileno()
@@ -187,29 +239,10 @@ class _Direction:
                 unyielded = 0
                 await trio.lowlevel.checkpoint()
 
-    async def _copy(self) -> None:
-        buf = bytearray(CHUNK_SIZE)
-        view = memoryview(buf)
-        while True:
-            try:
-                n = await self.src.recv_into(buf)
-            except OSError as exc:
-                raise _SideError(self.src_side, exc) from None
-            if n == 0:
-                return
-            self.taken += n
-            sent = 0
-            while sent < n:
-                try:
-                    sent += await self.dst.send(view[sent:n])
-                except OSError as exc:
-                    raise _SideError(self.dst_side, exc) from None
-            self._count(n)
-
 
 async def relay(
-    client: trio.socket.SocketType,
-    target: trio.socket.SocketType,
+    client: socket.socket,
+    target: socket.socket,
     stats: RelayStats | None = None,
     *,
     use_splice: bool = True,
@@ -218,7 +251,8 @@ async def relay(
     """Relay between `client` and `target` until both directions end.
 
     Args:
-      client, target: connected, non-blocking trio stream sockets.
+      client, target: connected, non-blocking stream sockets (the standard
+        library's: the relay makes its own syscalls and waits with trio).
       stats: updated live (so an idle timer or metrics can read it); a new one
         is made when omitted.
       use_splice: move bytes with splice(2); False copies through a buffer.
@@ -247,8 +281,8 @@ async def relay(
     try:
         with scope:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(up.run, use_splice)
                 nursery.start_soon(down.run, use_splice)
+                await up.run(use_splice)  # in this task: one task fewer per connection
         if scope.cancelled_caught:
             stats.reason = EndReason.IDLE
     except BaseExceptionGroup as group:  # trio wraps a failed direction's error

@@ -15,15 +15,17 @@ from tcpproxy.splice import EndReason, RelayStats, relay
 MODES = pytest.mark.parametrize("use_splice", [True, False], ids=["splice", "copy"])
 
 
-async def tcp_pair() -> tuple[trio.socket.SocketType, trio.socket.SocketType]:
-    listener = trio.socket.socket()
-    await listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    a = trio.socket.socket()
-    with listener:
-        await a.connect(listener.getsockname())
-        b, _ = await listener.accept()
-    return a, b
+async def tcp_pair() -> tuple[trio.socket.SocketType, socket.socket]:
+    """A connected loopback pair: the test's end (trio) and the proxy's end (raw)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        a = socket.create_connection(listener.getsockname())
+        b, _ = listener.accept()
+    a.setblocking(False)
+    b.setblocking(False)
+    await trio.lowlevel.checkpoint()
+    return trio.socket.from_stdlib_socket(a), b
 
 
 async def recv_all(sock: trio.socket.SocketType) -> bytes:
@@ -40,7 +42,7 @@ def open_fds() -> int:
 @MODES
 async def test_bytes_flow_both_ways_with_half_close(use_splice: bool) -> None:
     client, proxy_client = await tcp_pair()
-    proxy_target, target = await tcp_pair()
+    target, proxy_target = await tcp_pair()
     stats = RelayStats()
     payload = os.urandom(300_000)
     async with trio.open_nursery() as nursery:
@@ -65,7 +67,7 @@ async def test_bytes_flow_both_ways_with_half_close(use_splice: bool) -> None:
 @MODES
 async def test_target_reset_aborts_the_client(use_splice: bool) -> None:
     client, proxy_client = await tcp_pair()
-    proxy_target, target = await tcp_pair()
+    target, proxy_target = await tcp_pair()
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             stats = RelayStats()
@@ -88,7 +90,7 @@ async def test_target_reset_aborts_the_client(use_splice: bool) -> None:
 async def test_backpressure_bounds_what_the_proxy_takes(use_splice: bool) -> None:
     """A target that never reads stops the client: the proxy does not buffer it all."""
     client, proxy_client = await tcp_pair()
-    proxy_target, target = await tcp_pair()
+    target, proxy_target = await tcp_pair()
     block = b"z" * 65536
     sent = 0
     async with trio.open_nursery() as nursery:
@@ -110,7 +112,7 @@ async def test_backpressure_bounds_what_the_proxy_takes(use_splice: bool) -> Non
 async def test_cancel_releases_every_descriptor(use_splice: bool) -> None:
     before = open_fds()
     client, proxy_client = await tcp_pair()
-    proxy_target, target = await tcp_pair()
+    target, proxy_target = await tcp_pair()
     with trio.move_on_after(0.2):
         await relay(proxy_client, proxy_target, use_splice=use_splice)
     for s in (client, proxy_client, proxy_target, target):
@@ -121,13 +123,14 @@ async def test_cancel_releases_every_descriptor(use_splice: bool) -> None:
 @MODES
 async def test_target_failing_before_any_byte_leaves_the_client_open(use_splice: bool) -> None:
     client, proxy_client = await tcp_pair()
-    proxy_target, target = await tcp_pair()
+    target, proxy_target = await tcp_pair()
     target.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     target.close()
     with trio.fail_after(5):
         stats = await relay(proxy_client, proxy_target, use_splice=use_splice)
     assert stats.reason is EndReason.TARGET_EARLY_ERROR
     await client.send(b"still usable")  # the proxy may hand it to another target
-    assert await proxy_client.recv(100) == b"still usable"
+    await trio.lowlevel.wait_readable(proxy_client)
+    assert proxy_client.recv(100) == b"still usable"
     for s in (client, proxy_client, proxy_target):
         s.close()
