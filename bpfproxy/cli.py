@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
 import click
 import trio
 
-from bpfproxy.steered import SteeredListener, check_listen_port
+from bpfproxy.steered import SharedListener, SteeredListener, check_listen_port
 from tcpproxy.cli_common import (
     common_options,
     fit_connection_limit,
+    parse_worker,
     read_config,
     run_cli,
     setup_logging,
+    worker_options,
 )
+from tcpproxy.config import Config
 from tcpproxy.errors import StartupError
 from tcpproxy.listeners import open_listener
 from tcpproxy.service import run_service
+from tcpproxy.workers import Supervisor, SupervisorLink, set_parent_death_signal, worker_argv
 
 __all__ = ["command", "main"]
 
@@ -32,6 +38,7 @@ EPILOG = """\b
 Examples:
   sudo bpfproxy -p 8000                  # ./config.json, all its ports on one socket
   sudo bpfproxy -p 8000 -c /etc/tcpproxy.json --log-level debug
+  sudo bpfproxy -p 8000 --workers 2      # one process per core, one reuseport group
   sudo bpfproxy --check                  # can this machine load the program?
 """
 
@@ -54,16 +61,23 @@ Examples:
     help="Address of the listening socket.  [default: [::] dual-stack, IPv4 and IPv6]",
 )
 @click.option(
-    "--check", is_flag=True,
+    "--check",
+    is_flag=True,
     help="Compile and load the BPF program without attaching it, then exit.",
-)  # fmt: skip
+)
+@click.option("--worker-listener", type=int, default=None, hidden=True)  # fmt: skip
+@click.pass_context
 def command(
+    ctx: click.Context,
     config_path: Path,
     listen_port: int,
     bind: str | None,
     check: bool,
     drain_timeout: float,
     max_connections: int | None,
+    workers: int,
+    worker: str | None,
+    worker_listener: int | None,
     splice: bool,
     log_level: str,
 ) -> int:
@@ -71,6 +85,9 @@ def command(
     socket: an sk_lookup BPF program steers each configured port to it, and the
     connection's destination port picks the app. Needs root (CAP_BPF and
     CAP_NET_ADMIN), Linux 5.9+, bcc and kernel headers."""
+    if worker is not None:  # started by a supervisor, which owns the BPF side
+        return _run_worker(worker, worker_listener, config_path, drain_timeout,
+                           max_connections, splice, log_level)  # fmt: skip
     setup_logging(log_level)
     from bpfproxy.dispatcher import Dispatcher, SteeringError, check_environment, compile_check
 
@@ -84,6 +101,15 @@ def command(
         check_listen_port(listen_port, config)
         limit = fit_connection_limit(max_connections)
         with contextlib.ExitStack() as stack:
+            if workers > 1:
+                options = worker_options(
+                    {**ctx.params, "max_connections": math.ceil(limit / workers)}, skip={"bind"}
+                )
+                plan = BpfPlan(bind, listen_port, options, workers)
+                stack.callback(plan.close)
+                plan.steer(config)
+                trio.run(Supervisor(plan, config_path, data, config, workers).run)
+                return 0
             listener = open_listener(bind, listen_port)
             stack.callback(listener.close)
             dispatcher = Dispatcher(listener)
@@ -92,15 +118,112 @@ def command(
             frontend.steer(config)
             trio.run(
                 lambda: run_service(
-                    config_path, data, config, frontend,
-                    drain_timeout=drain_timeout,
-            max_connections=limit,
-            use_splice=splice,
+                    config_path, data, config, frontend, drain_timeout=drain_timeout,
+                    max_connections=limit, use_splice=splice,
                 )
             )  # fmt: skip
     except SteeringError as exc:
         raise StartupError(str(exc)) from None
     return 0
+
+
+def _run_worker(
+    worker: str,
+    listener_fd: int | None,
+    config_path: Path,
+    drain_timeout: float,
+    max_connections: int | None,
+    splice: bool,
+    log_level: str,
+) -> int:
+    fd, index, count = parse_worker(worker)
+    set_parent_death_signal()
+    setup_logging(log_level, prefix=f"[w{index}] ")
+    if listener_fd is None:
+        raise click.UsageError("--worker needs --worker-listener")
+    link = SupervisorLink(fd, index, count)
+    config = link.initial_config()
+    listener = socket.socket(fileno=listener_fd)
+    listener.setblocking(False)
+    limit = fit_connection_limit(max_connections)
+    trio.run(
+        lambda: run_service(
+            config_path, b"", config, SharedListener(listener), drain_timeout=drain_timeout,
+            max_connections=limit, use_splice=splice, supervisor=link,
+        )
+    )  # fmt: skip
+    return 0
+
+
+class BpfPlan:
+    """bpfproxy's workers: one listener each, all in one SO_REUSEPORT group on
+    the -p port; the supervisor owns the BPF program, its maps and link, and
+    keeps a copy of every listener so it can steer to a live one when a worker
+    dies (the sockmap entry of a closed socket disappears)."""
+
+    name = "bpfproxy"
+
+    def __init__(self, bind: str | None, listen_port: int, options: list[str], count: int):
+        from bpfproxy.dispatcher import Dispatcher
+
+        self._bind, self._port, self._options, self._count = bind, listen_port, options, count
+        self._listeners: list[socket.socket | None] = []
+        self.dispatcher: Dispatcher | None = None
+        try:
+            self._listeners = [self._open() for _ in range(count)]
+            self.dispatcher = Dispatcher(self._listeners[0])  # type: ignore[arg-type]
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> socket.socket:
+        return open_listener(self._bind, self._port, reuse_port=True)
+
+    def steer(self, config: Config) -> None:
+        assert self.dispatcher is not None
+        self.dispatcher.set_ports(config.ports)
+
+    def check(self, old: Config, new: Config) -> None:
+        check_listen_port(self._port, new)
+
+    def worker_argv(self, index: int, control_fd: int) -> tuple[list[str], tuple[int, ...]]:
+        listener = self._listeners[index]
+        if listener is None:  # its worker died: a fresh member of the group
+            listener = self._listeners[index] = self._open()
+        fd = listener.fileno()
+        options = [*self._options, "--port", str(self._port), "--worker-listener", str(fd)]
+        return worker_argv("bpfproxy", control_fd, index, self._count, options), (fd,)
+
+    def worker_started(self, index: int) -> None:
+        pass
+
+    def worker_died(self, index: int) -> None:
+        dead = self._listeners[index]
+        self._listeners[index] = None
+        live = next((sock for sock in self._listeners if sock is not None), None)
+        if live is not None and self.dispatcher is not None:
+            self.dispatcher.set_listener(live)
+        if dead is not None:
+            dead.close()  # leaves the group; connections queued on it are reset
+
+    def before_workers(self, old: Config, new: Config) -> None:
+        assert self.dispatcher is not None
+        self.dispatcher.set_ports(old.ports & new.ports)  # withdraw removed ports first
+
+    def after_workers(self, old: Config, new: Config) -> None:
+        assert self.dispatcher is not None
+        self.dispatcher.set_ports(new.ports)  # then steer added ones, routes in place
+
+    def stopping(self) -> None:
+        for sock in self._listeners:
+            if sock is not None:
+                sock.close()  # the workers' copies close as they stop; then ports refuse
+
+    def close(self) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.close()
+            self.dispatcher = None
+        self.stopping()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -409,6 +409,13 @@ class Dispatcher:
                 "pass a bound, listening TCP socket."
             ) from exc
 
+    def set_listener(self, listener: socket.socket) -> None:
+        """Steer to `listener` from now on (e.g. another member of the same
+        SO_REUSEPORT group, when the one in the sockmap is closing)."""
+        self._check_open()
+        _check_listener(listener)
+        self._put_listener(listener)
+
     def _attach(self, listener: socket.socket) -> None:
         netns_fd = _netns_fd_of(listener)
         try:

@@ -15,7 +15,7 @@ from tcpproxy.errors import StartupError
 from tcpproxy.listeners import accept_loop
 from tcpproxy.proxy import Proxy
 
-__all__ = ["SteeredListener", "check_listen_port"]
+__all__ = ["SharedListener", "SteeredListener", "check_listen_port"]
 
 log = logging.getLogger("tcpproxy")
 
@@ -72,3 +72,25 @@ class SteeredListener:
     def update(self, old: Config, new: Config) -> None:
         check_listen_port(self._listen_port, new)
         self.steer(new)
+
+
+class SharedListener:
+    """A bpfproxy worker's frontend: its member of the listeners' reuseport group.
+
+    The supervisor owns the port map, so a reload changes nothing here.
+    """
+
+    name = "bpfproxy"
+
+    def __init__(self, listener: socket.socket) -> None:
+        self._listener = listener
+
+    async def serve(
+        self, proxy: Proxy, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        await accept_loop(
+            self._listener, None, proxy.dispatch, proxy.slots, task_status=task_status
+        )
+
+    def update(self, old: Config, new: Config) -> None:
+        pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,12 +12,17 @@ import trio
 from tcpproxy.cli_common import (
     common_options,
     fit_connection_limit,
+    parse_worker,
     read_config,
     run_cli,
     setup_logging,
+    worker_options,
 )
+from tcpproxy.config import Config
+from tcpproxy.listeners import open_listener
 from tcpproxy.port_listeners import PortListeners
 from tcpproxy.service import run_service
+from tcpproxy.workers import Supervisor, SupervisorLink, set_parent_death_signal, worker_argv
 
 __all__ = ["command", "main"]
 
@@ -24,9 +30,43 @@ EPILOG = """\b
 Examples:
   tcpproxy                               # ./config.json, every address
   tcpproxy -c /etc/tcpproxy.json --bind 127.0.0.1
+  tcpproxy --workers 2                   # one process per core
   TCPPROXY_CONFIG=prod.json tcpproxy --log-level debug
   kill -HUP $(pidof -x tcpproxy)         # reload now (file changes reload too)
 """
+
+
+class TcpPlan:
+    """tcpproxy's workers each bind every port with SO_REUSEPORT."""
+
+    name = "tcpproxy"
+
+    def __init__(self, bind: str | None, options: list[str], count: int) -> None:
+        self._bind = bind
+        self._options = options
+        self._count = count
+
+    def check(self, old: Config, new: Config) -> None:
+        for port in sorted(new.ports - old.ports):  # can every worker bind it?
+            open_listener(self._bind, port, reuse_port=True, listen=False).close()
+
+    def worker_argv(self, index: int, control_fd: int) -> tuple[list[str], tuple[int, ...]]:
+        return worker_argv("tcpproxy", control_fd, index, self._count, self._options), ()
+
+    def worker_started(self, index: int) -> None:
+        pass
+
+    def worker_died(self, index: int) -> None:
+        pass  # its sockets left the reuseport groups with it
+
+    def before_workers(self, old: Config, new: Config) -> None:
+        pass
+
+    def after_workers(self, old: Config, new: Config) -> None:
+        pass
+
+    def stopping(self) -> None:
+        pass
 
 
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
@@ -35,34 +75,59 @@ Examples:
     "--bind", metavar="ADDRESS", default=None,
     help="Address to listen on.  [default: every address, IPv4 and IPv6]",
 )  # fmt: skip
+@click.pass_context
 def command(
+    ctx: click.Context,
     config_path: Path,
     bind: str | None,
     drain_timeout: float,
     max_connections: int | None,
+    workers: int,
+    worker: str | None,
     splice: bool,
     log_level: str,
 ) -> int:
     """Proxy TCP connections: one listener per port of every app in the config,
     each connection relayed to one of its app's targets. The config is reloaded
     on change without dropping connections; SIGTERM drains, then exits."""
+    if worker is not None:  # started by a supervisor
+        fd, index, count = parse_worker(worker)
+        set_parent_death_signal()
+        setup_logging(log_level, prefix=f"[w{index}] ")
+        link = SupervisorLink(fd, index, count)
+        config = link.initial_config()
+        frontend = PortListeners(bind, reuse_port=True)
+        frontend.open(config)
+        limit = fit_connection_limit(max_connections)
+        trio.run(
+            lambda: run_service(
+                config_path, b"", config, frontend, drain_timeout=drain_timeout,
+                max_connections=limit, use_splice=splice, supervisor=link,
+            )
+        )  # fmt: skip
+        return 0
     setup_logging(log_level)
     data, config = read_config(config_path)
     limit = fit_connection_limit(max_connections)
+    if workers > 1:
+        plan = TcpPlan(bind, _options(ctx, math.ceil(limit / workers)), workers)
+        plan.check(Config(apps=()), config)
+        trio.run(Supervisor(plan, config_path, data, config, workers).run)
+        return 0
     frontend = PortListeners(bind)
     frontend.open(config)
     trio.run(
         lambda: run_service(
-            config_path,
-            data,
-            config,
-            frontend,
-            drain_timeout=drain_timeout,
-            max_connections=limit,
-            use_splice=splice,
+            config_path, data, config, frontend, drain_timeout=drain_timeout,
+            max_connections=limit, use_splice=splice,
         )
-    )
+    )  # fmt: skip
     return 0
+
+
+def _options(ctx: click.Context, per_worker_limit: int) -> list[str]:
+    params = {**ctx.params, "max_connections": per_worker_limit}
+    return worker_options(params, skip=set())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,6 +27,7 @@ __all__ = [
 ]
 
 EXIT_USAGE = 2  # our error: bad config, bad option, cannot start as asked
+DEFAULT_WORKERS = 1  # see README: measured on 2 cores
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
@@ -57,6 +58,17 @@ def common_options(prog: str) -> Callable[[F], F]:
                     help="Open connections at once, all apps together; at the limit new "
                     f"ones wait in the listen queue.  [default: {DEFAULT_MAX_CONNECTIONS}, "
                     "or fewer if the descriptor limit allows fewer (6 per connection)]",
+                ),
+                click.option(
+                    "--workers", type=click.IntRange(min=1), metavar="N",
+                    default=DEFAULT_WORKERS, show_default=True,
+                    help="Worker processes (a Python event loop uses one core). With more "
+                    "than one, a supervisor validates the config once and feeds them; "
+                    "limits are divided among them.",
+                ),
+                click.option(
+                    "--worker", "worker", metavar="FD:INDEX:COUNT", default=None,
+                    hidden=True, help="Internal: run as a worker of a supervisor.",
                 ),
                 click.option(
                     "--splice/--no-splice", default=True, show_default=True,
@@ -109,8 +121,10 @@ def fit_connection_limit(wanted: int | None) -> int:
     return wanted
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
+def setup_logging(level: str, prefix: str = "") -> None:
+    """Log lines to stderr; `prefix` names a worker process ("[w1] ")."""
+    fmt = LOG_FORMAT.replace("%(message)s", prefix.replace("%", "%%") + "%(message)s")
+    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
     logging.getLogger("watchfiles").setLevel(logging.WARNING)  # its debug lines are per poll
 
 
@@ -124,6 +138,31 @@ def read_config(path: Path) -> tuple[bytes, Config]:
     """Read and validate the config file once: its bytes (to compare on reload) and model."""
     data = read_config_bytes(path)
     return data, parse_config(data, str(path))
+
+
+def parse_worker(value: str) -> tuple[int, int, int]:
+    """`--worker FD:INDEX:COUNT` as given by the supervisor."""
+    fd, index, count = (int(part) for part in value.split(":"))
+    return fd, index, count
+
+
+def worker_options(ctx_params: dict[str, Any], skip: set[str]) -> list[str]:
+    """The command-line options a worker gets: the supervisor's own, minus `skip`."""
+    flags = {
+        "config_path": "--config",
+        "drain_timeout": "--drain-timeout",
+        "max_connections": "--max-connections",
+        "log_level": "--log-level",
+        "bind": "--bind",
+    }
+    options: list[str] = []
+    for key, flag in flags.items():
+        value = ctx_params.get(key)
+        if key in skip or value is None:
+            continue
+        options += [flag, str(value)]
+    options.append("--splice" if ctx_params.get("splice", True) else "--no-splice")
+    return options
 
 
 def run_cli(prog: str, command: click.Command, argv: Sequence[str] | None) -> int:

@@ -39,8 +39,12 @@ def bind_hint(exc: OSError) -> str:
     return (exc.strerror or str(exc)).lower()
 
 
-def open_listener(host: str | None, port: int, *, reuse_port: bool = False) -> socket.socket:
+def open_listener(
+    host: str | None, port: int, *, reuse_port: bool = False, listen: bool = True
+) -> socket.socket:
     """A listening, non-blocking TCP socket on host:port; host None means every address.
+
+    `listen=False` only binds: a check that the port can be had.
 
     Every address is `[::]` dual-stack where IPv6 exists, else `0.0.0.0`.
 
@@ -68,7 +72,8 @@ def open_listener(host: str | None, port: int, *, reuse_port: bool = False) -> s
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepted
             sock_addr = (address, port, 0, 0) if family == socket.AF_INET6 else (address, port)
             sock.bind(sock_addr)
-            sock.listen(BACKLOG)
+            if listen:
+                sock.listen(BACKLOG)
             sock.setblocking(False)
         except OSError as exc:
             sock.close()

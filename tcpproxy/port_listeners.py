@@ -28,8 +28,9 @@ class PortListeners:
 
     name = "tcpproxy"
 
-    def __init__(self, bind: str | None = None) -> None:
+    def __init__(self, bind: str | None = None, *, reuse_port: bool = False) -> None:
         self._bind = bind
+        self._reuse_port = reuse_port  # workers: each has its own socket per port
         self._pending: dict[int, socket.socket] = {}  # opened, not yet accepting
         self._scopes: dict[int, trio.CancelScope] = {}  # accepting
         self._nursery: trio.Nursery | None = None
@@ -45,7 +46,7 @@ class PortListeners:
         try:
             for port in sorted(ports):
                 try:
-                    opened[port] = open_listener(self._bind, port)
+                    opened[port] = open_listener(self._bind, port, reuse_port=self._reuse_port)
                 except StartupError as exc:
                     raise StartupError(f"app {names.get(port, '?')!r}: {exc}") from None
         except BaseException:

@@ -66,7 +66,9 @@ class Proxy:
       config: the initial configuration.
       connections: the nursery that owns every connection task; it outlives
         listeners, so connections drain after their listener stops.
-      max_connections: process-wide limit of open connections.
+      max_connections: this process's limit of open connections.
+      share: how many worker processes share the apps' MaxConnections (each
+        enforces its part, rounded up).
       resolver: host name resolution (a fresh one when omitted).
       use_splice: relay with splice(2) (default) or copy through a buffer.
     """
@@ -77,6 +79,7 @@ class Proxy:
         connections: trio.Nursery,
         *,
         max_connections: int,
+        share: int = 1,
         resolver: Resolver | None = None,
         use_splice: bool = True,
     ) -> None:
@@ -84,6 +87,7 @@ class Proxy:
         self._resolver = resolver or Resolver()
         self._use_splice = use_splice
         self.max_connections = max_connections
+        self._share = share
         self.slots = trio.Semaphore(max_connections)  # taken by accept loops, given back here
         self.health = HealthMonitor(HealthBook(), self._resolver)
         self.active: Counter[Target] = Counter()  # open connections per target
@@ -138,7 +142,7 @@ class Proxy:
             self.slots.release()
             return
         name = app.config.name
-        if self.active_by_app[name] >= app.config.max_connections:
+        if self.active_by_app[name] * self._share >= app.config.max_connections:
             self._warn_limit(
                 name, "app %r: MaxConnections (%d) reached; resetting new connections",
                 name, app.config.max_connections,

@@ -20,9 +20,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -31,6 +31,9 @@ from tcpproxy.diff import diff_configs, format_ports
 from tcpproxy.errors import StartupError
 from tcpproxy.proxy import Proxy
 from tcpproxy.watch import watch_config
+
+if TYPE_CHECKING:
+    from tcpproxy.workers import SupervisorLink
 
 __all__ = [
     "DEFAULT_DRAIN_TIMEOUT",
@@ -58,17 +61,29 @@ class Frontend(Protocol):
         """Apply a reload's port changes; raise StartupError (changing nothing) to reject it."""
 
 
-def _digest(data: bytes) -> str:
+def digest(data: bytes) -> str:
+    """A short name for a config's contents, for logs."""
     return hashlib.sha256(data).hexdigest()[:12]
 
 
-class Reloader:
-    """Serialises reloads: requests coalesce, one is applied at a time."""
+ApplyFn = Callable[[Config, Config], Awaitable[None]]
 
-    def __init__(self, path: Path, proxy: Proxy, frontend: Frontend, data: bytes) -> None:
+
+class Reloader:
+    """Serialises reloads of the config file: requests coalesce, one runs at a time.
+
+    Args:
+      path: the config file.
+      data: its contents as running (an event that leaves them unchanged is ignored).
+      current: the config in force.
+      apply: applies `(old, new)`; raises StartupError, having changed nothing,
+        to reject it.
+    """
+
+    def __init__(self, path: Path, data: bytes, current: Callable[[], Config], apply: ApplyFn):
         self._path = path
-        self._proxy = proxy
-        self._frontend = frontend
+        self._current = current
+        self._apply = apply
         self._last_seen = data  # contents of the last file read, applied or not
         self._send, self._receive = trio.open_memory_channel[str](1)
         self.reloads = 0  # applied reloads, for tests and status
@@ -101,23 +116,30 @@ class Reloader:
             self.rejected += 1
             log.error("reload (%s) rejected, keeping the running config: %s", why, exc)
             return
-        self.apply(new, why, _digest(data))
-
-    def apply(self, new: Config, why: str, digest: str) -> None:
-        old = self._proxy.config
+        old = self._current()
         diff = diff_configs(old, new)
         if diff.empty:
-            log.info("reload (%s): config %s has no changes", why, digest)
+            log.info("reload (%s): config %s has no changes", why, digest(data))
             return
         try:
-            self._frontend.update(old, new)
+            await self._apply(old, new)
         except StartupError as exc:
             self.rejected += 1
             log.error("reload (%s) rejected, keeping the running config: %s", why, exc)
             return
-        self._proxy.apply(new)
         self.reloads += 1
-        log.info("reload (%s): config %s applied: %s", why, digest, diff.summary())
+        log.info("reload (%s): config %s applied: %s", why, digest(data), diff.summary())
+
+
+def apply_locally(proxy: Proxy, frontend: Frontend) -> ApplyFn:
+    """In one process: the frontend first (it may reject), then the routes, with
+    no checkpoint between, so no connection sees half a reload."""
+
+    async def apply(old: Config, new: Config) -> None:
+        frontend.update(old, new)
+        proxy.apply(new)
+
+    return apply
 
 
 async def run_service(
@@ -129,6 +151,7 @@ async def run_service(
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     use_splice: bool = True,
+    supervisor: SupervisorLink | None = None,
     task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `config` through `frontend` until SIGTERM/SIGINT, then drain.
@@ -138,6 +161,8 @@ async def run_service(
       data: its contents as loaded (so the first change event is compared
         against what is running).
       drain_timeout: seconds connections may take to finish after a stop.
+      supervisor: set in a worker process: configs come from the supervisor
+        (which watches the file and validates once), not from the file.
     """
     stop_accepting = trio.CancelScope()
     cut_connections = trio.CancelScope()
@@ -145,23 +170,32 @@ async def run_service(
         async with trio.open_nursery() as outer:
             with cut_connections:
                 async with trio.open_nursery() as connections:
+                    share = supervisor.count if supervisor is not None else 1
                     proxy = Proxy(
-                        config, connections, max_connections=max_connections, use_splice=use_splice
-                    )
-                    reloader = Reloader(path, proxy, frontend, data)
+                        config, connections, max_connections=max_connections, share=share,
+                        use_splice=use_splice,
+                    )  # fmt: skip
+                    apply = apply_locally(proxy, frontend)
+                    reloader = Reloader(path, data, lambda: proxy.config, apply)
+                    on_hup = reloader.request if supervisor is None else _ignore
                     outer.start_soon(
-                        _handle_signals, signals, reloader, stop_accepting, cut_connections
+                        _handle_signals, signals, on_hup, stop_accepting, cut_connections
                     )
                     with stop_accepting:
                         async with trio.open_nursery() as control:
                             await control.start(proxy.health.run)
                             await control.start(frontend.serve, proxy)
-                            await control.start(watch_config, path, reloader.request)
-                            control.start_soon(reloader.run)
+                            if supervisor is None:
+                                await control.start(watch_config, path, reloader.request)
+                                control.start_soon(reloader.run)
+                            else:
+                                control.start_soon(supervisor.follow, lambda: proxy.config, apply)
                             log.info(
                                 "%s started: %d apps, ports %s, config %s, max %d connections",
                                 frontend.name, len(config.apps),
-                                format_ports(config.ports), _digest(data), max_connections,
+                                format_ports(config.ports),
+                                digest(data) if supervisor is None else "from the supervisor",
+                                max_connections,
                             )  # fmt: skip
                             task_status.started(proxy)
                     # accepting has stopped and every listener is closed
@@ -175,15 +209,19 @@ async def run_service(
     log.info("%s stopped", frontend.name)
 
 
+def _ignore(why: str) -> None:
+    """A worker's SIGHUP: its supervisor reloads for it."""
+
+
 async def _handle_signals(
     signals: AsyncIterator[int],
-    reloader: Reloader,
+    on_hup: Callable[[str], None],
     stop_accepting: trio.CancelScope,
     cut_connections: trio.CancelScope,
 ) -> None:
     async for signum in signals:
         if signum == signal.SIGHUP:
-            reloader.request("SIGHUP")
+            on_hup("SIGHUP")
         elif not stop_accepting.cancel_called:
             log.info("%s: stopping", signal.Signals(signum).name)
             stop_accepting.cancel()

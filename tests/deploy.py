@@ -72,7 +72,7 @@ class Deployment:
         write_config(self.config_path, apps, **extra)
         argv = self.argv("--log-level", "debug", *args)
         self.proxy = ProxyProcess(self.popen_argv(argv, prefix))
-        self.proxy.wait_for(rf"{self.binary} started")
+        self.proxy.wait_for(rf"INFO {self.binary} started")  # the supervisor, with workers
         return self.proxy
 
     def reconfigure(self, apps: Sequence[dict], **extra: object) -> None:

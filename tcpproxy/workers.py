@@ -1,0 +1,338 @@
+"""Worker processes: one supervisor, N workers, both binaries.
+
+Python runs one event loop per process on one core; workers use the others.
+The supervisor is the process the user starts. It reads and validates the
+config once, starts the workers, watches the file (and SIGHUP), and sends
+each validated config to every worker; it forwards SIGTERM/SIGINT and exits
+0 once every worker has drained. Workers accept and proxy; how they share
+ports is the binary's business (tcpproxy: SO_REUSEPORT listeners of their
+own; bpfproxy: listeners of one reuseport group, one of them in the sockmap).
+
+Rules:
+1. A worker runs the same service as a single process, but takes its
+   configs from the supervisor over a socket pair (pickled, already
+   validated) and answers each with ok or the reason it refused.
+2. A reload is checked by the supervisor first (`Plan.check`: ports can be
+   bound), so workers do not disagree; then sent to every worker; the
+   reload is logged as applied once every worker has answered.
+3. A worker that dies on its own is started again after RESPAWN_DELAY with
+   the config in force; a worker that cannot start at all (exit code 2)
+   stops the supervisor with that error.
+4. Workers die with their supervisor (PR_SET_PDEATHSIG), so no worker is
+   left serving a config nobody watches.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, Protocol
+
+import trio
+
+from tcpproxy.config import Config
+from tcpproxy.diff import format_ports
+from tcpproxy.errors import StartupError
+from tcpproxy.service import Reloader, digest
+from tcpproxy.watch import watch_config
+
+__all__ = [
+    "RESPAWN_DELAY",
+    "Plan",
+    "Supervisor",
+    "SupervisorLink",
+    "set_parent_death_signal",
+    "worker_argv",
+]
+
+log = logging.getLogger("tcpproxy")
+
+RESPAWN_DELAY = 1.0  # seconds before a worker that died is started again
+READY_TIMEOUT = 60.0  # seconds a new worker may take to start serving
+EXIT_USAGE = 2  # a worker's exit code for "cannot start as configured"
+_PR_SET_PDEATHSIG = 1
+
+
+def set_parent_death_signal(signum: int = signal.SIGTERM) -> None:
+    """Ask the kernel to send `signum` to this process when its parent dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+
+
+async def _recv(conn: Connection) -> Any:
+    """Receive one message without blocking the event loop while none is there."""
+    await trio.lowlevel.wait_readable(conn.fileno())
+    return conn.recv()
+
+
+class SupervisorLink:
+    """A worker's end of its socket pair to the supervisor."""
+
+    def __init__(self, fd: int, index: int, count: int) -> None:
+        self._conn = Connection(fd)
+        self.index = index
+        self.count = count  # workers in all: limits are shared among them
+
+    def initial_config(self) -> Config:
+        """The config to start with (blocking: called before the event loop runs)."""
+        kind, payload = self._conn.recv()
+        assert kind == "config", kind
+        return pickle.loads(payload)
+
+    async def follow(
+        self, current: Callable[[], Config], apply: Callable[[Config, Config], Awaitable[None]]
+    ) -> None:
+        """Say ready, then apply every config the supervisor sends, answering each."""
+        self._conn.send(("ready", os.getpid()))
+        while True:
+            try:
+                message = await _recv(self._conn)
+            except EOFError:  # the supervisor is gone; PDEATHSIG stops us
+                await trio.sleep_forever()
+            kind, payload = message
+            if kind != "config":
+                continue
+            new: Config = pickle.loads(payload)
+            try:
+                await apply(current(), new)
+            except StartupError as exc:
+                self._conn.send(("refused", str(exc)))
+            else:
+                self._conn.send(("applied", ""))
+
+
+class Plan(Protocol):
+    """What differs between the binaries' workers."""
+
+    name: str
+
+    def check(self, old: Config, new: Config) -> None:
+        """Raise StartupError if `new` cannot be served (before any worker sees it)."""
+
+    def worker_argv(self, index: int, control_fd: int) -> tuple[list[str], Sequence[int]]:
+        """The command line of worker `index`, and the descriptors it inherits."""
+
+    def worker_started(self, index: int) -> None:
+        """After worker `index` started."""
+
+    def worker_died(self, index: int) -> None:
+        """Worker `index` exited on its own (bpfproxy: steer to a live listener)."""
+
+    def before_workers(self, old: Config, new: Config) -> None:
+        """A reload's first step (bpfproxy: stop steering removed ports)."""
+
+    def after_workers(self, old: Config, new: Config) -> None:
+        """A reload's last step (bpfproxy: steer added ports)."""
+
+    def stopping(self) -> None:
+        """Stop accepting for good (bpfproxy: close the supervisor's listener copies)."""
+
+
+@dataclass
+class _Run:
+    """One start of a worker: its process and socket pair (a restart makes a new one)."""
+
+    process: trio.Process
+    conn: Connection
+    inbox: trio.MemoryReceiveChannel[tuple[str, str]]
+    ready: trio.Event = field(default_factory=trio.Event)
+    dead: bool = False  # its socket pair closed: it exited or is exiting
+
+
+@dataclass
+class _Worker:
+    index: int
+    run: _Run | None = None
+
+    @property
+    def process(self) -> trio.Process | None:
+        return self.run.process if self.run is not None else None
+
+
+class Supervisor:
+    """Starts, feeds and stops the workers.
+
+    Resource handling: owns the worker processes and their socket pairs; on
+    return every worker has exited.
+    """
+
+    def __init__(self, plan: Plan, path: Path, data: bytes, config: Config, workers: int) -> None:
+        self._plan = plan
+        self._path = path
+        self._data = data
+        self.config = config
+        self._workers = [_Worker(i) for i in range(workers)]
+        self._stopping = False
+        self._lock = trio.Lock()  # one reload or respawn at a time
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self) -> None:
+        """Serve until SIGTERM/SIGINT and every worker has exited.
+
+        Raises StartupError when a worker cannot start (the others are stopped).
+        """
+        reloader = Reloader(self._path, self._data, lambda: self.config, self._apply)
+        startup_error: StartupError | None = None
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                try:
+                    for worker in self._workers:
+                        async with self._lock:
+                            await self._start(worker)
+                except StartupError as exc:
+                    startup_error = exc
+                    await self._stop_and_wait(signal.SIGTERM)
+                    nursery.cancel_scope.cancel()
+                else:
+                    for worker in self._workers:
+                        nursery.start_soon(self._watch_worker, worker)
+                    await nursery.start(watch_config, self._path, reloader.request)
+                    nursery.start_soon(reloader.run)
+                    log.info(
+                        "%s started: %d workers, %d apps, ports %s, config %s",
+                        self._plan.name, len(self._workers), len(self.config.apps),
+                        format_ports(self.config.ports), digest(self._data),
+                    )  # fmt: skip
+                    async for signum in signals:
+                        if signum == signal.SIGHUP:
+                            reloader.request("SIGHUP")
+                            continue
+                        log.info("%s: stopping %d workers", signal.Signals(signum).name,
+                                 len(self._workers))  # fmt: skip
+                        nursery.start_soon(self._forward_later_signals, signals)
+                        await self._stop_and_wait(signum)
+                        break
+                    nursery.cancel_scope.cancel()
+        if startup_error is not None:
+            raise startup_error
+        log.info("%s stopped", self._plan.name)
+
+    async def _stop_and_wait(self, signum: int) -> None:
+        self._stopping = True
+        self._plan.stopping()
+        self._stop_all(signum)
+        for worker in self._workers:
+            if worker.process is not None:
+                await worker.process.wait()
+
+    async def _forward_later_signals(self, signals: Any) -> None:
+        async for signum in signals:
+            if signum == signal.SIGINT:
+                log.info("SIGINT again: workers close their connections now")
+                self._stop_all(signal.SIGINT)
+
+    def _stop_all(self, signum: int) -> None:
+        for worker in self._workers:
+            if worker.process is not None and worker.process.returncode is None:
+                try:
+                    worker.process.send_signal(signum)
+                except ProcessLookupError:
+                    pass
+
+    async def _watch_worker(self, worker: _Worker) -> None:
+        """Start a worker again whenever it dies on its own (rule 3)."""
+        while True:
+            assert worker.process is not None
+            code = await worker.process.wait()
+            if self._stopping:
+                return
+            self._plan.worker_died(worker.index)
+            log.error("worker %d (pid %d) died (exit code %s); starting it again in %gs",
+                      worker.index, worker.process.pid, code, RESPAWN_DELAY)  # fmt: skip
+            await trio.sleep(RESPAWN_DELAY)
+            if self._stopping:
+                return
+            try:
+                async with self._lock:
+                    await self._start(worker)
+            except StartupError as exc:
+                log.error("%s", exc)
+
+    async def _start(self, worker: _Worker) -> None:
+        """Start one worker with the config in force; return once it serves.
+
+        Raises StartupError when it exits instead (its own message is on stderr).
+        """
+        assert self._nursery is not None
+        ours, theirs = socket.socketpair()
+        argv, fds = self._plan.worker_argv(worker.index, theirs.fileno())
+        try:
+            process = await trio.lowlevel.open_process(
+                argv, pass_fds=(theirs.fileno(), *fds), stdin=subprocess.DEVNULL
+            )
+        finally:
+            theirs.close()
+        self._plan.worker_started(worker.index)
+        send, receive = trio.open_memory_channel[tuple[str, str]](16)
+        run = worker.run = _Run(process, Connection(ours.detach()), receive)
+        self._nursery.start_soon(self._read_answers, run, send)
+        await self._send(run, self.config)
+        with trio.move_on_after(READY_TIMEOUT):
+            await run.ready.wait()
+        if process.returncode is None and run.ready.is_set() and not run.dead:
+            return
+        with trio.move_on_after(5):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+        raise StartupError(f"worker {worker.index} did not start (exit code {process.returncode})")
+
+    async def _read_answers(self, run: _Run, send: trio.MemorySendChannel[tuple[str, str]]) -> None:
+        try:
+            while True:
+                kind, payload = await _recv(run.conn)
+                if kind == "ready":
+                    run.ready.set()
+                else:
+                    await send.send((kind, payload))
+        except (EOFError, OSError):
+            pass
+        finally:
+            run.dead = True
+            run.conn.close()
+            await send.aclose()
+            run.ready.set()  # wakes a starter waiting for a worker that died
+
+    async def _send(self, run: _Run, config: Config) -> None:
+        await trio.to_thread.run_sync(run.conn.send, ("config", pickle.dumps(config)))
+
+    async def _apply(self, old: Config, new: Config) -> None:
+        """A reload, across every worker (rule 2)."""
+        self._plan.check(old, new)
+        async with self._lock:
+            self._plan.before_workers(old, new)
+            refused = []
+            for worker in self._workers:
+                run = worker.run
+                if run is None or run.dead or run.process.returncode is not None:
+                    continue  # it will get the new config when it starts again
+                try:
+                    await self._send(run, new)
+                    kind, why = await run.inbox.receive()
+                except (OSError, trio.EndOfChannel):
+                    continue
+                if kind != "applied":
+                    refused.append(f"worker {worker.index}: {why}")
+            self.config = new
+            self._plan.after_workers(old, new)
+        if refused:
+            log.error("reload: %d workers refused it: %s", len(refused), "; ".join(refused))
+
+
+def worker_argv(
+    module: str, control_fd: int, index: int, count: int, options: list[str]
+) -> list[str]:
+    """A worker's command line: the same binary, told it is worker `index` of `count`."""
+    return [sys.executable, "-m", module, *options, "--worker", f"{control_fd}:{index}:{count}"]

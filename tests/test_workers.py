@@ -1,0 +1,121 @@
+"""--workers N: a supervisor and N worker processes, for both binaries."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from tests.deploy import Deployment, deployment
+from tests.helpers import TIMEOUT, app, recv_all, recv_line
+
+__all__ = ["deployment"]
+
+
+def worker_pids(d: Deployment) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(d.pid)], capture_output=True, text=True, check=False)
+    return sorted(int(p) for p in out.stdout.split())
+
+
+def wait_until(predicate, timeout: float = TIMEOUT) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_two_workers_share_the_ports(deployment: Deployment) -> None:
+    d = deployment
+    a = d.backend("a")
+    (port,) = d.ports(1)
+    proxy = d.start([app("A", [port], [a.address])], "--workers", "2")
+    assert len(worker_pids(d)) == 2
+    for _ in range(40):
+        assert d.which(port) == "a"
+    assert wait_until(lambda: proxy.output.count("end=done") == 40)
+    served = {w: proxy.output.count(f"[{w}] conn ") for w in ("w0", "w1")}
+    assert served["w0"] > 0 and served["w1"] > 0, served  # the kernel spreads them
+
+
+def test_reload_reaches_every_worker_and_bad_config_none(deployment: Deployment) -> None:
+    d = deployment
+    a, b = d.backend("a"), d.backend("b")
+    port, extra = d.ports(2)
+    proxy = d.start([app("A", [port], [a.address])], "--workers", "2")
+    mark = proxy.mark()
+    d.reconfigure([app("A", [port, extra], [b.address])])
+    proxy.wait_for(r"^\S+ \S+ INFO reload \(file changed\).*applied", start=mark)
+    for _ in range(20):
+        assert d.which(port) == "b"
+        assert d.which(extra) == "b"
+    mark = proxy.mark()
+    d.config_path.write_text('{"Apps": [}')
+    proxy.wait_for(r"reload \(file changed\) rejected.*line 1", start=mark)
+    assert d.which(port) == "b"
+    assert proxy.output.count("rejected") == 1  # validated once, by the supervisor
+
+
+def test_sigterm_drains_every_worker_then_exits_zero(deployment: Deployment) -> None:
+    d = deployment
+    a = d.backend("a")
+    (port,) = d.ports(1)
+    proxy = d.start([app("A", [port], [a.address])], "--workers", "2")
+    held = [d.connect(port) for _ in range(6)]  # likely on both workers
+    for s in held:
+        assert recv_line(s) == b"a\n"
+    proxy.send(signal.SIGTERM)
+    proxy.wait_for(r"stopping 2 workers")
+    assert wait_until(lambda: _refused(d, port))
+    for s in held:  # still served to their end
+        s.sendall(b"bye")
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s) == b"bye"
+        s.close()
+    assert proxy.proc.wait(TIMEOUT) == 0
+    assert "stopped" in proxy.output
+
+
+def test_a_dead_worker_is_replaced(deployment: Deployment) -> None:
+    d = deployment
+    a = d.backend("a")
+    (port,) = d.ports(1)
+    proxy = d.start([app("A", [port], [a.address])], "--workers", "2")
+    first, second = worker_pids(d)
+    os.kill(first, signal.SIGKILL)
+    proxy.wait_for(r"worker \d \(pid \d+\) died")
+    assert wait_until(lambda: len(worker_pids(d)) == 2 and first not in worker_pids(d))
+    proxy.wait_for(r"\[w\d\] \w+ started", start=proxy.output.count("\n"))
+    for _ in range(20):
+        assert d.which(port) == "a"
+    assert second in worker_pids(d)
+
+
+def test_workers_die_with_their_supervisor(deployment: Deployment) -> None:
+    d = deployment
+    a = d.backend("a")
+    (port,) = d.ports(1)
+    proxy = d.start([app("A", [port], [a.address])], "--workers", "2")
+    workers = worker_pids(d)
+    proxy.send(signal.SIGKILL)
+    proxy.proc.wait(TIMEOUT)
+    assert wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in workers))
+    assert wait_until(lambda: _refused(d, port))
+
+
+def _refused(d: Deployment, port: int) -> bool:
+    try:
+        d.connect(port, timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+pytestmark = pytest.mark.timeout(120)
