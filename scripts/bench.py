@@ -174,8 +174,8 @@ http {{ access_log off; keepalive_timeout 600s; keepalive_requests 1000000;
         return path
 
     def start_ours(self, mode: str) -> None:
-        argv = [sys.executable, "-m", mode,
-                "--config", str(self.write_config(mode)), "--log-level", "warning"]  # fmt: skip
+        argv = [sys.executable, "-m", mode, "--config", str(self.write_config(mode)),
+                "--log-level", "error", "--max-connections", str(haproxy_maxconn())]  # fmt: skip
         if mode == "bpfproxy":
             argv += ["-p", str(BPF_LISTEN)]
         if self.workers is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -18,7 +18,13 @@ from tcpproxy.config import Target
 from tcpproxy.errors import ResourceExhausted, TargetUnavailable
 from tcpproxy.resolve import Resolver
 
-__all__ = ["LOCAL_ERRNOS", "connect_target", "describe_error", "open_target"]
+__all__ = [
+    "LOCAL_ERRNOS",
+    "NO_FAILURES",
+    "connect_target",
+    "describe_error",
+    "open_target",
+]
 
 # Failures that are ours (out of descriptors, memory or local ports), not the target's: they
 # end the attempt without blaming the target or trying the others.
@@ -71,6 +77,9 @@ async def connect_target(target: Target, resolver: Resolver) -> socket.socket:
     raise last or OSError(f"{target.host} has no address")
 
 
+NO_FAILURES: tuple[tuple[Target, str], ...] = ()
+
+
 async def open_target(
     name: str,
     order: list[Target],
@@ -78,24 +87,29 @@ async def open_target(
     connect_timeout: float,
     *,
     on_failure: Callable[[Target, str], None] | None = None,
-) -> tuple[socket.socket, Target]:
+) -> tuple[socket.socket, Target, Sequence[tuple[Target, str]]]:
     """Connect to the first target of `order` that answers.
 
     Args:
       name: the app's name, for the error.
       order: every target once, the preferred first (see `Balancer.order`).
       connect_timeout: seconds allowed per target, resolution included.
-      on_failure: told of each target that failed (health tracking, logs).
+      on_failure: told at once of each target that failed (health tracking).
+
+    Returns:
+      The socket, its target, and the (target, why) of those that failed
+      first (an empty constant in the common case: no list per connection).
 
     Raises:
       TargetUnavailable: every target failed; it lists why for each.
       ResourceExhausted: this process is out of descriptors or memory.
     """
-    failures: list[tuple[str, str]] = []
+    failures: list[tuple[Target, str]] = []
     for target in order:
         try:
             with trio.fail_after(connect_timeout):
-                return await connect_target(target, resolver), target
+                sock = await connect_target(target, resolver)
+            return sock, target, failures or NO_FAILURES
         except trio.TooSlowError:
             why = f"no answer within {connect_timeout:g}s"
         except OSError as exc:
@@ -104,7 +118,7 @@ async def open_target(
                     f"cannot connect to {target}: {describe_error(exc)}"
                 ) from None
             why = describe_error(exc)
-        failures.append((str(target), why))
+        failures.append((target, why))
         if on_failure is not None:
             on_failure(target, why)
-    raise TargetUnavailable(name, failures)
+    raise TargetUnavailable(name, [(str(target), why) for target, why in failures])

@@ -18,6 +18,8 @@ __all__ = ["HealthMonitor", "probe"]
 
 log = logging.getLogger("tcpproxy")
 
+PROBE_TIMEOUT = 2.0  # seconds a recovery probe's connect may take (the default ConnectTimeout)
+
 
 async def probe(target: Target, resolver: Resolver, timeout: float) -> tuple[bool | None, str]:
     """One TCP connect to `target`: (True, ""), (False, why), or (None, why) when the
@@ -67,6 +69,10 @@ class HealthMonitor:
         message = self.book.connect_ok(target)
         if message:
             log.info("%s", message)
+
+    def connect_failed_now(self, target: Target, why: str) -> None:
+        """A client's connect failed (probed again with the default timeout)."""
+        self.connect_failed(target, why, PROBE_TIMEOUT)
 
     def connect_failed(self, target: Target, why: str, timeout: float) -> None:
         message = self.book.connect_failed(target, why, trio.current_time())

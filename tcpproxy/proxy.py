@@ -157,7 +157,7 @@ class Proxy:
             )  # fmt: skip
         self.active_total += 1
         self.active_by_app[name] += 1
-        self._connections.start_soon(self._serve, client, port, peer, app)
+        self._connections.start_soon(self._serve, client, port, peer, app, name="conn")
 
     async def _serve(self, client: socket.socket, port: int, peer: tuple, app: AppRuntime) -> None:
         started = time.monotonic()
@@ -166,20 +166,16 @@ class Proxy:
         target_sock: socket.socket | None = None
         reason = "cancelled"
         cfg = app.config
-        failed: list[str] = []  # targets tried in vain before the one that answered
+        failed: list[str] | None = None  # targets tried in vain before the one that answered
         health = self.health
-
-        def on_failure(failed_target: Target, why: str) -> None:
-            failed.append(str(failed_target))
-            health.connect_failed(failed_target, why, cfg.connect_timeout)
-
         try:
             order = app.balancer.order(health.book.is_down)
             while True:
                 try:
-                    target_sock, target = await open_target(
-                        cfg.name, order, self._resolver, cfg.connect_timeout, on_failure=on_failure
-                    )
+                    target_sock, target, failures = await open_target(
+                        cfg.name, order, self._resolver, cfg.connect_timeout,
+                        on_failure=health.connect_failed_now,
+                    )  # fmt: skip
                 except TargetUnavailable as exc:
                     reason = "no-target"
                     log.warning("conn %s port=%d: %s", format_peer(peer), port, exc)
@@ -190,6 +186,8 @@ class Proxy:
                         "resources", "conn %s port=%d: %s", format_peer(peer), port, exc
                     )
                     return
+                if failures:
+                    failed = (failed or []) + [str(t) for t, _ in failures]
                 health.connect_ok(target)
                 self.active[target] += 1
                 try:
@@ -205,7 +203,7 @@ class Proxy:
                 if stats.reason is not EndReason.TARGET_EARLY_ERROR or not order:
                     break
                 # The target failed before any byte moved: the client never knew it.
-                failed.append(f"{target}({stats.error.lower()})")
+                failed = [*(failed or []), f"{target}({stats.error.lower()})"]
                 target_sock.close()
                 target_sock = None
             reason = stats.reason.value

@@ -141,31 +141,13 @@ class _Direction:
             self.idle.touch()
 
     async def run(self, use_splice: bool) -> None:
-        """Copy until the first full read, then splice (if allowed) until EOF."""
-        if await self._copy(stop_when_bulk=use_splice):
-            await self._bulk()
-        _shutdown_write(self.dst)
-
-    async def _bulk(self) -> None:
-        try:
-            rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as exc:
-            if exc.errno not in _PIPE_ERRNOS:
-                raise
-            await self._copy(stop_when_bulk=False)  # out of descriptors for a pipe
-            return
-        try:
-            await self._splice(rfd, wfd)
-        finally:
-            os.close(rfd)
-            os.close(wfd)
-
-    async def _copy(self, *, stop_when_bulk: bool) -> bool:
-        """recv/send through a transient buffer; True when it stopped for bulk.
+        """Copy with recv/send; on the first full read switch to splice (if allowed).
 
         Small messages cost the same two syscalls as splice, with no pipe to
         set up; a read that fills COPY_SIZE means a bulk transfer is under
-        way, for which splice saves copying (HAProxy's splice-auto).
+        way, for which splice saves copying (HAProxy's splice-auto). One
+        coroutine frame for the common path: idle connections are many, and
+        each frame of a waiting task is memory held per connection.
         """
         src, dst = self.src, self.dst
         wait_readable, wait_writable = trio.lowlevel.wait_readable, trio.lowlevel.wait_writable
@@ -181,7 +163,7 @@ class _Direction:
             except OSError as exc:
                 raise _SideError(self.src_side, exc) from None
             if not data:
-                return False
+                break
             n = len(data)
             self.taken += n
             view = memoryview(data)
@@ -199,11 +181,28 @@ class _Direction:
             self._count(n)
             if n < COPY_SIZE:
                 drained = True
-            elif stop_when_bulk:
-                return True
+            elif use_splice:
+                await self._bulk()
+                break
             else:
                 drained = False
                 await trio.lowlevel.checkpoint()  # bulk copy: let others run
+        _shutdown_write(dst)
+
+    async def _bulk(self) -> None:
+        """Splice until EOF; copy instead when no pipe can be had."""
+        try:
+            rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno not in _PIPE_ERRNOS:
+                raise
+            await self.run(use_splice=False)  # out of descriptors for a pipe
+            return
+        try:
+            await self._splice(rfd, wfd)
+        finally:
+            os.close(rfd)
+            os.close(wfd)
 
     async def _splice(self, rfd: int, wfd: int) -> None:
         src_fd, dst_fd = self.src.fileno(), self.dst.fileno()
@@ -274,16 +273,16 @@ async def relay(
     """
     stats = stats if stats is not None else RelayStats()
     use_splice = use_splice and _HAVE_SPLICE
-    scope = trio.CancelScope()
-    idle = _Idle(scope, idle_timeout) if idle_timeout else None
-    up = _Direction(client, target, stats, idle, up=True)
-    down = _Direction(target, client, stats, idle, up=False)
+    up = _Direction(client, target, stats, None, up=True)
+    down = _Direction(target, client, stats, None, up=False)
     try:
-        with scope:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(down.run, use_splice)
-                await up.run(use_splice)  # in this task: one task fewer per connection
-        if scope.cancelled_caught:
+        async with trio.open_nursery() as nursery:
+            if idle_timeout:  # the nursery's own scope carries the deadline: no extra scope
+                up.idle = down.idle = _Idle(nursery.cancel_scope, idle_timeout)
+            # A constant name: trio would otherwise build one per task.
+            nursery.start_soon(down.run, use_splice, name="relay:down")
+            await up.run(use_splice)  # in this task: one task fewer per connection
+        if nursery.cancel_scope.cancelled_caught:
             stats.reason = EndReason.IDLE
     except BaseExceptionGroup as group:  # trio wraps a failed direction's error
         matched, rest = group.split(_SideError)
