@@ -31,7 +31,30 @@ def check_listen_port(listen_port: int, config: Config) -> None:
             )
 
 
-class SteeredListener:
+class SharedListener:
+    """A bpfproxy worker's frontend: its member of the listeners' reuseport group.
+
+    The supervisor owns the port map, so a reload changes nothing here.
+    """
+
+    name = "bpfproxy"
+
+    def __init__(self, listener: socket.socket) -> None:
+        self._listener = listener
+
+    async def serve(
+        self, proxy: Proxy, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        # port None: each connection's own destination port (getsockname) picks its app
+        await accept_loop(
+            self._listener, None, proxy.dispatch, proxy.slots, task_status=task_status
+        )
+
+    def update(self, old: Config, new: Config) -> None:
+        pass
+
+
+class SteeredListener(SharedListener):
     """One listener; the BPF port map decides which connections reach it.
 
     Resource handling: owns neither the socket nor the dispatcher (the CLI
@@ -42,7 +65,7 @@ class SteeredListener:
     name = "bpfproxy"
 
     def __init__(self, listener: socket.socket, dispatcher: Dispatcher, listen_port: int) -> None:
-        self._listener = listener
+        super().__init__(listener)
         self._dispatcher = dispatcher
         self._listen_port = listen_port
 
@@ -61,36 +84,6 @@ class SteeredListener:
                 format_ports(removed) if removed else "none", elapsed,
             )  # fmt: skip
 
-    async def serve(
-        self, proxy: Proxy, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        # port None: each connection's own destination port (getsockname) picks its app
-        await accept_loop(
-            self._listener, None, proxy.dispatch, proxy.slots, task_status=task_status
-        )
-
     def update(self, old: Config, new: Config) -> None:
         check_listen_port(self._listen_port, new)
         self.steer(new)
-
-
-class SharedListener:
-    """A bpfproxy worker's frontend: its member of the listeners' reuseport group.
-
-    The supervisor owns the port map, so a reload changes nothing here.
-    """
-
-    name = "bpfproxy"
-
-    def __init__(self, listener: socket.socket) -> None:
-        self._listener = listener
-
-    async def serve(
-        self, proxy: Proxy, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        await accept_loop(
-            self._listener, None, proxy.dispatch, proxy.slots, task_status=task_status
-        )
-
-    def update(self, old: Config, new: Config) -> None:
-        pass

@@ -339,6 +339,16 @@ def chart(results: Results, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _portable(command: str, workdir: Path) -> str:
+    """A command as anyone can read it: no paths of this machine, ports generic."""
+    command = command.replace(sys.executable, "python").replace(str(workdir), "$WORK")
+    for mode in MODES[1:]:
+        for service in SERVICES:
+            command = command.replace(f"127.0.0.1:{port_of(mode, service)}", "127.0.0.1:$PORT")
+            command = re.sub(rf"-p {port_of(mode, service)}\b", "-p $PORT", command)
+    return command
+
+
 def write_report(results: Results, bench: Bench, args: argparse.Namespace, elapsed: float) -> None:
     docs = ROOT / "docs"
     docs.mkdir(exist_ok=True)
@@ -351,7 +361,12 @@ def write_report(results: Results, bench: Bench, args: argparse.Namespace, elaps
                 cpu = line.split(":", 1)[1].strip()
                 break
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**30
-    commands = "\n".join(f"{name}: {cmd}" for name, cmd in sorted(bench.commands.items()))
+    commands = "\n".join(
+        f"{name}: {_portable(cmd, bench.workdir)}" for name, cmd in sorted(bench.commands.items())
+    )
+    ports = ", ".join(
+        f"{mode} {' / '.join(str(port_of(mode, s)) for s in SERVICES)}" for mode in MODES
+    )
     text = f"""# Benchmarks
 
 Made by `make bench` (`scripts/bench.py`) on {time.strftime("%Y-%m-%d")}; it took
@@ -376,6 +391,9 @@ to nginx, per connection.
   {"--workers " + str(args.workers) if args.workers else "their default workers"}
 
 ## Commands
+
+`$WORK` is a temporary directory; `$PORT` is the front port of the mode
+measured (latency / throughput / http): {ports}.
 
 ```text
 {commands}
