@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint bpfproxy bench bench-ports clean
+.PHONY: setup run test lint bpfproxy bench bench-ports build-in-container clean
 
 setup:
 	@bash scripts/setup.sh
@@ -30,6 +30,13 @@ bench: setup
 # time 20,000-port map updates in a throwaway network namespace (needs root)
 bench-ports: setup
 	$(BIN)/python scripts/bench_ports.py
+
+# needs a Docker engine: build the image, then check bpfproxy can load its program in it
+build-in-container:
+	docker build -t tcpproxy .
+	docker run --rm --user root --network host --cap-add BPF --cap-add NET_ADMIN \
+		--cap-add SYS_RESOURCE -v /lib/modules:/lib/modules:ro -v /usr/src:/usr/src:ro \
+		--entrypoint bpfproxy tcpproxy --check
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -80,6 +80,7 @@ def command(
     worker_listener: int | None,
     splice: bool,
     log_level: str,
+    log_format: str,
 ) -> int:
     """Proxy TCP connections for every port of every app through ONE listening
     socket: an sk_lookup BPF program steers each configured port to it, and the
@@ -87,8 +88,8 @@ def command(
     CAP_NET_ADMIN), Linux 5.9+, bcc and kernel headers."""
     if worker is not None:  # started by a supervisor, which owns the BPF side
         return _run_worker(worker, worker_listener, config_path, drain_timeout,
-                           max_connections, splice, log_level)  # fmt: skip
-    setup_logging(log_level)
+                           max_connections, splice, log_level, log_format)  # fmt: skip
+    setup_logging(log_level, log_format=log_format)
     from bpfproxy.dispatcher import Dispatcher, SteeringError, check_environment, compile_check
 
     try:
@@ -135,10 +136,11 @@ def _run_worker(
     max_connections: int | None,
     splice: bool,
     log_level: str,
+    log_format: str,
 ) -> int:
     fd, index, count = parse_worker(worker)
     set_parent_death_signal()
-    setup_logging(log_level, prefix=f"[w{index}] ")
+    setup_logging(log_level, prefix=f"[w{index}] ", log_format=log_format)
     if listener_fd is None:
         raise click.UsageError("--worker needs --worker-listener")
     link = SupervisorLink(fd, index, count)

@@ -86,6 +86,7 @@ def command(
     worker: str | None,
     splice: bool,
     log_level: str,
+    log_format: str,
 ) -> int:
     """Proxy TCP connections: one listener per port of every app in the config,
     each connection relayed to one of its app's targets. The config is reloaded
@@ -93,7 +94,7 @@ def command(
     if worker is not None:  # started by a supervisor
         fd, index, count = parse_worker(worker)
         set_parent_death_signal()
-        setup_logging(log_level, prefix=f"[w{index}] ")
+        setup_logging(log_level, prefix=f"[w{index}] ", log_format=log_format)
         link = SupervisorLink(fd, index, count)
         config = link.initial_config()
         frontend = PortListeners(bind, reuse_port=True)
@@ -106,7 +107,7 @@ def command(
             )
         )  # fmt: skip
         return 0
-    setup_logging(log_level)
+    setup_logging(log_level, log_format=log_format)
     data, config = read_config(config_path)
     limit = fit_connection_limit(max_connections)
     if workers > 1:

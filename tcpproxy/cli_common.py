@@ -79,6 +79,11 @@ def common_options(prog: str) -> Callable[[F], F]:
                     show_default=True,
                     help="'debug' logs one line per connection.",
                 ),
+                click.option(
+                    "--log-format", type=click.Choice(["text", "json"]), default="text",
+                    show_default=True,
+                    help="'json': one object a line, for log pipelines.",
+                ),
                 click.version_option(__version__, prog_name=prog),
             ]
         ):  # fmt: skip
@@ -121,10 +126,28 @@ def fit_connection_limit(wanted: int | None) -> int:
     return wanted
 
 
-def setup_logging(level: str, prefix: str = "") -> None:
-    """Log lines to stderr; `prefix` names a worker process ("[w1] ")."""
-    fmt = LOG_FORMAT.replace("%(message)s", prefix.replace("%", "%%") + "%(message)s")
-    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
+def setup_logging(level: str, prefix: str = "", log_format: str = "text") -> None:
+    """Log lines to stderr; `prefix` names a worker process ("[w1] ").
+
+    `json`: one JSON object a line (python-json-logger) with time, level,
+    message, and the structured fields a line carries (`conn`, `worker`).
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        static = {"worker": prefix.strip(" []")} if prefix else {}
+        handler.setFormatter(
+            JsonFormatter(
+                "%(asctime)s %(levelname)s %(message)s",
+                rename_fields={"asctime": "time", "levelname": "level"},
+                static_fields=static,
+            )
+        )
+    else:
+        fmt = LOG_FORMAT.replace("%(message)s", prefix.replace("%", "%%") + "%(message)s")
+        handler.setFormatter(logging.Formatter(fmt))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     logging.getLogger("watchfiles").setLevel(logging.WARNING)  # its debug lines are per poll
 
 
@@ -153,6 +176,7 @@ def worker_options(ctx_params: dict[str, Any], skip: set[str]) -> list[str]:
         "drain_timeout": "--drain-timeout",
         "max_connections": "--max-connections",
         "log_level": "--log-level",
+        "log_format": "--log-format",
         "bind": "--bind",
     }
     options: list[str] = []

@@ -16,6 +16,7 @@ Limits:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import socket
 import time
@@ -67,6 +68,8 @@ class Proxy:
       connections: the nursery that owns every connection task; it outlives
         listeners, so connections drain after their listener stops.
       max_connections: this process's limit of open connections.
+      id_prefix: starts every connection id (a worker's "w1-"), so ids are
+        unique across the workers' logs.
       share: how many worker processes share the apps' MaxConnections (each
         enforces its part, rounded up).
       resolver: host name resolution (a fresh one when omitted).
@@ -80,6 +83,7 @@ class Proxy:
         *,
         max_connections: int,
         share: int = 1,
+        id_prefix: str = "",
         resolver: Resolver | None = None,
         use_splice: bool = True,
     ) -> None:
@@ -88,6 +92,8 @@ class Proxy:
         self._use_splice = use_splice
         self.max_connections = max_connections
         self._share = share
+        self._ids = itertools.count(1)  # connection ids, for every log line about one
+        self._id_prefix = id_prefix
         self.slots = trio.Semaphore(max_connections)  # taken by accept loops, given back here
         self.health = HealthMonitor(HealthBook(), self._resolver)
         self.active: Counter[Target] = Counter()  # open connections per target
@@ -137,7 +143,9 @@ class Proxy:
         """
         app = self._routes.get(port)
         if app is None:  # steered or queued before its port was removed
-            log.debug("conn %s port=%d: no app for this port; closing", format_peer(peer), port)
+            cid = f"{self._id_prefix}{next(self._ids)}"
+            log.debug("conn %s client=%s port=%d: no app for this port; closing",
+                      cid, format_peer(peer), port, extra={"conn": cid})  # fmt: skip
             client.close()
             self.slots.release()
             return
@@ -157,9 +165,12 @@ class Proxy:
             )  # fmt: skip
         self.active_total += 1
         self.active_by_app[name] += 1
-        self._connections.start_soon(self._serve, client, port, peer, app, name="conn")
+        cid = f"{self._id_prefix}{next(self._ids)}"
+        self._connections.start_soon(self._serve, client, port, peer, app, cid, name="conn")
 
-    async def _serve(self, client: socket.socket, port: int, peer: tuple, app: AppRuntime) -> None:
+    async def _serve(
+        self, client: socket.socket, port: int, peer: tuple, app: AppRuntime, cid: str
+    ) -> None:
         started = time.monotonic()
         stats = RelayStats()
         target: Target | None = None
@@ -178,16 +189,26 @@ class Proxy:
                     )  # fmt: skip
                 except TargetUnavailable as exc:
                     reason = "no-target"
-                    log.warning("conn %s port=%d: %s", format_peer(peer), port, exc)
+                    log.warning("conn %s client=%s port=%d: %s", cid, format_peer(peer), port,
+                                exc, extra={"conn": cid})  # fmt: skip
                     return
                 except ResourceExhausted as exc:
                     reason = "no-resources"
                     self._warn_limit(
-                        "resources", "conn %s port=%d: %s", format_peer(peer), port, exc
+                        "resources",
+                        "conn %s client=%s port=%d: %s",
+                        cid,
+                        format_peer(peer),
+                        port,
+                        exc,
                     )
                     return
                 if failures:
                     failed = (failed or []) + [str(t) for t, _ in failures]
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("conn %s client=%s port=%d app=%s: connected to %s",
+                              cid, format_peer(peer), port, cfg.name, target,
+                              extra={"conn": cid})  # fmt: skip
                 health.connect_ok(target)
                 self.active[target] += 1
                 try:
@@ -217,7 +238,8 @@ class Proxy:
                 reason = f"{reason} ({stats.error})"
         except Exception:  # a bug must cost one connection, not the proxy
             reason = "internal-error"
-            log.exception("conn %s port=%d: internal error", format_peer(peer), port)
+            log.exception("conn %s client=%s port=%d: internal error", cid, format_peer(peer),
+                          port, extra={"conn": cid})  # fmt: skip
         finally:
             self.active_total -= 1
             self.active_by_app[cfg.name] -= 1
@@ -231,8 +253,9 @@ class Proxy:
                 target_sock.close()
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
-                    "conn %s port=%d app=%s target=%s up=%d down=%d duration=%.3fs end=%s%s",
-                    format_peer(peer), port, cfg.name, target or "-",
+                    "conn %s client=%s port=%d app=%s target=%s up=%d down=%d duration=%.3fs "
+                    "end=%s%s", cid, format_peer(peer), port, cfg.name, target or "-",
                     stats.up, stats.down, time.monotonic() - started, reason,
                     f" failed-first={','.join(failed)}" if failed else "",
+                    extra={"conn": cid},
                 )  # fmt: skip

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -29,6 +30,7 @@ import trio
 from tcpproxy.config import Config, ConfigError, parse_config, read_config_bytes
 from tcpproxy.diff import diff_configs, format_ports
 from tcpproxy.errors import StartupError
+from tcpproxy.notify import Notifier
 from tcpproxy.proxy import Proxy
 from tcpproxy.watch import watch_config
 
@@ -80,10 +82,19 @@ class Reloader:
         to reject it.
     """
 
-    def __init__(self, path: Path, data: bytes, current: Callable[[], Config], apply: ApplyFn):
+    def __init__(
+        self,
+        path: Path,
+        data: bytes,
+        current: Callable[[], Config],
+        apply: ApplyFn,
+        notifier: Notifier | None = None,
+    ) -> None:
         self._path = path
         self._current = current
         self._apply = apply
+        self._notifier = notifier or Notifier({})
+        self.last = "none"  # the last reload's outcome, for status lines
         self._last_seen = data  # contents of the last file read, applied or not
         self._send, self._receive = trio.open_memory_channel[str](1)
         self.reloads = 0  # applied reloads, for tests and status
@@ -95,40 +106,49 @@ class Reloader:
         except trio.WouldBlock:  # one is pending already; it will read the newest file
             pass
 
-    async def run(self) -> None:
+    async def run(self, status: Callable[[], str] | None = None) -> None:
         async for why in self._receive:
-            await self._reload(why)
+            self._notifier.reloading()
+            outcome = None
+            try:
+                outcome = await self._reload(why)
+            finally:
+                if outcome is not None:
+                    self.last = f"{outcome} at {time.strftime('%H:%M:%S')}"
+                self._notifier.ready(status() if status else self.last)
 
-    async def _reload(self, why: str) -> None:
+    async def _reload(self, why: str) -> str | None:
+        """Returns "applied", "rejected", or None when nothing changed."""
         try:
             data = await trio.to_thread.run_sync(read_config_bytes, self._path)
         except ConfigError as exc:
             self.rejected += 1
             log.error("reload (%s) rejected, keeping the running config: %s", why, exc)
-            return
+            return "rejected"
         forced = why == "SIGHUP"
         if data == self._last_seen and not forced:
-            return  # an event that did not change the contents
+            return None  # an event that did not change the contents
         self._last_seen = data
         try:
             new = await trio.to_thread.run_sync(parse_config, data, str(self._path))
         except ConfigError as exc:
             self.rejected += 1
             log.error("reload (%s) rejected, keeping the running config: %s", why, exc)
-            return
+            return "rejected"
         old = self._current()
         diff = diff_configs(old, new)
         if diff.empty:
             log.info("reload (%s): config %s has no changes", why, digest(data))
-            return
+            return None
         try:
             await self._apply(old, new)
         except StartupError as exc:
             self.rejected += 1
             log.error("reload (%s) rejected, keeping the running config: %s", why, exc)
-            return
+            return "rejected"
         self.reloads += 1
         log.info("reload (%s): config %s applied: %s", why, digest(data), diff.summary())
+        return "applied"
 
 
 def apply_locally(proxy: Proxy, frontend: Frontend) -> ApplyFn:
@@ -171,12 +191,21 @@ async def run_service(
             with cut_connections:
                 async with trio.open_nursery() as connections:
                     share = supervisor.count if supervisor is not None else 1
+                    prefix = f"w{supervisor.index}-" if supervisor is not None else ""
                     proxy = Proxy(
                         config, connections, max_connections=max_connections, share=share,
-                        use_splice=use_splice,
+                        id_prefix=prefix, use_splice=use_splice,
                     )  # fmt: skip
                     apply = apply_locally(proxy, frontend)
-                    reloader = Reloader(path, data, lambda: proxy.config, apply)
+                    notifier = Notifier()
+                    reloader = Reloader(path, data, lambda: proxy.config, apply, notifier)
+
+                    def status() -> str:
+                        return (
+                            f"{len(proxy.config.apps)} apps, {len(proxy.config.ports)} ports, "
+                            f"{proxy.active_total} active connections, last reload: {reloader.last}"
+                        )
+
                     on_hup = reloader.request if supervisor is None else _ignore
                     outer.start_soon(
                         _handle_signals, signals, on_hup, stop_accepting, cut_connections
@@ -187,7 +216,7 @@ async def run_service(
                             await control.start(frontend.serve, proxy)
                             if supervisor is None:
                                 await control.start(watch_config, path, reloader.request)
-                                control.start_soon(reloader.run)
+                                control.start_soon(reloader.run, status)
                             else:
                                 control.start_soon(supervisor.follow, lambda: proxy.config, apply)
                             log.info(
@@ -197,8 +226,11 @@ async def run_service(
                                 digest(data) if supervisor is None else "from the supervisor",
                                 max_connections,
                             )  # fmt: skip
+                            notifier.ready(status())
+                            outer.start_soon(notifier.watchdog, status)  # pings while draining too
                             task_status.started(proxy)
                     # accepting has stopped and every listener is closed
+                    notifier.stopping(status())
                     if proxy.active_total:
                         log.info("draining %d connections for up to %gs",
                                  proxy.active_total, drain_timeout)  # fmt: skip

@@ -43,6 +43,7 @@ import trio
 from tcpproxy.config import Config
 from tcpproxy.diff import format_ports
 from tcpproxy.errors import StartupError
+from tcpproxy.notify import Notifier, child_environment
 from tcpproxy.service import Reloader, digest
 from tcpproxy.watch import watch_config
 
@@ -182,7 +183,15 @@ class Supervisor:
 
         Raises StartupError when a worker cannot start (the others are stopped).
         """
-        reloader = Reloader(self._path, self._data, lambda: self.config, self._apply)
+        notifier = Notifier()
+        reloader = Reloader(self._path, self._data, lambda: self.config, self._apply, notifier)
+
+        def status() -> str:
+            return (
+                f"{len(self._workers)} workers, {len(self.config.apps)} apps, "
+                f"{len(self.config.ports)} ports, last reload: {reloader.last}"
+            )
+
         startup_error: StartupError | None = None
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
@@ -199,7 +208,9 @@ class Supervisor:
                     for worker in self._workers:
                         nursery.start_soon(self._watch_worker, worker)
                     await nursery.start(watch_config, self._path, reloader.request)
-                    nursery.start_soon(reloader.run)
+                    nursery.start_soon(reloader.run, status)
+                    notifier.ready(status())
+                    nursery.start_soon(notifier.watchdog, status)
                     log.info(
                         "%s started: %d workers, %d apps, ports %s, config %s",
                         self._plan.name, len(self._workers), len(self.config.apps),
@@ -212,6 +223,7 @@ class Supervisor:
                         log.info("%s: stopping %d workers", signal.Signals(signum).name,
                                  len(self._workers))  # fmt: skip
                         nursery.start_soon(self._forward_later_signals, signals)
+                        notifier.stopping(status())
                         await self._stop_and_wait(signum)
                         break
                     nursery.cancel_scope.cancel()
@@ -270,7 +282,10 @@ class Supervisor:
         argv, fds = self._plan.worker_argv(worker.index, theirs.fileno())
         try:
             process = await trio.lowlevel.open_process(
-                argv, pass_fds=(theirs.fileno(), *fds), stdin=subprocess.DEVNULL
+                argv,
+                pass_fds=(theirs.fileno(), *fds),
+                stdin=subprocess.DEVNULL,
+                env=child_environment(),  # systemd talks to the supervisor only
             )
         finally:
             theirs.close()

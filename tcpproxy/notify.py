@@ -1,0 +1,94 @@
+"""systemd's notify protocol (sd_notify), without libsystemd.
+
+`Type=notify` services tell systemd when they are ready, reloading or
+stopping, a one-line status, and watchdog pings. The protocol is one
+datagram per message to the unix socket named by $NOTIFY_SOCKET; with no
+such variable (not under systemd) every call does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping
+
+import trio
+
+__all__ = ["Notifier"]
+
+log = logging.getLogger("tcpproxy")
+
+
+class Notifier:
+    """Sends sd_notify messages; a no-op outside systemd.
+
+    Error handling: a failed send is logged once and otherwise ignored: the
+    proxy must not stop serving because systemd's socket went away.
+    """
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        env = os.environ if environ is None else environ
+        path = env.get("NOTIFY_SOCKET", "")
+        self._address: str | bytes | None = None
+        if path.startswith("@"):  # abstract namespace
+            self._address = "\0" + path[1:]
+        elif path.startswith("/"):
+            self._address = path
+        usec = env.get("WATCHDOG_USEC", "")
+        pid = env.get("WATCHDOG_PID", "")
+        mine = not pid or pid == str(os.getpid())
+        self.watchdog_interval = int(usec) / 1e6 / 2 if usec.isdigit() and mine else None
+        self._sock: socket.socket | None = None
+        self._warned = False
+
+    @property
+    def enabled(self) -> bool:
+        return self._address is not None
+
+    def send(self, *lines: str) -> None:
+        if self._address is None:
+            return
+        try:
+            if self._sock is None:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._sock.sendto("\n".join(lines).encode(), self._address)
+        except OSError as exc:
+            if not self._warned:
+                self._warned = True
+                log.warning("sd_notify failed: %s", exc)
+
+    def ready(self, status: str) -> None:
+        self.send("READY=1", f"STATUS={status}")
+
+    def reloading(self) -> None:
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.send("RELOADING=1", f"MONOTONIC_USEC={usec}")
+
+    def stopping(self, status: str) -> None:
+        self.send("STOPPING=1", f"STATUS={status}")
+
+    def status(self, status: str) -> None:
+        self.send(f"STATUS={status}")
+
+    async def watchdog(self, status: Callable[[], str] | None = None) -> None:
+        """Ping at half of WATCHDOG_USEC, for as long as the event loop runs it."""
+        if self.watchdog_interval is None or not self.enabled:
+            return
+        while True:
+            self.send("WATCHDOG=1", *([f"STATUS={status()}"] if status else []))
+            await trio.sleep(self.watchdog_interval)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def child_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A worker's environment: systemd talks to the supervisor only."""
+    env = dict(os.environ if environ is None else environ)
+    for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        env.pop(key, None)
+    return env
