@@ -16,6 +16,7 @@ from bpfproxy.steered import SharedListener, SteeredListener, check_listen_port
 from tcpproxy.cli_common import (
     common_options,
     fit_connection_limit,
+    metrics_for,
     parse_worker,
     read_config,
     run_cli,
@@ -75,6 +76,7 @@ def command(
     check: bool,
     drain_timeout: float,
     max_connections: int | None,
+    metrics_address: str | None,
     workers: int,
     worker: str | None,
     worker_listener: int | None,
@@ -109,18 +111,21 @@ def command(
                 plan = BpfPlan(bind, listen_port, options, workers)
                 stack.callback(plan.close)
                 plan.steer(config)
-                trio.run(Supervisor(plan, config_path, data, config, workers).run)
+                supervisor = Supervisor(plan, config_path, data, config, workers, metrics_address)
+                trio.run(supervisor.run)
                 return 0
             listener = open_listener(bind, listen_port)
             stack.callback(listener.close)
             dispatcher = Dispatcher(listener)
             stack.callback(dispatcher.close)  # runs before listener.close: unsteer first
-            frontend = SteeredListener(listener, dispatcher, listen_port)
+            metrics, address = metrics_for(metrics_address)
+            frontend = SteeredListener(listener, dispatcher, listen_port, metrics)
             frontend.steer(config)
             trio.run(
                 lambda: run_service(
                     config_path, data, config, frontend, drain_timeout=drain_timeout,
-                    max_connections=limit, use_splice=splice,
+                    max_connections=limit, use_splice=splice, metrics=metrics,
+                    metrics_address=address,
                 )
             )  # fmt: skip
     except SteeringError as exc:
@@ -148,10 +153,11 @@ def _run_worker(
     listener = socket.socket(fileno=listener_fd)
     listener.setblocking(False)
     limit = fit_connection_limit(max_connections)
+    metrics, _ = metrics_for(None, worker=True)
     trio.run(
         lambda: run_service(
             config_path, b"", config, SharedListener(listener), drain_timeout=drain_timeout,
-            max_connections=limit, use_splice=splice, supervisor=link,
+            max_connections=limit, use_splice=splice, supervisor=link, metrics=metrics,
         )
     )  # fmt: skip
     return 0

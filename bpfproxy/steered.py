@@ -13,6 +13,7 @@ from tcpproxy.config import Config
 from tcpproxy.diff import format_ports
 from tcpproxy.errors import StartupError
 from tcpproxy.listeners import accept_loop
+from tcpproxy.metrics import NullMetrics
 from tcpproxy.proxy import Proxy
 
 __all__ = ["SharedListener", "SteeredListener", "check_listen_port"]
@@ -64,9 +65,16 @@ class SteeredListener(SharedListener):
 
     name = "bpfproxy"
 
-    def __init__(self, listener: socket.socket, dispatcher: Dispatcher, listen_port: int) -> None:
+    def __init__(
+        self,
+        listener: socket.socket,
+        dispatcher: Dispatcher,
+        listen_port: int,
+        metrics: NullMetrics | None = None,
+    ) -> None:
         super().__init__(listener)
         self._dispatcher = dispatcher
+        self._metrics = metrics or NullMetrics()
         self._listen_port = listen_port
 
     def steer(self, config: Config) -> None:
@@ -77,6 +85,7 @@ class SteeredListener(SharedListener):
         except SteeringError as exc:
             raise StartupError(f"port map: {exc}") from None
         elapsed = (time.perf_counter() - started) * 1000
+        self._metrics.steered_ports(len(self._dispatcher.ports))
         if added or removed:
             log.info(
                 "port map: %d ports steered (added %s; removed %s) in %.1f ms",

@@ -12,6 +12,7 @@ import trio
 from tcpproxy.cli_common import (
     common_options,
     fit_connection_limit,
+    metrics_for,
     parse_worker,
     read_config,
     run_cli,
@@ -82,6 +83,7 @@ def command(
     bind: str | None,
     drain_timeout: float,
     max_connections: int | None,
+    metrics_address: str | None,
     workers: int,
     worker: str | None,
     splice: bool,
@@ -100,10 +102,11 @@ def command(
         frontend = PortListeners(bind, reuse_port=True)
         frontend.open(config)
         limit = fit_connection_limit(max_connections)
+        metrics, _ = metrics_for(None, worker=True)
         trio.run(
             lambda: run_service(
                 config_path, b"", config, frontend, drain_timeout=drain_timeout,
-                max_connections=limit, use_splice=splice, supervisor=link,
+                max_connections=limit, use_splice=splice, supervisor=link, metrics=metrics,
             )
         )  # fmt: skip
         return 0
@@ -113,14 +116,16 @@ def command(
     if workers > 1:
         plan = TcpPlan(bind, _options(ctx, math.ceil(limit / workers)), workers)
         plan.check(Config(apps=()), config)
-        trio.run(Supervisor(plan, config_path, data, config, workers).run)
+        supervisor = Supervisor(plan, config_path, data, config, workers, metrics_address)
+        trio.run(supervisor.run)
         return 0
+    metrics, address = metrics_for(metrics_address)
     frontend = PortListeners(bind)
     frontend.open(config)
     trio.run(
         lambda: run_service(
             config_path, data, config, frontend, drain_timeout=drain_timeout,
-            max_connections=limit, use_splice=splice,
+            max_connections=limit, use_splice=splice, metrics=metrics, metrics_address=address,
         )
     )  # fmt: skip
     return 0

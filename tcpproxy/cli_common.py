@@ -60,6 +60,11 @@ def common_options(prog: str) -> Callable[[F], F]:
                     "or fewer if the descriptor limit allows fewer (6 per connection)]",
                 ),
                 click.option(
+                    "--metrics", "metrics_address", metavar="ADDRESS:PORT", default=None,
+                    help="Serve Prometheus /metrics and /status (JSON; /status.txt for "
+                    "people) there, e.g. 127.0.0.1:9100.  [default: off]",
+                ),
+                click.option(
                     "--workers", type=click.IntRange(min=1), metavar="N",
                     default=DEFAULT_WORKERS, show_default=True,
                     help="Worker processes (a Python event loop uses one core). With more "
@@ -187,6 +192,23 @@ def worker_options(ctx_params: dict[str, Any], skip: set[str]) -> list[str]:
         options += [flag, str(value)]
     options.append("--splice" if ctx_params.get("splice", True) else "--no-splice")
     return options
+
+
+def metrics_for(address: str | None, *, worker: bool = False) -> tuple[Any, Any]:
+    """(metrics, (host, port) or None) for a single process or a worker.
+
+    A worker counts only when its supervisor set PROMETHEUS_MULTIPROC_DIR
+    (it serves the sum); a single process counts when it serves.
+    """
+    import os
+
+    from tcpproxy.metrics import Metrics, parse_address
+
+    if worker:
+        return (Metrics() if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else None), None
+    if address is None:
+        return None, None
+    return Metrics(), parse_address(address)
 
 
 def run_cli(prog: str, command: click.Command, argv: Sequence[str] | None) -> int:

@@ -12,6 +12,7 @@ import trio
 from tcpproxy.config import Config, HealthCheck, Target
 from tcpproxy.connect import LOCAL_ERRNOS, connect_target, describe_error
 from tcpproxy.health import BACKOFF_INITIAL, HealthBook
+from tcpproxy.metrics import NullMetrics
 from tcpproxy.resolve import Resolver
 
 __all__ = ["HealthMonitor", "probe"]
@@ -42,9 +43,10 @@ class HealthMonitor:
     reload cancels the active checks of targets that left the config.
     """
 
-    def __init__(self, book: HealthBook, resolver: Resolver) -> None:
+    def __init__(self, book: HealthBook, resolver: Resolver, metrics: NullMetrics) -> None:
         self.book = book
         self._resolver = resolver
+        self._metrics = metrics
         self._nursery: trio.Nursery | None = None
         self._recovering: set[Target] = set()
         self._checks: dict[tuple[Target, HealthCheck], trio.CancelScope] = {}
@@ -69,6 +71,7 @@ class HealthMonitor:
         message = self.book.connect_ok(target)
         if message:
             log.info("%s", message)
+            self._metrics.target_state(target, True)
 
     def connect_failed_now(self, target: Target, why: str) -> None:
         """A client's connect failed (probed again with the default timeout)."""
@@ -79,6 +82,7 @@ class HealthMonitor:
         if message is None:
             return
         log.warning("%s; probing it again in %gs", message, BACKOFF_INITIAL)
+        self._metrics.target_state(target, False)
         if self._nursery is not None and target not in self._recovering:
             self._recovering.add(target)
             self._nursery.start_soon(self._recover, target, timeout)
@@ -95,6 +99,7 @@ class HealthMonitor:
                 message = self.book.probe_result(target, ok, trio.current_time(), why=why)
                 if message:
                     log.info("%s", message)
+                    self._metrics.target_state(target, not self.book.is_down(target))
         finally:
             self._recovering.discard(target)
 
@@ -103,7 +108,10 @@ class HealthMonitor:
     def apply(self, config: Config) -> None:
         """Run active checks for exactly the (target, HealthCheck) pairs of `config`."""
         self._config = config
-        self.book.retain({t for app in config.apps for t in app.targets})
+        targets = {t for app in config.apps for t in app.targets}
+        self.book.retain(targets)
+        for target in targets:
+            self._metrics.target_state(target, not self.book.is_down(target))
         if self._nursery is None:
             return
         wanted = {
@@ -130,4 +138,5 @@ class HealthMonitor:
                     )
                     if message:
                         log.warning("%s (health check)", message)
+                        self._metrics.target_state(target, not self.book.is_down(target))
                 await trio.sleep(check.interval)

@@ -22,14 +22,17 @@ import socket
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
 from tcpproxy.balance import Balancer
 from tcpproxy.config import AppConfig, Config, Target
 from tcpproxy.connect import open_target
+from tcpproxy.diff import format_ports
 from tcpproxy.errors import ResourceExhausted, TargetUnavailable
 from tcpproxy.health import HealthBook
+from tcpproxy.metrics import NullMetrics
 from tcpproxy.monitor import HealthMonitor
 from tcpproxy.resolve import Resolver
 from tcpproxy.splice import EndReason, RelayStats, abort, relay
@@ -84,6 +87,7 @@ class Proxy:
         max_connections: int,
         share: int = 1,
         id_prefix: str = "",
+        metrics: NullMetrics | None = None,
         resolver: Resolver | None = None,
         use_splice: bool = True,
     ) -> None:
@@ -95,7 +99,8 @@ class Proxy:
         self._ids = itertools.count(1)  # connection ids, for every log line about one
         self._id_prefix = id_prefix
         self.slots = trio.Semaphore(max_connections)  # taken by accept loops, given back here
-        self.health = HealthMonitor(HealthBook(), self._resolver)
+        self.metrics = metrics or NullMetrics()
+        self.health = HealthMonitor(HealthBook(), self._resolver, self.metrics)
         self.active: Counter[Target] = Counter()  # open connections per target
         self.active_by_app: Counter[str] = Counter()
         self.active_total = 0
@@ -126,6 +131,27 @@ class Proxy:
         self.config = config
         self.health.apply(config)
 
+    def status(self) -> dict[str, Any]:
+        """A snapshot for /status: apps, ports, targets with health, connections."""
+        book = self.health.book
+        apps = []
+        for app in self.config.apps:
+            apps.append({
+                "name": app.name,
+                "ports": format_ports(app.ports),
+                "active": self.active_by_app.get(app.name, 0),
+                "targets": [
+                    {
+                        "address": str(t),
+                        "state": "down" if book.is_down(t) else "up",
+                        "reason": book.get(t).reason if book.is_down(t) else "",
+                        "active": self.active.get(t, 0),
+                    }
+                    for t in app.targets
+                ],
+            })  # fmt: skip
+        return {"active_connections": self.active_total, "apps": apps}
+
     def route(self, port: int) -> AppRuntime | None:
         return self._routes.get(port)
 
@@ -148,6 +174,7 @@ class Proxy:
                       cid, format_peer(peer), port, extra={"conn": cid})  # fmt: skip
             client.close()
             self.slots.release()
+            self.metrics.rejected("-", "no-route")
             return
         name = app.config.name
         if self.active_by_app[name] * self._share >= app.config.max_connections:
@@ -157,12 +184,14 @@ class Proxy:
             )  # fmt: skip
             abort(client)
             self.slots.release()
+            self.metrics.rejected(name, "over-limit")
             return
         if self.slots.value == 0:
             self._warn_limit(
                 "", "max-connections (%d) reached; new connections wait in the listen queue",
                 self.max_connections,
             )  # fmt: skip
+        self.metrics.accepted(name)
         self.active_total += 1
         self.active_by_app[name] += 1
         cid = f"{self._id_prefix}{next(self._ids)}"
@@ -176,12 +205,14 @@ class Proxy:
         target: Target | None = None
         target_sock: socket.socket | None = None
         reason = "cancelled"
+        metrics = self.metrics
         cfg = app.config
         failed: list[str] | None = None  # targets tried in vain before the one that answered
         health = self.health
         try:
             order = app.balancer.order(health.book.is_down)
             while True:
+                connecting = time.monotonic()
                 try:
                     target_sock, target, failures = await open_target(
                         cfg.name, order, self._resolver, cfg.connect_timeout,
@@ -210,6 +241,7 @@ class Proxy:
                               cid, format_peer(peer), port, cfg.name, target,
                               extra={"conn": cid})  # fmt: skip
                 health.connect_ok(target)
+                metrics.connected(cfg.name, target, time.monotonic() - connecting)
                 self.active[target] += 1
                 try:
                     await relay(
@@ -225,6 +257,7 @@ class Proxy:
                     break
                 # The target failed before any byte moved: the client never knew it.
                 failed = [*(failed or []), f"{target}({stats.error.lower()})"]
+                metrics.ended(cfg.name, target, "target-early-error", 0, 0)
                 target_sock.close()
                 target_sock = None
             reason = stats.reason.value
@@ -251,6 +284,7 @@ class Proxy:
             client.close()
             if target_sock is not None:
                 target_sock.close()
+            metrics.ended(cfg.name, target, reason.split(" ", 1)[0], stats.up, stats.down)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "conn %s client=%s port=%d app=%s target=%s up=%d down=%d duration=%.3fs "

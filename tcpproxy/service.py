@@ -19,17 +19,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
 from tcpproxy.config import Config, ConfigError, parse_config, read_config_bytes
 from tcpproxy.diff import diff_configs, format_ports
 from tcpproxy.errors import StartupError
+from tcpproxy.metrics import NullMetrics, serve_http
 from tcpproxy.notify import Notifier
 from tcpproxy.proxy import Proxy
 from tcpproxy.watch import watch_config
@@ -89,11 +91,15 @@ class Reloader:
         current: Callable[[], Config],
         apply: ApplyFn,
         notifier: Notifier | None = None,
+        metrics: NullMetrics | None = None,
     ) -> None:
         self._path = path
         self._current = current
         self._apply = apply
         self._notifier = notifier or Notifier({})
+        self._metrics = metrics or NullMetrics()
+        self.digest = digest(data)  # of the config in force
+        self.loaded_at = time.time()
         self.last = "none"  # the last reload's outcome, for status lines
         self._last_seen = data  # contents of the last file read, applied or not
         self._send, self._receive = trio.open_memory_channel[str](1)
@@ -123,6 +129,7 @@ class Reloader:
             data = await trio.to_thread.run_sync(read_config_bytes, self._path)
         except ConfigError as exc:
             self.rejected += 1
+            self._metrics.reload(False)
             log.error("reload (%s) rejected, keeping the running config: %s", why, exc)
             return "rejected"
         forced = why == "SIGHUP"
@@ -133,6 +140,7 @@ class Reloader:
             new = await trio.to_thread.run_sync(parse_config, data, str(self._path))
         except ConfigError as exc:
             self.rejected += 1
+            self._metrics.reload(False)
             log.error("reload (%s) rejected, keeping the running config: %s", why, exc)
             return "rejected"
         old = self._current()
@@ -144,9 +152,13 @@ class Reloader:
             await self._apply(old, new)
         except StartupError as exc:
             self.rejected += 1
+            self._metrics.reload(False)
             log.error("reload (%s) rejected, keeping the running config: %s", why, exc)
             return "rejected"
         self.reloads += 1
+        self.digest, self.loaded_at = digest(data), time.time()
+        self._metrics.reload(True)
+        self._metrics.config_loaded(self.digest)
         log.info("reload (%s): config %s applied: %s", why, digest(data), diff.summary())
         return "applied"
 
@@ -172,6 +184,8 @@ async def run_service(
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     use_splice: bool = True,
     supervisor: SupervisorLink | None = None,
+    metrics: NullMetrics | None = None,
+    metrics_address: tuple[str, int] | None = None,
     task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `config` through `frontend` until SIGTERM/SIGINT, then drain.
@@ -183,7 +197,11 @@ async def run_service(
       drain_timeout: seconds connections may take to finish after a stop.
       supervisor: set in a worker process: configs come from the supervisor
         (which watches the file and validates once), not from the file.
+      metrics: where to count (NullMetrics: nowhere).
+      metrics_address: serve /metrics and /status there (not in workers:
+        their supervisor serves the sum).
     """
+    metrics = metrics or NullMetrics()
     stop_accepting = trio.CancelScope()
     cut_connections = trio.CancelScope()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -194,11 +212,13 @@ async def run_service(
                     prefix = f"w{supervisor.index}-" if supervisor is not None else ""
                     proxy = Proxy(
                         config, connections, max_connections=max_connections, share=share,
-                        id_prefix=prefix, use_splice=use_splice,
+                        id_prefix=prefix, metrics=metrics, use_splice=use_splice,
                     )  # fmt: skip
                     apply = apply_locally(proxy, frontend)
                     notifier = Notifier()
-                    reloader = Reloader(path, data, lambda: proxy.config, apply, notifier)
+                    reloader = Reloader(path, data, lambda: proxy.config, apply, notifier, metrics)
+                    if supervisor is None:
+                        metrics.config_loaded(reloader.digest)
 
                     def status() -> str:
                         return (
@@ -210,6 +230,27 @@ async def run_service(
                     outer.start_soon(
                         _handle_signals, signals, on_hup, stop_accepting, cut_connections
                     )
+                    if metrics_address is not None:
+                        token = trio.lowlevel.current_trio_token()
+
+                        def snapshot() -> dict:
+                            return {
+                                "binary": frontend.name,
+                                "pid": os.getpid(),
+                                "config": {
+                                    "path": str(path),
+                                    "hash": reloader.digest,
+                                    "loaded": _iso(reloader.loaded_at),
+                                },
+                                "last_reload": reloader.last,
+                                **proxy.status(),
+                            }
+
+                        server = serve_http(
+                            *metrics_address,
+                            lambda: trio.from_thread.run_sync(snapshot, trio_token=token),
+                        )
+                        outer.start_soon(_shut_down_on_exit, server)
                     with stop_accepting:
                         async with trio.open_nursery() as control:
                             await control.start(proxy.health.run)
@@ -239,6 +280,19 @@ async def run_service(
                 log.warning("closed %d connections still open at shutdown", proxy.active_total)
             outer.cancel_scope.cancel()
     log.info("%s stopped", frontend.name)
+
+
+def _iso(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(timestamp))
+
+
+async def _shut_down_on_exit(server: Any) -> None:
+    """Stop the metrics server thread when the service ends (this task is cancelled)."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        server.shutdown()  # returns within its poll interval (0.5 s)
+        server.server_close()
 
 
 def _ignore(why: str) -> None:

@@ -28,10 +28,13 @@ import ctypes
 import logging
 import os
 import pickle
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -168,7 +171,15 @@ class Supervisor:
     return every worker has exited.
     """
 
-    def __init__(self, plan: Plan, path: Path, data: bytes, config: Config, workers: int) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        path: Path,
+        data: bytes,
+        config: Config,
+        workers: int,
+        metrics_address: str | None = None,
+    ) -> None:
         self._plan = plan
         self._path = path
         self._data = data
@@ -177,6 +188,7 @@ class Supervisor:
         self._stopping = False
         self._lock = trio.Lock()  # one reload or respawn at a time
         self._nursery: trio.Nursery | None = None
+        self._metrics_address = metrics_address
 
     async def run(self) -> None:
         """Serve until SIGTERM/SIGINT and every worker has exited.
@@ -184,7 +196,79 @@ class Supervisor:
         Raises StartupError when a worker cannot start (the others are stopped).
         """
         notifier = Notifier()
-        reloader = Reloader(self._path, self._data, lambda: self.config, self._apply, notifier)
+        metrics_dir, metrics, server = None, None, None
+        if self._metrics_address is not None:
+            metrics_dir, metrics = self._start_metrics()
+        reloader = Reloader(
+            self._path, self._data, lambda: self.config, self._apply, notifier, metrics
+        )
+        if metrics is not None:
+            metrics.config_loaded(reloader.digest)
+            server = self._serve_metrics(metrics_dir, reloader)
+        try:
+            await self._run(notifier, reloader)
+        finally:
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+            if metrics_dir is not None:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
+
+    def _start_metrics(self) -> tuple[str, Any]:
+        """Workers write prometheus-client's multiprocess files; we serve their sum."""
+        from tcpproxy.metrics import Metrics, parse_address
+
+        assert self._metrics_address is not None
+        parse_address(self._metrics_address)  # a bad address fails before any worker starts
+        directory = tempfile.mkdtemp(prefix="tcpproxy-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory  # read by prometheus-client's import
+        return directory, Metrics()
+
+    def _serve_metrics(self, directory: str | None, reloader: Reloader) -> Any:
+        from tcpproxy.metrics import multiprocess_registry, parse_address, serve_http
+
+        assert directory is not None and self._metrics_address is not None
+        registry = multiprocess_registry(directory)
+
+        def status() -> dict[str, Any]:
+            active: dict[tuple[str, str], float] = {}
+            up: dict[str, float] = {}
+            for metric in registry.collect():
+                for sample in metric.samples:
+                    if sample.name == "tcpproxy_connections_active":
+                        key = (sample.labels["app"], sample.labels["target"])
+                        active[key] = active.get(key, 0) + sample.value
+                    elif sample.name == "tcpproxy_target_up":
+                        target = sample.labels["target"]
+                        up[target] = min(up.get(target, 1.0), sample.value)
+            config = self.config
+            return {
+                "binary": self._plan.name,
+                "pid": os.getpid(),
+                "workers": len(self._workers),
+                "config": {"path": str(self._path), "hash": reloader.digest,
+                           "loaded": time.strftime("%Y-%m-%dT%H:%M:%S%z",
+                                                   time.localtime(reloader.loaded_at))},
+                "last_reload": reloader.last,
+                "active_connections": int(sum(active.values())),
+                "apps": [
+                    {
+                        "name": app.name,
+                        "ports": format_ports(app.ports),
+                        "active": int(sum(v for (a, _), v in active.items() if a == app.name)),
+                        "targets": [
+                            {"address": str(t), "state": "up" if up.get(str(t), 1) else "down",
+                             "active": int(active.get((app.name, str(t)), 0))}
+                            for t in app.targets
+                        ],
+                    }
+                    for app in config.apps
+                ],
+            }  # fmt: skip
+
+        return serve_http(*parse_address(self._metrics_address), status, registry)
+
+    async def _run(self, notifier: Notifier, reloader: Reloader) -> None:
 
         def status() -> str:
             return (
@@ -261,6 +345,10 @@ class Supervisor:
             if self._stopping:
                 return
             self._plan.worker_died(worker.index)
+            if self._metrics_address is not None:
+                from tcpproxy.metrics import mark_dead
+
+                mark_dead(worker.process.pid)
             log.error("worker %d (pid %d) died (exit code %s); starting it again in %gs",
                       worker.index, worker.process.pid, code, RESPAWN_DELAY)  # fmt: skip
             await trio.sleep(RESPAWN_DELAY)

@@ -1,0 +1,257 @@
+"""Prometheus metrics and the /status endpoint (`--metrics ADDRESS:PORT`).
+
+prometheus-client does the exposition; this module names the metrics and
+keeps their labels bounded: app names, target addresses and end reasons come
+from the config and a fixed list, never from clients.
+
+With workers, each worker records into prometheus-client's multiprocess
+files (PROMETHEUS_MULTIPROC_DIR, set by the supervisor) and the supervisor
+serves the sum; a worker that dies is marked dead so its gauges drop out.
+
+The HTTP server runs in a thread (wsgiref). /status asks the event loop for
+a snapshot (trio.from_thread), so it never reads state mid-update.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from tcpproxy.errors import StartupError
+
+__all__ = ["END_REASONS", "Metrics", "NullMetrics", "parse_address", "serve_http"]
+
+log = logging.getLogger("tcpproxy")
+
+# Every value the `reason` label can take (bounded).
+END_REASONS = (
+    "done", "client-error", "target-error", "target-early-error", "idle-timeout",
+    "cancelled", "no-target", "no-resources", "internal-error", "over-limit", "no-route",
+)  # fmt: skip
+CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+def parse_address(value: str) -> tuple[str, int]:
+    """'127.0.0.1:9100', '[::1]:9100' or ':9100' (every address)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise StartupError(f"--metrics {value!r}: expected ADDRESS:PORT, e.g. 127.0.0.1:9100")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class NullMetrics:
+    """Metrics off: every call does nothing (the default)."""
+
+    def accepted(self, app: str) -> None: ...
+    def rejected(self, app: str, reason: str) -> None: ...
+    def connected(self, app: str, target: object, seconds: float) -> None: ...
+    def ended(self, app: str, target: object, reason: str, up: int, down: int) -> None: ...
+    def target_state(self, target: object, up: bool) -> None: ...
+    def reload(self, ok: bool) -> None: ...
+    def config_loaded(self, digest: str) -> None: ...
+    def steered_ports(self, count: int) -> None: ...
+
+
+class Metrics(NullMetrics):
+    """The proxy's metrics in a prometheus-client registry."""
+
+    def __init__(self, registry: Any = None) -> None:
+        from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+
+        reg = registry if registry is not None else REGISTRY
+        live = {"multiprocess_mode": "livesum"}
+        self._accepted = Counter(
+            "tcpproxy_connections_accepted",
+            "Connections accepted, per app",
+            ["app"],
+            registry=reg,
+        )
+        self._active = Gauge(
+            "tcpproxy_connections_active",
+            "Connections open now, per app and target",
+            ["app", "target"],
+            registry=reg,
+            **live,
+        )
+        self._ended = Counter(
+            "tcpproxy_connections_ended",
+            "Connections ended, per app, target and reason",
+            ["app", "target", "reason"],
+            registry=reg,
+        )
+        self._bytes = Counter(
+            "tcpproxy_bytes",
+            "Bytes relayed: up is client to target, down the reverse",
+            ["app", "target", "direction"],
+            registry=reg,
+        )
+        self._connect = Histogram(
+            "tcpproxy_connect_seconds",
+            "Time to connect to a target, per target",
+            ["target"],
+            buckets=CONNECT_BUCKETS,
+            registry=reg,
+        )
+        self._health = Gauge(
+            "tcpproxy_target_up",
+            "1 if a target is up, 0 if marked down",
+            ["target"],
+            registry=reg,
+            multiprocess_mode="liveall",
+        )
+        self._reloads = Counter(
+            "tcpproxy_config_reloads",
+            "Config reloads by result (ok, rejected)",
+            ["result"],
+            registry=reg,
+        )
+        self._config = Gauge(
+            "tcpproxy_config_info",
+            "The loaded config's hash (always 1)",
+            ["hash"],
+            registry=reg,
+            multiprocess_mode="liveall",
+        )
+        self._config_time = Gauge(
+            "tcpproxy_config_loaded_timestamp_seconds",
+            "When the config in force was loaded",
+            registry=reg,
+            multiprocess_mode="max",
+        )
+        self._steered = Gauge(
+            "tcpproxy_bpf_steered_ports", "Ports in bpfproxy's port map",
+            registry=reg, multiprocess_mode="max",
+        )  # fmt: skip
+        self._last_hash: str | None = None
+
+    def accepted(self, app: str) -> None:
+        self._accepted.labels(app).inc()
+
+    def rejected(self, app: str, reason: str) -> None:
+        self._accepted.labels(app).inc()
+        self._ended.labels(app, "-", reason).inc()
+
+    def connected(self, app: str, target: object, seconds: float) -> None:
+        self._connect.labels(str(target)).observe(seconds)
+        self._active.labels(app, str(target)).inc()
+
+    def ended(self, app: str, target: object, reason: str, up: int, down: int) -> None:
+        """`target` None: no target was connected."""
+        name = "-" if target is None else str(target)
+        self._ended.labels(app, name, reason).inc()
+        if target is not None:
+            self._active.labels(app, name).dec()
+            if up:
+                self._bytes.labels(app, name, "up").inc(up)
+            if down:
+                self._bytes.labels(app, name, "down").inc(down)
+
+    def target_state(self, target: object, up: bool) -> None:
+        self._health.labels(str(target)).set(1 if up else 0)
+
+    def reload(self, ok: bool) -> None:
+        self._reloads.labels("ok" if ok else "rejected").inc()
+
+    def config_loaded(self, digest: str) -> None:
+        import time
+
+        if self._last_hash is not None:
+            self._config.remove(self._last_hash)
+        self._last_hash = digest
+        self._config.labels(digest).set(1)
+        self._config_time.set(time.time())
+
+    def steered_ports(self, count: int) -> None:
+        self._steered.set(count)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _status_text(status: dict[str, Any]) -> str:
+    lines = [
+        f"{status['binary']}: {status.get('workers', 1)} process(es), "
+        f"{status['active_connections']} active connections",
+        f"config {status['config']['hash']} loaded {status['config']['loaded']}, "
+        f"last reload: {status['last_reload']}",
+    ]
+    for app in status["apps"]:
+        lines.append(f"app {app['name']}: ports {app['ports']}, {app['active']} active")
+        for target in app["targets"]:
+            lines.append(f"  {target['address']}: {target['state']}, {target['active']} active")
+    return "\n".join(lines) + "\n"
+
+
+def serve_http(
+    host: str, port: int, status: Callable[[], dict[str, Any]], registry: Any = None
+) -> WSGIServer:
+    """Serve /metrics, /status (JSON) and /status.txt in a daemon thread.
+
+    Raises StartupError when the address cannot be bound. The caller shuts
+    the returned server down.
+    """
+    from prometheus_client import REGISTRY, make_wsgi_app
+
+    metrics_app = make_wsgi_app(registry if registry is not None else REGISTRY)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path in ("/status", "/status.txt"):
+            try:
+                snapshot = status()
+            except Exception as exc:  # the loop is stopping: say so, do not crash the thread
+                start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+                return [f"status unavailable: {exc}\n".encode()]
+            if path == "/status":
+                body = json.dumps(snapshot, indent=2).encode() + b"\n"
+                content = "application/json"
+            else:
+                body, content = _status_text(snapshot).encode(), "text/plain; charset=utf-8"
+            start_response("200 OK", [("Content-Type", content)])
+            return [body]
+        if path == "/metrics":
+            return metrics_app(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"try /metrics, /status or /status.txt\n"]
+
+    family_server = WSGIServer
+    if ":" in host:
+        import socket
+
+        class _V6(WSGIServer):
+            address_family = socket.AF_INET6
+
+        family_server = _V6
+    try:
+        server = make_server(host, port, app, server_class=family_server,
+                             handler_class=_QuietHandler)  # fmt: skip
+    except OSError as exc:
+        raise StartupError(f"--metrics {host}:{port}: {exc.strerror or exc}") from None
+    thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+    thread.start()
+    log.info("metrics and status on http://%s:%d/metrics and /status", host, port)
+    return server
+
+
+def multiprocess_registry(directory: str) -> Any:
+    """The supervisor's registry: the sum of its workers' files."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=directory)
+    return registry
+
+
+def mark_dead(pid: int) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)

@@ -1,0 +1,112 @@
+"""Prometheus /metrics and /status, scraped from running proxies as traffic flows."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+
+from tests.deploy import Deployment, deployment
+from tests.helpers import TIMEOUT, app, free_ports, recv_line
+
+__all__ = ["deployment"]
+
+
+def scrape(d: Deployment, port: int, path: str = "/metrics") -> str:
+    """GET from inside the deployment's network (a namespace for bpfproxy)."""
+    sock = d.connect(port)
+    try:
+        sock.sendall(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    finally:
+        sock.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200"), head
+    return body.decode()
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_metrics_move_with_traffic(deployment: Deployment, workers: str) -> None:
+    d = deployment
+    a, b = d.backend("a"), d.backend("b")
+    port, metrics_port = d.ports(2)
+    proxy = d.start([app("A", [port], [a.address])],
+                    "--metrics", f"127.0.0.1:{metrics_port}", "--workers", workers)  # fmt: skip
+    if workers == "1":  # a worker sets its gauges on its first reload or state change
+        assert value(scrape(d, metrics_port), "tcpproxy_target_up", target=a.address) == 1
+    for _ in range(5):
+        assert d.exchange(port, b"12345") == b"a\n12345"
+    held = d.connect(port)
+    assert recv_line(held) == b"a\n"
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        text = scrape(d, metrics_port)
+        if value(text, "tcpproxy_connections_ended_total", app="A", reason="done") >= 5:
+            break
+        time.sleep(0.1)
+    assert value(text, "tcpproxy_connections_accepted_total", app="A") >= 6
+    assert value(text, "tcpproxy_connections_active", app="A", target=a.address) == 1
+    assert value(text, "tcpproxy_bytes_total", app="A", direction="up") == 25
+    assert value(text, "tcpproxy_bytes_total", app="A", direction="down") == 5 * 7
+    assert value(text, "tcpproxy_connect_seconds_count", target=a.address) >= 6
+    status = json.loads(scrape(d, metrics_port, "/status"))
+    assert status["active_connections"] == 1
+    assert status["apps"][0]["targets"][0] == {
+        **status["apps"][0]["targets"][0],
+        "address": a.address,
+        "state": "up",
+        "active": 1,
+    }
+    assert "app A: ports" in scrape(d, metrics_port, "/status.txt")
+    held.close()
+    old_hash = status["config"]["hash"]
+    mark = proxy.mark()
+    d.reconfigure([app("A", [port], [b.address])])
+    proxy.wait_for(r"INFO reload.*applied", start=mark)
+    text = scrape(d, metrics_port)
+    assert value(text, "tcpproxy_config_reloads_total", result="ok") == 1
+    new_status = json.loads(scrape(d, metrics_port, "/status"))
+    assert new_status["config"]["hash"] != old_hash
+    assert re.search(rf'tcpproxy_config_info\{{[^}}]*hash="{new_status["config"]["hash"]}"', text)
+
+
+def test_bad_metrics_address_is_a_startup_error(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    config = tmp_path / "c.json"
+    (port,) = free_ports(1)
+    config.write_text(json.dumps({"Apps": [app("A", [port], ["127.0.0.1:1"])]}))
+    out = subprocess.run([sys.executable, "-m", "tcpproxy", "-c", str(config),
+                          "--metrics", "nonsense"], capture_output=True, text=True,
+                         timeout=30, check=False)  # fmt: skip
+    assert out.returncode == 2 and "--metrics 'nonsense'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.bpf
+def test_bpfproxy_reports_steered_ports(tmp_path, netns) -> None:
+    d = Deployment("bpfproxy", tmp_path / "c.json", netns)
+    try:
+        a = d.backend("a")
+        metrics_port = 9100
+        d.start(
+            [app("A", [7001, 7002, 7003], [a.address])], "--metrics", f"127.0.0.1:{metrics_port}"
+        )
+        assert value(scrape(d, metrics_port), "tcpproxy_bpf_steered_ports") == 3
+    finally:
+        d.close()
