@@ -26,6 +26,10 @@ MaxConnections  10000        count    Open connections of the app at once; the e
                                       is reset (bounded resources per app).
 HealthCheck     none         object   Active TCP-connect checks (Interval 2 s, Timeout
                                       1 s, Rise 2, Fall 3); none means passive only.
+SendProxy...    none         --       SendProxyProtocol "v1" or "v2": a PROXY header to
+                                      each target, so it sees the client's address.
+AcceptProxy...  false        --       AcceptProxyProtocol: the client (a balancer) sends
+                                      a PROXY header first; its address is the client's.
 ==============  ===========  =======  =================================================
 
 Adding an option takes a field on ``_Options`` (default and bounds), the same field
@@ -50,7 +54,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationError
 from pydantic.alias_generators import to_pascal
@@ -134,6 +138,8 @@ class AppConfig:
     idle_timeout: float = 3600.0  # seconds without a byte either way before both sides close
     max_connections: int = 10000  # open connections of this app at once
     health_check: HealthCheck | None = None  # None: passive health only
+    send_proxy_protocol: str | None = None  # "v1" or "v2": tell targets the client's address
+    accept_proxy_protocol: bool = False  # a load balancer in front sends a PROXY header
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,6 +318,8 @@ class _Options(_Model):
     idle_timeout: float = Field(default=3600.0, gt=0, le=7 * 86400, allow_inf_nan=False)
     max_connections: int = Field(default=10000, ge=1, le=1_000_000)
     health_check: _HealthCheck | None = None
+    send_proxy_protocol: Literal["v1", "v2"] | None = None
+    accept_proxy_protocol: bool = False
 
 
 class _App(_Options):

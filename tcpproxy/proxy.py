@@ -28,12 +28,13 @@ import trio
 
 from tcpproxy.balance import Balancer
 from tcpproxy.config import AppConfig, Config, Target
-from tcpproxy.connect import open_target
+from tcpproxy.connect import describe_error, open_target
 from tcpproxy.diff import format_ports
 from tcpproxy.errors import ResourceExhausted, TargetUnavailable
 from tcpproxy.health import HealthBook
 from tcpproxy.metrics import NullMetrics
 from tcpproxy.monitor import HealthMonitor
+from tcpproxy.proxy_protocol import ProxyHeaderError, build_header, read_header, send_all
 from tcpproxy.resolve import Resolver
 from tcpproxy.splice import EndReason, RelayStats, abort, relay
 
@@ -131,6 +132,21 @@ class Proxy:
         self.config = config
         self.health.apply(config)
 
+    async def _proxy_protocol(
+        self, client: socket.socket, peer: tuple, cfg: AppConfig
+    ) -> tuple[tuple, bytes]:
+        """Read the balancer's header (AcceptProxyProtocol) and build ours
+        (SendProxyProtocol): returns the client's real address and our header."""
+        destination = client.getsockname()
+        if cfg.accept_proxy_protocol:
+            source = await read_header(client)
+            if source is not None:
+                peer = source
+        header = b""
+        if cfg.send_proxy_protocol:
+            header = build_header(cfg.send_proxy_protocol, peer, destination)
+        return peer, header
+
     def status(self) -> dict[str, Any]:
         """A snapshot for /status: apps, ports, targets with health, connections."""
         book = self.health.book
@@ -209,7 +225,16 @@ class Proxy:
         cfg = app.config
         failed: list[str] | None = None  # targets tried in vain before the one that answered
         health = self.health
+        header = b""  # PROXY protocol header for targets
         try:
+            if cfg.accept_proxy_protocol or cfg.send_proxy_protocol:
+                try:
+                    peer, header = await self._proxy_protocol(client, peer, cfg)
+                except (ProxyHeaderError, trio.TooSlowError, OSError) as exc:
+                    reason = "client-error (PROXY header)"
+                    log.warning("conn %s client=%s port=%d: %s", cid, format_peer(peer), port,
+                                describe_error(exc), extra={"conn": cid})  # fmt: skip
+                    return
             order = app.balancer.order(health.book.is_down)
             while True:
                 connecting = time.monotonic()
@@ -242,6 +267,9 @@ class Proxy:
                               extra={"conn": cid})  # fmt: skip
                 health.connect_ok(target)
                 metrics.connected(cfg.name, target, time.monotonic() - connecting)
+                if header:
+                    with trio.fail_after(cfg.connect_timeout):
+                        await send_all(target_sock, header)
                 self.active[target] += 1
                 try:
                     await relay(

@@ -209,14 +209,14 @@ def test_utf8_bom_is_tolerated() -> None:
         ),
         (
             document(Defaults={"Ports": [1]}),
-            "Defaults.Ports: unknown key (expected one of: ConnectTimeout, HealthCheck,"
-            " IdleTimeout, MaxConnections, Strategy)",
+            "Defaults.Ports: unknown key (expected one of: AcceptProxyProtocol, ConnectTimeout,"
+            " HealthCheck, IdleTimeout, MaxConnections, SendProxyProtocol, Strategy)",
         ),
         (
             document(app(**{"a b": 1})),
             'Apps[0]["a b"]: unknown key'
-            " (expected one of: ConnectTimeout, HealthCheck, IdleTimeout, MaxConnections,"
-            " Name, Ports, Strategy, Targets)",
+            " (expected one of: AcceptProxyProtocol, ConnectTimeout, HealthCheck, IdleTimeout,"
+            " MaxConnections, Name, Ports, SendProxyProtocol, Strategy, Targets)",
         ),
         # Name
         (document(app(Name=None)), "Apps[0].Name: missing required key"),
@@ -387,8 +387,8 @@ def test_problems_in_defaults_and_apps_do_not_mask_each_other() -> None:
     assert "Apps[0].Name: must not be empty" in found
     assert "Apps[1].Ports[0]: port 1000 is already used by app Apps[0] (Apps[0].Ports[0])" in found
     assert (
-        "Defaults.X: unknown key (expected one of: ConnectTimeout, HealthCheck,"
-        " IdleTimeout, MaxConnections, Strategy)" in found
+        "Defaults.X: unknown key (expected one of: AcceptProxyProtocol, ConnectTimeout,"
+        " HealthCheck, IdleTimeout, MaxConnections, SendProxyProtocol, Strategy)" in found
     )
 
 
