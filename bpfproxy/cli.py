@@ -180,6 +180,7 @@ class BpfPlan:
         try:
             self._listeners = [self._open() for _ in range(count)]
             self.dispatcher = Dispatcher(self._listeners[0])  # type: ignore[arg-type]
+            self._steered: int | None = 0  # whose listener is in the sockmap
         except BaseException:
             self.close()
             raise
@@ -203,24 +204,47 @@ class BpfPlan:
         return worker_argv("bpfproxy", control_fd, index, self._count, options), (fd,)
 
     def worker_started(self, index: int) -> None:
-        pass
+        if self._steered is None:  # every worker had died: steer to this new one
+            self._steer_to(index)
 
     def worker_died(self, index: int) -> None:
         dead = self._listeners[index]
         self._listeners[index] = None
-        live = next((sock for sock in self._listeners if sock is not None), None)
-        if live is not None and self.dispatcher is not None:
-            self.dispatcher.set_listener(live)
+        if self._steered == index:
+            live = next((i for i, sock in enumerate(self._listeners) if sock is not None), None)
+            self._steered = None
+            if live is not None:
+                self._steer_to(live)
         if dead is not None:
             dead.close()  # leaves the group; connections queued on it are reset
 
+    def _steer_to(self, index: int) -> None:
+        from bpfproxy.dispatcher import SteeringError
+
+        sock = self._listeners[index]
+        if sock is None or self.dispatcher is None:
+            return
+        try:
+            self.dispatcher.set_listener(sock)
+        except SteeringError as exc:
+            log.error("cannot steer to worker %d's listener: %s", index, exc)
+            return
+        self._steered = index
+
     def before_workers(self, old: Config, new: Config) -> None:
-        assert self.dispatcher is not None
-        self.dispatcher.set_ports(old.ports & new.ports)  # withdraw removed ports first
+        self._set_ports(old.ports & new.ports)  # withdraw removed ports first
 
     def after_workers(self, old: Config, new: Config) -> None:
+        self._set_ports(new.ports)  # then steer added ones, routes in place
+
+    def _set_ports(self, ports: frozenset[int]) -> None:
+        from bpfproxy.dispatcher import SteeringError
+
         assert self.dispatcher is not None
-        self.dispatcher.set_ports(new.ports)  # then steer added ones, routes in place
+        try:
+            self.dispatcher.set_ports(ports)
+        except SteeringError as exc:
+            raise StartupError(f"port map: {exc}") from None
 
     def stopping(self) -> None:
         for sock in self._listeners:

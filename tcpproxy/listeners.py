@@ -120,44 +120,43 @@ async def accept_loop(
         accept, wait_readable = listener.accept, trio.lowlevel.wait_readable
         batch = 0
         failures = 0  # capacity errors in a row: logged at the first and at the end
+        drained = False  # the last accept found the queue empty
         while True:
+            if drained:  # wait holding no slot: an idle port must not hold one
+                batch = 0
+                await wait_readable(listener)
+                drained = False
             try:
                 slots.acquire_nowait()
             except trio.WouldBlock:
                 await slots.acquire()
             try:
-                while True:
-                    try:
-                        sock, peer = accept()
-                    except BlockingIOError:
-                        batch = 0
-                        await wait_readable(listener)
-                        continue
-                    except OSError as exc:
-                        if exc.errno in ACCEPT_CAPACITY_ERRNOS:
-                            if not failures:
-                                log.error(
-                                    "port %s: accept failed: %s; retrying every %.0f ms",
-                                    port or "*", exc.strerror, ACCEPT_BACKOFF * 1000,
-                                )  # fmt: skip
-                            failures += 1
-                            await trio.sleep(ACCEPT_BACKOFF)
-                            continue
-                        if exc.errno in ACCEPT_TRANSIENT_ERRNOS:
-                            continue
-                        raise
-                    sock.setblocking(False)
-                    if port is not None:
-                        local_port = port
-                        break
-                    try:
-                        local_port = sock.getsockname()[1]
-                        break
-                    except OSError:  # already reset by the peer
-                        sock.close()
-            except BaseException:
+                sock, peer = accept()
+            except BlockingIOError:
                 slots.release()
+                drained = True
+                continue
+            except OSError as exc:
+                slots.release()
+                if exc.errno in ACCEPT_CAPACITY_ERRNOS:
+                    if not failures:
+                        log.error(
+                            "port %s: accept failed: %s; retrying every %.0f ms",
+                            port or "*", exc.strerror, ACCEPT_BACKOFF * 1000,
+                        )  # fmt: skip
+                    failures += 1
+                    await trio.sleep(ACCEPT_BACKOFF)
+                    continue
+                if exc.errno in ACCEPT_TRANSIENT_ERRNOS:
+                    continue
                 raise
+            try:
+                sock.setblocking(False)
+                local_port = port if port is not None else sock.getsockname()[1]
+            except OSError:  # already reset by the peer
+                sock.close()
+                slots.release()
+                continue
             if failures:
                 log.warning("port %s: accepting again after %d failed tries", port or "*", failures)
                 failures = 0

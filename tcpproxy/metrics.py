@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -170,9 +171,20 @@ class Metrics(NullMetrics):
         self._steered.set(count)
 
 
+HTTP_TIMEOUT = 10.0  # seconds a scrape connection may sit idle before it is dropped
+
+
 class _QuietHandler(WSGIRequestHandler):
+    timeout = HTTP_TIMEOUT  # a client that sends nothing must not hold a thread forever
+
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    """A thread per request: one slow client cannot hold up the others or shutdown()."""
+
+    daemon_threads = True
 
 
 def _status_text(status: dict[str, Any]) -> str:
@@ -221,11 +233,11 @@ def serve_http(
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"try /metrics, /status or /status.txt\n"]
 
-    family_server = WSGIServer
+    family_server: type[WSGIServer] = _ThreadingServer
     if ":" in host:
         import socket
 
-        class _V6(WSGIServer):
+        class _V6(_ThreadingServer):
             address_family = socket.AF_INET6
 
         family_server = _V6
@@ -248,6 +260,17 @@ def multiprocess_registry(directory: str) -> Any:
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=directory)
     return registry
+
+
+async def stop_http(server: WSGIServer) -> None:
+    """Stop the server off the event loop (shutdown() waits for its thread, and a
+    /status request in flight may be waiting for the loop), shielded so that it
+    completes even while the caller is being cancelled."""
+    import trio
+
+    with trio.CancelScope(shield=True):
+        await trio.to_thread.run_sync(server.shutdown)
+    server.server_close()
 
 
 def mark_dead(pid: int) -> None:

@@ -94,8 +94,9 @@ class HealthMonitor:
                 if not self.book.is_down(target):
                     break  # a client connection got through meanwhile
                 ok, why = await probe(target, self._resolver, timeout)
-                if ok is None:
-                    continue  # our own shortage; try again after the back-off
+                if ok is None:  # our own shortage (descriptors): says nothing of the target
+                    await trio.sleep(self.book.get(target).backoff)
+                    continue
                 message = self.book.probe_result(target, ok, trio.current_time(), why=why)
                 if message:
                     log.info("%s", message)

@@ -132,6 +132,18 @@ class Proxy:
         self.config = config
         self.health.apply(config)
 
+    async def _send_header(
+        self, target_sock: socket.socket, header: bytes, cfg: AppConfig, stats: RelayStats
+    ) -> bool:
+        """Send our PROXY header; False (and stats set) if the target failed first."""
+        try:
+            with trio.fail_after(cfg.connect_timeout):
+                await send_all(target_sock, header)
+        except (OSError, trio.TooSlowError) as exc:
+            stats.reason, stats.error = EndReason.TARGET_EARLY_ERROR, describe_error(exc)
+            return False
+        return True
+
     async def _proxy_protocol(
         self, client: socket.socket, peer: tuple, cfg: AppConfig
     ) -> tuple[tuple, bytes]:
@@ -267,15 +279,14 @@ class Proxy:
                               extra={"conn": cid})  # fmt: skip
                 health.connect_ok(target)
                 metrics.connected(cfg.name, target, time.monotonic() - connecting)
-                if header:
-                    with trio.fail_after(cfg.connect_timeout):
-                        await send_all(target_sock, header)
                 self.active[target] += 1
                 try:
-                    await relay(
-                        client, target_sock, stats,
-                        use_splice=self._use_splice, idle_timeout=cfg.idle_timeout,
-                    )  # fmt: skip
+                    # A target that fails our PROXY header counts as failing early.
+                    if not header or await self._send_header(target_sock, header, cfg, stats):
+                        await relay(
+                            client, target_sock, stats,
+                            use_splice=self._use_splice, idle_timeout=cfg.idle_timeout,
+                        )  # fmt: skip
                 finally:
                     self.active[target] -= 1
                     if not self.active[target]:
@@ -287,7 +298,7 @@ class Proxy:
                 failed = [*(failed or []), f"{target}({stats.error.lower()})"]
                 metrics.ended(cfg.name, target, "target-early-error", 0, 0)
                 target_sock.close()
-                target_sock = None
+                target_sock = target = None
             reason = stats.reason.value
             if stats.reason is EndReason.TARGET_EARLY_ERROR:
                 abort(client)  # no target left to try

@@ -13,7 +13,6 @@ import ipaddress
 import socket
 
 import trio
-from proxyprotocol import ProxyProtocolIncompleteError, ProxyProtocolSyntaxError
 from proxyprotocol.result import (
     ProxyResult,
     ProxyResultIPv4,
@@ -26,6 +25,7 @@ from proxyprotocol.v2 import ProxyProtocolV2
 __all__ = ["HEADER_TIMEOUT", "ProxyHeaderError", "build_header", "read_header", "send_all"]
 
 HEADER_TIMEOUT = 5.0  # seconds a client may take to send its PROXY header
+PARTIAL_HEADER_WAIT = 0.010  # seconds between looks at a header that is still arriving
 _V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 _V1_MAX = 107  # bytes, CRLF included (the spec's limit)
 _V2_MAX = 16 + 65535
@@ -100,12 +100,14 @@ async def read_header(sock: socket.socket) -> tuple[str, int] | None:
             length = _header_length(data)
             if length is not None and len(data) >= length:
                 break
+            # Peeked bytes stay readable: wait a little for the rest instead of spinning.
+            await trio.sleep(PARTIAL_HEADER_WAIT)
     header = sock.recv(length)
     protocol = ProxyProtocolV2() if header.startswith(_V2_SIGNATURE) else ProxyProtocolV1()
     try:
         result = protocol.unpack(header)
-    except (ProxyProtocolSyntaxError, ProxyProtocolIncompleteError, ValueError) as exc:
-        raise ProxyHeaderError(f"bad PROXY header: {exc}") from None
+    except Exception as exc:  # the library raises struct.error too: all mean "bad header"
+        raise ProxyHeaderError(f"bad PROXY header: {exc or type(exc).__name__}") from None
     source = getattr(result, "source", None)
     if not isinstance(source, tuple):
         return None

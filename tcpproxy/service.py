@@ -31,7 +31,7 @@ import trio
 from tcpproxy.config import Config, ConfigError, parse_config, read_config_bytes
 from tcpproxy.diff import diff_configs, format_ports
 from tcpproxy.errors import StartupError
-from tcpproxy.metrics import NullMetrics, serve_http
+from tcpproxy.metrics import NullMetrics, serve_http, stop_http
 from tcpproxy.notify import Notifier
 from tcpproxy.proxy import Proxy
 from tcpproxy.watch import watch_config
@@ -291,8 +291,7 @@ async def _shut_down_on_exit(server: Any) -> None:
     try:
         await trio.sleep_forever()
     finally:
-        server.shutdown()  # returns within its poll interval (0.5 s)
-        server.server_close()
+        await stop_http(server)
 
 
 def _ignore(why: str) -> None:

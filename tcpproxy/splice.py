@@ -271,7 +271,10 @@ async def relay(
       Peer errors (resets, broken pipes) end the relay and are reported in the
       stats, never raised. Cancellation propagates as usual.
     """
-    stats = stats if stats is not None else RelayStats()
+    if stats is None:
+        stats = RelayStats()
+    else:  # reused after a redispatch: this relay's outcome only
+        stats.reason, stats.error = EndReason.DONE, ""
     use_splice = use_splice and _HAVE_SPLICE
     up = _Direction(client, target, stats, None, up=True)
     down = _Direction(target, client, stats, None, up=False)

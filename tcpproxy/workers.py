@@ -63,6 +63,7 @@ log = logging.getLogger("tcpproxy")
 
 RESPAWN_DELAY = 1.0  # seconds before a worker that died is started again
 READY_TIMEOUT = 60.0  # seconds a new worker may take to start serving
+ANSWER_TIMEOUT = 30.0  # seconds a worker may take to apply a reload
 EXIT_USAGE = 2  # a worker's exit code for "cannot start as configured"
 _PR_SET_PDEATHSIG = 1
 
@@ -89,8 +90,14 @@ class SupervisorLink:
         self.count = count  # workers in all: limits are shared among them
 
     def initial_config(self) -> Config:
-        """The config to start with (blocking: called before the event loop runs)."""
-        kind, payload = self._conn.recv()
+        """The config to start with (blocking: called before the event loop runs).
+
+        Exits quietly if the supervisor is already gone.
+        """
+        try:
+            kind, payload = self._conn.recv()
+        except EOFError:
+            raise SystemExit(0) from None
         assert kind == "config", kind
         return pickle.loads(payload)
 
@@ -209,8 +216,9 @@ class Supervisor:
             await self._run(notifier, reloader)
         finally:
             if server is not None:
-                server.shutdown()
-                server.server_close()
+                from tcpproxy.metrics import stop_http
+
+                await stop_http(server)
             if metrics_dir is not None:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
 
@@ -352,13 +360,13 @@ class Supervisor:
             log.error("worker %d (pid %d) died (exit code %s); starting it again in %gs",
                       worker.index, worker.process.pid, code, RESPAWN_DELAY)  # fmt: skip
             await trio.sleep(RESPAWN_DELAY)
-            if self._stopping:
-                return
             try:
                 async with self._lock:
+                    if self._stopping:  # checked under the lock: no start after a stop
+                        return
                     await self._start(worker)
-            except StartupError as exc:
-                log.error("%s", exc)
+            except (StartupError, OSError) as exc:  # tried again after RESPAWN_DELAY
+                log.error("worker %d could not be started again: %s", worker.index, exc)
 
     async def _start(self, worker: _Worker) -> None:
         """Start one worker with the config in force; return once it serves.
@@ -367,14 +375,17 @@ class Supervisor:
         """
         assert self._nursery is not None
         ours, theirs = socket.socketpair()
-        argv, fds = self._plan.worker_argv(worker.index, theirs.fileno())
         try:
+            argv, fds = self._plan.worker_argv(worker.index, theirs.fileno())
             process = await trio.lowlevel.open_process(
                 argv,
                 pass_fds=(theirs.fileno(), *fds),
                 stdin=subprocess.DEVNULL,
                 env=child_environment(),  # systemd talks to the supervisor only
             )
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         self._plan.worker_started(worker.index)
@@ -423,11 +434,14 @@ class Supervisor:
                     continue  # it will get the new config when it starts again
                 try:
                     await self._send(run, new)
-                    kind, why = await run.inbox.receive()
+                    with trio.move_on_after(ANSWER_TIMEOUT):
+                        kind, why = await run.inbox.receive()
+                        if kind != "applied":
+                            refused.append(f"worker {worker.index}: {why}")
+                        continue
                 except (OSError, trio.EndOfChannel):
                     continue
-                if kind != "applied":
-                    refused.append(f"worker {worker.index}: {why}")
+                refused.append(f"worker {worker.index}: no answer within {ANSWER_TIMEOUT:g}s")
             self.config = new
             self._plan.after_workers(old, new)
         if refused:

@@ -314,11 +314,27 @@ def test_target_resetting_before_any_byte_is_retried_on_another(deployment: Depl
         conn.close()
 
     flaky, good = d.backend("flaky", reset_at_once), d.backend("good")
+    spare = d.backend("spare")  # must never be reached while "good" answers
     (port,) = d.ports(1)
-    proxy = d.start([app("A", [port], [flaky.address, good.address])])
+    proxy = d.start([app("A", [port], [flaky.address, good.address, spare.address])])
     # Server-speaks-first (as SMTP, SSH, MySQL): the client has sent nothing when
     # the reset comes, so nothing is lost by trying the next target.
-    for _ in range(4):  # round-robin puts the flaky one first every other time
-        assert d.which(port) == "good"
-    assert wait_until(lambda: proxy.output.count("end=") == 4), proxy.output
+    for _ in range(3):  # round-robin puts the flaky one first once in three
+        with d.connect(port) as sock:
+            assert recv_line(sock) in (b"good\n", b"spare\n")
+            sock.sendall(b"bye")
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_all(sock).endswith(b"bye")  # a clean end, not a reset
+    assert wait_until(lambda: proxy.output.count("end=") == 3), proxy.output
+    assert proxy.output.count("end=done") == 3
+    assert spare.accepted == 1  # only its own turn: no extra connection after the redispatch
     assert re.search(rf"failed-first={re.escape(flaky.address)}\(connection reset", proxy.output)
+
+
+def test_idle_ports_do_not_hold_connection_slots(deployment: Deployment) -> None:
+    d = deployment
+    a = d.backend("a")
+    ports = d.ports(3)
+    d.start([app("A", ports, [a.address])], "--max-connections", "2")
+    for port in ports:  # one at a time: never more than one slot in use
+        assert d.which(port) == "a"

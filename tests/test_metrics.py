@@ -110,3 +110,27 @@ def test_bpfproxy_reports_steered_ports(tmp_path, netns) -> None:
         assert value(scrape(d, metrics_port), "tcpproxy_bpf_steered_ports") == 3
     finally:
         d.close()
+
+
+def test_a_silent_scraper_blocks_neither_scrapes_nor_shutdown(tmp_path, backends) -> None:
+    import signal
+    import sys
+
+    from tests.helpers import ProxyProcess, connect, write_config
+
+    a = backends("a")
+    port, metrics_port = free_ports(2)
+    config = tmp_path / "c.json"
+    write_config(config, [app("A", [port], [a.address])])
+    proxy = ProxyProcess([sys.executable, "-m", "tcpproxy", "-c", str(config),
+                          "--metrics", f"127.0.0.1:{metrics_port}"])  # fmt: skip
+    try:
+        proxy.wait_for("tcpproxy started")
+        silent = connect(metrics_port)  # connects, never sends a request
+        d = Deployment("tcpproxy", config, None)
+        assert "tcpproxy_connections_accepted" in scrape(d, metrics_port)
+        proxy.send(signal.SIGTERM)
+        assert proxy.proc.wait(TIMEOUT) == 0
+        silent.close()
+    finally:
+        proxy.kill()

@@ -68,3 +68,19 @@ def test_client_without_the_expected_header_is_closed(config_path, backends) -> 
                 pass
         proxy.wait_for(r"no PROXY protocol header")
         assert target.accepted == 0
+
+
+def test_malformed_v2_header_is_a_client_error(config_path, backends) -> None:
+    target = backends("t")
+    (port,) = free_ports(1)
+    write_config(config_path, [app("A", [port], [target.address], AcceptProxyProtocol=True)])
+    signature = b"\r\n\r\n\x00\r\nQUIT\n"
+    with running_tcpproxy(config_path) as proxy:
+        with connect(port) as sock:  # v2, TCP over IPv4, but 2 bytes of addresses
+            sock.sendall(signature + b"\x21\x11\x00\x02ab")
+            try:
+                assert recv_all(sock) == b""
+            except ConnectionResetError:
+                pass
+        proxy.wait_for(r"bad PROXY header")
+    assert "internal error" not in proxy.output
