@@ -29,6 +29,7 @@ __all__ = [
 # Failures that are ours (out of descriptors, memory or local ports), not the target's: they
 # end the attempt without blaming the target or trying the others.
 _STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+_ESTABLISHED = 1  # TCP_ESTABLISHED, the first byte of struct tcp_info
 
 LOCAL_ERRNOS = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
@@ -62,7 +63,10 @@ async def connect_target(target: Target, resolver: Resolver) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             err = sock.connect_ex(sockaddr)
             if err == errno.EINPROGRESS:
-                await trio.lowlevel.wait_writable(sock)
+                # On loopback (a sidecar's target) the handshake is done by now;
+                # one getsockopt spares a wait on the event loop.
+                if sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != _ESTABLISHED:
+                    await trio.lowlevel.wait_writable(sock)
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 raise OSError(err, os.strerror(err))
