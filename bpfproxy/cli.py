@@ -17,7 +17,6 @@ from tcpproxy.cli_common import (
     common_options,
     fit_connection_limit,
     metrics_for,
-    parse_worker,
     read_config,
     run_cli,
     setup_logging,
@@ -27,7 +26,7 @@ from tcpproxy.config import Config
 from tcpproxy.errors import StartupError
 from tcpproxy.listeners import open_listener
 from tcpproxy.service import run_service
-from tcpproxy.workers import Supervisor, SupervisorLink, set_parent_death_signal, worker_argv
+from tcpproxy.workers import Supervisor, SupervisorLink, worker_argv
 
 __all__ = ["command", "main"]
 
@@ -143,12 +142,10 @@ def _run_worker(
     log_level: str,
     log_format: str,
 ) -> int:
-    fd, index, count = parse_worker(worker)
-    set_parent_death_signal()
-    setup_logging(log_level, prefix=f"[w{index}] ", log_format=log_format)
     if listener_fd is None:
         raise click.UsageError("--worker needs --worker-listener")
-    link = SupervisorLink(fd, index, count)
+    link = SupervisorLink.join(worker)
+    setup_logging(log_level, prefix=link.log_prefix, log_format=log_format)
     config = link.initial_config()
     listener = socket.socket(fileno=listener_fd)
     listener.setblocking(False)

@@ -13,7 +13,6 @@ from tcpproxy.cli_common import (
     common_options,
     fit_connection_limit,
     metrics_for,
-    parse_worker,
     read_config,
     run_cli,
     setup_logging,
@@ -23,7 +22,7 @@ from tcpproxy.config import Config
 from tcpproxy.listeners import open_listener
 from tcpproxy.port_listeners import PortListeners
 from tcpproxy.service import run_service
-from tcpproxy.workers import Supervisor, SupervisorLink, set_parent_death_signal, worker_argv
+from tcpproxy.workers import Supervisor, SupervisorLink, worker_argv
 
 __all__ = ["command", "main"]
 
@@ -94,10 +93,8 @@ def command(
     each connection relayed to one of its app's targets. The config is reloaded
     on change without dropping connections; SIGTERM drains, then exits."""
     if worker is not None:  # started by a supervisor
-        fd, index, count = parse_worker(worker)
-        set_parent_death_signal()
-        setup_logging(log_level, prefix=f"[w{index}] ", log_format=log_format)
-        link = SupervisorLink(fd, index, count)
+        link = SupervisorLink.join(worker)
+        setup_logging(log_level, prefix=link.log_prefix, log_format=log_format)
         config = link.initial_config()
         frontend = PortListeners(bind, reuse_port=True)
         frontend.open(config)

@@ -168,12 +168,6 @@ def read_config(path: Path) -> tuple[bytes, Config]:
     return data, parse_config(data, str(path))
 
 
-def parse_worker(value: str) -> tuple[int, int, int]:
-    """`--worker FD:INDEX:COUNT` as given by the supervisor."""
-    fd, index, count = (int(part) for part in value.split(":"))
-    return fd, index, count
-
-
 def worker_options(ctx_params: dict[str, Any], skip: set[str]) -> list[str]:
     """The command-line options a worker gets: the supervisor's own, minus `skip`."""
     flags = {

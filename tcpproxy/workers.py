@@ -84,6 +84,18 @@ async def _recv(conn: Connection) -> Any:
 class SupervisorLink:
     """A worker's end of its socket pair to the supervisor."""
 
+    @classmethod
+    def join(cls, worker: str) -> SupervisorLink:
+        """Become the worker that `--worker FD:INDEX:COUNT` names: die with the
+        supervisor, and log with the worker's prefix set up by the caller."""
+        fd, index, count = (int(part) for part in worker.split(":"))
+        set_parent_death_signal()
+        return cls(fd, index, count)
+
+    @property
+    def log_prefix(self) -> str:
+        return f"[w{self.index}] "
+
     def __init__(self, fd: int, index: int, count: int) -> None:
         self._conn = Connection(fd)
         self.index = index
