@@ -9,6 +9,7 @@
  *
  *   not TCP                         -> SK_PASS (normal lookup)
  *   destination port not steered    -> SK_PASS (normal lookup)
+ *   steered, not the bind address   -> SK_PASS (counted, see below)
  *   steered, listener in sockmap    -> bpf_sk_assign() it, SK_PASS
  *   steered, listener missing       -> SK_DROP (counted)
  *   steered, wrong address family   -> SK_PASS (counted, see below)
@@ -38,9 +39,19 @@
  * refused", so a dual-stack client falls back to the other family at once).
  * These are counted as PASS_FAMILY_MISMATCH, not as drops.
  *
+ * The bind address: bpfproxy --bind ADDRESS must not serve the app ports on
+ * other addresses of the host (an external interface, say). The control plane
+ * writes the listener's bound address into bind_addr; a connection to a
+ * steered port but another destination address gets SK_PASS, i.e. the kernel's
+ * normal answer, as if bpfproxy were not there (usually a RST), counted as
+ * PASS_NOT_BIND_ADDRESS. A wildcard bind ([::] or 0.0.0.0) matches every
+ * address; a specific one matches that address only, and no address of the
+ * other family.
+ *
  * Compiled by bcc at run time; the BPF_* macros below are bcc's.
  */
 
+#include <linux/socket.h>               /* AF_INET */
 #include <uapi/linux/in.h>              /* IPPROTO_TCP */
 #include <uapi/asm-generic/errno.h>     /* EAFNOSUPPORT */
 
@@ -52,10 +63,18 @@
  * bpfproxy/dispatcher.py (it checks the array's size against its list).
  */
 enum counter {
-	DROP_NO_LISTENER     = 0,  /* port steered but no listener in the sockmap */
-	DROP_ASSIGN_FAILED   = 1,  /* bpf_sk_assign() refused the listener */
-	PASS_FAMILY_MISMATCH = 2,  /* e.g. IPv6 connection, IPv4-only listener */
-	NR_COUNTERS          = 3,
+	DROP_NO_LISTENER      = 0,  /* port steered but no listener in the sockmap */
+	DROP_ASSIGN_FAILED    = 1,  /* bpf_sk_assign() refused the listener */
+	PASS_FAMILY_MISMATCH  = 2,  /* e.g. IPv6 connection, IPv4-only listener */
+	PASS_NOT_BIND_ADDRESS = 3,  /* destination is not the bind address */
+	NR_COUNTERS           = 4,
+};
+
+/* How bind_addr matches the destination address, per family. */
+enum match {
+	MATCH_NONE = 0,  /* no address of this family (a zeroed map steers nothing) */
+	MATCH_ANY  = 1,  /* every address of this family (wildcard bind) */
+	MATCH_ADDR = 2,  /* exactly the address in the entry */
 };
 
 /*
@@ -71,6 +90,19 @@ BPF_HASH(steered_ports, u16, u8, 65536);
  */
 BPF_TABLE("sockmap", u32, u64, listener, 1);
 
+/*
+ * The bind address, at key 0 (24 bytes; dispatcher.py packs it). Addresses
+ * are in network byte order, as ctx->local_ip4 and ctx->local_ip6 are.
+ */
+struct bind_addr {
+	u8  match4;     /* enum match for IPv4 connections */
+	u8  match6;     /* enum match for IPv6 connections */
+	u8  pad[2];
+	u32 ip4;        /* when match4 == MATCH_ADDR */
+	u32 ip6[4];     /* when match6 == MATCH_ADDR */
+};
+BPF_ARRAY(bind_addr, struct bind_addr, 1);
+
 /* Per-CPU event counters, summed by the control plane. */
 BPF_PERCPU_ARRAY(counters, u64, NR_COUNTERS);
 
@@ -83,6 +115,26 @@ static __always_inline void count(int which)
 		*value += 1;
 }
 
+/* Whether the connection's destination address is the bind address. */
+static __always_inline bool to_bind_address(struct bpf_sk_lookup *ctx)
+{
+	u32 key = 0;
+	struct bind_addr *bind = bind_addr.lookup(&key);
+
+	if (!bind)
+		return false;
+	if (ctx->family == AF_INET) {
+		if (bind->match4 == MATCH_ANY)
+			return true;
+		return bind->match4 == MATCH_ADDR && ctx->local_ip4 == bind->ip4;
+	}
+	if (bind->match6 == MATCH_ANY)
+		return true;
+	return bind->match6 == MATCH_ADDR &&
+	       ctx->local_ip6[0] == bind->ip6[0] && ctx->local_ip6[1] == bind->ip6[1] &&
+	       ctx->local_ip6[2] == bind->ip6[2] && ctx->local_ip6[3] == bind->ip6[3];
+}
+
 int steer(struct bpf_sk_lookup *ctx)
 {
 	if (ctx->protocol != IPPROTO_TCP)
@@ -91,6 +143,12 @@ int steer(struct bpf_sk_lookup *ctx)
 	u16 port = ctx->local_port;
 	if (!steered_ports.lookup(&port))
 		return SK_PASS;
+
+	if (!to_bind_address(ctx)) {
+		/* Not a drop: bpfproxy does not serve this address (see top). */
+		count(PASS_NOT_BIND_ADDRESS);
+		return SK_PASS;
+	}
 
 	u32 key = LISTENER_KEY;
 	struct bpf_sock *sk = (struct bpf_sock *)listener.lookup(&key);

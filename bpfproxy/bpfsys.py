@@ -17,6 +17,7 @@ from typing import NamedTuple
 __all__ = [
     "BPF_ANY",
     "BPF_EXIST",
+    "BPF_MAP_TYPE_ARRAY",
     "BPF_MAP_TYPE_HASH",
     "BPF_MAP_TYPE_PERCPU_ARRAY",
     "BPF_MAP_TYPE_SOCKHASH",
@@ -37,6 +38,7 @@ BPF_LINK_CREATE = 28
 
 # enum bpf_map_type (the ones bpfproxy uses)
 BPF_MAP_TYPE_HASH = 1
+BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_SOCKMAP = 15
 BPF_MAP_TYPE_SOCKHASH = 18

@@ -58,7 +58,8 @@ Examples:
     "--bind",
     metavar="ADDRESS",
     default=None,
-    help="Address of the listening socket.  [default: [::] dual-stack, IPv4 and IPv6]",
+    help="Address of the listening socket; app ports are steered on this address only."
+    "  [default: [::] dual-stack, every address]",
 )
 @click.option(
     "--check",

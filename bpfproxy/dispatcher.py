@@ -5,7 +5,10 @@ A :class:`Dispatcher` compiles the program with bcc, loads it as
 program's sockmap and attaches the program to the listener's network
 namespace with a BPF link. From then on a new TCP connection to any port in
 :attr:`Dispatcher.ports` is accepted by that listener, which sees the port
-that was dialled with ``getsockname()`` on the accepted socket.
+that was dialled with ``getsockname()`` on the accepted socket. Only
+connections to the listener's own bound address are steered (all addresses
+when it is bound to the wildcard), so ``--bind 127.0.0.1`` keeps the app
+ports off the host's other interfaces.
 
 Lifetime: steering lasts exactly as long as the link fd is open. ``close()``
 (or the process exiting, even by SIGKILL) closes it; nothing is pinned in
@@ -26,6 +29,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import ipaddress
 import os
 import re
 import socket
@@ -55,8 +59,10 @@ MIN_KERNEL = (5, 9)
 #: Names of the program's per-CPU counters, in the order of ``enum counter``
 #: in sk_lookup.c. The first two are drops; ``family_mismatch`` counts
 #: connections passed to the normal lookup because the listener does not
-#: serve their address family (e.g. IPv6 to an AF_INET listener).
-COUNTERS = ("no_listener", "assign_failed", "family_mismatch")
+#: serve their address family (e.g. IPv6 to an AF_INET listener);
+#: ``not_bind_address`` those passed because their destination address is
+#: not the listener's bound address.
+COUNTERS = ("no_listener", "assign_failed", "family_mismatch", "not_bind_address")
 DROP_REASONS = COUNTERS[:2]
 
 _SOURCE_NAME = "sk_lookup.c"
@@ -64,7 +70,16 @@ _PROGRAM = b"steer"
 _PORTS_MAP = b"steered_ports"
 _LISTENER_MAP = b"listener"
 _COUNTERS_MAP = b"counters"
+_BIND_MAP = b"bind_addr"
 _LISTENER_KEY = 0
+_BIND_KEY = 0
+
+# enum match in sk_lookup.c: how struct bind_addr matches one address family.
+_MATCH_NONE = 0  # no address of the family
+_MATCH_ANY = 1  # every address of the family (wildcard bind)
+_MATCH_ADDR = 2  # exactly the entry's address
+# struct bind_addr: match4, match6, 2 pad bytes, ip4, ip6 (both network byte order).
+_BIND_ENTRY = struct.Struct("=BBxx4s16s")
 
 # Linux capability bit numbers (include/uapi/linux/capability.h).
 _CAP_NET_ADMIN = 12
@@ -299,6 +314,7 @@ def _check_maps(bpf: Any) -> None:
         ),
         _LISTENER_MAP: (bpfsys.BPF_MAP_TYPE_SOCKMAP, 4, 8, 1),
         _COUNTERS_MAP: (bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, len(COUNTERS)),
+        _BIND_MAP: (bpfsys.BPF_MAP_TYPE_ARRAY, 4, _BIND_ENTRY.size, 1),
     }
     python_side = {
         _PORTS_MAP: (ctypes.sizeof(ports.Key), ctypes.sizeof(ports.Leaf)),
@@ -350,6 +366,28 @@ def _netns_fd_of(sock: socket.socket) -> int:
         return os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
 
 
+def bind_entry(host: str) -> bytes:
+    """The ``bind_addr`` map entry that steers connections to ``host`` only.
+
+    ``host`` is a listener's bound address (``getsockname()[0]``). The
+    wildcard (``::`` or ``0.0.0.0``) matches every address: whichever family
+    the listener cannot take, bpf_sk_assign() refuses and the program passes
+    (as before there was a bind address). A specific address matches itself
+    only, and nothing of the other family; an IPv4-mapped IPv6 address
+    (``::ffff:127.0.0.1``) is the IPv4 address it maps, as for the kernel.
+    """
+    address = ipaddress.ip_address(host.split("%", 1)[0])  # no "%scope" in the match
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        mapped = address.ipv4_mapped
+        match4 = _MATCH_ANY if mapped.is_unspecified else _MATCH_ADDR
+        return _BIND_ENTRY.pack(match4, _MATCH_NONE, mapped.packed, bytes(16))
+    if address.is_unspecified:
+        return _BIND_ENTRY.pack(_MATCH_ANY, _MATCH_ANY, bytes(4), bytes(16))
+    if isinstance(address, ipaddress.IPv4Address):
+        return _BIND_ENTRY.pack(_MATCH_ADDR, _MATCH_NONE, address.packed, bytes(16))
+    return _BIND_ENTRY.pack(_MATCH_NONE, _MATCH_ADDR, bytes(4), address.packed)
+
+
 def _check_port(port: int) -> int:
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise ValueError(f"not a TCP port: {port!r}")
@@ -362,7 +400,9 @@ class Dispatcher:
     ``Dispatcher(listener)`` compiles and loads ``sk_lookup.c``, stores the
     listener in the sockmap and (``attach=True``) attaches the program with a
     BPF link to the network namespace *the listener lives in* (for a socket
-    made in this process's namespace, that is the current one). Any failure
+    made in this process's namespace, that is the current one). Only
+    connections to the listener's bound address are steered (see
+    :func:`bind_entry`); a listener on the wildcard takes every address. Any failure
     undoes what was already set up and raises :class:`SteeringError`
     (:class:`ValueError` if ``listener`` is not a listening TCP socket).
 
@@ -379,6 +419,8 @@ class Dispatcher:
         self._link_fd = -1
         self._ports: frozenset[int] = frozenset()
         self._batch = True  # cleared if the kernel lacks batched map operations
+        self._bind_host = ""
+        self._bind_entry = b""
         self._closed = False
         _check_listener(listener)
         try:
@@ -386,6 +428,7 @@ class Dispatcher:
             self._ports_table = self._bpf[_PORTS_MAP]
             self._counters_table = self._bpf[_COUNTERS_MAP]
             self._put_listener(listener)
+            self._put_bind_address(listener)
             if attach:
                 self._attach(listener)
         except BaseException:
@@ -409,11 +452,43 @@ class Dispatcher:
                 "pass a bound, listening TCP socket."
             ) from exc
 
+    def _put_bind_address(self, listener: socket.socket) -> None:
+        """Steer only connections to the listener's bound address (set once, before attaching)."""
+        self._bind_host = listener.getsockname()[0]
+        self._bind_entry = bind_entry(self._bind_host)
+        try:
+            bpfsys.map_update_elem(
+                _map_fd(self._bpf, _BIND_MAP),
+                struct.pack("=I", _BIND_KEY),
+                self._bind_entry,
+                bpfsys.BPF_ANY,
+            )
+        except OSError as exc:
+            raise SteeringError(
+                f"the kernel would not store the bind address {self._bind_host} "
+                f"({exc.strerror}): reinstall bpfproxy."
+            ) from exc
+
+    @property
+    def bind_address(self) -> str | None:
+        """The only destination address steered, or None for every address (wildcard)."""
+        return None if self._bind_entry == bind_entry("::") else self._bind_host
+
     def set_listener(self, listener: socket.socket) -> None:
         """Steer to `listener` from now on (e.g. another member of the same
-        SO_REUSEPORT group, when the one in the sockmap is closing)."""
+        SO_REUSEPORT group, when the one in the sockmap is closing).
+
+        It must be bound to the same address as the first: the bind address
+        in the program is not changed while steering.
+        """
         self._check_open()
         _check_listener(listener)
+        host = listener.getsockname()[0]
+        if bind_entry(host) != self._bind_entry:
+            raise ValueError(
+                f"set_listener: the new listener is bound to {host}, "
+                f"the steered address is {self._bind_host}"
+            )
         self._put_listener(listener)
 
     def _attach(self, listener: socket.socket) -> None:
@@ -572,4 +647,5 @@ class Dispatcher:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("attached" if self.attached else "detached")
-        return f"<Dispatcher {state}, {len(self._ports)} ports>"
+        where = self.bind_address or "every address"
+        return f"<Dispatcher {state}, {len(self._ports)} ports on {where}>"

@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -38,6 +39,8 @@ T = TypeVar("T")
 
 _CLONE_NEWNET = 0x40000000
 _NETNS_RUN_DIR = "/run/netns"
+_VETH_UP_TIMEOUT = 5.0  # seconds for a new veth pair's carrier to come up
+_IFA_F_NODAD = 0x02  # linux/if_addr.h: an IPv6 address usable at once, no DAD wait
 _counter = itertools.count()
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -57,7 +60,8 @@ class NetNS:
 
     - ``ns.socket(family, type)`` makes a socket that lives inside the namespace;
     - ``ns.call(fn, *args)`` runs any function with the calling context inside it;
-    - ``ns.popen(argv, **kw)`` runs a command inside it (``ip netns exec``).
+    - ``ns.popen(argv, **kw)`` runs a command inside it (``ip netns exec``);
+    - ``ns.veth(other, ...)`` links it to another namespace with a veth pair.
 
     On exit every process it started, and any other process still inside the
     namespace, is killed, and the namespace is removed, whatever happened.
@@ -160,6 +164,41 @@ class NetNS:
         process = subprocess.Popen(["ip", "netns", "exec", self.name, *argv], **kwargs)
         self._processes.append(process)
         return process
+
+    def veth(
+        self,
+        other: NetNS,
+        addresses: Sequence[str] = ("10.99.0.1/24", "fd99::1/64"),
+        other_addresses: Sequence[str] = ("10.99.0.2/24", "fd99::2/64"),
+    ) -> None:
+        """Link this namespace to ``other`` with a veth pair, up, with these addresses.
+
+        Each end lives and dies with its namespace; IPv6 addresses skip
+        duplicate address detection so they are usable at once.
+        """
+        import pyroute2
+
+        here, there = f"veth{next(_counter)}a", f"veth{next(_counter)}b"
+        with pyroute2.NetNS(self.name) as ipr:
+            ipr.link(
+                "add", ifname=here, kind="veth", peer={"ifname": there, "net_ns_fd": other.name}
+            )
+        for ns, ifname, cidrs in ((self, here, addresses), (other, there, other_addresses)):
+            with pyroute2.NetNS(ns.name) as ipr:
+                (index,) = ipr.link_lookup(ifname=ifname)
+                for cidr in cidrs:
+                    address, prefixlen = cidr.split("/")
+                    flags = {"flags": _IFA_F_NODAD} if ":" in address else {}
+                    ipr.addr("add", index=index, address=address, prefixlen=int(prefixlen), **flags)
+                ipr.link("set", index=index, state="up")
+        # The carrier comes up a moment later; a SYN sent before would wait
+        # a full retransmission timeout (1 s).
+        deadline = time.monotonic() + _VETH_UP_TIMEOUT
+        with pyroute2.NetNS(self.name) as ipr:
+            while ipr.get_links(ifname=here)[0].get_attr("IFLA_OPERSTATE") != "UP":
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"veth {here} in {self.name} did not come up")
+                time.sleep(0.01)
 
     def pids(self) -> list[int]:
         """Processes inside the namespace (``ip netns pids``)."""

@@ -24,6 +24,7 @@ from tests.helpers import (
     exchange,
     recv_all,
     recv_line,
+    which_backend,
     write_config,
 )
 from tests.netns import NetNS
@@ -148,6 +149,53 @@ def test_listen_port_used_by_an_app_is_a_startup_error(lab: Deployment) -> None:
     out, _ = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 2
     assert b"port 8000 of app 'A' (Ports[1])" in out and b"Traceback" not in out
+
+
+# The veth pair between the proxy's namespace (A) and another host's (B).
+A_V4, B_V4 = "10.99.0.1", "10.99.0.2"
+
+
+@pytest.fixture
+def peer(netns: NetNS) -> Iterator[NetNS]:
+    """Another host: namespace B, linked to the proxy's namespace A by a veth pair."""
+    with NetNS() as other:
+        netns.veth(other, (f"{A_V4}/24",), (f"{B_V4}/24",))
+        yield other
+
+
+def from_peer(peer: NetNS, port: int, host: str = A_V4) -> str:
+    """Which backend a client in B reaches through A's veth address; "refused" if none."""
+    try:
+        return which_backend(port, host, make_socket=lambda family: peer.socket(family))
+    except ConnectionRefusedError:
+        return "refused"
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["single", "workers"])
+def test_bind_loopback_keeps_app_ports_off_other_addresses(
+    lab: Deployment, peer: NetNS, workers: int
+) -> None:
+    a = lab.backend("a")
+    lab.start([app("A", [7001], [a.address])], "--bind", "127.0.0.1", "--workers", str(workers))
+    assert lab.which(7001) == "a"
+    assert from_peer(peer, 7001) == "refused"  # another host, over the veth: not proxied
+    assert refused(lab, 7001, host=A_V4)  # A's own external address neither
+    assert refused(lab, 7001, host="::1")
+    assert lab.which(7001) == "a"
+
+
+def test_bind_external_address_serves_only_that_address(lab: Deployment, peer: NetNS) -> None:
+    a = lab.backend("a")
+    lab.start([app("A", [7001], [a.address])], "--bind", A_V4)
+    assert from_peer(peer, 7001) == "a"
+    assert refused(lab, 7001, host="127.0.0.1")
+
+
+def test_default_bind_serves_every_address(lab: Deployment, peer: NetNS) -> None:
+    a = lab.backend("a")
+    lab.start([app("A", [7001], [a.address])])
+    assert from_peer(peer, 7001) == "a"
+    assert lab.which(7001) == "a"
 
 
 def test_check_loads_the_program() -> None:

@@ -242,6 +242,80 @@ def test_bulk_updates(netns: NetNS) -> None:
         assert_steered(netns, listener, "127.0.0.1", 39999)
 
 
+# --------------------------------------------------------------------------- bind address
+
+# The veth pair between the test's namespace (A, where the listener is) and a
+# second one (B, a host elsewhere on the network).
+A_V4, B_V4 = "10.99.0.1", "10.99.0.2"
+A_V6, B_V6 = "fd99::1", "fd99::2"
+
+
+@pytest.fixture
+def peer(netns: NetNS) -> Iterator[NetNS]:
+    """Namespace B, linked to ``netns`` (A) by a veth pair: A has A_V4/A_V6, B has B_V4/B_V6."""
+    with NetNS() as other:
+        netns.veth(other, (f"{A_V4}/24", f"{A_V6}/64"), (f"{B_V4}/24", f"{B_V6}/64"))
+        yield other
+
+
+def bound_listener(ns: NetNS, host: str) -> socket.socket:
+    """A listener on host:LISTEN_PORT inside ``ns``; "::" is dual-stack."""
+    if host == "::":
+        return dual_stack_listener(ns)
+    listener = ns.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    listener.bind((host, LISTEN_PORT))
+    listener.listen(1024)
+    listener.settimeout(5)
+    return listener
+
+
+# (bind address, [(client namespace, destination)] steered, [...] refused)
+BIND_CASES = [
+    ("127.0.0.1", [("A", "127.0.0.1")], [("B", A_V4), ("A", A_V4), ("A", "::1"), ("B", A_V6)]),
+    (A_V4, [("B", A_V4), ("A", A_V4)], [("A", "127.0.0.1"), ("B", A_V6), ("A", "::1")]),
+    ("::1", [("A", "::1")], [("B", A_V6), ("A", A_V6), ("A", "127.0.0.1"), ("B", A_V4)]),
+    (A_V6, [("B", A_V6), ("A", A_V6)], [("A", "::1"), ("B", A_V4), ("A", "127.0.0.1")]),
+    ("::ffff:127.0.0.1", [("A", "127.0.0.1")], [("A", "::1"), ("B", A_V4)]),
+    ("::", [("B", A_V4), ("B", A_V6), ("A", "127.0.0.1"), ("A", "::1")], []),
+    ("0.0.0.0", [("B", A_V4), ("A", "127.0.0.1")], []),
+]
+
+
+@pytest.mark.parametrize(("bind", "steered", "refused"), BIND_CASES, ids=[c[0] for c in BIND_CASES])
+def test_steers_only_connections_to_the_listeners_address(
+    netns: NetNS, peer: NetNS, bind: str, steered: list, refused: list
+) -> None:
+    where = {"A": netns, "B": peer}
+    with bound_listener(netns, bind) as listener, Dispatcher(listener) as dispatcher:
+        dispatcher.set_ports({7001})
+        for client, host in steered:
+            assert_steered(where[client], listener, host, 7001)
+        for client, host in refused:
+            assert_refused(where[client], host, 7001)
+        counts = dispatcher.counters()
+        # Each refused SYN was answered by one RST (nobody else listens): one lookup each.
+        assert counts["not_bind_address"] == len(refused)
+        assert dispatcher.drop_counts() == dict.fromkeys(DROP_REASONS, 0)
+
+
+def test_wildcard_ipv4_listener_still_passes_ipv6_as_a_family_mismatch(
+    netns: NetNS, peer: NetNS
+) -> None:
+    with bound_listener(netns, "0.0.0.0") as listener, Dispatcher(listener) as dispatcher:
+        dispatcher.set_ports({7001})
+        assert_refused(peer, A_V6, 7001)
+        counts = dispatcher.counters()
+        assert (counts["family_mismatch"], counts["not_bind_address"]) == (1, 0)
+
+
+def test_set_listener_must_keep_the_bound_address(netns: NetNS) -> None:
+    with bound_listener(netns, "127.0.0.1") as first, Dispatcher(first) as dispatcher:
+        with bound_listener(netns, "::1") as other, pytest.raises(ValueError, match=r"::1"):
+            dispatcher.set_listener(other)
+        dispatcher.set_ports({7001})
+        assert_steered(netns, first, "127.0.0.1", 7001)
+
+
 CHILD = textwrap.dedent(
     f"""
     import socket, time
