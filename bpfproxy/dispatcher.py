@@ -208,9 +208,30 @@ class _StderrCapture:
             self._file.close()
 
 
-def _tail(text: str, lines: int = 60) -> str:
-    kept = text.splitlines()[-lines:]
-    return "\n".join(kept)
+_LOG_LINES = 60  # lines of compiler or verifier output kept in a message
+_BCC_SOURCE_NAME = "/virtual/main.c"  # what bcc calls a source given as text
+_VERIFIER_INSN = re.compile(r"\d+: ")  # a verifier log line about one instruction
+_VERIFIER_STATS = ("processed ", "verification time", "stack depth")  # its closing summary
+
+
+def _head(text: str, lines: int = _LOG_LINES) -> str:
+    """The start of clang's output: its first error is the one to fix, the rest may follow
+    from it."""
+    return "\n".join(text.splitlines()[:lines])
+
+
+def _tail(text: str, lines: int = _LOG_LINES) -> str:
+    """The end of the verifier's log: where it gave up, and why."""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _verifier_reason(log: str) -> str:
+    """The verifier's own words for a refusal: the lines after the last instruction it walked
+    (e.g. "Unreleased reference id=5 alloc_insn=51"), without the statistics."""
+    lines = log.splitlines()
+    last_insn = max((i for i, line in enumerate(lines) if _VERIFIER_INSN.match(line)), default=-1)
+    said = (line.strip() for line in lines[last_insn + 1 :])
+    return "; ".join(line for line in said if line and not line.startswith(_VERIFIER_STATS))
 
 
 def _release_bpf(bpf: Any) -> None:
@@ -222,7 +243,7 @@ def _release_bpf(bpf: Any) -> None:
         atexit.unregister(bpf.donothing)
 
 
-def _load_error(err: int, log: str) -> SteeringError:
+def _load_error(err: int, log: str, source: Path) -> SteeringError:
     """Turn a failed BPF_PROG_LOAD into a SteeringError that says what to do."""
     if err == errno.EPERM:
         return SteeringError(f"the kernel refused to load the BPF program (EPERM): {_SUDO_HINT}.")
@@ -237,8 +258,11 @@ def _load_error(err: int, log: str) -> SteeringError:
             f"it needs Linux {MIN_KERNEL[0]}.{MIN_KERNEL[1]}+ built with CONFIG_BPF_SYSCALL."
         )
     reason = os.strerror(err) if err else "unknown error"
+    said = _verifier_reason(verifier_log)
     return SteeringError(
-        f"the kernel's verifier rejected {_SOURCE_NAME} ({reason}); verifier log:\n"
+        f"the kernel's verifier rejected {source} ({reason})"
+        + (f": {said}" if said else "")
+        + "; verifier log:\n"
         + _tail(verifier_log or log or "(empty)")
     )
 
@@ -267,8 +291,10 @@ def _compile_and_load() -> tuple[Any, int]:
             raise SteeringError(
                 f"the kernel refused to create BPF maps: {map_errors[0].strip()}."
             ) from compile_failure
+        # clang's diagnostics, naming the real file (the line numbers are the file's).
+        diagnostics = _head(compile_output.text.replace(_BCC_SOURCE_NAME, str(source)))
         raise SteeringError(
-            f"bcc could not compile {source} ({compile_failure}):\n{_tail(compile_output.text)}"
+            f"bcc could not compile {source}:\n{diagnostics or compile_failure}"
         ) from compile_failure
 
     try:
@@ -283,7 +309,7 @@ def _compile_and_load() -> tuple[Any, int]:
                 load_failure = exc
                 load_errno = ctypes.get_errno()
         if load_failure is not None:
-            raise _load_error(load_errno, load_output.text) from load_failure
+            raise _load_error(load_errno, load_output.text, source) from load_failure
         _check_maps(bpf)
     except BaseException:
         _release_bpf(bpf)
