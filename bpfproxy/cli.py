@@ -92,7 +92,9 @@ def command(
         return _run_worker(worker, worker_listener, config_path, drain_timeout,
                            max_connections, splice, log_level, log_format)  # fmt: skip
     setup_logging(log_level, log_format=log_format)
-    from bpfproxy.dispatcher import Dispatcher, SteeringError, check_environment, compile_check
+    from bpfproxy.dispatcher import Dispatcher
+    from bpfproxy.errors import SteeringError
+    from bpfproxy.loader import check_environment, compile_check
 
     try:
         if check:
@@ -217,7 +219,7 @@ class BpfPlan:
             dead.close()  # leaves the group; connections queued on it are reset
 
     def _steer_to(self, index: int) -> None:
-        from bpfproxy.dispatcher import SteeringError
+        from bpfproxy.errors import SteeringError
 
         sock = self._listeners[index]
         if sock is None or self.dispatcher is None:
@@ -236,7 +238,7 @@ class BpfPlan:
         self._set_ports(new.ports)  # then steer added ones, routes in place
 
     def _set_ports(self, ports: frozenset[int]) -> None:
-        from bpfproxy.dispatcher import SteeringError
+        from bpfproxy.errors import SteeringError
 
         assert self.dispatcher is not None
         try:

@@ -1,14 +1,14 @@
-"""The control plane of bpfproxy's sk_lookup program (bpf/sk_lookup.c).
+"""Steers ports to one listener: owns the loaded sk_lookup program, its link, maps and counters.
 
-A :class:`Dispatcher` compiles the program with bcc, loads it as
-``BPF_PROG_TYPE_SK_LOOKUP``, puts the proxy's one listening socket in the
-program's sockmap and attaches the program to the listener's network
-namespace with a BPF link. From then on a new TCP connection to any port in
-:attr:`Dispatcher.ports` is accepted by that listener, which sees the port
-that was dialled with ``getsockname()`` on the accepted socket. Only
-connections to the listener's own bound address are steered (all addresses
-when it is bound to the wildcard), so ``--bind 127.0.0.1`` keeps the app
-ports off the host's other interfaces.
+A :class:`Dispatcher` gets the program compiled and loaded from
+:mod:`bpfproxy.loader` (as ``BPF_PROG_TYPE_SK_LOOKUP``), puts the proxy's one
+listening socket in the program's sockmap and attaches the program to the
+listener's network namespace with a BPF link. From then on a new TCP
+connection to any port in :attr:`Dispatcher.ports` is accepted by that
+listener, which sees the port that was dialled with ``getsockname()`` on the
+accepted socket. Only connections to the listener's own bound address are
+steered (all addresses when it is bound to the wildcard), so
+``--bind 127.0.0.1`` keeps the app ports off the host's other interfaces.
 
 Lifetime: steering lasts exactly as long as the link fd is open. ``close()``
 (or the process exiting, even by SIGKILL) closes it; nothing is pinned in
@@ -16,7 +16,7 @@ bpffs, so nothing outlives the process.
 
 Typical use::
 
-    check_environment()                 # SteeringError says what to install/do
+    check_environment()                 # loader; SteeringError says what to install/do
     with Dispatcher(listener) as dispatcher:
         dispatcher.set_ports(config_ports)
         ...                             # accept() on listener
@@ -24,351 +24,49 @@ Typical use::
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import ctypes
 import errno
 import fcntl
 import ipaddress
 import os
-import re
 import socket
 import struct
-import sys
-import tempfile
 from collections.abc import Iterable
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from . import bpfsys
+from .errors import SteeringError
+from .loader import (
+    BIND_ENTRY,
+    BIND_MAP,
+    COUNTERS,
+    COUNTERS_MAP,
+    DROP_REASONS,
+    LISTENER_MAP,
+    MIN_KERNEL,
+    PORTS_MAP,
+    SUDO_HINT,
+    compile_and_load,
+    map_fd,
+    release_bpf,
+)
 
-__all__ = [
-    "COUNTERS",
-    "DROP_REASONS",
-    "MIN_KERNEL",
-    "Dispatcher",
-    "SteeringError",
-    "check_environment",
-    "compile_check",
-]
+__all__ = ["Dispatcher", "bind_entry"]
 
-#: sk_lookup (BPF_PROG_TYPE_SK_LOOKUP, BPF_SK_LOOKUP links) arrived in Linux 5.9.
-MIN_KERNEL = (5, 9)
-
-#: Names of the program's per-CPU counters, in the order of ``enum counter``
-#: in sk_lookup.c. The first two are drops; ``family_mismatch`` counts
-#: connections passed to the normal lookup because the listener does not
-#: serve their address family (e.g. IPv6 to an AF_INET listener);
-#: ``not_bind_address`` those passed because their destination address is
-#: not the listener's bound address.
-COUNTERS = ("no_listener", "assign_failed", "family_mismatch", "not_bind_address")
-DROP_REASONS = COUNTERS[:2]
-
-_SOURCE_NAME = "sk_lookup.c"
-_PROGRAM = b"steer"
-_PORTS_MAP = b"steered_ports"
-_LISTENER_MAP = b"listener"
-_COUNTERS_MAP = b"counters"
-_BIND_MAP = b"bind_addr"
 _LISTENER_KEY = 0
 _BIND_KEY = 0
 
-# enum match in sk_lookup.c: how struct bind_addr matches one address family.
+# enum match in sk_lookup.c: how struct bind_addr (loader.BIND_ENTRY) matches one address family.
 _MATCH_NONE = 0  # no address of the family
 _MATCH_ANY = 1  # every address of the family (wildcard bind)
 _MATCH_ADDR = 2  # exactly the entry's address
-# struct bind_addr: match4, match6, 2 pad bytes, ip4, ip6 (both network byte order).
-_BIND_ENTRY = struct.Struct("=BBxx4s16s")
-
-# Linux capability bit numbers (include/uapi/linux/capability.h).
-_CAP_NET_ADMIN = 12
-_CAP_SYS_ADMIN = 21
-_CAP_BPF = 39
 
 # ioctl on a socket returning an fd of the socket's network namespace (Linux 4.9+).
 _SIOCGSKNS = 0x894C
 # Kernel-internal "operation not supported", seen by user space from bpf(2).
 _ENOTSUPP = 524
-
-_BCC_HINT = (
-    "install Debian's python3-bpfcc and use a venv created with --system-site-packages; "
-    "the PyPI package named bcc is unrelated"
-)
-_SUDO_HINT = "run it with sudo (bpfproxy needs CAP_BPF and CAP_NET_ADMIN)"
-
-
-class SteeringError(Exception):
-    """bpfproxy cannot steer on this machine; the message says what to do (one or two lines,
-    no traceback needed)."""
-
-
-# --------------------------------------------------------------------------- environment
-
-
-def _kernel_version(release: str) -> tuple[int, int]:
-    match = re.match(r"(\d+)\.(\d+)", release)
-    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
-
-
-def _effective_caps() -> int:
-    """The CapEff bit mask of this process, from /proc/self/status."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    return 0
-
-
-def _import_bcc() -> Any:
-    """Import Debian's bcc module or raise SteeringError saying how to get it."""
-    try:
-        import bcc
-    except Exception as exc:  # ImportError, or OSError when libbcc.so is missing
-        raise SteeringError(f"cannot import bcc ({exc}): {_BCC_HINT}.") from exc
-    if not hasattr(bcc, "BPF"):
-        raise SteeringError(f"the bcc module at {bcc.__file__} is not BPF's bcc: {_BCC_HINT}.")
-    return bcc
-
-
-def check_environment() -> None:
-    """Raise SteeringError, saying what to do, when this machine cannot run bpfproxy.
-
-    Checks, cheapest first: kernel version (sk_lookup needs 5.9), effective
-    capabilities (CAP_BPF or CAP_SYS_ADMIN, plus CAP_NET_ADMIN), that Debian's
-    bcc imports, and that bcc will find kernel headers to compile with.
-    """
-    release = os.uname().release
-    if _kernel_version(release) < MIN_KERNEL:
-        raise SteeringError(
-            f"Linux {release} has no sk_lookup (needs {MIN_KERNEL[0]}.{MIN_KERNEL[1]} or newer): "
-            "upgrade the kernel, or use tcpproxy (one listener per port) on this machine."
-        )
-
-    caps = _effective_caps()
-    has_bpf = bool(caps & (1 << _CAP_BPF | 1 << _CAP_SYS_ADMIN))
-    has_net_admin = bool(caps & (1 << _CAP_NET_ADMIN))
-    if not (has_bpf and has_net_admin):
-        who = "not root" if os.geteuid() != 0 else "root without these capabilities"
-        raise SteeringError(f"bpfproxy needs CAP_BPF and CAP_NET_ADMIN ({who}): run it with sudo.")
-
-    _import_bcc()
-
-    # bcc compiles against /lib/modules/$(uname -r)/build, or else against the
-    # kheaders archive of kernels built with CONFIG_IKHEADERS.
-    build = Path("/lib/modules") / release / "build"
-    if not build.exists() and not Path("/sys/kernel/kheaders.tar.xz").exists():
-        raise SteeringError(
-            f"kernel headers for {release} are missing ({build} is absent): "
-            f"install linux-headers-{release} or run 'make setup'."
-        )
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def _source_path() -> Path:
-    """sk_lookup.c: in the package dir (installed, or the symlink in a checkout), else bpf/."""
-    package_dir = Path(__file__).parent
-    candidates = (package_dir / _SOURCE_NAME, package_dir.parent / "bpf" / _SOURCE_NAME)
-    for path in candidates:
-        if path.is_file():
-            return path
-    looked = ", ".join(str(path) for path in candidates)
-    raise SteeringError(f"{_SOURCE_NAME} not found (looked at {looked}): reinstall bpfproxy.")
-
-
-class _StderrCapture:
-    """Redirect fd 2 to a temporary file for a moment, then keep what was written.
-
-    bcc writes clang diagnostics and the verifier log straight to fd 2 from C;
-    this is the way to put them into a SteeringError instead of the terminal.
-    It affects the whole process (all threads) while active, which is only
-    while compiling and loading.
-    """
-
-    def __init__(self) -> None:
-        self.text = ""
-
-    def __enter__(self) -> _StderrCapture:
-        sys.stderr.flush()
-        self._file = tempfile.TemporaryFile()
-        self._saved_fd = os.dup(2)
-        os.dup2(self._file.fileno(), 2)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        try:
-            sys.stderr.flush()
-        finally:
-            os.dup2(self._saved_fd, 2)
-            os.close(self._saved_fd)
-            self._file.seek(0)
-            self.text = self._file.read().decode(errors="replace").strip()
-            self._file.close()
-
-
-_LOG_LINES = 60  # lines of compiler or verifier output kept in a message
-_BCC_SOURCE_NAME = "/virtual/main.c"  # what bcc calls a source given as text
-_VERIFIER_INSN = re.compile(r"\d+: ")  # a verifier log line about one instruction
-_VERIFIER_STATS = ("processed ", "verification time", "stack depth")  # its closing summary
-
-
-def _head(text: str, lines: int = _LOG_LINES) -> str:
-    """The start of clang's output: its first error is the one to fix, the rest may follow
-    from it."""
-    return "\n".join(text.splitlines()[:lines])
-
-
-def _tail(text: str, lines: int = _LOG_LINES) -> str:
-    """The end of the verifier's log: where it gave up, and why."""
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def _verifier_reason(log: str) -> str:
-    """The verifier's own words for a refusal: the lines after the last instruction it walked
-    (e.g. "Unreleased reference id=5 alloc_insn=51"), without the statistics."""
-    lines = log.splitlines()
-    last_insn = max((i for i, line in enumerate(lines) if _VERIFIER_INSN.match(line)), default=-1)
-    said = (line.strip() for line in lines[last_insn + 1 :])
-    return "; ".join(line for line in said if line and not line.startswith(_VERIFIER_STATS))
-
-
-def _release_bpf(bpf: Any) -> None:
-    """bcc cleanup: close the program and map fds, free the module, drop bcc's atexit hooks."""
-    try:
-        bpf.cleanup()
-    finally:
-        atexit.unregister(bpf.cleanup)
-        atexit.unregister(bpf.donothing)
-
-
-def _load_error(err: int, log: str, source: Path) -> SteeringError:
-    """Turn a failed BPF_PROG_LOAD into a SteeringError that says what to do."""
-    if err == errno.EPERM:
-        return SteeringError(f"the kernel refused to load the BPF program (EPERM): {_SUDO_HINT}.")
-    # bcc prefixes the log with "bpf: Failed to load program: <strerror>"; the
-    # rest, if any, is the verifier's.
-    verifier_log = "\n".join(
-        line for line in log.splitlines() if not line.startswith("bpf: Failed to load program")
-    ).strip()
-    if err == errno.EINVAL and not verifier_log:
-        return SteeringError(
-            "this kernel does not support sk_lookup programs (BPF_PROG_LOAD: EINVAL): "
-            f"it needs Linux {MIN_KERNEL[0]}.{MIN_KERNEL[1]}+ built with CONFIG_BPF_SYSCALL."
-        )
-    reason = os.strerror(err) if err else "unknown error"
-    said = _verifier_reason(verifier_log)
-    return SteeringError(
-        f"the kernel's verifier rejected {source} ({reason})"
-        + (f": {said}" if said else "")
-        + "; verifier log:\n"
-        + _tail(verifier_log or log or "(empty)")
-    )
-
-
-def _compile_and_load() -> tuple[Any, int]:
-    """Compile sk_lookup.c with bcc and load it; return (bcc.BPF, program fd)."""
-    bcc = _import_bcc()
-    source = _source_path()
-
-    compile_failure: Exception | None = None
-    bpf = None
-    with _StderrCapture() as compile_output:
-        try:
-            bpf = bcc.BPF(text=source.read_bytes())
-        except Exception as exc:
-            compile_failure = exc
-    if bpf is None:
-        # bcc also creates the maps while "compiling": a refusal there is not a
-        # compile error ("could not open bpf map: NAME, error: <strerror>").
-        if "Operation not permitted" in compile_output.text:
-            raise SteeringError(
-                f"the kernel refused to create BPF maps (EPERM): {_SUDO_HINT}."
-            ) from compile_failure
-        map_errors = [line for line in compile_output.text.splitlines() if "bpf map" in line]
-        if map_errors:
-            raise SteeringError(
-                f"the kernel refused to create BPF maps: {map_errors[0].strip()}."
-            ) from compile_failure
-        # clang's diagnostics, naming the real file (the line numbers are the file's).
-        diagnostics = _head(compile_output.text.replace(_BCC_SOURCE_NAME, str(source)))
-        raise SteeringError(
-            f"bcc could not compile {source}:\n{diagnostics or compile_failure}"
-        ) from compile_failure
-
-    try:
-        load_failure: Exception | None = None
-        load_errno = 0
-        with _StderrCapture() as load_output:
-            try:
-                program = bpf.load_func(
-                    _PROGRAM, bpfsys.BPF_PROG_TYPE_SK_LOOKUP, attach_type=bpfsys.BPF_SK_LOOKUP
-                )
-            except Exception as exc:
-                load_failure = exc
-                load_errno = ctypes.get_errno()
-        if load_failure is not None:
-            raise _load_error(load_errno, load_output.text, source) from load_failure
-        _check_maps(bpf)
-    except BaseException:
-        _release_bpf(bpf)
-        raise
-    return bpf, program.fd
-
-
-def _map_fd(bpf: Any, name: bytes) -> int:
-    import bcc.libbcc
-
-    fd = bcc.libbcc.lib.bpf_table_fd(bpf.module, name)
-    if fd < 0:
-        raise SteeringError(f"{_SOURCE_NAME} has no map named {name.decode()}: reinstall bpfproxy.")
-    return fd
-
-
-def _check_maps(bpf: Any) -> None:
-    """Check that the maps the kernel created are what this module writes into them."""
-    ports = bpf[_PORTS_MAP]
-    counters = bpf[_COUNTERS_MAP]
-    expected = {
-        # name: (map type, key size, value size, max entries)
-        _PORTS_MAP: (
-            bpfsys.BPF_MAP_TYPE_HASH,
-            ctypes.sizeof(ctypes.c_uint16),
-            ctypes.sizeof(ctypes.c_uint8),
-            65536,
-        ),
-        _LISTENER_MAP: (bpfsys.BPF_MAP_TYPE_SOCKMAP, 4, 8, 1),
-        _COUNTERS_MAP: (bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, len(COUNTERS)),
-        _BIND_MAP: (bpfsys.BPF_MAP_TYPE_ARRAY, 4, _BIND_ENTRY.size, 1),
-    }
-    python_side = {
-        _PORTS_MAP: (ctypes.sizeof(ports.Key), ctypes.sizeof(ports.Leaf)),
-        _COUNTERS_MAP: (ctypes.sizeof(counters.Key), ctypes.sizeof(counters.sLeaf)),
-    }
-    for name, want in expected.items():
-        info = bpfsys.map_info(_map_fd(bpf, name))
-        got = (info.type, info.key_size, info.value_size, info.max_entries)
-        sizes = python_side.get(name, want[1:3])
-        if got != want or sizes != want[1:3]:
-            raise SteeringError(
-                f"map {name.decode()} is (type, key, value, max_entries)={got} in the kernel, "
-                f"{want} expected, ctypes key/value sizes {sizes}: "
-                f"{_SOURCE_NAME} and dispatcher.py disagree; reinstall bpfproxy."
-            )
-
-
-def compile_check() -> None:
-    """Check that this machine can run bpfproxy: compile and load the program, attach nothing.
-
-    Raises SteeringError saying what to do. Used by ``make bpfproxy``.
-    """
-    check_environment()
-    bpf, _ = _compile_and_load()
-    _release_bpf(bpf)
-
-
-# --------------------------------------------------------------------------- dispatcher
 
 
 def _check_listener(listener: socket.socket) -> None:
@@ -406,12 +104,12 @@ def bind_entry(host: str) -> bytes:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         mapped = address.ipv4_mapped
         match4 = _MATCH_ANY if mapped.is_unspecified else _MATCH_ADDR
-        return _BIND_ENTRY.pack(match4, _MATCH_NONE, mapped.packed, bytes(16))
+        return BIND_ENTRY.pack(match4, _MATCH_NONE, mapped.packed, bytes(16))
     if address.is_unspecified:
-        return _BIND_ENTRY.pack(_MATCH_ANY, _MATCH_ANY, bytes(4), bytes(16))
+        return BIND_ENTRY.pack(_MATCH_ANY, _MATCH_ANY, bytes(4), bytes(16))
     if isinstance(address, ipaddress.IPv4Address):
-        return _BIND_ENTRY.pack(_MATCH_ADDR, _MATCH_NONE, address.packed, bytes(16))
-    return _BIND_ENTRY.pack(_MATCH_NONE, _MATCH_ADDR, bytes(4), address.packed)
+        return BIND_ENTRY.pack(_MATCH_ADDR, _MATCH_NONE, address.packed, bytes(16))
+    return BIND_ENTRY.pack(_MATCH_NONE, _MATCH_ADDR, bytes(4), address.packed)
 
 
 def _check_port(port: int) -> int:
@@ -450,9 +148,9 @@ class Dispatcher:
         self._closed = False
         _check_listener(listener)
         try:
-            self._bpf, self._prog_fd = _compile_and_load()
-            self._ports_table = self._bpf[_PORTS_MAP]
-            self._counters_table = self._bpf[_COUNTERS_MAP]
+            self._bpf, self._prog_fd = compile_and_load()
+            self._ports_table = self._bpf[PORTS_MAP]
+            self._counters_table = self._bpf[COUNTERS_MAP]
             self._put_listener(listener)
             self._put_bind_address(listener)
             if attach:
@@ -464,10 +162,10 @@ class Dispatcher:
     # ----------------------------------------------------------------- setup steps
 
     def _put_listener(self, listener: socket.socket) -> None:
-        map_fd = _map_fd(self._bpf, _LISTENER_MAP)
+        listener_map = map_fd(self._bpf, LISTENER_MAP)
         try:
             bpfsys.map_update_elem(
-                map_fd,
+                listener_map,
                 struct.pack("=I", _LISTENER_KEY),
                 struct.pack("=Q", listener.fileno()),
                 bpfsys.BPF_ANY,
@@ -484,7 +182,7 @@ class Dispatcher:
         self._bind_entry = bind_entry(self._bind_host)
         try:
             bpfsys.map_update_elem(
-                _map_fd(self._bpf, _BIND_MAP),
+                map_fd(self._bpf, BIND_MAP),
                 struct.pack("=I", _BIND_KEY),
                 self._bind_entry,
                 bpfsys.BPF_ANY,
@@ -523,7 +221,7 @@ class Dispatcher:
             self._link_fd = bpfsys.link_create(self._prog_fd, netns_fd, bpfsys.BPF_SK_LOOKUP)
         except OSError as exc:
             if exc.errno == errno.EPERM:
-                hint = _SUDO_HINT
+                hint = SUDO_HINT
             elif exc.errno == errno.EINVAL:
                 hint = (
                     "this kernel cannot attach sk_lookup programs to a network namespace "
@@ -658,7 +356,7 @@ class Dispatcher:
             self._ports = frozenset()
             bpf, self._bpf = self._bpf, None
             if bpf is not None:
-                _release_bpf(bpf)
+                release_bpf(bpf)
 
     def __enter__(self) -> Dispatcher:
         return self

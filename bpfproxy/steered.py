@@ -8,7 +8,8 @@ import time
 
 import trio
 
-from bpfproxy.dispatcher import Dispatcher, SteeringError
+from bpfproxy.dispatcher import Dispatcher
+from bpfproxy.errors import SteeringError
 from tcpproxy.config import Config
 from tcpproxy.diff import format_ports
 from tcpproxy.errors import StartupError

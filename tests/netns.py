@@ -233,7 +233,8 @@ def bpf_unavailable_reason() -> str | None:
         import pyroute2  # noqa: F401
     except ImportError:
         return "needs pyroute2 (pip install '.[test]')"
-    from bpfproxy.dispatcher import SteeringError, check_environment
+    from bpfproxy.errors import SteeringError
+    from bpfproxy.loader import check_environment
 
     try:
         check_environment()

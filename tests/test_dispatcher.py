@@ -22,16 +22,11 @@ from pathlib import Path
 
 import pytest
 
-import bpfproxy.dispatcher as dispatcher_module
+import bpfproxy.loader as loader_module
 from bpfproxy import bpfsys
-from bpfproxy.dispatcher import (
-    COUNTERS,
-    DROP_REASONS,
-    Dispatcher,
-    SteeringError,
-    check_environment,
-    compile_check,
-)
+from bpfproxy.dispatcher import Dispatcher
+from bpfproxy.errors import SteeringError
+from bpfproxy.loader import COUNTERS, DROP_REASONS, check_environment, compile_check
 from tests.netns import NetNS, netns_fixture, requires_bpf
 
 __all__ = ["netns_fixture"]  # re-exported so pytest registers the "netns" fixture here
@@ -409,7 +404,7 @@ def test_failed_setup_is_undone(
 def test_compile_error_is_explained(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     broken = tmp_path / "sk_lookup.c"
     broken.write_text(SOURCE.read_text().replace("return SK_PASS;", "return SK_PASS"))
-    monkeypatch.setattr(dispatcher_module, "_source_path", lambda: broken)
+    monkeypatch.setattr(loader_module, "_source_path", lambda: broken)
     with pytest.raises(SteeringError) as caught:
         compile_check()
     message = str(caught.value)
@@ -428,7 +423,7 @@ def test_verifier_rejection_includes_the_log(
 ) -> None:
     leaky = tmp_path / "sk_lookup.c"
     leaky.write_text(SOURCE.read_text().replace("bpf_sk_release(sk);", ""))
-    monkeypatch.setattr(dispatcher_module, "_source_path", lambda: leaky)
+    monkeypatch.setattr(loader_module, "_source_path", lambda: leaky)
     with pytest.raises(SteeringError) as caught:
         compile_check()
     # The verifier's reason comes first, then the log that leads to it.
@@ -441,11 +436,11 @@ def test_environment_problems_say_what_to_do(monkeypatch: pytest.MonkeyPatch) ->
     check_environment()  # this machine is fine
 
     with monkeypatch.context() as patch:
-        patch.setattr(dispatcher_module, "_kernel_version", lambda release: (5, 4))
+        patch.setattr(loader_module, "_kernel_version", lambda release: (5, 4))
         with pytest.raises(SteeringError, match=r"needs 5\.9"):
             check_environment()
     with monkeypatch.context() as patch:
-        patch.setattr(dispatcher_module, "_effective_caps", lambda: 1 << 12)  # NET_ADMIN only
+        patch.setattr(loader_module, "_effective_caps", lambda: 1 << 12)  # NET_ADMIN only
         with pytest.raises(SteeringError, match="run it with sudo"):
             check_environment()
     with monkeypatch.context() as patch:

@@ -1,0 +1,346 @@
+"""Gets bpf/sk_lookup.c into the kernel: checks the machine, compiles and loads it with bcc.
+
+:func:`check_environment` says, before anything is loaded, what this machine
+lacks (kernel version, capabilities, bcc, kernel headers).
+:func:`compile_and_load` compiles the program, loads it as
+``BPF_PROG_TYPE_SK_LOOKUP`` and checks that the maps the kernel created have
+the layout described here (the names and sizes the dispatcher writes by);
+compile, verifier and permission failures become a :class:`SteeringError`
+that names the file and the reason. :func:`compile_check` does both and
+attaches nothing (``bpfproxy --check``).
+
+What is loaded steers nothing yet: :class:`bpfproxy.dispatcher.Dispatcher`
+owns it, fills its maps and attaches it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import errno
+import os
+import re
+import struct
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from . import bpfsys
+from .errors import SteeringError
+
+__all__ = [
+    "BIND_ENTRY",
+    "BIND_MAP",
+    "COUNTERS",
+    "COUNTERS_MAP",
+    "DROP_REASONS",
+    "LISTENER_MAP",
+    "MIN_KERNEL",
+    "PORTS_MAP",
+    "SUDO_HINT",
+    "check_environment",
+    "compile_and_load",
+    "compile_check",
+    "map_fd",
+    "release_bpf",
+]
+
+#: sk_lookup (BPF_PROG_TYPE_SK_LOOKUP, BPF_SK_LOOKUP links) arrived in Linux 5.9.
+MIN_KERNEL = (5, 9)
+
+#: Names of the program's per-CPU counters, in the order of ``enum counter``
+#: in sk_lookup.c. The first two are drops; ``family_mismatch`` counts
+#: connections passed to the normal lookup because the listener does not
+#: serve their address family (e.g. IPv6 to an AF_INET listener);
+#: ``not_bind_address`` those passed because their destination address is
+#: not the listener's bound address.
+COUNTERS = ("no_listener", "assign_failed", "family_mismatch", "not_bind_address")
+DROP_REASONS = COUNTERS[:2]
+
+_SOURCE_NAME = "sk_lookup.c"
+_PROGRAM = b"steer"
+# The program's maps, by name (see _check_maps for their layout).
+PORTS_MAP = b"steered_ports"
+LISTENER_MAP = b"listener"
+COUNTERS_MAP = b"counters"
+BIND_MAP = b"bind_addr"
+
+#: struct bind_addr: match4, match6, 2 pad bytes, ip4, ip6 (both network byte order).
+BIND_ENTRY = struct.Struct("=BBxx4s16s")
+
+# Linux capability bit numbers (include/uapi/linux/capability.h).
+_CAP_NET_ADMIN = 12
+_CAP_SYS_ADMIN = 21
+_CAP_BPF = 39
+
+_BCC_HINT = (
+    "install Debian's python3-bpfcc and use a venv created with --system-site-packages; "
+    "the PyPI package named bcc is unrelated"
+)
+SUDO_HINT = "run it with sudo (bpfproxy needs CAP_BPF and CAP_NET_ADMIN)"
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def _kernel_version(release: str) -> tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", release)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def _effective_caps() -> int:
+    """The CapEff bit mask of this process, from /proc/self/status."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def _import_bcc() -> Any:
+    """Import Debian's bcc module or raise SteeringError saying how to get it."""
+    try:
+        import bcc
+    except Exception as exc:  # ImportError, or OSError when libbcc.so is missing
+        raise SteeringError(f"cannot import bcc ({exc}): {_BCC_HINT}.") from exc
+    if not hasattr(bcc, "BPF"):
+        raise SteeringError(f"the bcc module at {bcc.__file__} is not BPF's bcc: {_BCC_HINT}.")
+    return bcc
+
+
+def check_environment() -> None:
+    """Raise SteeringError, saying what to do, when this machine cannot run bpfproxy.
+
+    Checks, cheapest first: kernel version (sk_lookup needs 5.9), effective
+    capabilities (CAP_BPF or CAP_SYS_ADMIN, plus CAP_NET_ADMIN), that Debian's
+    bcc imports, and that bcc will find kernel headers to compile with.
+    """
+    release = os.uname().release
+    if _kernel_version(release) < MIN_KERNEL:
+        raise SteeringError(
+            f"Linux {release} has no sk_lookup (needs {MIN_KERNEL[0]}.{MIN_KERNEL[1]} or newer): "
+            "upgrade the kernel, or use tcpproxy (one listener per port) on this machine."
+        )
+
+    caps = _effective_caps()
+    has_bpf = bool(caps & (1 << _CAP_BPF | 1 << _CAP_SYS_ADMIN))
+    has_net_admin = bool(caps & (1 << _CAP_NET_ADMIN))
+    if not (has_bpf and has_net_admin):
+        who = "not root" if os.geteuid() != 0 else "root without these capabilities"
+        raise SteeringError(f"bpfproxy needs CAP_BPF and CAP_NET_ADMIN ({who}): run it with sudo.")
+
+    _import_bcc()
+
+    # bcc compiles against /lib/modules/$(uname -r)/build, or else against the
+    # kheaders archive of kernels built with CONFIG_IKHEADERS.
+    build = Path("/lib/modules") / release / "build"
+    if not build.exists() and not Path("/sys/kernel/kheaders.tar.xz").exists():
+        raise SteeringError(
+            f"kernel headers for {release} are missing ({build} is absent): "
+            f"install linux-headers-{release} or run 'make setup'."
+        )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _source_path() -> Path:
+    """sk_lookup.c: in the package dir (installed, or the symlink in a checkout), else bpf/."""
+    package_dir = Path(__file__).parent
+    candidates = (package_dir / _SOURCE_NAME, package_dir.parent / "bpf" / _SOURCE_NAME)
+    for path in candidates:
+        if path.is_file():
+            return path
+    looked = ", ".join(str(path) for path in candidates)
+    raise SteeringError(f"{_SOURCE_NAME} not found (looked at {looked}): reinstall bpfproxy.")
+
+
+class _StderrCapture:
+    """Redirect fd 2 to a temporary file for a moment, then keep what was written.
+
+    bcc writes clang diagnostics and the verifier log straight to fd 2 from C;
+    this is the way to put them into a SteeringError instead of the terminal.
+    It affects the whole process (all threads) while active, which is only
+    while compiling and loading.
+    """
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def __enter__(self) -> _StderrCapture:
+        sys.stderr.flush()
+        self._file = tempfile.TemporaryFile()
+        self._saved_fd = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            sys.stderr.flush()
+        finally:
+            os.dup2(self._saved_fd, 2)
+            os.close(self._saved_fd)
+            self._file.seek(0)
+            self.text = self._file.read().decode(errors="replace").strip()
+            self._file.close()
+
+
+_LOG_LINES = 60  # lines of compiler or verifier output kept in a message
+_BCC_SOURCE_NAME = "/virtual/main.c"  # what bcc calls a source given as text
+_VERIFIER_INSN = re.compile(r"\d+: ")  # a verifier log line about one instruction
+_VERIFIER_STATS = ("processed ", "verification time", "stack depth")  # its closing summary
+
+
+def _head(text: str, lines: int = _LOG_LINES) -> str:
+    """The start of clang's output: its first error is the one to fix, the rest may follow
+    from it."""
+    return "\n".join(text.splitlines()[:lines])
+
+
+def _tail(text: str, lines: int = _LOG_LINES) -> str:
+    """The end of the verifier's log: where it gave up, and why."""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _verifier_reason(log: str) -> str:
+    """The verifier's own words for a refusal: the lines after the last instruction it walked
+    (e.g. "Unreleased reference id=5 alloc_insn=51"), without the statistics."""
+    lines = log.splitlines()
+    last_insn = max((i for i, line in enumerate(lines) if _VERIFIER_INSN.match(line)), default=-1)
+    said = (line.strip() for line in lines[last_insn + 1 :])
+    return "; ".join(line for line in said if line and not line.startswith(_VERIFIER_STATS))
+
+
+def release_bpf(bpf: Any) -> None:
+    """bcc cleanup: close the program and map fds, free the module, drop bcc's atexit hooks."""
+    try:
+        bpf.cleanup()
+    finally:
+        atexit.unregister(bpf.cleanup)
+        atexit.unregister(bpf.donothing)
+
+
+def _load_error(err: int, log: str, source: Path) -> SteeringError:
+    """Turn a failed BPF_PROG_LOAD into a SteeringError that says what to do."""
+    if err == errno.EPERM:
+        return SteeringError(f"the kernel refused to load the BPF program (EPERM): {SUDO_HINT}.")
+    # bcc prefixes the log with "bpf: Failed to load program: <strerror>"; the
+    # rest, if any, is the verifier's.
+    verifier_log = "\n".join(
+        line for line in log.splitlines() if not line.startswith("bpf: Failed to load program")
+    ).strip()
+    if err == errno.EINVAL and not verifier_log:
+        return SteeringError(
+            "this kernel does not support sk_lookup programs (BPF_PROG_LOAD: EINVAL): "
+            f"it needs Linux {MIN_KERNEL[0]}.{MIN_KERNEL[1]}+ built with CONFIG_BPF_SYSCALL."
+        )
+    reason = os.strerror(err) if err else "unknown error"
+    said = _verifier_reason(verifier_log)
+    return SteeringError(
+        f"the kernel's verifier rejected {source} ({reason})"
+        + (f": {said}" if said else "")
+        + "; verifier log:\n"
+        + _tail(verifier_log or log or "(empty)")
+    )
+
+
+def compile_and_load() -> tuple[Any, int]:
+    """Compile sk_lookup.c with bcc and load it; return (bcc.BPF, program fd)."""
+    bcc = _import_bcc()
+    source = _source_path()
+
+    compile_failure: Exception | None = None
+    bpf = None
+    with _StderrCapture() as compile_output:
+        try:
+            bpf = bcc.BPF(text=source.read_bytes())
+        except Exception as exc:
+            compile_failure = exc
+    if bpf is None:
+        # bcc also creates the maps while "compiling": a refusal there is not a
+        # compile error ("could not open bpf map: NAME, error: <strerror>").
+        if "Operation not permitted" in compile_output.text:
+            raise SteeringError(
+                f"the kernel refused to create BPF maps (EPERM): {SUDO_HINT}."
+            ) from compile_failure
+        map_errors = [line for line in compile_output.text.splitlines() if "bpf map" in line]
+        if map_errors:
+            raise SteeringError(
+                f"the kernel refused to create BPF maps: {map_errors[0].strip()}."
+            ) from compile_failure
+        # clang's diagnostics, naming the real file (the line numbers are the file's).
+        diagnostics = _head(compile_output.text.replace(_BCC_SOURCE_NAME, str(source)))
+        raise SteeringError(
+            f"bcc could not compile {source}:\n{diagnostics or compile_failure}"
+        ) from compile_failure
+
+    try:
+        load_failure: Exception | None = None
+        load_errno = 0
+        with _StderrCapture() as load_output:
+            try:
+                program = bpf.load_func(
+                    _PROGRAM, bpfsys.BPF_PROG_TYPE_SK_LOOKUP, attach_type=bpfsys.BPF_SK_LOOKUP
+                )
+            except Exception as exc:
+                load_failure = exc
+                load_errno = ctypes.get_errno()
+        if load_failure is not None:
+            raise _load_error(load_errno, load_output.text, source) from load_failure
+        _check_maps(bpf)
+    except BaseException:
+        release_bpf(bpf)
+        raise
+    return bpf, program.fd
+
+
+def map_fd(bpf: Any, name: bytes) -> int:
+    import bcc.libbcc
+
+    fd = bcc.libbcc.lib.bpf_table_fd(bpf.module, name)
+    if fd < 0:
+        raise SteeringError(f"{_SOURCE_NAME} has no map named {name.decode()}: reinstall bpfproxy.")
+    return fd
+
+
+def _check_maps(bpf: Any) -> None:
+    """Check that the maps the kernel created are what the dispatcher writes into them."""
+    ports = bpf[PORTS_MAP]
+    counters = bpf[COUNTERS_MAP]
+    expected = {
+        # name: (map type, key size, value size, max entries)
+        PORTS_MAP: (
+            bpfsys.BPF_MAP_TYPE_HASH,
+            ctypes.sizeof(ctypes.c_uint16),
+            ctypes.sizeof(ctypes.c_uint8),
+            65536,
+        ),
+        LISTENER_MAP: (bpfsys.BPF_MAP_TYPE_SOCKMAP, 4, 8, 1),
+        COUNTERS_MAP: (bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, len(COUNTERS)),
+        BIND_MAP: (bpfsys.BPF_MAP_TYPE_ARRAY, 4, BIND_ENTRY.size, 1),
+    }
+    python_side = {
+        PORTS_MAP: (ctypes.sizeof(ports.Key), ctypes.sizeof(ports.Leaf)),
+        COUNTERS_MAP: (ctypes.sizeof(counters.Key), ctypes.sizeof(counters.sLeaf)),
+    }
+    for name, want in expected.items():
+        info = bpfsys.map_info(map_fd(bpf, name))
+        got = (info.type, info.key_size, info.value_size, info.max_entries)
+        sizes = python_side.get(name, want[1:3])
+        if got != want or sizes != want[1:3]:
+            raise SteeringError(
+                f"map {name.decode()} is (type, key, value, max_entries)={got} in the kernel, "
+                f"{want} expected, ctypes key/value sizes {sizes}: "
+                f"{_SOURCE_NAME} and loader.py disagree; reinstall bpfproxy."
+            )
+
+
+def compile_check() -> None:
+    """Check that this machine can run bpfproxy: compile and load the program, attach nothing.
+
+    Raises SteeringError saying what to do. Used by ``make bpfproxy``.
+    """
+    check_environment()
+    bpf, _ = compile_and_load()
+    release_bpf(bpf)
