@@ -17,7 +17,6 @@ from proxyprotocol.result import (
     ProxyResult,
     ProxyResultIPv4,
     ProxyResultIPv6,
-    ProxyResultLocal,
 )
 from proxyprotocol.v1 import ProxyProtocolV1
 from proxyprotocol.v2 import ProxyProtocolV2
@@ -35,21 +34,44 @@ class ProxyHeaderError(Exception):
     """Theirs: a client that should send a PROXY header sent something else."""
 
 
-def _unmap(host: str) -> str:
-    return host[7:] if host.startswith("::ffff:") and "." in host else host
+_IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _address(host: str) -> _IP:
+    """`host` as an address to send: v4-mapped IPv6 unmapped, a link-local scope dropped."""
+    address = ipaddress.ip_address(host)
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:  # an IPv4 client on a dual-stack socket
+            return address.ipv4_mapped
+        if address.scope_id is not None:  # "fe80::1%eth0": the scope means nothing elsewhere
+            return ipaddress.IPv6Address(address.packed)
+    return address
+
+
+def _mapped(address: _IP) -> ipaddress.IPv6Address:
+    """IPv4 as ::ffff:a.b.c.d (RFC 4291), so it fits beside an IPv6 address."""
+    if isinstance(address, ipaddress.IPv6Address):
+        return address
+    return ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + address.packed)
 
 
 def build_header(version: str, source: tuple, destination: tuple) -> bytes:
-    """The header for a connection from `source` to `destination` (address tuples)."""
-    src_host, dst_host = _unmap(source[0]), _unmap(destination[0])
-    src, dst = ipaddress.ip_address(src_host), ipaddress.ip_address(dst_host)
+    """The header for a TCP connection from `source` to `destination` (address tuples).
+
+    Both ends must be of one family in a header: when one is IPv4 and the other
+    IPv6 (a balancer's IPv4 client reaching us over IPv6), the IPv4 one is sent
+    v4-mapped in a TCP6 header, so the backend still learns the client's address.
+    """
+    src, dst = _address(source[0]), _address(destination[0])
     result: ProxyResult
     if src.version == dst.version == 4:
-        result = ProxyResultIPv4((src, source[1]), (dst, destination[1]))  # type: ignore[arg-type]
-    elif src.version == dst.version == 6:
-        result = ProxyResultIPv6((src, source[1]), (dst, destination[1]))  # type: ignore[arg-type]
-    else:  # mixed families: no address to give
-        result = ProxyResultLocal()
+        result = ProxyResultIPv4(
+            (src, source[1]), (dst, destination[1]), protocol=socket.SOCK_STREAM
+        )
+    else:
+        result = ProxyResultIPv6(
+            (_mapped(src), source[1]), (_mapped(dst), destination[1]), protocol=socket.SOCK_STREAM
+        )
     protocol = ProxyProtocolV2() if version == "v2" else ProxyProtocolV1()
     return protocol.pack(result)
 
