@@ -10,11 +10,12 @@ import ipaddress
 import socket
 
 import pytest
+import trio
 from proxyprotocol.detect import ProxyProtocolDetect
 from proxyprotocol.v1 import ProxyProtocolV1
 from proxyprotocol.v2 import ProxyProtocolV2
 
-from tcpproxy.proxy_protocol import build_header
+from tcpproxy.proxy_protocol import ProxyHeaderError, build_header, read_header
 from tests.helpers import app, connect, free_ports, recv_all, running_tcpproxy, write_config
 
 
@@ -136,3 +137,49 @@ def test_build_header_keeps_the_client_address(
     (src_host, src_port), (dst_host, dst_port) = _unpack(version, header)
     assert (src_host, src_port) == (ipaddress.ip_address(expected_source), source[1])
     assert (dst_host, dst_port) == (ipaddress.ip_address(expected_destination), destination[1])
+
+
+# --- read_header: byte by byte, and nothing after the header -----------------------
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_read_header_in_pieces_leaves_the_payload_unread(version: str) -> None:
+    header = build_header(version, ("203.0.113.7", 4444), ("192.0.2.1", 80))
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+
+    async def main() -> tuple[str, int] | None:
+        async with trio.open_nursery() as nursery:
+
+            async def dribble() -> None:
+                for byte in header:  # one byte at a time, with pauses between
+                    theirs.send(bytes([byte]))
+                    await trio.sleep(0.001)
+                theirs.send(b"payload")
+
+            nursery.start_soon(dribble)
+            return await read_header(ours)
+
+    with ours, theirs:
+        assert trio.run(main) == ("203.0.113.7", 4444)
+        assert ours.recv(100) == b"payload"
+
+
+@pytest.mark.parametrize(
+    ("sent", "error"),
+    [
+        (b"PROXY " + b"1" * 200, "longer than 107 bytes"),
+        (b"GET / HTTP/1.0\r\n\r\n", "no PROXY protocol header"),
+        (b"\r\n\r\n\x00\r\nQUIz\n" + b"\0" * 8, "no PROXY protocol header"),
+        (b"PROX", "closed before a PROXY header"),
+        (b"PROXY TCP4 nonsense\r\n", "bad PROXY header"),
+    ],
+)
+def test_read_header_errors(sent: bytes, error: str) -> None:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    with ours, theirs:
+        theirs.sendall(sent)
+        theirs.shutdown(socket.SHUT_WR)
+        with pytest.raises(ProxyHeaderError, match=error):
+            trio.run(read_header, ours)
