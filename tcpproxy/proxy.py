@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,15 +36,54 @@ from tcpproxy.errors import ResourceExhausted, TargetUnavailable
 from tcpproxy.health import HealthBook
 from tcpproxy.metrics import NullMetrics
 from tcpproxy.monitor import HealthMonitor
-from tcpproxy.proxy_protocol import ProxyHeaderError, build_header, read_header, send_all
+from tcpproxy.proxy_protocol import (
+    HEADER_TIMEOUT,
+    ProxyHeaderError,
+    build_header,
+    read_header,
+    send_all,
+)
 from tcpproxy.resolve import Resolver
 from tcpproxy.splice import EndReason, RelayStats, abort, relay
 
-__all__ = ["LIMIT_LOG_INTERVAL", "AppRuntime", "Proxy"]
+__all__ = ["LIMIT_LOG_INTERVAL", "AppRuntime", "Proxy", "WarnLimiter"]
 
 log = logging.getLogger("tcpproxy")
 
-LIMIT_LOG_INTERVAL = 10.0  # seconds between repeated "limit reached" warnings
+LIMIT_LOG_INTERVAL = 10.0  # seconds between warnings of one kind (per app) a client can trigger
+LIMIT_LOG_KEYS = 1024  # kinds of warning remembered at once; stale ones are then forgotten
+
+
+class WarnLimiter:
+    """Logs a warning at most once per `interval` per key, and says how many it held back.
+
+    Every warning a client can trigger goes through one of these, so 2000 bad
+    clients cost a few lines, not 2000. The key is the kind of warning and its
+    app (never a client address: that would let clients choose the keys).
+    """
+
+    def __init__(
+        self, interval: float = LIMIT_LOG_INTERVAL, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._seen: dict[str, tuple[float, int]] = {}  # key -> (last logged, suppressed since)
+
+    def __call__(self, key: str, message: str, *args: object) -> bool:
+        """Log `message % args` unless `key` was logged within the interval; True if logged."""
+        now = self._clock()
+        last, suppressed = self._seen.get(key, (-math.inf, 0))
+        if now - last < self._interval:
+            self._seen[key] = (last, suppressed + 1)
+            return False
+        if len(self._seen) >= LIMIT_LOG_KEYS:  # bounded: forget the kinds gone quiet
+            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self._interval}
+        self._seen[key] = (now, 0)
+        if suppressed:
+            message += " (%d more like this in the last %.0f s not logged)"
+            args = (*args, suppressed, now - last)
+        log.warning(message, *args)
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +146,7 @@ class Proxy:
         self.active: Counter[Target] = Counter()  # open connections per target
         self.active_by_app: Counter[str] = Counter()
         self.active_total = 0
-        self._limit_logged: dict[str, float] = {}
+        self._warn_limit = WarnLimiter()  # for every warning a client can trigger
         self.config = Config(apps=())
         self._apps: dict[str, AppRuntime] = {}
         self._routes: dict[int, AppRuntime] = {}
@@ -183,12 +224,6 @@ class Proxy:
     def route(self, port: int) -> AppRuntime | None:
         return self._routes.get(port)
 
-    def _warn_limit(self, key: str, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._limit_logged.get(key, -LIMIT_LOG_INTERVAL) >= LIMIT_LOG_INTERVAL:
-            self._limit_logged[key] = now
-            log.warning(message, *args)
-
     def dispatch(self, client: socket.socket, port: int, peer: tuple) -> None:
         """Take an accepted connection and the slot its accept loop took.
 
@@ -244,8 +279,14 @@ class Proxy:
                     peer, header = await self._proxy_protocol(client, peer, cfg)
                 except (ProxyHeaderError, trio.TooSlowError, OSError) as exc:
                     reason = "client-error (PROXY header)"
-                    log.warning("conn %s client=%s port=%d: %s", cid, format_peer(peer), port,
-                                describe_error(exc), extra={"conn": cid})  # fmt: skip
+                    why = (
+                        f"no complete PROXY header within {HEADER_TIMEOUT:g} s"
+                        if isinstance(exc, trio.TooSlowError)
+                        else describe_error(exc)
+                    )
+                    self._warn_limit(f"proxy-header {cfg.name}",
+                                     "conn %s client=%s port=%d app=%s: %s", cid,
+                                     format_peer(peer), port, cfg.name, why)  # fmt: skip
                     return
             order = app.balancer.order(health.book.is_down)
             while True:
