@@ -22,8 +22,23 @@ ConnectTimeout  2.0          seconds  Survives one lost SYN (Linux resends it af
 IdleTimeout     3600.0       seconds  No byte either way for this long closes both sides;
                                       long enough for idle database sessions, short
                                       enough that vanished peers do not pin descriptors.
-MaxConnections  10000        count    Open connections of the app at once; the excess
-                                      is reset (bounded resources per app).
+MaxConnections  1000         count    Open connections of the app at once; the excess
+                                      is reset. A tenth of the process's default limit
+                                      (10000), so one app's clients (idle ones
+                                      included) cannot take every slot: isolation
+                                      between apps. Raise it for an app that needs more.
+MaxConn...      none (off)   count    MaxConnectionsPerSource: open connections of the
+                                      app from one client IP address (the socket's
+                                      peer, so with AcceptProxyProtocol: the
+                                      balancer's); the excess is reset. Off by default:
+                                      clients behind NAT or a balancer share an address.
+FirstByte...    none (off)   seconds  FirstByteTimeout: a client that sends nothing for
+                                      this long after connecting (after its PROXY
+                                      header, if any) is closed, and no target is
+                                      connected until it sends, so silent clients hold
+                                      no backend connection. Off by default: in
+                                      server-speaks-first protocols (SMTP, SSH, MySQL)
+                                      the client waits for the target. <= 3600.
 HealthCheck     none         object   Active TCP-connect checks (Interval 2 s, Timeout
                                       1 s, Rise 2, Fall 3); none means passive only.
 SendProxy...    none         --       SendProxyProtocol "v1" or "v2": a PROXY header to
@@ -136,7 +151,9 @@ class AppConfig:
     strategy: Strategy = Strategy.ROUND_ROBIN
     connect_timeout: float = 2.0  # seconds
     idle_timeout: float = 3600.0  # seconds without a byte either way before both sides close
-    max_connections: int = 10000  # open connections of this app at once
+    max_connections: int = 1000  # open connections of this app at once
+    max_connections_per_source: int | None = None  # per client IP address; None: no limit
+    first_byte_timeout: float | None = None  # seconds a client may stay silent; None: forever
     health_check: HealthCheck | None = None  # None: passive health only
     send_proxy_protocol: str | None = None  # "v1" or "v2": tell targets the client's address
     accept_proxy_protocol: bool = False  # a load balancer in front sends a PROXY header
@@ -316,7 +333,9 @@ class _Options(_Model):
     strategy: Annotated[Strategy, Field(strict=False)] = Strategy.ROUND_ROBIN
     connect_timeout: float = Field(default=2.0, gt=0, le=300, allow_inf_nan=False)
     idle_timeout: float = Field(default=3600.0, gt=0, le=7 * 86400, allow_inf_nan=False)
-    max_connections: int = Field(default=10000, ge=1, le=1_000_000)
+    max_connections: int = Field(default=1000, ge=1, le=1_000_000)
+    max_connections_per_source: int | None = Field(default=None, ge=1, le=1_000_000)
+    first_byte_timeout: float | None = Field(default=None, gt=0, le=3600, allow_inf_nan=False)
     health_check: _HealthCheck | None = None
     send_proxy_protocol: Literal["v1", "v2"] | None = None
     accept_proxy_protocol: bool = False
@@ -482,6 +501,8 @@ def _message(err: ErrorDetails) -> str:
             return f"must be one of {', '.join(repr(s.value) for s in Strategy)}, got {got}"
         case "greater_than":
             return f"must be greater than {ctx['gt']:g}, got {got}"
+        case "greater_than_equal":
+            return f"must be at least {ctx['ge']:g}, got {got}"
         case "less_than_equal":
             return f"must be at most {ctx['le']:g}, got {got}"
         case "finite_number":

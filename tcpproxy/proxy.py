@@ -8,10 +8,13 @@ Limits:
   accepting, so at the limit the proxy stops accepting and new connections
   wait in the kernel's listen queue (as HAProxy's maxconn does) instead of
   failing; they are accepted as slots free up.
-- An app's `MaxConnections`: a connection over it is closed at once with a
-  reset (one listener may serve many apps under bpfproxy, so there is no
-  per-app queue to hold it in); a warning is logged at most once per
-  LIMIT_LOG_INTERVAL per app.
+- An app's `MaxConnections`, and its `MaxConnectionsPerSource` (per client
+  IP): a connection over it is closed at once with a reset (one listener
+  may serve many apps under bpfproxy, so there is no per-app queue to hold
+  it in); a warning is logged at most once per LIMIT_LOG_INTERVAL per app.
+- An app's `FirstByteTimeout`: no target is connected before the client
+  sends its first byte, and a client silent that long is closed, so silent
+  clients hold no backend connection.
 """
 
 from __future__ import annotations
@@ -98,6 +101,12 @@ class AppRuntime:
     balancer: Balancer
 
 
+def client_ip(peer: tuple) -> str:
+    """The client's IP address as text; an IPv4 client on a dual-stack socket unmapped."""
+    host: str = peer[0]
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
 def format_peer(peer: tuple) -> str:
     host, port = peer[0], peer[1]
     if host.startswith("::ffff:") and "." in host:  # IPv4 client on a dual-stack socket
@@ -145,6 +154,7 @@ class Proxy:
         self.health = HealthMonitor(HealthBook(), self._resolver, self.metrics)
         self.active: Counter[Target] = Counter()  # open connections per target
         self.active_by_app: Counter[str] = Counter()
+        self.active_by_source: Counter[tuple[str, str]] = Counter()  # (app, client IP)
         self.active_total = 0
         self._warn_limit = WarnLimiter()  # for every warning a client can trigger
         self.config = Config(apps=())
@@ -239,16 +249,28 @@ class Proxy:
             self.slots.release()
             self.metrics.rejected("-", "no-route")
             return
-        name = app.config.name
-        if self.active_by_app[name] * self._share >= app.config.max_connections:
+        cfg = app.config
+        name = cfg.name
+        if self.active_by_app[name] * self._share >= cfg.max_connections:
             self._warn_limit(
-                name, "app %r: MaxConnections (%d) reached; resetting new connections",
-                name, app.config.max_connections,
+                f"over-limit {name}",
+                "app %r: MaxConnections (%d) reached; resetting new connections",
+                name, cfg.max_connections,
             )  # fmt: skip
-            abort(client)
-            self.slots.release()
-            self.metrics.rejected(name, "over-limit")
+            self._reject(client, name, "over-limit")
             return
+        source: tuple[str, str] | None = None  # (app, client IP), if counted per source
+        if cfg.max_connections_per_source is not None:
+            source = (name, client_ip(peer))
+            if self.active_by_source[source] * self._share >= cfg.max_connections_per_source:
+                self._warn_limit(
+                    f"source-limit {name}",
+                    "app %r: MaxConnectionsPerSource (%d) reached for %s; resetting its new "
+                    "connections", name, cfg.max_connections_per_source, source[1],
+                )  # fmt: skip
+                self._reject(client, name, "source-limit")
+                return
+            self.active_by_source[source] += 1
         if self.slots.value == 0:
             self._warn_limit(
                 "", "max-connections (%d) reached; new connections wait in the listen queue",
@@ -258,7 +280,40 @@ class Proxy:
         self.active_total += 1
         self.active_by_app[name] += 1
         cid = f"{self._id_prefix}{next(self._ids)}"
-        self._connections.start_soon(self._serve, client, port, peer, app, cid, name="conn")
+        self._connections.start_soon(
+            self._serve_counted, client, port, peer, app, cid, source, name="conn"
+        )
+
+    def _reject(self, client: socket.socket, app: str, reason: str) -> None:
+        """Reset a connection refused at admission, give back its slot, count it."""
+        abort(client)
+        self.slots.release()
+        self.metrics.rejected(app, reason)
+
+    async def _serve_counted(
+        self,
+        client: socket.socket,
+        port: int,
+        peer: tuple,
+        app: AppRuntime,
+        cid: str,
+        source: tuple[str, str] | None,
+    ) -> None:
+        """`_serve`, then uncount the connection from its source's count (if counted)."""
+        try:
+            await self._serve(client, port, peer, app, cid)
+        finally:
+            if source is not None:
+                self.active_by_source[source] -= 1
+                if not self.active_by_source[source]:
+                    del self.active_by_source[source]  # bounded: only sources with connections
+
+    async def _first_byte(self, client: socket.socket, timeout: float) -> bool:
+        """Wait until the client has sent something (or closed); False after `timeout`."""
+        with trio.move_on_after(timeout):
+            await trio.lowlevel.wait_readable(client)
+            return True
+        return False
 
     async def _serve(
         self, client: socket.socket, port: int, peer: tuple, app: AppRuntime, cid: str
@@ -288,6 +343,17 @@ class Proxy:
                                      "conn %s client=%s port=%d app=%s: %s", cid,
                                      format_peer(peer), port, cfg.name, why)  # fmt: skip
                     return
+            if cfg.first_byte_timeout is not None and not await self._first_byte(
+                client, cfg.first_byte_timeout
+            ):
+                reason = "first-byte-timeout"
+                self._warn_limit(
+                    f"first-byte {cfg.name}",
+                    "conn %s client=%s port=%d app=%s: nothing received within "
+                    "FirstByteTimeout (%g s); closing", cid, format_peer(peer), port, cfg.name,
+                    cfg.first_byte_timeout,
+                )  # fmt: skip
+                return
             order = app.balancer.order(health.book.is_down)
             while True:
                 connecting = time.monotonic()

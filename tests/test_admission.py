@@ -11,10 +11,23 @@ import logging
 import os
 import socket
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 
+import pytest
+
 from tcpproxy.proxy import WarnLimiter
-from tests.helpers import TIMEOUT, app, connect, free_ports, running_tcpproxy, write_config
+from tests.helpers import (
+    TIMEOUT,
+    app,
+    connect,
+    echo,
+    free_ports,
+    recv_all,
+    recv_line,
+    running_tcpproxy,
+    write_config,
+)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -96,3 +109,97 @@ def test_warn_limiter_logs_once_per_interval_and_counts_the_rest(caplog) -> None
         "bad header from w (5 more like this in the last 10 s not logged)",
         "bad header from v",
     ]
+
+
+def ended(metrics_port: int, app_name: str, reason: str) -> float:
+    """tcpproxy_connections_ended_total for one app and reason, from /metrics."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+        text = response.read().decode()
+    labels = [f'app="{app_name}"', 'target="-"', f'reason="{reason}"']
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("tcpproxy_connections_ended_total{") and all(
+            label in line for label in labels
+        ):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def connect_from(source: str, port: int) -> socket.socket:
+    """A client connection from another loopback address (all of 127/8 is local)."""
+    sock = socket.socket()
+    sock.settimeout(TIMEOUT)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def test_per_source_limit_resets_the_excess_of_one_address(config_path, backends) -> None:
+    target = backends("t")
+    port, metrics_port = free_ports(2)
+    write_config(config_path, [app("A", [port], [target.address], MaxConnectionsPerSource=2)])
+    with running_tcpproxy(config_path, "--metrics", f"127.0.0.1:{metrics_port}") as proxy:
+        held = [connect_from("127.0.0.1", port) for _ in range(2)]
+        try:
+            for sock in held:
+                assert recv_line(sock) == b"t\n"
+            with pytest.raises(ConnectionResetError), connect_from("127.0.0.1", port) as extra:
+                extra.recv(10)  # (the reset may even come before connect() returns)
+            proxy.wait_for(r"app 'A': MaxConnectionsPerSource \(2\) reached for 127\.0\.0\.1")
+            assert ended(metrics_port, "A", "source-limit") == 1
+            with connect_from("127.0.0.2", port) as other:  # another address: its own count
+                assert recv_line(other) == b"t\n"
+            held.pop().close()
+            assert wait_until(lambda: answers_from("127.0.0.1", port) == b"t\n")
+        finally:
+            for sock in held:
+                sock.close()
+    assert target.accepted == 4  # the reset connection never reached it
+
+
+def answers_from(source: str, port: int) -> bytes:
+    try:
+        with connect_from(source, port) as sock:
+            return recv_line(sock)
+    except OSError:
+        return b""
+
+
+def test_silent_client_is_closed_before_any_target_is_connected(config_path, backends) -> None:
+    target = backends("t", echo)
+    port, metrics_port = free_ports(2)
+    write_config(config_path, [app("A", [port], [target.address], FirstByteTimeout=0.5)])
+    with running_tcpproxy(config_path, "--metrics", f"127.0.0.1:{metrics_port}") as proxy:
+        with connect(port) as silent:
+            time.sleep(0.2)
+            assert target.accepted == 0  # nothing sent yet: no backend connection held
+            assert recv_all(silent) == b""  # closed by the proxy after 0.5 s
+        proxy.wait_for(r"nothing received within FirstByteTimeout \(0\.5 s\)")
+        proxy.wait_for(r"end=first-byte-timeout")
+        assert ended(metrics_port, "A", "first-byte-timeout") == 1
+        assert target.accepted == 0
+        with connect(port) as talker:  # a client that speaks is served as before
+            time.sleep(0.2)  # (but not before it speaks)
+            assert target.accepted == 0
+            talker.sendall(b"hello")
+            talker.shutdown(socket.SHUT_WR)
+            assert recv_all(talker) == b"hello"
+        assert target.accepted == 1
+
+
+def test_first_byte_timeout_counts_after_the_proxy_header(config_path, backends) -> None:
+    target = backends("t", echo)
+    (port,) = free_ports(1)
+    options = {"AcceptProxyProtocol": True, "FirstByteTimeout": 0.5}
+    write_config(config_path, [app("A", [port], [target.address], **options)])
+    with running_tcpproxy(config_path) as proxy:
+        with connect(port) as silent:  # a header, then nothing
+            silent.sendall(b"PROXY TCP4 203.0.113.7 192.0.2.1 4444 80\r\n")
+            assert recv_all(silent) == b""
+        proxy.wait_for(r"client=203\.0\.113\.7:4444 .*nothing received within FirstByteTimeout")
+        with connect(port) as talker:  # header and payload in one segment
+            talker.sendall(b"PROXY TCP4 203.0.113.7 192.0.2.1 4444 80\r\nhello")
+            talker.shutdown(socket.SHUT_WR)
+            assert recv_all(talker) == b"hello"
+        assert target.accepted == 1

@@ -148,6 +148,27 @@ def test_built_in_defaults_apply_without_defaults_object() -> None:
     assert (only.strategy, only.connect_timeout) == (Strategy.ROUND_ROBIN, 2.0)
 
 
+def test_admission_defaults_isolate_apps() -> None:
+    (only,) = parse_config(document(app())).apps
+    # A tenth of the process's default --max-connections (10000): one app's idle
+    # clients cannot take every slot from the others.
+    assert only.max_connections == 1000
+    assert only.max_connections_per_source is None  # off: NAT and balancers share addresses
+    assert only.first_byte_timeout is None  # off: server-speaks-first protocols exist
+
+
+def test_admission_options_per_app_and_in_defaults() -> None:
+    plain, own = parse_config(
+        document(
+            app(Name="plain", Ports=[1]),
+            {**app(Name="own", Ports=[2], FirstByteTimeout=0.5), "MaxConnectionsPerSource": None},
+            Defaults={"MaxConnectionsPerSource": 20, "FirstByteTimeout": 10},
+        )
+    ).apps
+    assert (plain.max_connections_per_source, plain.first_byte_timeout) == (20, 10.0)
+    assert (own.max_connections_per_source, own.first_byte_timeout) == (None, 0.5)
+
+
 def test_connect_timeout_bounds_are_inclusive_at_300() -> None:
     (only,) = parse_config(document(app(ConnectTimeout=300))).apps
     assert only.connect_timeout == 300.0
@@ -210,13 +231,15 @@ def test_utf8_bom_is_tolerated() -> None:
         (
             document(Defaults={"Ports": [1]}),
             "Defaults.Ports: unknown key (expected one of: AcceptProxyProtocol, ConnectTimeout,"
-            " HealthCheck, IdleTimeout, MaxConnections, SendProxyProtocol, Strategy)",
+            " FirstByteTimeout, HealthCheck, IdleTimeout, MaxConnections,"
+            " MaxConnectionsPerSource, SendProxyProtocol, Strategy)",
         ),
         (
             document(app(**{"a b": 1})),
             'Apps[0]["a b"]: unknown key'
-            " (expected one of: AcceptProxyProtocol, ConnectTimeout, HealthCheck, IdleTimeout,"
-            " MaxConnections, Name, Ports, SendProxyProtocol, Strategy, Targets)",
+            " (expected one of: AcceptProxyProtocol, ConnectTimeout, FirstByteTimeout,"
+            " HealthCheck, IdleTimeout, MaxConnections, MaxConnectionsPerSource, Name, Ports,"
+            " SendProxyProtocol, Strategy, Targets)",
         ),
         # Name
         (document(app(Name=None)), "Apps[0].Name: missing required key"),
@@ -337,6 +360,22 @@ def test_utf8_bom_is_tolerated() -> None:
             "Apps[0].ConnectTimeout: must be at most 300, got 300.5",
         ),
         (
+            document(app(MaxConnectionsPerSource=0)),
+            "Apps[0].MaxConnectionsPerSource: must be at least 1, got 0",
+        ),
+        (
+            document(app(MaxConnectionsPerSource=1.5)),
+            "Apps[0].MaxConnectionsPerSource: must be an integer, got 1.5",
+        ),
+        (
+            document(app(FirstByteTimeout=0)),
+            "Apps[0].FirstByteTimeout: must be greater than 0, got 0",
+        ),
+        (
+            document(Defaults={"FirstByteTimeout": 3601}),
+            "Defaults.FirstByteTimeout: must be at most 3600, got 3601",
+        ),
+        (
             document(app(ConnectTimeout=True)),
             "Apps[0].ConnectTimeout: must be a number, got true",
         ),
@@ -388,7 +427,8 @@ def test_problems_in_defaults_and_apps_do_not_mask_each_other() -> None:
     assert "Apps[1].Ports[0]: port 1000 is already used by app Apps[0] (Apps[0].Ports[0])" in found
     assert (
         "Defaults.X: unknown key (expected one of: AcceptProxyProtocol, ConnectTimeout,"
-        " HealthCheck, IdleTimeout, MaxConnections, SendProxyProtocol, Strategy)" in found
+        " FirstByteTimeout, HealthCheck, IdleTimeout, MaxConnections, MaxConnectionsPerSource,"
+        " SendProxyProtocol, Strategy)" in found
     )
 
 
