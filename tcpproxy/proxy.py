@@ -12,6 +12,9 @@ Limits:
   IP): a connection over it is closed at once with a reset (one listener
   may serve many apps under bpfproxy, so there is no per-app queue to hold
   it in); a warning is logged at most once per LIMIT_LOG_INTERVAL per app.
+- An app's `TrustedProxies` (with AcceptProxyProtocol): a peer outside
+  them is reset before its header is read, so nobody who can reach the
+  port directly can claim any client address.
 - An app's `FirstByteTimeout`: no target is connected before the client
   sends its first byte, and a client silent that long is closed, so silent
   clients hold no backend connection.
@@ -19,6 +22,7 @@ Limits:
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import logging
 import math
@@ -32,7 +36,7 @@ from typing import Any
 import trio
 
 from tcpproxy.balance import Balancer
-from tcpproxy.config import AppConfig, Config, Target
+from tcpproxy.config import AppConfig, Config, Network, Target
 from tcpproxy.connect import describe_error, open_target
 from tcpproxy.diff import format_ports
 from tcpproxy.errors import ResourceExhausted, TargetUnavailable
@@ -105,6 +109,15 @@ def client_ip(peer: tuple) -> str:
     """The client's IP address as text; an IPv4 client on a dual-stack socket unmapped."""
     host: str = peer[0]
     return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
+def is_trusted(peer: tuple, networks: tuple[Network, ...]) -> bool:
+    """Whether the peer's address is in one of `networks` (v4-mapped counts as IPv4)."""
+    try:
+        address = ipaddress.ip_address(client_ip(peer))
+    except ValueError:  # not an IP peer: nothing to trust
+        return False
+    return any(address in network for network in networks)
 
 
 def format_peer(peer: tuple) -> str:
@@ -251,6 +264,14 @@ class Proxy:
             return
         cfg = app.config
         name = cfg.name
+        if cfg.accept_proxy_protocol and not is_trusted(peer, cfg.trusted_proxies):
+            self._warn_limit(
+                f"untrusted-proxy {name}",
+                "app %r: PROXY header from %s refused: not in TrustedProxies; resetting",
+                name, client_ip(peer),
+            )  # fmt: skip
+            self._reject(client, name, "untrusted-proxy")
+            return
         if self.active_by_app[name] * self._share >= cfg.max_connections:
             self._warn_limit(
                 f"over-limit {name}",

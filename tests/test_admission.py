@@ -203,3 +203,32 @@ def test_first_byte_timeout_counts_after_the_proxy_header(config_path, backends)
             talker.shutdown(socket.SHUT_WR)
             assert recv_all(talker) == b"hello"
         assert target.accepted == 1
+
+
+def test_proxy_header_from_an_untrusted_peer_is_refused(config_path, backends) -> None:
+    target = backends("t", echo)
+    port, trusting, metrics_port = free_ports(3)
+    header = b"PROXY TCP4 203.0.113.7 192.0.2.1 4444 80\r\n"
+    write_config(config_path, [
+        app("A", [port], [target.address], AcceptProxyProtocol=True,
+            TrustedProxies=["10.0.0.0/8", "127.0.0.2"]),
+        app("B", [trusting], [target.address], AcceptProxyProtocol=True),  # default: loopback
+    ])  # fmt: skip
+    with running_tcpproxy(config_path, "--metrics", f"127.0.0.1:{metrics_port}") as proxy:
+        for _ in range(20):
+            with connect_from("127.0.0.1", port) as sock:
+                sock.sendall(header + b"hello")
+                with pytest.raises(ConnectionResetError):
+                    sock.recv(10)  # reset: its claim is not believed
+        proxy.wait_for(r"app 'A': PROXY header from 127\.0\.0\.1 refused: not in TrustedProxies")
+        assert proxy.output.count("not in TrustedProxies") == 1  # rate-limited
+        assert wait_until(lambda: ended(metrics_port, "A", "untrusted-proxy") == 20)
+        assert target.accepted == 0
+        with connect_from("127.0.0.2", port) as sock:  # listed: believed
+            sock.sendall(header + b"hello")
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_all(sock) == b"hello"
+        with connect_from("127.0.0.1", trusting) as sock:  # loopback, by default
+            sock.sendall(header + b"hello")
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_all(sock) == b"hello"
