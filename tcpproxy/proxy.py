@@ -76,8 +76,13 @@ class WarnLimiter:
         self._clock = clock
         self._seen: dict[str, tuple[float, int]] = {}  # key -> (last logged, suppressed since)
 
-    def __call__(self, key: str, message: str, *args: object) -> bool:
-        """Log `message % args` unless `key` was logged within the interval; True if logged."""
+    def __call__(
+        self, key: str, message: str, *args: object, extra: dict[str, Any] | None = None
+    ) -> bool:
+        """Log `message % args` unless `key` was logged within the interval; True if logged.
+
+        `extra` is the log record's structured fields (a connection's id).
+        """
         now = self._clock()
         last, suppressed = self._seen.get(key, (-math.inf, 0))
         if now - last < self._interval:
@@ -89,7 +94,7 @@ class WarnLimiter:
         if suppressed:
             message += " (%d more like this in the last %.0f s not logged)"
             args = (*args, suppressed, now - last)
-        log.warning(message, *args)
+        log.warning(message, *args, extra=extra)
         return True
 
 
@@ -306,10 +311,10 @@ class Proxy:
         )
 
     def _reject(self, client: socket.socket, app: str, reason: str) -> None:
-        """Reset a connection refused at admission, give back its slot, count it."""
-        abort(client)
-        self.slots.release()
+        """Count a connection refused at admission, give back its slot, reset it."""
         self.metrics.rejected(app, reason)
+        self.slots.release()
+        abort(client)
 
     async def _serve_counted(
         self,
@@ -362,7 +367,8 @@ class Proxy:
                     )
                     self._warn_limit(f"proxy-header {cfg.name}",
                                      "conn %s client=%s port=%d app=%s: %s", cid,
-                                     format_peer(peer), port, cfg.name, why)  # fmt: skip
+                                     format_peer(peer), port, cfg.name, why,
+                                     extra={"conn": cid})  # fmt: skip
                     return
             if cfg.first_byte_timeout is not None and not await self._first_byte(
                 client, cfg.first_byte_timeout
@@ -372,7 +378,7 @@ class Proxy:
                     f"first-byte {cfg.name}",
                     "conn %s client=%s port=%d app=%s: nothing received within "
                     "FirstByteTimeout (%g s); closing", cid, format_peer(peer), port, cfg.name,
-                    cfg.first_byte_timeout,
+                    cfg.first_byte_timeout, extra={"conn": cid},
                 )  # fmt: skip
                 return
             order = app.balancer.order(health.book.is_down)

@@ -147,7 +147,7 @@ def test_per_source_limit_resets_the_excess_of_one_address(config_path, backends
             with pytest.raises(ConnectionResetError), connect_from("127.0.0.1", port) as extra:
                 extra.recv(10)  # (the reset may even come before connect() returns)
             proxy.wait_for(r"app 'A': MaxConnectionsPerSource \(2\) reached for 127\.0\.0\.1")
-            assert ended(metrics_port, "A", "source-limit") == 1
+            assert wait_until(lambda: ended(metrics_port, "A", "source-limit") == 1)
             with connect_from("127.0.0.2", port) as other:  # another address: its own count
                 assert recv_line(other) == b"t\n"
             held.pop().close()
@@ -169,15 +169,15 @@ def answers_from(source: str, port: int) -> bytes:
 def test_silent_client_is_closed_before_any_target_is_connected(config_path, backends) -> None:
     target = backends("t", echo)
     port, metrics_port = free_ports(2)
-    write_config(config_path, [app("A", [port], [target.address], FirstByteTimeout=0.5)])
+    write_config(config_path, [app("A", [port], [target.address], FirstByteTimeout=1)])
     with running_tcpproxy(config_path, "--metrics", f"127.0.0.1:{metrics_port}") as proxy:
         with connect(port) as silent:
             time.sleep(0.2)
             assert target.accepted == 0  # nothing sent yet: no backend connection held
-            assert recv_all(silent) == b""  # closed by the proxy after 0.5 s
-        proxy.wait_for(r"nothing received within FirstByteTimeout \(0\.5 s\)")
+            assert recv_all(silent) == b""  # closed by the proxy after 1 s
+        proxy.wait_for(r"nothing received within FirstByteTimeout \(1 s\)")
         proxy.wait_for(r"end=first-byte-timeout")
-        assert ended(metrics_port, "A", "first-byte-timeout") == 1
+        assert wait_until(lambda: ended(metrics_port, "A", "first-byte-timeout") == 1)
         assert target.accepted == 0
         with connect(port) as talker:  # a client that speaks is served as before
             time.sleep(0.2)  # (but not before it speaks)
