@@ -166,6 +166,7 @@ http {{ access_log off; keepalive_timeout 600s; keepalive_requests 1000000;
                 "Name": service,
                 "Ports": [port_of(mode, service)],
                 "Targets": [f"127.0.0.1:{port}"],
+                "MaxConnections": 1_000_000,  # as HAProxy here: only the process limit
             }
             for service, port in SERVICES.items()
         ]

@@ -22,8 +22,30 @@ ConnectTimeout  2.0          seconds  Survives one lost SYN (Linux resends it af
 IdleTimeout     3600.0       seconds  No byte either way for this long closes both sides;
                                       long enough for idle database sessions, short
                                       enough that vanished peers do not pin descriptors.
-MaxConnections  10000        count    Open connections of the app at once; the excess
-                                      is reset (bounded resources per app).
+MaxConnections  1000         count    Open connections of the app at once; the excess
+                                      is reset. A tenth of the process's default limit
+                                      (10000), so one app's clients (idle ones
+                                      included) cannot take every slot: isolation
+                                      between apps. Raise it for an app that needs more.
+MaxConn...      none (off)   count    MaxConnectionsPerSource: open connections of the
+                                      app from one client IP address (the socket's
+                                      peer, so with AcceptProxyProtocol: the
+                                      balancer's); the excess is reset. Off by default:
+                                      clients behind NAT or a balancer share an address.
+FirstByte...    none (off)   seconds  FirstByteTimeout: a client that sends nothing for
+                                      this long after connecting (after its PROXY
+                                      header, if any) is closed, and no target is
+                                      connected until it sends, so silent clients hold
+                                      no backend connection. Off by default: in
+                                      server-speaks-first protocols (SMTP, SSH, MySQL)
+                                      the client waits for the target. <= 3600.
+TrustedProx...  loopback     CIDRs    TrustedProxies: the peers whose PROXY headers are
+                127.0.0.0/8               believed (AcceptProxyProtocol); a header from any
+                ::1/128                   other peer is reset and counted. Only this host by
+                                      default: a balancer elsewhere must be named, so a
+                                      client that reaches the port directly cannot claim
+                                      any address, and a same-host balancer needs no
+                                      change. Addresses or networks, strictly parsed.
 HealthCheck     none         object   Active TCP-connect checks (Interval 2 s, Timeout
                                       1 s, Rise 2, Fall 3); none means passive only.
 SendProxy...    none         --       SendProxyProtocol "v1" or "v2": a PROXY header to
@@ -65,6 +87,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "HealthCheck",
+    "Network",
     "Strategy",
     "Target",
     "load_config",
@@ -116,6 +139,13 @@ class Target:
         return f"{self.host}:{self.port}"
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+LOOPBACK: tuple[Network, ...] = (
+    ipaddress.IPv4Network("127.0.0.0/8"),
+    ipaddress.IPv6Network("::1/128"),
+)
+
+
 @dataclass(frozen=True, slots=True)
 class HealthCheck:
     """Active health checking: a TCP connect to each target every `interval`."""
@@ -136,10 +166,13 @@ class AppConfig:
     strategy: Strategy = Strategy.ROUND_ROBIN
     connect_timeout: float = 2.0  # seconds
     idle_timeout: float = 3600.0  # seconds without a byte either way before both sides close
-    max_connections: int = 10000  # open connections of this app at once
+    max_connections: int = 1000  # open connections of this app at once
+    max_connections_per_source: int | None = None  # per client IP address; None: no limit
+    first_byte_timeout: float | None = None  # seconds a client may stay silent; None: forever
     health_check: HealthCheck | None = None  # None: passive health only
     send_proxy_protocol: str | None = None  # "v1" or "v2": tell targets the client's address
     accept_proxy_protocol: bool = False  # a load balancer in front sends a PROXY header
+    trusted_proxies: tuple[Network, ...] = LOOPBACK  # peers whose PROXY headers are believed
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +318,32 @@ def _check_host(host: str) -> None:
         )
 
 
+def _parse_network(value: object) -> Network:
+    """An address or CIDR network, strictly: no host bits after the prefix."""
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, got {_show(value)}")
+    try:
+        return ipaddress.ip_network(value)
+    except ValueError:
+        pass
+    try:
+        loose = ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        address, slash, prefix = value.partition("/")
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            address = ""
+        if slash and address:
+            raise ValueError(
+                f"{value!r} has an invalid prefix length {prefix!r} (0-32 for IPv4, 0-128 for IPv6)"
+            ) from None
+        raise ValueError(
+            f"{value!r} is not an IP address or CIDR network (like '10.0.0.0/8' or 'fd00::/8')"
+        ) from None
+    raise ValueError(f"{value!r} has host bits set after the prefix; did you mean '{loose}'?")
+
+
 def _is_ipv6(text: str) -> bool:
     try:
         ipaddress.IPv6Address(text)
@@ -316,10 +375,15 @@ class _Options(_Model):
     strategy: Annotated[Strategy, Field(strict=False)] = Strategy.ROUND_ROBIN
     connect_timeout: float = Field(default=2.0, gt=0, le=300, allow_inf_nan=False)
     idle_timeout: float = Field(default=3600.0, gt=0, le=7 * 86400, allow_inf_nan=False)
-    max_connections: int = Field(default=10000, ge=1, le=1_000_000)
+    max_connections: int = Field(default=1000, ge=1, le=1_000_000)
+    max_connections_per_source: int | None = Field(default=None, ge=1, le=1_000_000)
+    first_byte_timeout: float | None = Field(default=None, gt=0, le=3600, allow_inf_nan=False)
     health_check: _HealthCheck | None = None
     send_proxy_protocol: Literal["v1", "v2"] | None = None
     accept_proxy_protocol: bool = False
+    trusted_proxies: list[Annotated[Network, PlainValidator(_parse_network)]] = Field(
+        default=list(LOOPBACK), min_length=1
+    )
 
 
 class _App(_Options):
@@ -340,6 +404,7 @@ def _app_config(app: _App, defaults: _Options) -> AppConfig:
         name: getattr(app if name in app.model_fields_set else defaults, name)
         for name in _Options.model_fields
     }
+    options["trusted_proxies"] = tuple(options["trusted_proxies"])
     if options["health_check"] is not None:
         options["health_check"] = HealthCheck(**options["health_check"].model_dump())
     return AppConfig(name=app.name, ports=tuple(app.ports), targets=tuple(app.targets), **options)
@@ -482,6 +547,8 @@ def _message(err: ErrorDetails) -> str:
             return f"must be one of {', '.join(repr(s.value) for s in Strategy)}, got {got}"
         case "greater_than":
             return f"must be greater than {ctx['gt']:g}, got {got}"
+        case "greater_than_equal":
+            return f"must be at least {ctx['ge']:g}, got {got}"
         case "less_than_equal":
             return f"must be at most {ctx['le']:g}, got {got}"
         case "finite_number":

@@ -33,6 +33,7 @@ log = logging.getLogger("tcpproxy")
 END_REASONS = (
     "done", "client-error", "target-error", "target-early-error", "idle-timeout",
     "cancelled", "no-target", "no-resources", "internal-error", "over-limit", "no-route",
+    "source-limit", "first-byte-timeout", "untrusted-proxy",
 )  # fmt: skip
 CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 

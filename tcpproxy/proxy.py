@@ -8,41 +8,94 @@ Limits:
   accepting, so at the limit the proxy stops accepting and new connections
   wait in the kernel's listen queue (as HAProxy's maxconn does) instead of
   failing; they are accepted as slots free up.
-- An app's `MaxConnections`: a connection over it is closed at once with a
-  reset (one listener may serve many apps under bpfproxy, so there is no
-  per-app queue to hold it in); a warning is logged at most once per
-  LIMIT_LOG_INTERVAL per app.
+- An app's `MaxConnections`, and its `MaxConnectionsPerSource` (per client
+  IP): a connection over it is closed at once with a reset (one listener
+  may serve many apps under bpfproxy, so there is no per-app queue to hold
+  it in); a warning is logged at most once per LIMIT_LOG_INTERVAL per app.
+- An app's `TrustedProxies` (with AcceptProxyProtocol): a peer outside
+  them is reset before its header is read, so nobody who can reach the
+  port directly can claim any client address.
+- An app's `FirstByteTimeout`: no target is connected before the client
+  sends its first byte, and a client silent that long is closed, so silent
+  clients hold no backend connection.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import logging
+import math
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from tcpproxy.balance import Balancer
-from tcpproxy.config import AppConfig, Config, Target
+from tcpproxy.config import AppConfig, Config, Network, Target
 from tcpproxy.connect import describe_error, open_target
 from tcpproxy.diff import format_ports
 from tcpproxy.errors import ResourceExhausted, TargetUnavailable
 from tcpproxy.health import HealthBook
 from tcpproxy.metrics import NullMetrics
 from tcpproxy.monitor import HealthMonitor
-from tcpproxy.proxy_protocol import ProxyHeaderError, build_header, read_header, send_all
+from tcpproxy.proxy_protocol import (
+    HEADER_TIMEOUT,
+    ProxyHeaderError,
+    build_header,
+    read_header,
+    send_all,
+)
 from tcpproxy.resolve import Resolver
 from tcpproxy.splice import EndReason, RelayStats, abort, relay
 
-__all__ = ["LIMIT_LOG_INTERVAL", "AppRuntime", "Proxy"]
+__all__ = ["LIMIT_LOG_INTERVAL", "AppRuntime", "Proxy", "WarnLimiter"]
 
 log = logging.getLogger("tcpproxy")
 
-LIMIT_LOG_INTERVAL = 10.0  # seconds between repeated "limit reached" warnings
+LIMIT_LOG_INTERVAL = 10.0  # seconds between warnings of one kind (per app) a client can trigger
+LIMIT_LOG_KEYS = 1024  # kinds of warning remembered at once; stale ones are then forgotten
+
+
+class WarnLimiter:
+    """Logs a warning at most once per `interval` per key, and says how many it held back.
+
+    Every warning a client can trigger goes through one of these, so 2000 bad
+    clients cost a few lines, not 2000. The key is the kind of warning and its
+    app (never a client address: that would let clients choose the keys).
+    """
+
+    def __init__(
+        self, interval: float = LIMIT_LOG_INTERVAL, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._seen: dict[str, tuple[float, int]] = {}  # key -> (last logged, suppressed since)
+
+    def __call__(
+        self, key: str, message: str, *args: object, extra: dict[str, Any] | None = None
+    ) -> bool:
+        """Log `message % args` unless `key` was logged within the interval; True if logged.
+
+        `extra` is the log record's structured fields (a connection's id).
+        """
+        now = self._clock()
+        last, suppressed = self._seen.get(key, (-math.inf, 0))
+        if now - last < self._interval:
+            self._seen[key] = (last, suppressed + 1)
+            return False
+        if len(self._seen) >= LIMIT_LOG_KEYS:  # bounded: forget the kinds gone quiet
+            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self._interval}
+        self._seen[key] = (now, 0)
+        if suppressed:
+            message += " (%d more like this in the last %.0f s not logged)"
+            args = (*args, suppressed, now - last)
+        log.warning(message, *args, extra=extra)
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +108,21 @@ class AppRuntime:
 
     config: AppConfig
     balancer: Balancer
+
+
+def client_ip(peer: tuple) -> str:
+    """The client's IP address as text; an IPv4 client on a dual-stack socket unmapped."""
+    host: str = peer[0]
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
+def is_trusted(peer: tuple, networks: tuple[Network, ...]) -> bool:
+    """Whether the peer's address is in one of `networks` (v4-mapped counts as IPv4)."""
+    try:
+        address = ipaddress.ip_address(client_ip(peer))
+    except ValueError:  # not an IP peer: nothing to trust
+        return False
+    return any(address in network for network in networks)
 
 
 def format_peer(peer: tuple) -> str:
@@ -104,8 +172,9 @@ class Proxy:
         self.health = HealthMonitor(HealthBook(), self._resolver, self.metrics)
         self.active: Counter[Target] = Counter()  # open connections per target
         self.active_by_app: Counter[str] = Counter()
+        self.active_by_source: Counter[tuple[str, str]] = Counter()  # (app, client IP)
         self.active_total = 0
-        self._limit_logged: dict[str, float] = {}
+        self._warn_limit = WarnLimiter()  # for every warning a client can trigger
         self.config = Config(apps=())
         self._apps: dict[str, AppRuntime] = {}
         self._routes: dict[int, AppRuntime] = {}
@@ -183,12 +252,6 @@ class Proxy:
     def route(self, port: int) -> AppRuntime | None:
         return self._routes.get(port)
 
-    def _warn_limit(self, key: str, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._limit_logged.get(key, -LIMIT_LOG_INTERVAL) >= LIMIT_LOG_INTERVAL:
-            self._limit_logged[key] = now
-            log.warning(message, *args)
-
     def dispatch(self, client: socket.socket, port: int, peer: tuple) -> None:
         """Take an accepted connection and the slot its accept loop took.
 
@@ -204,16 +267,36 @@ class Proxy:
             self.slots.release()
             self.metrics.rejected("-", "no-route")
             return
-        name = app.config.name
-        if self.active_by_app[name] * self._share >= app.config.max_connections:
+        cfg = app.config
+        name = cfg.name
+        if cfg.accept_proxy_protocol and not is_trusted(peer, cfg.trusted_proxies):
             self._warn_limit(
-                name, "app %r: MaxConnections (%d) reached; resetting new connections",
-                name, app.config.max_connections,
+                f"untrusted-proxy {name}",
+                "app %r: PROXY header from %s refused: not in TrustedProxies; resetting",
+                name, client_ip(peer),
             )  # fmt: skip
-            abort(client)
-            self.slots.release()
-            self.metrics.rejected(name, "over-limit")
+            self._reject(client, name, "untrusted-proxy")
             return
+        if self.active_by_app[name] * self._share >= cfg.max_connections:
+            self._warn_limit(
+                f"over-limit {name}",
+                "app %r: MaxConnections (%d) reached; resetting new connections",
+                name, cfg.max_connections,
+            )  # fmt: skip
+            self._reject(client, name, "over-limit")
+            return
+        source: tuple[str, str] | None = None  # (app, client IP), if counted per source
+        if cfg.max_connections_per_source is not None:
+            source = (name, client_ip(peer))
+            if self.active_by_source[source] * self._share >= cfg.max_connections_per_source:
+                self._warn_limit(
+                    f"source-limit {name}",
+                    "app %r: MaxConnectionsPerSource (%d) reached for %s; resetting its new "
+                    "connections", name, cfg.max_connections_per_source, source[1],
+                )  # fmt: skip
+                self._reject(client, name, "source-limit")
+                return
+            self.active_by_source[source] += 1
         if self.slots.value == 0:
             self._warn_limit(
                 "", "max-connections (%d) reached; new connections wait in the listen queue",
@@ -223,7 +306,40 @@ class Proxy:
         self.active_total += 1
         self.active_by_app[name] += 1
         cid = f"{self._id_prefix}{next(self._ids)}"
-        self._connections.start_soon(self._serve, client, port, peer, app, cid, name="conn")
+        self._connections.start_soon(
+            self._serve_counted, client, port, peer, app, cid, source, name="conn"
+        )
+
+    def _reject(self, client: socket.socket, app: str, reason: str) -> None:
+        """Count a connection refused at admission, give back its slot, reset it."""
+        self.metrics.rejected(app, reason)
+        self.slots.release()
+        abort(client)
+
+    async def _serve_counted(
+        self,
+        client: socket.socket,
+        port: int,
+        peer: tuple,
+        app: AppRuntime,
+        cid: str,
+        source: tuple[str, str] | None,
+    ) -> None:
+        """`_serve`, then uncount the connection from its source's count (if counted)."""
+        try:
+            await self._serve(client, port, peer, app, cid)
+        finally:
+            if source is not None:
+                self.active_by_source[source] -= 1
+                if not self.active_by_source[source]:
+                    del self.active_by_source[source]  # bounded: only sources with connections
+
+    async def _first_byte(self, client: socket.socket, timeout: float) -> bool:
+        """Wait until the client has sent something (or closed); False after `timeout`."""
+        with trio.move_on_after(timeout):
+            await trio.lowlevel.wait_readable(client)
+            return True
+        return False
 
     async def _serve(
         self, client: socket.socket, port: int, peer: tuple, app: AppRuntime, cid: str
@@ -244,9 +360,27 @@ class Proxy:
                     peer, header = await self._proxy_protocol(client, peer, cfg)
                 except (ProxyHeaderError, trio.TooSlowError, OSError) as exc:
                     reason = "client-error (PROXY header)"
-                    log.warning("conn %s client=%s port=%d: %s", cid, format_peer(peer), port,
-                                describe_error(exc), extra={"conn": cid})  # fmt: skip
+                    why = (
+                        f"no complete PROXY header within {HEADER_TIMEOUT:g} s"
+                        if isinstance(exc, trio.TooSlowError)
+                        else describe_error(exc)
+                    )
+                    self._warn_limit(f"proxy-header {cfg.name}",
+                                     "conn %s client=%s port=%d app=%s: %s", cid,
+                                     format_peer(peer), port, cfg.name, why,
+                                     extra={"conn": cid})  # fmt: skip
                     return
+            if cfg.first_byte_timeout is not None and not await self._first_byte(
+                client, cfg.first_byte_timeout
+            ):
+                reason = "first-byte-timeout"
+                self._warn_limit(
+                    f"first-byte {cfg.name}",
+                    "conn %s client=%s port=%d app=%s: nothing received within "
+                    "FirstByteTimeout (%g s); closing", cid, format_peer(peer), port, cfg.name,
+                    cfg.first_byte_timeout, extra={"conn": cid},
+                )  # fmt: skip
+                return
             order = app.balancer.order(health.book.is_down)
             while True:
                 connecting = time.monotonic()

@@ -1,5 +1,6 @@
 """Unit tests for tcpproxy.config: the accepted format, and what each mistake reports."""
 
+import ipaddress
 import json
 import os
 import pickle
@@ -148,6 +149,51 @@ def test_built_in_defaults_apply_without_defaults_object() -> None:
     assert (only.strategy, only.connect_timeout) == (Strategy.ROUND_ROBIN, 2.0)
 
 
+def test_admission_defaults_isolate_apps() -> None:
+    (only,) = parse_config(document(app())).apps
+    # A tenth of the process's default --max-connections (10000): one app's idle
+    # clients cannot take every slot from the others.
+    assert only.max_connections == 1000
+    assert only.max_connections_per_source is None  # off: NAT and balancers share addresses
+    assert only.first_byte_timeout is None  # off: server-speaks-first protocols exist
+
+
+def test_admission_options_per_app_and_in_defaults() -> None:
+    plain, own = parse_config(
+        document(
+            app(Name="plain", Ports=[1]),
+            {**app(Name="own", Ports=[2], FirstByteTimeout=0.5), "MaxConnectionsPerSource": None},
+            Defaults={"MaxConnectionsPerSource": 20, "FirstByteTimeout": 10},
+        )
+    ).apps
+    assert (plain.max_connections_per_source, plain.first_byte_timeout) == (20, 10.0)
+    assert (own.max_connections_per_source, own.first_byte_timeout) == (None, 0.5)
+
+
+def test_trusted_proxies_default_to_loopback_only() -> None:
+    (only,) = parse_config(document(app(AcceptProxyProtocol=True))).apps
+    # Not the world: only this host's own balancer is trusted unless the file says more.
+    assert only.trusted_proxies == (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+
+
+def test_trusted_proxies_per_app_and_in_defaults() -> None:
+    plain, own = parse_config(
+        document(
+            app(Name="plain", Ports=[1]),
+            app(Name="own", Ports=[2], TrustedProxies=["192.0.2.7", "2001:db8::/32"]),
+            Defaults={"TrustedProxies": ["10.0.0.0/8"]},
+        )
+    ).apps
+    assert plain.trusted_proxies == (ipaddress.ip_network("10.0.0.0/8"),)
+    assert own.trusted_proxies == (
+        ipaddress.ip_network("192.0.2.7/32"),
+        ipaddress.ip_network("2001:db8::/32"),
+    )
+
+
 def test_connect_timeout_bounds_are_inclusive_at_300() -> None:
     (only,) = parse_config(document(app(ConnectTimeout=300))).apps
     assert only.connect_timeout == 300.0
@@ -210,13 +256,15 @@ def test_utf8_bom_is_tolerated() -> None:
         (
             document(Defaults={"Ports": [1]}),
             "Defaults.Ports: unknown key (expected one of: AcceptProxyProtocol, ConnectTimeout,"
-            " HealthCheck, IdleTimeout, MaxConnections, SendProxyProtocol, Strategy)",
+            " FirstByteTimeout, HealthCheck, IdleTimeout, MaxConnections,"
+            " MaxConnectionsPerSource, SendProxyProtocol, Strategy, TrustedProxies)",
         ),
         (
             document(app(**{"a b": 1})),
             'Apps[0]["a b"]: unknown key'
-            " (expected one of: AcceptProxyProtocol, ConnectTimeout, HealthCheck, IdleTimeout,"
-            " MaxConnections, Name, Ports, SendProxyProtocol, Strategy, Targets)",
+            " (expected one of: AcceptProxyProtocol, ConnectTimeout, FirstByteTimeout,"
+            " HealthCheck, IdleTimeout, MaxConnections, MaxConnectionsPerSource, Name, Ports,"
+            " SendProxyProtocol, Strategy, Targets, TrustedProxies)",
         ),
         # Name
         (document(app(Name=None)), "Apps[0].Name: missing required key"),
@@ -337,6 +385,48 @@ def test_utf8_bom_is_tolerated() -> None:
             "Apps[0].ConnectTimeout: must be at most 300, got 300.5",
         ),
         (
+            document(app(MaxConnectionsPerSource=0)),
+            "Apps[0].MaxConnectionsPerSource: must be at least 1, got 0",
+        ),
+        (
+            document(app(MaxConnectionsPerSource=1.5)),
+            "Apps[0].MaxConnectionsPerSource: must be an integer, got 1.5",
+        ),
+        (
+            document(app(FirstByteTimeout=0)),
+            "Apps[0].FirstByteTimeout: must be greater than 0, got 0",
+        ),
+        (
+            document(Defaults={"FirstByteTimeout": 3601}),
+            "Defaults.FirstByteTimeout: must be at most 3600, got 3601",
+        ),
+        (
+            document(app(TrustedProxies=["10.0.0.0/8", "10.0.0.1/8"])),
+            "Apps[0].TrustedProxies[1]: '10.0.0.1/8' has host bits set after the prefix;"
+            " did you mean '10.0.0.0/8'?",
+        ),
+        (
+            document(Defaults={"TrustedProxies": ["nope"]}),
+            "Defaults.TrustedProxies[0]: 'nope' is not an IP address or CIDR network"
+            " (like '10.0.0.0/8' or 'fd00::/8')",
+        ),
+        (
+            document(app(TrustedProxies=["10.0.0.0/33"])),
+            "Apps[0].TrustedProxies[0]: '10.0.0.0/33' has an invalid prefix length '33'"
+            " (0-32 for IPv4, 0-128 for IPv6)",
+        ),
+        (
+            document(app(TrustedProxies=[" fd00::/8"])),
+            "Apps[0].TrustedProxies[0]: ' fd00::/8' is not an IP address or CIDR network"
+            " (like '10.0.0.0/8' or 'fd00::/8')",
+        ),
+        (document(app(TrustedProxies=[5])), "Apps[0].TrustedProxies[0]: must be a string, got 5"),
+        (document(app(TrustedProxies=[])), "Apps[0].TrustedProxies: must not be empty"),
+        (
+            document(app(TrustedProxies="10.0.0.0/8")),
+            'Apps[0].TrustedProxies: must be a list, got "10.0.0.0/8"',
+        ),
+        (
             document(app(ConnectTimeout=True)),
             "Apps[0].ConnectTimeout: must be a number, got true",
         ),
@@ -388,7 +478,8 @@ def test_problems_in_defaults_and_apps_do_not_mask_each_other() -> None:
     assert "Apps[1].Ports[0]: port 1000 is already used by app Apps[0] (Apps[0].Ports[0])" in found
     assert (
         "Defaults.X: unknown key (expected one of: AcceptProxyProtocol, ConnectTimeout,"
-        " HealthCheck, IdleTimeout, MaxConnections, SendProxyProtocol, Strategy)" in found
+        " FirstByteTimeout, HealthCheck, IdleTimeout, MaxConnections, MaxConnectionsPerSource,"
+        " SendProxyProtocol, Strategy, TrustedProxies)" in found
     )
 
 

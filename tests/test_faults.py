@@ -264,8 +264,8 @@ def test_2000_concurrent_connections_with_a_third_of_targets_failing(
     live = [d.backend(f"live{i}", _quick_echo) for i in range(2)]
     (port, dead) = d.ports(2)
     targets = [live[0].address, f"127.0.0.1:{dead}", live[1].address]
-    d.start([app("A", [port], targets)], "--log-level", "info")
     n = 2000
+    d.start([app("A", [port], targets, MaxConnections=n)], "--log-level", "info")
     socks: list[socket.socket] = []
     failures = 0
     try:

@@ -6,11 +6,16 @@ backend might use, and answers with the client address it learned.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 
 import pytest
+import trio
 from proxyprotocol.detect import ProxyProtocolDetect
+from proxyprotocol.v1 import ProxyProtocolV1
+from proxyprotocol.v2 import ProxyProtocolV2
 
+from tcpproxy.proxy_protocol import ProxyHeaderError, build_header, read_header
 from tests.helpers import app, connect, free_ports, recv_all, running_tcpproxy, write_config
 
 
@@ -84,3 +89,97 @@ def test_malformed_v2_header_is_a_client_error(config_path, backends) -> None:
                 pass
         proxy.wait_for(r"bad PROXY header")
     assert "internal error" not in proxy.output
+
+
+# --- build_header: pure, no sockets -------------------------------------------------
+
+
+def _unpack(version: str, header: bytes) -> tuple[tuple, tuple]:
+    protocol = ProxyProtocolV2() if version == "v2" else ProxyProtocolV1()
+    result = protocol.unpack(header)
+    return result.source, result.dest  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize(
+    ("source", "destination", "family", "expected_source", "expected_destination"),
+    [
+        # Same family: as is.
+        (("192.0.2.1", 5), ("198.51.100.2", 80), "TCP4", "192.0.2.1", "198.51.100.2"),
+        (("2001:db8::7", 5, 0, 0), ("2001:db8::1", 80, 0, 0), "TCP6", "2001:db8::7", "2001:db8::1"),
+        # An IPv4 client on a dual-stack socket: both ends are v4-mapped, so TCP4.
+        (("::ffff:192.0.2.1", 5, 0, 0), ("::ffff:198.51.100.2", 80, 0, 0), "TCP4",
+         "192.0.2.1", "198.51.100.2"),
+        # Mixed: an IPv4 client (from a balancer's header) reached us over IPv6: the
+        # IPv4 side is written v4-mapped, and the backend still learns the client.
+        (("192.0.2.1", 5), ("2001:db8::1", 80, 0, 0), "TCP6", "::ffff:192.0.2.1", "2001:db8::1"),
+        (("2001:db8::7", 5), ("198.51.100.2", 80), "TCP6", "2001:db8::7", "::ffff:198.51.100.2"),
+        # Mixed, but the IPv6 side is v4-mapped: unmapped, so plain TCP4.
+        (("192.0.2.1", 5), ("::ffff:198.51.100.2", 80, 0, 0), "TCP4", "192.0.2.1",
+         "198.51.100.2"),
+        # A link-local address's scope (%eth0) is not part of the address sent.
+        (("fe80::1%lo", 5, 0, 1), ("fe80::2%lo", 80, 0, 1), "TCP6", "fe80::1", "fe80::2"),
+    ],
+)  # fmt: skip
+def test_build_header_keeps_the_client_address(
+    version: str,
+    source: tuple,
+    destination: tuple,
+    family: str,
+    expected_source: str,
+    expected_destination: str,
+) -> None:
+    header = build_header(version, source, destination)
+    if version == "v1":
+        assert header.startswith(f"PROXY {family} ".encode())
+    else:
+        assert header[13] == (0x11 if family == "TCP4" else 0x21)  # family<<4 | STREAM
+    (src_host, src_port), (dst_host, dst_port) = _unpack(version, header)
+    assert (src_host, src_port) == (ipaddress.ip_address(expected_source), source[1])
+    assert (dst_host, dst_port) == (ipaddress.ip_address(expected_destination), destination[1])
+
+
+# --- read_header: byte by byte, and nothing after the header -----------------------
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_read_header_in_pieces_leaves_the_payload_unread(version: str) -> None:
+    header = build_header(version, ("203.0.113.7", 4444), ("192.0.2.1", 80))
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+
+    async def main() -> tuple[str, int] | None:
+        async with trio.open_nursery() as nursery:
+
+            async def dribble() -> None:
+                for byte in header:  # one byte at a time, with pauses between
+                    theirs.send(bytes([byte]))
+                    await trio.sleep(0.001)
+                theirs.send(b"payload")
+
+            nursery.start_soon(dribble)
+            return await read_header(ours)
+
+    with ours, theirs:
+        assert trio.run(main) == ("203.0.113.7", 4444)
+        assert ours.recv(100) == b"payload"
+
+
+@pytest.mark.parametrize(
+    ("sent", "error"),
+    [
+        (b"PROXY " + b"1" * 200, "longer than 107 bytes"),
+        (b"GET / HTTP/1.0\r\n\r\n", "no PROXY protocol header"),
+        (b"\r\n\r\n\x00\r\nQUIz\n" + b"\0" * 8, "no PROXY protocol header"),
+        (b"PROX", "closed before a PROXY header"),
+        (b"PROXY TCP4 nonsense\r\n", "bad PROXY header"),
+    ],
+)
+def test_read_header_errors(sent: bytes, error: str) -> None:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    with ours, theirs:
+        theirs.sendall(sent)
+        theirs.shutdown(socket.SHUT_WR)
+        with pytest.raises(ProxyHeaderError, match=error):
+            trio.run(read_header, ours)

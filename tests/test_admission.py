@@ -1,0 +1,234 @@
+"""Admission: what a connection must pass before it may hold a target connection.
+
+Per-app and per-source limits, the first-byte timeout, trusted PROXY-protocol
+peers, and the cost of clients that send part of a header and stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tcpproxy.proxy import WarnLimiter
+from tests.helpers import (
+    TIMEOUT,
+    app,
+    connect,
+    echo,
+    free_ports,
+    recv_all,
+    recv_line,
+    running_tcpproxy,
+    write_config,
+)
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+@contextlib.contextmanager
+def clients(port: int, n: int, first: bytes = b"") -> Iterator[list[socket.socket]]:
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            sock = connect(port)
+            if first:
+                sock.sendall(first)
+            socks.append(sock)
+        yield socks
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_partial_proxy_headers_cost_little_cpu(config_path, backends) -> None:
+    target = backends("t")
+    (port,) = free_ports(1)
+    write_config(config_path, [app("A", [port], [target.address], AcceptProxyProtocol=True)])
+    with running_tcpproxy(config_path) as proxy, clients(port, 250, b"PROXY "):
+        time.sleep(0.5)  # all accepted and waiting for the rest of their header
+        before = cpu_seconds(proxy.proc.pid)
+        time.sleep(2.0)
+        used = cpu_seconds(proxy.proc.pid) - before
+        # Peeking every 10 ms costs about a core (~2 s in 2 s); waiting costs ~0.
+        assert used < 0.5, f"{used:.2f} s of CPU in 2 s for 250 idle partial headers"
+        assert target.accepted == 0
+
+
+def test_many_bad_headers_log_few_lines(config_path, backends) -> None:
+    target = backends("t")
+    (port,) = free_ports(1)
+    write_config(config_path, [app("A", [port], [target.address], AcceptProxyProtocol=True)])
+    n = 200
+    with running_tcpproxy(config_path) as proxy:
+        for _ in range(n):
+            with connect(port) as sock:
+                sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        assert wait_until(lambda: proxy.output.count("end=client-error") == n), proxy.output
+        warnings = proxy.output.count("no PROXY protocol header")
+        assert 1 <= warnings <= 2, proxy.output  # one per LIMIT_LOG_INTERVAL
+
+
+def test_warn_limiter_logs_once_per_interval_and_counts_the_rest(caplog) -> None:
+    now = [100.0]
+    warn = WarnLimiter(interval=10.0, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="tcpproxy"):
+        assert warn("bad-header A", "bad header from %s", "x")
+        for _ in range(5):
+            assert not warn("bad-header A", "bad header from %s", "y")
+        assert warn("bad-header B", "other app %s", "z")  # each key has its own budget
+        now[0] += 10.5
+        assert warn("bad-header A", "bad header from %s", "w")
+        now[0] += 10.5
+        assert warn("bad-header A", "bad header from %s", "v")
+    assert [r.getMessage() for r in caplog.records] == [
+        "bad header from x",
+        "other app z",
+        "bad header from w (5 more like this in the last 10 s not logged)",
+        "bad header from v",
+    ]
+
+
+def ended(metrics_port: int, app_name: str, reason: str) -> float:
+    """tcpproxy_connections_ended_total for one app and reason, from /metrics."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+        text = response.read().decode()
+    labels = [f'app="{app_name}"', 'target="-"', f'reason="{reason}"']
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("tcpproxy_connections_ended_total{") and all(
+            label in line for label in labels
+        ):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def connect_from(source: str, port: int) -> socket.socket:
+    """A client connection from another loopback address (all of 127/8 is local)."""
+    sock = socket.socket()
+    sock.settimeout(TIMEOUT)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def test_per_source_limit_resets_the_excess_of_one_address(config_path, backends) -> None:
+    target = backends("t")
+    port, metrics_port = free_ports(2)
+    write_config(config_path, [app("A", [port], [target.address], MaxConnectionsPerSource=2)])
+    with running_tcpproxy(config_path, "--metrics", f"127.0.0.1:{metrics_port}") as proxy:
+        held = [connect_from("127.0.0.1", port) for _ in range(2)]
+        try:
+            for sock in held:
+                assert recv_line(sock) == b"t\n"
+            with pytest.raises(ConnectionResetError), connect_from("127.0.0.1", port) as extra:
+                extra.recv(10)  # (the reset may even come before connect() returns)
+            proxy.wait_for(r"app 'A': MaxConnectionsPerSource \(2\) reached for 127\.0\.0\.1")
+            assert wait_until(lambda: ended(metrics_port, "A", "source-limit") == 1)
+            with connect_from("127.0.0.2", port) as other:  # another address: its own count
+                assert recv_line(other) == b"t\n"
+            held.pop().close()
+            assert wait_until(lambda: answers_from("127.0.0.1", port) == b"t\n")
+        finally:
+            for sock in held:
+                sock.close()
+    assert target.accepted == 4  # the reset connection never reached it
+
+
+def answers_from(source: str, port: int) -> bytes:
+    try:
+        with connect_from(source, port) as sock:
+            return recv_line(sock)
+    except OSError:
+        return b""
+
+
+def test_silent_client_is_closed_before_any_target_is_connected(config_path, backends) -> None:
+    target = backends("t", echo)
+    port, metrics_port = free_ports(2)
+    write_config(config_path, [app("A", [port], [target.address], FirstByteTimeout=1)])
+    with running_tcpproxy(config_path, "--metrics", f"127.0.0.1:{metrics_port}") as proxy:
+        with connect(port) as silent:
+            time.sleep(0.2)
+            assert target.accepted == 0  # nothing sent yet: no backend connection held
+            assert recv_all(silent) == b""  # closed by the proxy after 1 s
+        proxy.wait_for(r"nothing received within FirstByteTimeout \(1 s\)")
+        proxy.wait_for(r"end=first-byte-timeout")
+        assert wait_until(lambda: ended(metrics_port, "A", "first-byte-timeout") == 1)
+        assert target.accepted == 0
+        with connect(port) as talker:  # a client that speaks is served as before
+            time.sleep(0.2)  # (but not before it speaks)
+            assert target.accepted == 0
+            talker.sendall(b"hello")
+            talker.shutdown(socket.SHUT_WR)
+            assert recv_all(talker) == b"hello"
+        assert target.accepted == 1
+
+
+def test_first_byte_timeout_counts_after_the_proxy_header(config_path, backends) -> None:
+    target = backends("t", echo)
+    (port,) = free_ports(1)
+    options = {"AcceptProxyProtocol": True, "FirstByteTimeout": 0.5}
+    write_config(config_path, [app("A", [port], [target.address], **options)])
+    with running_tcpproxy(config_path) as proxy:
+        with connect(port) as silent:  # a header, then nothing
+            silent.sendall(b"PROXY TCP4 203.0.113.7 192.0.2.1 4444 80\r\n")
+            assert recv_all(silent) == b""
+        proxy.wait_for(r"client=203\.0\.113\.7:4444 .*nothing received within FirstByteTimeout")
+        with connect(port) as talker:  # header and payload in one segment
+            talker.sendall(b"PROXY TCP4 203.0.113.7 192.0.2.1 4444 80\r\nhello")
+            talker.shutdown(socket.SHUT_WR)
+            assert recv_all(talker) == b"hello"
+        assert target.accepted == 1
+
+
+def test_proxy_header_from_an_untrusted_peer_is_refused(config_path, backends) -> None:
+    target = backends("t", echo)
+    port, trusting, metrics_port = free_ports(3)
+    header = b"PROXY TCP4 203.0.113.7 192.0.2.1 4444 80\r\n"
+    write_config(config_path, [
+        app("A", [port], [target.address], AcceptProxyProtocol=True,
+            TrustedProxies=["10.0.0.0/8", "127.0.0.2"]),
+        app("B", [trusting], [target.address], AcceptProxyProtocol=True),  # default: loopback
+    ])  # fmt: skip
+    with running_tcpproxy(config_path, "--metrics", f"127.0.0.1:{metrics_port}") as proxy:
+        for _ in range(20):
+            with connect_from("127.0.0.1", port) as sock:
+                sock.sendall(header + b"hello")
+                with pytest.raises(ConnectionResetError):
+                    sock.recv(10)  # reset: its claim is not believed
+        proxy.wait_for(r"app 'A': PROXY header from 127\.0\.0\.1 refused: not in TrustedProxies")
+        assert proxy.output.count("not in TrustedProxies") == 1  # rate-limited
+        assert wait_until(lambda: ended(metrics_port, "A", "untrusted-proxy") == 20)
+        assert target.accepted == 0
+        with connect_from("127.0.0.2", port) as sock:  # listed: believed
+            sock.sendall(header + b"hello")
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_all(sock) == b"hello"
+        with connect_from("127.0.0.1", trusting) as sock:  # loopback, by default
+            sock.sendall(header + b"hello")
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_all(sock) == b"hello"
