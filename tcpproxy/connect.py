@@ -26,14 +26,15 @@ __all__ = [
     "open_target",
 ]
 
-# Failures that are ours (out of descriptors, memory or local ports), not the target's: they
-# end the attempt without blaming the target or trying the others.
 _STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 _ESTABLISHED = 1  # TCP_ESTABLISHED, the first byte of struct tcp_info
 
-LOCAL_ERRNOS = frozenset(
-    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
-)
+# Failures that are ours (out of descriptors or memory), not the target's: they end the
+# attempt without blaming the target or trying the others. Everything else is the
+# target's, including EADDRNOTAVAIL and EAFNOSUPPORT: an address family this host cannot
+# reach ([::1] with IPv6 disabled) or no free local port towards that one address; both
+# are about that target, and another may well work.
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 def describe_error(exc: BaseException) -> str:
