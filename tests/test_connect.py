@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import socket
+import time
+
+import pytest
 import trio
 
 from tcpproxy.config import Target
-from tcpproxy.connect import open_target
+from tcpproxy.connect import interleave, open_target
+from tcpproxy.errors import TargetUnavailable
 from tcpproxy.resolve import Resolver
 from tests.netns import NetNS
 
@@ -42,3 +47,77 @@ def test_address_not_available_fails_over_and_blames_the_target() -> None:
     assert target == v4
     assert failures == [(v6, "cannot assign requested address")]
     assert failed == [(v6, "cannot assign requested address")]
+
+
+class Blackhole:
+    """A loopback listener whose accept queue is full: SYNs to it are dropped."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(0)
+        self.address = self.sock.getsockname()
+        self.fillers = []
+        for _ in range(3):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(self.address)
+            self.fillers.append(s)
+        time.sleep(0.1)
+
+    def close(self) -> None:
+        for s in [*self.fillers, self.sock]:
+            s.close()
+
+
+class StubResolver:
+    """Answers every name with fixed addresses, as a DNS name with several would."""
+
+    def __init__(self, addresses: list[tuple[int, tuple]]) -> None:
+        self.addresses = addresses
+
+    async def resolve(self, host: str, port: int) -> list[tuple[int, tuple]]:
+        return self.addresses
+
+
+async def test_a_dead_first_address_does_not_use_up_the_connect_timeout() -> None:
+    """A name whose first address drops SYNs: the next address is tried after a
+    short stagger (happy eyeballs), within the one ConnectTimeout of the target."""
+    hole = Blackhole()
+    live = socket.socket()
+    try:
+        live.bind(("127.0.0.1", 0))
+        live.listen()
+        resolver = StubResolver([
+            (socket.AF_INET, hole.address), (socket.AF_INET, live.getsockname()),
+        ])  # fmt: skip
+        target = Target("db.example", 5432)
+        started = trio.current_time()
+        sock, chosen, failures = await open_target("app", [target], resolver, 2.0)  # type: ignore[arg-type]
+        with sock:
+            assert sock.getpeername() == live.getsockname()
+        assert (chosen, failures) == (target, ())
+        assert trio.current_time() - started < 2.0
+    finally:
+        hole.close()
+        live.close()
+
+
+async def test_every_address_failing_reports_the_failure() -> None:
+    refused = socket.socket()
+    refused.bind(("127.0.0.1", 0))  # bound, not listening: connects are refused
+    with refused:
+        resolver = StubResolver([(socket.AF_INET, refused.getsockname())] * 2)
+        target = Target("db.example", 5432)
+        with pytest.raises(TargetUnavailable) as info:
+            await open_target("app", [target], resolver, 2.0)  # type: ignore[arg-type]
+    assert info.value.failures == [(str(target), "connection refused")]
+
+
+def test_addresses_interleave_families_first_family_first() -> None:
+    a4, b4, c4 = ((socket.AF_INET, (f"10.0.0.{i}", 1)) for i in (1, 2, 3))
+    a6, b6 = ((socket.AF_INET6, (f"fd00::{i}", 1, 0, 0)) for i in (1, 2))
+    assert interleave([a6, b6, a4, b4, c4]) == [a6, a4, b6, b4, c4]
+    assert interleave([a4, b4, a6]) == [a4, a6, b4]
+    assert interleave([a4]) == [a4]
+    assert interleave([]) == []
