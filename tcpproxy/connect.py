@@ -44,8 +44,14 @@ LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOME
 HAPPY_EYEBALLS_DELAY = 0.25
 
 
-def describe_error(exc: BaseException) -> str:
-    """Short lowercase reason for logs: 'connection refused', 'no answer within 2s'."""
+def describe_error(exc: BaseException, timeout: float | None = None) -> str:
+    """Short lowercase reason for logs: 'connection refused', 'no answer within 2s'.
+
+    `timeout`: the seconds a trio.TooSlowError waited (its text is empty, and
+    its type name means nothing to a reader).
+    """
+    if isinstance(exc, trio.TooSlowError):
+        return f"no answer within {timeout:g}s" if timeout is not None else "timed out"
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve: {exc.strerror or exc}".lower()
     if isinstance(exc, OSError) and exc.errno:
@@ -182,8 +188,8 @@ async def open_target(
             with trio.fail_after(connect_timeout):
                 sock = await connect_target(target, resolver)
             return sock, target, failures or NO_FAILURES
-        except trio.TooSlowError:
-            why = f"no answer within {connect_timeout:g}s"
+        except trio.TooSlowError as exc:
+            why = describe_error(exc, connect_timeout)
         except OSError as exc:
             if exc.errno in LOCAL_ERRNOS:
                 raise ResourceExhausted(

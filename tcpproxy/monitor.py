@@ -28,8 +28,8 @@ async def probe(target: Target, resolver: Resolver, timeout: float) -> tuple[boo
     try:
         with trio.fail_after(timeout):
             sock = await connect_target(target, resolver)
-    except trio.TooSlowError:
-        return False, f"no answer within {timeout:g}s"
+    except trio.TooSlowError as exc:
+        return False, describe_error(exc, timeout)
     except OSError as exc:
         return (None if exc.errno in LOCAL_ERRNOS else False), describe_error(exc)
     sock.close()

@@ -139,7 +139,11 @@ class Proxy:
         try:
             with trio.fail_after(cfg.connect_timeout):
                 await send_all(target_sock, header)
-        except (OSError, trio.TooSlowError) as exc:
+        except trio.TooSlowError:
+            why = f"PROXY header not taken within {cfg.connect_timeout:g}s"
+            stats.reason, stats.error = EndReason.TARGET_EARLY_ERROR, why
+            return False
+        except OSError as exc:
             stats.reason, stats.error = EndReason.TARGET_EARLY_ERROR, describe_error(exc)
             return False
         return True

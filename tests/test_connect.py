@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import socket
 import time
+from pathlib import Path
 
 import pytest
 import trio
 
 from tcpproxy.config import Target
-from tcpproxy.connect import interleave, open_target
+from tcpproxy.connect import describe_error, interleave, open_target
 from tcpproxy.errors import TargetUnavailable
+from tcpproxy.proxy_protocol import HEADER_TIMEOUT
 from tcpproxy.resolve import Resolver
+from tests.helpers import TIMEOUT, app, connect, free_ports, running_tcpproxy, write_config
 from tests.netns import NetNS
 
 
@@ -121,3 +124,21 @@ def test_addresses_interleave_families_first_family_first() -> None:
     assert interleave([a4, b4, a6]) == [a4, a6, b4]
     assert interleave([a4]) == [a4]
     assert interleave([]) == []
+
+
+def test_timeouts_are_described_not_named() -> None:
+    """trio.TooSlowError has no text: its type name must not reach a log line."""
+    assert describe_error(trio.TooSlowError(), 1.5) == "no answer within 1.5s"
+    assert "TooSlowError" not in describe_error(trio.TooSlowError())
+
+
+def test_a_client_silent_past_the_header_timeout_is_logged_in_words(
+    config_path: Path, backends
+) -> None:
+    target = backends("t")
+    (port,) = free_ports(1)
+    write_config(config_path, [app("A", [port], [target.address], AcceptProxyProtocol=True)])
+    with running_tcpproxy(config_path) as proxy, connect(port):
+        line = proxy.wait_for(rf"port={port}: .*", timeout=HEADER_TIMEOUT + TIMEOUT)
+    assert "TooSlowError" not in line.group(0)
+    assert "timed out" in line.group(0)
