@@ -164,6 +164,7 @@ async def open_target(
     connect_timeout: float,
     *,
     on_failure: Callable[[Target, str], None] | None = None,
+    on_attempt: Callable[[Target], None] | None = None,
 ) -> tuple[socket.socket, Target, Sequence[tuple[Target, str]]]:
     """Connect to the first target of `order` that answers.
 
@@ -173,6 +174,7 @@ async def open_target(
       connect_timeout: seconds allowed per target: the whole attempt at it,
         resolution and every address of its name included.
       on_failure: told at once of each target that failed (health tracking).
+      on_attempt: told of each target before it is tried (connection counts).
 
     Returns:
       The socket, its target, and the (target, why) of those that failed
@@ -184,6 +186,8 @@ async def open_target(
     """
     failures: list[tuple[Target, str]] = []
     for target in order:
+        if on_attempt is not None:
+            on_attempt(target)
         try:
             with trio.fail_after(connect_timeout):
                 sock = await connect_target(target, resolver)

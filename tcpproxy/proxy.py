@@ -26,7 +26,7 @@ from typing import Any
 
 import trio
 
-from tcpproxy.balance import Balancer
+from tcpproxy.balance import Balancer, Claim
 from tcpproxy.config import AppConfig, Config, Target
 from tcpproxy.connect import describe_error, open_target
 from tcpproxy.diff import format_ports
@@ -102,7 +102,8 @@ class Proxy:
         self.slots = trio.Semaphore(max_connections)  # taken by accept loops, given back here
         self.metrics = metrics or NullMetrics()
         self.health = HealthMonitor(HealthBook(), self._resolver, self.metrics)
-        self.active: Counter[Target] = Counter()  # open connections per target
+        # open connections per target, each counted from its choice (balance.Claim)
+        self.active: Counter[Target] = Counter()
         self.active_by_app: Counter[str] = Counter()
         self.active_total = 0
         self._limit_logged: dict[str, float] = {}
@@ -240,6 +241,7 @@ class Proxy:
         metrics = self.metrics
         cfg = app.config
         failed: list[str] | None = None  # targets tried in vain before the one that answered
+        claim: Claim | None = None  # this connection's count against its target
         health = self.health
         header = b""  # PROXY protocol header for targets
         try:
@@ -252,12 +254,14 @@ class Proxy:
                                 describe_error(exc), extra={"conn": cid})  # fmt: skip
                     return
             order = app.balancer.order(health.book.is_down)
+            # counted from the choice on, so a burst still connecting spreads (least-connections)
+            claim = Claim(self.active, order[0])
             while True:
                 connecting = time.monotonic()
                 try:
                     target_sock, target, failures = await open_target(
                         cfg.name, order, self._resolver, cfg.connect_timeout,
-                        on_failure=health.connect_failed_now,
+                        on_failure=health.connect_failed_now, on_attempt=claim.move,
                     )  # fmt: skip
                 except TargetUnavailable as exc:
                     reason = "no-target"
@@ -283,18 +287,12 @@ class Proxy:
                               extra={"conn": cid})  # fmt: skip
                 health.connect_ok(target)
                 metrics.connected(cfg.name, target, time.monotonic() - connecting)
-                self.active[target] += 1
-                try:
-                    # A target that fails our PROXY header counts as failing early.
-                    if not header or await self._send_header(target_sock, header, cfg, stats):
-                        await relay(
-                            client, target_sock, stats,
-                            use_splice=self._use_splice, idle_timeout=cfg.idle_timeout,
-                        )  # fmt: skip
-                finally:
-                    self.active[target] -= 1
-                    if not self.active[target]:
-                        del self.active[target]  # bounded: only targets with open connections
+                # A target that fails our PROXY header counts as failing early.
+                if not header or await self._send_header(target_sock, header, cfg, stats):
+                    await relay(
+                        client, target_sock, stats,
+                        use_splice=self._use_splice, idle_timeout=cfg.idle_timeout,
+                    )  # fmt: skip
                 order = order[order.index(target) + 1 :]
                 if stats.reason is not EndReason.TARGET_EARLY_ERROR or not order:
                     break
@@ -317,6 +315,8 @@ class Proxy:
             log.exception("conn %s client=%s port=%d: internal error", cid, format_peer(peer),
                           port, extra={"conn": cid})  # fmt: skip
         finally:
+            if claim is not None:
+                claim.release()
             self.active_total -= 1
             self.active_by_app[cfg.name] -= 1
             if not self.active_by_app[cfg.name]:
