@@ -62,6 +62,7 @@ def describe_error(exc: BaseException, timeout: float | None = None) -> str:
 
 
 Address = tuple[int, tuple]  # (family, sockaddr), as `Resolver.resolve` gives them
+AddressCheck = Callable[[Target, int, tuple], None]  # (target, family, sockaddr); raises OSError
 
 
 def interleave(addresses: Sequence[Address]) -> list[Address]:
@@ -101,6 +102,7 @@ async def connect_target(
     resolver: Resolver,
     *,
     stagger: float = HAPPY_EYEBALLS_DELAY,
+    check: AddressCheck | None = None,
 ) -> socket.socket:
     """Connect to one target, trying the addresses its host resolves to.
 
@@ -109,6 +111,9 @@ async def connect_target(
     `stagger` seconds; the first to connect wins and the others are closed. So a
     dead first address costs one stagger, not the caller's whole timeout (which
     bounds the whole attempt at the target, all addresses together).
+
+    `check(target, family, sockaddr)` may veto an address before it is tried
+    by raising an OSError, a failure of that address (see tcpproxy.selfloop).
 
     Returns a connected, non-blocking socket with TCP_NODELAY (the proxy
     forwards what it reads at once; Nagle would hold back small answers).
@@ -120,12 +125,16 @@ async def connect_target(
     if not addresses:
         raise OSError(f"{target.host} has no address")
     if len(addresses) == 1:  # the common case (a literal address): no tasks
+        if check is not None:
+            check(target, *addresses[0])
         return await _connect_address(*addresses[0])
     won: list[socket.socket] = []
     errors: list[OSError] = []
 
     async def attempt(family: int, sockaddr: tuple, failed: trio.Event) -> None:
         try:
+            if check is not None:
+                check(target, family, sockaddr)
             sock = await _connect_address(family, sockaddr)
         except OSError as exc:
             errors.append(exc)
@@ -165,6 +174,7 @@ async def open_target(
     *,
     on_failure: Callable[[Target, str], None] | None = None,
     on_attempt: Callable[[Target], None] | None = None,
+    check: AddressCheck | None = None,
 ) -> tuple[socket.socket, Target, Sequence[tuple[Target, str]]]:
     """Connect to the first target of `order` that answers.
 
@@ -175,6 +185,7 @@ async def open_target(
         resolution and every address of its name included.
       on_failure: told at once of each target that failed (health tracking).
       on_attempt: told of each target before it is tried (connection counts).
+      check: vetoes addresses before they are tried (`connect_target`).
 
     Returns:
       The socket, its target, and the (target, why) of those that failed
@@ -190,7 +201,7 @@ async def open_target(
             on_attempt(target)
         try:
             with trio.fail_after(connect_timeout):
-                sock = await connect_target(target, resolver)
+                sock = await connect_target(target, resolver, check=check)
             return sock, target, failures or NO_FAILURES
         except trio.TooSlowError as exc:
             why = describe_error(exc, connect_timeout)

@@ -10,7 +10,7 @@ import logging
 import trio
 
 from tcpproxy.config import Config, HealthCheck, Target
-from tcpproxy.connect import LOCAL_ERRNOS, connect_target, describe_error
+from tcpproxy.connect import LOCAL_ERRNOS, AddressCheck, connect_target, describe_error
 from tcpproxy.health import BACKOFF_INITIAL, HealthBook
 from tcpproxy.metrics import NullMetrics
 from tcpproxy.resolve import Resolver
@@ -24,12 +24,15 @@ log = logging.getLogger("tcpproxy")
 PROBE_TIMEOUT = 2.0
 
 
-async def probe(target: Target, resolver: Resolver, timeout: float) -> tuple[bool | None, str]:
+async def probe(
+    target: Target, resolver: Resolver, timeout: float, check: AddressCheck | None = None
+) -> tuple[bool | None, str]:
     """One TCP connect to `target`: (True, ""), (False, why), or (None, why) when the
-    failure was ours (out of descriptors) and says nothing about the target."""
+    failure was ours (out of descriptors) and says nothing about the target.
+    `check` vetoes addresses as for clients (a probe must not connect to the proxy)."""
     try:
         with trio.fail_after(timeout):
-            sock = await connect_target(target, resolver)
+            sock = await connect_target(target, resolver, check=check)
     except trio.TooSlowError as exc:
         return False, describe_error(exc, timeout)
     except OSError as exc:
@@ -45,8 +48,15 @@ class HealthMonitor:
     reload cancels the active checks of targets that left the config.
     """
 
-    def __init__(self, book: HealthBook, resolver: Resolver, metrics: NullMetrics) -> None:
+    def __init__(
+        self,
+        book: HealthBook,
+        resolver: Resolver,
+        metrics: NullMetrics,
+        check: AddressCheck | None = None,
+    ) -> None:
         self.book = book
+        self._check_address = check
         self._resolver = resolver
         self._metrics = metrics
         self._nursery: trio.Nursery | None = None
@@ -98,7 +108,9 @@ class HealthMonitor:
                 await trio.sleep_until(self.book.get(target).retry_at)
                 if not self.book.is_down(target):
                     break  # a client connection got through meanwhile
-                ok, why = await probe(target, self._resolver, self.probe_timeout(target))
+                ok, why = await probe(
+                    target, self._resolver, self.probe_timeout(target), self._check_address
+                )
                 if ok is None:  # our own shortage (descriptors): says nothing of the target
                     await trio.sleep(self.book.get(target).backoff)
                     continue
@@ -142,7 +154,7 @@ class HealthMonitor:
     async def _check(self, scope: trio.CancelScope, target: Target, check: HealthCheck) -> None:
         with scope:
             while True:
-                ok, why = await probe(target, self._resolver, check.timeout)
+                ok, why = await probe(target, self._resolver, check.timeout, self._check_address)
                 if ok is not None:
                     message = self.book.probe_result(
                         target, ok, trio.current_time(), why=why, rise=check.rise, fall=check.fall

@@ -36,6 +36,7 @@ from tcpproxy.metrics import NullMetrics
 from tcpproxy.monitor import HealthMonitor
 from tcpproxy.proxy_protocol import ProxyHeaderError, build_header, read_header, send_all
 from tcpproxy.resolve import Resolver
+from tcpproxy.selfloop import SelfLoopGuard
 from tcpproxy.splice import EndReason, RelayStats, abort, relay
 
 __all__ = ["LIMIT_LOG_INTERVAL", "AppRuntime", "Proxy"]
@@ -78,6 +79,8 @@ class Proxy:
         enforces its part, rounded up).
       resolver: host name resolution (a fresh one when omitted).
       use_splice: relay with splice(2) (default) or copy through a buffer.
+      listen_ports: ports this process listens on besides the apps' (bpfproxy's
+        -p): a target resolving to a local address on one of them is refused.
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class Proxy:
         metrics: NullMetrics | None = None,
         resolver: Resolver | None = None,
         use_splice: bool = True,
+        listen_ports: frozenset[int] = frozenset(),
     ) -> None:
         self._connections = connections
         self._resolver = resolver or Resolver()
@@ -101,7 +105,11 @@ class Proxy:
         self._id_prefix = id_prefix
         self.slots = trio.Semaphore(max_connections)  # taken by accept loops, given back here
         self.metrics = metrics or NullMetrics()
-        self.health = HealthMonitor(HealthBook(), self._resolver, self.metrics)
+        self._listen_ports = listen_ports
+        self._self_loop = SelfLoopGuard()  # names that resolve to the proxy itself
+        self.health = HealthMonitor(
+            HealthBook(), self._resolver, self.metrics, check=self._self_loop.check
+        )
         # open connections per target, each counted from its choice (balance.Claim)
         self.active: Counter[Target] = Counter()
         self.active_by_app: Counter[str] = Counter()
@@ -131,6 +139,7 @@ class Proxy:
         if config != self.config:
             self._resolver.forget()
         self.config = config
+        self._self_loop.ports = config.ports | self._listen_ports
         self.health.apply(config)
 
     async def _send_header(
@@ -262,6 +271,7 @@ class Proxy:
                     target_sock, target, failures = await open_target(
                         cfg.name, order, self._resolver, cfg.connect_timeout,
                         on_failure=health.connect_failed_now, on_attempt=claim.move,
+                        check=self._self_loop.check,
                     )  # fmt: skip
                 except TargetUnavailable as exc:
                     reason = "no-target"
