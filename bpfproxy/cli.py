@@ -19,6 +19,7 @@ from tcpproxy.cli_common import (
     metrics_for,
     read_config,
     run_cli,
+    self_loop_check,
     setup_logging,
     worker_options,
 )
@@ -90,7 +91,8 @@ def command(
     CAP_NET_ADMIN), Linux 5.9+, bcc and kernel headers."""
     if worker is not None:  # started by a supervisor, which owns the BPF side
         return _run_worker(worker, worker_listener, config_path, drain_timeout,
-                           max_connections, splice, log_level, log_format)  # fmt: skip
+                           max_connections, splice, log_level, log_format,
+                           listen_port)  # fmt: skip
     setup_logging(log_level, log_format=log_format)
     from bpfproxy.dispatcher import Dispatcher
     from bpfproxy.errors import SteeringError
@@ -102,7 +104,7 @@ def command(
             click.echo("bpfproxy: ok: the sk_lookup program compiles and loads on this machine")
             return 0
         check_environment()  # first: "run it with sudo" is what a user must fix first
-        data, config = read_config(config_path)
+        data, config = read_config(config_path, (listen_port,))
         check_listen_port(listen_port, config)
         limit = fit_connection_limit(max_connections)
         with contextlib.ExitStack() as stack:
@@ -113,7 +115,10 @@ def command(
                 plan = BpfPlan(bind, listen_port, options, workers)
                 stack.callback(plan.close)
                 plan.steer(config)
-                supervisor = Supervisor(plan, config_path, data, config, workers, metrics_address)
+                supervisor = Supervisor(
+                    plan, config_path, data, config, workers, metrics_address,
+                    validate=self_loop_check(config_path, (listen_port,)),
+                )  # fmt: skip
                 trio.run(supervisor.run)
                 return 0
             listener = open_listener(bind, listen_port)
@@ -127,7 +132,7 @@ def command(
                 lambda: run_service(
                     config_path, data, config, frontend, drain_timeout=drain_timeout,
                     max_connections=limit, use_splice=splice, metrics=metrics,
-                    metrics_address=address,
+                    metrics_address=address, listen_ports=frozenset({listen_port}),
                 )
             )  # fmt: skip
     except SteeringError as exc:
@@ -144,6 +149,7 @@ def _run_worker(
     splice: bool,
     log_level: str,
     log_format: str,
+    listen_port: int,
 ) -> int:
     if listener_fd is None:
         raise click.UsageError("--worker needs --worker-listener")
@@ -158,6 +164,7 @@ def _run_worker(
         lambda: run_service(
             config_path, b"", config, SharedListener(listener), drain_timeout=drain_timeout,
             max_connections=limit, use_splice=splice, supervisor=link, metrics=metrics,
+            listen_ports=frozenset({listen_port}),
         )
     )  # fmt: skip
     return 0

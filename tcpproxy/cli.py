@@ -15,6 +15,7 @@ from tcpproxy.cli_common import (
     metrics_for,
     read_config,
     run_cli,
+    self_loop_check,
     setup_logging,
     worker_options,
 )
@@ -113,7 +114,10 @@ def command(
     if workers > 1:
         plan = TcpPlan(bind, _options(ctx, math.ceil(limit / workers)), workers)
         plan.check(Config(apps=()), config)
-        supervisor = Supervisor(plan, config_path, data, config, workers, metrics_address)
+        supervisor = Supervisor(
+            plan, config_path, data, config, workers, metrics_address,
+            validate=self_loop_check(config_path),
+        )  # fmt: skip
         trio.run(supervisor.run)
         return 0
     metrics, address = metrics_for(metrics_address)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import resource
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -14,6 +15,7 @@ import click
 from tcpproxy import __version__
 from tcpproxy.config import Config, ConfigError, parse_config, read_config_bytes
 from tcpproxy.errors import ProxyError
+from tcpproxy.selfloop import reject_self_loops
 from tcpproxy.service import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CONNECTIONS
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "fit_connection_limit",
     "read_config",
     "run_cli",
+    "self_loop_check",
     "setup_logging",
 ]
 
@@ -162,10 +165,21 @@ def fail(prog: str, message: str) -> int:
     return EXIT_USAGE
 
 
-def read_config(path: Path) -> tuple[bytes, Config]:
-    """Read and validate the config file once: its bytes (to compare on reload) and model."""
+def read_config(path: Path, listen_ports: Collection[int] = ()) -> tuple[bytes, Config]:
+    """Read and validate the config file once: its bytes (to compare on reload) and model.
+
+    `listen_ports`: ports served besides the apps' (bpfproxy's -p), which no
+    target may loop back to (as every reload checks: `self_loop_check`).
+    """
     data = read_config_bytes(path)
-    return data, parse_config(data, str(path))
+    config = parse_config(data, str(path))
+    reject_self_loops(config, listen_ports, str(path))
+    return data, config
+
+
+def self_loop_check(path: Path, listen_ports: Collection[int] = ()) -> Callable[[Config], None]:
+    """The reload-time twin of `read_config`'s self-loop check, for a Reloader."""
+    return partial(reject_self_loops, extra_ports=listen_ports, source=str(path))
 
 
 def worker_options(ctx_params: dict[str, Any], skip: set[str]) -> list[str]:

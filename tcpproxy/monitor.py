@@ -10,7 +10,7 @@ import logging
 import trio
 
 from tcpproxy.config import Config, HealthCheck, Target
-from tcpproxy.connect import LOCAL_ERRNOS, connect_target, describe_error
+from tcpproxy.connect import LOCAL_ERRNOS, AddressCheck, connect_target, describe_error
 from tcpproxy.health import BACKOFF_INITIAL, HealthBook
 from tcpproxy.metrics import NullMetrics
 from tcpproxy.resolve import Resolver
@@ -19,17 +19,22 @@ __all__ = ["HealthMonitor", "probe"]
 
 log = logging.getLogger("tcpproxy")
 
-PROBE_TIMEOUT = 2.0  # seconds a recovery probe's connect may take (the default ConnectTimeout)
+# seconds a recovery probe's connect may take when no app of the config uses its target
+# (otherwise: the largest ConnectTimeout among the apps that use it); the default ConnectTimeout
+PROBE_TIMEOUT = 2.0
 
 
-async def probe(target: Target, resolver: Resolver, timeout: float) -> tuple[bool | None, str]:
+async def probe(
+    target: Target, resolver: Resolver, timeout: float, check: AddressCheck | None = None
+) -> tuple[bool | None, str]:
     """One TCP connect to `target`: (True, ""), (False, why), or (None, why) when the
-    failure was ours (out of descriptors) and says nothing about the target."""
+    failure was ours (out of descriptors) and says nothing about the target.
+    `check` vetoes addresses as for clients (a probe must not connect to the proxy)."""
     try:
         with trio.fail_after(timeout):
-            sock = await connect_target(target, resolver)
-    except trio.TooSlowError:
-        return False, f"no answer within {timeout:g}s"
+            sock = await connect_target(target, resolver, check=check)
+    except trio.TooSlowError as exc:
+        return False, describe_error(exc, timeout)
     except OSError as exc:
         return (None if exc.errno in LOCAL_ERRNOS else False), describe_error(exc)
     sock.close()
@@ -43,14 +48,22 @@ class HealthMonitor:
     reload cancels the active checks of targets that left the config.
     """
 
-    def __init__(self, book: HealthBook, resolver: Resolver, metrics: NullMetrics) -> None:
+    def __init__(
+        self,
+        book: HealthBook,
+        resolver: Resolver,
+        metrics: NullMetrics,
+        check: AddressCheck | None = None,
+    ) -> None:
         self.book = book
+        self._check_address = check
         self._resolver = resolver
         self._metrics = metrics
         self._nursery: trio.Nursery | None = None
         self._recovering: set[Target] = set()
         self._checks: dict[tuple[Target, HealthCheck], trio.CancelScope] = {}
         self._config: Config | None = None
+        self._probe_timeouts: dict[Target, float] = {}  # per target, from the config
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -74,10 +87,7 @@ class HealthMonitor:
             self._metrics.target_state(target, True)
 
     def connect_failed_now(self, target: Target, why: str) -> None:
-        """A client's connect failed (probed again with the default timeout)."""
-        self.connect_failed(target, why, PROBE_TIMEOUT)
-
-    def connect_failed(self, target: Target, why: str, timeout: float) -> None:
+        """A client's connect failed: mark the target down and probe it until it answers."""
         message = self.book.connect_failed(target, why, trio.current_time())
         if message is None:
             return
@@ -85,15 +95,22 @@ class HealthMonitor:
         self._metrics.target_state(target, False)
         if self._nursery is not None and target not in self._recovering:
             self._recovering.add(target)
-            self._nursery.start_soon(self._recover, target, timeout)
+            self._nursery.start_soon(self._recover, target)
 
-    async def _recover(self, target: Target, timeout: float) -> None:
+    def probe_timeout(self, target: Target) -> float:
+        """The seconds a recovery probe of `target` may take: as long as a client's
+        connect may (a target slower than 2 s that its apps allow for is not down)."""
+        return self._probe_timeouts.get(target, PROBE_TIMEOUT)
+
+    async def _recover(self, target: Target) -> None:
         try:
             while self.book.is_down(target):
                 await trio.sleep_until(self.book.get(target).retry_at)
                 if not self.book.is_down(target):
                     break  # a client connection got through meanwhile
-                ok, why = await probe(target, self._resolver, timeout)
+                ok, why = await probe(
+                    target, self._resolver, self.probe_timeout(target), self._check_address
+                )
                 if ok is None:  # our own shortage (descriptors): says nothing of the target
                     await trio.sleep(self.book.get(target).backoff)
                     continue
@@ -109,7 +126,12 @@ class HealthMonitor:
     def apply(self, config: Config) -> None:
         """Run active checks for exactly the (target, HealthCheck) pairs of `config`."""
         self._config = config
-        targets = {t for app in config.apps for t in app.targets}
+        timeouts: dict[Target, float] = {}
+        for app in config.apps:
+            for target in app.targets:
+                timeouts[target] = max(timeouts.get(target, 0.0), app.connect_timeout)
+        self._probe_timeouts = timeouts
+        targets = set(timeouts)
         self.book.retain(targets)
         for target in targets:
             self._metrics.target_state(target, not self.book.is_down(target))
@@ -132,7 +154,7 @@ class HealthMonitor:
     async def _check(self, scope: trio.CancelScope, target: Target, check: HealthCheck) -> None:
         with scope:
             while True:
-                ok, why = await probe(target, self._resolver, check.timeout)
+                ok, why = await probe(target, self._resolver, check.timeout, self._check_address)
                 if ok is not None:
                     message = self.book.probe_result(
                         target, ok, trio.current_time(), why=why, rise=check.rise, fall=check.fall

@@ -35,7 +35,7 @@ from typing import Any
 
 import trio
 
-from tcpproxy.balance import Balancer
+from tcpproxy.balance import Balancer, Claim
 from tcpproxy.config import AppConfig, Config, Network, Target
 from tcpproxy.connect import describe_error, open_target
 from tcpproxy.diff import format_ports
@@ -51,6 +51,7 @@ from tcpproxy.proxy_protocol import (
     send_all,
 )
 from tcpproxy.resolve import Resolver
+from tcpproxy.selfloop import SelfLoopGuard
 from tcpproxy.splice import EndReason, RelayStats, abort, relay
 
 __all__ = ["LIMIT_LOG_INTERVAL", "AppRuntime", "Proxy", "WarnLimiter"]
@@ -146,6 +147,8 @@ class Proxy:
         enforces its part, rounded up).
       resolver: host name resolution (a fresh one when omitted).
       use_splice: relay with splice(2) (default) or copy through a buffer.
+      listen_ports: ports this process listens on besides the apps' (bpfproxy's
+        -p): a target resolving to a local address on one of them is refused.
     """
 
     def __init__(
@@ -159,6 +162,7 @@ class Proxy:
         metrics: NullMetrics | None = None,
         resolver: Resolver | None = None,
         use_splice: bool = True,
+        listen_ports: frozenset[int] = frozenset(),
     ) -> None:
         self._connections = connections
         self._resolver = resolver or Resolver()
@@ -169,8 +173,13 @@ class Proxy:
         self._id_prefix = id_prefix
         self.slots = trio.Semaphore(max_connections)  # taken by accept loops, given back here
         self.metrics = metrics or NullMetrics()
-        self.health = HealthMonitor(HealthBook(), self._resolver, self.metrics)
-        self.active: Counter[Target] = Counter()  # open connections per target
+        self._listen_ports = listen_ports
+        self._self_loop = SelfLoopGuard()  # names that resolve to the proxy itself
+        self.health = HealthMonitor(
+            HealthBook(), self._resolver, self.metrics, check=self._self_loop.check
+        )
+        # open connections per target, each counted from its choice (balance.Claim)
+        self.active: Counter[Target] = Counter()
         self.active_by_app: Counter[str] = Counter()
         self.active_by_source: Counter[tuple[str, str]] = Counter()  # (app, client IP)
         self.active_total = 0
@@ -199,6 +208,7 @@ class Proxy:
         if config != self.config:
             self._resolver.forget()
         self.config = config
+        self._self_loop.ports = config.ports | self._listen_ports
         self.health.apply(config)
 
     async def _send_header(
@@ -208,7 +218,11 @@ class Proxy:
         try:
             with trio.fail_after(cfg.connect_timeout):
                 await send_all(target_sock, header)
-        except (OSError, trio.TooSlowError) as exc:
+        except trio.TooSlowError:
+            why = f"PROXY header not taken within {cfg.connect_timeout:g}s"
+            stats.reason, stats.error = EndReason.TARGET_EARLY_ERROR, why
+            return False
+        except OSError as exc:
             stats.reason, stats.error = EndReason.TARGET_EARLY_ERROR, describe_error(exc)
             return False
         return True
@@ -352,6 +366,7 @@ class Proxy:
         metrics = self.metrics
         cfg = app.config
         failed: list[str] | None = None  # targets tried in vain before the one that answered
+        claim: Claim | None = None  # this connection's count against its target
         health = self.health
         header = b""  # PROXY protocol header for targets
         try:
@@ -382,28 +397,27 @@ class Proxy:
                 )  # fmt: skip
                 return
             order = app.balancer.order(health.book.is_down)
+            # counted from the choice on, so a burst still connecting spreads (least-connections)
+            claim = Claim(self.active, order[0])
             while True:
                 connecting = time.monotonic()
                 try:
                     target_sock, target, failures = await open_target(
                         cfg.name, order, self._resolver, cfg.connect_timeout,
-                        on_failure=health.connect_failed_now,
+                        on_failure=health.connect_failed_now, on_attempt=claim.move,
+                        check=self._self_loop.check,
                     )  # fmt: skip
                 except TargetUnavailable as exc:
                     reason = "no-target"
-                    log.warning("conn %s client=%s port=%d: %s", cid, format_peer(peer), port,
-                                exc, extra={"conn": cid})  # fmt: skip
+                    self._warn_limit(f"no-target {cfg.name}", "conn %s client=%s port=%d: %s",
+                                     cid, format_peer(peer), port, exc,
+                                     extra={"conn": cid})  # fmt: skip
                     return
                 except ResourceExhausted as exc:
                     reason = "no-resources"
-                    self._warn_limit(
-                        "resources",
-                        "conn %s client=%s port=%d: %s",
-                        cid,
-                        format_peer(peer),
-                        port,
-                        exc,
-                    )
+                    self._warn_limit("resources", "conn %s client=%s port=%d: %s",
+                                     cid, format_peer(peer), port, exc,
+                                     extra={"conn": cid})  # fmt: skip
                     return
                 if failures:
                     failed = (failed or []) + [str(t) for t, _ in failures]
@@ -413,18 +427,12 @@ class Proxy:
                               extra={"conn": cid})  # fmt: skip
                 health.connect_ok(target)
                 metrics.connected(cfg.name, target, time.monotonic() - connecting)
-                self.active[target] += 1
-                try:
-                    # A target that fails our PROXY header counts as failing early.
-                    if not header or await self._send_header(target_sock, header, cfg, stats):
-                        await relay(
-                            client, target_sock, stats,
-                            use_splice=self._use_splice, idle_timeout=cfg.idle_timeout,
-                        )  # fmt: skip
-                finally:
-                    self.active[target] -= 1
-                    if not self.active[target]:
-                        del self.active[target]  # bounded: only targets with open connections
+                # A target that fails our PROXY header counts as failing early.
+                if not header or await self._send_header(target_sock, header, cfg, stats):
+                    await relay(
+                        client, target_sock, stats,
+                        use_splice=self._use_splice, idle_timeout=cfg.idle_timeout,
+                    )  # fmt: skip
                 order = order[order.index(target) + 1 :]
                 if stats.reason is not EndReason.TARGET_EARLY_ERROR or not order:
                     break
@@ -447,6 +455,8 @@ class Proxy:
             log.exception("conn %s client=%s port=%d: internal error", cid, format_peer(peer),
                           port, extra={"conn": cid})  # fmt: skip
         finally:
+            if claim is not None:
+                claim.release()
             self.active_total -= 1
             self.active_by_app[cfg.name] -= 1
             if not self.active_by_app[cfg.name]:

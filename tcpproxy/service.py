@@ -23,6 +23,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -34,6 +35,7 @@ from tcpproxy.errors import StartupError
 from tcpproxy.metrics import NullMetrics, serve_http, stop_http
 from tcpproxy.notify import Notifier
 from tcpproxy.proxy import Proxy
+from tcpproxy.selfloop import reject_self_loops
 from tcpproxy.watch import watch_config
 
 if TYPE_CHECKING:
@@ -82,6 +84,8 @@ class Reloader:
       current: the config in force.
       apply: applies `(old, new)`; raises StartupError, having changed nothing,
         to reject it.
+      validate: checks a parsed config further (raises ConfigError to reject it),
+        as the start did (e.g. `selfloop.reject_self_loops`).
     """
 
     def __init__(
@@ -92,8 +96,10 @@ class Reloader:
         apply: ApplyFn,
         notifier: Notifier | None = None,
         metrics: NullMetrics | None = None,
+        validate: Callable[[Config], None] | None = None,
     ) -> None:
         self._path = path
+        self._validate = validate
         self._current = current
         self._apply = apply
         self._notifier = notifier or Notifier({})
@@ -137,7 +143,7 @@ class Reloader:
             return None  # an event that did not change the contents
         self._last_seen = data
         try:
-            new = await trio.to_thread.run_sync(parse_config, data, str(self._path))
+            new = await trio.to_thread.run_sync(self._parse, data)
         except ConfigError as exc:
             self.rejected += 1
             self._metrics.reload(False)
@@ -161,6 +167,12 @@ class Reloader:
         self._metrics.config_loaded(self.digest)
         log.info("reload (%s): config %s applied: %s", why, digest(data), diff.summary())
         return "applied"
+
+    def _parse(self, data: bytes) -> Config:
+        config = parse_config(data, str(self._path))
+        if self._validate is not None:
+            self._validate(config)
+        return config
 
 
 def apply_locally(proxy: Proxy, frontend: Frontend) -> ApplyFn:
@@ -186,6 +198,7 @@ async def run_service(
     supervisor: SupervisorLink | None = None,
     metrics: NullMetrics | None = None,
     metrics_address: tuple[str, int] | None = None,
+    listen_ports: frozenset[int] = frozenset(),
     task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `config` through `frontend` until SIGTERM/SIGINT, then drain.
@@ -200,6 +213,8 @@ async def run_service(
       metrics: where to count (NullMetrics: nowhere).
       metrics_address: serve /metrics and /status there (not in workers:
         their supervisor serves the sum).
+      listen_ports: ports served besides the apps' (bpfproxy's -p): no target
+        may loop back to them.
     """
     metrics = metrics or NullMetrics()
     stop_accepting = trio.CancelScope()
@@ -213,10 +228,16 @@ async def run_service(
                     proxy = Proxy(
                         config, connections, max_connections=max_connections, share=share,
                         id_prefix=prefix, metrics=metrics, use_splice=use_splice,
+                        listen_ports=listen_ports,
                     )  # fmt: skip
                     apply = apply_locally(proxy, frontend)
                     notifier = Notifier()
-                    reloader = Reloader(path, data, lambda: proxy.config, apply, notifier, metrics)
+                    validate = partial(
+                        reject_self_loops, extra_ports=listen_ports, source=str(path)
+                    )
+                    reloader = Reloader(
+                        path, data, lambda: proxy.config, apply, notifier, metrics, validate
+                    )
                     if supervisor is None:
                         metrics.config_loaded(reloader.digest)
 

@@ -198,8 +198,10 @@ class Supervisor:
         config: Config,
         workers: int,
         metrics_address: str | None = None,
+        validate: Callable[[Config], None] | None = None,
     ) -> None:
         self._plan = plan
+        self._validate = validate  # the reloader's check of a new config (Reloader)
         self._path = path
         self._data = data
         self.config = config
@@ -219,8 +221,9 @@ class Supervisor:
         if self._metrics_address is not None:
             metrics_dir, metrics = self._start_metrics()
         reloader = Reloader(
-            self._path, self._data, lambda: self.config, self._apply, notifier, metrics
-        )
+            self._path, self._data, lambda: self.config, self._apply, notifier, metrics,
+            self._validate,
+        )  # fmt: skip
         if metrics is not None:
             metrics.config_loaded(reloader.digest)
             server = self._serve_metrics(metrics_dir, reloader)

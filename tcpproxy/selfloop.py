@@ -1,0 +1,253 @@
+"""Targets that are the proxy itself: rejected at load, refused at connect time.
+
+A target on a local address (loopback, the wildcard, any address of this host
+or network namespace) with a port the proxy listens on sends each connection
+back into the proxy, which connects to itself again, until max-connections is
+full and nothing is served. Literal addresses are checked when a config is
+loaded (start: exit 2; reload: rejected, the old config stays); names can only
+be checked once resolved, so each address is checked again before connecting.
+
+The decisions (`self_loops`, `is_local`) are pure: they take the config, the
+proxy's extra listening ports (bpfproxy's -p) and the set of local addresses;
+`local_addresses` and `SelfLoopGuard` gather those at the edge.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable, Collection, Iterable
+from typing import Any
+
+from tcpproxy.config import Config, ConfigError, Target
+
+__all__ = [
+    "LOCAL_ADDRESSES_TTL",
+    "SELF_LOOP",
+    "SelfLoopError",
+    "SelfLoopGuard",
+    "is_local",
+    "local_addresses",
+    "reject_self_loops",
+    "self_loops",
+]
+
+log = logging.getLogger("tcpproxy")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+SELF_LOOP = "would connect to the proxy itself"  # the reason logged for a refused target
+LOCAL_ADDRESSES_TTL = 10.0  # seconds the host's address list is reused at connect time
+SELF_LOOP_LOG_INTERVAL = 10.0  # seconds between repeated warnings about one target
+SELF_LOOP_LOG_KEYS = 1024  # targets remembered for that; more (reload churn) starts afresh
+
+
+# -- pure -------------------------------------------------------------------------------
+
+
+def parse_ip(host: str) -> IPAddress | None:
+    """The address `host` spells (IPv4-mapped IPv6 as IPv4, scope dropped), or None
+    for a name."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def is_local(ip: IPAddress, local: Collection[IPAddress]) -> bool:
+    """A connection to `ip` stays on this host: loopback (127.0.0.0/8, ::1), the
+    wildcard (0.0.0.0 and :: mean "this host" to connect()), or one of `local`."""
+    return ip.is_loopback or ip.is_unspecified or ip in local
+
+
+def self_loops(
+    config: Config, extra_ports: Collection[int], local: Collection[IPAddress]
+) -> list[str]:
+    """Every target of `config` spelled as an address that is the proxy itself.
+
+    Args:
+      extra_ports: ports the proxy listens on besides the apps' (bpfproxy's -p).
+      local: this host's (namespace's) addresses.
+
+    Returns one problem per such target, located as config errors are
+    (``Apps[i].Targets[j]: ...``); host names are left to connect time.
+    """
+    owners: dict[int, str] = {port: "bpfproxy's listening port (-p)" for port in extra_ports}
+    for i, app in enumerate(config.apps):
+        for j, port in enumerate(app.ports):
+            owners[port] = f"a port of app {app.name!r} (Apps[{i}].Ports[{j}])"
+    problems = []
+    for i, app in enumerate(config.apps):
+        for j, target in enumerate(app.targets):
+            owner = owners.get(target.port)
+            ip = parse_ip(target.host) if owner is not None else None
+            if ip is None or not is_local(ip, local):
+                continue
+            problems.append(
+                f"Apps[{i}].Targets[{j}]: {str(target)!r} of app {app.name!r} is this proxy "
+                f"itself: {ip} is an address of this host and {target.port} is {owner}; "
+                f"each connection would loop back into the proxy until no slot is left"
+            )
+    return problems
+
+
+# -- edge -------------------------------------------------------------------------------
+
+_NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
+_IFADDRMSG = struct.Struct("=BBBBI")  # family, prefix length, flags, scope, interface index
+_RTATTR = struct.Struct("=HH")  # length, type
+_RTM_NEWADDR, _RTM_GETADDR = 20, 22
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
+_IFA_ADDRESS, _IFA_LOCAL = 1, 2
+_NETLINK_BUFFER = 1 << 16  # bytes per recv of the dump
+
+
+def _align(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def local_addresses() -> frozenset[IPAddress]:
+    """This network namespace's interface addresses (an rtnetlink RTM_GETADDR dump,
+    as `ip addr` does; no dependency). Raises OSError when netlink is unavailable."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0) as sock:
+        sock.bind((0, 0))
+        body = _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+        header = _NLMSGHDR.pack(
+            _NLMSGHDR.size + len(body), _RTM_GETADDR, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0
+        )
+        sock.send(header + body)
+        found: set[IPAddress] = set()
+        while True:
+            data = sock.recv(_NETLINK_BUFFER)
+            if not data:
+                raise OSError("netlink: the address dump ended early")
+            offset = 0
+            while offset + _NLMSGHDR.size <= len(data):
+                length, kind, _, _, _ = _NLMSGHDR.unpack_from(data, offset)
+                if length < _NLMSGHDR.size:
+                    raise OSError("netlink: malformed message")
+                if kind == _NLMSG_DONE:
+                    return frozenset(found)
+                if kind == _NLMSG_ERROR:
+                    (code,) = struct.unpack_from("=i", data, offset + _NLMSGHDR.size)
+                    raise OSError(-code, f"netlink: {os.strerror(-code)}")
+                if kind == _RTM_NEWADDR:
+                    found.update(_address(data[offset + _NLMSGHDR.size : offset + length]))
+                offset += _align(length)
+
+
+def _address(message: bytes) -> Iterable[IPAddress]:
+    """The address of one RTM_NEWADDR message: IFA_LOCAL (IPv4; IFA_ADDRESS is the
+    peer on point-to-point links), else IFA_ADDRESS (IPv6)."""
+    attrs: dict[int, bytes] = {}
+    offset = _IFADDRMSG.size
+    while offset + _RTATTR.size <= len(message):
+        length, kind = _RTATTR.unpack_from(message, offset)
+        if length < _RTATTR.size:
+            break
+        attrs[kind] = message[offset + _RTATTR.size : offset + length]
+        offset += _align(length)
+    raw = attrs.get(_IFA_LOCAL) or attrs.get(_IFA_ADDRESS)
+    if raw is not None and len(raw) in (4, 16):
+        yield ipaddress.ip_address(raw)
+
+
+def _bindable(ip: IPAddress) -> bool:
+    """Fallback without netlink: binding succeeds only for a local address (unless
+    net.ipv4.ip_nonlocal_bind is set, which is why netlink comes first)."""
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.bind((str(ip), 0))
+    except OSError:
+        return False
+    return True
+
+
+class _LocalView(Collection[IPAddress]):
+    """The host's addresses for `self_loops`: netlink's list, or bind tests without it."""
+
+    def __init__(self) -> None:
+        try:
+            self._addresses: frozenset[IPAddress] | None = local_addresses()
+        except OSError:
+            self._addresses = None
+
+    def __contains__(self, ip: object) -> bool:
+        if self._addresses is not None:
+            return ip in self._addresses
+        return isinstance(ip, ipaddress.IPv4Address | ipaddress.IPv6Address) and _bindable(ip)
+
+    def __iter__(self) -> Any:
+        return iter(self._addresses or ())
+
+    def __len__(self) -> int:
+        return len(self._addresses or ())
+
+
+def reject_self_loops(
+    config: Config, extra_ports: Collection[int] = (), source: str = "<config>"
+) -> None:
+    """Raise ConfigError naming every target of `config` that is the proxy itself.
+
+    The validation hook for every config load: at start (exit 2) and on reload
+    (rejected, the running config stays)."""
+    problems = self_loops(config, extra_ports, _LocalView())
+    if problems:
+        raise ConfigError(source, problems)
+
+
+class SelfLoopError(OSError):
+    """A target address that is the proxy itself: a failure of that target."""
+
+    def __init__(self) -> None:
+        super().__init__(SELF_LOOP)
+
+
+class SelfLoopGuard:
+    """Connect-time check of resolved addresses (host names escape the load check).
+
+    `check(target, family, sockaddr)` raises SelfLoopError for an address that
+    is local with a port the proxy listens on (`ports`, kept current by the
+    owner on each config), and logs it at most once per SELF_LOOP_LOG_INTERVAL
+    per target. The host's addresses are read only when a port matches, and
+    reused for LOCAL_ADDRESSES_TTL.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ports: frozenset[int] = frozenset()
+        self._clock = clock
+        self._local: tuple[float, Collection[IPAddress]] | None = None
+        self._logged: dict[Target, float] = {}
+
+    def check(self, target: Target, family: int, sockaddr: tuple) -> None:
+        port = sockaddr[1]
+        if port not in self.ports:
+            return
+        ip = parse_ip(sockaddr[0])
+        if ip is None or not is_local(ip, self._local_addresses()):
+            return
+        now = self._clock()
+        if now - self._logged.get(target, -SELF_LOOP_LOG_INTERVAL) >= SELF_LOOP_LOG_INTERVAL:
+            if len(self._logged) >= SELF_LOOP_LOG_KEYS:
+                self._logged.clear()
+            self._logged[target] = now
+            log.warning(
+                "target %s resolves to %s, an address of this host, and port %d is one this "
+                "proxy listens on: refused (%s)", target, ip, port, SELF_LOOP,
+            )  # fmt: skip
+        raise SelfLoopError()
+
+    def _local_addresses(self) -> Collection[IPAddress]:
+        now = self._clock()
+        if self._local is None or now - self._local[0] >= LOCAL_ADDRESSES_TTL:
+            self._local = (now, _LocalView())
+        return self._local[1]

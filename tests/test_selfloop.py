@@ -1,0 +1,167 @@
+"""Targets that are the proxy itself: rejected at load, refused at connect time."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+import pytest
+
+from tcpproxy.config import AppConfig, Config, Target
+from tcpproxy.selfloop import (
+    SELF_LOOP,
+    SELF_LOOP_LOG_INTERVAL,
+    SelfLoopError,
+    SelfLoopGuard,
+    local_addresses,
+    self_loops,
+)
+from tests.deploy import BPF_LISTEN_PORT, Deployment, deployment
+from tests.helpers import TIMEOUT, ProxyProcess, app, recv_all, write_config
+
+__all__ = ["deployment"]
+
+HOST = ipaddress.ip_address("192.0.2.10")  # "this host's" address in the pure tests
+LOCAL = frozenset({HOST, ipaddress.ip_address("2001:db8::10")})
+
+
+def target(text: str) -> Target:
+    host, port = text.rsplit(":", 1)
+    return Target(host.strip("[]"), int(port))
+
+
+def config(*targets: str) -> Config:
+    """App 'web' on port 5000 with `targets`; app 'db' on 6000, elsewhere."""
+    return Config(apps=(
+        AppConfig("web", (5000,), tuple(map(target, targets))),
+        AppConfig("db", (6000,), (Target("10.9.9.9", 6000),)),
+    ))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["127.0.0.1:5000", "127.9.9.9:6000", "[::1]:5000", "0.0.0.0:5000", "[::]:6000",
+     "192.0.2.10:5000", "[2001:db8::10]:6000", "[::ffff:127.0.0.1]:5000"],
+)  # fmt: skip
+def test_a_local_address_on_our_own_port_is_a_problem(text: str) -> None:
+    (problem,) = self_loops(config("10.0.0.1:80", text), (), LOCAL)
+    assert problem.startswith(f"Apps[0].Targets[1]: {text!r} of app 'web' is this proxy itself")
+    owner = "app 'web' (Apps[0].Ports[0])" if text.endswith("5000") else "app 'db'"
+    assert owner in problem
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["10.0.0.1:5000", "192.0.2.11:5000", "127.0.0.1:5001", "localhost:5000", "[fe80::1]:5000"],
+)
+def test_remote_addresses_other_ports_and_names_pass(text: str) -> None:
+    assert self_loops(config(text), (), LOCAL) == []
+
+
+def test_bpfproxy_listening_port_counts_as_ours() -> None:
+    (problem,) = self_loops(config("127.0.0.1:8000"), (8000,), LOCAL)
+    assert "8000 is bpfproxy's listening port (-p)" in problem
+    assert self_loops(config("127.0.0.1:8000"), (), LOCAL) == []
+
+
+def test_the_hosts_own_addresses_are_found() -> None:
+    addresses = local_addresses()
+    assert ipaddress.ip_address("127.0.0.1") in addresses
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("192.0.2.123", 9))  # no packet: picks the source address for it
+        try:
+            source = ipaddress.ip_address(probe.getsockname()[0])
+        except ValueError:
+            source = None
+    if source is not None and not source.is_unspecified:
+        assert source in addresses
+
+
+# -- the binaries ---------------------------------------------------------------------
+
+
+def _run_to_exit(d: Deployment, apps: list[dict]) -> tuple[int, str]:
+    write_config(d.config_path, apps)
+    proc = ProxyProcess(d.popen_argv(d.argv()))
+    try:
+        code = proc.proc.wait(TIMEOUT)
+    finally:
+        proc.kill()
+    return code, proc.output
+
+
+def test_start_with_a_target_on_our_own_port_exits_2(deployment: Deployment) -> None:
+    d = deployment
+    live = d.backend("live")
+    port, other = d.ports(2)
+    code, output = _run_to_exit(d, [
+        app("web", [port], [live.address]),
+        app("loop", [other], [live.address, f"127.0.0.1:{port}"]),
+    ])  # fmt: skip
+    assert code == 2, output
+    assert f"Apps[1].Targets[1]: '127.0.0.1:{port}' of app 'loop' is this proxy itself" in output
+    assert "app 'web' (Apps[0].Ports[0])" in output
+    assert "Traceback" not in output
+    if d.binary == "bpfproxy":  # its own listening port is ours too
+        code, output = _run_to_exit(d, [app("web", [port], [f"127.0.0.1:{BPF_LISTEN_PORT}"])])
+        assert code == 2, output
+        assert "listening port (-p)" in output
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_reload_with_a_target_on_our_own_port_is_rejected(
+    deployment: Deployment, workers: str
+) -> None:
+    d = deployment
+    a, b = d.backend("a"), d.backend("b")
+    port, other = d.ports(2)
+    proxy = d.start([app("A", [port], [a.address])], "--workers", workers)
+    mark = proxy.mark()
+    d.reconfigure([app("A", [port], [b.address, f"[::1]:{other}"]), app("B", [other], [b.address])])
+    proxy.wait_for(rf"rejected.*Apps\[0\]\.Targets\[1\]: '\[::1\]:{other}'.*itself", start=mark)
+    assert d.which(port) == "a"  # the old config still serves
+
+
+def test_a_name_that_resolves_to_our_own_port_is_refused_and_failed_over(
+    deployment: Deployment,
+) -> None:
+    d = deployment
+    live, other = d.backend("live"), d.backend("other")
+    failover, alone, third = d.ports(3)
+    proxy = d.start(
+        [
+            app("failover", [failover], [f"localhost:{failover}", live.address]),
+            app("alone", [alone], [f"localhost:{alone}"]),
+            app("third", [third], [other.address]),
+        ],
+        "--max-connections", "20",
+    )  # fmt: skip
+    for _ in range(4):
+        assert d.which(failover) == "live"
+    for _ in range(3):
+        with d.connect(alone) as sock:  # refused, not looped: closed at once
+            try:
+                assert recv_all(sock) == b""
+            except ConnectionResetError:
+                pass
+    assert d.which(third) == "other"  # slots were not eaten by a loop
+    proxy.wait_for(SELF_LOOP)
+    warnings = proxy.output.count(f"refused ({SELF_LOOP})")
+    assert 1 <= warnings <= 4, proxy.output  # rate-limited: per target, not per connection
+
+
+def test_the_connect_time_guard_refuses_our_ports_on_local_addresses_only(caplog) -> None:
+    now = [0.0]
+    guard = SelfLoopGuard(clock=lambda: now[0])
+    guard.ports = frozenset({5000})
+    name = Target("localhost", 5000)
+    for sockaddr in [("127.0.0.1", 5000), ("::1", 5000, 0, 0), ("0.0.0.0", 5000)]:
+        with pytest.raises(SelfLoopError, match=SELF_LOOP):
+            guard.check(name, socket.AF_INET, sockaddr)
+    guard.check(name, socket.AF_INET, ("127.0.0.1", 5001))  # not our port
+    guard.check(name, socket.AF_INET, ("192.0.2.123", 5000))  # not this host
+    assert caplog.text.count(SELF_LOOP) == 1  # one warning per target per interval
+    now[0] += SELF_LOOP_LOG_INTERVAL
+    with pytest.raises(SelfLoopError):
+        guard.check(name, socket.AF_INET, ("127.0.0.1", 5000))
+    assert caplog.text.count(SELF_LOOP) == 2
