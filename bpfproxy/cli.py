@@ -175,6 +175,9 @@ class BpfPlan:
         self._listeners: list[socket.socket | None] = []
         self.dispatcher: Dispatcher | None = None
         try:
+            # Bound once WITHOUT SO_REUSEPORT first: fails if anyone listens on the
+            # port, where our reuseport group would otherwise join theirs.
+            open_listener(bind, listen_port, listen=False).close()
             self._listeners = [self._open() for _ in range(count)]
             self.dispatcher = Dispatcher(self._listeners[0])  # type: ignore[arg-type]
             self._steered: int | None = 0  # whose listener is in the sockmap

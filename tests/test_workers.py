@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -10,8 +11,8 @@ import time
 
 import pytest
 
-from tests.deploy import Deployment, deployment
-from tests.helpers import TIMEOUT, app, recv_all, recv_line
+from tests.deploy import BPF_LISTEN_PORT, Deployment, deployment
+from tests.helpers import TIMEOUT, ProxyProcess, app, recv_all, recv_line
 
 __all__ = ["deployment"]
 
@@ -106,6 +107,44 @@ def test_workers_die_with_their_supervisor(deployment: Deployment) -> None:
     proxy.proc.wait(TIMEOUT)
     assert wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in workers))
     assert wait_until(lambda: _refused(d, port))
+
+
+def test_a_second_proxy_on_the_same_ports_is_refused(deployment: Deployment) -> None:
+    """SO_REUSEPORT must not let a second supervisor join the first's ports."""
+    d = deployment
+    a = d.backend("a")
+    (port,) = d.ports(1)
+    d.start([app("A", [port], [a.address])], "--workers", "2")
+    second = ProxyProcess(d.popen_argv(d.argv("--workers", "2")))
+    try:
+        assert second.proc.wait(TIMEOUT * 3) == 2, second.output
+    finally:
+        second.kill()
+    busy = BPF_LISTEN_PORT if d.binary == "bpfproxy" else port  # bpfproxy binds its -p port only
+    assert re.search(rf"error: .*port {busy}.*another process listens there", second.output)
+    assert "Traceback" not in second.output
+    for _ in range(10):
+        assert d.which(port) == "a"
+
+
+def test_a_reload_onto_a_port_another_process_listens_on_is_rejected(
+    deployment: Deployment,
+) -> None:
+    d = deployment
+    if d.binary == "bpfproxy":
+        pytest.skip("bpfproxy binds no app port")
+    a = d.backend("a")
+    port, taken = d.ports(2)
+    with socket.socket() as other:  # as a second tcpproxy --workers would listen
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("", taken))
+        other.listen()
+        proxy = d.start([app("A", [port], [a.address])], "--workers", "2")
+        mark = proxy.mark()
+        d.reconfigure([app("A", [port, taken], [a.address])])
+        proxy.wait_for(rf"rejected.*app 'A'.*port {taken}.*another process listens", start=mark)
+    assert "listening on port" not in proxy.output
+    assert d.which(port) == "a"
 
 
 def _refused(d: Deployment, port: int) -> bool:
