@@ -20,6 +20,9 @@ Rules:
    stops the supervisor with that error.
 4. Workers die with their supervisor (PR_SET_PDEATHSIG), so no worker is
    left serving a config nobody watches.
+5. Workers run in a session of their own, so a terminal's Ctrl-C (sent to
+   the whole foreground process group) reaches the supervisor only, which
+   forwards it once: one Ctrl-C drains, a second one cuts.
 """
 
 from __future__ import annotations
@@ -394,6 +397,7 @@ class Supervisor:
                 pass_fds=(theirs.fileno(), *fds),
                 stdin=subprocess.DEVNULL,
                 env=child_environment(),  # systemd talks to the supervisor only
+                start_new_session=True,  # signals come from us only (rule 5)
             )
         except BaseException:
             ours.close()

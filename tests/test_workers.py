@@ -109,6 +109,29 @@ def test_workers_die_with_their_supervisor(deployment: Deployment) -> None:
     assert wait_until(lambda: _refused(d, port))
 
 
+def test_one_ctrl_c_drains(deployment: Deployment) -> None:
+    """Ctrl-C signals the whole process group; workers must hear it once (from
+    their supervisor), so one Ctrl-C drains rather than cuts."""
+    d = deployment
+    a = d.backend("a")
+    (port,) = d.ports(1)
+    proxy = d.start([app("A", [port], [a.address])], "--workers", "2", prefix=["setsid"])
+    assert os.getpgid(d.pid) == d.pid  # a process group of its own, as in a terminal
+    held = [d.connect(port) for _ in range(6)]  # likely on both workers
+    for s in held:
+        assert recv_line(s) == b"a\n"
+    os.killpg(d.pid, signal.SIGINT)
+    proxy.wait_for(r"stopping 2 workers")
+    assert wait_until(lambda: _refused(d, port))
+    for s in held:  # still served to their end
+        s.sendall(b"bye")
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s) == b"bye"
+        s.close()
+    assert proxy.proc.wait(TIMEOUT) == 0
+    assert "again" not in proxy.output
+
+
 def test_a_second_proxy_on_the_same_ports_is_refused(deployment: Deployment) -> None:
     """SO_REUSEPORT must not let a second supervisor join the first's ports."""
     d = deployment
