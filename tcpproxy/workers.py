@@ -18,8 +18,11 @@ Rules:
 3. A worker that dies on its own is started again after RESPAWN_DELAY with
    the config in force; a worker that cannot start at all (exit code 2)
    stops the supervisor with that error.
-4. Workers die with their supervisor (PR_SET_PDEATHSIG), so no worker is
-   left serving a config nobody watches.
+4. Workers stop with their supervisor, so no worker is left serving a
+   config nobody watches: the end of the socket pair (EOF, however the
+   supervisor died) stops a worker as SIGTERM does, draining. Not
+   PR_SET_PDEATHSIG: it fires when the *thread* that forked the child exits,
+   and trio forks from worker threads it retires after 10 s idle.
 5. Workers run in a session of their own, so a terminal's Ctrl-C (sent to
    the whole foreground process group) reaches the supervisor only, which
    forwards it once: one Ctrl-C drains, a second one cuts.
@@ -27,7 +30,6 @@ Rules:
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import pickle
@@ -58,7 +60,6 @@ __all__ = [
     "Plan",
     "Supervisor",
     "SupervisorLink",
-    "set_parent_death_signal",
     "worker_argv",
 ]
 
@@ -68,14 +69,6 @@ RESPAWN_DELAY = 1.0  # seconds before a worker that died is started again
 READY_TIMEOUT = 60.0  # seconds a new worker may take to start serving
 ANSWER_TIMEOUT = 30.0  # seconds a worker may take to apply a reload
 EXIT_USAGE = 2  # a worker's exit code for "cannot start as configured"
-_PR_SET_PDEATHSIG = 1
-
-
-def set_parent_death_signal(signum: int = signal.SIGTERM) -> None:
-    """Ask the kernel to send `signum` to this process when its parent dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
 
 
 async def _recv(conn: Connection) -> Any:
@@ -89,10 +82,9 @@ class SupervisorLink:
 
     @classmethod
     def join(cls, worker: str) -> SupervisorLink:
-        """Become the worker that `--worker FD:INDEX:COUNT` names: die with the
-        supervisor, and log with the worker's prefix set up by the caller."""
+        """Become the worker that `--worker FD:INDEX:COUNT` names (the caller sets
+        up logging with `log_prefix`; `follow` stops us when the supervisor goes)."""
         fd, index, count = (int(part) for part in worker.split(":"))
-        set_parent_death_signal()
         return cls(fd, index, count)
 
     @property
@@ -119,23 +111,28 @@ class SupervisorLink:
     async def follow(
         self, current: Callable[[], Config], apply: Callable[[Config, Config], Awaitable[None]]
     ) -> None:
-        """Say ready, then apply every config the supervisor sends, answering each."""
-        self._conn.send(("ready", os.getpid()))
-        while True:
-            try:
-                message = await _recv(self._conn)
-            except EOFError:  # the supervisor is gone; PDEATHSIG stops us
-                await trio.sleep_forever()
-            kind, payload = message
-            if kind != "config":
-                continue
-            new: Config = pickle.loads(payload)
-            try:
-                await apply(current(), new)
-            except StartupError as exc:
-                self._conn.send(("refused", str(exc)))
-            else:
-                self._conn.send(("applied", ""))
+        """Say ready, then apply every config the supervisor sends, answering each.
+
+        When the supervisor is gone (EOF, or a send fails), stop as on SIGTERM
+        (rule 4): drain, then exit.
+        """
+        try:
+            self._conn.send(("ready", os.getpid()))
+            while True:
+                kind, payload = await _recv(self._conn)
+                if kind != "config":
+                    continue
+                new: Config = pickle.loads(payload)
+                try:
+                    await apply(current(), new)
+                except StartupError as exc:
+                    self._conn.send(("refused", str(exc)))
+                else:
+                    self._conn.send(("applied", ""))
+        except (EOFError, OSError):
+            log.warning("the supervisor is gone: stopping")
+            os.kill(os.getpid(), signal.SIGTERM)  # the service's own stop: drain, then exit
+            await trio.sleep_forever()
 
 
 class Plan(Protocol):
@@ -371,7 +368,10 @@ class Supervisor:
             if self._metrics_address is not None:
                 from tcpproxy.metrics import mark_dead
 
-                mark_dead(worker.process.pid)
+                try:
+                    mark_dead(worker.process.pid)
+                except OSError as exc:  # metrics are not worth stopping for
+                    log.warning("metrics files of pid %d: %s", worker.process.pid, exc)
             log.error("worker %d (pid %d) died (exit code %s); starting it again in %gs",
                       worker.index, worker.process.pid, code, RESPAWN_DELAY)  # fmt: skip
             await trio.sleep(RESPAWN_DELAY)

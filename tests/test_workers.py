@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ import pytest
 
 from tests.deploy import BPF_LISTEN_PORT, Deployment, deployment
 from tests.helpers import TIMEOUT, ProxyProcess, app, recv_all, recv_line
+from tests.test_metrics import scrape, value
 
 __all__ = ["deployment"]
 
@@ -109,6 +111,45 @@ def test_workers_die_with_their_supervisor(deployment: Deployment) -> None:
     assert wait_until(lambda: _refused(d, port))
 
 
+THREAD_IDLE = 10.0  # seconds trio keeps an idle worker thread (the one that forked a worker)
+
+
+def test_a_replaced_worker_stays_up_and_its_metric_files_go(deployment: Deployment) -> None:
+    """A worker started again must not be stopped when the thread that forked it
+    retires (PR_SET_PDEATHSIG fired then), and the dead one's files must not pile up."""
+    d = deployment
+    a = d.backend("a")
+    port, metrics_port = d.ports(2)
+    proxy = d.start([app("A", [port], [a.address])], "--workers", "2",
+                    "--metrics", f"127.0.0.1:{metrics_port}")  # fmt: skip
+    first, second = worker_pids(d)
+    directory = _environment(first)["PROMETHEUS_MULTIPROC_DIR"]
+    for _ in range(10):  # both workers count something
+        assert d.exchange(port, b"x") == b"a\nx"
+    assert wait_until(lambda: bool(glob.glob(f"{directory}/*_{first}.db")))
+    accepted = value(scrape(d, metrics_port), "tcpproxy_connections_accepted_total")
+    assert accepted == 10
+    os.kill(first, signal.SIGKILL)
+    proxy.wait_for(r"worker \d \(pid \d+\) died")
+    assert wait_until(lambda: len(worker_pids(d)) == 2 and first not in worker_pids(d))
+    (replacement,) = set(worker_pids(d)) - {second}
+    proxy.wait_for(r"\[w\d\] \w+ started", start=proxy.output.count("\n"))
+    held = [d.connect(port) for _ in range(6)]  # likely on both workers
+    for s in held:
+        assert recv_line(s) == b"a\n"
+    time.sleep(THREAD_IDLE + 3)
+    assert worker_pids(d) == sorted([second, replacement]), proxy.output
+    for s in held:  # not cut
+        s.sendall(b"bye")
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s) == b"bye"
+        s.close()
+    assert not re.search(r"\[w\d\] SIGTERM", proxy.output), proxy.output  # stopped by no one
+    assert glob.glob(f"{directory}/*_{first}.db") == []
+    # the dead worker's counts stay in the sum
+    assert value(scrape(d, metrics_port), "tcpproxy_connections_accepted_total") == 16
+
+
 def test_one_ctrl_c_drains(deployment: Deployment) -> None:
     """Ctrl-C signals the whole process group; workers must hear it once (from
     their supervisor), so one Ctrl-C drains rather than cuts."""
@@ -168,6 +209,12 @@ def test_a_reload_onto_a_port_another_process_listens_on_is_rejected(
         proxy.wait_for(rf"rejected.*app 'A'.*port {taken}.*another process listens", start=mark)
     assert "listening on port" not in proxy.output
     assert d.which(port) == "a"
+
+
+def _environment(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as file:
+        pairs = file.read().decode().split("\0")
+    return dict(pair.split("=", 1) for pair in pairs if "=" in pair)
 
 
 def _refused(d: Deployment, port: int) -> bool:
