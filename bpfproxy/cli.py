@@ -237,6 +237,9 @@ class BpfPlan:
     def after_workers(self, old: Config, new: Config) -> None:
         self._set_ports(new.ports)  # then steer added ones, routes in place
 
+    def restore(self, config: Config) -> None:
+        self._set_ports(config.ports)  # a rejected reload: steer exactly the running ports
+
     def _set_ports(self, ports: frozenset[int]) -> None:
         from bpfproxy.dispatcher import SteeringError
 

@@ -73,6 +73,9 @@ class TcpPlan:
     def after_workers(self, old: Config, new: Config) -> None:
         pass
 
+    def restore(self, config: Config) -> None:
+        pass
+
     def stopping(self) -> None:
         pass
 
