@@ -17,6 +17,7 @@ Lifecycle rules:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -51,6 +52,10 @@ log = logging.getLogger("tcpproxy")
 
 DEFAULT_DRAIN_TIMEOUT = 30.0  # seconds open connections may take to finish on shutdown
 DEFAULT_MAX_CONNECTIONS = 10000  # open connections per process; see the CLI's --max-connections
+SHORTAGE_RETRY = 1.0  # seconds between tries to read the config file while we lack descriptors
+# read failures that are this process's shortage, not a problem of the config file
+SHORTAGE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_RETRY = "retry"  # _reload's outcome when the file could not be read for want of resources
 
 
 class Frontend(Protocol):
@@ -103,6 +108,7 @@ class Reloader:
         self.last = "none"  # the last reload's outcome, for status lines
         self._last_seen = data  # contents of the last file read, applied or not
         self._send, self._receive = trio.open_memory_channel[str](1)
+        self._short = False  # reading the file failed for want of descriptors or memory
         self.reloads = 0  # applied reloads, for tests and status
         self.rejected = 0
 
@@ -119,19 +125,33 @@ class Reloader:
             try:
                 outcome = await self._reload(why)
             finally:
-                if outcome is not None:
+                if outcome in ("applied", "rejected"):
                     self.last = f"{outcome} at {time.strftime('%H:%M:%S')}"
                 self._notifier.ready(status() if status else self.last)
+            if outcome == _RETRY:  # requests meanwhile coalesce with this one
+                await trio.sleep(SHORTAGE_RETRY)
+                self.request(why)
 
     async def _reload(self, why: str) -> str | None:
-        """Returns "applied", "rejected", or None when nothing changed."""
+        """Returns "applied", "rejected", _RETRY, or None when nothing changed."""
         try:
             data = await trio.to_thread.run_sync(read_config_bytes, self._path)
         except ConfigError as exc:
+            if isinstance(exc.__cause__, OSError) and exc.__cause__.errno in SHORTAGE_ERRNOS:
+                if not self._short:  # once per episode: every directory event lands here
+                    log.error("reload (%s): cannot read the config file now: %s; the running "
+                              "config is kept and the file read again every %gs",
+                              why, exc, SHORTAGE_RETRY)  # fmt: skip
+                self._short = True
+                return _RETRY
+            self._short = False
             self.rejected += 1
             self._metrics.reload(False)
             log.error("reload (%s) rejected, keeping the running config: %s", why, exc)
             return "rejected"
+        if self._short:
+            log.info("reload (%s): the config file can be read again", why)
+            self._short = False
         forced = why == "SIGHUP"
         if data == self._last_seen and not forced:
             return None  # an event that did not change the contents
