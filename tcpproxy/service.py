@@ -78,12 +78,31 @@ def digest(data: bytes) -> str:
 ApplyFn = Callable[[Config, Config], Awaitable[None]]
 
 
+FileStamp = tuple[int, int, int, int] | None  # inode, size, mtime and ctime (ns); None: unknown
+
+
+def _read(path: Path) -> tuple[bytes, FileStamp]:
+    """The file's contents and, taken just before, its stamp: a save changes the stamp
+    even when it writes the same bytes."""
+    try:
+        st = os.stat(path)
+        stamp: FileStamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    except OSError:
+        stamp = None  # read_config_bytes says why
+    return read_config_bytes(path), stamp
+
+
 class Reloader:
     """Serialises reloads of the config file: requests coalesce, one runs at a time.
 
+    An event is ignored when the file holds the contents in force, or the
+    contents last rejected and was not saved since (another file of the
+    directory changed). Saving a rejected file again, even unchanged, retries
+    it: the rejection says so. SIGHUP always reads and applies.
+
     Args:
       path: the config file.
-      data: its contents as running (an event that leaves them unchanged is ignored).
+      data: its contents as running.
       current: the config in force.
       apply: applies `(old, new)`; raises StartupError, having changed nothing,
         to reject it.
@@ -106,7 +125,8 @@ class Reloader:
         self.digest = digest(data)  # of the config in force
         self.loaded_at = time.time()
         self.last = "none"  # the last reload's outcome, for status lines
-        self._last_seen = data  # contents of the last file read, applied or not
+        self._running = data  # contents of the config in force (or an equivalent)
+        self._rejected: tuple[bytes, FileStamp] | None = None  # the last rejected file
         self._send, self._receive = trio.open_memory_channel[str](1)
         self._short = False  # reading the file failed for want of descriptors or memory
         self.reloads = 0  # applied reloads, for tests and status
@@ -135,7 +155,7 @@ class Reloader:
     async def _reload(self, why: str) -> str | None:
         """Returns "applied", "rejected", _RETRY, or None when nothing changed."""
         try:
-            data = await trio.to_thread.run_sync(read_config_bytes, self._path)
+            data, stamp = await trio.to_thread.run_sync(_read, self._path)
         except ConfigError as exc:
             if isinstance(exc.__cause__, OSError) and exc.__cause__.errno in SHORTAGE_ERRNOS:
                 if not self._short:  # once per episode: every directory event lands here
@@ -145,42 +165,41 @@ class Reloader:
                 self._short = True
                 return _RETRY
             self._short = False
-            self.rejected += 1
-            self._metrics.reload(False)
-            log.error("reload (%s) rejected, keeping the running config: %s", why, exc)
-            return "rejected"
+            return self._reject(why, exc)
         if self._short:
             log.info("reload (%s): the config file can be read again", why)
             self._short = False
-        forced = why == "SIGHUP"
-        if data == self._last_seen and not forced:
-            return None  # an event that did not change the contents
-        self._last_seen = data
+        if why != "SIGHUP" and (data == self._running or (data, stamp) == self._rejected):
+            return None  # an event that did not change the file
         try:
             new = await trio.to_thread.run_sync(parse_config, data, str(self._path))
         except ConfigError as exc:
-            self.rejected += 1
-            self._metrics.reload(False)
-            log.error("reload (%s) rejected, keeping the running config: %s", why, exc)
-            return "rejected"
+            return self._reject(why, exc, (data, stamp))
         old = self._current()
         diff = diff_configs(old, new)
         if diff.empty:
+            self._running, self._rejected = data, None
             log.info("reload (%s): config %s has no changes", why, digest(data))
             return None
         try:
             await self._apply(old, new)
         except StartupError as exc:
-            self.rejected += 1
-            self._metrics.reload(False)
-            log.error("reload (%s) rejected, keeping the running config: %s", why, exc)
-            return "rejected"
+            return self._reject(why, exc, (data, stamp))
+        self._running, self._rejected = data, None
         self.reloads += 1
         self.digest, self.loaded_at = digest(data), time.time()
         self._metrics.reload(True)
         self._metrics.config_loaded(self.digest)
         log.info("reload (%s): config %s applied: %s", why, digest(data), diff.summary())
         return "applied"
+
+    def _reject(self, why: str, exc: Exception, file: tuple[bytes, FileStamp] | None = None) -> str:
+        self._rejected = file if file is not None and file[1] is not None else None
+        self.rejected += 1
+        self._metrics.reload(False)
+        log.error("reload (%s) rejected, keeping the running config %s; the file is read "
+                  "again on its next change or SIGHUP: %s", why, self.digest, exc)  # fmt: skip
+        return "rejected"
 
 
 def apply_locally(proxy: Proxy, frontend: Frontend) -> ApplyFn:

@@ -16,6 +16,7 @@ from tcpproxy.service import Reloader
 
 OLD = b'{"Apps": [{"Name": "A", "Ports": [7001], "Targets": ["127.0.0.1:9"]}]}'
 NEW = b'{"Apps": [{"Name": "A", "Ports": [7001, 7002], "Targets": ["127.0.0.1:9"]}]}'
+BAD = b'{"Apps": [}'
 
 
 class Running:
@@ -74,3 +75,28 @@ async def test_out_of_descriptors_is_not_a_rejected_config(
     assert (reloader.reloads, reloader.rejected) == (1, 0)
     (message,) = errors(caplog)
     assert "Too many open files" in message and "rejected" not in message, message
+
+
+async def test_saving_a_rejected_file_again_retries(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "config.json"
+    running = Running()
+    reloader = reloader_for(path, running)
+    path.write_bytes(BAD)
+    assert await reloader._reload("file changed") == "rejected"
+    (message,) = errors(caplog)
+    assert "keeping the running config" in message, message
+    assert "read again on its next change or SIGHUP" in message, message
+    # another file of the directory changed: this one was not saved again
+    assert await reloader._reload("file changed") is None
+    # saved again, same contents (a later save: a later modification time)
+    later = os.stat(path).st_mtime_ns + 10**9
+    path.write_bytes(BAD)
+    os.utime(path, ns=(later, later))
+    assert await reloader._reload("file changed") == "rejected"
+    assert reloader.rejected == 2
+    path.write_bytes(NEW)
+    assert await reloader._reload("file changed") == "applied"
+    assert await reloader._reload("file changed") is None  # contents in force: nothing to do
+    assert running.applied == [parse_config(NEW, str(path))]
