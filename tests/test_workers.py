@@ -148,6 +148,8 @@ def test_a_replaced_worker_stays_up_and_its_metric_files_go(deployment: Deployme
     assert glob.glob(f"{directory}/*_{first}.db") == []
     # the dead worker's counts stay in the sum
     assert value(scrape(d, metrics_port), "tcpproxy_connections_accepted_total") == 16
+    assert proxy.stop() == 0
+    assert not os.path.exists(directory)
 
 
 def test_one_ctrl_c_drains(deployment: Deployment) -> None:
