@@ -532,7 +532,7 @@ class Supervisor:
         try:
             self._plan.restore(old)
         except StartupError as exc:
-            problems.append(f"{exc} (the new config's ports stay steered)")
+            problems.append(f"restoring {self._plan.name}'s own state: {exc}")
         if applied:
             log.info("reload: the %d workers that had applied it were sent the running config "
                      "again", len(applied))  # fmt: skip

@@ -73,8 +73,9 @@ class FakeWorker:
 class FakePlan:
     name = "fake"
 
-    def __init__(self, fail_after: bool = False) -> None:
+    def __init__(self, fail_after: bool = False, fail_restore: bool = False) -> None:
         self.fail_after = fail_after
+        self.fail_restore = fail_restore
         self.steered = config(OLD).ports
 
     def check(self, old: Config, new: Config) -> None:
@@ -89,6 +90,8 @@ class FakePlan:
         self.steered = new.ports
 
     def restore(self, config: Config) -> None:
+        if self.fail_restore:
+            raise StartupError("port map: still no room")
         self.steered = config.ports
 
 
@@ -184,3 +187,12 @@ async def test_the_reloader_reports_what_runs(make_supervisor, tmp_path: Path) -
     assert (reloader.digest, reloader.reloads, reloader.rejected) == (digest(OLD), 0, 1)
     assert await reloader._reload("SIGHUP") == "applied"
     assert (reloader.digest, reloader.reloads) == (digest(NEW), 1)
+
+
+async def test_a_plan_that_cannot_restore_says_so(make_supervisor) -> None:  # type: ignore[no-untyped-def]
+    plan = FakePlan(fail_after=True, fail_restore=True)
+    supervisor, fakes = make_supervisor(plan, ["apply"], ["apply"])
+    with pytest.raises(StartupError, match=r"rolling back: restoring fake's own state: .*still"):
+        await supervisor._apply(config(OLD), config(NEW))
+    assert supervisor.config == config(OLD)
+    assert [f.running for f in fakes] == [config(OLD)] * 2
