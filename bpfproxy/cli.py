@@ -185,6 +185,9 @@ class BpfPlan:
         self._listeners: list[socket.socket | None] = []
         self.dispatcher: Dispatcher | None = None
         try:
+            # Bound once WITHOUT SO_REUSEPORT first: fails if anyone listens on the
+            # port, where our reuseport group would otherwise join theirs.
+            open_listener(bind, listen_port, listen=False).close()
             self._listeners = [self._open() for _ in range(count)]
             self.dispatcher = Dispatcher(self._listeners[0])  # type: ignore[arg-type]
             self._steered: int | None = 0  # whose listener is in the sockmap
@@ -243,6 +246,9 @@ class BpfPlan:
 
     def after_workers(self, old: Config, new: Config) -> None:
         self._set_ports(new.ports)  # then steer added ones, routes in place
+
+    def restore(self, config: Config) -> None:
+        self._set_ports(config.ports)  # a rejected reload: steer exactly the running ports
 
     def _set_ports(self, ports: frozenset[int]) -> None:
         from bpfproxy.errors import SteeringError

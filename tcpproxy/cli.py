@@ -20,6 +20,7 @@ from tcpproxy.cli_common import (
     worker_options,
 )
 from tcpproxy.config import Config
+from tcpproxy.errors import StartupError
 from tcpproxy.listeners import open_listener
 from tcpproxy.port_listeners import PortListeners
 from tcpproxy.service import run_service
@@ -48,8 +49,15 @@ class TcpPlan:
         self._count = count
 
     def check(self, old: Config, new: Config) -> None:
-        for port in sorted(new.ports - old.ports):  # can every worker bind it?
-            open_listener(self._bind, port, reuse_port=True, listen=False).close()
+        """Every new port must be free: bound here WITHOUT SO_REUSEPORT, which
+        fails if anyone listens there (a second tcpproxy --workers would
+        otherwise join the port's reuseport group and take half its traffic)."""
+        names = {port: app.name for app in new.apps for port in app.ports}
+        for port in sorted(new.ports - old.ports):
+            try:
+                open_listener(self._bind, port, listen=False).close()
+            except StartupError as exc:
+                raise StartupError(f"app {names[port]!r}: {exc}") from None
 
     def worker_argv(self, index: int, control_fd: int) -> tuple[list[str], tuple[int, ...]]:
         return worker_argv("tcpproxy", control_fd, index, self._count, self._options), ()
@@ -64,6 +72,9 @@ class TcpPlan:
         pass
 
     def after_workers(self, old: Config, new: Config) -> None:
+        pass
+
+    def restore(self, config: Config) -> None:
         pass
 
     def stopping(self) -> None:

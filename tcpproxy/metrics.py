@@ -6,7 +6,8 @@ from the config and a fixed list, never from clients.
 
 With workers, each worker records into prometheus-client's multiprocess
 files (PROMETHEUS_MULTIPROC_DIR, set by the supervisor) and the supervisor
-serves the sum; a worker that dies is marked dead so its gauges drop out.
+serves the sum; a worker that dies is marked dead so its gauges drop out, and
+its counters move to an archive file so no file per dead pid piles up.
 
 The HTTP server runs in a thread (wsgiref). /status asks the event loop for
 a snapshot (trio.from_thread), so it never reads state mid-update.
@@ -14,6 +15,7 @@ a snapshot (trio.from_thread), so it never reads state mid-update.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -274,8 +276,30 @@ async def stop_http(server: WSGIServer) -> None:
     server.server_close()
 
 
-def mark_dead(pid: int) -> None:
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
+ARCHIVED_KINDS = ("counter", "histogram")  # whose values a dead worker leaves to the sum
 
-        multiprocess.mark_process_dead(pid)
+
+def mark_dead(pid: int) -> None:
+    """A worker exited: drop its live gauges, fold its counters and histograms
+    into one archive file per kind (so the sums never go down), and remove
+    every file of that pid, so none piles up as workers are replaced."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return
+    from prometheus_client import multiprocess
+    from prometheus_client.mmap_dict import MmapedDict
+
+    multiprocess.mark_process_dead(pid, directory)
+    for kind in ARCHIVED_KINDS:
+        path = os.path.join(directory, f"{kind}_{pid}.db")
+        if not os.path.exists(path):
+            continue
+        archive = MmapedDict(os.path.join(directory, f"{kind}_archive.db"))
+        try:
+            for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(path):
+                total, _ = archive.read_value(key)
+                archive.write_value(key, total + value, timestamp)
+        finally:
+            archive.close()
+    for path in glob.glob(os.path.join(glob.escape(directory), f"*_{pid}.db")):
+        os.remove(path)

@@ -17,6 +17,7 @@ Lifecycle rules:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -53,6 +54,10 @@ log = logging.getLogger("tcpproxy")
 
 DEFAULT_DRAIN_TIMEOUT = 30.0  # seconds open connections may take to finish on shutdown
 DEFAULT_MAX_CONNECTIONS = 10000  # open connections per process; see the CLI's --max-connections
+SHORTAGE_RETRY = 1.0  # seconds between tries to read the config file while we lack descriptors
+# read failures that are this process's shortage, not a problem of the config file
+SHORTAGE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_RETRY = "retry"  # _reload's outcome when the file could not be read for want of resources
 
 
 class Frontend(Protocol):
@@ -75,12 +80,31 @@ def digest(data: bytes) -> str:
 ApplyFn = Callable[[Config, Config], Awaitable[None]]
 
 
+FileStamp = tuple[int, int, int, int] | None  # inode, size, mtime and ctime (ns); None: unknown
+
+
+def _read(path: Path) -> tuple[bytes, FileStamp]:
+    """The file's contents and, taken just before, its stamp: a save changes the stamp
+    even when it writes the same bytes."""
+    try:
+        st = os.stat(path)
+        stamp: FileStamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    except OSError:
+        stamp = None  # read_config_bytes says why
+    return read_config_bytes(path), stamp
+
+
 class Reloader:
     """Serialises reloads of the config file: requests coalesce, one runs at a time.
 
+    An event is ignored when the file holds the contents in force, or the
+    contents last rejected and was not saved since (another file of the
+    directory changed). Saving a rejected file again, even unchanged, retries
+    it: the rejection says so. SIGHUP always reads and applies.
+
     Args:
       path: the config file.
-      data: its contents as running (an event that leaves them unchanged is ignored).
+      data: its contents as running.
       current: the config in force.
       apply: applies `(old, new)`; raises StartupError, having changed nothing,
         to reject it.
@@ -107,8 +131,10 @@ class Reloader:
         self.digest = digest(data)  # of the config in force
         self.loaded_at = time.time()
         self.last = "none"  # the last reload's outcome, for status lines
-        self._last_seen = data  # contents of the last file read, applied or not
+        self._running = data  # contents of the config in force (or an equivalent)
+        self._rejected: tuple[bytes, FileStamp] | None = None  # the last rejected file
         self._send, self._receive = trio.open_memory_channel[str](1)
+        self._short = False  # reading the file failed for want of descriptors or memory
         self.reloads = 0  # applied reloads, for tests and status
         self.rejected = 0
 
@@ -125,42 +151,47 @@ class Reloader:
             try:
                 outcome = await self._reload(why)
             finally:
-                if outcome is not None:
+                if outcome in ("applied", "rejected"):
                     self.last = f"{outcome} at {time.strftime('%H:%M:%S')}"
                 self._notifier.ready(status() if status else self.last)
+            if outcome == _RETRY:  # requests meanwhile coalesce with this one
+                await trio.sleep(SHORTAGE_RETRY)
+                self.request(why)
 
     async def _reload(self, why: str) -> str | None:
-        """Returns "applied", "rejected", or None when nothing changed."""
+        """Returns "applied", "rejected", _RETRY, or None when nothing changed."""
         try:
-            data = await trio.to_thread.run_sync(read_config_bytes, self._path)
+            data, stamp = await trio.to_thread.run_sync(_read, self._path)
         except ConfigError as exc:
-            self.rejected += 1
-            self._metrics.reload(False)
-            log.error("reload (%s) rejected, keeping the running config: %s", why, exc)
-            return "rejected"
-        forced = why == "SIGHUP"
-        if data == self._last_seen and not forced:
-            return None  # an event that did not change the contents
-        self._last_seen = data
+            if isinstance(exc.__cause__, OSError) and exc.__cause__.errno in SHORTAGE_ERRNOS:
+                if not self._short:  # once per episode: every directory event lands here
+                    log.error("reload (%s): cannot read the config file now: %s; the running "
+                              "config is kept and the file read again every %gs",
+                              why, exc, SHORTAGE_RETRY)  # fmt: skip
+                self._short = True
+                return _RETRY
+            self._short = False
+            return self._reject(why, exc)
+        if self._short:
+            log.info("reload (%s): the config file can be read again", why)
+            self._short = False
+        if why != "SIGHUP" and (data == self._running or (data, stamp) == self._rejected):
+            return None  # an event that did not change the file
         try:
             new = await trio.to_thread.run_sync(self._parse, data)
         except ConfigError as exc:
-            self.rejected += 1
-            self._metrics.reload(False)
-            log.error("reload (%s) rejected, keeping the running config: %s", why, exc)
-            return "rejected"
+            return self._reject(why, exc, (data, stamp))
         old = self._current()
         diff = diff_configs(old, new)
         if diff.empty:
+            self._running, self._rejected = data, None
             log.info("reload (%s): config %s has no changes", why, digest(data))
             return None
         try:
             await self._apply(old, new)
         except StartupError as exc:
-            self.rejected += 1
-            self._metrics.reload(False)
-            log.error("reload (%s) rejected, keeping the running config: %s", why, exc)
-            return "rejected"
+            return self._reject(why, exc, (data, stamp))
+        self._running, self._rejected = data, None
         self.reloads += 1
         self.digest, self.loaded_at = digest(data), time.time()
         self._metrics.reload(True)
@@ -173,6 +204,14 @@ class Reloader:
         if self._validate is not None:
             self._validate(config)
         return config
+
+    def _reject(self, why: str, exc: Exception, file: tuple[bytes, FileStamp] | None = None) -> str:
+        self._rejected = file if file is not None and file[1] is not None else None
+        self.rejected += 1
+        self._metrics.reload(False)
+        log.error("reload (%s) rejected, keeping the running config %s; the file is read "
+                  "again on its next change or SIGHUP: %s", why, self.digest, exc)  # fmt: skip
+        return "rejected"
 
 
 def apply_locally(proxy: Proxy, frontend: Frontend) -> ApplyFn:

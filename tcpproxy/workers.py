@@ -13,18 +13,28 @@ Rules:
    configs from the supervisor over a socket pair (pickled, already
    validated) and answers each with ok or the reason it refused.
 2. A reload is checked by the supervisor first (`Plan.check`: ports can be
-   bound), so workers do not disagree; then sent to every worker; the
-   reload is logged as applied once every worker has answered.
+   bound), so workers do not disagree; then sent to every worker. It is
+   all or nothing: if a worker refuses it or does not answer within
+   ANSWER_TIMEOUT, or the plan's last step fails, the workers that applied
+   it get the running config back and the reload is rejected; so the log,
+   /status and every worker agree on what runs. A worker that cannot be
+   brought back (no answer, or it refuses the running config) is stopped
+   and started again with the config in force.
 3. A worker that dies on its own is started again after RESPAWN_DELAY with
    the config in force; a worker that cannot start at all (exit code 2)
    stops the supervisor with that error.
-4. Workers die with their supervisor (PR_SET_PDEATHSIG), so no worker is
-   left serving a config nobody watches.
+4. Workers stop with their supervisor, so no worker is left serving a
+   config nobody watches: the end of the socket pair (EOF, however the
+   supervisor died) stops a worker as SIGTERM does, draining. Not
+   PR_SET_PDEATHSIG: it fires when the *thread* that forked the child exits,
+   and trio forks from worker threads it retires after 10 s idle.
+5. Workers run in a session of their own, so a terminal's Ctrl-C (sent to
+   the whole foreground process group) reaches the supervisor only, which
+   forwards it once: one Ctrl-C drains, a second one cuts.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import pickle
@@ -55,7 +65,6 @@ __all__ = [
     "Plan",
     "Supervisor",
     "SupervisorLink",
-    "set_parent_death_signal",
     "worker_argv",
 ]
 
@@ -65,14 +74,7 @@ RESPAWN_DELAY = 1.0  # seconds before a worker that died is started again
 READY_TIMEOUT = 60.0  # seconds a new worker may take to start serving
 ANSWER_TIMEOUT = 30.0  # seconds a worker may take to apply a reload
 EXIT_USAGE = 2  # a worker's exit code for "cannot start as configured"
-_PR_SET_PDEATHSIG = 1
-
-
-def set_parent_death_signal(signum: int = signal.SIGTERM) -> None:
-    """Ask the kernel to send `signum` to this process when its parent dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+_APPLIED = "applied"  # a worker's answer to a config it now serves
 
 
 async def _recv(conn: Connection) -> Any:
@@ -86,10 +88,9 @@ class SupervisorLink:
 
     @classmethod
     def join(cls, worker: str) -> SupervisorLink:
-        """Become the worker that `--worker FD:INDEX:COUNT` names: die with the
-        supervisor, and log with the worker's prefix set up by the caller."""
+        """Become the worker that `--worker FD:INDEX:COUNT` names (the caller sets
+        up logging with `log_prefix`; `follow` stops us when the supervisor goes)."""
         fd, index, count = (int(part) for part in worker.split(":"))
-        set_parent_death_signal()
         return cls(fd, index, count)
 
     @property
@@ -116,23 +117,28 @@ class SupervisorLink:
     async def follow(
         self, current: Callable[[], Config], apply: Callable[[Config, Config], Awaitable[None]]
     ) -> None:
-        """Say ready, then apply every config the supervisor sends, answering each."""
-        self._conn.send(("ready", os.getpid()))
-        while True:
-            try:
-                message = await _recv(self._conn)
-            except EOFError:  # the supervisor is gone; PDEATHSIG stops us
-                await trio.sleep_forever()
-            kind, payload = message
-            if kind != "config":
-                continue
-            new: Config = pickle.loads(payload)
-            try:
-                await apply(current(), new)
-            except StartupError as exc:
-                self._conn.send(("refused", str(exc)))
-            else:
-                self._conn.send(("applied", ""))
+        """Say ready, then apply every config the supervisor sends, answering each.
+
+        When the supervisor is gone (EOF, or a send fails), stop as on SIGTERM
+        (rule 4): drain, then exit.
+        """
+        try:
+            self._conn.send(("ready", os.getpid()))
+            while True:
+                kind, payload = await _recv(self._conn)
+                if kind != "config":
+                    continue
+                new: Config = pickle.loads(payload)
+                try:
+                    await apply(current(), new)
+                except StartupError as exc:
+                    self._conn.send(("refused", str(exc)))
+                else:
+                    self._conn.send((_APPLIED, ""))
+        except (EOFError, OSError):
+            log.warning("the supervisor is gone: stopping")
+            os.kill(os.getpid(), signal.SIGTERM)  # the service's own stop: drain, then exit
+            await trio.sleep_forever()
 
 
 class Plan(Protocol):
@@ -158,6 +164,9 @@ class Plan(Protocol):
     def after_workers(self, old: Config, new: Config) -> None:
         """A reload's last step (bpfproxy: steer added ports)."""
 
+    def restore(self, config: Config) -> None:
+        """Undo a reload's steps: serve `config` again (bpfproxy: its ports)."""
+
     def stopping(self) -> None:
         """Stop accepting for good (bpfproxy: close the supervisor's listener copies)."""
 
@@ -171,6 +180,7 @@ class _Run:
     inbox: trio.MemoryReceiveChannel[tuple[str, str]]
     ready: trio.Event = field(default_factory=trio.Event)
     dead: bool = False  # its socket pair closed: it exited or is exiting
+    retiring: bool = False  # told to stop; started again with the config in force
 
 
 @dataclass
@@ -371,7 +381,10 @@ class Supervisor:
             if self._metrics_address is not None:
                 from tcpproxy.metrics import mark_dead
 
-                mark_dead(worker.process.pid)
+                try:
+                    mark_dead(worker.process.pid)
+                except OSError as exc:  # metrics are not worth stopping for
+                    log.warning("metrics files of pid %d: %s", worker.process.pid, exc)
             log.error("worker %d (pid %d) died (exit code %s); starting it again in %gs",
                       worker.index, worker.process.pid, code, RESPAWN_DELAY)  # fmt: skip
             await trio.sleep(RESPAWN_DELAY)
@@ -397,6 +410,7 @@ class Supervisor:
                 pass_fds=(theirs.fileno(), *fds),
                 stdin=subprocess.DEVNULL,
                 env=child_environment(),  # systemd talks to the supervisor only
+                start_new_session=True,  # signals come from us only (rule 5)
             )
         except BaseException:
             ours.close()
@@ -404,9 +418,7 @@ class Supervisor:
         finally:
             theirs.close()
         self._plan.worker_started(worker.index)
-        send, receive = trio.open_memory_channel[tuple[str, str]](16)
-        run = worker.run = _Run(process, Connection(ours.detach()), receive)
-        self._nursery.start_soon(self._read_answers, run, send)
+        run = self._attach(worker, process, Connection(ours.detach()))
         await self._send(run, self.config)
         with trio.move_on_after(READY_TIMEOUT):
             await run.ready.wait()
@@ -417,6 +429,14 @@ class Supervisor:
         if process.returncode is None:
             process.kill()
         raise StartupError(f"worker {worker.index} did not start (exit code {process.returncode})")
+
+    def _attach(self, worker: _Worker, process: trio.Process, conn: Connection) -> _Run:
+        """Make `process`, talking over `conn`, the current run of `worker`."""
+        assert self._nursery is not None
+        send, receive = trio.open_memory_channel[tuple[str, str]](16)
+        run = worker.run = _Run(process, conn, receive)
+        self._nursery.start_soon(self._read_answers, run, send)
+        return run
 
     async def _read_answers(self, run: _Run, send: trio.MemorySendChannel[tuple[str, str]]) -> None:
         try:
@@ -438,29 +458,101 @@ class Supervisor:
         await trio.to_thread.run_sync(run.conn.send, ("config", pickle.dumps(config)))
 
     async def _apply(self, old: Config, new: Config) -> None:
-        """A reload, across every worker (rule 2)."""
+        """A reload across every worker, all or nothing (rule 2).
+
+        Raises StartupError, with `old` in force again everywhere, to reject it.
+        """
         self._plan.check(old, new)
         async with self._lock:
-            self._plan.before_workers(old, new)
-            refused = []
-            for worker in self._workers:
-                run = worker.run
-                if run is None or run.dead or run.process.returncode is not None:
-                    continue  # it will get the new config when it starts again
-                try:
-                    await self._send(run, new)
-                    with trio.move_on_after(ANSWER_TIMEOUT):
-                        kind, why = await run.inbox.receive()
-                        if kind != "applied":
-                            refused.append(f"worker {worker.index}: {why}")
-                        continue
-                except (OSError, trio.EndOfChannel):
-                    continue
-                refused.append(f"worker {worker.index}: no answer within {ANSWER_TIMEOUT:g}s")
+            applied: list[_Worker] = []
+            try:
+                self._plan.before_workers(old, new)
+                applied, refused = await self._offer_all(new)
+                if refused:
+                    raise StartupError(
+                        f"{len(refused)} of {len(self._workers)} workers did not apply it: "
+                        + "; ".join(refused)
+                    )
+                self._plan.after_workers(old, new)
+            except StartupError as exc:
+                problem = await self._roll_back(applied, old)
+                if problem:
+                    raise StartupError(f"{exc}; rolling back: {problem}") from None
+                raise
             self.config = new
-            self._plan.after_workers(old, new)
-        if refused:
-            log.error("reload: %d workers refused it: %s", len(refused), "; ".join(refused))
+
+    async def _offer_all(self, config: Config) -> tuple[list[_Worker], list[str]]:
+        """Send `config` to every worker at once: (those that applied it, why others did not).
+
+        A worker that is gone (or going) is neither: it starts again with the
+        config in force once the reload is over.
+        """
+        outcomes: dict[int, str | None] = {}
+
+        async def offer(worker: _Worker) -> None:
+            outcomes[worker.index] = await self._offer(worker, config)
+
+        async with trio.open_nursery() as nursery:
+            for worker in self._workers:
+                nursery.start_soon(offer, worker)
+        applied = [w for w in self._workers if outcomes.get(w.index) == _APPLIED]
+        refused = [
+            f"worker {index}: {why}"
+            for index, why in sorted(outcomes.items())
+            if why not in (_APPLIED, None)
+        ]
+        return applied, refused
+
+    async def _offer(self, worker: _Worker, config: Config) -> str | None:
+        """_APPLIED, None if the worker is gone, or why it did not apply `config`.
+
+        A worker that does not answer in time is killed (its answer would come
+        too late to mean anything) and so starts again with the config in force.
+        """
+        run = worker.run
+        if run is None or run.dead or run.retiring or run.process.returncode is not None:
+            return None
+        try:
+            await self._send(run, config)
+            with trio.move_on_after(ANSWER_TIMEOUT):
+                kind, why = await run.inbox.receive()
+                return _APPLIED if kind == _APPLIED else why
+        except (OSError, trio.EndOfChannel):
+            return None
+        self._retire(worker, signal.SIGKILL)
+        return f"no answer within {ANSWER_TIMEOUT:g}s (restarting it)"
+
+    async def _roll_back(self, applied: list[_Worker], old: Config) -> str:
+        """Serve `old` again: in the workers that applied the new config, and
+        in the plan. Returns what could not be undone ("" if nothing)."""
+        problems = []
+        for worker in applied:
+            why = await self._offer(worker, old)
+            if why not in (_APPLIED, None):
+                problems.append(f"worker {worker.index} kept the new config ({why})")
+                if worker.run is not None and not worker.run.retiring:
+                    self._retire(worker, signal.SIGTERM)
+        try:
+            self._plan.restore(old)
+        except StartupError as exc:
+            problems.append(f"restoring {self._plan.name}'s own state: {exc}")
+        if applied:
+            log.info("reload: the %d workers that had applied it were sent the running config "
+                     "again", len(applied))  # fmt: skip
+        return "; ".join(problems)
+
+    def _retire(self, worker: _Worker, signum: int) -> None:
+        """Stop a worker that does not run the config in force; _watch_worker
+        starts it again with that config once it has exited."""
+        run = worker.run
+        assert run is not None
+        run.retiring = True
+        log.warning("worker %d: stopping it (%s) to start it again with the config in force",
+                    worker.index, signal.Signals(signum).name)  # fmt: skip
+        try:
+            run.process.send_signal(signum)
+        except ProcessLookupError:
+            pass
 
 
 def worker_argv(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -10,8 +12,9 @@ import time
 
 import pytest
 
-from tests.deploy import Deployment, deployment
-from tests.helpers import TIMEOUT, app, recv_all, recv_line
+from tests.deploy import BPF_LISTEN_PORT, Deployment, deployment
+from tests.helpers import TIMEOUT, ProxyProcess, app, recv_all, recv_line
+from tests.test_metrics import scrape, value
 
 __all__ = ["deployment"]
 
@@ -106,6 +109,114 @@ def test_workers_die_with_their_supervisor(deployment: Deployment) -> None:
     proxy.proc.wait(TIMEOUT)
     assert wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in workers))
     assert wait_until(lambda: _refused(d, port))
+
+
+THREAD_IDLE = 10.0  # seconds trio keeps an idle worker thread (the one that forked a worker)
+
+
+def test_a_replaced_worker_stays_up_and_its_metric_files_go(deployment: Deployment) -> None:
+    """A worker started again must not be stopped when the thread that forked it
+    retires (PR_SET_PDEATHSIG fired then), and the dead one's files must not pile up."""
+    d = deployment
+    a = d.backend("a")
+    port, metrics_port = d.ports(2)
+    proxy = d.start([app("A", [port], [a.address])], "--workers", "2",
+                    "--metrics", f"127.0.0.1:{metrics_port}")  # fmt: skip
+    first, second = worker_pids(d)
+    directory = _environment(first)["PROMETHEUS_MULTIPROC_DIR"]
+    for _ in range(10):  # both workers count something
+        assert d.exchange(port, b"x") == b"a\nx"
+    assert wait_until(lambda: bool(glob.glob(f"{directory}/*_{first}.db")))
+    accepted = value(scrape(d, metrics_port), "tcpproxy_connections_accepted_total")
+    assert accepted == 10
+    os.kill(first, signal.SIGKILL)
+    proxy.wait_for(r"worker \d \(pid \d+\) died")
+    assert wait_until(lambda: len(worker_pids(d)) == 2 and first not in worker_pids(d))
+    (replacement,) = set(worker_pids(d)) - {second}
+    proxy.wait_for(r"\[w\d\] \w+ started", start=proxy.output.count("\n"))
+    held = [d.connect(port) for _ in range(6)]  # likely on both workers
+    for s in held:
+        assert recv_line(s) == b"a\n"
+    time.sleep(THREAD_IDLE + 3)
+    assert worker_pids(d) == sorted([second, replacement]), proxy.output
+    for s in held:  # not cut
+        s.sendall(b"bye")
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s) == b"bye"
+        s.close()
+    assert not re.search(r"\[w\d\] SIGTERM", proxy.output), proxy.output  # stopped by no one
+    assert glob.glob(f"{directory}/*_{first}.db") == []
+    # the dead worker's counts stay in the sum
+    assert value(scrape(d, metrics_port), "tcpproxy_connections_accepted_total") == 16
+    assert proxy.stop() == 0
+    assert not os.path.exists(directory)
+
+
+def test_one_ctrl_c_drains(deployment: Deployment) -> None:
+    """Ctrl-C signals the whole process group; workers must hear it once (from
+    their supervisor), so one Ctrl-C drains rather than cuts."""
+    d = deployment
+    a = d.backend("a")
+    (port,) = d.ports(1)
+    proxy = d.start([app("A", [port], [a.address])], "--workers", "2", prefix=["setsid"])
+    assert os.getpgid(d.pid) == d.pid  # a process group of its own, as in a terminal
+    held = [d.connect(port) for _ in range(6)]  # likely on both workers
+    for s in held:
+        assert recv_line(s) == b"a\n"
+    os.killpg(d.pid, signal.SIGINT)
+    proxy.wait_for(r"stopping 2 workers")
+    assert wait_until(lambda: _refused(d, port))
+    for s in held:  # still served to their end
+        s.sendall(b"bye")
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s) == b"bye"
+        s.close()
+    assert proxy.proc.wait(TIMEOUT) == 0
+    assert "again" not in proxy.output
+
+
+def test_a_second_proxy_on_the_same_ports_is_refused(deployment: Deployment) -> None:
+    """SO_REUSEPORT must not let a second supervisor join the first's ports."""
+    d = deployment
+    a = d.backend("a")
+    (port,) = d.ports(1)
+    d.start([app("A", [port], [a.address])], "--workers", "2")
+    second = ProxyProcess(d.popen_argv(d.argv("--workers", "2")))
+    try:
+        assert second.proc.wait(TIMEOUT * 3) == 2, second.output
+    finally:
+        second.kill()
+    busy = BPF_LISTEN_PORT if d.binary == "bpfproxy" else port  # bpfproxy binds its -p port only
+    assert re.search(rf"error: .*port {busy}.*another process listens there", second.output)
+    assert "Traceback" not in second.output
+    for _ in range(10):
+        assert d.which(port) == "a"
+
+
+def test_a_reload_onto_a_port_another_process_listens_on_is_rejected(
+    deployment: Deployment,
+) -> None:
+    d = deployment
+    if d.binary == "bpfproxy":
+        pytest.skip("bpfproxy binds no app port")
+    a = d.backend("a")
+    port, taken = d.ports(2)
+    with socket.socket() as other:  # as a second tcpproxy --workers would listen
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("", taken))
+        other.listen()
+        proxy = d.start([app("A", [port], [a.address])], "--workers", "2")
+        mark = proxy.mark()
+        d.reconfigure([app("A", [port, taken], [a.address])])
+        proxy.wait_for(rf"rejected.*app 'A'.*port {taken}.*another process listens", start=mark)
+    assert "listening on port" not in proxy.output
+    assert d.which(port) == "a"
+
+
+def _environment(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as file:
+        pairs = file.read().decode().split("\0")
+    return dict(pair.split("=", 1) for pair in pairs if "=" in pair)
 
 
 def _refused(d: Deployment, port: int) -> bool:

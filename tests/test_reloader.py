@@ -1,0 +1,102 @@
+"""The Reloader: what a file event, a SIGHUP or a read failure does to the config in force."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from tcpproxy import service
+from tcpproxy.config import Config, ConfigError, parse_config
+from tcpproxy.service import Reloader
+
+OLD = b'{"Apps": [{"Name": "A", "Ports": [7001], "Targets": ["127.0.0.1:9"]}]}'
+NEW = b'{"Apps": [{"Name": "A", "Ports": [7001, 7002], "Targets": ["127.0.0.1:9"]}]}'
+BAD = b'{"Apps": [}'
+
+
+class Running:
+    """The config in force, and the apply function a Reloader calls."""
+
+    def __init__(self) -> None:
+        self.config = parse_config(OLD, "test")
+        self.applied: list[Config] = []
+
+    async def apply(self, old: Config, new: Config) -> None:
+        self.config = new
+        self.applied.append(new)
+
+
+def reloader_for(path: Path, running: Running) -> Reloader:
+    path.write_bytes(OLD)
+    return Reloader(path, OLD, lambda: running.config, running.apply)
+
+
+def errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_out_of_descriptors_is_not_a_rejected_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """EMFILE while reading the file is our shortage: log once, count nothing, retry."""
+    path = tmp_path / "config.json"
+    running = Running()
+    reloader = reloader_for(path, running)
+    short = True
+    read = service.read_config_bytes
+
+    def read_short(p: Path) -> bytes:
+        if short:
+            try:
+                raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+            except OSError as exc:
+                raise ConfigError(str(p), ["cannot read file: Too many open files"]) from exc
+        return read(p)
+
+    monkeypatch.setattr(service, "read_config_bytes", read_short)
+    monkeypatch.setattr(service, "SHORTAGE_RETRY", 0.05, raising=False)
+    path.write_bytes(NEW)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reloader.run)
+        for _ in range(5):  # directory events while short of descriptors
+            reloader.request("file changed")
+            await trio.sleep(0.1)
+        assert (reloader.rejected, running.applied, reloader.last) == (0, [], "none")
+        short = False  # no event after this: the retry alone must apply it
+        with trio.fail_after(5):
+            while not running.applied:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert (reloader.reloads, reloader.rejected) == (1, 0)
+    (message,) = errors(caplog)
+    assert "Too many open files" in message and "rejected" not in message, message
+
+
+async def test_saving_a_rejected_file_again_retries(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "config.json"
+    running = Running()
+    reloader = reloader_for(path, running)
+    path.write_bytes(BAD)
+    assert await reloader._reload("file changed") == "rejected"
+    (message,) = errors(caplog)
+    assert "keeping the running config" in message, message
+    assert "read again on its next change or SIGHUP" in message, message
+    # another file of the directory changed: this one was not saved again
+    assert await reloader._reload("file changed") is None
+    # saved again, same contents (a later save: a later modification time)
+    later = os.stat(path).st_mtime_ns + 10**9
+    path.write_bytes(BAD)
+    os.utime(path, ns=(later, later))
+    assert await reloader._reload("file changed") == "rejected"
+    assert reloader.rejected == 2
+    path.write_bytes(NEW)
+    assert await reloader._reload("file changed") == "applied"
+    assert await reloader._reload("file changed") is None  # contents in force: nothing to do
+    assert running.applied == [parse_config(NEW, str(path))]
