@@ -246,13 +246,15 @@ _DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 
 def _check_name(name: str) -> str:
     if not name:
-        raise ValueError("must not be empty")
+        raise ValueError(f"must not be empty, got {_show(name)}")
     if len(name) > _MAX_NAME_LENGTH:
-        raise ValueError(f"must be at most {_MAX_NAME_LENGTH} characters, got {len(name)}")
+        raise ValueError(
+            f"must be at most {_MAX_NAME_LENGTH} characters, got {len(name)}: {_show(name)}"
+        )
     if name != name.strip():
-        raise ValueError("must not start or end with whitespace")
+        raise ValueError(f"must not start or end with whitespace, got {_show(name)}")
     if any(unicodedata.category(char) == "Cc" for char in name):
-        raise ValueError("must not contain control characters")
+        raise ValueError(f"must not contain control characters, got {_show(name)}")
     return name
 
 
@@ -263,59 +265,70 @@ def _check_port(port: int) -> int:
 
 
 def _parse_target(value: object) -> Target:
-    """Parse ``"host:port"`` or ``"[ipv6]:port"``; raise ValueError saying what is wrong."""
+    """Parse ``"host:port"`` or ``"[ipv6]:port"``; raise ValueError saying what is wrong
+    with the value, quoting it."""
     if not isinstance(value, str):
         raise ValueError(f"must be a string, got {_show(value)}")
+
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"{_quote(value)} {problem}")
+
     if not value:
-        raise ValueError("must not be empty, expected host:port")
+        raise bad("is empty, expected host:port")
     if value.startswith("["):
         host, bracket, rest = value[1:].partition("]")
         if not bracket:
-            raise ValueError("missing ']' after the IPv6 address")
+            raise bad("has no ']' after the IPv6 address")
         if rest and not rest.startswith(":"):
-            raise ValueError("expected ':' after ']'")
+            raise bad("has no ':' after ']', expected [address]:port")
+        if not rest:
+            raise bad("has no port, expected [address]:port")
         port_text = rest[1:]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"invalid IPv6 address {host!r}") from None
+        if not _is_ipv6(host):
+            raise bad(f"has an invalid IPv6 address {_quote(host)}")
     else:
         host, colon, port_text = value.rpartition(":")
         if not colon:
-            raise ValueError("missing port, expected host:port")
+            raise bad("has no port, expected host:port")
         if ":" in host:
             if _is_ipv6(host) and port_text:
-                raise ValueError(f"IPv6 addresses need brackets: write it as [{host}]:{port_text}")
-            raise ValueError("too many ':'; IPv6 addresses need brackets, as in [::1]:8080")
+                raise bad(
+                    f"needs brackets around the IPv6 address: write it as [{host}]:{port_text}"
+                )
+            raise bad("has too many ':'; IPv6 addresses need brackets, as in [::1]:8080")
         if not host:
-            raise ValueError("missing host, expected host:port")
-        _check_host(host)
+            raise bad("has no host, expected host:port")
+        problem = _host_problem(host)
+        if problem:
+            raise bad(f"has {problem}")
     if not port_text:
-        raise ValueError("missing port, expected host:port")
+        raise bad("has no port, expected host:port")
     if not (port_text.isascii() and port_text.isdigit()):
-        raise ValueError(f"port must be a number, got {port_text!r}")
+        raise bad(f"has port {_quote(port_text)}, expected a number")
     port = int(port_text) if len(port_text) <= 5 else 0
     if not 1 <= port <= 65535:
-        raise ValueError(f"port must be between 1 and 65535, got {port_text}")
+        raise bad(f"has port {port_text[:8]}, expected 1 to 65535")
     return Target(host, port)
 
 
-def _check_host(host: str) -> None:
-    """Accept an IPv4 address or a DNS name (an optional trailing dot marks it fully qualified)."""
+def _host_problem(host: str) -> str | None:
+    """What is wrong with a host that should be an IPv4 address or a DNS name (an
+    optional trailing dot marks it fully qualified), phrased to follow "has"."""
     if re.fullmatch(r"[0-9.]+", host):
         try:
             ipaddress.IPv4Address(host)
         except ValueError:
-            raise ValueError(f"invalid IPv4 address {host!r}") from None
-        return
+            return f"an invalid IPv4 address {_quote(host)}"
+        return None
     name = host.removesuffix(".")
     if len(name) > 253:
-        raise ValueError(f"host name is longer than 253 characters ({len(name)})")
+        return f"a host name longer than 253 characters ({len(name)})"
     if not all(_DNS_LABEL.fullmatch(label) for label in name.split(".")):
-        raise ValueError(
-            f"invalid host name {host!r}: each '.'-separated part must be 1-63 letters,"
-            " digits, '-' or '_', and not start or end with '-'"
+        return (
+            f"an invalid host name {_quote(host)}: each '.'-separated part must be 1-63"
+            " letters, digits, '-' or '_', and not start or end with '-'"
         )
+    return None
 
 
 def _parse_network(value: object) -> Network:
@@ -463,7 +476,7 @@ def _duplicate_keys(doc: object, repeated: dict[int, list[str]]) -> Iterator[_Pr
         loc, value = stack.pop()
         if isinstance(value, dict):
             for key in repeated.get(id(value), ()):
-                yield (*loc, key), f"duplicate key {key!r}"
+                yield (*loc, key), f"duplicate key {_quote(key)}"
             stack.extend(((*loc, key), item) for key, item in value.items())
         elif isinstance(value, list):
             stack.extend(((*loc, index), item) for index, item in enumerate(value))
@@ -483,36 +496,56 @@ def _cross_check(doc: object) -> Iterator[_Problem]:
         if not isinstance(app, dict):
             continue
         name = app.get("Name")
-        label = f"app {name!r}" if isinstance(name, str) and name else f"app Apps[{i}]"
+        label = f"app {_quote(name)}" if isinstance(name, str) and name else f"app Apps[{i}]"
         if isinstance(name, str):
             if name in names:
-                yield ("Apps", i, "Name"), f"duplicate app name {name!r} (also Apps[{names[name]}])"
+                yield (
+                    ("Apps", i, "Name"),
+                    (f"app name {_quote(name)} is already used by Apps[{names[name]}]"),
+                )
             names.setdefault(name, i)
 
-        own_ports: set[int] = set()
+        own_ports: dict[int, _Loc] = {}
         for j, port in _items(app.get("Ports")):
             if type(port) is not int or not 1 <= port <= 65535:
                 continue
             loc: _Loc = ("Apps", i, "Ports", j)
+            where = _format_loc(loc)
             if port in own_ports:
-                yield loc, f"port {port} is listed twice in {label}"
+                first = _format_loc(own_ports[port])
+                yield loc, f"port {port} is listed twice in {label} ({first} and {where})"
             elif port in port_owners:
                 owner, owner_loc = port_owners[port]
-                yield loc, f"port {port} is already used by {owner} ({_format_loc(owner_loc)})"
+                yield (
+                    loc,
+                    (
+                        f"port {port} is used by both {owner} ({_format_loc(owner_loc)})"
+                        f" and {label} ({where})"
+                    ),
+                )
             else:
                 port_owners[port] = (label, loc)
-            own_ports.add(port)
+            own_ports.setdefault(port, loc)
 
-        own_targets: set[tuple[str, int]] = set()
+        own_targets: dict[tuple[str, int], tuple[str, _Loc]] = {}
         for j, text in _items(app.get("Targets")):
             try:
                 target = _parse_target(text)
             except ValueError:
                 continue
+            assert isinstance(text, str)  # _parse_target accepted it
+            loc = ("Apps", i, "Targets", j)
             key = (target.host.lower(), target.port)  # DNS names are case-insensitive
             if key in own_targets:
-                yield ("Apps", i, "Targets", j), f"target {text!r} is listed twice in {label}"
-            own_targets.add(key)
+                first_text, first_loc = own_targets[key]
+                yield (
+                    loc,
+                    (
+                        f"target {_quote(text)} is listed twice in {label}"
+                        f" (as {_quote(first_text)} at {_format_loc(first_loc)})"
+                    ),
+                )
+            own_targets.setdefault(key, (text, loc))
 
 
 def _items(value: object) -> Iterable[tuple[int, object]]:
@@ -536,13 +569,13 @@ def _message(err: ErrorDetails) -> str:
         return f"must be {_TYPE_NAMES[kind]}, got {got}"
     match kind:
         case "missing":
-            return "missing required key"
+            return f"missing required key {_quote(str(err['loc'][-1]))}"
         case "extra_forbidden":
-            return f"unknown key{_key_hint(err['loc'])}"
+            return f"unknown key {_quote(str(err['loc'][-1]))}{_key_hint(err['loc'])}"
         case "value_error":  # raised by our own validators, already phrased for people
             return str(ctx["error"])
         case "too_short":
-            return "must not be empty"
+            return f"must not be empty, got {'[]' if err['input'] == [] else got}"
         case "enum":
             return f"must be one of {', '.join(repr(s.value) for s in Strategy)}, got {got}"
         case "greater_than":
@@ -585,11 +618,21 @@ def _format_loc(loc: _Loc) -> str:
     return text or "(top level)"
 
 
+_SHOW_CHARS = 36  # characters of a bad value shown in a message (a line stays readable)
+
+
+def _quote(text: str) -> str:
+    """Name a bad string inside a sentence: quoted, escaped, shortened like `_show`."""
+    return repr(text if len(text) <= _SHOW_CHARS else f"{text[: _SHOW_CHARS - 3]}...")
+
+
 def _show(value: object) -> str:
     """Render a bad value briefly, as JSON, for "got ..." (escaping anything unprintable)."""
     if isinstance(value, dict):
         return "an object"
     if isinstance(value, list):
         return "a list"
+    if isinstance(value, str) and len(value) > _SHOW_CHARS:
+        value = f"{value[: _SHOW_CHARS - 3]}..."  # shortened inside its quotes
     text = json.dumps(value)
     return text if len(text) <= 40 else f"{text[:36]}..."

@@ -17,7 +17,7 @@ import trio
 
 from tcpproxy.config import Target
 from tcpproxy.errors import ResourceExhausted, TargetUnavailable
-from tcpproxy.resolve import Resolver
+from tcpproxy.resolve import LookupTimeout, Resolver
 
 __all__ = [
     "HAPPY_EYEBALLS_DELAY",
@@ -52,6 +52,8 @@ def describe_error(exc: BaseException, timeout: float | None = None) -> str:
     """
     if isinstance(exc, trio.TooSlowError):
         return f"no answer within {timeout:g}s" if timeout is not None else "timed out"
+    if isinstance(exc, LookupTimeout):
+        return str(exc)  # "DNS lookup for NAME timed out": says itself who failed
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve: {exc.strerror or exc}".lower()
     if isinstance(exc, OSError) and exc.errno:

@@ -7,9 +7,16 @@ challenge's public echo service.
 from __future__ import annotations
 
 import sys
-from functools import partial
+from collections.abc import Sequence
 
+import click
 import trio
+
+from tcpproxy.cli_common import fail, run_cli
+
+__all__ = ["main", "serve"]
+
+PROG = "tcpproxy.echo"
 
 
 async def _echo(stream: trio.SocketStream) -> None:
@@ -22,20 +29,32 @@ async def _echo(stream: trio.SocketStream) -> None:
             pass
 
 
-async def serve(ports: list[int]) -> None:
-    async with trio.open_nursery() as nursery:
-        for port in ports:
-            nursery.start_soon(partial(trio.serve_tcp, _echo, port, host="127.0.0.1"))
-
-
-def main() -> None:
-    ports = [int(p) for p in sys.argv[1:]]
+async def serve(ports: Sequence[int]) -> None:
+    """Listen on every port first (an OSError if one is taken), say so on stderr,
+    then echo until cancelled."""
+    listeners: list[trio.SocketListener] = []
+    for port in ports:
+        listeners += await trio.open_tcp_listeners(port, host="127.0.0.1")
     print(f"echo backends on 127.0.0.1 ports {' '.join(map(str, ports))}", file=sys.stderr)
+    await trio.serve_listeners(_echo, listeners)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("ports", metavar="PORT...", nargs=-1, required=True,
+                type=click.IntRange(1, 65535))  # fmt: skip
+def command(ports: tuple[int, ...]) -> int:
+    """Echo every byte back on 127.0.0.1 PORT (each one given), forwarding
+    half-close: demo backends for the proxy. Stops on Ctrl-C or SIGTERM."""
     try:
         trio.run(serve, ports)
-    except KeyboardInterrupt:
-        pass
+    except OSError as exc:  # e.g. a port already in use
+        return fail(PROG, f"cannot listen on 127.0.0.1 ports {' '.join(map(str, ports))}: {exc}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(PROG, command, argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,28 +1,47 @@
 """Noticing that the config file changed, however it was written.
 
 Editors and config managers replace files atomically (write a temporary
-file, rename it over the old one), and Kubernetes swaps a symlink; inotify on
-the file itself loses track after the first replace. So the *directory* is
-watched, and any event in it only asks for a reload; the reloader compares
-contents and ignores events that changed nothing.
+file, rename it over the old one), and inotify on the file itself loses track
+after the first replace. So directories are watched, and any event in them
+only asks for a reload; the reloader compares contents and ignores events
+that changed nothing.
+
+Which directories: the one the user named (not resolved through symlinks: a
+Kubernetes ConfigMap mount swaps a `..data` symlink there, then removes the
+directory the file resolved to) and the one the file resolves to (a symlink to
+a file elsewhere, edited there). Both are re-resolved after every event and
+every poll; when they change, or one is removed and recreated, the watch
+restarts on the new ones. A stat() of the file every POLL_INTERVAL is the
+backstop for what inotify cannot see (network file systems, a directory
+replaced between two checks): a changed inode, mtime, size or symlink target
+asks for a reload too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import trio
 import watchfiles
 
-__all__ = ["watch_config"]
+__all__ = ["POLL_INTERVAL", "watch_config"]
 
 log = logging.getLogger("tcpproxy")
 
 DEBOUNCE_MS = 50  # group events this close together into one reload check
 WAKEUP_MS = 500  # the watcher thread checks for cancellation this often
 RETRY_DELAY = 1.0  # seconds before watching again after the watcher failed
+POLL_INTERVAL = 1.0  # seconds between stat() checks of the file (the backstop)
+
+# A directory to watch and its identity (st_dev, st_ino): a directory removed and
+# recreated under the same name is a new one, and needs a new watch.
+Watched = tuple[tuple[Path, tuple[int, int]], ...]
+# What the poll compares: (resolved path, st_dev, st_ino, st_mtime_ns, st_size).
+Signature = tuple[str, int, int, int, int] | None
 
 
 async def watch_config(
@@ -31,29 +50,116 @@ async def watch_config(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Call `on_change("file changed")` after changes in `path`'s directory.
+    """Call `on_change("file changed")` after changes to `path` or its directories.
 
-    Error handling: a watcher failure (directory removed, inotify limits) is
-    logged and the watch restarts; reload on SIGHUP keeps working meanwhile.
+    Error handling: a watcher failure (directory removed, inotify limits) or a
+    missing directory is logged once, and the watch restarts when it can
+    (checked every POLL_INTERVAL); the stat() poll and SIGHUP work meanwhile.
     """
-    directory = path.resolve().parent
-    started = False
-    while True:
+    await _ConfigWatch(path, on_change).run(task_status)
+
+
+class _ConfigWatch:
+    def __init__(self, path: Path, on_change: Callable[[str], None]) -> None:
+        self._path = Path(os.path.abspath(path))  # absolute, symlinks kept
+        self._on_change = on_change
+        self._watching: Watched = ()
+        self._restart = trio.CancelScope()  # cancelled to restart the inotify watch
+        self._failure = ""  # the last watch failure logged (once per episode)
+        self._missing = False  # the directory is missing (logged once per episode)
+
+    def _wanted(self) -> Watched:
+        """The directories that exist now among the named one and the resolved one."""
+        wanted = []
+        for directory in dict.fromkeys([self._path.parent, self._resolved().parent]):
+            try:
+                st = os.stat(directory)
+            except OSError:
+                continue
+            wanted.append((directory, (st.st_dev, st.st_ino)))
+        return tuple(wanted)
+
+    def _resolved(self) -> Path:
+        """Where the path leads now, through every symlink (itself if that fails)."""
         try:
-            changes_seen = watchfiles.awatch(
-                directory,
-                recursive=False,
-                step=DEBOUNCE_MS,
-                rust_timeout=WAKEUP_MS,
-                ignore_permission_denied=True,
-            )
-            if not started:
-                # No checkpoint between here and the watch being set up by the
-                # first __anext__, so no change after started() is missed.
-                started = True
-                task_status.started()
-            async for _ in changes_seen:
-                on_change("file changed")
-        except Exception as exc:  # best effort: SIGHUP still reloads
-            log.warning("watching %s failed: %s; retrying in %gs", directory, exc, RETRY_DELAY)
-            await trio.sleep(RETRY_DELAY)
+            return self._path.resolve()
+        except (OSError, RuntimeError):  # a symlink loop
+            return self._path
+
+    def _signature(self) -> Signature:
+        try:
+            st = os.stat(self._path)
+        except OSError:
+            return None
+        return (str(self._resolved()), st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _fail(self, message: str) -> None:
+        """Log a watch failure once per episode (the same one again only at debug)."""
+        level = logging.DEBUG if message == self._failure else logging.WARNING
+        log.log(level, "watching %s: %s", self._path, message)
+        self._failure = message
+
+    async def run(self, task_status: trio.TaskStatus[None]) -> None:
+        last = self._signature()  # before started(): no change after it is missed
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._poll, last)
+            started = False
+            while True:
+                wanted = self._wanted()
+                if not wanted:
+                    self._watching = ()
+                    if not started:
+                        started = True
+                        task_status.started()
+                    if not self._missing:
+                        self._missing = True
+                        log.warning(
+                            "watching %s: directory %s is missing; checking again every %gs",
+                            self._path, self._path.parent, POLL_INTERVAL,
+                        )  # fmt: skip
+                    await trio.sleep(POLL_INTERVAL)
+                    continue
+                if wanted != self._watching and (self._watching or self._missing):
+                    log.info("watch restarted: now watching %s", _names(wanted))
+                self._watching, self._missing = wanted, False
+                self._restart = trio.CancelScope()
+                with self._restart:
+                    try:
+                        changes_seen = watchfiles.awatch(
+                            *(directory for directory, _ in wanted),
+                            recursive=False,
+                            step=DEBOUNCE_MS,
+                            rust_timeout=WAKEUP_MS,
+                            ignore_permission_denied=True,
+                        )
+                        async with contextlib.aclosing(changes_seen):
+                            if not started:
+                                # No checkpoint between here and the watch being set up by
+                                # the first __anext__, so no change after started() is missed.
+                                started = True
+                                task_status.started()
+                            async for _ in changes_seen:
+                                self._failure = ""
+                                self._on_change("file changed")
+                                if self._wanted() != wanted:
+                                    break  # a directory swapped: watch the new ones
+                            else:
+                                raise RuntimeError("the watcher stopped")
+                    except Exception as exc:  # best effort: the poll and SIGHUP still work
+                        self._fail(f"watch failed: {exc}; retrying in {RETRY_DELAY:g}s")
+                        await trio.sleep(RETRY_DELAY)
+
+    async def _poll(self, last: Signature) -> None:
+        """Every POLL_INTERVAL: report a changed file, restart a stale watch."""
+        while True:
+            await trio.sleep(POLL_INTERVAL)
+            now = self._signature()
+            if now != last:
+                last = now
+                self._on_change("file changed")
+            if self._watching and self._wanted() != self._watching:
+                self._restart.cancel()
+
+
+def _names(watched: Watched) -> str:
+    return " and ".join(str(directory) for directory, _ in watched)

@@ -240,47 +240,60 @@ def test_utf8_bom_is_tolerated() -> None:
     [
         # Top level
         ("[]", "(top level): must be an object, got a list"),
-        ("{}", "Apps: missing required key"),
+        ("{}", "Apps: missing required key 'Apps'"),
         ('{"Apps": {}}', "Apps: must be a list, got an object"),
         ('{"Apps": [3]}', "Apps[0]: must be an object, got 3"),
         (document(Defaults=[]), "Defaults: must be an object, got a list"),
-        (document(Appz=[]), "Appz: unknown key (did you mean 'Apps'?)"),
-        (document(Version=1), "Version: unknown key (expected one of: Apps, Defaults)"),
+        (document(Appz=[]), "Appz: unknown key 'Appz' (did you mean 'Apps'?)"),
+        (document(Version=1), "Version: unknown key 'Version' (expected one of: Apps, Defaults)"),
         # Unknown keys and typos
-        (document(app(Port=[1])), "Apps[0].Port: unknown key (did you mean 'Ports'?)"),
-        (document(app(ports=[1])), "Apps[0].ports: unknown key (did you mean 'Ports'?)"),
+        (document(app(Port=[1])), "Apps[0].Port: unknown key 'Port' (did you mean 'Ports'?)"),
+        (document(app(ports=[1])), "Apps[0].ports: unknown key 'ports' (did you mean 'Ports'?)"),
         (
             document(Defaults={"connect_timeout": 1}),
-            "Defaults.connect_timeout: unknown key (did you mean 'ConnectTimeout'?)",
+            "Defaults.connect_timeout: unknown key 'connect_timeout'"
+            " (did you mean 'ConnectTimeout'?)",
         ),
         (
             document(Defaults={"Ports": [1]}),
-            "Defaults.Ports: unknown key (expected one of: AcceptProxyProtocol, ConnectTimeout,"
-            " FirstByteTimeout, HealthCheck, IdleTimeout, MaxConnections,"
+            "Defaults.Ports: unknown key 'Ports' (expected one of: AcceptProxyProtocol,"
+            " ConnectTimeout, FirstByteTimeout, HealthCheck, IdleTimeout, MaxConnections,"
             " MaxConnectionsPerSource, SendProxyProtocol, Strategy, TrustedProxies)",
         ),
         (
             document(app(**{"a b": 1})),
-            'Apps[0]["a b"]: unknown key'
+            "Apps[0][\"a b\"]: unknown key 'a b'"
             " (expected one of: AcceptProxyProtocol, ConnectTimeout, FirstByteTimeout,"
             " HealthCheck, IdleTimeout, MaxConnections, MaxConnectionsPerSource, Name, Ports,"
             " SendProxyProtocol, Strategy, Targets, TrustedProxies)",
         ),
         # Name
-        (document(app(Name=None)), "Apps[0].Name: missing required key"),
+        (document(app(Name=None)), "Apps[0].Name: missing required key 'Name'"),
         (document(app(Name=5)), "Apps[0].Name: must be a string, got 5"),
-        (document(app(Name="")), "Apps[0].Name: must not be empty"),
-        (document(app(Name=" a")), "Apps[0].Name: must not start or end with whitespace"),
-        (document(app(Name="a\n")), "Apps[0].Name: must not start or end with whitespace"),
-        (document(app(Name="a\x1bb")), "Apps[0].Name: must not contain control characters"),
-        (document(app(Name="x" * 129)), "Apps[0].Name: must be at most 128 characters, got 129"),
+        (document(app(Name="")), 'Apps[0].Name: must not be empty, got ""'),
+        (
+            document(app(Name=" a")),
+            'Apps[0].Name: must not start or end with whitespace, got " a"',
+        ),
+        (
+            document(app(Name="a\n")),
+            'Apps[0].Name: must not start or end with whitespace, got "a\\n"',
+        ),
+        (
+            document(app(Name="a\x1bb")),
+            'Apps[0].Name: must not contain control characters, got "a\\u001bb"',
+        ),
+        (
+            document(app(Name="x" * 129)),
+            f'Apps[0].Name: must be at most 128 characters, got 129: "{"x" * 33}..."',
+        ),
         (
             document(app(Ports=[1]), app(Ports=[2]), app(Ports=[3]), app(Ports=[4])),
-            "Apps[3].Name: duplicate app name 'a' (also Apps[0])",
+            "Apps[3].Name: app name 'a' is already used by Apps[0]",
         ),
         # Ports
-        (document(app(Ports=None)), "Apps[0].Ports: missing required key"),
-        (document(app(Ports=[])), "Apps[0].Ports: must not be empty"),
+        (document(app(Ports=None)), "Apps[0].Ports: missing required key 'Ports'"),
+        (document(app(Ports=[])), "Apps[0].Ports: must not be empty, got []"),
         (document(app(Ports=5001)), "Apps[0].Ports: must be a list, got 5001"),
         (document(app(Ports=[1, "6300"])), 'Apps[0].Ports[1]: must be an integer, got "6300"'),
         (document(app(Ports=[1, True])), "Apps[0].Ports[1]: must be an integer, got true"),
@@ -293,75 +306,103 @@ def test_utf8_bom_is_tolerated() -> None:
         ),
         (
             document(app(Ports=[5001, 5200, 5001])),
-            "Apps[0].Ports[2]: port 5001 is listed twice in app 'a'",
+            "Apps[0].Ports[2]: port 5001 is listed twice in app 'a'"
+            " (Apps[0].Ports[0] and Apps[0].Ports[2])",
         ),
         (
             document(app(Name="five-thousand", Ports=[5001]), app(Name="b", Ports=[5001])),
-            "Apps[1].Ports[0]: port 5001 is already used by app 'five-thousand' (Apps[0].Ports[0])",
+            "Apps[1].Ports[0]: port 5001 is used by both app 'five-thousand' (Apps[0].Ports[0])"
+            " and app 'b' (Apps[1].Ports[0])",
         ),
         # Targets
-        (document(app(Targets=None)), "Apps[0].Targets: missing required key"),
-        (document(app(Targets=[])), "Apps[0].Targets: must not be empty"),
+        (document(app(Targets=None)), "Apps[0].Targets: missing required key 'Targets'"),
+        (document(app(Targets=[])), "Apps[0].Targets: must not be empty, got []"),
         (document(app(Targets="h:1")), 'Apps[0].Targets: must be a list, got "h:1"'),
         (document(app(Targets=["h:1", 5])), "Apps[0].Targets[1]: must be a string, got 5"),
         (
             document(app(Targets=["h:1", "tcp-echo.fly.dev"])),
-            "Apps[0].Targets[1]: missing port, expected host:port",
+            "Apps[0].Targets[1]: 'tcp-echo.fly.dev' has no port, expected host:port",
         ),
-        (document(app(Targets=["h:"])), "Apps[0].Targets[0]: missing port, expected host:port"),
-        (document(app(Targets=[":80"])), "Apps[0].Targets[0]: missing host, expected host:port"),
-        (document(app(Targets=[""])), "Apps[0].Targets[0]: must not be empty, expected host:port"),
+        (document(app(Targets=["h:"])), "Apps[0].Targets[0]: 'h:' has no port, expected host:port"),
+        (
+            document(app(Targets=["localhost"])),
+            "Apps[0].Targets[0]: 'localhost' has no port, expected host:port",
+        ),
+        (
+            document(app(Targets=[":80"])),
+            "Apps[0].Targets[0]: ':80' has no host, expected host:port",
+        ),
+        (document(app(Targets=[""])), "Apps[0].Targets[0]: '' is empty, expected host:port"),
         (
             document(app(Targets=["h:http"])),
-            "Apps[0].Targets[0]: port must be a number, got 'http'",
+            "Apps[0].Targets[0]: 'h:http' has port 'http', expected a number",
         ),
-        (document(app(Targets=["h:-1"])), "Apps[0].Targets[0]: port must be a number, got '-1'"),
+        (
+            document(app(Targets=["h:-1"])),
+            "Apps[0].Targets[0]: 'h:-1' has port '-1', expected a number",
+        ),
         (
             document(app(Targets=["h:0"])),
-            "Apps[0].Targets[0]: port must be between 1 and 65535, got 0",
+            "Apps[0].Targets[0]: 'h:0' has port 0, expected 1 to 65535",
         ),
         (
             document(app(Targets=["h:65536"])),
-            "Apps[0].Targets[0]: port must be between 1 and 65535, got 65536",
+            "Apps[0].Targets[0]: 'h:65536' has port 65536, expected 1 to 65535",
         ),
         (
             document(app(Targets=["::1:8080"])),
-            "Apps[0].Targets[0]: IPv6 addresses need brackets: write it as [::1]:8080",
+            "Apps[0].Targets[0]: '::1:8080' needs brackets around the IPv6 address:"
+            " write it as [::1]:8080",
         ),
         (
             document(app(Targets=["a:b:c"])),
-            "Apps[0].Targets[0]: too many ':'; IPv6 addresses need brackets, as in [::1]:8080",
+            "Apps[0].Targets[0]: 'a:b:c' has too many ':'; IPv6 addresses need brackets,"
+            " as in [::1]:8080",
         ),
-        (document(app(Targets=["[::1]"])), "Apps[0].Targets[0]: missing port, expected host:port"),
-        (document(app(Targets=["[::1]80"])), "Apps[0].Targets[0]: expected ':' after ']'"),
+        (
+            document(app(Targets=["[::1]"])),
+            "Apps[0].Targets[0]: '[::1]' has no port, expected [address]:port",
+        ),
+        (
+            document(app(Targets=["[::1]80"])),
+            "Apps[0].Targets[0]: '[::1]80' has no ':' after ']', expected [address]:port",
+        ),
         (
             document(app(Targets=["[::1:80"])),
-            "Apps[0].Targets[0]: missing ']' after the IPv6 address",
+            "Apps[0].Targets[0]: '[::1:80' has no ']' after the IPv6 address",
         ),
         (
             document(app(Targets=["[1.2.3.4]:80"])),
-            "Apps[0].Targets[0]: invalid IPv6 address '1.2.3.4'",
+            "Apps[0].Targets[0]: '[1.2.3.4]:80' has an invalid IPv6 address '1.2.3.4'",
         ),
         (
             document(app(Targets=["256.1.1.1:80"])),
-            "Apps[0].Targets[0]: invalid IPv4 address '256.1.1.1'",
+            "Apps[0].Targets[0]: '256.1.1.1:80' has an invalid IPv4 address '256.1.1.1'",
         ),
         (
             document(app(Targets=["h:1", "H:1"])),
-            "Apps[0].Targets[1]: target 'H:1' is listed twice in app 'a'",
+            "Apps[0].Targets[1]: target 'H:1' is listed twice in app 'a'"
+            " (as 'h:1' at Apps[0].Targets[0])",
         ),
         (
             document(app(Targets=["x" * 254 + ":1"])),
-            "Apps[0].Targets[0]: host name is longer than 253 characters (254)",
+            f"Apps[0].Targets[0]: '{'x' * 33}...' has a host name longer than 253 characters (254)",
         ),
         *[
             (
                 document(app(Targets=[f"{host}:1"])),
-                f"Apps[0].Targets[0]: invalid host name {host!r}: each '.'-separated part"
+                f"Apps[0].Targets[0]: {host + ':1'!r} has an invalid host name {host!r}:"
+                " each '.'-separated part"
                 " must be 1-63 letters, digits, '-' or '_', and not start or end with '-'",
             )
-            for host in ["a..b", ".a", "-a", "a-", "a b", "bücher.de", "x" * 64 + ".com"]
+            for host in ["a..b", ".a", "-a", "a-", "a b", "bücher.de"]
         ],
+        (  # long values are shortened
+            document(app(Targets=["x" * 64 + ".com:1"])),
+            f"Apps[0].Targets[0]: '{'x' * 33}...' has an invalid host name '{'x' * 33}...':"
+            " each '.'-separated part must be 1-63 letters, digits, '-' or '_', and not start"
+            " or end with '-'",
+        ),
         # Options
         (
             document(app(Strategy="fastest")),
@@ -421,7 +462,7 @@ def test_utf8_bom_is_tolerated() -> None:
             " (like '10.0.0.0/8' or 'fd00::/8')",
         ),
         (document(app(TrustedProxies=[5])), "Apps[0].TrustedProxies[0]: must be a string, got 5"),
-        (document(app(TrustedProxies=[])), "Apps[0].TrustedProxies: must not be empty"),
+        (document(app(TrustedProxies=[])), "Apps[0].TrustedProxies: must not be empty, got []"),
         (
             document(app(TrustedProxies="10.0.0.0/8")),
             'Apps[0].TrustedProxies: must be a list, got "10.0.0.0/8"',
@@ -452,18 +493,19 @@ def test_all_problems_reported_together_in_document_order() -> None:
     assert info.value.source == "proxy.json"
     assert info.value.problems == (
         'Apps[0].Ports[1]: must be an integer, got "2"',
-        "Apps[1].Name: duplicate app name 'a' (also Apps[0])",
-        "Apps[1].Ports[0]: port 1 is already used by app 'a' (Apps[0].Ports[0])",
+        "Apps[1].Name: app name 'a' is already used by Apps[0]",
+        "Apps[1].Ports[0]: port 1 is used by both app 'a' (Apps[0].Ports[0])"
+        " and app 'a' (Apps[1].Ports[0])",
         "Apps[1].Strategy: must be one of 'round-robin', 'random', 'least-connections', got \"x\"",
-        "Apps[1].Targets[0]: missing port, expected host:port",
+        "Apps[1].Targets[0]: 'nope' has no port, expected host:port",
         "Defaults.ConnectTimeout: must be greater than 0, got 0",
     )
     assert str(info.value) == "proxy.json: 6 problems:\n  " + "\n  ".join(info.value.problems)
 
 
 def test_single_problem_message() -> None:
-    error = ConfigError("proxy.json", ["Apps: missing required key"])
-    assert str(error) == "proxy.json: Apps: missing required key"
+    error = ConfigError("proxy.json", ["Apps: missing required key 'Apps'"])
+    assert str(error) == "proxy.json: Apps: missing required key 'Apps'"
 
 
 def test_config_error_pickles() -> None:
@@ -474,10 +516,13 @@ def test_config_error_pickles() -> None:
 
 def test_problems_in_defaults_and_apps_do_not_mask_each_other() -> None:
     found = problems(document(app(Name=""), app(Name="b", Ports=[1000]), Defaults={"X": 1}))
-    assert "Apps[0].Name: must not be empty" in found
-    assert "Apps[1].Ports[0]: port 1000 is already used by app Apps[0] (Apps[0].Ports[0])" in found
+    assert 'Apps[0].Name: must not be empty, got ""' in found
     assert (
-        "Defaults.X: unknown key (expected one of: AcceptProxyProtocol, ConnectTimeout,"
+        "Apps[1].Ports[0]: port 1000 is used by both app Apps[0] (Apps[0].Ports[0])"
+        " and app 'b' (Apps[1].Ports[0])" in found
+    )
+    assert (
+        "Defaults.X: unknown key 'X' (expected one of: AcceptProxyProtocol, ConnectTimeout,"
         " FirstByteTimeout, HealthCheck, IdleTimeout, MaxConnections, MaxConnectionsPerSource,"
         " SendProxyProtocol, Strategy, TrustedProxies)" in found
     )
@@ -533,7 +578,7 @@ def test_load_config_names_the_file_in_problems(tmp_path: Path) -> None:
     path.write_text("{}")
     with pytest.raises(ConfigError) as info:
         load_config(path)
-    assert str(info.value) == f"{path}: Apps: missing required key"
+    assert str(info.value) == f"{path}: Apps: missing required key 'Apps'"
 
 
 def test_missing_file(tmp_path: Path) -> None:

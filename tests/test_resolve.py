@@ -1,13 +1,20 @@
-"""Resolution at connect time with a short cache (a fake clock; no network)."""
+"""Resolution at connect time: a short cache, one lookup per name in flight, its own
+threads and timeout (a fake clock and fake lookups; no network)."""
 
 from __future__ import annotations
 
 import socket
+import threading
 
 import pytest
 import trio
 
-from tcpproxy.resolve import NEGATIVE_TTL, POSITIVE_TTL, Resolver
+from tcpproxy.config import Target
+from tcpproxy.connect import open_target
+from tcpproxy.errors import TargetUnavailable
+from tcpproxy.resolve import DNS_THREADS, NEGATIVE_TTL, POSITIVE_TTL, Resolver
+
+WAIT = 10.0  # seconds: a bound on waits that should end far sooner
 
 
 class Clock:
@@ -18,17 +25,32 @@ class Clock:
         return self.now
 
 
-async def test_answers_are_cached_for_the_ttl(monkeypatch) -> None:
+class HangingLookup:
+    """A getaddrinfo stand-in that blocks until released (the test's finally)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.release = threading.Event()
+        self._lock = threading.Lock()
+
+    def __call__(self, host: str, port: int) -> list:
+        with self._lock:
+            self.calls.append(host)
+        self.release.wait(WAIT)
+        return [(socket.AF_INET, ("10.0.0.1", port))]
+
+
+async def test_answers_are_cached_for_the_ttl() -> None:
     calls = []
 
-    async def fake_getaddrinfo(host, port, **kw):
+    def lookup(host, port):
         calls.append(host)
-        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (f"10.0.0.{len(calls)}", port))]
+        return [(socket.AF_INET, (f"10.0.0.{len(calls)}", port))]
 
-    monkeypatch.setattr(trio.socket, "getaddrinfo", fake_getaddrinfo)
     clock = Clock()
-    r = Resolver(clock=clock)
+    r = Resolver(clock=clock, lookup=lookup)
     first = await r.resolve("svc.example", 80)
+    assert first == [(socket.AF_INET, ("10.0.0.1", 80))]
     assert await r.resolve("svc.example", 80) == first
     assert calls == ["svc.example"]
     clock.now += POSITIVE_TTL + 0.1
@@ -38,16 +60,15 @@ async def test_answers_are_cached_for_the_ttl(monkeypatch) -> None:
     assert len(calls) == 3
 
 
-async def test_failures_are_cached_briefly(monkeypatch) -> None:
+async def test_failures_are_cached_briefly() -> None:
     calls = []
 
-    async def failing(host, port, **kw):
+    def failing(host, port):
         calls.append(host)
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
-    monkeypatch.setattr(trio.socket, "getaddrinfo", failing)
     clock = Clock()
-    r = Resolver(clock=clock)
+    r = Resolver(clock=clock, lookup=failing)
     for _ in range(3):
         with pytest.raises(socket.gaierror):
             await r.resolve("nope.invalid", 80)
@@ -59,6 +80,92 @@ async def test_failures_are_cached_briefly(monkeypatch) -> None:
 
 
 async def test_numeric_hosts_resolve_inline() -> None:
-    r = Resolver()
+    def no_lookup(host, port):
+        raise AssertionError("numeric hosts need no lookup")
+
+    r = Resolver(lookup=no_lookup)
     assert await r.resolve("127.0.0.1", 9) == [(socket.AF_INET, ("127.0.0.1", 9))]
     assert (await r.resolve("::1", 9))[0][0] == socket.AF_INET6
+
+
+async def test_real_lookup_of_localhost() -> None:
+    families = {family for family, _ in await Resolver().resolve("localhost", 9)}
+    assert families and families <= {socket.AF_INET, socket.AF_INET6}
+
+
+async def test_concurrent_resolves_of_one_name_make_one_lookup() -> None:
+    calls = []
+    entered = threading.Event()
+    release = threading.Event()
+
+    def slow(host, port):
+        calls.append(host)
+        entered.set()
+        release.wait(WAIT)
+        return [(socket.AF_INET, ("10.0.0.7", port))]
+
+    r = Resolver(lookup=slow)
+    answers = []
+
+    async def one() -> None:
+        answers.append(await r.resolve("svc.example", 80))
+
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(one)
+            await trio.to_thread.run_sync(entered.wait, WAIT)
+            await trio.sleep(0.05)  # every caller is waiting now
+            release.set()
+    assert calls == ["svc.example"]
+    assert answers == [[(socket.AF_INET, ("10.0.0.7", 80))]] * 20
+
+
+async def test_a_hanging_lookup_times_out_with_its_own_message() -> None:
+    lookup = HangingLookup()
+    r = Resolver(lookup=lookup, lookup_timeout=0.3)
+    try:
+        with trio.fail_after(WAIT):
+            with pytest.raises(OSError, match=r"^DNS lookup for slow\.example timed out"):
+                await r.resolve("slow.example", 80)
+            # remembered briefly: the next caller fails at once, with no second thread
+            with pytest.raises(socket.gaierror, match="timed out"):
+                await r.resolve("slow.example", 80)
+        assert lookup.calls == ["slow.example"]
+    finally:
+        lookup.release.set()
+
+
+async def test_the_callers_deadline_bounds_the_lookup_and_names_dns() -> None:
+    """The connect path reports a hanging lookup as such, not as a silent target."""
+    lookup = HangingLookup()
+    r = Resolver(lookup=lookup)  # its own timeout is longer than the connect timeout
+    try:
+        with trio.fail_after(WAIT):
+            with pytest.raises(TargetUnavailable) as caught:
+                await open_target("A", [Target("slow.example", 80)], r, connect_timeout=0.5)
+        message = str(caught.value)
+        assert "slow.example:80: DNS lookup for slow.example timed out" in message, message
+        assert "no answer" not in message
+    finally:
+        lookup.release.set()
+
+
+async def test_hanging_lookups_leave_the_default_thread_limiter_free() -> None:
+    """Config reading and file watching share trio's default limiter: DNS must not fill it."""
+    lookup = HangingLookup()
+    r = Resolver(lookup=lookup, lookup_timeout=WAIT)
+    default_size = trio.to_thread.current_default_thread_limiter().total_tokens
+    try:
+        async with trio.open_nursery() as nursery:
+            for i in range(int(default_size) + 10):
+                nursery.start_soon(r.resolve, f"host{i}.example", 80)
+            with trio.fail_after(WAIT / 2):
+                while len(lookup.calls) < DNS_THREADS:
+                    await trio.sleep(0.01)
+                await trio.sleep(0.1)
+                assert len(lookup.calls) == DNS_THREADS  # the others wait for a DNS thread
+                assert await trio.to_thread.run_sync(lambda: "read") == "read"
+            nursery.cancel_scope.cancel()
+    finally:
+        lookup.release.set()
