@@ -57,7 +57,7 @@ from tcpproxy.config import Config
 from tcpproxy.diff import format_ports
 from tcpproxy.errors import StartupError
 from tcpproxy.notify import Notifier, child_environment
-from tcpproxy.service import Reloader, digest
+from tcpproxy.reload import Reloader, digest
 from tcpproxy.watch import watch_config
 
 __all__ = [

@@ -19,7 +19,7 @@ import trio
 from tcpproxy import workers
 from tcpproxy.config import Config, parse_config
 from tcpproxy.errors import StartupError
-from tcpproxy.service import Reloader, digest
+from tcpproxy.reload import Reloader, digest
 from tcpproxy.workers import Supervisor, _recv
 
 OLD = b'{"Apps": [{"Name": "A", "Ports": [7001], "Targets": ["127.0.0.1:9"]}]}'
