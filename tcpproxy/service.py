@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import time
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from pathlib import Path
@@ -36,6 +35,8 @@ from tcpproxy.notify import Notifier
 from tcpproxy.proxy import Proxy
 from tcpproxy.reload import ApplyFn, Reloader, digest
 from tcpproxy.selfloop import reject_self_loops
+from tcpproxy.status import Loaded
+from tcpproxy.status import snapshot as status_snapshot
 from tcpproxy.watch import watch_config
 
 if TYPE_CHECKING:
@@ -145,18 +146,13 @@ async def run_service(
                     if metrics_address is not None:
                         token = trio.lowlevel.current_trio_token()
 
-                        def snapshot() -> dict:
-                            return {
-                                "binary": frontend.name,
-                                "pid": os.getpid(),
-                                "config": {
-                                    "path": str(path),
-                                    "hash": reloader.digest,
-                                    "loaded": _iso(reloader.loaded_at),
-                                },
-                                "last_reload": reloader.last,
-                                **proxy.status(),
-                            }
+                        def snapshot() -> dict[str, Any]:
+                            loaded = Loaded(
+                                str(path), reloader.digest, reloader.loaded_at, reloader.last
+                            )
+                            return status_snapshot(
+                                frontend.name, os.getpid(), loaded, proxy.config, proxy.counts()
+                            )
 
                         server = serve_http(
                             *metrics_address,
@@ -192,10 +188,6 @@ async def run_service(
                 log.warning("closed %d connections still open at shutdown", proxy.active_total)
             outer.cancel_scope.cancel()
     log.info("%s stopped", frontend.name)
-
-
-def _iso(timestamp: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(timestamp))
 
 
 async def _shut_down_on_exit(server: Any) -> None:

@@ -44,7 +44,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -58,6 +57,7 @@ from tcpproxy.diff import format_ports
 from tcpproxy.errors import StartupError
 from tcpproxy.notify import Notifier, child_environment
 from tcpproxy.reload import Reloader, digest
+from tcpproxy.status import Loaded, counts_from_samples, snapshot
 from tcpproxy.watch import watch_config
 
 __all__ = [
@@ -264,40 +264,12 @@ class Supervisor:
         registry = multiprocess_registry(directory)
 
         def status() -> dict[str, Any]:
-            active: dict[tuple[str, str], float] = {}
-            up: dict[str, float] = {}
-            for metric in registry.collect():
-                for sample in metric.samples:
-                    if sample.name == "tcpproxy_connections_active":
-                        key = (sample.labels["app"], sample.labels["target"])
-                        active[key] = active.get(key, 0) + sample.value
-                    elif sample.name == "tcpproxy_target_up":
-                        target = sample.labels["target"]
-                        up[target] = min(up.get(target, 1.0), sample.value)
-            config = self.config
-            return {
-                "binary": self._plan.name,
-                "pid": os.getpid(),
-                "workers": len(self._workers),
-                "config": {"path": str(self._path), "hash": reloader.digest,
-                           "loaded": time.strftime("%Y-%m-%dT%H:%M:%S%z",
-                                                   time.localtime(reloader.loaded_at))},
-                "last_reload": reloader.last,
-                "active_connections": int(sum(active.values())),
-                "apps": [
-                    {
-                        "name": app.name,
-                        "ports": format_ports(app.ports),
-                        "active": int(sum(v for (a, _), v in active.items() if a == app.name)),
-                        "targets": [
-                            {"address": str(t), "state": "up" if up.get(str(t), 1) else "down",
-                             "active": int(active.get((app.name, str(t)), 0))}
-                            for t in app.targets
-                        ],
-                    }
-                    for app in config.apps
-                ],
-            }  # fmt: skip
+            samples = (sample for metric in registry.collect() for sample in metric.samples)
+            loaded = Loaded(str(self._path), reloader.digest, reloader.loaded_at, reloader.last)
+            return snapshot(
+                self._plan.name, os.getpid(), loaded, self.config,
+                counts_from_samples(samples), workers=len(self._workers),
+            )  # fmt: skip
 
         return serve_http(*parse_address(self._metrics_address), status, registry)
 
