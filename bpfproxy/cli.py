@@ -27,7 +27,8 @@ from tcpproxy.config import Config
 from tcpproxy.errors import StartupError
 from tcpproxy.listeners import open_listener
 from tcpproxy.service import run_service
-from tcpproxy.workers import Supervisor, SupervisorLink, worker_argv
+from tcpproxy.workers.link import SupervisorLink, worker_argv
+from tcpproxy.workers.supervisor import Supervisor
 
 __all__ = ["command", "main"]
 

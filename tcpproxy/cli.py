@@ -24,7 +24,8 @@ from tcpproxy.errors import StartupError
 from tcpproxy.listeners import open_listener
 from tcpproxy.port_listeners import PortListeners
 from tcpproxy.service import run_service
-from tcpproxy.workers import Supervisor, SupervisorLink, worker_argv
+from tcpproxy.workers.link import SupervisorLink, worker_argv
+from tcpproxy.workers.supervisor import Supervisor
 
 __all__ = ["command", "main"]
 

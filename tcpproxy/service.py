@@ -40,7 +40,7 @@ from tcpproxy.status import snapshot as status_snapshot
 from tcpproxy.watch import watch_config
 
 if TYPE_CHECKING:
-    from tcpproxy.workers import SupervisorLink
+    from tcpproxy.workers.link import SupervisorLink
 
 __all__ = [
     "DEFAULT_DRAIN_TIMEOUT",
