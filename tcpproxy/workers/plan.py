@@ -1,9 +1,9 @@
 """What differs between the binaries' workers: the `Plan` a supervisor follows.
 
-tcpproxy's plan (`TcpPlan`, tcpproxy/cli.py) has every worker bind every
-port with SO_REUSEPORT; bpfproxy's (`BpfPlan`, bpfproxy/cli.py) hands each
-worker a member of one reuseport group and keeps the BPF side in the
-supervisor.
+tcpproxy's plan (`TcpPlan`, tcpproxy/port_plan.py) has every worker bind
+every port with SO_REUSEPORT; bpfproxy's (`BpfPlan`, bpfproxy/plan.py)
+hands each worker a member of one reuseport group and keeps the BPF side
+in the supervisor.
 """
 
 from __future__ import annotations
