@@ -41,7 +41,7 @@ from tcpproxy.connect import describe_error, open_target
 from tcpproxy.errors import ResourceExhausted, TargetUnavailable
 from tcpproxy.health import HealthBook
 from tcpproxy.metrics import NullMetrics
-from tcpproxy.monitor import HealthMonitor
+from tcpproxy.probes import HealthMonitor
 from tcpproxy.proxy_protocol import (
     HEADER_TIMEOUT,
     ProxyHeaderError,
