@@ -2,9 +2,9 @@
 
 A single process counts its connections itself (`Proxy.counts`); a
 supervisor sums its workers' multiprocess metrics (`counts_from_samples`).
-Either way the counts go through `snapshot`, so the JSON (and /status.txt,
-which metrics.py renders from it) has one shape. Pure: callers take the
-counts, on the event loop, and serve the result.
+Either way the counts go through `snapshot`, so the JSON has one shape, and
+`as_text` renders it for /status.txt. Pure: callers take the counts (on the
+event loop) and metrics.py serves the result.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 from tcpproxy.config import Config
 from tcpproxy.diff import format_ports
 
-__all__ = ["Counts", "Loaded", "counts_from_samples", "snapshot"]
+__all__ = ["Counts", "Loaded", "as_text", "counts_from_samples", "snapshot"]
 
 ACTIVE_METRIC = "tcpproxy_connections_active"  # gauge per app and target (metrics.py)
 UP_METRIC = "tcpproxy_target_up"  # gauge per target: 1 up, 0 marked down (metrics.py)
@@ -99,6 +99,21 @@ def counts_from_samples(samples: Iterable[Any]) -> Counts:
         by_target={key: int(value) for key, value in by_target.items()},
         down={target: "" for target, value in up.items() if not value},
     )
+
+
+def as_text(status: dict[str, Any]) -> str:
+    """The snapshot for people: /status.txt."""
+    lines = [
+        f"{status['binary']}: {status.get('workers', 1)} process(es), "
+        f"{status['active_connections']} active connections",
+        f"config {status['config']['hash']} loaded {status['config']['loaded']}, "
+        f"last reload: {status['last_reload']}",
+    ]
+    for app in status["apps"]:
+        lines.append(f"app {app['name']}: ports {app['ports']}, {app['active']} active")
+        for target in app["targets"]:
+            lines.append(f"  {target['address']}: {target['state']}, {target['active']} active")
+    return "\n".join(lines) + "\n"
 
 
 def _iso(timestamp: float) -> str:

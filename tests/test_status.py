@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from tcpproxy.config import parse_config
-from tcpproxy.status import Counts, Loaded, counts_from_samples, snapshot
+from tcpproxy.status import Counts, Loaded, as_text, counts_from_samples, snapshot
 
 CONFIG = parse_config(
     b'{"Apps": [{"Name": "A", "Ports": [7001, 7002], "Targets": ["127.0.0.1:9", "127.0.0.1:10"]},'
@@ -58,4 +58,20 @@ def test_one_layout_for_a_process_and_a_supervisor() -> None:
     ]
     assert b["targets"] == [
         {"address": "127.0.0.1:10", "state": "down", "reason": "connection refused", "active": 0}
+    ]
+
+
+def test_the_text_says_the_same() -> None:
+    counts = Counts(total=1, by_app={"A": 1}, by_target={("A", "127.0.0.1:9"): 1})
+    text = as_text(snapshot("tcpproxy", 42, LOADED, CONFIG, counts, workers=2))
+    assert text.splitlines() == [
+        "tcpproxy: 2 process(es), 1 active connections",
+        "config abc123 loaded "
+        + snapshot("x", 1, LOADED, CONFIG, counts)["config"]["loaded"]
+        + ", last reload: none",
+        "app A: ports 7001-7002, 1 active",
+        "  127.0.0.1:9: up, 1 active",
+        "  127.0.0.1:10: up, 0 active",
+        "app B: ports 7003, 0 active",
+        "  127.0.0.1:10: up, 0 active",
     ]
