@@ -1,4 +1,4 @@
-"""The life of a proxy process, shared by both binaries: start, reload, drain, stop.
+"""The life of one proxy process (alone or a worker): start, serve, apply reloads, drain, stop.
 
 A `Frontend` is how connections arrive (tcpproxy: a listener per port;
 bpfproxy: one socket steered by BPF). Everything else — routing, target
