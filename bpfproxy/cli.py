@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import socket
 from collections.abc import Sequence
@@ -12,6 +11,7 @@ from pathlib import Path
 import click
 import trio
 
+from bpfproxy.plan import BpfPlan
 from bpfproxy.steered import SharedListener, SteeredListener, check_listen_port
 from tcpproxy.cli_common import (
     common_options,
@@ -23,15 +23,13 @@ from tcpproxy.cli_common import (
     setup_logging,
     worker_options,
 )
-from tcpproxy.config import Config
 from tcpproxy.errors import StartupError
 from tcpproxy.listeners import open_listener
 from tcpproxy.service import run_service
-from tcpproxy.workers import Supervisor, SupervisorLink, worker_argv
+from tcpproxy.workers.link import SupervisorLink
+from tcpproxy.workers.supervisor import Supervisor
 
 __all__ = ["command", "main"]
-
-log = logging.getLogger("tcpproxy")
 
 DEFAULT_LISTEN_PORT = 8000  # the one socket's own port; it must not be an app port
 
@@ -168,107 +166,6 @@ def _run_worker(
         )
     )  # fmt: skip
     return 0
-
-
-class BpfPlan:
-    """bpfproxy's workers: one listener each, all in one SO_REUSEPORT group on
-    the -p port; the supervisor owns the BPF program, its maps and link, and
-    keeps a copy of every listener so it can steer to a live one when a worker
-    dies (the sockmap entry of a closed socket disappears)."""
-
-    name = "bpfproxy"
-
-    def __init__(self, bind: str | None, listen_port: int, options: list[str], count: int):
-        from bpfproxy.dispatcher import Dispatcher
-
-        self._bind, self._port, self._options, self._count = bind, listen_port, options, count
-        self._listeners: list[socket.socket | None] = []
-        self.dispatcher: Dispatcher | None = None
-        try:
-            # Bound once WITHOUT SO_REUSEPORT first: fails if anyone listens on the
-            # port, where our reuseport group would otherwise join theirs.
-            open_listener(bind, listen_port, listen=False).close()
-            self._listeners = [self._open() for _ in range(count)]
-            self.dispatcher = Dispatcher(self._listeners[0])  # type: ignore[arg-type]
-            self._steered: int | None = 0  # whose listener is in the sockmap
-        except BaseException:
-            self.close()
-            raise
-
-    def _open(self) -> socket.socket:
-        return open_listener(self._bind, self._port, reuse_port=True)
-
-    def steer(self, config: Config) -> None:
-        assert self.dispatcher is not None
-        self.dispatcher.set_ports(config.ports)
-
-    def check(self, old: Config, new: Config) -> None:
-        check_listen_port(self._port, new)
-
-    def worker_argv(self, index: int, control_fd: int) -> tuple[list[str], tuple[int, ...]]:
-        listener = self._listeners[index]
-        if listener is None:  # its worker died: a fresh member of the group
-            listener = self._listeners[index] = self._open()
-        fd = listener.fileno()
-        options = [*self._options, "--port", str(self._port), "--worker-listener", str(fd)]
-        return worker_argv("bpfproxy", control_fd, index, self._count, options), (fd,)
-
-    def worker_started(self, index: int) -> None:
-        if self._steered is None:  # every worker had died: steer to this new one
-            self._steer_to(index)
-
-    def worker_died(self, index: int) -> None:
-        dead = self._listeners[index]
-        self._listeners[index] = None
-        if self._steered == index:
-            live = next((i for i, sock in enumerate(self._listeners) if sock is not None), None)
-            self._steered = None
-            if live is not None:
-                self._steer_to(live)
-        if dead is not None:
-            dead.close()  # leaves the group; connections queued on it are reset
-
-    def _steer_to(self, index: int) -> None:
-        from bpfproxy.errors import SteeringError
-
-        sock = self._listeners[index]
-        if sock is None or self.dispatcher is None:
-            return
-        try:
-            self.dispatcher.set_listener(sock)
-        except SteeringError as exc:
-            log.error("cannot steer to worker %d's listener: %s", index, exc)
-            return
-        self._steered = index
-
-    def before_workers(self, old: Config, new: Config) -> None:
-        self._set_ports(old.ports & new.ports)  # withdraw removed ports first
-
-    def after_workers(self, old: Config, new: Config) -> None:
-        self._set_ports(new.ports)  # then steer added ones, routes in place
-
-    def restore(self, config: Config) -> None:
-        self._set_ports(config.ports)  # a rejected reload: steer exactly the running ports
-
-    def _set_ports(self, ports: frozenset[int]) -> None:
-        from bpfproxy.errors import SteeringError
-
-        assert self.dispatcher is not None
-        try:
-            self.dispatcher.set_ports(ports)
-        except SteeringError as exc:
-            raise StartupError(f"port map: {exc}") from None
-
-    def stopping(self) -> None:
-        for sock in self._listeners:
-            if sock is not None:
-                sock.close()  # the workers' copies close as they stop; then ports refuse
-
-    def close(self) -> None:
-        if self.dispatcher is not None:
-            self.dispatcher.close()
-            self.dispatcher = None
-        self.stopping()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

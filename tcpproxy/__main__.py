@@ -1,3 +1,5 @@
+"""`python -m tcpproxy`: the tcpproxy command."""
+
 from tcpproxy.cli import main
 
 raise SystemExit(main())

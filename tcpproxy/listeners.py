@@ -1,5 +1,7 @@
-"""Opening listening sockets and serving them: kept apart (as trio's
-`open_tcp_listeners` and `serve_listeners` are) so both binaries compose them.
+"""Listening sockets: opening one, and the accept loop that both frontends run.
+
+Kept apart (as trio's `open_tcp_listeners` and `serve_listeners` are) so
+both binaries compose them.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Prometheus metrics and the /status endpoint (`--metrics ADDRESS:PORT`).
+"""Prometheus metrics, served with /status over HTTP (`--metrics ADDRESS:PORT`).
 
 prometheus-client does the exposition; this module names the metrics and
 keeps their labels bounded: app names, target addresses and end reasons come
@@ -26,6 +26,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from tcpproxy.errors import StartupError
+from tcpproxy.status import as_text
 
 __all__ = ["END_REASONS", "Metrics", "NullMetrics", "parse_address", "serve_http"]
 
@@ -190,20 +191,6 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
 
-def _status_text(status: dict[str, Any]) -> str:
-    lines = [
-        f"{status['binary']}: {status.get('workers', 1)} process(es), "
-        f"{status['active_connections']} active connections",
-        f"config {status['config']['hash']} loaded {status['config']['loaded']}, "
-        f"last reload: {status['last_reload']}",
-    ]
-    for app in status["apps"]:
-        lines.append(f"app {app['name']}: ports {app['ports']}, {app['active']} active")
-        for target in app["targets"]:
-            lines.append(f"  {target['address']}: {target['state']}, {target['active']} active")
-    return "\n".join(lines) + "\n"
-
-
 def serve_http(
     host: str, port: int, status: Callable[[], dict[str, Any]], registry: Any = None
 ) -> WSGIServer:
@@ -228,7 +215,7 @@ def serve_http(
                 body = json.dumps(snapshot, indent=2).encode() + b"\n"
                 content = "application/json"
             else:
-                body, content = _status_text(snapshot).encode(), "text/plain; charset=utf-8"
+                body, content = as_text(snapshot).encode(), "text/plain; charset=utf-8"
             start_response("200 OK", [("Content-Type", content)])
             return [body]
         if path == "/metrics":

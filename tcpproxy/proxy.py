@@ -38,11 +38,10 @@ import trio
 from tcpproxy.balance import Balancer, Claim
 from tcpproxy.config import AppConfig, Config, Network, Target
 from tcpproxy.connect import describe_error, open_target
-from tcpproxy.diff import format_ports
 from tcpproxy.errors import ResourceExhausted, TargetUnavailable
 from tcpproxy.health import HealthBook
 from tcpproxy.metrics import NullMetrics
-from tcpproxy.monitor import HealthMonitor
+from tcpproxy.probes import HealthMonitor
 from tcpproxy.proxy_protocol import (
     HEADER_TIMEOUT,
     ProxyHeaderError,
@@ -53,6 +52,7 @@ from tcpproxy.proxy_protocol import (
 from tcpproxy.resolve import Resolver
 from tcpproxy.selfloop import SelfLoopGuard
 from tcpproxy.splice import EndReason, RelayStats, abort, relay
+from tcpproxy.status import Counts
 
 __all__ = ["LIMIT_LOG_INTERVAL", "AppRuntime", "Proxy", "WarnLimiter"]
 
@@ -242,26 +242,20 @@ class Proxy:
             header = build_header(cfg.send_proxy_protocol, peer, destination)
         return peer, header
 
-    def status(self) -> dict[str, Any]:
-        """A snapshot for /status: apps, ports, targets with health, connections."""
+    def counts(self) -> Counts:
+        """Open connections and targets marked down, for the /status snapshot."""
         book = self.health.book
-        apps = []
-        for app in self.config.apps:
-            apps.append({
-                "name": app.name,
-                "ports": format_ports(app.ports),
-                "active": self.active_by_app.get(app.name, 0),
-                "targets": [
-                    {
-                        "address": str(t),
-                        "state": "down" if book.is_down(t) else "up",
-                        "reason": book.get(t).reason if book.is_down(t) else "",
-                        "active": self.active.get(t, 0),
-                    }
-                    for t in app.targets
-                ],
-            })  # fmt: skip
-        return {"active_connections": self.active_total, "apps": apps}
+        targets = {t for app in self.config.apps for t in app.targets}
+        return Counts(
+            total=self.active_total,
+            by_app=dict(self.active_by_app),
+            by_target={
+                (app.name, str(t)): self.active.get(t, 0)
+                for app in self.config.apps
+                for t in app.targets
+            },
+            down={str(t): book.get(t).reason for t in targets if book.is_down(t)},
+        )
 
     def route(self, port: int) -> AppRuntime | None:
         return self._routes.get(port)

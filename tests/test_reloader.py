@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from tcpproxy import service
+from tcpproxy import reload
 from tcpproxy.config import Config, ConfigError, parse_config
-from tcpproxy.service import Reloader
+from tcpproxy.reload import Reloader
 
 OLD = b'{"Apps": [{"Name": "A", "Ports": [7001], "Targets": ["127.0.0.1:9"]}]}'
 NEW = b'{"Apps": [{"Name": "A", "Ports": [7001, 7002], "Targets": ["127.0.0.1:9"]}]}'
@@ -48,7 +48,7 @@ async def test_out_of_descriptors_is_not_a_rejected_config(
     running = Running()
     reloader = reloader_for(path, running)
     short = True
-    read = service.read_config_bytes
+    read = reload.read_config_bytes
 
     def read_short(p: Path) -> bytes:
         if short:
@@ -58,8 +58,8 @@ async def test_out_of_descriptors_is_not_a_rejected_config(
                 raise ConfigError(str(p), ["cannot read file: Too many open files"]) from exc
         return read(p)
 
-    monkeypatch.setattr(service, "read_config_bytes", read_short)
-    monkeypatch.setattr(service, "SHORTAGE_RETRY", 0.05, raising=False)
+    monkeypatch.setattr(reload, "read_config_bytes", read_short)
+    monkeypatch.setattr(reload, "SHORTAGE_RETRY", 0.05, raising=False)
     path.write_bytes(NEW)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(reloader.run)

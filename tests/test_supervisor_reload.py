@@ -1,4 +1,4 @@
-"""A reload across workers is all or nothing: the supervisor's side, with fake workers.
+"""A reload across workers is all or nothing: the fanout's side, with fake workers.
 
 Each fake worker is a trio task on the far end of a real socket pair, speaking
 the supervisor's protocol; what it does with each config is scripted.
@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 import trio
 
-from tcpproxy import workers
 from tcpproxy.config import Config, parse_config
 from tcpproxy.errors import StartupError
-from tcpproxy.service import Reloader, digest
-from tcpproxy.workers import Supervisor, _recv
+from tcpproxy.reload import Reloader, digest
+from tcpproxy.workers import fanout as fanout_module
+from tcpproxy.workers.fanout import Fanout
+from tcpproxy.workers.link import recv
+from tcpproxy.workers.pool import Pool
 
 OLD = b'{"Apps": [{"Name": "A", "Ports": [7001], "Targets": ["127.0.0.1:9"]}]}'
 NEW = b'{"Apps": [{"Name": "A", "Ports": [7001, 7002], "Targets": ["127.0.0.1:9"]}]}'
@@ -56,7 +58,7 @@ class FakeWorker:
     async def serve(self, conn: Connection) -> None:
         while True:
             try:
-                _kind, payload = await _recv(conn)
+                _kind, payload = await recv(conn)
             except EOFError:
                 return
             new = pickle.loads(payload)
@@ -96,43 +98,41 @@ class FakePlan:
 
 
 @pytest.fixture
-async def make_supervisor(tmp_path: Path) -> AsyncIterator:
-    """make_supervisor(plan, *scripts) -> (Supervisor, [FakeWorker]) wired together."""
-    path = tmp_path / "config.json"
-    path.write_bytes(OLD)
+async def make_fanout() -> AsyncIterator:
+    """make_fanout(plan, *scripts) -> (Pool, Fanout, [FakeWorker]) wired together."""
     async with trio.open_nursery() as nursery:
 
-        def make(plan: FakePlan, *scripts: list[str]) -> tuple[Supervisor, list[FakeWorker]]:
-            supervisor = Supervisor(plan, path, OLD, config(OLD), len(scripts))  # type: ignore[arg-type]
-            supervisor._nursery = nursery
+        def make(plan: FakePlan, *scripts: list[str]) -> tuple[Pool, Fanout, list[FakeWorker]]:
+            pool = Pool(plan, config(OLD), len(scripts))  # type: ignore[arg-type]
+            pool.nursery = nursery
             fakes = []
-            for worker, script in zip(supervisor._workers, scripts, strict=True):
+            for worker, script in zip(pool.workers, scripts, strict=True):
                 ours, theirs = socket.socketpair()
                 fake = FakeWorker(worker.index, script)
                 nursery.start_soon(fake.serve, Connection(theirs.detach()))
-                supervisor._attach(worker, fake.process, Connection(ours.detach()))  # type: ignore[arg-type]
+                pool.attach(worker, fake.process, Connection(ours.detach()))  # type: ignore[arg-type]
                 fakes.append(fake)
-            return supervisor, fakes
+            return pool, Fanout(pool, plan), fakes  # type: ignore[arg-type]
 
         yield make
         nursery.cancel_scope.cancel()
 
 
-async def test_every_worker_applies(make_supervisor) -> None:  # type: ignore[no-untyped-def]
+async def test_every_worker_applies(make_fanout) -> None:  # type: ignore[no-untyped-def]
     plan = FakePlan()
-    supervisor, fakes = make_supervisor(plan, ["apply"], ["apply"])
-    await supervisor._apply(config(OLD), config(NEW))
-    assert supervisor.config == config(NEW)
+    pool, fanout, fakes = make_fanout(plan, ["apply"], ["apply"])
+    await fanout.apply(config(OLD), config(NEW))
+    assert pool.config == config(NEW)
     assert [f.running for f in fakes] == [config(NEW)] * 2
     assert plan.steered == {7001, 7002}
 
 
-async def test_a_refusal_rolls_back_the_workers_that_applied(make_supervisor) -> None:  # type: ignore[no-untyped-def]
+async def test_a_refusal_rolls_back_the_workers_that_applied(make_fanout) -> None:  # type: ignore[no-untyped-def]
     plan = FakePlan()
-    supervisor, (first, second) = make_supervisor(plan, ["apply"], ["refuse"])
+    pool, fanout, (first, second) = make_fanout(plan, ["apply"], ["refuse"])
     with pytest.raises(StartupError, match=r"1 of 2 workers did not apply it: worker 1: .*7002"):
-        await supervisor._apply(config(OLD), config(NEW))
-    assert supervisor.config == config(OLD)
+        await fanout.apply(config(OLD), config(NEW))
+    assert pool.config == config(OLD)
     assert first.seen == [config(NEW), config(OLD)]  # applied, then rolled back
     assert first.running == second.running == config(OLD)
     assert plan.steered == {7001}
@@ -140,48 +140,48 @@ async def test_a_refusal_rolls_back_the_workers_that_applied(make_supervisor) ->
 
 
 async def test_a_worker_that_does_not_answer_is_restarted_and_the_rest_rolled_back(
-    make_supervisor,  # type: ignore[no-untyped-def]
+    make_fanout,  # type: ignore[no-untyped-def]
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(workers, "ANSWER_TIMEOUT", 0.2)
+    monkeypatch.setattr(fanout_module, "ANSWER_TIMEOUT", 0.2)
     plan = FakePlan()
-    supervisor, (first, second) = make_supervisor(plan, ["apply"], ["hang"])
+    pool, fanout, (first, second) = make_fanout(plan, ["apply"], ["hang"])
     with pytest.raises(StartupError, match=r"worker 1: no answer within 0.2s"):
-        await supervisor._apply(config(OLD), config(NEW))
-    assert supervisor.config == config(OLD)
+        await fanout.apply(config(OLD), config(NEW))
+    assert pool.config == config(OLD)
     assert first.running == config(OLD)
     assert second.process.signals == [signal.SIGKILL]  # started again with the old config
-    assert supervisor._workers[1].run.retiring  # type: ignore[union-attr]
+    assert pool.workers[1].run.retiring  # type: ignore[union-attr]
     # the next reload does not wait for it
     second.script.append("apply")
     with trio.fail_after(5):
-        await supervisor._apply(config(OLD), config(NEW))
-    assert supervisor.config == config(NEW)
+        await fanout.apply(config(OLD), config(NEW))
+    assert pool.config == config(NEW)
 
 
-async def test_a_failed_last_step_rolls_back_every_worker(make_supervisor) -> None:  # type: ignore[no-untyped-def]
+async def test_a_failed_last_step_rolls_back_every_worker(make_fanout) -> None:  # type: ignore[no-untyped-def]
     plan = FakePlan(fail_after=True)
-    supervisor, fakes = make_supervisor(plan, ["apply"], ["apply"])
+    pool, fanout, fakes = make_fanout(plan, ["apply"], ["apply"])
     with pytest.raises(StartupError, match="port map: no room"):
-        await supervisor._apply(config(OLD), config(NEW))
-    assert supervisor.config == config(OLD)
+        await fanout.apply(config(OLD), config(NEW))
+    assert pool.config == config(OLD)
     assert [f.running for f in fakes] == [config(OLD)] * 2
     assert plan.steered == {7001}
 
 
-async def test_a_worker_refusing_the_rollback_is_restarted(make_supervisor) -> None:  # type: ignore[no-untyped-def]
+async def test_a_worker_refusing_the_rollback_is_restarted(make_fanout) -> None:  # type: ignore[no-untyped-def]
     plan = FakePlan(fail_after=True)
-    supervisor, (first, second) = make_supervisor(plan, ["apply"], ["apply", "refuse"])
+    _pool, fanout, (first, second) = make_fanout(plan, ["apply"], ["apply", "refuse"])
     with pytest.raises(StartupError, match=r"port map: no room; rolling back: worker 1 kept"):
-        await supervisor._apply(config(OLD), config(NEW))
+        await fanout.apply(config(OLD), config(NEW))
     assert second.process.signals == [signal.SIGTERM]  # drains, then starts with the old config
     assert first.running == config(OLD)
 
 
-async def test_the_reloader_reports_what_runs(make_supervisor, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_the_reloader_reports_what_runs(make_fanout, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     plan = FakePlan()
-    supervisor, _ = make_supervisor(plan, ["apply"], ["refuse", "apply"])
-    reloader = Reloader(tmp_path / "config.json", OLD, lambda: supervisor.config, supervisor._apply)
+    pool, fanout, _ = make_fanout(plan, ["apply"], ["refuse", "apply"])
+    reloader = Reloader(tmp_path / "config.json", OLD, lambda: pool.config, fanout.apply)
     (tmp_path / "config.json").write_bytes(NEW)
     assert await reloader._reload("SIGHUP") == "rejected"
     assert (reloader.digest, reloader.reloads, reloader.rejected) == (digest(OLD), 0, 1)
@@ -189,10 +189,10 @@ async def test_the_reloader_reports_what_runs(make_supervisor, tmp_path: Path) -
     assert (reloader.digest, reloader.reloads) == (digest(NEW), 1)
 
 
-async def test_a_plan_that_cannot_restore_says_so(make_supervisor) -> None:  # type: ignore[no-untyped-def]
+async def test_a_plan_that_cannot_restore_says_so(make_fanout) -> None:  # type: ignore[no-untyped-def]
     plan = FakePlan(fail_after=True, fail_restore=True)
-    supervisor, fakes = make_supervisor(plan, ["apply"], ["apply"])
+    pool, fanout, fakes = make_fanout(plan, ["apply"], ["apply"])
     with pytest.raises(StartupError, match=r"rolling back: restoring fake's own state: .*still"):
-        await supervisor._apply(config(OLD), config(NEW))
-    assert supervisor.config == config(OLD)
+        await fanout.apply(config(OLD), config(NEW))
+    assert pool.config == config(OLD)
     assert [f.running for f in fakes] == [config(OLD)] * 2

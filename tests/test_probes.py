@@ -7,7 +7,7 @@ import trio
 from tcpproxy.config import AppConfig, Config, Target
 from tcpproxy.health import HealthBook
 from tcpproxy.metrics import NullMetrics
-from tcpproxy.monitor import HealthMonitor
+from tcpproxy.probes import HealthMonitor
 
 T = Target("backend.example", 5432)
 

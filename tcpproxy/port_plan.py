@@ -1,0 +1,53 @@
+"""tcpproxy's plan for its workers: each binds every port with SO_REUSEPORT."""
+
+from __future__ import annotations
+
+from tcpproxy.config import Config
+from tcpproxy.errors import StartupError
+from tcpproxy.listeners import open_listener
+from tcpproxy.workers.link import worker_argv
+
+__all__ = ["TcpPlan"]
+
+
+class TcpPlan:
+    """tcpproxy's workers each bind every port with SO_REUSEPORT."""
+
+    name = "tcpproxy"
+
+    def __init__(self, bind: str | None, options: list[str], count: int) -> None:
+        self._bind = bind
+        self._options = options
+        self._count = count
+
+    def check(self, old: Config, new: Config) -> None:
+        """Every new port must be free: bound here WITHOUT SO_REUSEPORT, which
+        fails if anyone listens there (a second tcpproxy --workers would
+        otherwise join the port's reuseport group and take half its traffic)."""
+        names = {port: app.name for app in new.apps for port in app.ports}
+        for port in sorted(new.ports - old.ports):
+            try:
+                open_listener(self._bind, port, listen=False).close()
+            except StartupError as exc:
+                raise StartupError(f"app {names[port]!r}: {exc}") from None
+
+    def worker_argv(self, index: int, control_fd: int) -> tuple[list[str], tuple[int, ...]]:
+        return worker_argv("tcpproxy", control_fd, index, self._count, self._options), ()
+
+    def worker_started(self, index: int) -> None:
+        pass
+
+    def worker_died(self, index: int) -> None:
+        pass  # its sockets left the reuseport groups with it
+
+    def before_workers(self, old: Config, new: Config) -> None:
+        pass
+
+    def after_workers(self, old: Config, new: Config) -> None:
+        pass
+
+    def restore(self, config: Config) -> None:
+        pass
+
+    def stopping(self) -> None:
+        pass

@@ -1,0 +1,177 @@
+"""Reloading the config file: read it, validate it, apply it whole, and say what runs.
+
+Shared by a single process (which applies a reload itself) and a supervisor
+(which applies it across its workers): both hand the `Reloader` an apply
+function that changes everything or, raising StartupError, nothing. The
+reloader keeps the digest of the config in force and the last outcome, for
+logs, /status and systemd.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import trio
+
+from tcpproxy.config import Config, ConfigError, parse_config, read_config_bytes
+from tcpproxy.diff import diff_configs
+from tcpproxy.errors import StartupError
+from tcpproxy.metrics import NullMetrics
+from tcpproxy.notify import Notifier
+
+__all__ = ["ApplyFn", "Reloader", "digest"]
+
+log = logging.getLogger("tcpproxy")
+
+SHORTAGE_RETRY = 1.0  # seconds between tries to read the config file while we lack descriptors
+# read failures that are this process's shortage, not a problem of the config file
+SHORTAGE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_RETRY = "retry"  # _reload's outcome when the file could not be read for want of resources
+
+
+def digest(data: bytes) -> str:
+    """A short name for a config's contents, for logs."""
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
+ApplyFn = Callable[[Config, Config], Awaitable[None]]
+
+
+FileStamp = tuple[int, int, int, int] | None  # inode, size, mtime and ctime (ns); None: unknown
+
+
+def _read(path: Path) -> tuple[bytes, FileStamp]:
+    """The file's contents and, taken just before, its stamp: a save changes the stamp
+    even when it writes the same bytes."""
+    try:
+        st = os.stat(path)
+        stamp: FileStamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    except OSError:
+        stamp = None  # read_config_bytes says why
+    return read_config_bytes(path), stamp
+
+
+class Reloader:
+    """Serialises reloads of the config file: requests coalesce, one runs at a time.
+
+    An event is ignored when the file holds the contents in force, or the
+    contents last rejected and was not saved since (another file of the
+    directory changed). Saving a rejected file again, even unchanged, retries
+    it: the rejection says so. SIGHUP always reads and applies.
+
+    Args:
+      path: the config file.
+      data: its contents as running.
+      current: the config in force.
+      apply: applies `(old, new)`; raises StartupError, having changed nothing,
+        to reject it.
+      validate: checks a parsed config further (raises ConfigError to reject it),
+        as the start did (e.g. `selfloop.reject_self_loops`).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        data: bytes,
+        current: Callable[[], Config],
+        apply: ApplyFn,
+        notifier: Notifier | None = None,
+        metrics: NullMetrics | None = None,
+        validate: Callable[[Config], None] | None = None,
+    ) -> None:
+        self._path = path
+        self._validate = validate
+        self._current = current
+        self._apply = apply
+        self._notifier = notifier or Notifier({})
+        self._metrics = metrics or NullMetrics()
+        self.digest = digest(data)  # of the config in force
+        self.loaded_at = time.time()
+        self.last = "none"  # the last reload's outcome, for status lines
+        self._running = data  # contents of the config in force (or an equivalent)
+        self._rejected: tuple[bytes, FileStamp] | None = None  # the last rejected file
+        self._send, self._receive = trio.open_memory_channel[str](1)
+        self._short = False  # reading the file failed for want of descriptors or memory
+        self.reloads = 0  # applied reloads, for tests and status
+        self.rejected = 0
+
+    def request(self, why: str) -> None:
+        try:
+            self._send.send_nowait(why)
+        except trio.WouldBlock:  # one is pending already; it will read the newest file
+            pass
+
+    async def run(self, status: Callable[[], str] | None = None) -> None:
+        async for why in self._receive:
+            self._notifier.reloading()
+            outcome = None
+            try:
+                outcome = await self._reload(why)
+            finally:
+                if outcome in ("applied", "rejected"):
+                    self.last = f"{outcome} at {time.strftime('%H:%M:%S')}"
+                self._notifier.ready(status() if status else self.last)
+            if outcome == _RETRY:  # requests meanwhile coalesce with this one
+                await trio.sleep(SHORTAGE_RETRY)
+                self.request(why)
+
+    async def _reload(self, why: str) -> str | None:
+        """Returns "applied", "rejected", _RETRY, or None when nothing changed."""
+        try:
+            data, stamp = await trio.to_thread.run_sync(_read, self._path)
+        except ConfigError as exc:
+            if isinstance(exc.__cause__, OSError) and exc.__cause__.errno in SHORTAGE_ERRNOS:
+                if not self._short:  # once per episode: every directory event lands here
+                    log.error("reload (%s): cannot read the config file now: %s; the running "
+                              "config is kept and the file read again every %gs",
+                              why, exc, SHORTAGE_RETRY)  # fmt: skip
+                self._short = True
+                return _RETRY
+            self._short = False
+            return self._reject(why, exc)
+        if self._short:
+            log.info("reload (%s): the config file can be read again", why)
+            self._short = False
+        if why != "SIGHUP" and (data == self._running or (data, stamp) == self._rejected):
+            return None  # an event that did not change the file
+        try:
+            new = await trio.to_thread.run_sync(self._parse, data)
+        except ConfigError as exc:
+            return self._reject(why, exc, (data, stamp))
+        old = self._current()
+        diff = diff_configs(old, new)
+        if diff.empty:
+            self._running, self._rejected = data, None
+            log.info("reload (%s): config %s has no changes", why, digest(data))
+            return None
+        try:
+            await self._apply(old, new)
+        except StartupError as exc:
+            return self._reject(why, exc, (data, stamp))
+        self._running, self._rejected = data, None
+        self.reloads += 1
+        self.digest, self.loaded_at = digest(data), time.time()
+        self._metrics.reload(True)
+        self._metrics.config_loaded(self.digest)
+        log.info("reload (%s): config %s applied: %s", why, digest(data), diff.summary())
+        return "applied"
+
+    def _parse(self, data: bytes) -> Config:
+        config = parse_config(data, str(self._path))
+        if self._validate is not None:
+            self._validate(config)
+        return config
+
+    def _reject(self, why: str, exc: Exception, file: tuple[bytes, FileStamp] | None = None) -> str:
+        self._rejected = file if file is not None and file[1] is not None else None
+        self.rejected += 1
+        self._metrics.reload(False)
+        log.error("reload (%s) rejected, keeping the running config %s; the file is read "
+                  "again on its next change or SIGHUP: %s", why, self.digest, exc)  # fmt: skip
+        return "rejected"

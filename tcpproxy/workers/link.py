@@ -1,0 +1,106 @@
+"""A worker's end of its socket pair to the supervisor, and the messages both ends speak.
+
+A worker runs the same service as a single process, but takes its configs
+from the supervisor over a socket pair (pickled, already validated) and
+answers each with APPLIED or the reason it refused. Its command line says
+which worker it is (`worker_argv` writes it, `SupervisorLink.join` reads it).
+
+Workers stop with their supervisor, so no worker is left serving a config
+nobody watches: the end of the socket pair (EOF, however the supervisor
+died) stops a worker as SIGTERM does, draining. Not PR_SET_PDEATHSIG: it
+fires when the *thread* that forked the child exits, and trio forks from
+worker threads it retires after 10 s idle.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+import trio
+
+from tcpproxy.config import Config
+from tcpproxy.errors import StartupError
+
+__all__ = ["APPLIED", "SupervisorLink", "recv", "worker_argv"]
+
+log = logging.getLogger("tcpproxy")
+
+APPLIED = "applied"  # a worker's answer to a config it now serves
+
+
+async def recv(conn: Connection) -> Any:
+    """Receive one message without blocking the event loop while none is there."""
+    await trio.lowlevel.wait_readable(conn.fileno())
+    return conn.recv()
+
+
+def worker_argv(
+    module: str, control_fd: int, index: int, count: int, options: list[str]
+) -> list[str]:
+    """A worker's command line: the same binary, told it is worker `index` of `count`."""
+    return [sys.executable, "-m", module, *options, "--worker", f"{control_fd}:{index}:{count}"]
+
+
+class SupervisorLink:
+    """A worker's end of its socket pair to the supervisor."""
+
+    @classmethod
+    def join(cls, worker: str) -> SupervisorLink:
+        """Become the worker that `--worker FD:INDEX:COUNT` names (the caller sets
+        up logging with `log_prefix`; `follow` stops us when the supervisor goes)."""
+        fd, index, count = (int(part) for part in worker.split(":"))
+        return cls(fd, index, count)
+
+    @property
+    def log_prefix(self) -> str:
+        return f"[w{self.index}] "
+
+    def __init__(self, fd: int, index: int, count: int) -> None:
+        self._conn = Connection(fd)
+        self.index = index
+        self.count = count  # workers in all: limits are shared among them
+
+    def initial_config(self) -> Config:
+        """The config to start with (blocking: called before the event loop runs).
+
+        Exits quietly if the supervisor is already gone.
+        """
+        try:
+            kind, payload = self._conn.recv()
+        except EOFError:
+            raise SystemExit(0) from None
+        assert kind == "config", kind
+        return pickle.loads(payload)
+
+    async def follow(
+        self, current: Callable[[], Config], apply: Callable[[Config, Config], Awaitable[None]]
+    ) -> None:
+        """Say ready, then apply every config the supervisor sends, answering each.
+
+        When the supervisor is gone (EOF, or a send fails), stop as on SIGTERM:
+        drain, then exit.
+        """
+        try:
+            self._conn.send(("ready", os.getpid()))
+            while True:
+                kind, payload = await recv(self._conn)
+                if kind != "config":
+                    continue
+                new: Config = pickle.loads(payload)
+                try:
+                    await apply(current(), new)
+                except StartupError as exc:
+                    self._conn.send(("refused", str(exc)))
+                else:
+                    self._conn.send((APPLIED, ""))
+        except (EOFError, OSError):
+            log.warning("the supervisor is gone: stopping")
+            os.kill(os.getpid(), signal.SIGTERM)  # the service's own stop: drain, then exit
+            await trio.sleep_forever()

@@ -1,0 +1,77 @@
+"""The /status snapshot: one layout, whether a process counts or a supervisor sums."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from tcpproxy.config import parse_config
+from tcpproxy.status import Counts, Loaded, as_text, counts_from_samples, snapshot
+
+CONFIG = parse_config(
+    b'{"Apps": [{"Name": "A", "Ports": [7001, 7002], "Targets": ["127.0.0.1:9", "127.0.0.1:10"]},'
+    b' {"Name": "B", "Ports": [7003], "Targets": ["127.0.0.1:10"]}]}',
+    "test",
+)
+LOADED = Loaded("c.json", "abc123", 0.0, "none")
+
+
+def sample(name: str, value: float, **labels: str) -> SimpleNamespace:
+    return SimpleNamespace(name=name, value=value, labels=labels)
+
+
+def test_workers_metrics_are_summed() -> None:
+    counts = counts_from_samples([
+        sample("tcpproxy_connections_active", 2.0, app="A", target="127.0.0.1:9"),
+        sample("tcpproxy_connections_active", 1.0, app="A", target="127.0.0.1:9"),
+        sample("tcpproxy_connections_active", 4.0, app="B", target="127.0.0.1:10"),
+        sample("tcpproxy_target_up", 1.0, target="127.0.0.1:9"),
+        sample("tcpproxy_target_up", 0.0, target="127.0.0.1:10"),  # one worker marked it down
+        sample("tcpproxy_target_up", 1.0, target="127.0.0.1:10"),
+        sample("tcpproxy_connections_accepted_total", 9.0, app="A"),
+    ])  # fmt: skip
+    assert counts == Counts(
+        total=7,
+        by_app={"A": 3, "B": 4},
+        by_target={("A", "127.0.0.1:9"): 3, ("B", "127.0.0.1:10"): 4},
+        down={"127.0.0.1:10": ""},
+    )
+
+
+def test_one_layout_for_a_process_and_a_supervisor() -> None:
+    counts = Counts(
+        total=3,
+        by_app={"A": 3},
+        by_target={("A", "127.0.0.1:9"): 2, ("A", "127.0.0.1:10"): 1},
+        down={"127.0.0.1:10": "connection refused"},
+    )
+    single = snapshot("tcpproxy", 42, LOADED, CONFIG, counts)
+    summed = snapshot("tcpproxy", 42, LOADED, CONFIG, counts, workers=2)
+    assert "workers" not in single and summed.pop("workers") == 2
+    assert single == summed
+    assert single["active_connections"] == 3
+    assert single["config"]["hash"] == "abc123"
+    a, b = single["apps"]
+    assert (a["name"], a["ports"], a["active"]) == ("A", "7001-7002", 3)
+    assert a["targets"] == [
+        {"address": "127.0.0.1:9", "state": "up", "reason": "", "active": 2},
+        {"address": "127.0.0.1:10", "state": "down", "reason": "connection refused", "active": 1},
+    ]
+    assert b["targets"] == [
+        {"address": "127.0.0.1:10", "state": "down", "reason": "connection refused", "active": 0}
+    ]
+
+
+def test_the_text_says_the_same() -> None:
+    counts = Counts(total=1, by_app={"A": 1}, by_target={("A", "127.0.0.1:9"): 1})
+    text = as_text(snapshot("tcpproxy", 42, LOADED, CONFIG, counts, workers=2))
+    assert text.splitlines() == [
+        "tcpproxy: 2 process(es), 1 active connections",
+        "config abc123 loaded "
+        + snapshot("x", 1, LOADED, CONFIG, counts)["config"]["loaded"]
+        + ", last reload: none",
+        "app A: ports 7001-7002, 1 active",
+        "  127.0.0.1:9: up, 1 active",
+        "  127.0.0.1:10: up, 0 active",
+        "app B: ports 7003, 0 active",
+        "  127.0.0.1:10: up, 0 active",
+    ]
