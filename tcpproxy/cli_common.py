@@ -13,10 +13,11 @@ from typing import Any, TypeVar
 import click
 
 from tcpproxy import __version__
-from tcpproxy.config import Config, ConfigError, parse_config, read_config_bytes
+from tcpproxy.config import Config, ConfigError, parse_config
 from tcpproxy.errors import ProxyError
 from tcpproxy.selfloop import reject_self_loops
 from tcpproxy.service import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CONNECTIONS
+from tcpproxy.sources.file import read_config_bytes
 
 __all__ = [
     "EXIT_USAGE",

@@ -63,14 +63,13 @@ out-of-range values are all errors. Every problem is reported at once, each with
 location (``Apps[2].Ports[1]``), so one edit fixes them all.
 
 pydantic is this module's implementation detail: the rest of the program sees only the
-dataclasses, and no exception but `ConfigError` escapes `parse_config` or `load_config`.
+dataclasses, and no exception but `ConfigError` escapes `parse_config`.
 """
 
 import difflib
 import enum
 import ipaddress
 import json
-import os
 import re
 import unicodedata
 from collections import Counter
@@ -90,9 +89,7 @@ __all__ = [
     "Network",
     "Strategy",
     "Target",
-    "load_config",
     "parse_config",
-    "read_config_bytes",
 ]
 
 
@@ -210,34 +207,12 @@ def parse_config(data: bytes | str, source: str = "<config>") -> Config:
     return Config(apps=tuple(_app_config(app, raw.defaults) for app in raw.apps))
 
 
-def read_config_bytes(path: str | os.PathLike[str]) -> bytes:
-    """Read a configuration file's bytes, bounded; raise `ConfigError` if that fails.
-
-    Kept apart from parsing so a reload can compare contents before parsing.
-    """
-    source = os.fspath(path)
-    try:
-        with open(path, "rb") as file:
-            data = file.read(_MAX_FILE_BYTES + 1)  # bounded, in case of /dev/zero or a FIFO
-    except OSError as exc:
-        raise ConfigError(source, [f"cannot read file: {exc.strerror or exc}"]) from exc
-    if len(data) > _MAX_FILE_BYTES:
-        raise ConfigError(source, [f"file is larger than {_MAX_FILE_BYTES // 2**20} MiB"])
-    return data
-
-
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and parse a configuration file; raise `ConfigError` if that fails."""
-    return parse_config(read_config_bytes(path), os.fspath(path))
-
-
 # ---------------------------------------------------------------------------------------
 # Internals
 
 _Loc = tuple[int | str, ...]  # a path into the document, like ("Apps", 2, "Ports", 1)
 _Problem = tuple[_Loc, str]
 
-_MAX_FILE_BYTES = 16 * 2**20
 _MAX_NAME_LENGTH = 128  # names end up in logs and metric labels
 # A DNS label: 1-63 letters, digits, '-' or '_' (for names like _service.example), not
 # starting or ending with '-'. ASCII only: internationalised names go in as "xn--...".

@@ -12,18 +12,18 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
 
-from tcpproxy.config import Config, ConfigError, parse_config, read_config_bytes
+from tcpproxy.config import Config, ConfigError, parse_config
 from tcpproxy.diff import diff_configs
 from tcpproxy.errors import StartupError
 from tcpproxy.metrics import NullMetrics
 from tcpproxy.notify import Notifier
+from tcpproxy.sources.file import FileStamp, read_stamped
 
 __all__ = ["ApplyFn", "Reloader", "digest"]
 
@@ -41,20 +41,6 @@ def digest(data: bytes) -> str:
 
 
 ApplyFn = Callable[[Config, Config], Awaitable[None]]
-
-
-FileStamp = tuple[int, int, int, int] | None  # inode, size, mtime and ctime (ns); None: unknown
-
-
-def _read(path: Path) -> tuple[bytes, FileStamp]:
-    """The file's contents and, taken just before, its stamp: a save changes the stamp
-    even when it writes the same bytes."""
-    try:
-        st = os.stat(path)
-        stamp: FileStamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    except OSError:
-        stamp = None  # read_config_bytes says why
-    return read_config_bytes(path), stamp
 
 
 class Reloader:
@@ -124,7 +110,7 @@ class Reloader:
     async def _reload(self, why: str) -> str | None:
         """Returns "applied", "rejected", _RETRY, or None when nothing changed."""
         try:
-            data, stamp = await trio.to_thread.run_sync(_read, self._path)
+            data, stamp = await trio.to_thread.run_sync(read_stamped, self._path)
         except ConfigError as exc:
             if isinstance(exc.__cause__, OSError) and exc.__cause__.errno in SHORTAGE_ERRNOS:
                 if not self._short:  # once per episode: every directory event lands here

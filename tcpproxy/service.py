@@ -35,9 +35,9 @@ from tcpproxy.notify import Notifier
 from tcpproxy.proxy import Proxy
 from tcpproxy.reload import ApplyFn, Reloader, digest
 from tcpproxy.selfloop import reject_self_loops
+from tcpproxy.sources.file import watch_config
 from tcpproxy.status import Loaded
 from tcpproxy.status import snapshot as status_snapshot
-from tcpproxy.watch import watch_config
 
 if TYPE_CHECKING:
     from tcpproxy.workers.link import SupervisorLink

@@ -17,9 +17,9 @@ from tcpproxy.config import (
     ConfigError,
     Strategy,
     Target,
-    load_config,
     parse_config,
 )
+from tcpproxy.sources.file import load_config
 
 # The example from the brief, verbatim.
 BRIEF_EXAMPLE = (

@@ -48,9 +48,9 @@ async def test_out_of_descriptors_is_not_a_rejected_config(
     running = Running()
     reloader = reloader_for(path, running)
     short = True
-    read = reload.read_config_bytes
+    read = reload.read_stamped
 
-    def read_short(p: Path) -> bytes:
+    def read_short(p: Path) -> tuple[bytes, object]:
         if short:
             try:
                 raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
@@ -58,7 +58,7 @@ async def test_out_of_descriptors_is_not_a_rejected_config(
                 raise ConfigError(str(p), ["cannot read file: Too many open files"]) from exc
         return read(p)
 
-    monkeypatch.setattr(reload, "read_config_bytes", read_short)
+    monkeypatch.setattr(reload, "read_stamped", read_short)
     monkeypatch.setattr(reload, "SHORTAGE_RETRY", 0.05, raising=False)
     path.write_bytes(NEW)
     async with trio.open_nursery() as nursery:

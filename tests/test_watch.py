@@ -14,8 +14,8 @@ from pathlib import Path
 
 import trio
 
-from tcpproxy import watch
-from tcpproxy.watch import POLL_INTERVAL, watch_config
+from tcpproxy.sources import file as watch
+from tcpproxy.sources.file import POLL_INTERVAL, watch_config
 from tests.helpers import TIMEOUT, app, free_port, running_tcpproxy, which_backend, write_config
 
 

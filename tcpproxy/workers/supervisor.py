@@ -34,8 +34,8 @@ from tcpproxy.metrics import (
 )
 from tcpproxy.notify import Notifier
 from tcpproxy.reload import Reloader, digest
+from tcpproxy.sources.file import watch_config
 from tcpproxy.status import Loaded, counts_from_samples, snapshot
-from tcpproxy.watch import watch_config
 from tcpproxy.workers.fanout import Fanout
 from tcpproxy.workers.plan import Plan
 from tcpproxy.workers.pool import Pool

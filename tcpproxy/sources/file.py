@@ -1,6 +1,10 @@
-"""Noticing that the config file changed, however it was written.
+"""The config file as a source of configs: read it, bounded, and notice when it changes.
 
-Editors and config managers replace files atomically (write a temporary
+Reading: at most MAX_FILE_BYTES (a FIFO or /dev/zero cannot exhaust memory),
+with a stamp (inode, size, times) taken just before, so a reload can tell a
+file saved again from one left alone even when the bytes are the same.
+
+Watching: editors and config managers replace files atomically (write a temporary
 file, rename it over the old one), and inotify on the file itself loses track
 after the first replace. So directories are watched, and any event in them
 only asks for a reload; the reloader compares contents and ignores events
@@ -28,9 +32,57 @@ from pathlib import Path
 import trio
 import watchfiles
 
-__all__ = ["POLL_INTERVAL", "watch_config"]
+from tcpproxy.config import Config, ConfigError, parse_config
+
+__all__ = [
+    "MAX_FILE_BYTES",
+    "POLL_INTERVAL",
+    "FileStamp",
+    "load_config",
+    "read_config_bytes",
+    "read_stamped",
+    "watch_config",
+]
 
 log = logging.getLogger("tcpproxy")
+
+
+MAX_FILE_BYTES = 16 * 2**20  # a config larger than this is refused (bounded memory)
+
+FileStamp = tuple[int, int, int, int] | None  # inode, size, mtime and ctime (ns); None: unknown
+
+
+def read_config_bytes(path: str | os.PathLike[str]) -> bytes:
+    """Read a configuration file's bytes, bounded; raise `ConfigError` if that fails.
+
+    Kept apart from parsing so a reload can compare contents before parsing.
+    """
+    source = os.fspath(path)
+    try:
+        with open(path, "rb") as file:
+            data = file.read(MAX_FILE_BYTES + 1)  # bounded, in case of /dev/zero or a FIFO
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read file: {exc.strerror or exc}"]) from exc
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(source, [f"file is larger than {MAX_FILE_BYTES // 2**20} MiB"])
+    return data
+
+
+def read_stamped(path: Path) -> tuple[bytes, FileStamp]:
+    """The file's contents and, taken just before, its stamp: a save changes the stamp
+    even when it writes the same bytes."""
+    try:
+        st = os.stat(path)
+        stamp: FileStamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    except OSError:
+        stamp = None  # read_config_bytes says why
+    return read_config_bytes(path), stamp
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and parse a configuration file; raise `ConfigError` if that fails."""
+    return parse_config(read_config_bytes(path), os.fspath(path))
+
 
 DEBOUNCE_MS = 50  # group events this close together into one reload check
 WAKEUP_MS = 500  # the watcher thread checks for cancellation this often

@@ -1,0 +1,1 @@
+"""Where configs come from: `file.py`, the config file (read bounded, watched)."""
