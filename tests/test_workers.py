@@ -193,12 +193,11 @@ def test_a_second_proxy_on_the_same_ports_is_refused(deployment: Deployment) -> 
         assert d.which(port) == "a"
 
 
+@pytest.mark.parametrize("deployment", ["tcpproxy"], indirect=True)  # bpfproxy binds no app port
 def test_a_reload_onto_a_port_another_process_listens_on_is_rejected(
     deployment: Deployment,
 ) -> None:
     d = deployment
-    if d.binary == "bpfproxy":
-        pytest.skip("bpfproxy binds no app port")
     a = d.backend("a")
     port, taken = d.ports(2)
     with socket.socket() as other:  # as a second tcpproxy --workers would listen
