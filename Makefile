@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint bpfproxy bench bench-ports build-in-container clean
+.PHONY: setup run test lint bpfproxy bench bench-ports build-in-container test-container clean
 
 setup:
 	@bash scripts/setup.sh
@@ -39,6 +39,10 @@ CA_CERTS_FILE ?=
 build-in-container:
 	@DOCKER="$(DOCKER)" DOCKER_BUILD_FLAGS="$(DOCKER_BUILD_FLAGS)" CA_CERTS_FILE="$(CA_CERTS_FILE)" \
 		bash scripts/build-in-container.sh
+
+# as root, on a machine without Docker: the above on a dockerd and base image of its own
+test-container:
+	@bash scripts/test-container.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
