@@ -65,8 +65,9 @@ def test_syn_dropping_target_costs_one_connect_timeout(deployment: Deployment) -
         for _ in range(12):
             assert d.which(port) == "live"
         assert wait_until(lambda: proxy.output.count("end=done") >= 12)
-        waited = re.findall(r"failed-first=\S+", proxy.output)
-        assert waited == [f"failed-first=127.0.0.1:{hole.port}"]  # only the first paid
+        waited = re.findall(r"failed-first=[^ (]+\([^)]*\)", proxy.output)
+        # only the first paid, and the log says why
+        assert waited == [f"failed-first=127.0.0.1:{hole.port}(no answer within 1s)"]
         assert "is down: no answer within 1s" in proxy.output
     finally:
         hole.close()
