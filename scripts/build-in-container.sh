@@ -64,14 +64,17 @@ expect_hint() {  # expect_hint WHAT-IS-MISSING TEXT-EXPECTED DOCKER-RUN-OPTIONS.
     say "without $missing: $out"
 }
 expect_hint "capabilities" "--cap-add" --cap-add NET_ADMIN
-expect_hint "kernel headers" "on the host" "${caps[@]}"
+if [ ! -e /sys/kernel/kheaders.tar.xz ]; then  # else the kernel carries its own headers
+    expect_hint "kernel headers" "on the host" "${caps[@]}"
+fi
 
 say "bpfproxy --check in a container"
 "$DOCKER" run --rm --network none "${caps[@]}" \
     -v /lib/modules:/lib/modules:ro -v /usr/src:/usr/src:ro bpfproxy --check
 
 # Smoke test: tcpproxy and an echo backend, each in a container on the host's
-# network, the config in a mounted directory, and nc from the host.
+# network, the config in a mounted directory, and nc from the host; then a
+# reload through that directory.
 work=$(mktemp -d)
 names=("tcpproxy-smoke-$$" "tcpproxy-smoke-echo-$$")
 cleanup() {
@@ -79,22 +82,36 @@ cleanup() {
     rm -rf "$work"
 }
 trap cleanup EXIT
-mapfile -t ports < <(shuf -i 20000-29999 -n 2)  # two different ports
-port=${ports[0]} echo_port=${ports[1]}
-printf '{"Apps": [{"Name": "smoke", "Ports": [%d], "Targets": ["127.0.0.1:%d"]}]}\n' \
-    "$port" "$echo_port" >"$work/config.json"
-chmod 755 "$work" && chmod 644 "$work/config.json"
+write_config() {  # write_config PORT: atomically, as editors and config managers do
+    printf '{"Apps": [{"Name": "smoke", "Ports": [%d], "Targets": ["127.0.0.1:%d"]}]}\n' \
+        "$1" "$echo_port" >"$work/config.tmp"
+    chmod 644 "$work/config.tmp"
+    mv -f "$work/config.tmp" "$work/config.json"
+}
+relays() {  # relays PORT: true once nc through PORT gets its line back
+    local answer="" deadline=$((SECONDS + SMOKE_WAIT))
+    while ((SECONDS < deadline)); do
+        answer=$(echo hello | nc -N -w 2 127.0.0.1 "$1" 2>/dev/null || true)
+        [ "$answer" = hello ] && return 0
+        sleep 0.2
+    done
+    return 1
+}
+mapfile -t ports < <(shuf -i 20000-29999 -n 3)  # three different ports
+echo_port=${ports[0]}
+chmod 755 "$work"
+write_config "${ports[1]}"
 "$DOCKER" run -d --name "${names[1]}" --network host --entrypoint python3 tcpproxy \
     -m tcpproxy.echo "$echo_port" >/dev/null
 "$DOCKER" run -d --name "${names[0]}" --network host -v "$work:/etc/tcpproxy:ro" tcpproxy >/dev/null
-answer=""
-deadline=$((SECONDS + SMOKE_WAIT))
-while [ "$answer" != hello ] && ((SECONDS < deadline)); do
-    sleep 0.2
-    answer=$(echo hello | nc -N -w 2 127.0.0.1 "$port" 2>/dev/null || true)
+for port in "${ports[1]}" "${ports[2]}"; do
+    if ! relays "$port"; then
+        "$DOCKER" logs "${names[0]}" >&2 || true
+        die "tcpproxy in a container did not relay nc on port $port within ${SMOKE_WAIT} s"
+    fi
+    say "ok: tcpproxy in a container relayed nc on port $port to an echo backend"
+    if [ "$port" != "${ports[2]}" ]; then
+        say "replacing the mounted config: port ${ports[2]} instead of $port (a reload)"
+        write_config "${ports[2]}"
+    fi
 done
-if [ "$answer" != hello ]; then
-    "$DOCKER" logs "${names[0]}" >&2 || true
-    die "tcpproxy in a container did not relay nc to the echo backend within ${SMOKE_WAIT} s"
-fi
-say "ok: tcpproxy in a container relayed nc (port $port) to an echo backend (port $echo_port)"
