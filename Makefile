@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint bpfproxy bench bench-ports build-in-container clean
+.PHONY: setup run test lint bpfproxy bench bench-ports build-in-container test-container clean
 
 setup:
 	@bash scripts/setup.sh
@@ -31,12 +31,18 @@ bench: setup
 bench-ports: setup
 	$(BIN)/python scripts/bench_ports.py
 
-# needs a Docker engine: build the image, then check bpfproxy can load its program in it
+# needs a Docker engine and the host's kernel headers (make setup): build the tcpproxy and
+# bpfproxy images, run bpfproxy --check and a tcpproxy smoke test in containers
+DOCKER ?= docker
+DOCKER_BUILD_FLAGS ?=
+CA_CERTS_FILE ?=
 build-in-container:
-	docker build -t tcpproxy .
-	docker run --rm --user root --network host --cap-add BPF --cap-add NET_ADMIN \
-		--cap-add SYS_RESOURCE -v /lib/modules:/lib/modules:ro -v /usr/src:/usr/src:ro \
-		--entrypoint bpfproxy tcpproxy --check
+	@DOCKER="$(DOCKER)" DOCKER_BUILD_FLAGS="$(DOCKER_BUILD_FLAGS)" CA_CERTS_FILE="$(CA_CERTS_FILE)" \
+		bash scripts/build-in-container.sh
+
+# as root, on a machine without Docker: the above on a dockerd and base image of its own
+test-container:
+	@bash scripts/test-container.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

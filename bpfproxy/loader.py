@@ -128,7 +128,10 @@ def check_environment() -> None:
     has_net_admin = bool(caps & (1 << _CAP_NET_ADMIN))
     if not (has_bpf and has_net_admin):
         who = "not root" if os.geteuid() != 0 else "root without these capabilities"
-        raise SteeringError(f"bpfproxy needs CAP_BPF and CAP_NET_ADMIN ({who}): run it with sudo.")
+        raise SteeringError(
+            f"bpfproxy needs CAP_BPF and CAP_NET_ADMIN ({who}): "
+            + _privilege_hint(_container_evidence())
+        )
 
     _import_bcc()
 
@@ -138,8 +141,60 @@ def check_environment() -> None:
     if not build.exists() and not Path("/sys/kernel/kheaders.tar.xz").exists():
         raise SteeringError(
             f"kernel headers for {release} are missing ({build} is absent): "
-            f"install linux-headers-{release} or run 'make setup'."
+            + _headers_hint(release, _container_evidence())
         )
+
+
+#: Files container engines create in a container's root: Docker, Podman.
+_CONTAINER_MARKERS = ("/.dockerenv", "/run/.containerenv")
+#: Words in /proc/1/cgroup that name a container runtime.
+_CONTAINER_CGROUPS = ("docker", "containerd", "libpod", "kubepods", "lxc")
+#: `docker run` options for bpfproxy; Docker before Engine 23 knows no CAP_BPF.
+_DOCKER_CAPS = "--cap-add BPF --cap-add NET_ADMIN"
+_DOCKER_CAPS_BEFORE_23 = "--cap-add SYS_ADMIN --cap-add NET_ADMIN"
+_HEADER_MOUNTS = "-v /lib/modules:/lib/modules:ro -v /usr/src:/usr/src:ro"
+
+
+def _container_evidence() -> str | None:
+    """What says this process runs in a container (a marker file or a cgroup), or None.
+
+    It changes what bpfproxy's messages tell the user to do: capabilities and
+    kernel headers are given by the host and the run command, not by sudo or
+    apt inside the container.
+    """
+    for marker in _CONTAINER_MARKERS:
+        if os.path.exists(marker):
+            return marker
+    try:
+        with open("/proc/1/cgroup") as cgroups:
+            text = cgroups.read()
+    except OSError:
+        return None
+    word = next((word for word in _CONTAINER_CGROUPS if word in text), None)
+    return f"/proc/1/cgroup ({word})" if word else None
+
+
+def _privilege_hint(container: str | None) -> str:
+    """What to do about missing capabilities, on a host or in a container."""
+    if container is None:
+        return "run it with sudo."
+    return (
+        f"this looks like a container ({container}): run it as root with {_DOCKER_CAPS} "
+        f"({_DOCKER_CAPS_BEFORE_23} on Docker before 23); outside a container, run it with sudo."
+    )
+
+
+def _headers_hint(release: str, container: str | None) -> str:
+    """What to do about missing kernel headers, on a host or in a container."""
+    if container is None:
+        return (
+            f"install the headers of kernel {release}, or run 'sudo make setup', "
+            "which links Debian's generic ones when the kernel has none."
+        )
+    return (
+        f"this looks like a container ({container}): the headers come from the host; "
+        f"run `sudo make setup` on the host, then mount them with {_HEADER_MOUNTS}."
+    )
 
 
 # --------------------------------------------------------------------------- loading

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent setup for a Debian 12 machine: system packages (only those
-# missing), kernel headers for bcc, and the project venv.
+# missing), kernel headers for bcc, and the project venv. Prints a line per
+# step it has to take; apt's and pip's own output go to a log file it names.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,17 @@ if [ "${1:-}" = "--bench" ]; then  # the load tools and peers `make bench` measu
     APT_PACKAGES+=(sockperf iperf3 wrk nginx-light haproxy)
     EXTRAS=test,bench
 fi
+LOG="${TMPDIR:-/tmp}/tcpproxy-setup-$(id -u).log"
+: >"$LOG"
+
+# Run "$@" with its output in $LOG; on failure show the end of it.
+logged() {
+    if ! "$@" >>"$LOG" 2>&1; then
+        echo "setup: failed: $*; the last lines of $LOG:" >&2
+        tail -n 20 "$LOG" >&2
+        exit 1
+    fi
+}
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -20,10 +32,10 @@ if ((${#missing[@]})); then
         echo "setup: missing Debian packages: ${missing[*]} (run 'sudo make setup' once)" >&2
         exit 2
     fi
-    echo "setup: installing ${missing[*]}"
+    echo "setup: installing ${missing[*]} (apt output in $LOG)"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    logged apt-get update
+    logged apt-get install -y --no-install-recommends "${missing[@]}"
 fi
 
 # bcc compiles against /lib/modules/$(uname -r)/build. A kernel without its
@@ -41,11 +53,20 @@ if [ ! -e "$kdir/build/include" ] && [ "$(id -u)" -eq 0 ]; then
     fi
 fi
 
-if [ ! -x .venv/bin/python ]; then
-    /usr/bin/python3 -m venv --system-site-packages .venv
+# The venv belongs to whoever owns the checkout: `sudo make setup` in your own
+# clone installs the Debian packages as root but makes .venv as you.
+as_owner=()
+owner=$(stat -c %u .)
+if [ "$(id -u)" -eq 0 ] && [ "$owner" -ne 0 ]; then
+    home=$(getent passwd "$owner" | cut -d: -f6)
+    as_owner=(setpriv --reuid="$owner" --regid="$(stat -c %g .)" --init-groups env HOME="$home")
 fi
 stamp=".venv/.installed-${EXTRAS/,/-}"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    .venv/bin/pip install -q --disable-pip-version-check -e ".[$EXTRAS]"
-    touch "$stamp"
+    echo "setup: installing the project and its Python packages into .venv (pip output in $LOG)"
+    if [ ! -x .venv/bin/python ]; then
+        logged "${as_owner[@]}" /usr/bin/python3 -m venv --system-site-packages .venv
+    fi
+    logged "${as_owner[@]}" .venv/bin/pip install --disable-pip-version-check -e ".[$EXTRAS]"
+    logged "${as_owner[@]}" touch "$stamp"
 fi

@@ -414,7 +414,7 @@ class Proxy:
                                      extra={"conn": cid})  # fmt: skip
                     return
                 if failures:
-                    failed = (failed or []) + [str(t) for t, _ in failures]
+                    failed = (failed or []) + [f"{t}({why})" for t, why in failures]
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("conn %s client=%s port=%d app=%s: connected to %s",
                               cid, format_peer(peer), port, cfg.name, target,

@@ -28,6 +28,15 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     pytest.skip(reason)
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say once, at the end, why the BPF tests were skipped (not once per test)."""
+    reason = bpf_unavailable_reason()
+    skipped = terminalreporter.stats.get("skipped", [])
+    count = sum(1 for report in skipped if reason and reason in str(report.longrepr))
+    if count:
+        terminalreporter.write_line(f"{count} BPF tests skipped: {reason}", yellow=True)
+
+
 @pytest.fixture
 def config_path(tmp_path: Path) -> Path:
     return tmp_path / "config.json"

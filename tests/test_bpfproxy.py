@@ -7,11 +7,14 @@ its clients all live in a network namespace the test creates and removes.
 from __future__ import annotations
 
 import functools
+import json
+import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +22,7 @@ import pytest
 
 from tests.deploy import BPF_LISTEN_PORT, Deployment
 from tests.helpers import (
+    ROOT,
     TIMEOUT,
     app,
     exchange,
@@ -213,13 +217,55 @@ def _unprivileged_runner() -> list[str] | None:
     return [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
 
 
-def test_non_root_gets_a_clear_error(tmp_path: Path) -> None:
+# Prints each top-level module that bpfproxy's command line imports, with its file
+# (bpfproxy.__main__ would run it; the package is copied whole, so it comes along).
+_IMPORT_PROBE = """
+import json, sys
+import bpfproxy.cli, bpfproxy.dispatcher, bpfproxy.errors, bpfproxy.loader
+print(json.dumps({n: getattr(m, "__file__", None) for n, m in list(sys.modules.items())
+                  if "." not in n}))
+"""
+
+
+@pytest.fixture
+def readable_copy() -> Iterator[Path]:
+    """bpfproxy and what it imports from the venv, copied where any user can read them.
+
+    The checkout and its .venv may sit under a mode-700 home such as /root,
+    which uid 65534 cannot enter; Debian's python and its site dirs are
+    readable by all, so only what lives elsewhere is copied.
+    """
+    probe = subprocess.run([sys.executable, "-c", _IMPORT_PROBE], capture_output=True, text=True,
+                           timeout=60, check=True, cwd=ROOT)  # fmt: skip
+    system = os.path.realpath(sys.base_prefix) + os.sep
+    copy = Path(tempfile.mkdtemp(prefix="bpfproxy-readable-"))
+    try:
+        copy.chmod(0o755)
+        for name, file in json.loads(probe.stdout).items():
+            if file is None or os.path.realpath(file).startswith(system):
+                continue  # built in, a namespace package, or readable where it is
+            source = Path(file)
+            if source.name.startswith("__init__."):
+                shutil.copytree(source.parent, copy / name,
+                                ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+            elif not name.startswith("__editable__"):
+                shutil.copy2(source, copy / source.name)
+        yield copy
+    finally:
+        shutil.rmtree(copy)
+
+
+def test_non_root_gets_a_clear_error(readable_copy: Path) -> None:
     runner = _unprivileged_runner()
     if runner is None:
         pytest.skip("setpriv (util-linux) is not installed")
+    # Debian's interpreter (the venv's base) on the readable copy, not the
+    # checkout's venv, which uid 65534 may not be able to read.
+    python = os.path.realpath(sys.executable)
     proc = subprocess.run(
-        [*runner, sys.executable, "-m", "bpfproxy", "-p", "8000"],
+        [*runner, python, "-m", "bpfproxy", "-p", "8000"],
         capture_output=True, timeout=60, check=False, cwd="/",
+        env={**os.environ, "PYTHONPATH": str(readable_copy)},
     )  # fmt: skip
     err = proc.stderr.decode()
     assert proc.returncode == 2, err

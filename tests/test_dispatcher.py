@@ -443,6 +443,18 @@ def test_environment_problems_say_what_to_do(monkeypatch: pytest.MonkeyPatch) ->
         patch.setattr(loader_module, "_effective_caps", lambda: 1 << 12)  # NET_ADMIN only
         with pytest.raises(SteeringError, match="run it with sudo"):
             check_environment()
+        # In a container: the docker run options, and sudo only for outside one.
+        patch.setattr(loader_module, "_container_evidence", lambda: "/.dockerenv")
+        with pytest.raises(SteeringError, match=r"container \(/\.dockerenv\).*--cap-add BPF "
+                           r"--cap-add NET_ADMIN \(--cap-add SYS_ADMIN --cap-add NET_ADMIN "
+                           r"on Docker before 23\)"):  # fmt: skip
+            check_environment()
+    with monkeypatch.context() as patch:  # no headers for this kernel, in a container
+        patch.setattr(os, "uname", lambda: os.uname_result(("Linux", "h", "6.18.0-none", "", "")))
+        patch.setattr(loader_module, "_container_evidence", lambda: "/.dockerenv")
+        with pytest.raises(SteeringError, match=r"headers for 6\.18\.0-none are missing.*"
+                           r"run `sudo make setup` on the host, then mount"):  # fmt: skip
+            check_environment()
     with monkeypatch.context() as patch:
         patch.setitem(sys.modules, "bcc", None)  # import bcc -> ImportError
         with pytest.raises(SteeringError, match=r"python3-bpfcc.*system-site-packages"):
