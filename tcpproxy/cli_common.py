@@ -166,21 +166,26 @@ def fail(prog: str, message: str) -> int:
     return EXIT_USAGE
 
 
-def read_config(path: Path, listen_ports: Collection[int] = ()) -> tuple[bytes, Config]:
+def read_config(
+    path: Path, listen_ports: Collection[int] = (), bind: str | None = None
+) -> tuple[bytes, Config]:
     """Read and validate the config file once: its bytes (to compare on reload) and model.
 
     `listen_ports`: ports served besides the apps' (bpfproxy's -p), which no
     target may loop back to (as every reload checks: `self_loop_check`).
+    `bind`: the --bind address (None: every address), where those ports listen.
     """
     data = read_config_bytes(path)
     config = parse_config(data, str(path))
-    reject_self_loops(config, listen_ports, str(path))
+    reject_self_loops(config, listen_ports, str(path), bind)
     return data, config
 
 
-def self_loop_check(path: Path, listen_ports: Collection[int] = ()) -> Callable[[Config], None]:
+def self_loop_check(
+    path: Path, listen_ports: Collection[int] = (), bind: str | None = None
+) -> Callable[[Config], None]:
     """The reload-time twin of `read_config`'s self-loop check, for a Reloader."""
-    return partial(reject_self_loops, extra_ports=listen_ports, source=str(path))
+    return partial(reject_self_loops, extra_ports=listen_ports, source=str(path), bind=bind)
 
 
 def worker_options(ctx_params: dict[str, Any], skip: set[str]) -> list[str]:

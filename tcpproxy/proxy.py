@@ -149,6 +149,8 @@ class Proxy:
       use_splice: relay with splice(2) (default) or copy through a buffer.
       listen_ports: ports this process listens on besides the apps' (bpfproxy's
         -p): a target resolving to a local address on one of them is refused.
+      bind: the address every port listens on (--bind; None: every address),
+        which narrows what counts as the proxy itself.
     """
 
     def __init__(
@@ -163,6 +165,7 @@ class Proxy:
         resolver: Resolver | None = None,
         use_splice: bool = True,
         listen_ports: frozenset[int] = frozenset(),
+        bind: str | None = None,
     ) -> None:
         self._connections = connections
         self._resolver = resolver or Resolver()
@@ -174,7 +177,7 @@ class Proxy:
         self.slots = trio.Semaphore(max_connections)  # taken by accept loops, given back here
         self.metrics = metrics or NullMetrics()
         self._listen_ports = listen_ports
-        self._self_loop = SelfLoopGuard()  # names that resolve to the proxy itself
+        self._self_loop = SelfLoopGuard(bind=bind)  # names that resolve to the proxy itself
         self.health = HealthMonitor(
             HealthBook(), self._resolver, self.metrics, check=self._self_loop.check
         )

@@ -91,6 +91,7 @@ async def run_service(
     metrics: NullMetrics | None = None,
     metrics_address: tuple[str, int] | None = None,
     listen_ports: frozenset[int] = frozenset(),
+    bind: str | None = None,
     task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `config` through `frontend` until SIGTERM/SIGINT, then drain.
@@ -107,6 +108,8 @@ async def run_service(
         their supervisor serves the sum).
       listen_ports: ports served besides the apps' (bpfproxy's -p): no target
         may loop back to them.
+      bind: the address the ports listen on (--bind; None: every address),
+        which decides what loops back (tcpproxy.selfloop).
     """
     metrics = metrics or NullMetrics()
     stop_accepting = trio.CancelScope()
@@ -120,12 +123,12 @@ async def run_service(
                     proxy = Proxy(
                         config, connections, max_connections=max_connections, share=share,
                         id_prefix=prefix, metrics=metrics, use_splice=use_splice,
-                        listen_ports=listen_ports,
+                        listen_ports=listen_ports, bind=bind,
                     )  # fmt: skip
                     apply = apply_locally(proxy, frontend)
                     notifier = Notifier()
                     validate = partial(
-                        reject_self_loops, extra_ports=listen_ports, source=str(path)
+                        reject_self_loops, extra_ports=listen_ports, source=str(path), bind=bind
                     )
                     reloader = Reloader(
                         path, data, lambda: proxy.config, apply, notifier, metrics, validate
