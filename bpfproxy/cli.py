@@ -18,8 +18,8 @@ from tcpproxy.cli_common import (
     fit_connection_limit,
     metrics_for,
     read_config,
+    reload_check,
     run_cli,
-    self_loop_check,
     setup_logging,
     worker_options,
 )
@@ -102,9 +102,9 @@ def command(
             click.echo("bpfproxy: ok: the sk_lookup program compiles and loads on this machine")
             return 0
         check_environment()  # first: "run it with sudo" is what a user must fix first
-        data, config = read_config(config_path, (listen_port,), bind)
-        check_listen_port(listen_port, config)
         limit = fit_connection_limit(max_connections)
+        data, config = read_config(config_path, (listen_port,), bind, limit)
+        check_listen_port(listen_port, config)
         with contextlib.ExitStack() as stack:
             if workers > 1:
                 # --bind too: the worker's self-loop guard needs it (the listener is given)
@@ -116,7 +116,9 @@ def command(
                 plan.steer(config)
                 supervisor = Supervisor(
                     plan, config_path, data, config, workers, metrics_address,
-                    validate=self_loop_check(config_path, (listen_port,), bind),
+                    validate=reload_check(
+                        config_path, (listen_port,), bind, max_connections=limit
+                    ),
                 )  # fmt: skip
                 trio.run(supervisor.run)
                 return 0

@@ -14,8 +14,8 @@ from tcpproxy.cli_common import (
     fit_connection_limit,
     metrics_for,
     read_config,
+    reload_check,
     run_cli,
-    self_loop_check,
     setup_logging,
     worker_options,
 )
@@ -78,14 +78,14 @@ def command(
         )  # fmt: skip
         return 0
     setup_logging(log_level, log_format=log_format)
-    data, config = read_config(config_path, bind=bind)
     limit = fit_connection_limit(max_connections)
+    data, config = read_config(config_path, bind=bind, max_connections=limit)
     if workers > 1:
         plan = TcpPlan(bind, _options(ctx, math.ceil(limit / workers)), workers)
         plan.check(Config(apps=()), config)
         supervisor = Supervisor(
             plan, config_path, data, config, workers, metrics_address,
-            validate=self_loop_check(config_path, bind=bind),
+            validate=reload_check(config_path, bind=bind, max_connections=limit),
         )  # fmt: skip
         trio.run(supervisor.run)
         return 0

@@ -36,7 +36,7 @@ from typing import Any
 import trio
 
 from tcpproxy.balance import Balancer, Claim
-from tcpproxy.config import AppConfig, Config, Network, Target
+from tcpproxy.config import AppConfig, Config, Network, Target, app_connection_limit
 from tcpproxy.connect import describe_error, open_target
 from tcpproxy.errors import ResourceExhausted, TargetUnavailable
 from tcpproxy.health import HealthBook
@@ -172,6 +172,9 @@ class Proxy:
         self._use_splice = use_splice
         self.max_connections = max_connections
         self._share = share
+        # the whole proxy's limit (every worker's part): an app without MaxConnections
+        # gets a tenth of it (config.app_connection_limit)
+        self._total_limit = max_connections * share
         self._ids = itertools.count(1)  # connection ids, for every log line about one
         self._id_prefix = id_prefix
         self.slots = trio.Semaphore(max_connections)  # taken by accept loops, given back here
@@ -288,11 +291,13 @@ class Proxy:
             )  # fmt: skip
             self._reject(client, name, "untrusted-proxy")
             return
-        if self.active_by_app[name] * self._share >= cfg.max_connections:
+        app_limit = app_connection_limit(cfg, self._total_limit)
+        if self.active_by_app[name] * self._share >= app_limit:
+            default = "" if cfg.max_connections is not None else ", a tenth of max-connections"
             self._warn_limit(
                 f"over-limit {name}",
-                "app %r: MaxConnections (%d) reached; resetting new connections",
-                name, cfg.max_connections,
+                "app %r: MaxConnections (%d%s) reached; resetting new connections",
+                name, app_limit, default,
             )  # fmt: skip
             self._reject(client, name, "over-limit")
             return

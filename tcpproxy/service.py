@@ -21,14 +21,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
-from tcpproxy.config import Config
+from tcpproxy.config import Config, no_isolation
 from tcpproxy.diff import format_ports
 from tcpproxy.metrics import NullMetrics, serve_http, stop_http
 from tcpproxy.notify import Notifier
@@ -65,6 +65,26 @@ class Frontend(Protocol):
 
     def update(self, old: Config, new: Config) -> None:
         """Apply a reload's port changes; raise StartupError (changing nothing) to reject it."""
+
+
+def validate_config(
+    config: Config,
+    *,
+    source: str,
+    listen_ports: Collection[int] = (),
+    bind: str | None = None,
+    max_connections: int | None = None,
+) -> None:
+    """What every load of a config checks beyond parsing (start, and each reload).
+
+    Raises ConfigError for a target that is the proxy itself (tcpproxy.selfloop);
+    warns about an app whose MaxConnections isolates it from nothing, given the
+    whole proxy's limit `max_connections` (None: not judged).
+    """
+    reject_self_loops(config, listen_ports, source, bind)
+    if max_connections is not None:
+        for problem in no_isolation(config, max_connections):
+            log.warning("%s: %s", source, problem)
 
 
 def apply_locally(proxy: Proxy, frontend: Frontend) -> ApplyFn:
@@ -128,8 +148,9 @@ async def run_service(
                     apply = apply_locally(proxy, frontend)
                     notifier = Notifier()
                     validate = partial(
-                        reject_self_loops, extra_ports=listen_ports, source=str(path), bind=bind
-                    )
+                        validate_config, source=str(path), listen_ports=listen_ports, bind=bind,
+                        max_connections=max_connections * share,
+                    )  # fmt: skip
                     reloader = Reloader(
                         path, data, lambda: proxy.config, apply, notifier, metrics, validate
                     )
