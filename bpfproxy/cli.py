@@ -18,8 +18,8 @@ from tcpproxy.cli_common import (
     fit_connection_limit,
     metrics_for,
     read_config,
+    reload_check,
     run_cli,
-    self_loop_check,
     setup_logging,
     worker_options,
 )
@@ -90,7 +90,7 @@ def command(
     if worker is not None:  # started by a supervisor, which owns the BPF side
         return _run_worker(worker, worker_listener, config_path, drain_timeout,
                            max_connections, splice, log_level, log_format,
-                           listen_port)  # fmt: skip
+                           listen_port, bind)  # fmt: skip
     setup_logging(log_level, log_format=log_format)
     from bpfproxy.dispatcher import Dispatcher
     from bpfproxy.errors import SteeringError
@@ -102,20 +102,23 @@ def command(
             click.echo("bpfproxy: ok: the sk_lookup program compiles and loads on this machine")
             return 0
         check_environment()  # first: "run it with sudo" is what a user must fix first
-        data, config = read_config(config_path, (listen_port,))
-        check_listen_port(listen_port, config)
         limit = fit_connection_limit(max_connections)
+        data, config = read_config(config_path, (listen_port,), bind, limit)
+        check_listen_port(listen_port, config)
         with contextlib.ExitStack() as stack:
             if workers > 1:
+                # --bind too: the worker's self-loop guard needs it (the listener is given)
                 options = worker_options(
-                    {**ctx.params, "max_connections": math.ceil(limit / workers)}, skip={"bind"}
+                    {**ctx.params, "max_connections": math.ceil(limit / workers)}, skip=set()
                 )
                 plan = BpfPlan(bind, listen_port, options, workers)
                 stack.callback(plan.close)
                 plan.steer(config)
                 supervisor = Supervisor(
                     plan, config_path, data, config, workers, metrics_address,
-                    validate=self_loop_check(config_path, (listen_port,)),
+                    validate=reload_check(
+                        config_path, (listen_port,), bind, max_connections=limit
+                    ),
                 )  # fmt: skip
                 trio.run(supervisor.run)
                 return 0
@@ -130,7 +133,7 @@ def command(
                 lambda: run_service(
                     config_path, data, config, frontend, drain_timeout=drain_timeout,
                     max_connections=limit, use_splice=splice, metrics=metrics,
-                    metrics_address=address, listen_ports=frozenset({listen_port}),
+                    metrics_address=address, listen_ports=frozenset({listen_port}), bind=bind,
                 )
             )  # fmt: skip
     except SteeringError as exc:
@@ -148,6 +151,7 @@ def _run_worker(
     log_level: str,
     log_format: str,
     listen_port: int,
+    bind: str | None,
 ) -> int:
     if listener_fd is None:
         raise click.UsageError("--worker needs --worker-listener")
@@ -162,7 +166,7 @@ def _run_worker(
         lambda: run_service(
             config_path, b"", config, SharedListener(listener), drain_timeout=drain_timeout,
             max_connections=limit, use_splice=splice, supervisor=link, metrics=metrics,
-            listen_ports=frozenset({listen_port}),
+            listen_ports=frozenset({listen_port}), bind=bind,
         )
     )  # fmt: skip
     return 0

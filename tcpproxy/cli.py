@@ -14,8 +14,8 @@ from tcpproxy.cli_common import (
     fit_connection_limit,
     metrics_for,
     read_config,
+    reload_check,
     run_cli,
-    self_loop_check,
     setup_logging,
     worker_options,
 )
@@ -73,18 +73,19 @@ def command(
             lambda: run_service(
                 config_path, b"", config, frontend, drain_timeout=drain_timeout,
                 max_connections=limit, use_splice=splice, supervisor=link, metrics=metrics,
+                bind=bind,
             )
         )  # fmt: skip
         return 0
     setup_logging(log_level, log_format=log_format)
-    data, config = read_config(config_path)
     limit = fit_connection_limit(max_connections)
+    data, config = read_config(config_path, bind=bind, max_connections=limit)
     if workers > 1:
         plan = TcpPlan(bind, _options(ctx, math.ceil(limit / workers)), workers)
         plan.check(Config(apps=()), config)
         supervisor = Supervisor(
             plan, config_path, data, config, workers, metrics_address,
-            validate=self_loop_check(config_path),
+            validate=reload_check(config_path, bind=bind, max_connections=limit),
         )  # fmt: skip
         trio.run(supervisor.run)
         return 0
@@ -95,6 +96,7 @@ def command(
         lambda: run_service(
             config_path, data, config, frontend, drain_timeout=drain_timeout,
             max_connections=limit, use_splice=splice, metrics=metrics, metrics_address=address,
+            bind=bind,
         )
     )  # fmt: skip
     return 0

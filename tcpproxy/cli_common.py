@@ -15,8 +15,7 @@ import click
 from tcpproxy import __version__
 from tcpproxy.config import Config, ConfigError, parse_config
 from tcpproxy.errors import ProxyError
-from tcpproxy.selfloop import reject_self_loops
-from tcpproxy.service import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CONNECTIONS
+from tcpproxy.service import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CONNECTIONS, validate_config
 from tcpproxy.sources.file import read_config_bytes
 
 __all__ = [
@@ -25,8 +24,8 @@ __all__ = [
     "fail",
     "fit_connection_limit",
     "read_config",
+    "reload_check",
     "run_cli",
-    "self_loop_check",
     "setup_logging",
 ]
 
@@ -166,21 +165,37 @@ def fail(prog: str, message: str) -> int:
     return EXIT_USAGE
 
 
-def read_config(path: Path, listen_ports: Collection[int] = ()) -> tuple[bytes, Config]:
+def read_config(
+    path: Path,
+    listen_ports: Collection[int] = (),
+    bind: str | None = None,
+    max_connections: int | None = None,
+) -> tuple[bytes, Config]:
     """Read and validate the config file once: its bytes (to compare on reload) and model.
 
     `listen_ports`: ports served besides the apps' (bpfproxy's -p), which no
-    target may loop back to (as every reload checks: `self_loop_check`).
+    target may loop back to (as every reload checks: `reload_check`).
+    `bind`: the --bind address (None: every address), where those ports listen.
+    `max_connections`: the whole proxy's limit, which apps' limits are judged
+    by (None: not judged).
     """
     data = read_config_bytes(path)
     config = parse_config(data, str(path))
-    reject_self_loops(config, listen_ports, str(path))
+    validate_config(
+        config, source=str(path), listen_ports=listen_ports, bind=bind,
+        max_connections=max_connections,
+    )  # fmt: skip
     return data, config
 
 
-def self_loop_check(path: Path, listen_ports: Collection[int] = ()) -> Callable[[Config], None]:
-    """The reload-time twin of `read_config`'s self-loop check, for a Reloader."""
-    return partial(reject_self_loops, extra_ports=listen_ports, source=str(path))
+def reload_check(
+    path: Path, listen_ports: Collection[int] = (), bind: str | None = None, *, max_connections: int
+) -> Callable[[Config], None]:
+    """The reload-time twin of `read_config`'s checks, for a Reloader."""
+    return partial(
+        validate_config, source=str(path), listen_ports=listen_ports, bind=bind,
+        max_connections=max_connections,
+    )  # fmt: skip
 
 
 def worker_options(ctx_params: dict[str, Any], skip: set[str]) -> list[str]:

@@ -22,11 +22,15 @@ ConnectTimeout  2.0          seconds  Survives one lost SYN (Linux resends it af
 IdleTimeout     3600.0       seconds  No byte either way for this long closes both sides;
                                       long enough for idle database sessions, short
                                       enough that vanished peers do not pin descriptors.
-MaxConnections  1000         count    Open connections of the app at once; the excess
-                                      is reset. A tenth of the process's default limit
-                                      (10000), so one app's clients (idle ones
+MaxConnections  a tenth of   count    Open connections of the app at once; the excess
+                --max-                is reset. A tenth of the process's limit (the
+                connections           --max-connections in force, all workers
+                                      together; rounded down, at least 1; 1000 at the
+                                      default 10000), so one app's clients (idle ones
                                       included) cannot take every slot: isolation
-                                      between apps. Raise it for an app that needs more.
+                                      between apps, whatever the limit. Raise it for an
+                                      app that needs more; at or above the process's
+                                      limit it isolates nothing (warned about).
 MaxConn...      none (off)   count    MaxConnectionsPerSource: open connections of the
                                       app from one client IP address (the socket's
                                       peer, so with AcceptProxyProtocol: the
@@ -82,6 +86,7 @@ from pydantic.alias_generators import to_pascal
 from pydantic_core import ErrorDetails
 
 __all__ = [
+    "APP_SHARE_DIVISOR",
     "AppConfig",
     "Config",
     "ConfigError",
@@ -89,8 +94,15 @@ __all__ = [
     "Network",
     "Strategy",
     "Target",
+    "app_connection_limit",
+    "no_isolation",
     "parse_config",
 ]
+
+# An app without MaxConnections may hold this fraction (1/N) of the process's connection
+# limit: a tenth keeps 1000 at the default 10000, lets ten such apps fill the proxy only
+# together, and leaves most slots to the others when one app's clients pile up.
+APP_SHARE_DIVISOR = 10
 
 
 class ConfigError(Exception):
@@ -163,7 +175,8 @@ class AppConfig:
     strategy: Strategy = Strategy.ROUND_ROBIN
     connect_timeout: float = 2.0  # seconds
     idle_timeout: float = 3600.0  # seconds without a byte either way before both sides close
-    max_connections: int = 1000  # open connections of this app at once
+    max_connections: int | None = None  # open connections of this app at once; None: a
+    # tenth of the process's limit (`app_connection_limit`), known only when running
     max_connections_per_source: int | None = None  # per client IP address; None: no limit
     first_byte_timeout: float | None = None  # seconds a client may stay silent; None: forever
     health_check: HealthCheck | None = None  # None: passive health only
@@ -186,6 +199,28 @@ class Config:
     def ports(self) -> frozenset[int]:
         """Every port the proxy listens on."""
         return frozenset(port for app in self.apps for port in app.ports)
+
+
+def app_connection_limit(app: AppConfig, total: int) -> int:
+    """The open connections `app` may hold when the whole process may hold `total`
+    (all workers together): its MaxConnections, else a tenth of `total`, at least 1."""
+    if app.max_connections is not None:
+        return app.max_connections
+    return max(1, total // APP_SHARE_DIVISOR)
+
+
+def no_isolation(config: Config, total: int) -> list[str]:
+    """Apps whose explicit MaxConnections is not below the process's limit `total`: their
+    clients can take every slot from the other apps (a warning; one app alone is fine)."""
+    if len(config.apps) < 2:
+        return []
+    return [
+        f"MaxConnections {app.max_connections} gives app {app.name!r} no "
+        f"isolation: it is not below the proxy's --max-connections ({total}), so its "
+        f"clients can take every slot from the other apps"
+        for app in config.apps
+        if app.max_connections is not None and app.max_connections >= total
+    ]
 
 
 def parse_config(data: bytes | str, source: str = "<config>") -> Config:
@@ -363,7 +398,7 @@ class _Options(_Model):
     strategy: Annotated[Strategy, Field(strict=False)] = Strategy.ROUND_ROBIN
     connect_timeout: float = Field(default=2.0, gt=0, le=300, allow_inf_nan=False)
     idle_timeout: float = Field(default=3600.0, gt=0, le=7 * 86400, allow_inf_nan=False)
-    max_connections: int = Field(default=1000, ge=1, le=1_000_000)
+    max_connections: int | None = Field(default=None, ge=1, le=1_000_000)
     max_connections_per_source: int | None = Field(default=None, ge=1, le=1_000_000)
     first_byte_timeout: float | None = Field(default=None, gt=0, le=3600, allow_inf_nan=False)
     health_check: _HealthCheck | None = None

@@ -36,7 +36,7 @@ from typing import Any
 import trio
 
 from tcpproxy.balance import Balancer, Claim
-from tcpproxy.config import AppConfig, Config, Network, Target
+from tcpproxy.config import AppConfig, Config, Network, Target, app_connection_limit
 from tcpproxy.connect import describe_error, open_target
 from tcpproxy.errors import ResourceExhausted, TargetUnavailable
 from tcpproxy.health import HealthBook
@@ -149,6 +149,8 @@ class Proxy:
       use_splice: relay with splice(2) (default) or copy through a buffer.
       listen_ports: ports this process listens on besides the apps' (bpfproxy's
         -p): a target resolving to a local address on one of them is refused.
+      bind: the address every port listens on (--bind; None: every address),
+        which narrows what counts as the proxy itself.
     """
 
     def __init__(
@@ -163,18 +165,22 @@ class Proxy:
         resolver: Resolver | None = None,
         use_splice: bool = True,
         listen_ports: frozenset[int] = frozenset(),
+        bind: str | None = None,
     ) -> None:
         self._connections = connections
         self._resolver = resolver or Resolver()
         self._use_splice = use_splice
         self.max_connections = max_connections
         self._share = share
+        # the whole proxy's limit (every worker's part): an app without MaxConnections
+        # gets a tenth of it (config.app_connection_limit)
+        self._total_limit = max_connections * share
         self._ids = itertools.count(1)  # connection ids, for every log line about one
         self._id_prefix = id_prefix
         self.slots = trio.Semaphore(max_connections)  # taken by accept loops, given back here
         self.metrics = metrics or NullMetrics()
         self._listen_ports = listen_ports
-        self._self_loop = SelfLoopGuard()  # names that resolve to the proxy itself
+        self._self_loop = SelfLoopGuard(bind=bind)  # names that resolve to the proxy itself
         self.health = HealthMonitor(
             HealthBook(), self._resolver, self.metrics, check=self._self_loop.check
         )
@@ -285,11 +291,13 @@ class Proxy:
             )  # fmt: skip
             self._reject(client, name, "untrusted-proxy")
             return
-        if self.active_by_app[name] * self._share >= cfg.max_connections:
+        app_limit = app_connection_limit(cfg, self._total_limit)
+        if self.active_by_app[name] * self._share >= app_limit:
+            default = "" if cfg.max_connections is not None else ", a tenth of max-connections"
             self._warn_limit(
                 f"over-limit {name}",
-                "app %r: MaxConnections (%d) reached; resetting new connections",
-                name, cfg.max_connections,
+                "app %r: MaxConnections (%d%s) reached; resetting new connections",
+                name, app_limit, default,
             )  # fmt: skip
             self._reject(client, name, "over-limit")
             return

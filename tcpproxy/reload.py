@@ -32,6 +32,8 @@ log = logging.getLogger("tcpproxy")
 SHORTAGE_RETRY = 1.0  # seconds between tries to read the config file while we lack descriptors
 # read failures that are this process's shortage, not a problem of the config file
 SHORTAGE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+# read failures that mean the file is not there (its directory being replaced): not a bad config
+MISSING_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR})
 _RETRY = "retry"  # _reload's outcome when the file could not be read for want of resources
 
 
@@ -84,6 +86,7 @@ class Reloader:
         self._rejected: tuple[bytes, FileStamp] | None = None  # the last rejected file
         self._send, self._receive = trio.open_memory_channel[str](1)
         self._short = False  # reading the file failed for want of descriptors or memory
+        self._missing = False  # the file was not there at the last read
         self.reloads = 0  # applied reloads, for tests and status
         self.rejected = 0
 
@@ -120,10 +123,19 @@ class Reloader:
                 self._short = True
                 return _RETRY
             self._short = False
+            if isinstance(exc.__cause__, OSError) and exc.__cause__.errno in MISSING_ERRNOS:
+                # `rm -rf` of the directory and a recreate, a ConfigMap swap: the watch
+                # asks again when the file is back, so wait quietly (once per episode)
+                if not self._missing:
+                    log.warning("reload (%s): config file missing; keeping the running config "
+                                "%s; waiting for it: %s", why, self.digest, exc)  # fmt: skip
+                self._missing = True
+                return None
+            self._missing = False
             return self._reject(why, exc)
-        if self._short:
+        if self._short or self._missing:
             log.info("reload (%s): the config file can be read again", why)
-            self._short = False
+            self._short = self._missing = False
         if why != "SIGHUP" and (data == self._running or (data, stamp) == self._rejected):
             return None  # an event that did not change the file
         try:

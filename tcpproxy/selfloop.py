@@ -3,12 +3,20 @@
 A target on a local address (loopback, the wildcard, any address of this host
 or network namespace) with a port the proxy listens on sends each connection
 back into the proxy, which connects to itself again, until max-connections is
-full and nothing is served. Literal addresses are checked when a config is
+full and nothing is served.
+
+The proxy listens on (bind address, port): with the default wildcard bind any
+local address on one of its ports is the proxy; with `--bind B` (both binaries:
+bpfproxy steers only B, and its -p listener binds B) only B is, and the
+unspecified address of B's family when B is loopback (connect() to 0.0.0.0 or
+:: reaches loopback). So `--bind 10.77.0.1` may expose a service of
+127.0.0.1 on the same port. Literal addresses are checked when a config is
 loaded (start: exit 2; reload: rejected, the old config stays); names can only
 be checked once resolved, so each address is checked again before connecting.
 
-The decisions (`self_loops`, `is_local`) are pure: they take the config, the
-proxy's extra listening ports (bpfproxy's -p) and the set of local addresses;
+The decisions (`self_loops`, `is_local`, `reaches_proxy`) are pure: they take
+the config, the proxy's extra listening ports (bpfproxy's -p), its bind address
+and the set of local addresses;
 `local_addresses` and `SelfLoopGuard` gather those at the edge.
 """
 
@@ -32,6 +40,8 @@ __all__ = [
     "SelfLoopGuard",
     "is_local",
     "local_addresses",
+    "parse_bind",
+    "reaches_proxy",
     "reject_self_loops",
     "self_loops",
 ]
@@ -67,14 +77,42 @@ def is_local(ip: IPAddress, local: Collection[IPAddress]) -> bool:
     return ip.is_loopback or ip.is_unspecified or ip in local
 
 
+def parse_bind(bind: str | None) -> IPAddress | None:
+    """The specific address the proxy listens on, or None for every address (no
+    --bind, the wildcard, or a name: a name is checked as the wildcard, to be safe)."""
+    if bind is None:
+        return None
+    ip = parse_ip(bind.strip("[]"))
+    return None if ip is None or ip.is_unspecified else ip
+
+
+def reaches_proxy(ip: IPAddress, bind: IPAddress | None, local: Collection[IPAddress]) -> bool:
+    """Whether a connection to `ip`, on a port the proxy listens on, reaches the proxy.
+
+    `bind`: the proxy's specific listening address (see `parse_bind`), None for
+    every address. `ip` and `bind` come unmapped from `parse_ip`/`parse_bind`,
+    so v4-mapped forms compare equal to IPv4.
+    """
+    if bind is None:
+        return is_local(ip, local)
+    if ip == bind:
+        return True
+    # connect() to 0.0.0.0 or :: goes to loopback: to the proxy only if it listens there
+    return ip.is_unspecified and ip.version == bind.version and bind.is_loopback
+
+
 def self_loops(
-    config: Config, extra_ports: Collection[int], local: Collection[IPAddress]
+    config: Config,
+    extra_ports: Collection[int],
+    local: Collection[IPAddress],
+    bind: IPAddress | None = None,
 ) -> list[str]:
     """Every target of `config` spelled as an address that is the proxy itself.
 
     Args:
       extra_ports: ports the proxy listens on besides the apps' (bpfproxy's -p).
       local: this host's (namespace's) addresses.
+      bind: the proxy's specific listening address (`parse_bind`); None: every one.
 
     Returns one problem per such target, located as config errors are
     (``Apps[i].Targets[j]: ...``); host names are left to connect time.
@@ -88,11 +126,12 @@ def self_loops(
         for j, target in enumerate(app.targets):
             owner = owners.get(target.port)
             ip = parse_ip(target.host) if owner is not None else None
-            if ip is None or not is_local(ip, local):
+            if ip is None or not reaches_proxy(ip, bind, local):
                 continue
+            where = "an address of this host" if bind is None else f"where it listens ({bind})"
             problems.append(
                 f"Apps[{i}].Targets[{j}]: {str(target)!r} of app {app.name!r} is this proxy "
-                f"itself: {ip} is an address of this host and {target.port} is {owner}; "
+                f"itself: {ip} is {where} and {target.port} is {owner}; "
                 f"each connection would loop back into the proxy until no slot is left"
             )
     return problems
@@ -194,13 +233,18 @@ class _LocalView(Collection[IPAddress]):
 
 
 def reject_self_loops(
-    config: Config, extra_ports: Collection[int] = (), source: str = "<config>"
+    config: Config,
+    extra_ports: Collection[int] = (),
+    source: str = "<config>",
+    bind: str | None = None,
 ) -> None:
     """Raise ConfigError naming every target of `config` that is the proxy itself.
 
     The validation hook for every config load: at start (exit 2) and on reload
-    (rejected, the running config stays)."""
-    problems = self_loops(config, extra_ports, _LocalView())
+    (rejected, the running config stays). `bind`: the --bind option as given."""
+    address = parse_bind(bind)
+    local: Collection[IPAddress] = _LocalView() if address is None else ()
+    problems = self_loops(config, extra_ports, local, address)
     if problems:
         raise ConfigError(source, problems)
 
@@ -216,14 +260,18 @@ class SelfLoopGuard:
     """Connect-time check of resolved addresses (host names escape the load check).
 
     `check(target, family, sockaddr)` raises SelfLoopError for an address that
-    is local with a port the proxy listens on (`ports`, kept current by the
-    owner on each config), and logs it at most once per SELF_LOOP_LOG_INTERVAL
-    per target. The host's addresses are read only when a port matches, and
-    reused for LOCAL_ADDRESSES_TTL.
+    reaches the proxy (`reaches_proxy`: a local one, or with `bind` only that)
+    with a port the proxy listens on (`ports`, kept current by the owner on
+    each config), and logs it at most once per SELF_LOOP_LOG_INTERVAL per
+    target. The host's addresses are read only when a port matches (and no
+    specific bind address makes them moot), and reused for LOCAL_ADDRESSES_TTL.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, bind: str | None = None
+    ) -> None:
         self.ports: frozenset[int] = frozenset()
+        self._bind = parse_bind(bind)
         self._clock = clock
         self._local: tuple[float, Collection[IPAddress]] | None = None
         self._logged: dict[Target, float] = {}
@@ -233,16 +281,20 @@ class SelfLoopGuard:
         if port not in self.ports:
             return
         ip = parse_ip(sockaddr[0])
-        if ip is None or not is_local(ip, self._local_addresses()):
+        if ip is None:
+            return
+        local = self._local_addresses() if self._bind is None else ()
+        if not reaches_proxy(ip, self._bind, local):
             return
         now = self._clock()
+        where = "an address of this host" if self._bind is None else f"--bind {self._bind}"
         if now - self._logged.get(target, -SELF_LOOP_LOG_INTERVAL) >= SELF_LOOP_LOG_INTERVAL:
             if len(self._logged) >= SELF_LOOP_LOG_KEYS:
                 self._logged.clear()
             self._logged[target] = now
             log.warning(
-                "target %s resolves to %s, an address of this host, and port %d is one this "
-                "proxy listens on: refused (%s)", target, ip, port, SELF_LOOP,
+                "target %s resolves to %s (%s), and port %d is one this proxy listens on: "
+                "refused (%s)", target, ip, where, port, SELF_LOOP,
             )  # fmt: skip
         raise SelfLoopError()
 

@@ -21,14 +21,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
-from tcpproxy.config import Config
+from tcpproxy.config import Config, no_isolation
 from tcpproxy.diff import format_ports
 from tcpproxy.metrics import NullMetrics, serve_http, stop_http
 from tcpproxy.notify import Notifier
@@ -67,6 +67,26 @@ class Frontend(Protocol):
         """Apply a reload's port changes; raise StartupError (changing nothing) to reject it."""
 
 
+def validate_config(
+    config: Config,
+    *,
+    source: str,
+    listen_ports: Collection[int] = (),
+    bind: str | None = None,
+    max_connections: int | None = None,
+) -> None:
+    """What every load of a config checks beyond parsing (start, and each reload).
+
+    Raises ConfigError for a target that is the proxy itself (tcpproxy.selfloop);
+    warns about an app whose MaxConnections isolates it from nothing, given the
+    whole proxy's limit `max_connections` (None: not judged).
+    """
+    reject_self_loops(config, listen_ports, source, bind)
+    if max_connections is not None:
+        for problem in no_isolation(config, max_connections):
+            log.warning("%s: %s", source, problem)
+
+
 def apply_locally(proxy: Proxy, frontend: Frontend) -> ApplyFn:
     """In one process: the frontend first (it may reject), then the routes, with
     no checkpoint between, so no connection sees half a reload."""
@@ -91,6 +111,7 @@ async def run_service(
     metrics: NullMetrics | None = None,
     metrics_address: tuple[str, int] | None = None,
     listen_ports: frozenset[int] = frozenset(),
+    bind: str | None = None,
     task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `config` through `frontend` until SIGTERM/SIGINT, then drain.
@@ -107,6 +128,8 @@ async def run_service(
         their supervisor serves the sum).
       listen_ports: ports served besides the apps' (bpfproxy's -p): no target
         may loop back to them.
+      bind: the address the ports listen on (--bind; None: every address),
+        which decides what loops back (tcpproxy.selfloop).
     """
     metrics = metrics or NullMetrics()
     stop_accepting = trio.CancelScope()
@@ -120,13 +143,14 @@ async def run_service(
                     proxy = Proxy(
                         config, connections, max_connections=max_connections, share=share,
                         id_prefix=prefix, metrics=metrics, use_splice=use_splice,
-                        listen_ports=listen_ports,
+                        listen_ports=listen_ports, bind=bind,
                     )  # fmt: skip
                     apply = apply_locally(proxy, frontend)
                     notifier = Notifier()
                     validate = partial(
-                        reject_self_loops, extra_ports=listen_ports, source=str(path)
-                    )
+                        validate_config, source=str(path), listen_ports=listen_ports, bind=bind,
+                        max_connections=max_connections * share,
+                    )  # fmt: skip
                     reloader = Reloader(
                         path, data, lambda: proxy.config, apply, notifier, metrics, validate
                     )

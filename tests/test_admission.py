@@ -19,6 +19,7 @@ import pytest
 from tcpproxy.proxy import WarnLimiter
 from tests.helpers import (
     TIMEOUT,
+    ProxyProcess,
     app,
     connect,
     echo,
@@ -26,6 +27,7 @@ from tests.helpers import (
     recv_all,
     recv_line,
     running_tcpproxy,
+    tcpproxy_argv,
     write_config,
 )
 
@@ -234,3 +236,58 @@ def test_proxy_header_from_an_untrusted_peer_is_refused(config_path, backends) -
             sock.sendall(header + b"hello")
             sock.shutdown(socket.SHUT_WR)
             assert recv_all(sock) == b"hello"
+
+
+@pytest.mark.parametrize(
+    ("prefix", "args", "app_limit", "silent"),
+    [
+        ((), ("--max-connections", "10"), 1, 12),  # a tenth of 10
+        # 200 descriptors allow (200 - 64) // 6 = 22 connections: a tenth is 2
+        (("prlimit", "--nofile=200:200"), (), 2, 25),
+    ],
+    ids=["max-connections", "descriptor-limit"],
+)
+def test_an_apps_default_limit_is_a_tenth_of_the_global_one(
+    config_path, backends, prefix: tuple[str, ...], args: tuple[str, ...], app_limit: int,
+    silent: int,
+) -> None:  # fmt: skip
+    """Isolation: more silent clients on app a than the whole proxy takes do not
+    leave app b without a slot; a's excess is reset, b is served."""
+    a, b = backends("a"), backends("b")
+    port_a, port_b = free_ports(2)
+    write_config(config_path, [app("a", [port_a], [a.address]), app("b", [port_b], [b.address])])
+    argv = [*prefix, *tcpproxy_argv(config_path, "--log-level", "debug", *args)]
+    proxy = ProxyProcess(argv)
+    try:
+        proxy.wait_for(r"tcpproxy started")
+        with contextlib.ExitStack() as held:
+            for _ in range(silent):  # open sockets that never send
+                with contextlib.suppress(ConnectionResetError):  # a's excess: may come first
+                    held.enter_context(connect(port_a))
+            with connect(port_b) as sock:  # times out if a's clients hold every slot
+                assert recv_line(sock) == b"b\n"
+            proxy.wait_for(
+                rf"app 'a': MaxConnections \({app_limit}, a tenth of max-connections\) reached"
+            )
+        assert a.accepted <= app_limit
+    finally:
+        proxy.kill()
+
+
+def test_max_connections_at_the_global_limit_is_warned_at_start_and_reload(
+    config_path, backends
+) -> None:
+    target = backends("t")
+    port_a, port_b = free_ports(2)
+    apps = [app("a", [port_a], [target.address]), app("b", [port_b], [target.address])]
+    apps[0]["MaxConnections"] = 10
+    write_config(config_path, apps)
+    warning = r"WARNING .*MaxConnections 10 gives app 'a' no isolation.*--max-connections \(10\)"
+    with running_tcpproxy(config_path, "--max-connections", "10") as proxy:
+        proxy.wait_for(warning)
+        mark = proxy.mark()
+        apps[1]["MaxConnections"] = 5  # a change elsewhere: a still isolates nothing
+        write_config(config_path, apps)
+        proxy.wait_for(r"reload \(file changed\).*applied", start=mark)
+        proxy.wait_for(warning, start=mark)
+        assert "gives app 'b'" not in proxy.output

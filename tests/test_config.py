@@ -17,6 +17,8 @@ from tcpproxy.config import (
     ConfigError,
     Strategy,
     Target,
+    app_connection_limit,
+    no_isolation,
     parse_config,
 )
 from tcpproxy.sources.file import load_config
@@ -151,11 +153,36 @@ def test_built_in_defaults_apply_without_defaults_object() -> None:
 
 def test_admission_defaults_isolate_apps() -> None:
     (only,) = parse_config(document(app())).apps
-    # A tenth of the process's default --max-connections (10000): one app's idle
-    # clients cannot take every slot from the others.
-    assert only.max_connections == 1000
+    # A tenth of the process's --max-connections: one app's idle clients cannot
+    # take every slot from the others, whatever the limit.
+    assert only.max_connections is None
+    assert app_connection_limit(only, 10_000) == 1000  # the default limit: as before
+    assert app_connection_limit(only, 10) == 1
+    assert app_connection_limit(only, 25) == 2  # rounded down: ten such apps fit
+    assert app_connection_limit(only, 5) == 1  # at least one
     assert only.max_connections_per_source is None  # off: NAT and balancers share addresses
     assert only.first_byte_timeout is None  # off: server-speaks-first protocols exist
+
+
+def test_an_explicit_max_connections_wins_and_may_isolate_nothing() -> None:
+    config = parse_config(
+        document(
+            app(Name="own", Ports=[1], MaxConnections=50),
+            app(Name="inherits", Ports=[2]),
+            {**app(Name="tenth", Ports=[3]), "MaxConnections": None},  # null: the default
+            Defaults={"MaxConnections": 100},
+        )
+    )
+    own, inherits, tenth = config.apps
+    assert [app_connection_limit(a, 2000) for a in config.apps] == [50, 100, 200]
+    assert (own.max_connections, inherits.max_connections, tenth.max_connections) == (50, 100, None)
+    assert no_isolation(config, 2000) == []
+    (problem,) = no_isolation(config, 100)  # Defaults' 100 is explicit too
+    assert problem.startswith("MaxConnections 100 gives app 'inherits' no isolation")
+    assert "--max-connections (100)" in problem
+    assert len(no_isolation(config, 50)) == 2
+    alone = parse_config(document(app(MaxConnections=5000)))
+    assert no_isolation(alone, 100) == []  # one app: nothing to isolate it from
 
 
 def test_admission_options_per_app_and_in_defaults() -> None:

@@ -100,3 +100,31 @@ async def test_saving_a_rejected_file_again_retries(
     assert await reloader._reload("file changed") == "applied"
     assert await reloader._reload("file changed") is None  # contents in force: nothing to do
     assert running.applied == [parse_config(NEW, str(path))]
+
+
+async def test_a_missing_config_file_is_waited_for_not_rejected(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`rm -rf` of the config directory and a recreate: no error, no rejection counted;
+    one warning per episode, and the file's return applies it."""
+    directory = tmp_path / "conf"
+    directory.mkdir()
+    path = directory / "config.json"
+    running = Running()
+    reloader = reloader_for(path, running)
+    for episode in (1, 2):
+        path.unlink()
+        directory.rmdir()
+        for why in ("file changed", "file changed", "SIGHUP"):  # the watch's events, a HUP
+            assert await reloader._reload(why) is None
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == episode, warnings
+        assert "config file missing; keeping the running config" in warnings[-1]
+        assert str(path) in warnings[-1]
+        directory.mkdir()
+        path.write_bytes(NEW if episode == 2 else OLD)
+        expected = "applied" if episode == 2 else None
+        assert await reloader._reload("file changed") == expected
+    assert errors(caplog) == []
+    assert (reloader.rejected, reloader.reloads) == (0, 1)
+    assert running.applied == [parse_config(NEW, str(path))]

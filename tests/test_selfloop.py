@@ -14,6 +14,7 @@ from tcpproxy.selfloop import (
     SelfLoopError,
     SelfLoopGuard,
     local_addresses,
+    parse_bind,
     self_loops,
 )
 from tests.deploy import BPF_LISTEN_PORT, Deployment, deployment
@@ -80,9 +81,9 @@ def test_the_hosts_own_addresses_are_found() -> None:
 # -- the binaries ---------------------------------------------------------------------
 
 
-def _run_to_exit(d: Deployment, apps: list[dict]) -> tuple[int, str]:
+def _run_to_exit(d: Deployment, apps: list[dict], *args: str) -> tuple[int, str]:
     write_config(d.config_path, apps)
-    proc = ProxyProcess(d.popen_argv(d.argv()))
+    proc = ProxyProcess(d.popen_argv(d.argv(*args)))
     try:
         code = proc.proc.wait(TIMEOUT)
     finally:
@@ -165,3 +166,96 @@ def test_the_connect_time_guard_refuses_our_ports_on_local_addresses_only(caplog
     with pytest.raises(SelfLoopError):
         guard.check(name, socket.AF_INET, ("127.0.0.1", 5000))
     assert caplog.text.count(SELF_LOOP) == 2
+
+
+# -- --bind: only the address the proxy listens on loops ---------------------------------
+
+V4, V6 = ipaddress.ip_address("10.77.0.1"), ipaddress.ip_address("2001:db8::1")
+LO2 = ipaddress.ip_address("127.0.0.2")
+
+
+@pytest.mark.parametrize(
+    ("text", "bind", "loops"),
+    [
+        ("127.0.0.1:5000", None, True),  # every address: any local one loops (as before)
+        ("127.0.0.1:5000", "0.0.0.0", True),
+        ("127.0.0.1:5000", "::", True),
+        ("127.0.0.1:5000", "10.77.0.1", False),  # a loopback service exposed on 10.77.0.1
+        ("[::1]:5000", "10.77.0.1", False),
+        ("0.0.0.0:5000", "10.77.0.1", False),  # reaches loopback, where we do not listen
+        ("192.0.2.10:5000", "10.77.0.1", False),  # another address of this host
+        ("10.77.0.1:5000", "10.77.0.1", True),
+        ("[::ffff:10.77.0.1]:5000", "10.77.0.1", True),  # v4-mapped is the same address
+        ("10.77.0.1:5000", "::ffff:10.77.0.1", True),
+        ("10.77.0.1:5001", "10.77.0.1", False),  # not our port
+        ("127.0.0.1:5000", "127.0.0.2", False),
+        ("127.0.0.2:6000", "127.0.0.2", True),
+        ("0.0.0.0:5000", "127.0.0.2", True),  # connect() to 0.0.0.0 reaches loopback
+        ("[::]:5000", "127.0.0.2", False),  # ::1 is not 127.0.0.2
+        ("[::]:5000", "::1", True),
+        ("0.0.0.0:5000", "::1", False),
+        ("[2001:db8::1]:5000", "[2001:db8::1]", True),  # the option may be bracketed
+        ("[::1]:5000", "2001:db8::1", False),
+        ("127.0.0.1:5000", "localhost", True),  # a name: checked as every address, to be safe
+    ],
+)
+def test_with_a_bind_address_only_that_address_loops(text: str, bind: str, loops: bool) -> None:
+    address = parse_bind(bind)
+    assert len(self_loops(config(text), (), LOCAL | {V4, V6, LO2}, address)) == int(loops)
+
+
+def test_with_a_bind_address_bpfproxys_listening_port_is_ours_there_only() -> None:
+    bind = parse_bind("127.0.0.2")
+    assert self_loops(config("127.0.0.1:8000"), (8000,), LOCAL, bind) == []
+    (problem,) = self_loops(config("127.0.0.2:8000"), (8000,), LOCAL, bind)
+    assert "where it listens (127.0.0.2)" in problem and "listening port (-p)" in problem
+
+
+def test_the_connect_time_guard_with_a_bind_address_refuses_that_address_only() -> None:
+    guard = SelfLoopGuard(bind="127.0.0.2")
+    guard.ports = frozenset({5000})
+    name = Target("localhost", 5000)
+    guard.check(name, socket.AF_INET, ("127.0.0.1", 5000))  # a loopback service: allowed
+    guard.check(name, socket.AF_INET6, ("::1", 5000, 0, 0))
+    for sockaddr in [("127.0.0.2", 5000), ("::ffff:127.0.0.2", 5000, 0, 0), ("0.0.0.0", 5000)]:
+        with pytest.raises(SelfLoopError):
+            guard.check(name, socket.AF_INET, sockaddr)
+
+
+BIND = "127.0.0.2"  # a loopback address other than 127.0.0.1: Linux answers all of 127/8
+
+
+def test_bind_elsewhere_serves_a_loopback_service_on_our_own_port(deployment: Deployment) -> None:
+    """--bind B exposes 127.0.0.1:P on B:P, same port: nothing loops, it starts and serves."""
+    d = deployment
+    (port,) = d.ports(1)
+    d.backend("loopback-service", port=port)  # 127.0.0.1:port
+    d.start([app("expose", [port], [f"127.0.0.1:{port}"])], "--bind", BIND)
+    assert d.which(port, host=BIND) == "loopback-service"
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])  # workers get --bind for their guard too
+def test_bind_elsewhere_serves_a_name_for_a_loopback_service_on_our_own_port(
+    deployment: Deployment, workers: str
+) -> None:
+    """The same with a name, checked at connect time: served, not refused as a loop."""
+    d = deployment
+    (port,) = d.ports(1)
+    d.backend("loopback-service", port=port)
+    proxy = d.start(
+        [app("expose", [port], [f"localhost:{port}"])], "--bind", BIND, "--workers", workers
+    )
+    for _ in range(3):
+        assert d.which(port, host=BIND) == "loopback-service"
+    assert SELF_LOOP not in proxy.output
+
+
+def test_bind_address_on_our_own_port_still_exits_2(deployment: Deployment) -> None:
+    d = deployment
+    live = d.backend("live")
+    port, other = d.ports(2)
+    apps = [app("web", [port], [live.address]), app("loop", [other], [f"{BIND}:{port}"])]
+    code, output = _run_to_exit(d, apps, "--bind", BIND)
+    assert code == 2, output
+    assert f"Apps[1].Targets[0]: '{BIND}:{port}' of app 'loop' is this proxy itself" in output
+    assert "Traceback" not in output

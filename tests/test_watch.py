@@ -60,10 +60,13 @@ def test_directory_removed_and_recreated_is_watched_again(tmp_path: Path, backen
     with running_tcpproxy(config) as proxy:
         mark = proxy.mark()
         shutil.rmtree(directory)
-        proxy.wait_for(r"rejected", start=mark)  # the file is gone: the running config stays
+        # the file is gone: the running config stays, with one warning and no rejection
+        proxy.wait_for(r"WARNING.*config file missing; keeping the running config", start=mark)
         directory.mkdir()
         write_config(config, [app("A", [port], [a.address])])
         assert which_backend(port) == "a"
+        after = "\n".join(proxy.lines[mark:])
+        assert "rejected" not in after and after.count("config file missing") == 1, after
         for target in (b, c):
             mark = proxy.mark()
             write_config(config, [app("A", [port], [target.address])])
