@@ -27,7 +27,7 @@ import trio
 from tcpproxy.config import Config
 from tcpproxy.errors import StartupError
 from tcpproxy.notify import child_environment
-from tcpproxy.workers.link import recv
+from tcpproxy.workers.link import recv, send
 from tcpproxy.workers.plan import Plan
 
 __all__ = ["RESPAWN_DELAY", "Pool", "Run", "Worker"]
@@ -159,9 +159,13 @@ class Pool:
             theirs.close()
         self._plan.worker_started(worker.index)
         run = self.attach(worker, process, Connection(ours.detach()))
-        await self.send(run, self.config)
         with trio.move_on_after(READY_TIMEOUT):
-            await run.ready.wait()
+            try:
+                await self.send(run, self.config)
+            except OSError:  # it exited already: told below
+                pass
+            else:
+                await run.ready.wait()
         if process.returncode is None and run.ready.is_set() and not run.dead:
             return
         with trio.move_on_after(5):
@@ -195,7 +199,9 @@ class Pool:
             run.ready.set()  # wakes a starter waiting for a worker that died
 
     async def send(self, run: Run, config: Config) -> None:
-        await trio.to_thread.run_sync(run.conn.send, ("config", pickle.dumps(config)))
+        """Send `config` to a worker; the caller's cancel scope bounds it (a
+        worker that does not read must not hold the pool's lock)."""
+        await send(run.conn, ("config", pickle.dumps(config)))
 
     def retire(self, worker: Worker, signum: int) -> None:
         """Stop a worker that does not run the config in force; `_watch` starts
