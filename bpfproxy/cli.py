@@ -116,6 +116,7 @@ def command(
                 supervisor = Supervisor(
                     plan, config_path, data, config, workers, metrics_address,
                     validate=self_loop_check(config_path, (listen_port,)),
+                    drain_timeout=drain_timeout,
                 )  # fmt: skip
                 trio.run(supervisor.run)
                 return 0

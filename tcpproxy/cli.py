@@ -85,6 +85,7 @@ def command(
         supervisor = Supervisor(
             plan, config_path, data, config, workers, metrics_address,
             validate=self_loop_check(config_path),
+            drain_timeout=drain_timeout,
         )  # fmt: skip
         trio.run(supervisor.run)
         return 0

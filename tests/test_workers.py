@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
@@ -82,6 +83,31 @@ def test_sigterm_drains_every_worker_then_exits_zero(deployment: Deployment) -> 
         s.close()
     assert proxy.proc.wait(TIMEOUT) == 0
     assert "stopped" in proxy.output
+
+
+def test_a_stopped_worker_does_not_hold_up_shutdown(deployment: Deployment) -> None:
+    """A worker that cannot drain (here SIGSTOPped) is killed once the drain
+    timeout and STOP_GRACE have passed; the supervisor then exits 0."""
+    from tcpproxy.workers.pool import STOP_GRACE
+
+    d = deployment
+    a = d.backend("a")
+    (port,) = d.ports(1)
+    proxy = d.start([app("A", [port], [a.address])], "--workers", "2", "--drain-timeout", "1")
+    stopped, running = worker_pids(d)
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        proxy.send(signal.SIGTERM)
+        assert proxy.proc.wait(1 + STOP_GRACE + TIMEOUT) == 0, proxy.output
+        assert re.search(rf"worker \d \(pid {stopped}\) did not stop within 6s: killing it",
+                         proxy.output)  # fmt: skip
+        assert not os.path.exists(f"/proc/{stopped}")  # reaped by the supervisor
+        assert not os.path.exists(f"/proc/{running}")
+    finally:
+        for pid in (stopped, running):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_a_dead_worker_is_replaced(deployment: Deployment) -> None:
