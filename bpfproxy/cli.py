@@ -119,6 +119,7 @@ def command(
                     validate=reload_check(
                         config_path, (listen_port,), bind, max_connections=limit
                     ),
+                    drain_timeout=drain_timeout,
                 )  # fmt: skip
                 trio.run(supervisor.run)
                 return 0

@@ -10,6 +10,7 @@ from tcpproxy.config import Config
 from tcpproxy.errors import StartupError
 from tcpproxy.listeners import open_listener
 from tcpproxy.workers.link import worker_argv
+from tcpproxy.workers.portlock import PortLocks
 
 __all__ = ["BpfPlan"]
 
@@ -30,9 +31,12 @@ class BpfPlan:
         self._bind, self._port, self._options, self._count = bind, listen_port, options, count
         self._listeners: list[socket.socket | None] = []
         self.dispatcher: Dispatcher | None = None
+        self._locks = PortLocks(bind)
         try:
-            # Bound once WITHOUT SO_REUSEPORT first: fails if anyone listens on the
-            # port, where our reuseport group would otherwise join theirs.
+            # Locked (atomic against a second supervisor starting at the same
+            # instant), then bound once WITHOUT SO_REUSEPORT: fails if anyone
+            # listens on the port, where our reuseport group would otherwise join theirs.
+            self._locks.take([listen_port])
             open_listener(bind, listen_port, listen=False).close()
             self._listeners = [self._open() for _ in range(count)]
             self.dispatcher = Dispatcher(self._listeners[0])  # type: ignore[arg-type]
@@ -115,3 +119,4 @@ class BpfPlan:
             self.dispatcher.close()
             self.dispatcher = None
         self.stopping()
+        self._locks.close()

@@ -86,6 +86,7 @@ def command(
         supervisor = Supervisor(
             plan, config_path, data, config, workers, metrics_address,
             validate=reload_check(config_path, bind=bind, max_connections=limit),
+            drain_timeout=drain_timeout,
         )  # fmt: skip
         trio.run(supervisor.run)
         return 0

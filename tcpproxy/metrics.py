@@ -8,6 +8,8 @@ With workers, each worker records into prometheus-client's multiprocess
 files (PROMETHEUS_MULTIPROC_DIR, set by the supervisor) and the supervisor
 serves the sum; a worker that dies is marked dead so its gauges drop out, and
 its counters move to an archive file so no file per dead pid piles up.
+Those files cannot drop a label, so a config hash no longer loaded is set
+to 0 there and left out of what the supervisor serves.
 
 The HTTP server runs in a thread (wsgiref). /status asks the event loop for
 a snapshot (trio.from_thread), so it never reads state mid-update.
@@ -165,8 +167,13 @@ class Metrics(NullMetrics):
     def config_loaded(self, digest: str) -> None:
         import time
 
-        if self._last_hash is not None:
-            self._config.remove(self._last_hash)
+        if self._last_hash is not None and self._last_hash != digest:
+            if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                # multiprocess files cannot drop a label (prometheus-client warns);
+                # 0 marks it old, and the supervisor's registry leaves it out
+                self._config.labels(self._last_hash).set(0)
+            else:
+                self._config.remove(self._last_hash)
         self._last_hash = digest
         self._config.labels(digest).set(1)
         self._config_time.set(time.time())
@@ -243,12 +250,22 @@ def serve_http(
 
 
 def multiprocess_registry(directory: str) -> Any:
-    """The supervisor's registry: the sum of its workers' files."""
+    """The supervisor's registry: the sum of its workers' files, where the
+    config hashes no longer loaded (set to 0, see `config_loaded`) are left out."""
     from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
 
+    files = MultiProcessCollector(None, path=directory)
+
+    class RunningHashOnly:
+        def collect(self) -> Iterable[Any]:
+            for metric in files.collect():
+                if metric.name == "tcpproxy_config_info":
+                    metric.samples = [sample for sample in metric.samples if sample.value]
+                yield metric
+
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=directory)
+    registry.register(RunningHashOnly())
     return registry
 
 

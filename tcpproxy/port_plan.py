@@ -6,6 +6,7 @@ from tcpproxy.config import Config
 from tcpproxy.errors import StartupError
 from tcpproxy.listeners import open_listener
 from tcpproxy.workers.link import worker_argv
+from tcpproxy.workers.portlock import PortLocks
 
 __all__ = ["TcpPlan"]
 
@@ -19,17 +20,27 @@ class TcpPlan:
         self._bind = bind
         self._options = options
         self._count = count
+        self._locks = PortLocks(bind)  # held for the process's life (the kernel drops them)
 
     def check(self, old: Config, new: Config) -> None:
         """Every new port must be free: bound here WITHOUT SO_REUSEPORT, which
         fails if anyone listens there (a second tcpproxy --workers would
-        otherwise join the port's reuseport group and take half its traffic)."""
+        otherwise join the port's reuseport group and take half its traffic).
+        Each is first locked (PortLocks), so a second supervisor checking at the
+        same instant cannot pass too; a port the reload does not keep is
+        released by `after_workers` or `restore`."""
         names = {port: app.name for app in new.apps for port in app.ports}
-        for port in sorted(new.ports - old.ports):
-            try:
-                open_listener(self._bind, port, listen=False).close()
-            except StartupError as exc:
-                raise StartupError(f"app {names[port]!r}: {exc}") from None
+        held = self._locks.ports
+        try:
+            for port in sorted(new.ports - old.ports):
+                try:
+                    self._locks.take([port])
+                    open_listener(self._bind, port, listen=False).close()
+                except StartupError as exc:
+                    raise StartupError(f"app {names[port]!r}: {exc}") from None
+        except BaseException:
+            self._locks.keep_only(held)
+            raise
 
     def worker_argv(self, index: int, control_fd: int) -> tuple[list[str], tuple[int, ...]]:
         return worker_argv("tcpproxy", control_fd, index, self._count, self._options), ()
@@ -44,10 +55,10 @@ class TcpPlan:
         pass
 
     def after_workers(self, old: Config, new: Config) -> None:
-        pass
+        self._locks.keep_only(new.ports)  # removed ports are free for others now
 
     def restore(self, config: Config) -> None:
-        pass
+        self._locks.keep_only(config.ports)  # a rejected reload's added ports
 
     def stopping(self) -> None:
         pass

@@ -82,6 +82,10 @@ def test_metrics_move_with_traffic(deployment: Deployment, workers: str) -> None
     new_status = json.loads(scrape(d, metrics_port, "/status"))
     assert new_status["config"]["hash"] != old_hash
     assert re.search(rf'tcpproxy_config_info\{{[^}}]*hash="{new_status["config"]["hash"]}"', text)
+    # only the running hash, at 1; and no warning (multiprocess files cannot remove labels)
+    assert value(text, "tcpproxy_config_info", hash=new_status["config"]["hash"]) == 1
+    assert f'hash="{old_hash}"' not in text
+    assert "Warning" not in proxy.output, proxy.output
 
 
 def test_bad_metrics_address_is_a_startup_error(tmp_path) -> None:

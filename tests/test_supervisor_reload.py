@@ -6,6 +6,7 @@ the supervisor's protocol; what it does with each config is scripted.
 
 from __future__ import annotations
 
+import json
 import pickle
 import signal
 import socket
@@ -21,7 +22,6 @@ from tcpproxy.errors import StartupError
 from tcpproxy.reload import Reloader, digest
 from tcpproxy.workers import fanout as fanout_module
 from tcpproxy.workers.fanout import Fanout
-from tcpproxy.workers.link import recv
 from tcpproxy.workers.pool import Pool
 
 OLD = b'{"Apps": [{"Name": "A", "Ports": [7001], "Targets": ["127.0.0.1:9"]}]}'
@@ -44,9 +44,13 @@ class FakeProcess:
         self.signals.append(signum)
 
 
+DEAF_FOR = 10.0  # seconds a "deaf" fake waits to be killed before it gives up (and closes)
+
+
 class FakeWorker:
     """Applies, refuses or ignores each config, as `script` says, in order
-    (its last entry repeats)."""
+    (its last entry repeats); "deaf" never reads at all (a stopped process),
+    until it is killed."""
 
     def __init__(self, index: int, script: list[str]) -> None:
         self.index = index
@@ -56,9 +60,18 @@ class FakeWorker:
         self.process = FakeProcess(1000 + index)
 
     async def serve(self, conn: Connection) -> None:
+        if self.script == ["deaf"]:
+            with trio.move_on_after(DEAF_FOR):
+                while signal.SIGKILL not in self.process.signals:
+                    await trio.sleep(0.01)
+            conn.close()  # killed: its end of the socket pair goes
+            return
         while True:
             try:
-                _kind, payload = await recv(conn)
+                # the rest of a large message is written by the same event loop: read
+                # it off the loop, as a worker (another process) would
+                await trio.lowlevel.wait_readable(conn.fileno())
+                _kind, payload = await trio.to_thread.run_sync(conn.recv, abandon_on_cancel=True)
             except EOFError:
                 return
             new = pickle.loads(payload)
@@ -157,6 +170,28 @@ async def test_a_worker_that_does_not_answer_is_restarted_and_the_rest_rolled_ba
     with trio.fail_after(5):
         await fanout.apply(config(OLD), config(NEW))
     assert pool.config == config(NEW)
+
+
+async def test_a_worker_that_does_not_read_a_large_config_is_restarted(
+    make_fanout,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stopped worker leaves a config bigger than the socket buffer half sent:
+    the send is bounded by the answer timeout too, not left blocking the reload."""
+    monkeypatch.setattr(fanout_module, "ANSWER_TIMEOUT", 2.0)  # the other takes it in time
+    apps = [{"Name": f"A{i}", "Ports": [10000 + i], "Targets": ["127.0.0.1:9"]}
+            for i in range(6000)]  # fmt: skip
+    large = parse_config(json.dumps({"Apps": apps}).encode(), "test")
+    assert len(pickle.dumps(large)) > 2 * 212992  # more than a socket pair buffers
+    plan = FakePlan()
+    pool, fanout, (first, second) = make_fanout(plan, ["apply"], ["deaf"])
+    with trio.fail_after(DEAF_FOR * 2):
+        with pytest.raises(StartupError, match=r"1 of 2 .* worker 1: no answer within 2s"):
+            await fanout.apply(config(OLD), large)
+    assert first.seen == [large, config(OLD)]  # applied, then rolled back
+    assert second.process.signals == [signal.SIGKILL]  # started again with the old config
+    assert pool.config == config(OLD)
+    assert first.running == config(OLD)  # rolled back
 
 
 async def test_a_failed_last_step_rolls_back_every_worker(make_fanout) -> None:  # type: ignore[no-untyped-def]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
@@ -12,6 +13,7 @@ import time
 
 import pytest
 
+from tcpproxy.errors import StartupError
 from tests.deploy import BPF_LISTEN_PORT, Deployment, deployment
 from tests.helpers import TIMEOUT, ProxyProcess, app, recv_all, recv_line
 from tests.test_metrics import scrape, value
@@ -82,6 +84,31 @@ def test_sigterm_drains_every_worker_then_exits_zero(deployment: Deployment) -> 
         s.close()
     assert proxy.proc.wait(TIMEOUT) == 0
     assert "stopped" in proxy.output
+
+
+def test_a_stopped_worker_does_not_hold_up_shutdown(deployment: Deployment) -> None:
+    """A worker that cannot drain (here SIGSTOPped) is killed once the drain
+    timeout and STOP_GRACE have passed; the supervisor then exits 0."""
+    from tcpproxy.workers.pool import STOP_GRACE
+
+    d = deployment
+    a = d.backend("a")
+    (port,) = d.ports(1)
+    proxy = d.start([app("A", [port], [a.address])], "--workers", "2", "--drain-timeout", "1")
+    stopped, running = worker_pids(d)
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        proxy.send(signal.SIGTERM)
+        assert proxy.proc.wait(1 + STOP_GRACE + TIMEOUT) == 0, proxy.output
+        assert re.search(rf"worker \d \(pid {stopped}\) did not stop within 6s: killing it",
+                         proxy.output)  # fmt: skip
+        assert not os.path.exists(f"/proc/{stopped}")  # reaped by the supervisor
+        assert not os.path.exists(f"/proc/{running}")
+    finally:
+        for pid in (stopped, running):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_a_dead_worker_is_replaced(deployment: Deployment) -> None:
@@ -191,6 +218,59 @@ def test_a_second_proxy_on_the_same_ports_is_refused(deployment: Deployment) -> 
     assert "Traceback" not in second.output
     for _ in range(10):
         assert d.which(port) == "a"
+
+
+RACES = 3  # pairs of supervisors started at once (each pair: 2 supervisors, 4 workers)
+SERVES = "INFO tcpproxy started: 2 workers"  # the supervisor's line, once its workers serve
+
+
+@pytest.mark.parametrize("deployment", ["tcpproxy"], indirect=True)  # bpfproxy: see test_plans
+def test_of_two_supervisors_started_at_once_one_runs(deployment: Deployment) -> None:
+    """The free-port check and the workers' SO_REUSEPORT binds are not atomic:
+    both supervisors' checks could pass before either's workers bound."""
+    d = deployment
+    a = d.backend("a")
+    (port,) = d.ports(1)
+    d.reconfigure([app("A", [port], [a.address])])
+    for _ in range(RACES):
+        pair = [ProxyProcess(d.popen_argv(d.argv("--workers", "2"))) for _ in range(2)]
+        try:
+            for proxy in pair:  # each one either serves or exits
+                wait_until(lambda p=proxy: p.proc.poll() is not None or SERVES in p.output,
+                           timeout=TIMEOUT * 3)  # fmt: skip
+            running = [p for p in pair if p.proc.poll() is None]
+            assert len(running) == 1, [p.output for p in pair]
+            (refused,) = [p for p in pair if p.proc.poll() is not None]
+            assert refused.proc.returncode == 2, refused.output
+            assert re.search(rf"error: .*port {port}.*another process listens there",
+                             refused.output)  # fmt: skip
+            assert running[0].stop() == 0
+        finally:
+            for proxy in pair:
+                proxy.kill()
+
+
+@pytest.mark.parametrize("deployment", ["tcpproxy"], indirect=True)  # bpfproxy binds no app port
+def test_a_supervisor_holds_the_ports_it_serves(deployment: Deployment) -> None:
+    """Ports added by a reload are claimed; removed ones are free for others."""
+    from tcpproxy.workers.portlock import PortLocks
+
+    d = deployment
+    a = d.backend("a")
+    port, added = d.ports(2)
+    proxy = d.start([app("A", [port], [a.address])], "--workers", "2")
+    mark = proxy.mark()
+    d.reconfigure([app("A", [port, added], [a.address])])
+    proxy.wait_for(r"reload \(file changed\).*applied", start=mark)
+    other = PortLocks(None)
+    for held in (port, added):
+        with pytest.raises(StartupError, match=rf"port {held}"):
+            other.take([held])
+    mark = proxy.mark()
+    d.reconfigure([app("A", [port], [a.address])])
+    proxy.wait_for(r"reload \(file changed\).*applied", start=mark)
+    other.take([added])
+    other.close()
 
 
 @pytest.mark.parametrize("deployment", ["tcpproxy"], indirect=True)  # bpfproxy binds no app port

@@ -13,5 +13,6 @@ Rooms (import them from their modules; this package hands no names on):
 - `plan`: what differs between the binaries' workers (the `Plan` protocol).
 - `pool`: the worker processes: start, respawn, stop; their answers.
 - `fanout`: a reload across every worker, all or nothing.
+- `portlock`: a supervisor's exclusive claim on its ports (a second one is refused).
 - `supervisor`: the above composed with the config file, signals and metrics.
 """

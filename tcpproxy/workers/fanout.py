@@ -87,21 +87,25 @@ class Fanout:
     async def _offer(self, worker: Worker, config: Config) -> str | None:
         """APPLIED, None if the worker is gone, or why it did not apply `config`.
 
-        A worker that does not answer in time is killed (its answer would come
-        too late to mean anything) and so starts again with the config in force.
+        A worker that does not answer in time (or does not even read the config,
+        e.g. it is stopped) is killed (its answer would come too late to mean
+        anything) and so starts again with the config in force.
         """
         run = worker.run
         if run is None or run.dead or run.retiring or run.process.returncode is not None:
             return None
+        sent = False
         try:
-            await self._pool.send(run, config)
-            with trio.move_on_after(ANSWER_TIMEOUT):
+            with trio.move_on_after(ANSWER_TIMEOUT):  # the send too: it may not read
+                await self._pool.send(run, config)
+                sent = True
                 kind, why = await run.inbox.receive()
                 return APPLIED if kind == APPLIED else why
         except (OSError, trio.EndOfChannel):
             return None
         self._pool.retire(worker, signal.SIGKILL)
-        return f"no answer within {ANSWER_TIMEOUT:g}s (restarting it)"
+        unread = "" if sent else "; it did not even read the config"
+        return f"no answer within {ANSWER_TIMEOUT:g}s (restarting it{unread})"
 
     async def _roll_back(self, applied: list[Worker], old: Config) -> str:
         """Serve `old` again: in the workers that applied the new config, and

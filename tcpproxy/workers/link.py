@@ -18,9 +18,12 @@ import logging
 import os
 import pickle
 import signal
+import socket
+import struct
 import sys
 from collections.abc import Awaitable, Callable
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import trio
@@ -28,7 +31,7 @@ import trio
 from tcpproxy.config import Config
 from tcpproxy.errors import StartupError
 
-__all__ = ["APPLIED", "SupervisorLink", "recv", "worker_argv"]
+__all__ = ["APPLIED", "SupervisorLink", "recv", "send", "worker_argv"]
 
 log = logging.getLogger("tcpproxy")
 
@@ -39,6 +42,31 @@ async def recv(conn: Connection) -> Any:
     """Receive one message without blocking the event loop while none is there."""
     await trio.lowlevel.wait_readable(conn.fileno())
     return conn.recv()
+
+
+async def send(conn: Connection, message: Any) -> None:
+    """Send one message as `Connection.send` frames it, without blocking a thread.
+
+    A peer that does not read (stopped, hung) cannot hold us: each write is
+    non-blocking and we wait for room in the event loop, so the caller's
+    cancel scope bounds the whole send. Cancelled halfway, the peer is left
+    a half message; the caller then kills it (nothing else can use it).
+    Raises OSError when the peer is gone.
+    """
+    payload = ForkingPickler.dumps(message)
+    if len(payload) > 0x7FFFFFFF:  # Connection's framing for large messages
+        header = struct.pack("!i", -1) + struct.pack("!Q", len(payload))
+    else:
+        header = struct.pack("!i", len(payload))
+    # A second descriptor for the same socket: MSG_DONTWAIT leaves the
+    # connection's own (blocking) mode alone, and closing it does not close `conn`.
+    with socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        data = memoryview(header + payload)
+        while data:
+            try:
+                data = data[sock.send(data, socket.MSG_DONTWAIT) :]
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
 
 
 def worker_argv(

@@ -6,7 +6,9 @@ Rules:
    with code 2) raises StartupError, which stops the supervisor.
 2. A worker that dies on its own is started again after RESPAWN_DELAY with
    the config in force.
-3. Workers run in a session of their own, so a terminal's Ctrl-C (sent to
+3. On a stop, a worker still running after the drain timeout + STOP_GRACE
+   is killed: a hung or stopped worker cannot hold the supervisor forever.
+4. Workers run in a session of their own, so a terminal's Ctrl-C (sent to
    the whole foreground process group) reaches the supervisor only, which
    forwards it once: one Ctrl-C drains, a second one cuts.
 """
@@ -27,15 +29,16 @@ import trio
 from tcpproxy.config import Config
 from tcpproxy.errors import StartupError
 from tcpproxy.notify import child_environment
-from tcpproxy.workers.link import recv
+from tcpproxy.workers.link import recv, send
 from tcpproxy.workers.plan import Plan
 
-__all__ = ["RESPAWN_DELAY", "Pool", "Run", "Worker"]
+__all__ = ["RESPAWN_DELAY", "STOP_GRACE", "Pool", "Run", "Worker"]
 
 log = logging.getLogger("tcpproxy")
 
 RESPAWN_DELAY = 1.0  # seconds before a worker that died is started again
 READY_TIMEOUT = 60.0  # seconds a new worker may take to start serving
+STOP_GRACE = 5.0  # seconds a stopping worker gets past the drain timeout before SIGKILL
 
 
 @dataclass
@@ -99,13 +102,27 @@ class Pool:
         for worker in self.workers:
             self.nursery.start_soon(self._watch, worker)
 
-    async def stop_and_wait(self, signum: int) -> None:
+    async def stop_and_wait(self, signum: int, drain_timeout: float) -> None:
+        """Send `signum` to every worker and wait until all have exited.
+
+        A worker still running `drain_timeout` + STOP_GRACE later cannot drain
+        (hung, stopped) and would hold the supervisor forever: it is killed.
+        """
         self._stopping = True
         self._plan.stopping()
         self.signal_all(signum)
+        limit = drain_timeout + STOP_GRACE
+        with trio.move_on_after(limit):
+            for worker in self.workers:
+                if worker.process is not None:
+                    await worker.process.wait()
         for worker in self.workers:
-            if worker.process is not None:
-                await worker.process.wait()
+            process = worker.process
+            if process is not None and process.returncode is None:
+                log.error("worker %d (pid %d) did not stop within %gs: killing it",
+                          worker.index, process.pid, limit)  # fmt: skip
+                process.kill()
+                await process.wait()
 
     def signal_all(self, signum: int) -> None:
         for worker in self.workers:
@@ -150,7 +167,7 @@ class Pool:
                 pass_fds=(theirs.fileno(), *fds),
                 stdin=subprocess.DEVNULL,
                 env=child_environment(),  # systemd talks to the supervisor only
-                start_new_session=True,  # signals come from us only (rule 3)
+                start_new_session=True,  # signals come from us only (rule 4)
             )
         except BaseException:
             ours.close()
@@ -159,9 +176,13 @@ class Pool:
             theirs.close()
         self._plan.worker_started(worker.index)
         run = self.attach(worker, process, Connection(ours.detach()))
-        await self.send(run, self.config)
         with trio.move_on_after(READY_TIMEOUT):
-            await run.ready.wait()
+            try:
+                await self.send(run, self.config)
+            except OSError:  # it exited already: told below
+                pass
+            else:
+                await run.ready.wait()
         if process.returncode is None and run.ready.is_set() and not run.dead:
             return
         with trio.move_on_after(5):
@@ -195,7 +216,9 @@ class Pool:
             run.ready.set()  # wakes a starter waiting for a worker that died
 
     async def send(self, run: Run, config: Config) -> None:
-        await trio.to_thread.run_sync(run.conn.send, ("config", pickle.dumps(config)))
+        """Send `config` to a worker; the caller's cancel scope bounds it (a
+        worker that does not read must not hold the pool's lock)."""
+        await send(run.conn, ("config", pickle.dumps(config)))
 
     def retire(self, worker: Worker, signum: int) -> None:
         """Stop a worker that does not run the config in force; `_watch` starts

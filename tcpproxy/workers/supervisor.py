@@ -3,8 +3,9 @@
 The supervisor is the process the user starts with `--workers N`. It starts
 the pool, watches the config file (and SIGHUP) and hands each reload to the
 fanout; SIGTERM or SIGINT is forwarded to every worker once (a second SIGINT
-again: workers then cut their connections), and it exits once every worker
-has drained. With `--metrics` it owns the directory of the workers'
+again: workers then cut their connections), and it exits 0 once every worker
+has drained (one still running after the drain timeout + STOP_GRACE is
+killed). With `--metrics` it owns the directory of the workers'
 multiprocess files and serves their sum, and /status.
 """
 
@@ -61,13 +62,18 @@ class Supervisor:
         config: Config,
         workers: int,
         metrics_address: str | None = None,
+        *,
+        drain_timeout: float,
         validate: Callable[[Config], None] | None = None,
     ) -> None:
+        """`drain_timeout`: the workers' --drain-timeout; a worker still running
+        that long (plus STOP_GRACE) after a stop is killed."""
         self._plan = plan
         self._validate = validate  # the reloader's check of a new config (Reloader)
         self._path = path
         self._data = data
         self._metrics_address = metrics_address
+        self._drain_timeout = drain_timeout
         died = _forget_metrics if metrics_address is not None else None
         self.pool = Pool(plan, config, workers, died)
         self._fanout = Fanout(self.pool, plan)
@@ -140,7 +146,7 @@ class Supervisor:
                     await pool.start_all()
                 except StartupError as exc:
                     startup_error = exc
-                    await pool.stop_and_wait(signal.SIGTERM)
+                    await pool.stop_and_wait(signal.SIGTERM, self._drain_timeout)
                     nursery.cancel_scope.cancel()
                 else:
                     pool.watch_all()
@@ -161,7 +167,7 @@ class Supervisor:
                                  len(pool.workers))  # fmt: skip
                         nursery.start_soon(self._forward_later_signals, signals)
                         notifier.stopping(status())
-                        await pool.stop_and_wait(signum)
+                        await pool.stop_and_wait(signum, self._drain_timeout)
                         break
                     nursery.cancel_scope.cancel()
         if startup_error is not None:
