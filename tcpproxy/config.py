@@ -22,15 +22,18 @@ ConnectTimeout  2.0          seconds  Survives one lost SYN (Linux resends it af
 IdleTimeout     3600.0       seconds  No byte either way for this long closes both sides;
                                       long enough for idle database sessions, short
                                       enough that vanished peers do not pin descriptors.
-MaxConnections  a tenth of   count    Open connections of the app at once; the excess
-                --max-                is reset. A tenth of the process's limit (the
-                connections           --max-connections in force, all workers
-                                      together; rounded down, at least 1; 1000 at the
-                                      default 10000), so one app's clients (idle ones
-                                      included) cannot take every slot: isolation
-                                      between apps, whatever the limit. Raise it for an
-                                      app that needs more; at or above the process's
-                                      limit it isolates nothing (warned about).
+MaxConnections  a share of   count    Open connections of the app at once; the excess
+                --max-                is reset. An equal share of the process's limit
+                connections           (the --max-connections in force, all workers
+                                      together) among the apps, at most ten ways: one
+                                      app alone may use it all, two apps half each,
+                                      ten or more a tenth each (1000 at the default
+                                      10000); rounded down, at least 1. So one app's
+                                      clients (idle ones included) cannot take every
+                                      slot from the others: isolation between apps,
+                                      whatever the limit. Raise it for an app that
+                                      needs more; at or above the process's limit it
+                                      isolates nothing (warned about).
 MaxConn...      none (off)   count    MaxConnectionsPerSource: open connections of the
                                       app from one client IP address (the socket's
                                       peer, so with AcceptProxyProtocol: the
@@ -99,9 +102,9 @@ __all__ = [
     "parse_config",
 ]
 
-# An app without MaxConnections may hold this fraction (1/N) of the process's connection
-# limit: a tenth keeps 1000 at the default 10000, lets ten such apps fill the proxy only
-# together, and leaves most slots to the others when one app's clients pile up.
+# An app without MaxConnections holds an equal share of the process's connection limit,
+# split at most this many ways: with many apps a tenth each (1000 at the default 10000),
+# so one app whose clients pile up leaves most slots to the others.
 APP_SHARE_DIVISOR = 10
 
 
@@ -176,7 +179,7 @@ class AppConfig:
     connect_timeout: float = 2.0  # seconds
     idle_timeout: float = 3600.0  # seconds without a byte either way before both sides close
     max_connections: int | None = None  # open connections of this app at once; None: a
-    # tenth of the process's limit (`app_connection_limit`), known only when running
+    # share of the process's limit (`app_connection_limit`), known only when running
     max_connections_per_source: int | None = None  # per client IP address; None: no limit
     first_byte_timeout: float | None = None  # seconds a client may stay silent; None: forever
     health_check: HealthCheck | None = None  # None: passive health only
@@ -201,12 +204,13 @@ class Config:
         return frozenset(port for app in self.apps for port in app.ports)
 
 
-def app_connection_limit(app: AppConfig, total: int) -> int:
+def app_connection_limit(app: AppConfig, total: int, apps: int) -> int:
     """The open connections `app` may hold when the whole process may hold `total`
-    (all workers together): its MaxConnections, else a tenth of `total`, at least 1."""
+    (all workers together) and serves `apps` apps: its MaxConnections, else an equal
+    share of `total`, split at most APP_SHARE_DIVISOR ways, at least 1."""
     if app.max_connections is not None:
         return app.max_connections
-    return max(1, total // APP_SHARE_DIVISOR)
+    return max(1, total // min(max(apps, 1), APP_SHARE_DIVISOR))
 
 
 def no_isolation(config: Config, total: int) -> list[str]:

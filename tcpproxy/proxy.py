@@ -173,7 +173,7 @@ class Proxy:
         self.max_connections = max_connections
         self._share = share
         # the whole proxy's limit (every worker's part): an app without MaxConnections
-        # gets a tenth of it (config.app_connection_limit)
+        # gets a share of it (config.app_connection_limit)
         self._total_limit = max_connections * share
         self._ids = itertools.count(1)  # connection ids, for every log line about one
         self._id_prefix = id_prefix
@@ -291,9 +291,9 @@ class Proxy:
             )  # fmt: skip
             self._reject(client, name, "untrusted-proxy")
             return
-        app_limit = app_connection_limit(cfg, self._total_limit)
+        app_limit = app_connection_limit(cfg, self._total_limit, len(self.config.apps))
         if self.active_by_app[name] * self._share >= app_limit:
-            default = "" if cfg.max_connections is not None else ", a tenth of max-connections"
+            default = "" if cfg.max_connections is not None else ", a share of max-connections"
             self._warn_limit(
                 f"over-limit {name}",
                 "app %r: MaxConnections (%d%s) reached; resetting new connections",

@@ -153,13 +153,15 @@ def test_built_in_defaults_apply_without_defaults_object() -> None:
 
 def test_admission_defaults_isolate_apps() -> None:
     (only,) = parse_config(document(app())).apps
-    # A tenth of the process's --max-connections: one app's idle clients cannot
-    # take every slot from the others, whatever the limit.
+    # An equal share of the process's --max-connections, at most ten ways: one app's
+    # idle clients cannot take every slot from the others, whatever the limit.
     assert only.max_connections is None
-    assert app_connection_limit(only, 10_000) == 1000  # the default limit: as before
-    assert app_connection_limit(only, 10) == 1
-    assert app_connection_limit(only, 25) == 2  # rounded down: ten such apps fit
-    assert app_connection_limit(only, 5) == 1  # at least one
+    assert app_connection_limit(only, 10_000, 1) == 10_000  # alone: nothing to isolate from
+    assert app_connection_limit(only, 10_000, 2) == 5000
+    assert app_connection_limit(only, 10_000, 30) == 1000  # many apps: a tenth each
+    assert app_connection_limit(only, 10, 2) == 5
+    assert app_connection_limit(only, 25, 10) == 2  # rounded down: ten such apps fit
+    assert app_connection_limit(only, 5, 10) == 1  # at least one
     assert only.max_connections_per_source is None  # off: NAT and balancers share addresses
     assert only.first_byte_timeout is None  # off: server-speaks-first protocols exist
 
@@ -174,7 +176,7 @@ def test_an_explicit_max_connections_wins_and_may_isolate_nothing() -> None:
         )
     )
     own, inherits, tenth = config.apps
-    assert [app_connection_limit(a, 2000) for a in config.apps] == [50, 100, 200]
+    assert [app_connection_limit(a, 2000, 10) for a in config.apps] == [50, 100, 200]
     assert (own.max_connections, inherits.max_connections, tenth.max_connections) == (50, 100, None)
     assert no_isolation(config, 2000) == []
     (problem,) = no_isolation(config, 100)  # Defaults' 100 is explicit too
