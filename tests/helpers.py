@@ -23,6 +23,18 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 10.0  # seconds any single socket operation or wait in a test may take
 
 
+def wait_until(
+    predicate: Callable[[], bool], timeout: float = TIMEOUT, interval: float = 0.05
+) -> bool:
+    """Poll `predicate` until it holds or `timeout` passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nothing listens on right now (tests bind it a moment later)."""
     with socket.socket() as s:

@@ -17,20 +17,11 @@ from collections.abc import Iterator
 import pytest
 
 from tests.deploy import Deployment, deployment
-from tests.helpers import TIMEOUT, app, echo, recv_all, recv_line
+from tests.helpers import TIMEOUT, app, echo, recv_all, recv_line, wait_until
 
 __all__ = ["deployment"]
 
 RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
-
-
-def wait_until(predicate, timeout: float = TIMEOUT, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 class Blackhole:

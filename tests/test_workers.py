@@ -15,7 +15,7 @@ import pytest
 
 from tcpproxy.errors import StartupError
 from tests.deploy import BPF_LISTEN_PORT, Deployment, deployment
-from tests.helpers import TIMEOUT, ProxyProcess, app, recv_all, recv_line
+from tests.helpers import TIMEOUT, ProxyProcess, app, recv_all, recv_line, wait_until
 from tests.test_metrics import scrape, value
 
 __all__ = ["deployment"]
@@ -24,15 +24,6 @@ __all__ = ["deployment"]
 def worker_pids(d: Deployment) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(d.pid)], capture_output=True, text=True, check=False)
     return sorted(int(p) for p in out.stdout.split())
-
-
-def wait_until(predicate, timeout: float = TIMEOUT) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def test_two_workers_share_the_ports(deployment: Deployment) -> None:
