@@ -38,8 +38,10 @@ import trio
 from tcpproxy.balance import Balancer, Claim
 from tcpproxy.config import AppConfig, Config, Network, Target
 from tcpproxy.connect import describe_error, open_target
+from tcpproxy.engine import Engine
 from tcpproxy.errors import ResourceExhausted, TargetUnavailable
 from tcpproxy.health import HealthBook
+from tcpproxy.listeners import accept_loop
 from tcpproxy.metrics import NullMetrics
 from tcpproxy.probes import HealthMonitor
 from tcpproxy.proxy_protocol import (
@@ -149,6 +151,8 @@ class Proxy:
       use_splice: relay with splice(2) (default) or copy through a buffer.
       listen_ports: ports this process listens on besides the apps' (bpfproxy's
         -p): a target resolving to a local address on one of them is refused.
+      engine: "trio" (a task per connection) or "epoll" (one loop for all, see
+        tcpproxy/engine.py; its task must be started: `engine.run`).
     """
 
     def __init__(
@@ -163,6 +167,7 @@ class Proxy:
         resolver: Resolver | None = None,
         use_splice: bool = True,
         listen_ports: frozenset[int] = frozenset(),
+        engine: str = "trio",
     ) -> None:
         self._connections = connections
         self._resolver = resolver or Resolver()
@@ -188,6 +193,29 @@ class Proxy:
         self._apps: dict[str, AppRuntime] = {}
         self._routes: dict[int, AppRuntime] = {}
         self.apply(config)
+        self.engine: Engine | None = None
+        if engine == "epoll":
+            self.engine = Engine(self, use_splice=use_splice)
+
+    async def serve_listener(
+        self,
+        listener: socket.socket,
+        port: int | None,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept on `listener` until cancelled (then close it): an accept loop
+        (trio engine), or the epoll engine's, which accepts in its own loop."""
+        if self.engine is None:
+            await accept_loop(listener, port, self.dispatch, self.slots, task_status=task_status)
+            return
+        with listener:
+            self.engine.add_listener(listener, port)
+            try:
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                self.engine.remove_listener(listener)
 
     def apply(self, config: Config) -> None:
         """Make `config` the one new connections use.
@@ -314,6 +342,9 @@ class Proxy:
         self.active_total += 1
         self.active_by_app[name] += 1
         cid = f"{self._id_prefix}{next(self._ids)}"
+        if self.engine is not None:
+            self.engine.start(client, port, peer, app, cid, source)
+            return
         self._connections.start_soon(
             self._serve_counted, client, port, peer, app, cid, source, name="conn"
         )

@@ -91,6 +91,7 @@ async def run_service(
     metrics: NullMetrics | None = None,
     metrics_address: tuple[str, int] | None = None,
     listen_ports: frozenset[int] = frozenset(),
+    engine: str = "trio",
     task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `config` through `frontend` until SIGTERM/SIGINT, then drain.
@@ -107,6 +108,9 @@ async def run_service(
         their supervisor serves the sum).
       listen_ports: ports served besides the apps' (bpfproxy's -p): no target
         may loop back to them.
+      engine: "trio" (a task per connection) or "epoll" (tcpproxy/engine.py:
+        one task serving every connection, in the connections nursery, so the
+        drain deadline and a second SIGINT cut it as they cut connection tasks).
     """
     metrics = metrics or NullMetrics()
     stop_accepting = trio.CancelScope()
@@ -120,8 +124,10 @@ async def run_service(
                     proxy = Proxy(
                         config, connections, max_connections=max_connections, share=share,
                         id_prefix=prefix, metrics=metrics, use_splice=use_splice,
-                        listen_ports=listen_ports,
+                        listen_ports=listen_ports, engine=engine,
                     )  # fmt: skip
+                    if proxy.engine is not None:
+                        await connections.start(proxy.engine.run)
                     apply = apply_locally(proxy, frontend)
                     notifier = Notifier()
                     validate = partial(
@@ -179,6 +185,8 @@ async def run_service(
                             outer.start_soon(notifier.watchdog, status)  # pings while draining too
                             task_status.started(proxy)
                     # accepting has stopped and every listener is closed
+                    if proxy.engine is not None:
+                        proxy.engine.drain()  # its task ends once no connection is left
                     notifier.stopping(status())
                     if proxy.active_total:
                         log.info("draining %d connections for up to %gs",
