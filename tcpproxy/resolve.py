@@ -123,16 +123,16 @@ class Resolver:
         For the epoll engine, which must not wait per connection.
         """
         key = (host, port)
+        numeric = self._numeric.get(key)  # first: a literal is never in the cache
+        if numeric is not None:
+            return numeric
         hit = self._cache.get(key)
         if hit is not None and hit[0] > self._clock():
             if isinstance(hit[1], OSError):
                 raise hit[1]
             return hit[1]
-        numeric = self._numeric.get(key)
-        if numeric is None:
-            numeric = _numeric(host, port)
-            if numeric is None:
-                return None
+        numeric = _numeric(host, port)
+        if numeric is not None:
             self._numeric[key] = numeric  # bounded: cleared with the cache on reload
         return numeric
 
