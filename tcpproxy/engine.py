@@ -80,16 +80,13 @@ _IN_BITS = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR  # a read will tel
 _OUT_BITS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR  # a write will tell
 _STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 _ESTABLISHED = 1  # TCP_ESTABLISHED, the first byte of struct tcp_info
+_SYN_SENT = 2  # TCP_SYN_SENT: a connect still waiting for its answer
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _HAVE_SPLICE = hasattr(os, "splice")
 _PIPE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 
 # timer kinds
 _PHASE, _STAGGER, _IDLE, _BACKOFF = 0, 1, 2, 3
-
-
-class _SideFailed(Exception):
-    """An OSError on one side of a relay (internal to a pump)."""
 
 
 class _Way:
@@ -131,10 +128,13 @@ class _Way:
 
 
 class _Listener:
-    __slots__ = ("failures", "fd", "gen", "port", "registered", "sock")
+    __slots__ = ("failures", "fd", "gen", "kind", "port", "registered", "sock")
 
     def __init__(self, sock: socket.socket, port: int | None) -> None:
         self.sock, self.fd, self.port = sock, sock.fileno(), port
+        # (family, type, proto) as plain ints for the accepted sockets: socket.accept()
+        # converts them to enums for every connection (2 us each time)
+        self.kind = (int(sock.family), int(sock.type), sock.proto)
         self.registered = False
         self.failures = 0  # capacity errors in a row
         self.gen = 0  # timer validity (backoff)
@@ -415,13 +415,14 @@ class Engine:
     def _accept(self, lst: _Listener, ev: int) -> None:
         """Accept a batch (listeners.accept_loop's rules, without a task)."""
         proxy = self._proxy
-        slots, dispatch, accept = proxy.slots, proxy.dispatch, lst.sock.accept
+        slots, dispatch, accept = proxy.slots, proxy.dispatch, lst.sock._accept
+        family, kind, proto = lst.kind
         for _ in range(ACCEPT_BATCH):
             if not slots.value:  # at the limit: the rest wait in the listen queue
                 self._pause()
                 return
             try:
-                sock, peer = accept()
+                fd, peer = accept()  # the C method under socket.accept(): (fd, address)
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -440,6 +441,7 @@ class Engine:
                 if exc.errno in ACCEPT_TRANSIENT_ERRNOS:
                     continue
                 raise
+            sock = socket.socket(family, kind, proto, fd)
             try:
                 sock.setblocking(False)
                 port = lst.port if lst.port is not None else sock.getsockname()[1]
@@ -705,6 +707,8 @@ class Engine:
         conn, sock = attempt
         try:
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if not err and sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _SYN_SENT:
+                return  # still connecting: a stale event (its descriptor number was reused)
         except OSError as exc:
             err = exc.errno or errno.EIO
         if not err:
