@@ -91,7 +91,7 @@ async def run_service(
     metrics: NullMetrics | None = None,
     metrics_address: tuple[str, int] | None = None,
     listen_ports: frozenset[int] = frozenset(),
-    engine: str = "trio",
+    engine: str = "epoll",
     task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `config` through `frontend` until SIGTERM/SIGINT, then drain.
