@@ -80,6 +80,7 @@ def command(
     worker: str | None,
     worker_listener: int | None,
     splice: bool,
+    engine: str,
     log_level: str,
     log_format: str,
 ) -> int:
@@ -90,7 +91,7 @@ def command(
     if worker is not None:  # started by a supervisor, which owns the BPF side
         return _run_worker(worker, worker_listener, config_path, drain_timeout,
                            max_connections, splice, log_level, log_format,
-                           listen_port, bind)  # fmt: skip
+                           listen_port, bind, engine)  # fmt: skip
     setup_logging(log_level, log_format=log_format)
     from bpfproxy.dispatcher import Dispatcher
     from bpfproxy.errors import SteeringError
@@ -135,6 +136,7 @@ def command(
                     config_path, data, config, frontend, drain_timeout=drain_timeout,
                     max_connections=limit, use_splice=splice, metrics=metrics,
                     metrics_address=address, listen_ports=frozenset({listen_port}), bind=bind,
+                    engine=engine,
                 )
             )  # fmt: skip
     except SteeringError as exc:
@@ -153,6 +155,7 @@ def _run_worker(
     log_format: str,
     listen_port: int,
     bind: str | None,
+    engine: str,
 ) -> int:
     if listener_fd is None:
         raise click.UsageError("--worker needs --worker-listener")
@@ -167,7 +170,7 @@ def _run_worker(
         lambda: run_service(
             config_path, b"", config, SharedListener(listener), drain_timeout=drain_timeout,
             max_connections=limit, use_splice=splice, supervisor=link, metrics=metrics,
-            listen_ports=frozenset({listen_port}), bind=bind,
+            listen_ports=frozenset({listen_port}), bind=bind, engine=engine,
         )
     )  # fmt: skip
     return 0

@@ -13,7 +13,6 @@ from bpfproxy.errors import SteeringError
 from tcpproxy.config import Config
 from tcpproxy.diff import format_ports
 from tcpproxy.errors import StartupError
-from tcpproxy.listeners import accept_loop
 from tcpproxy.metrics import NullMetrics
 from tcpproxy.proxy import Proxy
 
@@ -48,9 +47,7 @@ class SharedListener:
         self, proxy: Proxy, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         # port None: each connection's own destination port (getsockname) picks its app
-        await accept_loop(
-            self._listener, None, proxy.dispatch, proxy.slots, task_status=task_status
-        )
+        await proxy.serve_listener(self._listener, None, task_status=task_status)
 
     def update(self, old: Config, new: Config) -> None:
         pass

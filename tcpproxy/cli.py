@@ -55,6 +55,7 @@ def command(
     workers: int,
     worker: str | None,
     splice: bool,
+    engine: str,
     log_level: str,
     log_format: str,
 ) -> int:
@@ -73,7 +74,7 @@ def command(
             lambda: run_service(
                 config_path, b"", config, frontend, drain_timeout=drain_timeout,
                 max_connections=limit, use_splice=splice, supervisor=link, metrics=metrics,
-                bind=bind,
+                bind=bind, engine=engine,
             )
         )  # fmt: skip
         return 0
@@ -97,7 +98,7 @@ def command(
         lambda: run_service(
             config_path, data, config, frontend, drain_timeout=drain_timeout,
             max_connections=limit, use_splice=splice, metrics=metrics, metrics_address=address,
-            bind=bind,
+            bind=bind, engine=engine,
         )
     )  # fmt: skip
     return 0

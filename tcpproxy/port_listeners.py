@@ -9,7 +9,7 @@ import trio
 
 from tcpproxy.config import Config
 from tcpproxy.errors import StartupError
-from tcpproxy.listeners import accept_loop, open_listener
+from tcpproxy.listeners import open_listener
 from tcpproxy.proxy import Proxy
 
 __all__ = ["PortListeners"]
@@ -86,7 +86,7 @@ class PortListeners:
         self, scope: trio.CancelScope, sock: socket.socket, port: int, proxy: Proxy
     ) -> None:
         with scope:
-            await accept_loop(sock, port, proxy.dispatch, proxy.slots)
+            await proxy.serve_listener(sock, port)
 
     def update(self, old: Config, new: Config) -> None:
         added = new.ports - self.ports

@@ -38,8 +38,10 @@ import trio
 from tcpproxy.balance import Balancer, Claim
 from tcpproxy.config import AppConfig, Config, Network, Target, app_connection_limit
 from tcpproxy.connect import describe_error, open_target
+from tcpproxy.engine import Engine
 from tcpproxy.errors import ResourceExhausted, TargetUnavailable
 from tcpproxy.health import HealthBook
+from tcpproxy.listeners import accept_loop
 from tcpproxy.metrics import NullMetrics
 from tcpproxy.probes import HealthMonitor
 from tcpproxy.proxy_protocol import (
@@ -151,6 +153,8 @@ class Proxy:
         -p): a target resolving to a local address on one of them is refused.
       bind: the address every port listens on (--bind; None: every address),
         which narrows what counts as the proxy itself.
+      engine: "trio" (a task per connection) or "epoll" (one loop for all, see
+        tcpproxy/engine.py; its task must be started: `engine.run`).
     """
 
     def __init__(
@@ -166,6 +170,7 @@ class Proxy:
         use_splice: bool = True,
         listen_ports: frozenset[int] = frozenset(),
         bind: str | None = None,
+        engine: str = "trio",
     ) -> None:
         self._connections = connections
         self._resolver = resolver or Resolver()
@@ -194,6 +199,29 @@ class Proxy:
         self._apps: dict[str, AppRuntime] = {}
         self._routes: dict[int, AppRuntime] = {}
         self.apply(config)
+        self.engine: Engine | None = None
+        if engine == "epoll":
+            self.engine = Engine(self, use_splice=use_splice)
+
+    async def serve_listener(
+        self,
+        listener: socket.socket,
+        port: int | None,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept on `listener` until cancelled (then close it): an accept loop
+        (trio engine), or the epoll engine's, which accepts in its own loop."""
+        if self.engine is None:
+            await accept_loop(listener, port, self.dispatch, self.slots, task_status=task_status)
+            return
+        with listener:
+            self.engine.add_listener(listener, port)
+            try:
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                self.engine.remove_listener(listener)
 
     def apply(self, config: Config) -> None:
         """Make `config` the one new connections use.
@@ -322,6 +350,9 @@ class Proxy:
         self.active_total += 1
         self.active_by_app[name] += 1
         cid = f"{self._id_prefix}{next(self._ids)}"
+        if self.engine is not None:
+            self.engine.start(client, port, peer, app, cid, source)
+            return
         self._connections.start_soon(
             self._serve_counted, client, port, peer, app, cid, source, name="conn"
         )

@@ -21,7 +21,15 @@ from proxyprotocol.result import (
 from proxyprotocol.v1 import ProxyProtocolV1
 from proxyprotocol.v2 import ProxyProtocolV2
 
-__all__ = ["HEADER_TIMEOUT", "ProxyHeaderError", "build_header", "read_header", "send_all"]
+__all__ = [
+    "HEADER_TIMEOUT",
+    "ProxyHeaderError",
+    "build_header",
+    "header_extent",
+    "parse_header",
+    "read_header",
+    "send_all",
+]
 
 HEADER_TIMEOUT = 5.0  # seconds a client may take to send its PROXY header
 _V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -146,6 +154,35 @@ async def read_header(sock: socket.socket) -> tuple[str, int] | None:
     """
     with trio.fail_after(HEADER_TIMEOUT):
         header = await _read(sock)
+    return parse_header(header)
+
+
+def header_extent(data: bytes) -> int | None:
+    """How many bytes the PROXY header that `data` starts with takes; None: not known yet.
+
+    Pure, for a reader that takes bytes as they arrive (the epoll engine):
+    v2 says its length in its first 16 bytes, v1 ends at its LF. Raises
+    ProxyHeaderError as soon as `data` cannot start a header.
+    """
+    if not (_V1_PREFIX.startswith(data[:6]) or _V2_SIGNATURE.startswith(data[:12])):
+        raise ProxyHeaderError("no PROXY protocol header")
+    if data.startswith(_V1_PREFIX):
+        end = data.find(b"\n", 0, _V1_MAX)
+        if end >= 0:
+            return end + 1
+        if len(data) >= _V1_MAX:
+            raise ProxyHeaderError(f"PROXY v1 header longer than {_V1_MAX} bytes")
+        return None
+    if len(data) < 16:
+        return None
+    return 16 + int.from_bytes(data[14:16], "big")
+
+
+def parse_header(header: bytes) -> tuple[str, int] | None:
+    """The client's (host, port) from one whole header; None for LOCAL/UNKNOWN.
+
+    Raises ProxyHeaderError for a header the library cannot read.
+    """
     protocol = ProxyProtocolV2() if header.startswith(_V2_SIGNATURE) else ProxyProtocolV1()
     try:
         result = protocol.unpack(header)

@@ -100,6 +100,7 @@ class Resolver:
         self._limiter = trio.CapacityLimiter(DNS_THREADS)
         self._cache: dict[tuple[str, int], tuple[float, list[Address] | OSError]] = {}
         self._flights: dict[tuple[str, int], _Flight] = {}
+        self._numeric: dict[tuple[str, int], list[Address]] = {}  # IP literals seen (cached())
 
     async def resolve(self, host: str, port: int) -> list[Address]:
         key = (host, port)
@@ -114,6 +115,26 @@ class Resolver:
         if isinstance(answer, OSError):
             raise answer
         return answer
+
+    def cached(self, host: str, port: int) -> list[Address] | None:
+        """The answer without waiting, if there is one: an IP literal's, or a fresh cached one.
+
+        None means a lookup is needed (`resolve`). Raises the cached failure.
+        For the epoll engine, which must not wait per connection.
+        """
+        key = (host, port)
+        numeric = self._numeric.get(key)  # first: a literal is never in the cache
+        if numeric is not None:
+            return numeric
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] > self._clock():
+            if isinstance(hit[1], OSError):
+                raise hit[1]
+            return hit[1]
+        numeric = _numeric(host, port)
+        if numeric is not None:
+            self._numeric[key] = numeric  # bounded: cleared with the cache on reload
+        return numeric
 
     async def _wait(self, key: tuple[str, int]) -> list[Address] | OSError:
         """Join (or start) the lookup of `key` and wait for it, within our bounds."""
@@ -157,3 +178,4 @@ class Resolver:
     def forget(self) -> None:
         """Drop every cached answer (on reload: names may now mean something else)."""
         self._cache.clear()
+        self._numeric.clear()

@@ -112,6 +112,7 @@ async def run_service(
     metrics_address: tuple[str, int] | None = None,
     listen_ports: frozenset[int] = frozenset(),
     bind: str | None = None,
+    engine: str = "epoll",
     task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `config` through `frontend` until SIGTERM/SIGINT, then drain.
@@ -130,6 +131,9 @@ async def run_service(
         may loop back to them.
       bind: the address the ports listen on (--bind; None: every address),
         which decides what loops back (tcpproxy.selfloop).
+      engine: "trio" (a task per connection) or "epoll" (tcpproxy/engine.py:
+        one task serving every connection, in the connections nursery, so the
+        drain deadline and a second SIGINT cut it as they cut connection tasks).
     """
     metrics = metrics or NullMetrics()
     stop_accepting = trio.CancelScope()
@@ -143,8 +147,10 @@ async def run_service(
                     proxy = Proxy(
                         config, connections, max_connections=max_connections, share=share,
                         id_prefix=prefix, metrics=metrics, use_splice=use_splice,
-                        listen_ports=listen_ports, bind=bind,
+                        listen_ports=listen_ports, bind=bind, engine=engine,
                     )  # fmt: skip
+                    if proxy.engine is not None:
+                        await connections.start(proxy.engine.run)
                     apply = apply_locally(proxy, frontend)
                     notifier = Notifier()
                     validate = partial(
@@ -203,6 +209,8 @@ async def run_service(
                             outer.start_soon(notifier.watchdog, status)  # pings while draining too
                             task_status.started(proxy)
                     # accepting has stopped and every listener is closed
+                    if proxy.engine is not None:
+                        proxy.engine.drain()  # its task ends once no connection is left
                     notifier.stopping(status())
                     if proxy.active_total:
                         log.info("draining %d connections for up to %gs",

@@ -169,3 +169,21 @@ async def test_hanging_lookups_leave_the_default_thread_limiter_free() -> None:
             nursery.cancel_scope.cancel()
     finally:
         lookup.release.set()
+
+
+def test_cached_answers_literals_and_fresh_entries_without_waiting() -> None:
+    now = [0.0]
+    lookups: list[str] = []
+
+    def lookup(host: str, port: int) -> list[tuple[int, tuple]]:
+        lookups.append(host)
+        return [(socket.AF_INET, ("10.1.2.3", port))]
+
+    resolver = Resolver(clock=lambda: now[0], lookup=lookup)
+    assert resolver.cached("127.0.0.1", 80) == [(socket.AF_INET, ("127.0.0.1", 80))]
+    assert resolver.cached("db.example", 80) is None  # a name: needs a lookup
+    trio.run(resolver.resolve, "db.example", 80)
+    assert resolver.cached("db.example", 80) == [(socket.AF_INET, ("10.1.2.3", 80))]
+    now[0] += POSITIVE_TTL + 1
+    assert resolver.cached("db.example", 80) is None  # stale
+    assert lookups == ["db.example"]

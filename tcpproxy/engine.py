@@ -1,0 +1,1017 @@
+"""The epoll engine: every proxied connection's I/O, driven from one trio task.
+
+The trio path runs a task (with its nursery and cancel scopes) per
+connection; that machinery costs more CPU per connection than the syscalls.
+Here a connection is a `flow.Flow` (what to do, pure) plus a `Conn` (its
+sockets and buffers), and one loop over a private, level-triggered epoll
+serves them all: many events per wake-up, no task, nursery, cancel scope or
+timeout object per connection. Timeouts (PROXY header, first byte, connect,
+happy-eyeballs stagger, idle) sit on one heap, invalidated lazily.
+
+Beside trio: `Engine.run()` is one trio task. When nothing is ready it
+awaits `wait_readable(epoll fd)` bounded by the next timer; while events
+keep coming it polls again without going through trio's scheduler, and
+yields every ROUNDS_BEFORE_YIELD rounds so the control plane (reloads,
+probes, metrics, signals) still runs. Everything happens in the trio thread,
+so health, metrics, the balancer and the warning limiter are called
+synchronously, as from a connection task. Host names not in the resolver's
+cache are looked up by a trio task the engine owns, whose answer comes back
+as an event.
+
+Relay (as splice.py's rules): copy with recv/send; a read that fills
+COPY_SIZE switches that direction to splice(2) through a pipe. A direction
+whose destination is full stops reading its source (no EPOLLIN) and waits
+for EPOLLOUT on its destination. EOF is forwarded with shutdown(SHUT_WR),
+except when the other direction has ended too: then both are just closed.
+An error on one side resets the other (SO_LINGER 0).
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import itertools
+import logging
+import math
+import os
+import select
+import socket
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from tcpproxy.balance import Claim
+from tcpproxy.connect import HAPPY_EYEBALLS_DELAY, LOCAL_ERRNOS, describe_error, interleave
+from tcpproxy.errors import ResourceExhausted, TargetUnavailable
+from tcpproxy.flow import Action, Flow, Side, State, Timeout
+from tcpproxy.listeners import (
+    ACCEPT_BACKOFF,
+    ACCEPT_BATCH,
+    ACCEPT_CAPACITY_ERRNOS,
+    ACCEPT_TRANSIENT_ERRNOS,
+)
+from tcpproxy.proxy_protocol import (
+    HEADER_TIMEOUT,
+    ProxyHeaderError,
+    build_header,
+    header_extent,
+    parse_header,
+)
+from tcpproxy.splice import CHUNK_SIZE, COPY_SIZE, FAIRNESS_BYTES, abort
+
+if TYPE_CHECKING:
+    from tcpproxy.proxy import AppRuntime, Proxy
+
+__all__ = ["ENGINES", "Engine"]
+
+log = logging.getLogger("tcpproxy")
+
+ENGINES = ("trio", "epoll")  # --engine choices: a task per connection, or this engine
+MAX_EVENTS = 256  # events taken per epoll_wait
+ROUNDS_BEFORE_YIELD = 8  # busy rounds (events every time) before trio's other tasks run
+TIMER_SLACK = 2  # the timer heap may hold this many entries per live connection...
+TIMER_FLOOR = 1024  # ...plus this many, before stale ones are swept out
+HEADER_PEEK = 16 + 65535  # bytes peeked at most while reading a PROXY header (v2's maximum)
+
+_IN, _OUT = select.EPOLLIN, select.EPOLLOUT
+_IN_BITS = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR  # a read will tell
+_OUT_BITS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR  # a write will tell
+_STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+_ESTABLISHED = 1  # TCP_ESTABLISHED, the first byte of struct tcp_info
+_SYN_SENT = 2  # TCP_SYN_SENT: a connect still waiting for its answer
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_HAVE_SPLICE = hasattr(os, "splice")
+_PIPE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+
+# timer kinds
+_PHASE, _STAGGER, _IDLE, _BACKOFF = 0, 1, 2, 3
+
+
+class _Way:
+    """One direction of a relay: bytes from `src` to `dst`."""
+
+    __slots__ = (
+        "done",
+        "dst",
+        "dst_fd",
+        "pend",
+        "pipe_r",
+        "pipe_w",
+        "piped",
+        "splice",
+        "src",
+        "src_fd",
+        "up",
+    )  # fmt: skip
+
+    def __init__(self, src: socket.socket, dst: socket.socket, *, up: bool) -> None:
+        self.src, self.dst = src, dst
+        self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
+        self.up = up  # client -> target
+        self.done = False  # src reached EOF (and dst was told)
+        self.pend: memoryview | None = None  # copied bytes dst has not taken yet
+        self.splice = False  # bulk: moving through a pipe
+        self.pipe_r = self.pipe_w = -1
+        self.piped = 0  # bytes in the pipe dst has not taken yet
+
+    @property
+    def blocked(self) -> bool:
+        return self.pend is not None or self.piped > 0
+
+    def close_pipe(self) -> None:
+        if self.pipe_r >= 0:
+            os.close(self.pipe_r)
+            os.close(self.pipe_w)
+            self.pipe_r = self.pipe_w = -1
+
+
+class _Listener:
+    __slots__ = ("failures", "fd", "gen", "kind", "port", "registered", "sock")
+
+    def __init__(self, sock: socket.socket, port: int | None) -> None:
+        self.sock, self.fd, self.port = sock, sock.fileno(), port
+        # (family, type, proto) as plain ints for the accepted sockets: socket.accept()
+        # converts them to enums for every connection (2 us each time)
+        self.kind = (int(sock.family), int(sock.type), sock.proto)
+        self.registered = False
+        self.failures = 0  # capacity errors in a row
+        self.gen = 0  # timer validity (backoff)
+
+
+class Conn:
+    """One connection's I/O state; its decisions are `flow`'s."""
+
+    __slots__ = (
+        "addresses",
+        "app",
+        "attempt_errors",
+        "attempts",
+        "cfd",
+        "cid",
+        "client",
+        "cmask",
+        "connecting",
+        "down",
+        "down_bytes",
+        "flow",
+        "gen",
+        "hbuf",
+        "header",
+        "last",
+        "moved",
+        "peer",
+        "port",
+        "source",
+        "started",
+        "target",
+        "tfd",
+        "tmask",
+        "up",
+        "up_bytes",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        client: socket.socket,
+        port: int,
+        peer: tuple,
+        app: AppRuntime,
+        cid: str,
+        source: tuple[str, str] | None,
+        flow: Flow,
+        now: float,
+    ) -> None:
+        self.client, self.cfd, self.port, self.peer = client, client.fileno(), port, peer
+        self.app, self.cid, self.source, self.flow = app, cid, source, flow
+        self.started = self.last = self.connecting = now
+        self.target: socket.socket | None = None
+        self.tfd = -1
+        self.cmask = self.tmask = 0  # registered epoll interest (0: not registered)
+        self.gen = 0  # bumped on every phase change: older timers and lookups are stale
+        self.up: _Way | None = None
+        self.down: _Way | None = None
+        self.moved = False  # a byte was taken from either side of the current target
+        self.up_bytes = self.down_bytes = 0
+        self.hbuf = b""  # PROXY header bytes read so far
+        self.header: memoryview | None = None  # our PROXY header, still to send
+        self.attempts: list[socket.socket] = []  # connects in flight to the current target
+        self.addresses: list[tuple[int, tuple]] = []  # the target's addresses not tried yet
+        self.attempt_errors: list[OSError] = []
+
+
+class Engine:
+    """The data path of one process: its listeners' accepts and every connection.
+
+    Args:
+      proxy: admission (`Proxy.dispatch`), counts, health, metrics, resolver.
+      use_splice: splice bulk transfers (else always copy).
+    """
+
+    def __init__(self, proxy: Proxy, *, use_splice: bool = True) -> None:
+        self._proxy = proxy
+        self._use_splice = use_splice and _HAVE_SPLICE
+        self._epoll = select.epoll()
+        self._fds: dict[int, tuple[Callable[[Any, int], None], Any]] = {}
+        self._conns: set[Conn] = set()
+        self._listeners: dict[int, _Listener] = {}
+        self._paused = False  # listeners unregistered: at the connection limit
+        self._timers: list[tuple[float, int, int, Any, int]] = []  # (when, seq, gen, obj, kind)
+        self._seq = itertools.count()
+        self._now = time.monotonic()
+        self._draining = False
+        self._wake: trio.CancelScope | None = None
+        self._tasks: trio.Nursery | None = None
+
+    # -- the loop ---------------------------------------------------------------
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until drained (see `drain`) or cancelled; cancelled, reset what is left."""
+        poll, fds = self._epoll.poll, self._fds
+        epoll_fd = self._epoll.fileno()
+        monotonic = time.monotonic
+        try:
+            async with trio.open_nursery() as self._tasks:
+                task_status.started()
+                busy = 0
+                while not (self._draining and not self._conns):
+                    events = poll(0, MAX_EVENTS)
+                    self._now = now = monotonic()
+                    for fd, ev in events:
+                        entry = fds.get(fd)
+                        if entry is not None:
+                            handler, obj = entry
+                            try:
+                                handler(obj, ev)
+                            except Exception:  # a bug must cost one connection, not the proxy
+                                self._internal_error(obj)
+                    timers = self._timers
+                    if timers and timers[0][0] <= now:
+                        self._run_timers(now)
+                    if self._paused and self._proxy.slots.value:
+                        self._resume()
+                    if events:
+                        busy += 1
+                        if busy < ROUNDS_BEFORE_YIELD:
+                            continue
+                        busy = 0
+                        await trio.lowlevel.checkpoint()
+                        continue
+                    busy = 0
+                    timers = self._timers
+                    delay = timers[0][0] - now if timers else math.inf
+                    with trio.move_on_after(max(delay, 0.0)) as self._wake:
+                        await trio.lowlevel.wait_readable(epoll_fd)
+                    self._wake = None
+                self._tasks.cancel_scope.cancel()
+        finally:
+            self._tasks = None
+            left = len(self._conns)
+            for conn in list(self._conns):
+                self._end(conn, conn.flow.cancel())
+            if left:
+                log.warning("closed %d connections still open at shutdown", left)
+            for lst in list(self._listeners.values()):
+                self.remove_listener(lst.sock)
+
+    def drain(self) -> None:
+        """Stop once no connection is left (listeners are removed by their owners)."""
+        self._draining = True
+        if self._wake is not None:
+            self._wake.cancel()
+
+    def _internal_error(self, obj: Any) -> None:
+        if isinstance(obj, tuple):  # a connect attempt: (conn, socket)
+            obj = obj[0]
+        if isinstance(obj, Conn) and obj in self._conns:
+            log.exception("conn %s client=%s port=%d: internal error", obj.cid,
+                          _peer(obj.peer), obj.port, extra={"conn": obj.cid})  # fmt: skip
+            obj.flow.reason, obj.flow.why = "internal-error", ""
+            obj.flow.state = State.CLOSED
+            self._finish(obj, Action.ABORT_CLIENT)
+        else:
+            log.exception("engine: internal error")
+
+    # -- timers -----------------------------------------------------------------
+
+    def _at(self, when: float, obj: Any, kind: int) -> None:
+        if len(self._timers) > TIMER_SLACK * len(self._conns) + TIMER_FLOOR:
+            self._compact()
+        heapq.heappush(self._timers, (when, next(self._seq), obj.gen, obj, kind))
+
+    def _compact(self) -> None:
+        """Drop stale timers (ended connections, past phases) from the heap.
+
+        Timers are invalidated lazily, and an idle timer is due an hour later:
+        without this, every ended connection would stay referenced that long.
+        Run when the heap outgrows the live connections, so amortized O(1).
+        """
+        conns, listeners = self._conns, self._listeners
+        self._timers = [
+            t for t in self._timers
+            if t[3].gen == t[2] and (t[3] in conns or listeners.get(t[3].fd) is t[3])
+        ]  # fmt: skip
+        heapq.heapify(self._timers)
+
+    def _run_timers(self, now: float) -> None:
+        while self._timers and self._timers[0][0] <= now:
+            _, _, gen, obj, kind = heapq.heappop(self._timers)
+            if obj.gen != gen:
+                continue  # stale: the phase it was for is over
+            try:
+                if kind == _BACKOFF:
+                    self._backoff_over(obj)
+                elif obj in self._conns:
+                    self._on_timer(obj, kind, now)
+            except Exception:
+                self._internal_error(obj)
+
+    def _on_timer(self, conn: Conn, kind: int, now: float) -> None:
+        flow = conn.flow
+        cfg = conn.app.config
+        if kind == _STAGGER:
+            if flow.state is State.CONNECTING and conn.addresses:
+                self._next_attempt(conn)
+            return
+        if kind == _IDLE:
+            if flow.state is not State.RELAY:
+                return
+            due = conn.last + cfg.idle_timeout
+            if due > now:  # activity since: re-arm lazily
+                self._at(due, conn, _IDLE)
+                return
+            self._end(conn, flow.timed_out(Timeout.IDLE))
+            return
+        timeout = flow.timeout
+        if timeout is Timeout.HEADER_IN:
+            self._warn_header(conn, f"no complete PROXY header within {HEADER_TIMEOUT:g} s")
+            self._end(conn, flow.timed_out(timeout))
+        elif timeout is Timeout.FIRST_BYTE:
+            self._proxy._warn_limit(
+                f"first-byte {cfg.name}",
+                "conn %s client=%s port=%d app=%s: nothing received within "
+                "FirstByteTimeout (%g s); closing", conn.cid, _peer(conn.peer), conn.port,
+                cfg.name, cfg.first_byte_timeout, extra={"conn": conn.cid},
+            )  # fmt: skip
+            self._end(conn, flow.timed_out(timeout))
+        elif timeout is Timeout.CONNECT:
+            self._target_failed(conn, f"no answer within {cfg.connect_timeout:g}s", timeout=True)
+        elif timeout is Timeout.HEADER_OUT:
+            why = f"PROXY header not taken within {cfg.connect_timeout:g}s"
+            self._act(conn, flow.timed_out(timeout, why))
+
+    def _phase(self, conn: Conn, seconds: float | None) -> None:
+        """A new phase: older timers and lookups go stale; arm this one's timeout."""
+        conn.gen += 1
+        if seconds is not None:
+            self._at(self._now + seconds, conn, _PHASE)
+
+    # -- listeners --------------------------------------------------------------
+
+    def add_listener(self, sock: socket.socket, port: int | None) -> None:
+        """Accept on `sock` (port None: each connection's own destination port)."""
+        lst = _Listener(sock, port)
+        self._listeners[lst.fd] = lst
+        self._fds[lst.fd] = (self._accept, lst)
+        if not self._paused:
+            self._epoll.register(lst.fd, _IN)
+            lst.registered = True
+
+    def remove_listener(self, sock: socket.socket) -> None:
+        """Stop accepting on `sock` (its owner closes it); its connections go on."""
+        lst = self._listeners.pop(sock.fileno(), None)
+        if lst is None:
+            return
+        lst.gen += 1
+        del self._fds[lst.fd]
+        if lst.registered:
+            self._epoll.unregister(lst.fd)
+            lst.registered = False
+
+    def _pause(self) -> None:
+        self._paused = True
+        for lst in self._listeners.values():
+            if lst.registered:
+                self._epoll.unregister(lst.fd)
+                lst.registered = False
+
+    def _resume(self) -> None:
+        self._paused = False
+        for lst in self._listeners.values():
+            if not lst.registered and not lst.failures:
+                self._epoll.register(lst.fd, _IN)
+                lst.registered = True
+
+    def _backoff_over(self, lst: _Listener) -> None:
+        if lst.fd in self._listeners and not lst.registered and not self._paused:
+            self._epoll.register(lst.fd, _IN)
+            lst.registered = True
+
+    def _accept(self, lst: _Listener, ev: int) -> None:
+        """Accept a batch (listeners.accept_loop's rules, without a task)."""
+        proxy = self._proxy
+        slots, dispatch, accept = proxy.slots, proxy.dispatch, lst.sock._accept
+        family, kind, proto = lst.kind
+        for _ in range(ACCEPT_BATCH):
+            if not slots.value:  # at the limit: the rest wait in the listen queue
+                self._pause()
+                return
+            try:
+                fd, peer = accept()  # the C method under socket.accept(): (fd, address)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in ACCEPT_CAPACITY_ERRNOS:
+                    if not lst.failures:
+                        log.error(
+                            "port %s: accept failed: %s; retrying every %.0f ms",
+                            lst.port or "*", exc.strerror, ACCEPT_BACKOFF * 1000,
+                        )  # fmt: skip
+                    lst.failures += 1
+                    if lst.registered:
+                        self._epoll.unregister(lst.fd)
+                        lst.registered = False
+                    self._at(self._now + ACCEPT_BACKOFF, lst, _BACKOFF)
+                    return
+                if exc.errno in ACCEPT_TRANSIENT_ERRNOS:
+                    continue
+                raise
+            sock = socket.socket(family, kind, proto, fd)
+            try:
+                sock.setblocking(False)
+                port = lst.port if lst.port is not None else sock.getsockname()[1]
+            except OSError:  # already reset by the peer
+                sock.close()
+                continue
+            if lst.failures:
+                log.warning("port %s: accepting again after %d failed tries", lst.port or "*",
+                            lst.failures)  # fmt: skip
+                lst.failures = 0
+            slots.acquire_nowait()
+            dispatch(sock, port, peer)
+
+    # -- connections ------------------------------------------------------------
+
+    def start(
+        self,
+        client: socket.socket,
+        port: int,
+        peer: tuple,
+        app: AppRuntime,
+        cid: str,
+        source: tuple[str, str] | None,
+    ) -> None:
+        """Serve an admitted connection (Proxy.dispatch counted it and holds its slot)."""
+        cfg = app.config
+        proxy = self._proxy
+        order = app.balancer.order(proxy.health.book.is_down)
+        flow = Flow(
+            order, Claim(proxy.active, order[0]),
+            accept_header=cfg.accept_proxy_protocol, send_header=bool(cfg.send_proxy_protocol),
+            first_byte=cfg.first_byte_timeout is not None,
+        )  # fmt: skip
+        conn = Conn(client, port, peer, app, cid, source, flow, self._now)
+        self._conns.add(conn)
+        self._fds[conn.cfd] = (self._on_client, conn)
+        try:
+            self._act(conn, flow.accepted())
+        except Exception:
+            self._internal_error(conn)
+
+    def _act(self, conn: Conn, action: Action) -> None:
+        """Carry out what the flow decided."""
+        if action is Action.CONNECT:
+            self._connect(conn)
+        elif action is Action.RELAY:
+            self._relay(conn)
+        elif action is Action.READ_HEADER:
+            self._phase(conn, HEADER_TIMEOUT)
+            self._interest(conn, _IN, conn.tmask)
+        elif action is Action.WAIT_FIRST_BYTE:
+            self._phase(conn, conn.app.config.first_byte_timeout)
+            self._interest(conn, _IN, conn.tmask)
+        elif action is Action.SEND_HEADER:
+            self._send_header(conn)
+        elif action is Action.REDISPATCH:
+            self._redispatch(conn)
+        elif action is Action.SHUTDOWN_TARGET or action is Action.SHUTDOWN_CLIENT:
+            sock = conn.target if action is Action.SHUTDOWN_TARGET else conn.client
+            try:
+                sock.shutdown(socket.SHUT_WR)  # type: ignore[union-attr]
+            except OSError:  # peer already gone: the other direction will report it
+                pass
+        else:
+            self._end(conn, action)
+
+    def _interest(self, conn: Conn, cmask: int, tmask: int) -> None:
+        """Make the registered epoll interest of both sockets `cmask` and `tmask`."""
+        epoll = self._epoll
+        if cmask != conn.cmask:
+            if not cmask:
+                epoll.unregister(conn.cfd)
+            elif not conn.cmask:
+                epoll.register(conn.cfd, cmask)
+            else:
+                epoll.modify(conn.cfd, cmask)
+            conn.cmask = cmask
+        if tmask != conn.tmask:
+            if not tmask:
+                epoll.unregister(conn.tfd)
+            elif not conn.tmask:
+                epoll.register(conn.tfd, tmask)
+            else:
+                epoll.modify(conn.tfd, tmask)
+            conn.tmask = tmask
+
+    def _update(self, conn: Conn) -> None:
+        """Relay interest: read where the way is open and unblocked, write where blocked."""
+        up, down = conn.up, conn.down
+        assert up is not None and down is not None
+        up_blocked = up.pend is not None or up.piped > 0
+        down_blocked = down.pend is not None or down.piped > 0
+        cmask = (0 if up.done or up_blocked else _IN) | (_OUT if down_blocked else 0)
+        tmask = (0 if down.done or down_blocked else _IN) | (_OUT if up_blocked else 0)
+        if cmask != conn.cmask or tmask != conn.tmask:
+            self._interest(conn, cmask, tmask)
+
+    # -- header in, first byte ---------------------------------------------------
+
+    def _on_client(self, conn: Conn, ev: int) -> None:
+        state = conn.flow.state
+        if state is State.RELAY:
+            up, down = conn.up, conn.down
+            if ev & _OUT_BITS and (down.pend is not None or down.piped):  # type: ignore[union-attr]
+                self._flush(conn, down)  # type: ignore[arg-type]
+            if (
+                ev & _IN_BITS and conn.flow.state is State.RELAY
+                and not up.done and up.pend is None and not up.piped  # type: ignore[union-attr]
+            ):  # fmt: skip
+                self._pump(conn, up)  # type: ignore[arg-type]
+            if conn.flow.state is State.RELAY:
+                self._update(conn)
+        elif state is State.HEADER_IN:
+            self._read_header(conn)
+        elif state is State.FIRST_BYTE:
+            try:
+                conn.client.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:
+                return  # a stale event
+            except OSError:
+                pass  # an error is the relay's to report
+            self._interest(conn, 0, conn.tmask)
+            self._act(conn, conn.flow.first_byte())
+
+    def _warn_header(self, conn: Conn, why: str) -> None:
+        cfg = conn.app.config
+        self._proxy._warn_limit(f"proxy-header {cfg.name}",
+                                "conn %s client=%s port=%d app=%s: %s", conn.cid,
+                                _peer(conn.peer), conn.port, cfg.name, why,
+                                extra={"conn": conn.cid})  # fmt: skip
+
+    def _read_header(self, conn: Conn) -> None:
+        """Take the balancer's PROXY header as it arrives, not one byte past its end."""
+        client = conn.client
+        try:
+            peeked = client.recv(HEADER_PEEK - len(conn.hbuf), socket.MSG_PEEK)
+            if not peeked:
+                raise ProxyHeaderError("closed before a PROXY header")
+            data = conn.hbuf + peeked
+            extent = header_extent(data)
+            take = len(peeked) if extent is None else min(len(peeked), extent - len(conn.hbuf))
+            conn.hbuf += client.recv(take)
+            if extent is None or len(conn.hbuf) < extent:
+                return
+            source = parse_header(conn.hbuf)
+        except BlockingIOError:
+            return
+        except (ProxyHeaderError, OSError) as exc:
+            self._warn_header(conn, describe_error(exc))
+            self._end(conn, conn.flow.header_failed(str(exc)))
+            return
+        conn.hbuf = b""
+        if source is not None:
+            conn.peer = source
+        self._interest(conn, 0, conn.tmask)
+        self._act(conn, conn.flow.header_read())
+
+    # -- connecting ---------------------------------------------------------------
+
+    def _connect(self, conn: Conn) -> None:
+        """Connect to flow.target: resolve (from the cache, else a lookup task), then
+        happy eyeballs over its addresses; the connect timeout bounds it all."""
+        target = conn.flow.target
+        assert target is not None
+        cfg = conn.app.config
+        conn.connecting = self._now
+        conn.attempt_errors = []
+        conn.gen += 1  # a new phase: older timers and lookups are stale
+        resolver = self._proxy._resolver
+        try:
+            addresses = resolver.cached(target.host, target.port)
+        except OSError as exc:
+            self._target_failed(conn, describe_error(exc), exc=exc)
+            return
+        if addresses is None:
+            self._at(self._now + cfg.connect_timeout, conn, _PHASE)
+            assert self._tasks is not None
+            self._tasks.start_soon(self._lookup, conn, conn.gen, name="resolve")
+            return
+        self._try_addresses(conn, addresses, arm=True)
+
+    async def _lookup(self, conn: Conn, gen: int) -> None:
+        """Resolve the conn's target on a trio task; feed the answer back unless stale."""
+        target = conn.flow.target
+        assert target is not None
+        left = conn.connecting + conn.app.config.connect_timeout - time.monotonic()
+        answer: list[tuple[int, tuple]] | OSError | None = None
+        with trio.move_on_after(left):  # the resolver gives up just before: says "DNS"
+            try:
+                answer = await self._proxy._resolver.resolve(target.host, target.port)
+            except OSError as exc:
+                answer = exc
+        if answer is None or conn.gen != gen or conn not in self._conns:
+            return  # the connect timeout (or the connection's end) came first
+        self._now = time.monotonic()
+        try:
+            if isinstance(answer, OSError):
+                self._target_failed(conn, describe_error(answer), exc=answer)
+            else:
+                self._try_addresses(conn, answer, arm=False)
+        except Exception:
+            self._internal_error(conn)
+
+    def _try_addresses(self, conn: Conn, addresses: list[tuple[int, tuple]], *, arm: bool) -> None:
+        """Happy eyeballs over `addresses`; `arm`: the connect timeout is not armed yet."""
+        if not addresses:
+            target = conn.flow.target
+            assert target is not None
+            self._target_failed(conn, describe_error(OSError(f"{target.host} has no address")))
+            return
+        conn.addresses = interleave(addresses) if len(addresses) > 1 else list(addresses)
+        self._next_attempt(conn, arm=arm)
+
+    def _next_attempt(self, conn: Conn, *, arm: bool = False) -> None:
+        """Start the next address; a loopback connect is done at once (no wait)."""
+        flow = conn.flow
+        target = flow.target
+        check = self._proxy._self_loop.check
+        while conn.addresses:
+            family, sockaddr = conn.addresses.pop(0)
+            sock: socket.socket | None = None
+            try:
+                check(target, family, sockaddr)  # type: ignore[arg-type]
+                sock = socket.socket(family, _STREAM_NONBLOCK)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                err = sock.connect_ex(sockaddr)
+                # On loopback the handshake is done by now; one getsockopt spares a wait.
+                if (
+                    err == errno.EINPROGRESS
+                    and sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _ESTABLISHED
+                ):
+                    err = 0
+                if err and err != errno.EINPROGRESS:
+                    raise OSError(err, os.strerror(err))
+            except OSError as exc:
+                if sock is not None:
+                    sock.close()
+                conn.attempt_errors.append(exc)
+                if exc.errno in LOCAL_ERRNOS:
+                    break
+                continue
+            if not err:
+                self._won(conn, sock)
+                return
+            fd = sock.fileno()
+            conn.attempts.append(sock)
+            self._fds[fd] = (self._on_attempt, (conn, sock))
+            self._epoll.register(fd, _OUT)
+            if arm:
+                arm = False
+                self._at(self._now + conn.app.config.connect_timeout, conn, _PHASE)
+            if conn.addresses:
+                self._at(self._now + HAPPY_EYEBALLS_DELAY, conn, _STAGGER)
+            return
+        if conn.attempts:
+            return  # others still in flight
+        errors = conn.attempt_errors
+        exc = next((e for e in errors if e.errno in LOCAL_ERRNOS), errors[0])
+        self._target_failed(conn, describe_error(exc), exc=exc)
+
+    def _on_attempt(self, attempt: tuple[Conn, socket.socket], ev: int) -> None:
+        """A connect in flight answered: won, or failed (then the next address)."""
+        conn, sock = attempt
+        try:
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if not err and sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _SYN_SENT:
+                return  # still connecting: a stale event (its descriptor number was reused)
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+        if not err:
+            conn.attempts.remove(sock)
+            self._won(conn, sock, registered=True)
+            return
+        conn.attempts.remove(sock)
+        self._close_attempt(sock)
+        conn.attempt_errors.append(OSError(err, os.strerror(err)))
+        if not conn.attempts:
+            self._next_attempt(conn)
+
+    def _close_attempt(self, sock: socket.socket) -> None:
+        self._fds.pop(sock.fileno(), None)
+        sock.close()  # leaves the epoll set with its last descriptor
+
+    def _drop_attempts(self, conn: Conn) -> None:
+        for sock in conn.attempts:
+            self._close_attempt(sock)
+        conn.attempts.clear()
+        conn.addresses = []
+
+    def _won(self, conn: Conn, sock: socket.socket, *, registered: bool = False) -> None:
+        flow = conn.flow
+        target = flow.target
+        assert target is not None
+        self._drop_attempts(conn)
+        conn.target, conn.tfd = sock, sock.fileno()
+        conn.tmask = _OUT if registered else 0
+        conn.moved = False
+        self._fds[conn.tfd] = (self._on_target, conn)
+        cfg = conn.app.config
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("conn %s client=%s port=%d app=%s: connected to %s", conn.cid,
+                      _peer(conn.peer), conn.port, cfg.name, target,
+                      extra={"conn": conn.cid})  # fmt: skip
+        proxy = self._proxy
+        proxy.health.connect_ok(target)
+        proxy.metrics.connected(cfg.name, target, self._now - conn.connecting)
+        self._act(conn, flow.connected())
+
+    def _target_failed(
+        self, conn: Conn, why: str, *, exc: OSError | None = None, timeout: bool = False
+    ) -> None:
+        """The current target could not be connected: the flow picks the next one."""
+        self._drop_attempts(conn)
+        flow = conn.flow
+        target = flow.target
+        assert target is not None
+        ours = exc is not None and exc.errno in LOCAL_ERRNOS
+        if not ours:
+            self._proxy.health.connect_failed_now(target, why)
+        action = (
+            flow.timed_out(Timeout.CONNECT, why) if timeout else flow.connect_failed(why, ours=ours)
+        )
+        if flow.state is State.CLOSED:
+            cfg = conn.app.config
+            if ours:
+                message: Exception = ResourceExhausted(f"cannot connect to {target}: {why}")
+                key = "resources"
+            else:
+                failures = [(str(t), w) for t, w in flow.failures]
+                message, key = TargetUnavailable(cfg.name, failures), f"no-target {cfg.name}"
+            self._proxy._warn_limit(key, "conn %s client=%s port=%d: %s", conn.cid,
+                                    _peer(conn.peer), conn.port, message,
+                                    extra={"conn": conn.cid})  # fmt: skip
+        self._act(conn, action)
+
+    def _redispatch(self, conn: Conn) -> None:
+        """The target failed before any byte moved: close it, try the next (flow's rule 5)."""
+        flow = conn.flow
+        cfg = conn.app.config
+        self._proxy.metrics.ended(cfg.name, flow.dropped, "target-early-error", 0, 0)
+        self._interest(conn, 0, conn.tmask)
+        self._close_target(conn)
+        self._connect(conn)
+
+    def _close_target(self, conn: Conn) -> None:
+        if conn.target is not None:
+            self._fds.pop(conn.tfd, None)
+            conn.target.close()
+            conn.target, conn.tfd, conn.tmask = None, -1, 0
+        for way in (conn.up, conn.down):
+            if way is not None:
+                way.close_pipe()
+        conn.up = conn.down = None
+        conn.header = None
+
+    # -- header out -----------------------------------------------------------------
+
+    def _send_header(self, conn: Conn) -> None:
+        cfg = conn.app.config
+        if conn.header is None:
+            destination = conn.client.getsockname()
+            conn.header = memoryview(
+                build_header(cfg.send_proxy_protocol, conn.peer, destination)  # type: ignore[arg-type]
+            )
+            self._phase(conn, cfg.connect_timeout)
+        try:
+            sent = conn.target.send(conn.header)  # type: ignore[union-attr]
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._interest(conn, conn.cmask, 0)
+            self._act(conn, conn.flow.error(Side.TARGET, describe_error(exc), moved=False))
+            return
+        conn.header = conn.header[sent:]
+        if conn.header:
+            self._interest(conn, conn.cmask, _OUT)
+            return
+        conn.header = None
+        self._act(conn, conn.flow.header_sent())
+
+    def _on_target(self, conn: Conn, ev: int) -> None:
+        state = conn.flow.state
+        if state is State.RELAY:
+            up, down = conn.up, conn.down
+            if ev & _OUT_BITS and (up.pend is not None or up.piped):  # type: ignore[union-attr]
+                self._flush(conn, up)  # type: ignore[arg-type]
+            if (
+                ev & _IN_BITS and conn.flow.state is State.RELAY
+                and not down.done and down.pend is None and not down.piped  # type: ignore[union-attr]
+            ):  # fmt: skip
+                self._pump(conn, down)  # type: ignore[arg-type]
+            if conn.flow.state is State.RELAY:
+                self._update(conn)
+        elif state is State.HEADER_OUT:
+            self._send_header(conn)
+
+    # -- relay ------------------------------------------------------------------------
+
+    def _relay(self, conn: Conn) -> None:
+        client, target = conn.client, conn.target
+        assert target is not None
+        conn.up = _Way(client, target, up=True)
+        conn.down = _Way(target, client, up=False)
+        conn.moved = False
+        conn.last = self._now
+        self._phase(conn, None)
+        self._at(self._now + conn.app.config.idle_timeout, conn, _IDLE)
+        self._interest(conn, _IN, _IN)
+
+    def _fail(self, conn: Conn, side: Side, exc: OSError) -> None:
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        self._act(conn, conn.flow.error(side, why, moved=conn.moved))
+
+    def _pump(self, conn: Conn, way: _Way) -> None:
+        """`way.src` is readable: move what it has to `way.dst`, as far as dst takes it."""
+        if way.splice:
+            self._pump_splice(conn, way)
+            return
+        src_side, dst_side = (Side.CLIENT, Side.TARGET) if way.up else (Side.TARGET, Side.CLIENT)
+        try:
+            data = way.src.recv(COPY_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._fail(conn, src_side, exc)
+            return
+        if not data:
+            way.done = True
+            way.close_pipe()
+            self._act(conn, conn.flow.eof(src_side))
+            return
+        conn.moved = True
+        conn.last = self._now
+        n = len(data)
+        try:
+            sent = way.dst.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._fail(conn, dst_side, exc)
+            return
+        self._count(conn, way, sent)
+        if sent < n:
+            way.pend = memoryview(data)[sent:]
+        elif n == COPY_SIZE and self._use_splice:
+            way.splice = True  # a bulk transfer: the next read splices
+
+    def _count(self, conn: Conn, way: _Way, n: int) -> None:
+        if way.up:
+            conn.up_bytes += n
+        else:
+            conn.down_bytes += n
+
+    def _pump_splice(self, conn: Conn, way: _Way) -> None:
+        src_side, dst_side = (Side.CLIENT, Side.TARGET) if way.up else (Side.TARGET, Side.CLIENT)
+        if way.pipe_r < 0:
+            try:
+                way.pipe_r, way.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno not in _PIPE_ERRNOS:
+                    raise
+                way.splice = False  # out of descriptors for a pipe: copy
+                self._pump(conn, way)
+                return
+        splice = os.splice
+        moved = 0
+        while moved < FAIRNESS_BYTES:
+            try:
+                n = splice(way.src_fd, way.pipe_w, CHUNK_SIZE, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._fail(conn, src_side, exc)
+                return
+            if n == 0:
+                way.done = True
+                way.close_pipe()
+                self._act(conn, conn.flow.eof(src_side))
+                return
+            conn.last = self._now
+            moved += n
+            try:
+                m = splice(way.pipe_r, way.dst_fd, n, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                m = 0
+            except OSError as exc:
+                self._fail(conn, dst_side, exc)
+                return
+            self._count(conn, way, m)
+            if m < n:
+                way.piped = n - m
+                return
+            if n < CHUNK_SIZE:
+                return
+
+    def _flush(self, conn: Conn, way: _Way) -> None:
+        """`way.dst` is writable: hand it what it did not take before."""
+        dst_side = Side.TARGET if way.up else Side.CLIENT
+        conn.last = self._now
+        try:
+            if way.pend is not None:
+                sent = way.dst.send(way.pend)
+                self._count(conn, way, sent)
+                way.pend = way.pend[sent:] if sent < len(way.pend) else None
+            else:
+                m = os.splice(way.pipe_r, way.dst_fd, way.piped, flags=_SPLICE_FLAGS)
+                self._count(conn, way, m)
+                way.piped -= m
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._fail(conn, dst_side, exc)
+
+    # -- the end ------------------------------------------------------------------------
+
+    def _end(self, conn: Conn, action: Action) -> None:
+        """The flow is CLOSED: close (or reset, as `action` says) and account."""
+        self._finish(conn, action)
+
+    def _finish(self, conn: Conn, action: Action) -> None:
+        if conn not in self._conns:
+            return
+        self._conns.discard(conn)
+        conn.gen += 1
+        flow = conn.flow
+        fds = self._fds
+        fds.pop(conn.cfd, None)
+        self._drop_attempts(conn)
+        if action is Action.ABORT_CLIENT:
+            abort(conn.client)
+        else:
+            conn.client.close()
+        if conn.target is not None:
+            fds.pop(conn.tfd, None)
+            if action is Action.ABORT_TARGET:
+                abort(conn.target)
+            else:
+                conn.target.close()
+        for way in (conn.up, conn.down):
+            if way is not None:
+                way.close_pipe()
+        flow.release()
+        proxy = self._proxy
+        cfg = conn.app.config
+        name = cfg.name
+        proxy.active_total -= 1
+        proxy.active_by_app[name] -= 1
+        if not proxy.active_by_app[name]:
+            del proxy.active_by_app[name]
+        if conn.source is not None:
+            proxy.active_by_source[conn.source] -= 1
+            if not proxy.active_by_source[conn.source]:
+                del proxy.active_by_source[conn.source]
+        proxy.slots.release()
+        connected = conn.target is not None
+        used = flow.target if connected else None
+        proxy.metrics.ended(name, used, flow.reason, conn.up_bytes, conn.down_bytes)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "conn %s client=%s port=%d app=%s target=%s up=%d down=%d duration=%.3fs "
+                "end=%s%s", conn.cid, _peer(conn.peer), conn.port, name, used or "-",
+                conn.up_bytes, conn.down_bytes, time.monotonic() - conn.started, flow.end_label,
+                f" failed-first={','.join(flow.failed)}" if flow.failed else "",
+                extra={"conn": conn.cid},
+            )  # fmt: skip
+        conn.target = None
+
+
+def _peer(peer: tuple) -> str:
+    host, port = peer[0], peer[1]
+    if host.startswith("::ffff:") and "." in host:  # IPv4 client on a dual-stack socket
+        host = host[7:]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

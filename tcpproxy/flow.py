@@ -1,0 +1,333 @@
+"""One proxied connection's life as a state machine, with no I/O (h11 style).
+
+The epoll engine (tcpproxy/engine.py) does the syscalls and feeds what
+happened in as events (a method call each); the flow answers with the one
+`Action` the engine must take next. What to do is decided here, so it is
+tested without sockets: the try order and its failover, the redispatch rule,
+half-close, and why the connection ended (the splice.EndReason values, so
+logs and metrics read as with the trio path).
+
+Rules:
+1. accepted -> READ_HEADER if the app accepts PROXY headers, else
+   WAIT_FIRST_BYTE if it has a FirstByteTimeout, else CONNECT (the first
+   target of the balancer's order).
+2. A header read (or the first byte seen) moves on as rule 1 does; a bad or
+   late header ends with "client-error (PROXY header)", a silent client with
+   "first-byte-timeout" (both: close the client, no target was touched).
+3. Connecting: success -> SEND_HEADER if the app sends PROXY headers, else
+   RELAY. A failure (refused, unresolvable, timeout) -> CONNECT the next target
+   of the order, each tried once; none left -> "no-target". A failure of ours
+   (out of descriptors) -> "no-resources" at once, blaming no target.
+4. Relay: an EOF from one side -> SHUTDOWN_WRITE the other side, unless the
+   other direction has already ended: then CLOSE both (no shutdown where
+   both sides close anyway). The end reason is then "done".
+5. An error on one side -> abort the OTHER side (RST) and end with
+   "client-error"/"target-error". Except the redispatch rule: a target that
+   fails before a single byte moved either way (or refuses our PROXY header)
+   is "target-early-error": the client never knew it, so the next target is
+   tried (REDISPATCH); with none left, the client is aborted.
+6. An idle timeout ends with "idle-timeout" (close both); a cancel (shutdown
+   cut) ends with "cancelled" (abort the client).
+7. An event a state does not expect is a bug (FlowError), never ignored.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+
+from tcpproxy.balance import Claim
+from tcpproxy.config import Target
+from tcpproxy.splice import EndReason
+
+__all__ = ["TRANSITIONS", "Action", "Flow", "FlowError", "Side", "State", "Timeout"]
+
+
+class State(enum.Enum):
+    NEW = "new"
+    HEADER_IN = "header-in"  # reading the balancer's PROXY header
+    FIRST_BYTE = "first-byte"  # waiting for the client to say something
+    CONNECTING = "connecting"  # connecting to `Flow.target` (resolution included)
+    HEADER_OUT = "header-out"  # sending our PROXY header to the target
+    RELAY = "relay"  # bytes both ways, half-close forwarded
+    CLOSED = "closed"
+
+
+class Action(enum.Enum):
+    READ_HEADER = "read-header"
+    WAIT_FIRST_BYTE = "wait-first-byte"
+    CONNECT = "connect"  # connect to Flow.target
+    SEND_HEADER = "send-header"
+    RELAY = "relay"
+    REDISPATCH = "redispatch"  # close the target socket, then connect to Flow.target
+    SHUTDOWN_CLIENT = "shutdown-client"  # shutdown(SHUT_WR) towards the client
+    SHUTDOWN_TARGET = "shutdown-target"  # shutdown(SHUT_WR) towards the target
+    CLOSE = "close"  # close both sockets (orderly)
+    ABORT_CLIENT = "abort-client"  # RST the client, close the target
+    ABORT_TARGET = "abort-target"  # RST the target, close the client
+
+
+class Side(enum.Enum):
+    CLIENT = "client"
+    TARGET = "target"
+
+
+class Timeout(enum.Enum):
+    HEADER_IN = "header-in"
+    FIRST_BYTE = "first-byte"
+    CONNECT = "connect"
+    HEADER_OUT = "header-out"
+    IDLE = "idle"
+
+
+class FlowError(Exception):
+    """An event the flow's state does not expect: a bug in the engine."""
+
+
+# The transition table: (state, event) -> the states it may lead to. Events are
+# the Flow's methods; where an event has more than one outcome, the method's
+# docstring says which rule picks it. Anything not listed is a FlowError.
+_ANY_LIVE = (State.HEADER_IN, State.FIRST_BYTE, State.CONNECTING, State.HEADER_OUT, State.RELAY)
+TRANSITIONS: dict[tuple[State, str], tuple[State, ...]] = {
+    (State.NEW, "accepted"): (State.HEADER_IN, State.FIRST_BYTE, State.CONNECTING),
+    (State.HEADER_IN, "header_read"): (State.FIRST_BYTE, State.CONNECTING),
+    (State.HEADER_IN, "header_failed"): (State.CLOSED,),
+    (State.HEADER_IN, "timeout"): (State.CLOSED,),
+    (State.FIRST_BYTE, "first_byte"): (State.CONNECTING,),
+    (State.FIRST_BYTE, "timeout"): (State.CLOSED,),
+    (State.CONNECTING, "connected"): (State.HEADER_OUT, State.RELAY),
+    (State.CONNECTING, "connect_failed"): (State.CONNECTING, State.CLOSED),
+    (State.CONNECTING, "timeout"): (State.CONNECTING, State.CLOSED),
+    (State.HEADER_OUT, "header_sent"): (State.RELAY,),
+    (State.HEADER_OUT, "error"): (State.CONNECTING, State.CLOSED),
+    (State.HEADER_OUT, "timeout"): (State.CONNECTING, State.CLOSED),
+    (State.RELAY, "eof"): (State.RELAY, State.CLOSED),
+    (State.RELAY, "error"): (State.CONNECTING, State.CLOSED),
+    (State.RELAY, "timeout"): (State.CLOSED,),
+    **{(state, "cancel"): (State.CLOSED,) for state in (State.NEW, *_ANY_LIVE)},
+}
+_TIMEOUTS = {  # the timeout each state arms (the engine keeps one phase timer per connection)
+    State.HEADER_IN: Timeout.HEADER_IN,
+    State.FIRST_BYTE: Timeout.FIRST_BYTE,
+    State.CONNECTING: Timeout.CONNECT,
+    State.HEADER_OUT: Timeout.HEADER_OUT,
+    State.RELAY: Timeout.IDLE,
+}
+
+
+class Flow:
+    """One connection's state: where it is, which targets are left, how it ended.
+
+    Args:
+      order: every target once, the balancer's choice first (`Balancer.order`).
+      claim: this connection's count against its target; moved on failover,
+        released by `release()` once the connection is gone.
+      accept_header, send_header: the app's AcceptProxyProtocol/SendProxyProtocol.
+      first_byte: whether the app has a FirstByteTimeout.
+    """
+
+    __slots__ = (
+        "_accept_header",
+        "_claim",
+        "_first_byte",
+        "_next",
+        "_order",
+        "_send_header",
+        "client_done",
+        "dropped",
+        "failed",
+        "failures",
+        "reason",
+        "state",
+        "target",
+        "target_done",
+        "why",
+    )
+
+    def __init__(
+        self,
+        order: Sequence[Target],
+        claim: Claim,
+        *,
+        accept_header: bool = False,
+        send_header: bool = False,
+        first_byte: bool = False,
+    ) -> None:
+        self._order = order
+        self._next = 0  # index in order of the next target to try
+        self._claim = claim
+        self._accept_header = accept_header
+        self._send_header = send_header
+        self._first_byte = first_byte
+        self.state = State.NEW
+        self.target: Target | None = None  # being connected, or connected
+        self.failures: list[tuple[Target, str]] = []  # failed connects: (target, why)
+        self.failed: list[str] = []  # targets given up before the one used, for the log line
+        self.dropped: Target | None = None  # the target the last REDISPATCH gave up
+        self.reason = EndReason.CANCELLED.value  # the end reason, once CLOSED
+        self.why = ""  # the detail of an error end
+        self.client_done = False  # the client sent EOF (client -> target direction ended)
+        self.target_done = False  # the target sent EOF
+
+    # -- helpers --------------------------------------------------------------
+
+    def _expect(self, event: str) -> None:
+        if (self.state, event) not in TRANSITIONS:
+            raise FlowError(f"event {event!r} in state {self.state.value}")
+
+    def _end(self, reason: str, error: str = "") -> None:
+        self.state, self.reason, self.why = State.CLOSED, reason, error
+
+    def _connect_next(self) -> Action | None:
+        """Rule 3: CONNECT the next untried target; None when none is left."""
+        if self._next >= len(self._order):
+            return None
+        self.target = self._order[self._next]
+        self._next += 1
+        self._claim.move(self.target)
+        self.state = State.CONNECTING
+        self.client_done = self.target_done = False
+        return Action.CONNECT
+
+    def _after_header(self) -> Action:
+        if self._first_byte:
+            self.state = State.FIRST_BYTE
+            return Action.WAIT_FIRST_BYTE
+        action = self._connect_next()
+        assert action is not None, "a balancer order is never empty"
+        return action
+
+    @property
+    def timeout(self) -> Timeout | None:
+        """The timeout the current state runs under (None once closed)."""
+        return _TIMEOUTS.get(self.state)
+
+    @property
+    def end_label(self) -> str:
+        """The end as logged: the reason, with the error's detail if any."""
+        return f"{self.reason} ({self.why})" if self.why else self.reason
+
+    def release(self) -> None:
+        """The connection is gone: give back its place in the per-target counts."""
+        self._claim.release()
+
+    # -- events ---------------------------------------------------------------
+
+    def accepted(self) -> Action:
+        """Rule 1."""
+        self._expect("accepted")
+        if self._accept_header:
+            self.state = State.HEADER_IN
+            return Action.READ_HEADER
+        return self._after_header()
+
+    def header_read(self) -> Action:
+        """Rule 2: the balancer's header is consumed."""
+        self._expect("header_read")
+        return self._after_header()
+
+    def header_failed(self, why: str) -> Action:
+        """Rule 2: a bad header, or the client closed before one."""
+        self._expect("header_failed")
+        self._end(EndReason.CLIENT_ERROR.value, "PROXY header")
+        return Action.CLOSE
+
+    def first_byte(self) -> Action:
+        """Rule 2: the client sent something (or closed): connect now."""
+        self._expect("first_byte")
+        action = self._connect_next()
+        assert action is not None
+        return action
+
+    def connected(self) -> Action:
+        """Rule 3: the target answered."""
+        self._expect("connected")
+        if self.failures:
+            self.failed.extend(str(t) for t, _ in self.failures)
+            self.failures = []
+        if self._send_header:
+            self.state = State.HEADER_OUT
+            return Action.SEND_HEADER
+        self.state = State.RELAY
+        return Action.RELAY
+
+    def connect_failed(self, why: str, *, ours: bool = False) -> Action:
+        """Rule 3: the target failed (`ours`: the failure is this process's, not its)."""
+        self._expect("connect_failed")
+        if ours:
+            self._end("no-resources")
+            return Action.CLOSE
+        assert self.target is not None
+        self.failures.append((self.target, why))
+        action = self._connect_next()
+        if action is None:
+            self._end("no-target")
+            return Action.CLOSE
+        return action
+
+    def header_sent(self) -> Action:
+        self._expect("header_sent")
+        self.state = State.RELAY
+        return Action.RELAY
+
+    def eof(self, side: Side) -> Action:
+        """Rule 4: `side` ended its stream cleanly."""
+        self._expect("eof")
+        if side is Side.CLIENT:
+            self.client_done = True
+            other_done, action = self.target_done, Action.SHUTDOWN_TARGET
+        else:
+            self.target_done = True
+            other_done, action = self.client_done, Action.SHUTDOWN_CLIENT
+        if other_done:
+            self._end(EndReason.DONE.value)
+            return Action.CLOSE
+        return action
+
+    def error(self, side: Side, why: str, *, moved: bool = True) -> Action:
+        """Rule 5: `side` failed; `moved`: a byte was taken from either side already.
+
+        In HEADER_OUT the target refusing our header is early by definition.
+        """
+        self._expect("error")
+        if side is Side.TARGET and (not moved or self.state is State.HEADER_OUT):
+            return self._early(why)
+        if side is Side.CLIENT:
+            self._end(EndReason.CLIENT_ERROR.value, why)
+            return Action.ABORT_TARGET
+        self._end(EndReason.TARGET_ERROR.value, why)
+        return Action.ABORT_CLIENT
+
+    def _early(self, why: str) -> Action:
+        """Rule 5's exception: redispatch to the next target, or abort the client."""
+        dropped = self.target
+        if self._connect_next() is None:  # the last target's failure is the end reason
+            self._end(EndReason.TARGET_EARLY_ERROR.value, why)
+            return Action.ABORT_CLIENT
+        self.failed.append(f"{dropped}({why.lower()})")
+        self.dropped = dropped
+        return Action.REDISPATCH
+
+    def timed_out(self, kind: Timeout, detail: str = "") -> Action:
+        """The current state's timeout (`kind` must be it) ran out; `detail` says how long."""
+        self._expect("timeout")
+        if kind is not self.timeout:
+            raise FlowError(f"timeout {kind.value} in state {self.state.value}")
+        if kind is Timeout.HEADER_IN:
+            self._end(EndReason.CLIENT_ERROR.value, "PROXY header")
+            return Action.CLOSE
+        if kind is Timeout.FIRST_BYTE:
+            self._end("first-byte-timeout")
+            return Action.CLOSE
+        if kind is Timeout.CONNECT:
+            return self.connect_failed(detail)
+        if kind is Timeout.HEADER_OUT:
+            return self._early(detail)
+        self._end(EndReason.IDLE.value)
+        return Action.CLOSE
+
+    def cancel(self) -> Action:
+        """Rule 6: the proxy cuts the connection (shutdown): the client sees a reset."""
+        self._expect("cancel")
+        self._end(EndReason.CANCELLED.value)
+        return Action.ABORT_CLIENT

@@ -1,0 +1,239 @@
+"""The connection state machine (tcpproxy/flow.py), without sockets."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from tcpproxy.balance import Claim
+from tcpproxy.config import Target
+from tcpproxy.flow import TRANSITIONS, Action, Flow, FlowError, Side, State, Timeout
+from tcpproxy.proxy_protocol import ProxyHeaderError, header_extent
+
+A, B, C = Target("10.0.0.1", 80), Target("10.0.0.2", 80), Target("10.0.0.3", 80)
+
+
+def make(order: list[Target] | None = None, **options: bool) -> tuple[Flow, Counter[Target]]:
+    order = order or [A, B, C]
+    active: Counter[Target] = Counter()
+    return Flow(order, Claim(active, order[0]), **options), active
+
+
+def relaying(**options: bool) -> tuple[Flow, Counter[Target]]:
+    flow, active = make(**options)
+    assert flow.accepted() is Action.CONNECT
+    assert flow.connected() is Action.RELAY
+    return flow, active
+
+
+def test_plain_connection_connects_at_once_and_counts_its_target() -> None:
+    flow, active = make()
+    assert flow.accepted() is Action.CONNECT
+    assert (flow.state, flow.target, active) == (State.CONNECTING, A, Counter({A: 1}))
+    assert flow.timeout is Timeout.CONNECT
+    assert flow.connected() is Action.RELAY
+    assert flow.timeout is Timeout.IDLE
+    flow.release()
+    flow.release()  # idempotent
+    assert not active
+
+
+def test_header_then_first_byte_then_connect_then_header_out() -> None:
+    flow, _ = make(accept_header=True, first_byte=True, send_header=True)
+    assert flow.accepted() is Action.READ_HEADER
+    assert flow.timeout is Timeout.HEADER_IN
+    assert flow.header_read() is Action.WAIT_FIRST_BYTE
+    assert flow.timeout is Timeout.FIRST_BYTE
+    assert flow.first_byte() is Action.CONNECT
+    assert flow.connected() is Action.SEND_HEADER
+    assert flow.timeout is Timeout.HEADER_OUT
+    assert flow.header_sent() is Action.RELAY
+
+
+@pytest.mark.parametrize(
+    ("options", "event", "label"),
+    [
+        ({"accept_header": True}, lambda f: f.header_failed("bad"), "client-error (PROXY header)"),
+        (
+            {"accept_header": True},
+            lambda f: f.timed_out(Timeout.HEADER_IN),
+            "client-error (PROXY header)",
+        ),
+        ({"first_byte": True}, lambda f: f.timed_out(Timeout.FIRST_BYTE), "first-byte-timeout"),
+    ],
+)
+def test_client_side_failures_before_any_target_close_the_client(options, event, label) -> None:
+    flow, _ = make(**options)
+    flow.accepted()
+    assert event(flow) is Action.CLOSE
+    assert (flow.state, flow.end_label, flow.target) == (State.CLOSED, label, None)
+
+
+def test_failover_tries_each_target_once_then_no_target() -> None:
+    flow, active = make()
+    flow.accepted()
+    assert flow.connect_failed("connection refused") is Action.CONNECT
+    assert (flow.target, active) == (B, Counter({B: 1}))
+    assert flow.timed_out(Timeout.CONNECT, "no answer within 2s") is Action.CONNECT
+    assert flow.target == C
+    assert flow.connect_failed("connection refused") is Action.CLOSE
+    assert flow.end_label == "no-target"
+    assert [why for _, why in flow.failures] == [
+        "connection refused",
+        "no answer within 2s",
+        "connection refused",
+    ]
+
+
+def test_targets_that_failed_before_the_one_used_are_logged() -> None:
+    flow, _ = make()
+    flow.accepted()
+    flow.connect_failed("connection refused")
+    assert flow.connected() is Action.RELAY
+    assert flow.failed == [str(A)]
+
+
+def test_our_own_failure_blames_no_target_and_tries_no_other() -> None:
+    flow, _ = make()
+    flow.accepted()
+    assert flow.connect_failed("too many open files", ours=True) is Action.CLOSE
+    assert (flow.end_label, flow.failures) == ("no-resources", [])
+
+
+def test_half_close_is_forwarded_then_both_close_without_a_second_shutdown() -> None:
+    flow, _ = relaying()
+    assert flow.eof(Side.CLIENT) is Action.SHUTDOWN_TARGET
+    assert flow.state is State.RELAY
+    assert flow.eof(Side.TARGET) is Action.CLOSE
+    assert flow.end_label == "done"
+    flow2, _ = relaying()
+    assert flow2.eof(Side.TARGET) is Action.SHUTDOWN_CLIENT
+    assert flow2.eof(Side.CLIENT) is Action.CLOSE
+
+
+def test_errors_reset_the_other_side() -> None:
+    flow, _ = relaying()
+    assert flow.error(Side.CLIENT, "Connection reset by peer") is Action.ABORT_TARGET
+    assert flow.end_label == "client-error (Connection reset by peer)"
+    flow, _ = relaying()
+    assert flow.error(Side.TARGET, "Broken pipe") is Action.ABORT_CLIENT
+    assert flow.end_label == "target-error (Broken pipe)"
+
+
+def test_target_failing_before_any_byte_redispatches_then_aborts_the_client() -> None:
+    flow, active = relaying()
+    assert flow.error(Side.TARGET, "Connection reset by peer", moved=False) is Action.REDISPATCH
+    assert (flow.state, flow.target, flow.dropped, active) == (
+        State.CONNECTING, B, A, Counter({B: 1}),
+    )  # fmt: skip
+    assert flow.connected() is Action.RELAY
+    assert flow.error(Side.TARGET, "Connection reset by peer", moved=False) is Action.REDISPATCH
+    flow.connected()
+    assert flow.error(Side.TARGET, "Connection reset by peer", moved=False) is Action.ABORT_CLIENT
+    assert flow.end_label == "target-early-error (Connection reset by peer)"
+    assert flow.failed == [f"{A}(connection reset by peer)", f"{B}(connection reset by peer)"]
+
+
+def test_a_target_refusing_our_header_is_early_even_if_the_client_spoke() -> None:
+    flow, _ = make(send_header=True)
+    flow.accepted()
+    flow.connected()
+    assert flow.timed_out(Timeout.HEADER_OUT, "PROXY header not taken within 2s") is (
+        Action.REDISPATCH
+    )
+    flow.connected()
+    assert flow.error(Side.TARGET, "broken pipe") is Action.REDISPATCH
+
+
+def test_redispatch_forgets_the_half_close_of_the_dropped_target() -> None:
+    flow, _ = relaying()
+    flow.eof(Side.TARGET)  # the target closed at once, cleanly: a "done" stream so far
+    assert flow.error(Side.TARGET, "Connection reset by peer", moved=False) is Action.REDISPATCH
+    flow.connected()
+    assert flow.eof(Side.CLIENT) is Action.SHUTDOWN_TARGET
+
+
+def test_idle_timeout_and_cancel() -> None:
+    flow, _ = relaying()
+    assert flow.timed_out(Timeout.IDLE) is Action.CLOSE
+    assert flow.end_label == "idle-timeout"
+    flow, _ = make(accept_header=True)
+    flow.accepted()
+    assert flow.cancel() is Action.ABORT_CLIENT
+    assert flow.end_label == "cancelled"
+
+
+# every (state, event) pair not in the table is refused
+EVENTS = {
+    "accepted": lambda f: f.accepted(),
+    "header_read": lambda f: f.header_read(),
+    "header_failed": lambda f: f.header_failed("x"),
+    "first_byte": lambda f: f.first_byte(),
+    "connected": lambda f: f.connected(),
+    "connect_failed": lambda f: f.connect_failed("x"),
+    "header_sent": lambda f: f.header_sent(),
+    "eof": lambda f: f.eof(Side.CLIENT),
+    "error": lambda f: f.error(Side.CLIENT, "x"),
+    "timeout": lambda f: f.timed_out(f.timeout or Timeout.IDLE, "x"),
+    "cancel": lambda f: f.cancel(),
+}
+# how to bring a fresh flow into each state (with every option on, so all are reachable)
+REACH = {
+    State.NEW: [],
+    State.HEADER_IN: ["accepted"],
+    State.FIRST_BYTE: ["accepted", "header_read"],
+    State.CONNECTING: ["accepted", "header_read", "first_byte"],
+    State.HEADER_OUT: ["accepted", "header_read", "first_byte", "connected"],
+    State.RELAY: ["accepted", "header_read", "first_byte", "connected", "header_sent"],
+    State.CLOSED: ["accepted", "cancel"],
+}
+
+
+@pytest.mark.parametrize("state", list(State))
+@pytest.mark.parametrize("event", list(EVENTS))
+def test_every_state_and_event_follows_the_table(state: State, event: str) -> None:
+    flow, _ = make(accept_header=True, first_byte=True, send_header=True)
+    for step in REACH[state]:
+        EVENTS[step](flow)
+    assert flow.state is state
+    allowed = TRANSITIONS.get((state, event))
+    if allowed is None:
+        with pytest.raises(FlowError):
+            EVENTS[event](flow)
+        assert flow.state is state  # a refused event changes nothing
+    else:
+        action = EVENTS[event](flow)
+        assert isinstance(action, Action)
+        assert flow.state in allowed
+
+
+def test_a_timeout_of_another_state_is_a_bug() -> None:
+    flow, _ = relaying()
+    with pytest.raises(FlowError):
+        flow.timed_out(Timeout.CONNECT)
+
+
+V2 = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+@pytest.mark.parametrize(
+    ("data", "extent"),
+    [
+        (b"", None),
+        (b"PRO", None),
+        (b"PROXY TCP4 1.2.3.4", None),
+        (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\nGET /", 32),
+        (V2[:5], None),
+        (V2 + b"\x21\x11", None),
+        (V2 + b"\x21\x11\x00\x0c" + b"x" * 3, 28),
+    ],
+)
+def test_header_extent_knows_where_the_header_ends(data: bytes, extent: int | None) -> None:
+    assert header_extent(data) == extent
+
+
+@pytest.mark.parametrize("data", [b"GET / HTTP/1.1\r\n", b"PROXY " + b"x" * 120, b"\r\n\r\nX"])
+def test_header_extent_refuses_what_cannot_be_a_header(data: bytes) -> None:
+    with pytest.raises(ProxyHeaderError):
+        header_extent(data)
