@@ -243,7 +243,7 @@ class Flow:
         """Rule 3: the target answered."""
         self._expect("connected")
         if self.failures:
-            self.failed.extend(str(t) for t, _ in self.failures)
+            self.failed.extend(f"{t}({why})" for t, why in self.failures)
             self.failures = []
         if self._send_header:
             self.state = State.HEADER_OUT

@@ -91,7 +91,7 @@ def test_targets_that_failed_before_the_one_used_are_logged() -> None:
     flow.accepted()
     flow.connect_failed("connection refused")
     assert flow.connected() is Action.RELAY
-    assert flow.failed == [str(A)]
+    assert flow.failed == [f"{A}(connection refused)"]  # the log says why
 
 
 def test_our_own_failure_blames_no_target_and_tries_no_other() -> None:
