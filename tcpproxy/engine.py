@@ -303,6 +303,11 @@ class Engine:
         if len(self._timers) > TIMER_SLACK * len(self._conns) + TIMER_FLOOR:
             self._compact()
         heapq.heappush(self._timers, (when, next(self._seq), obj.gen, obj, kind))
+        # Armed outside the loop's turn (a lookup task) while it sleeps for longer:
+        # wake it, or this timer would wait for whatever was due first.
+        wake = self._wake
+        if wake is not None and when < wake.deadline:
+            wake.cancel()
 
     def _compact(self) -> None:
         """Drop stale timers (ended connections, past phases) from the heap.
@@ -644,6 +649,11 @@ class Engine:
                 self._try_addresses(conn, answer, arm=False)
         except Exception:
             self._internal_error(conn)
+        finally:
+            # Outside the loop's turn: what it did (a slot freed, new descriptors,
+            # timers) must be seen now, not after the loop's current sleep.
+            if self._wake is not None:
+                self._wake.cancel()
 
     def _try_addresses(self, conn: Conn, addresses: list[tuple[int, tuple]], *, arm: bool) -> None:
         """Happy eyeballs over `addresses`; `arm`: the connect timeout is not armed yet."""
