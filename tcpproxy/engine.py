@@ -128,7 +128,7 @@ class _Way:
 
 
 class _Listener:
-    __slots__ = ("failures", "fd", "gen", "kind", "port", "registered", "sock")
+    __slots__ = ("backoff_pending", "failures", "fd", "gen", "kind", "port", "registered", "sock")
 
     def __init__(self, sock: socket.socket, port: int | None) -> None:
         self.sock, self.fd, self.port = sock, sock.fileno(), port
@@ -137,6 +137,7 @@ class _Listener:
         self.kind = (int(sock.family), int(sock.type), sock.proto)
         self.registered = False
         self.failures = 0  # capacity errors in a row
+        self.backoff_pending = False  # unregistered until its backoff timer fires
         self.gen = 0  # timer validity (backoff)
 
 
@@ -408,12 +409,15 @@ class Engine:
     def _resume(self) -> None:
         self._paused = False
         for lst in self._listeners.values():
-            if not lst.registered and not lst.failures:
+            if not lst.registered and not lst.backoff_pending:
                 self._epoll.register(lst.fd, _IN)
                 lst.registered = True
 
     def _backoff_over(self, lst: _Listener) -> None:
-        if lst.fd in self._listeners and not lst.registered and not self._paused:
+        # Paused meanwhile: `_resume` registers it (`failures` may stay > 0 until an
+        # accept succeeds, so it cannot be what keeps a listener off).
+        lst.backoff_pending = False
+        if self._listeners.get(lst.fd) is lst and not lst.registered and not self._paused:
             self._epoll.register(lst.fd, _IN)
             lst.registered = True
 
@@ -438,6 +442,7 @@ class Engine:
                             lst.port or "*", exc.strerror, ACCEPT_BACKOFF * 1000,
                         )  # fmt: skip
                     lst.failures += 1
+                    lst.backoff_pending = True
                     if lst.registered:
                         self._epoll.unregister(lst.fd)
                         lst.registered = False

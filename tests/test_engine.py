@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 
 import trio
 
 from tcpproxy.config import AppConfig, Config, Target
+from tcpproxy.listeners import ACCEPT_BACKOFF
 from tcpproxy.proxy import Proxy
 from tests.test_connect import Blackhole
 
@@ -65,3 +68,63 @@ async def test_the_stagger_armed_by_a_lookup_wakes_the_loop() -> None:
         live.close()
         if client is not None:
             client.close()
+
+
+class FlakyListener(socket.socket):
+    """A listener whose accept fails with EMFILE while `out_of_fds` is set."""
+
+    out_of_fds = False
+
+    def _accept(self):  # type: ignore[override]
+        if self.out_of_fds:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return super()._accept()
+
+
+async def test_a_listener_backing_off_then_paused_at_the_limit_accepts_again() -> None:
+    """EMFILE (backoff), then the backoff's retry finds the connection limit reached
+    (pause): once a slot is free the listener must accept again, not stay deaf."""
+    backend = socket.socket()
+    listener = FlakyListener()
+    clients: list[socket.socket] = []
+    try:
+        backend.bind(("127.0.0.1", 0))
+        backend.listen()
+        backend.setblocking(False)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        app = AppConfig("A", (PORT,), (Target("127.0.0.1", backend.getsockname()[1]),))
+        async with trio.open_nursery() as nursery:
+            proxy = Proxy(
+                Config(apps=(app,)), nursery, max_connections=1, use_splice=False,
+                engine="epoll",
+            )  # fmt: skip
+            engine = proxy.engine
+            assert engine is not None
+            await nursery.start(engine.run)
+            engine.add_listener(listener, PORT)
+
+            listener.out_of_fds = True
+            late = socket.create_connection(listener.getsockname())
+            clients.append(late)
+            await trio.sleep(0.03)  # its accept failed: backing off
+            ours, first = socket.socketpair()  # meanwhile the one slot is taken
+            clients.append(first)
+            ours.setblocking(False)
+            proxy.slots.acquire_nowait()
+            proxy.dispatch(ours, PORT, ("127.0.0.1", 40000))
+            with trio.fail_after(5):
+                await trio.lowlevel.wait_readable(backend)
+            backend.accept()[0].close()
+            listener.out_of_fds = False
+            await trio.sleep(3 * ACCEPT_BACKOFF)  # the retry came and found no slot: paused
+            first.close()  # the slot is free again (the target's close ends it too)
+            with trio.move_on_after(3) as waited:
+                await trio.lowlevel.wait_readable(backend)
+            assert not waited.cancelled_caught, "the listener no longer accepts"
+            backend.accept()[0].close()
+            nursery.cancel_scope.cancel()
+    finally:
+        for sock in [*clients, backend, listener]:
+            sock.close()
