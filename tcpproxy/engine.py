@@ -998,6 +998,11 @@ class Engine:
         for way in (conn.up, conn.down):
             if way is not None:
                 way.close_pipe()
+        # A stale timer (the idle one is due an hour later) keeps this Conn until the
+        # heap is swept: let go now of what can be large, the bytes a peer never took.
+        conn.up = conn.down = conn.header = None
+        conn.hbuf = b""
+        conn.addresses, conn.attempt_errors = [], []
         flow.release()
         proxy = self._proxy
         cfg = conn.app.config

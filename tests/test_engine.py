@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import struct
 
 import trio
 
@@ -128,3 +129,48 @@ async def test_a_listener_backing_off_then_paused_at_the_limit_accepts_again() -
     finally:
         for sock in [*clients, backend, listener]:
             sock.close()
+
+
+async def test_an_ended_connection_lets_go_of_its_buffers() -> None:
+    """A stale timer keeps an ended Conn until the timer heap is swept: it must not
+    keep the bytes a slow reader never took (nor its directions) with it."""
+    backend = socket.socket()
+    client = served = None
+    try:
+        backend.bind(("127.0.0.1", 0))
+        backend.listen()
+        app = AppConfig("A", (PORT,), (Target("127.0.0.1", backend.getsockname()[1]),))
+        async with trio.open_nursery() as nursery:
+            proxy = Proxy(
+                Config(apps=(app,)), nursery, max_connections=10, use_splice=False,
+                engine="epoll",
+            )  # fmt: skip
+            engine = proxy.engine
+            assert engine is not None
+            await nursery.start(engine.run)
+            ours, client = socket.socketpair()
+            ours.setblocking(False)
+            proxy.slots.acquire_nowait()
+            proxy.dispatch(ours, PORT, ("127.0.0.1", 40000))
+            (conn,) = engine._conns
+            client.send(b"x")  # the first byte: the engine connects
+            served = (await trio.to_thread.run_sync(backend.accept))[0]
+            served.setblocking(False)
+            with trio.fail_after(5):  # the client reads nothing: the engine holds bytes
+                while conn.down is None or conn.down.pend is None:
+                    try:
+                        served.send(b"y" * 65536)
+                    except BlockingIOError:
+                        pass
+                    await trio.sleep(0.01)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()  # reset
+            with trio.fail_after(5):
+                while conn in engine._conns:
+                    await trio.sleep(0.01)
+            assert (conn.up, conn.down, conn.header, conn.hbuf) == (None, None, None, b"")
+            nursery.cancel_scope.cancel()
+    finally:
+        for sock in (client, served, backend):
+            if sock is not None:
+                sock.close()
