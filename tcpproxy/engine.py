@@ -294,7 +294,7 @@ class Engine:
                           _peer(obj.peer), obj.port, extra={"conn": obj.cid})  # fmt: skip
             obj.flow.reason, obj.flow.why = "internal-error", ""
             obj.flow.state = State.CLOSED
-            self._finish(obj, Action.ABORT_CLIENT)
+            self._finish(obj, Action.ABORT_BOTH)
         else:
             log.exception("engine: internal error")
 
@@ -985,13 +985,13 @@ class Engine:
         fds = self._fds
         fds.pop(conn.cfd, None)
         self._drop_attempts(conn)
-        if action is Action.ABORT_CLIENT:
+        if action is Action.ABORT_CLIENT or action is Action.ABORT_BOTH:
             abort(conn.client)
         else:
             conn.client.close()
         if conn.target is not None:
             fds.pop(conn.tfd, None)
-            if action is Action.ABORT_TARGET:
+            if action is Action.ABORT_TARGET or action is Action.ABORT_BOTH:
                 abort(conn.target)
             else:
                 conn.target.close()

@@ -27,7 +27,7 @@ Rules:
    is "target-early-error": the client never knew it, so the next target is
    tried (REDISPATCH); with none left, the client is aborted.
 6. An idle timeout ends with "idle-timeout" (close both); a cancel (shutdown
-   cut) ends with "cancelled" (abort the client).
+   cut) ends with "cancelled" (abort both: neither peer takes it for complete).
 7. An event a state does not expect is a bug (FlowError), never ignored.
 """
 
@@ -65,6 +65,7 @@ class Action(enum.Enum):
     CLOSE = "close"  # close both sockets (orderly)
     ABORT_CLIENT = "abort-client"  # RST the client, close the target
     ABORT_TARGET = "abort-target"  # RST the target, close the client
+    ABORT_BOTH = "abort-both"  # RST both: the proxy cut the connection short
 
 
 class Side(enum.Enum):
@@ -327,7 +328,8 @@ class Flow:
         return Action.CLOSE
 
     def cancel(self) -> Action:
-        """Rule 6: the proxy cuts the connection (shutdown): the client sees a reset."""
+        """Rule 6: the proxy cuts the connection (shutdown): both peers see a reset,
+        so neither takes a cut-off stream for a complete one."""
         self._expect("cancel")
         self._end(EndReason.CANCELLED.value)
-        return Action.ABORT_CLIENT
+        return Action.ABORT_BOTH

@@ -495,8 +495,11 @@ class Proxy:
             if not self.active_by_app[cfg.name]:
                 del self.active_by_app[cfg.name]
             self.slots.release()
-            if reason == "cancelled":
-                abort(client)  # the proxy cut it short: tell the client it is incomplete
+            if reason in ("cancelled", "internal-error"):
+                # the proxy cut it short: tell both peers the stream is incomplete
+                abort(client)
+                if target_sock is not None:
+                    abort(target_sock)
             client.close()
             if target_sock is not None:
                 target_sock.close()

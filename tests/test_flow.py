@@ -160,7 +160,7 @@ def test_idle_timeout_and_cancel() -> None:
     assert flow.end_label == "idle-timeout"
     flow, _ = make(accept_header=True)
     flow.accepted()
-    assert flow.cancel() is Action.ABORT_CLIENT
+    assert flow.cancel() is Action.ABORT_BOTH
     assert flow.end_label == "cancelled"
 
 

@@ -26,6 +26,7 @@ from tests.helpers import (
     recv_line,
     running_tcpproxy,
     tcpproxy_argv,
+    wait_until,
     which_backend,
     write_config,
 )
@@ -427,6 +428,37 @@ def test_drain_timeout_cuts_remaining_connections(config_path: Path, backends) -
         with pytest.raises(ConnectionResetError):
             idle.recv(10)  # aborted, not a clean end of stream
         idle.close()
+
+
+@pytest.mark.parametrize("engine", ["epoll", "trio"])
+def test_drain_timeout_resets_the_target_too(config_path: Path, backends, engine: str) -> None:
+    """A cut upload must not look complete to the backend: it sees a reset, not EOF."""
+    ended: list[str] = []
+    got_data = threading.Event()
+
+    def sink(conn: socket.socket) -> None:
+        conn.settimeout(TIMEOUT)
+        try:
+            while conn.recv(65536):
+                got_data.set()
+            ended.append("eof")
+        except ConnectionResetError:
+            ended.append("reset")
+        except OSError as exc:
+            ended.append(repr(exc))
+
+    a = backends("a", sink)
+    port = free_port()
+    write_config(config_path, [app("A", [port], [a.address])])
+    with running_tcpproxy(config_path, "--drain-timeout", "1", "--engine", engine) as proxy:
+        upload = connect(port)
+        upload.sendall(b"x" * 1000)  # and more would follow
+        assert got_data.wait(TIMEOUT)
+        proxy.send(signal.SIGTERM)
+        assert proxy.proc.wait(TIMEOUT) == 0
+        assert wait_until(lambda: ended)
+        upload.close()
+    assert ended == ["reset"]
 
 
 def test_second_sigint_exits_at_once(config_path: Path, backends) -> None:
