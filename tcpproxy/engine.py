@@ -38,11 +38,11 @@ import select
 import socket
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from tcpproxy.balance import Claim
 from tcpproxy.connect import HAPPY_EYEBALLS_DELAY, LOCAL_ERRNOS, describe_error, interleave
 from tcpproxy.errors import ResourceExhausted, TargetUnavailable
 from tcpproxy.flow import Action, Flow, Side, State, Timeout
@@ -479,9 +479,8 @@ class Engine:
         """Serve an admitted connection (Proxy.dispatch counted it and holds its slot)."""
         cfg = app.config
         proxy = self._proxy
-        order = app.balancer.order(proxy.health.book.is_down)
         flow = Flow(
-            order, Claim(proxy.active, order[0]),
+            partial(app.balancer.order, proxy.health.book.is_down), proxy.active,
             accept_header=cfg.accept_proxy_protocol, send_header=bool(cfg.send_proxy_protocol),
             first_byte=cfg.first_byte_timeout is not None,
         )  # fmt: skip

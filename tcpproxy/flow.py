@@ -10,7 +10,7 @@ logs and metrics read as with the trio path).
 Rules:
 1. accepted -> READ_HEADER if the app accepts PROXY headers, else
    WAIT_FIRST_BYTE if it has a FirstByteTimeout, else CONNECT (the first
-   target of the balancer's order).
+   target of the balancer's order, asked for at that first CONNECT).
 2. A header read (or the first byte seen) moves on as rule 1 does; a bad or
    late header ends with "client-error (PROXY header)", a silent client with
    "first-byte-timeout" (both: close the client, no target was touched).
@@ -34,7 +34,7 @@ Rules:
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 
 from tcpproxy.balance import Claim
 from tcpproxy.config import Target
@@ -120,15 +120,20 @@ class Flow:
     """One connection's state: where it is, which targets are left, how it ended.
 
     Args:
-      order: every target once, the balancer's choice first (`Balancer.order`).
-      claim: this connection's count against its target; moved on failover,
-        released by `release()` once the connection is gone.
+      choose: the try order, every target once, the balancer's choice first
+        (`Balancer.order`); called when the flow first connects, not at accept:
+        a client silent behind a PROXY header or a FirstByteTimeout neither
+        counts against a target nor gets one chosen long before it speaks.
+      active: the per-target counts; this connection's `Claim` on them is taken
+        with that choice, moved on failover, released by `release()`.
       accept_header, send_header: the app's AcceptProxyProtocol/SendProxyProtocol.
       first_byte: whether the app has a FirstByteTimeout.
     """
 
     __slots__ = (
         "_accept_header",
+        "_active",
+        "_choose",
         "_claim",
         "_first_byte",
         "_next",
@@ -147,16 +152,17 @@ class Flow:
 
     def __init__(
         self,
-        order: Sequence[Target],
-        claim: Claim,
+        choose: Callable[[], Sequence[Target]],
+        active: MutableMapping[Target, int],
         *,
         accept_header: bool = False,
         send_header: bool = False,
         first_byte: bool = False,
     ) -> None:
-        self._order = order
+        self._choose, self._active = choose, active
+        self._order: Sequence[Target] = ()  # chosen on the first connect
         self._next = 0  # index in order of the next target to try
-        self._claim = claim
+        self._claim: Claim | None = None  # taken with the order
         self._accept_header = accept_header
         self._send_header = send_header
         self._first_byte = first_byte
@@ -181,6 +187,11 @@ class Flow:
 
     def _connect_next(self) -> Action | None:
         """Rule 3: CONNECT the next untried target; None when none is left."""
+        if self._claim is None:  # the first connect: choose now
+            self._order = self._choose()
+            if not self._order:
+                return None
+            self._claim = Claim(self._active, self._order[0])
         if self._next >= len(self._order):
             return None
         self.target = self._order[self._next]
@@ -210,7 +221,8 @@ class Flow:
 
     def release(self) -> None:
         """The connection is gone: give back its place in the per-target counts."""
-        self._claim.release()
+        if self._claim is not None:
+            self._claim.release()
 
     # -- events ---------------------------------------------------------------
 

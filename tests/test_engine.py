@@ -174,3 +174,38 @@ async def test_an_ended_connection_lets_go_of_its_buffers() -> None:
         for sock in (client, served, backend):
             if sock is not None:
                 sock.close()
+
+
+async def test_a_silent_client_holds_no_target_until_it_speaks() -> None:
+    """With a FirstByteTimeout the target is chosen and counted at the first byte
+    (as on the trio path), not at accept: a silent client must not weigh on one."""
+    backend = socket.socket()
+    client = None
+    try:
+        backend.bind(("127.0.0.1", 0))
+        backend.listen()
+        target = Target("127.0.0.1", backend.getsockname()[1])
+        app = AppConfig("A", (PORT,), (target,), first_byte_timeout=5.0)
+        async with trio.open_nursery() as nursery:
+            proxy = Proxy(
+                Config(apps=(app,)), nursery, max_connections=10, use_splice=False,
+                engine="epoll",
+            )  # fmt: skip
+            assert proxy.engine is not None
+            await nursery.start(proxy.engine.run)
+            ours, client = socket.socketpair()
+            ours.setblocking(False)
+            proxy.slots.acquire_nowait()
+            proxy.dispatch(ours, PORT, ("127.0.0.1", 40000))
+            await trio.sleep(0.05)
+            assert dict(proxy.active) == {}
+            client.send(b"x")
+            with trio.fail_after(5):
+                while not proxy.active:
+                    await trio.sleep(0.01)
+            assert dict(proxy.active) == {target: 1}
+            nursery.cancel_scope.cancel()
+    finally:
+        backend.close()
+        if client is not None:
+            client.close()

@@ -6,7 +6,6 @@ from collections import Counter
 
 import pytest
 
-from tcpproxy.balance import Claim
 from tcpproxy.config import Target
 from tcpproxy.flow import TRANSITIONS, Action, Flow, FlowError, Side, State, Timeout
 from tcpproxy.proxy_protocol import ProxyHeaderError, header_extent
@@ -17,7 +16,7 @@ A, B, C = Target("10.0.0.1", 80), Target("10.0.0.2", 80), Target("10.0.0.3", 80)
 def make(order: list[Target] | None = None, **options: bool) -> tuple[Flow, Counter[Target]]:
     order = order or [A, B, C]
     active: Counter[Target] = Counter()
-    return Flow(order, Claim(active, order[0]), **options), active
+    return Flow(lambda: order, active, **options), active
 
 
 def relaying(**options: bool) -> tuple[Flow, Counter[Target]]:
@@ -237,3 +236,23 @@ def test_header_extent_knows_where_the_header_ends(data: bytes, extent: int | No
 def test_header_extent_refuses_what_cannot_be_a_header(data: bytes) -> None:
     with pytest.raises(ProxyHeaderError):
         header_extent(data)
+
+
+@pytest.mark.parametrize("options", [{"first_byte": True}, {"accept_header": True}])
+def test_the_target_is_chosen_and_counted_when_the_client_is_ready(options) -> None:
+    """A client silent behind a FirstByteTimeout or PROXY header holds no target:
+    the balancer is asked (and the target counted) once it connects, not at accept."""
+    chosen: list[int] = []
+    active: Counter[Target] = Counter()
+
+    def choose() -> list[Target]:
+        chosen.append(1)
+        return [B, A]
+
+    flow = Flow(choose, active, **options)
+    flow.accepted()
+    assert (chosen, active) == ([], Counter())
+    action = flow.first_byte() if "first_byte" in options else flow.header_read()
+    assert (action, flow.target, chosen, active) == (Action.CONNECT, B, [1], Counter({B: 1}))
+    flow.release()
+    assert active == Counter()
