@@ -209,3 +209,46 @@ async def test_a_silent_client_holds_no_target_until_it_speaks() -> None:
         backend.close()
         if client is not None:
             client.close()
+
+
+class FailingResolver(LookupResolver):
+    """Every lookup fails, a little later (on the engine's lookup task)."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+
+    async def resolve(self, host: str, port: int) -> list[tuple[int, tuple]]:
+        await trio.sleep(0.3)
+        raise OSError("no such name")
+
+
+async def test_a_connection_ended_by_its_lookup_frees_its_slot_at_once() -> None:
+    """At --max-connections 1 the next client waits in the listen queue; the first
+    one's failed lookup frees the slot, and the loop must resume accepting then, not
+    when its next timer (the 5 s connect timeout) happens to wake it."""
+    listener = socket.socket()
+    clients: list[socket.socket] = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        app = AppConfig("A", (PORT,), (Target("db.test", 5432),), connect_timeout=5.0)
+        async with trio.open_nursery() as nursery:
+            proxy = Proxy(
+                Config(apps=(app,)), nursery, max_connections=1, resolver=FailingResolver(),  # type: ignore[arg-type]
+                use_splice=False, engine="epoll",
+            )  # fmt: skip
+            engine = proxy.engine
+            assert engine is not None
+            await nursery.start(engine.run)
+            engine.add_listener(listener, PORT)
+            for _ in range(2):
+                clients.append(socket.create_connection(listener.getsockname()))
+                clients[-1].setblocking(False)
+            with trio.move_on_after(2.5) as waited:  # the second's lookup fails at 0.6 s
+                await trio.lowlevel.wait_readable(clients[1])
+            assert not waited.cancelled_caught, "the second client was not served in time"
+            nursery.cancel_scope.cancel()
+    finally:
+        for sock in [*clients, listener]:
+            sock.close()
