@@ -553,16 +553,7 @@ class Engine:
     def _on_client(self, conn: Conn, ev: int) -> None:
         state = conn.flow.state
         if state is State.RELAY:
-            up, down = conn.up, conn.down
-            if ev & _OUT_BITS and (down.pend is not None or down.piped):  # type: ignore[union-attr]
-                self._flush(conn, down)  # type: ignore[arg-type]
-            if (
-                ev & _IN_BITS and conn.flow.state is State.RELAY
-                and not up.done and up.pend is None and not up.piped  # type: ignore[union-attr]
-            ):  # fmt: skip
-                self._pump(conn, up)  # type: ignore[arg-type]
-            if conn.flow.state is State.RELAY:
-                self._update(conn)
+            self._relay_event(conn, ev, conn.up, conn.down)  # type: ignore[arg-type]
         elif state is State.HEADER_IN:
             self._read_header(conn)
         elif state is State.FIRST_BYTE:
@@ -839,18 +830,22 @@ class Engine:
     def _on_target(self, conn: Conn, ev: int) -> None:
         state = conn.flow.state
         if state is State.RELAY:
-            up, down = conn.up, conn.down
-            if ev & _OUT_BITS and (up.pend is not None or up.piped):  # type: ignore[union-attr]
-                self._flush(conn, up)  # type: ignore[arg-type]
-            if (
-                ev & _IN_BITS and conn.flow.state is State.RELAY
-                and not down.done and down.pend is None and not down.piped  # type: ignore[union-attr]
-            ):  # fmt: skip
-                self._pump(conn, down)  # type: ignore[arg-type]
-            if conn.flow.state is State.RELAY:
-                self._update(conn)
+            self._relay_event(conn, ev, conn.down, conn.up)  # type: ignore[arg-type]
         elif state is State.HEADER_OUT:
             self._send_header(conn)
+
+    def _relay_event(self, conn: Conn, ev: int, reading: _Way, writing: _Way) -> None:
+        """An event on one socket while relaying: first flush what waits to be written
+        to it (`writing`), then read from it (`reading`) if that direction is free."""
+        if ev & _OUT_BITS and (writing.pend is not None or writing.piped):
+            self._flush(conn, writing)
+        if (
+            ev & _IN_BITS and conn.flow.state is State.RELAY
+            and not reading.done and reading.pend is None and not reading.piped
+        ):  # fmt: skip
+            self._pump(conn, reading)
+        if conn.flow.state is State.RELAY:
+            self._update(conn)
 
     # -- relay ------------------------------------------------------------------------
 
