@@ -519,23 +519,21 @@ class Engine:
 
     def _interest(self, conn: Conn, cmask: int, tmask: int) -> None:
         """Make the registered epoll interest of both sockets `cmask` and `tmask`."""
-        epoll = self._epoll
         if cmask != conn.cmask:
-            if not cmask:
-                epoll.unregister(conn.cfd)
-            elif not conn.cmask:
-                epoll.register(conn.cfd, cmask)
-            else:
-                epoll.modify(conn.cfd, cmask)
+            self._watch(conn.cfd, conn.cmask, cmask)
             conn.cmask = cmask
         if tmask != conn.tmask:
-            if not tmask:
-                epoll.unregister(conn.tfd)
-            elif not conn.tmask:
-                epoll.register(conn.tfd, tmask)
-            else:
-                epoll.modify(conn.tfd, tmask)
+            self._watch(conn.tfd, conn.tmask, tmask)
             conn.tmask = tmask
+
+    def _watch(self, fd: int, old: int, new: int) -> None:
+        """Change one socket's epoll interest from `old` to `new` (0: not registered)."""
+        if not new:
+            self._epoll.unregister(fd)
+        elif not old:
+            self._epoll.register(fd, new)
+        else:
+            self._epoll.modify(fd, new)
 
     def _update(self, conn: Conn) -> None:
         """Relay interest: read where the way is open and unblocked, write where blocked."""
