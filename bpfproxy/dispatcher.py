@@ -10,9 +10,12 @@ accepted socket. Only connections to the listener's own bound address are
 steered (all addresses when it is bound to the wildcard), so
 ``--bind 127.0.0.1`` keeps the app ports off the host's other interfaces.
 
-Lifetime: steering lasts exactly as long as the link fd is open. ``close()``
-(or the process exiting, even by SIGKILL) closes it; nothing is pinned in
-bpffs, so nothing outlives the process.
+Lifetime: steering lasts as long as the link is held: by the Dispatcher's
+link fd, and by a pin in bpffs if :mod:`bpfproxy.pinning` pinned it. Without a
+pin, ``close()`` (or the process exiting, even by SIGKILL) detaches the
+program. With one, the program, its maps and its link outlive the process,
+and a Dispatcher made from them (``program=``, ``link_fd=``) takes over: it
+puts its own listener in the sockmap and diffs the port map it finds.
 
 Typical use::
 
@@ -34,7 +37,6 @@ import socket
 import struct
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Any
 
 from . import bpfsys
 from .errors import SteeringError
@@ -48,9 +50,8 @@ from .loader import (
     MIN_KERNEL,
     PORTS_MAP,
     SUDO_HINT,
+    Program,
     compile_and_load,
-    map_fd,
-    release_bpf,
 )
 
 __all__ = ["Dispatcher", "bind_entry"]
@@ -67,6 +68,10 @@ _MATCH_ADDR = 2  # exactly the entry's address
 _SIOCGSKNS = 0x894C
 # Kernel-internal "operation not supported", seen by user space from bpf(2).
 _ENOTSUPP = 524
+
+_PORT_KEY = struct.Struct("=H")  # steered_ports: u16 port (host order) -> u8 1
+_PORT_VALUE = b"\x01"
+_COUNTER = struct.Struct("=Q")  # one CPU's u64 slot of a per-CPU counter
 
 
 def _check_listener(listener: socket.socket) -> None:
@@ -119,15 +124,19 @@ def _check_port(port: int) -> int:
 
 
 class Dispatcher:
-    """Owns the BPF module, its maps and the netns link that steer ports to one listener.
+    """Owns the loaded program, its maps and the netns link that steer ports to one listener.
 
-    ``Dispatcher(listener)`` compiles and loads ``sk_lookup.c``, stores the
-    listener in the sockmap and (``attach=True``) attaches the program with a
-    BPF link to the network namespace *the listener lives in* (for a socket
-    made in this process's namespace, that is the current one). Only
-    connections to the listener's bound address are steered (see
-    :func:`bind_entry`); a listener on the wildcard takes every address. Any failure
-    undoes what was already set up and raises :class:`SteeringError`
+    ``Dispatcher(listener)`` compiles and loads ``sk_lookup.c`` (or takes
+    ``program``, already loaded, e.g. from its pins), stores the listener in
+    the sockmap and (``attach=True``) attaches the program with a BPF link to
+    the network namespace *the listener lives in* (for a socket made in this
+    process's namespace, that is the current one); given ``link_fd`` (a link
+    that already attaches ``program``, e.g. a pinned one) it adopts that link
+    and starts from the ports the map already holds. Only connections to the
+    listener's bound address are steered (see :func:`bind_entry`); a
+    listener on the wildcard takes every address. Any failure undoes what
+    was already set up (closing ``program`` and ``link_fd`` too: they are the
+    Dispatcher's from the call on) and raises :class:`SteeringError`
     (:class:`ValueError` if ``listener`` is not a listening TCP socket).
 
     The listener stays the caller's: the Dispatcher never closes it. If it is
@@ -138,31 +147,59 @@ class Dispatcher:
     Not thread-safe: call it from one thread (or guard it).
     """
 
-    def __init__(self, listener: socket.socket, *, attach: bool = True) -> None:
-        self._bpf: Any = None
-        self._link_fd = -1
+    def __init__(
+        self,
+        listener: socket.socket,
+        *,
+        attach: bool = True,
+        program: Program | None = None,
+        link_fd: int | None = None,
+    ) -> None:
+        self._program = program
+        self._link_fd = -1 if link_fd is None else link_fd
         self._ports: frozenset[int] = frozenset()
         self._batch = True  # cleared if the kernel lacks batched map operations
         self._bind_host = ""
         self._bind_entry = b""
         self._closed = False
-        _check_listener(listener)
         try:
-            self._bpf, self._prog_fd = compile_and_load()
-            self._ports_table = self._bpf[PORTS_MAP]
-            self._counters_table = self._bpf[COUNTERS_MAP]
+            _check_listener(listener)
+            if self._program is None:
+                self._program = compile_and_load()
+            self._ports_fd = self._program.maps[PORTS_MAP]
+            self._counters_fd = self._program.maps[COUNTERS_MAP]
+            if self._link_fd >= 0:
+                self._ports = self._read_ports()
             self._put_listener(listener)
             self._put_bind_address(listener)
-            if attach:
+            if attach and self._link_fd < 0:
                 self._attach(listener)
         except BaseException:
             self.close()
             raise
 
+    @property
+    def program(self) -> Program:
+        """The program's and maps' descriptors (still the Dispatcher's: for pinning them)."""
+        self._check_open()
+        assert self._program is not None
+        return self._program
+
+    @property
+    def link_fd(self) -> int:
+        """The link's descriptor, -1 if not attached (still the Dispatcher's)."""
+        return self._link_fd
+
+    def _read_ports(self) -> frozenset[int]:
+        """The ports the map holds (a map taken over from a pin holds the last run's)."""
+        keys = bpfsys.map_keys(self._ports_fd, _PORT_KEY.size)
+        return frozenset(_PORT_KEY.unpack(key)[0] for key in keys)
+
     # ----------------------------------------------------------------- setup steps
 
     def _put_listener(self, listener: socket.socket) -> None:
-        listener_map = map_fd(self._bpf, LISTENER_MAP)
+        assert self._program is not None
+        listener_map = self._program.maps[LISTENER_MAP]
         try:
             bpfsys.map_update_elem(
                 listener_map,
@@ -178,11 +215,12 @@ class Dispatcher:
 
     def _put_bind_address(self, listener: socket.socket) -> None:
         """Steer only connections to the listener's bound address (set once, before attaching)."""
+        assert self._program is not None
         self._bind_host = listener.getsockname()[0]
         self._bind_entry = bind_entry(self._bind_host)
         try:
             bpfsys.map_update_elem(
-                map_fd(self._bpf, BIND_MAP),
+                self._program.maps[BIND_MAP],
                 struct.pack("=I", _BIND_KEY),
                 self._bind_entry,
                 bpfsys.BPF_ANY,
@@ -216,9 +254,12 @@ class Dispatcher:
         self._put_listener(listener)
 
     def _attach(self, listener: socket.socket) -> None:
+        assert self._program is not None
         netns_fd = _netns_fd_of(listener)
         try:
-            self._link_fd = bpfsys.link_create(self._prog_fd, netns_fd, bpfsys.BPF_SK_LOOKUP)
+            self._link_fd = bpfsys.link_create(
+                self._program.prog_fd, netns_fd, bpfsys.BPF_SK_LOOKUP
+            )
         except OSError as exc:
             if exc.errno == errno.EPERM:
                 hint = SUDO_HINT
@@ -281,49 +322,50 @@ class Dispatcher:
         return added, removed
 
     def _has_port(self, port: int) -> bool:
-        return self._ports_table.Key(port) in self._ports_table
+        return bpfsys.map_lookup_elem(self._ports_fd, _PORT_KEY.pack(port), 1) is not None
 
     def _write(self, ports: list[int], *, delete: bool, missing_ok: bool = False) -> None:
         """Add or delete ``ports`` in the port map: batched if possible, else one by one."""
-        table = self._ports_table
         if self._batch and not missing_ok:
-            keys = (table.Key * len(ports))(*ports)
+            keys = (ctypes.c_uint16 * len(ports))(*ports)
             try:
                 if delete:
-                    table.items_delete_batch(keys)
+                    bpfsys.map_delete_batch(self._ports_fd, keys, len(ports))
                 else:
-                    values = (table.Leaf * len(ports))(*([1] * len(ports)))
-                    table.items_update_batch(keys, values)
+                    values = (ctypes.c_uint8 * len(ports))(*([1] * len(ports)))
+                    bpfsys.map_update_batch(self._ports_fd, keys, values, len(ports))
                 return
-            except Exception:
-                err = ctypes.get_errno()
-                if err in (errno.EINVAL, errno.EOPNOTSUPP, _ENOTSUPP):
+            except OSError as exc:
+                if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, _ENOTSUPP):
                     self._batch = False  # kernel older than 5.6: no batch ops on hash maps
-                elif not (delete and err == errno.ENOENT):
-                    raise OSError(err, os.strerror(err)) from None
+                elif not (delete and exc.errno == errno.ENOENT):
+                    raise
                 # A batch delete stops at the first missing key: finish one by one.
                 missing_ok = delete
         for port in ports:
-            key = table.Key(port)
+            key = _PORT_KEY.pack(port)
             try:
                 if delete:
-                    del table[key]
+                    bpfsys.map_delete_elem(self._ports_fd, key)
                 else:
-                    table[key] = table.Leaf(1)
-            except KeyError:  # bcc's way to say the key was not there
-                if not missing_ok:
-                    raise OSError(errno.ENOENT, f"port {port} was not in the map") from None
-            except Exception as exc:
-                err = ctypes.get_errno()
-                raise OSError(err, f"{exc}") from exc
+                    bpfsys.map_update_elem(self._ports_fd, key, _PORT_VALUE)
+            except OSError as exc:
+                if not (missing_ok and exc.errno == errno.ENOENT):
+                    raise
 
     # ----------------------------------------------------------------- counters
 
     def counters(self) -> dict[str, int]:
         """All the program's counters (see COUNTERS), summed over CPUs."""
         self._check_open()
-        table = self._counters_table
-        return {name: int(table.sum(table.Key(index)).value) for index, name in enumerate(COUNTERS)}
+        cpus = bpfsys.possible_cpus()
+        counts = {}
+        for index, name in enumerate(COUNTERS):
+            raw = bpfsys.map_lookup_elem(
+                self._counters_fd, struct.pack("=I", index), _COUNTER.size * cpus
+            )
+            counts[name] = sum(value for (value,) in _COUNTER.iter_unpack(raw or b""))
+        return counts
 
     def drop_counts(self) -> dict[str, int]:
         """SYNs the program dropped, per reason (see DROP_REASONS), summed over CPUs."""
@@ -339,11 +381,12 @@ class Dispatcher:
     def close(self) -> None:
         """Stop steering and free the program and maps. Idempotent.
 
-        Release order: first the link (closing its fd detaches the program, so
-        from this moment new connections get the kernel's normal lookup, i.e.
-        only sockets bound to the port itself), then bcc's module (the program
-        and map fds; the kernel frees them, and the sockmap's hold on the
-        listener, once the last reference is gone). The listener is not closed.
+        Release order: first the link (closing its fd detaches the program
+        unless a pin still holds the link, so from this moment new connections
+        get the kernel's normal lookup, i.e. only sockets bound to the port
+        itself), then the program and map fds (the kernel frees them, and the
+        sockmap's hold on the listener, once the last reference is gone). The
+        listener is not closed, nor is anything unpinned.
         """
         if self._closed:
             return
@@ -354,9 +397,9 @@ class Dispatcher:
         finally:
             self._link_fd = -1
             self._ports = frozenset()
-            bpf, self._bpf = self._bpf, None
-            if bpf is not None:
-                release_bpf(bpf)
+            program, self._program = self._program, None
+            if program is not None:
+                program.close()
 
     def __enter__(self) -> Dispatcher:
         return self

@@ -3,26 +3,33 @@
 :func:`check_environment` says, before anything is loaded, what this machine
 lacks (kernel version, capabilities, bcc, kernel headers).
 :func:`compile_and_load` compiles the program, loads it as
-``BPF_PROG_TYPE_SK_LOOKUP`` and checks that the maps the kernel created have
-the layout described here (the names and sizes the dispatcher writes by);
-compile, verifier and permission failures become a :class:`SteeringError`
-that names the file and the reason. :func:`compile_check` does both and
-attaches nothing (``bpfproxy --check``).
+``BPF_PROG_TYPE_SK_LOOKUP`` and returns a :class:`Program`: file descriptors
+of the program and of its maps, checked to have the layout described here
+(the names and sizes the dispatcher writes by), with bcc's module already
+freed. Compile, verifier and permission failures become a
+:class:`SteeringError` that names the file and the reason.
+:func:`compile_check` does both and attaches nothing (``bpfproxy --check``).
+:func:`check_program` checks a program and maps opened some other way (from
+their pins in bpffs, see :mod:`bpfproxy.pinning`) the same way.
 
 What is loaded steers nothing yet: :class:`bpfproxy.dispatcher.Dispatcher`
-owns it, fills its maps and attaches it.
+owns it, fills its maps and attaches it. Only descriptors leave this module,
+so the compile can later move to a short-lived process that pins and exits.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import errno
+import hashlib
 import os
 import re
 import struct
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +43,16 @@ __all__ = [
     "COUNTERS_MAP",
     "DROP_REASONS",
     "LISTENER_MAP",
+    "MAPS",
     "MIN_KERNEL",
     "PORTS_MAP",
     "SUDO_HINT",
+    "Program",
     "check_environment",
+    "check_program",
     "compile_and_load",
     "compile_check",
-    "map_fd",
-    "release_bpf",
+    "source_digest",
 ]
 
 #: sk_lookup (BPF_PROG_TYPE_SK_LOOKUP, BPF_SK_LOOKUP links) arrived in Linux 5.9.
@@ -68,6 +77,38 @@ BIND_MAP = b"bind_addr"
 
 #: struct bind_addr: match4, match6, 2 pad bytes, ip4, ip6 (both network byte order).
 BIND_ENTRY = struct.Struct("=BBxx4s16s")
+
+#: The maps the kernel must have made for the program, by name:
+#: (map type, key size, value size, max entries), as the dispatcher writes them.
+MAPS = {
+    PORTS_MAP: (bpfsys.BPF_MAP_TYPE_HASH, 2, 1, 65536),  # u16 port -> u8 1
+    LISTENER_MAP: (bpfsys.BPF_MAP_TYPE_SOCKMAP, 4, 8, 1),
+    COUNTERS_MAP: (bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, len(COUNTERS)),
+    BIND_MAP: (bpfsys.BPF_MAP_TYPE_ARRAY, 4, BIND_ENTRY.size, 1),
+}
+
+
+@dataclass
+class Program:
+    """The loaded sk_lookup program and its maps, as file descriptors this object owns.
+
+    ``maps`` is keyed by map name (see :data:`MAPS`). :meth:`close` closes
+    every descriptor; the kernel frees each object once nothing else (a
+    link, a pin in bpffs) holds it.
+    """
+
+    prog_fd: int
+    maps: dict[bytes, int]
+
+    def close(self) -> None:
+        """Close the descriptors. Idempotent."""
+        fds = [self.prog_fd, *self.maps.values()]
+        self.prog_fd, self.maps = -1, {}
+        for fd in fds:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
 
 # Linux capability bit numbers (include/uapi/linux/capability.h).
 _CAP_NET_ADMIN = 12
@@ -300,8 +341,17 @@ def _load_error(err: int, log: str, source: Path) -> SteeringError:
     )
 
 
-def compile_and_load() -> tuple[Any, int]:
-    """Compile sk_lookup.c with bcc and load it; return (bcc.BPF, program fd)."""
+def source_digest() -> str:
+    """A hash of the program's source: a pinned program of the same digest is this one."""
+    return hashlib.sha256(_source_path().read_bytes()).hexdigest()[:16]
+
+
+def compile_and_load() -> Program:
+    """Compile sk_lookup.c with bcc, load it and return its descriptors; bcc's module is freed.
+
+    Raises SteeringError saying what to do (compile error, verifier log,
+    missing privileges, maps not as expected).
+    """
     bcc = _import_bcc()
     source = _source_path()
 
@@ -343,14 +393,21 @@ def compile_and_load() -> tuple[Any, int]:
                 load_errno = ctypes.get_errno()
         if load_failure is not None:
             raise _load_error(load_errno, load_output.text, source) from load_failure
-        _check_maps(bpf)
-    except BaseException:
+        # Our own descriptors (os.dup: not inherited by children), then bcc goes.
+        loaded = Program(os.dup(program.fd), {})
+        try:
+            for name in MAPS:
+                loaded.maps[name] = os.dup(_bcc_map_fd(bpf, name))
+            check_program(loaded)
+        except BaseException:
+            loaded.close()
+            raise
+    finally:
         release_bpf(bpf)
-        raise
-    return bpf, program.fd
+    return loaded
 
 
-def map_fd(bpf: Any, name: bytes) -> int:
+def _bcc_map_fd(bpf: Any, name: bytes) -> int:
     import bcc.libbcc
 
     fd = bcc.libbcc.lib.bpf_table_fd(bpf.module, name)
@@ -359,36 +416,28 @@ def map_fd(bpf: Any, name: bytes) -> int:
     return fd
 
 
-def _check_maps(bpf: Any) -> None:
-    """Check that the maps the kernel created are what the dispatcher writes into them."""
-    ports = bpf[PORTS_MAP]
-    counters = bpf[COUNTERS_MAP]
-    expected = {
-        # name: (map type, key size, value size, max entries)
-        PORTS_MAP: (
-            bpfsys.BPF_MAP_TYPE_HASH,
-            ctypes.sizeof(ctypes.c_uint16),
-            ctypes.sizeof(ctypes.c_uint8),
-            65536,
-        ),
-        LISTENER_MAP: (bpfsys.BPF_MAP_TYPE_SOCKMAP, 4, 8, 1),
-        COUNTERS_MAP: (bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, len(COUNTERS)),
-        BIND_MAP: (bpfsys.BPF_MAP_TYPE_ARRAY, 4, BIND_ENTRY.size, 1),
-    }
-    python_side = {
-        PORTS_MAP: (ctypes.sizeof(ports.Key), ctypes.sizeof(ports.Leaf)),
-        COUNTERS_MAP: (ctypes.sizeof(counters.Key), ctypes.sizeof(counters.sLeaf)),
-    }
-    for name, want in expected.items():
-        info = bpfsys.map_info(map_fd(bpf, name))
-        got = (info.type, info.key_size, info.value_size, info.max_entries)
-        sizes = python_side.get(name, want[1:3])
-        if got != want or sizes != want[1:3]:
+def check_program(program: Program) -> None:
+    """Check that ``program`` is an sk_lookup program whose maps are what the dispatcher
+    writes into them (types, key and value sizes, entries), and are its own maps.
+
+    Raises SteeringError naming the first difference.
+    """
+    info = bpfsys.prog_info(program.prog_fd)
+    if info.type != bpfsys.BPF_PROG_TYPE_SK_LOOKUP:
+        raise SteeringError(f"program {info.name!r} (id {info.id}) is not an sk_lookup program.")
+    for name, want in MAPS.items():
+        fd = program.maps.get(name, -1)
+        if fd < 0:
+            raise SteeringError(f"map {name.decode()} is missing.")
+        map_info = bpfsys.map_info(fd)
+        got = (map_info.type, map_info.key_size, map_info.value_size, map_info.max_entries)
+        if got != want:
             raise SteeringError(
                 f"map {name.decode()} is (type, key, value, max_entries)={got} in the kernel, "
-                f"{want} expected, ctypes key/value sizes {sizes}: "
-                f"{_SOURCE_NAME} and loader.py disagree; reinstall bpfproxy."
+                f"{want} expected: {_SOURCE_NAME} and loader.py disagree."
             )
+        if map_info.id not in info.map_ids:
+            raise SteeringError(f"map {name.decode()} (id {map_info.id}) is not the program's.")
 
 
 def compile_check() -> None:
@@ -397,5 +446,4 @@ def compile_check() -> None:
     Raises SteeringError saying what to do. Used by ``make bpfproxy``.
     """
     check_environment()
-    bpf, _ = compile_and_load()
-    release_bpf(bpf)
+    compile_and_load().close()
