@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 import trio
 
+from bpfproxy.pinning import BPFFS_ENV, DEFAULT_BPFFS, check_instance_name, default_instance
 from bpfproxy.plan import BpfPlan
 from bpfproxy.steered import SharedListener, SteeredListener, check_listen_port
 from tcpproxy.cli_common import (
@@ -39,7 +40,17 @@ Examples:
   sudo bpfproxy -p 8000 -c /etc/tcpproxy.json --log-level debug
   sudo bpfproxy -p 8000 --workers 2      # one process per core, one reuseport group
   sudo bpfproxy --check                  # can this machine load the program?
+  sudo bpfproxy --release                # remove the pinned state of a crashed -p 8000
 """
+
+
+def _instance_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return check_instance_name(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
@@ -65,6 +76,21 @@ Examples:
     is_flag=True,
     help="Compile and load the BPF program without attaching it, then exit.",
 )
+@click.option(
+    "--instance",
+    metavar="NAME",
+    default=None,
+    callback=_instance_name,
+    help="Name of the state pinned in /sys/fs/bpf/bpfproxy/NAME (program, maps, link), "
+    "which a restart reuses.  [default: port-PORT, from -p]",
+)
+@click.option(
+    "--release",
+    is_flag=True,
+    help="Remove the pinned state of an instance that is not running (its ports are "
+    "released), say what was removed, and exit.",
+)
+@click.option("--bpffs", default=DEFAULT_BPFFS, envvar=BPFFS_ENV, hidden=True)  # fmt: skip
 @click.option("--worker-listener", type=int, default=None, hidden=True)  # fmt: skip
 @click.pass_context
 def command(
@@ -73,6 +99,9 @@ def command(
     listen_port: int,
     bind: str | None,
     check: bool,
+    instance: str | None,
+    release: bool,
+    bpffs: str,
     drain_timeout: float,
     max_connections: int | None,
     metrics_address: str | None,
@@ -93,26 +122,32 @@ def command(
                            max_connections, splice, log_level, log_format,
                            listen_port, bind, engine)  # fmt: skip
     setup_logging(log_level, log_format=log_format)
-    from bpfproxy.dispatcher import Dispatcher
     from bpfproxy.errors import SteeringError
     from bpfproxy.loader import check_environment, compile_check
+    from bpfproxy.pinning import Instance
 
+    name = instance or default_instance(listen_port)
     try:
         if check:
             compile_check()
             click.echo("bpfproxy: ok: the sk_lookup program compiles and loads on this machine")
             return 0
+        if release:
+            return _release(bpffs, name)
         check_environment()  # first: "run it with sudo" is what a user must fix first
         limit = fit_connection_limit(max_connections)
         data, config = read_config(config_path, (listen_port,), bind, limit)
         check_listen_port(listen_port, config)
         with contextlib.ExitStack() as stack:
+            # Closed last: unpins after a clean stop (or a failed first start), then unlocks.
+            pins = Instance.open(bpffs, name)
+            stack.callback(pins.close)
             if workers > 1:
                 # --bind too: the worker's self-loop guard needs it (the listener is given)
                 options = worker_options(
                     {**ctx.params, "max_connections": math.ceil(limit / workers)}, skip=set()
                 )
-                plan = BpfPlan(bind, listen_port, options, workers)
+                plan = BpfPlan(bind, listen_port, options, workers, pins)
                 stack.callback(plan.close)
                 plan.steer(config)
                 supervisor = Supervisor(
@@ -122,15 +157,18 @@ def command(
                     ),
                     drain_timeout=drain_timeout,
                 )  # fmt: skip
+                pins.unpin_at_close = False  # serving: a crash keeps the pins
                 trio.run(supervisor.run)
+                pins.unpin_at_close = True  # a clean stop releases every port
                 return 0
             listener = open_listener(bind, listen_port)
             stack.callback(listener.close)
-            dispatcher = Dispatcher(listener)
+            dispatcher = pins.dispatcher(listener)
             stack.callback(dispatcher.close)  # runs before listener.close: unsteer first
             metrics, address = metrics_for(metrics_address)
             frontend = SteeredListener(listener, dispatcher, listen_port, metrics)
             frontend.steer(config)
+            pins.unpin_at_close = False  # serving: a crash keeps the pins
             trio.run(
                 lambda: run_service(
                     config_path, data, config, frontend, drain_timeout=drain_timeout,
@@ -139,8 +177,21 @@ def command(
                     engine=engine,
                 )
             )  # fmt: skip
+            pins.unpin_at_close = True  # a clean stop releases every port
     except SteeringError as exc:
         raise StartupError(str(exc)) from None
+    return 0
+
+
+def _release(bpffs: str, name: str) -> int:
+    """``--release``: remove an instance's pins and say what went (nothing pinned is fine)."""
+    from bpfproxy.pinning import release
+
+    path, removed = release(bpffs, name)
+    if not removed:
+        click.echo(f"bpfproxy: instance {name} has no pinned state ({path} does not exist)")
+        return 0
+    click.echo(f"bpfproxy: released instance {name}: removed {path} with {', '.join(removed)}")
     return 0
 
 

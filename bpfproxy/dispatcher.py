@@ -54,7 +54,7 @@ from .loader import (
     compile_and_load,
 )
 
-__all__ = ["Dispatcher", "bind_entry"]
+__all__ = ["Dispatcher", "bind_entry", "netns_fd_of"]
 
 _LISTENER_KEY = 0
 _BIND_KEY = 0
@@ -87,7 +87,7 @@ def _check_listener(listener: socket.socket) -> None:
         raise ValueError(f"Dispatcher needs a listening TCP/IP socket, got {listener!r}")
 
 
-def _netns_fd_of(sock: socket.socket) -> int:
+def netns_fd_of(sock: socket.socket) -> int:
     """An fd of the network namespace the socket lives in (SIOCGSKNS), else of this thread's."""
     try:
         return fcntl.ioctl(sock.fileno(), _SIOCGSKNS)
@@ -255,7 +255,7 @@ class Dispatcher:
 
     def _attach(self, listener: socket.socket) -> None:
         assert self._program is not None
-        netns_fd = _netns_fd_of(listener)
+        netns_fd = netns_fd_of(listener)
         try:
             self._link_fd = bpfsys.link_create(
                 self._program.prog_fd, netns_fd, bpfsys.BPF_SK_LOOKUP

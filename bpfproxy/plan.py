@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from typing import TYPE_CHECKING
 
 from bpfproxy.steered import check_listen_port
 from tcpproxy.config import Config
@@ -12,6 +13,9 @@ from tcpproxy.listeners import open_listener
 from tcpproxy.workers.link import worker_argv
 from tcpproxy.workers.portlock import PortLocks
 
+if TYPE_CHECKING:
+    from bpfproxy.pinning import Instance
+
 __all__ = ["BpfPlan"]
 
 log = logging.getLogger("tcpproxy")
@@ -19,13 +23,21 @@ log = logging.getLogger("tcpproxy")
 
 class BpfPlan:
     """bpfproxy's workers: one listener each, all in one SO_REUSEPORT group on
-    the -p port; the supervisor owns the BPF program, its maps and link, and
+    the -p port; the supervisor owns the BPF program, its maps and link (pinned
+    in ``pins``, the instance's state in bpffs, when given), and
     keeps a copy of every listener so it can steer to a live one when a worker
     dies (the sockmap entry of a closed socket disappears)."""
 
     name = "bpfproxy"
 
-    def __init__(self, bind: str | None, listen_port: int, options: list[str], count: int):
+    def __init__(
+        self,
+        bind: str | None,
+        listen_port: int,
+        options: list[str],
+        count: int,
+        pins: Instance | None = None,
+    ) -> None:
         from bpfproxy.dispatcher import Dispatcher
 
         self._bind, self._port, self._options, self._count = bind, listen_port, options, count
@@ -39,7 +51,9 @@ class BpfPlan:
             self._locks.take([listen_port])
             open_listener(bind, listen_port, listen=False).close()
             self._listeners = [self._open() for _ in range(count)]
-            self.dispatcher = Dispatcher(self._listeners[0])  # type: ignore[arg-type]
+            first = self._listeners[0]
+            assert first is not None
+            self.dispatcher = pins.dispatcher(first) if pins else Dispatcher(first)
             self._steered: int | None = 0  # whose listener is in the sockmap
         except BaseException:
             self.close()
