@@ -21,6 +21,17 @@
  * socket selected by another sk_lookup program with SK_PASS still wins over
  * our SK_DROP (Documentation/bpf/prog_sk_lookup.rst).
  *
+ * Holding SYNs while bpfproxy restarts: since SK_DROP means a RST, a SYN
+ * must be dropped before the socket lookup for its client to retransmit
+ * (after 1 s, then 3 s, ...) instead of failing. That is the second program
+ * here, hold(), attached at tc ingress (tcx) of the namespace's interfaces
+ * when the state is pinned: a TCP SYN to a steered port and the bind
+ * address, while bind_addr's hold flag is set and no listener is in the
+ * sockmap (the process died, or is restarting), is dropped (counted as
+ * HELD). Everything else goes on untouched. The serving process sets the
+ * flag once it serves and clears it on a clean stop, so a stopping proxy
+ * refuses at once, as before.
+ *
  * The accepted socket keeps the connection's real destination, so
  * getsockname() on it tells the proxy which configured port was dialled.
  *
@@ -54,6 +65,11 @@
 #include <linux/socket.h>               /* AF_INET */
 #include <uapi/linux/in.h>              /* IPPROTO_TCP */
 #include <uapi/asm-generic/errno.h>     /* EAFNOSUPPORT */
+#include <uapi/linux/if_ether.h>        /* struct ethhdr, ETH_P_IP, ETH_P_IPV6 */
+#include <uapi/linux/ip.h>              /* struct iphdr */
+#include <uapi/linux/ipv6.h>            /* struct ipv6hdr */
+#include <uapi/linux/tcp.h>             /* struct tcphdr */
+#include <uapi/linux/pkt_cls.h>         /* TC_ACT_OK, TC_ACT_SHOT */
 
 /* The only key of the sockmap: where the control plane puts the listener. */
 #define LISTENER_KEY 0
@@ -67,7 +83,8 @@ enum counter {
 	DROP_ASSIGN_FAILED    = 1,  /* bpf_sk_assign() refused the listener */
 	PASS_FAMILY_MISMATCH  = 2,  /* e.g. IPv6 connection, IPv4-only listener */
 	PASS_NOT_BIND_ADDRESS = 3,  /* destination is not the bind address */
-	NR_COUNTERS           = 4,
+	HELD                  = 4,  /* SYN dropped by hold(): no listener, restarting */
+	NR_COUNTERS           = 5,
 };
 
 /* How bind_addr matches the destination address, per family. */
@@ -97,7 +114,8 @@ BPF_TABLE("sockmap", u32, u64, listener, 1);
 struct bind_addr {
 	u8  match4;     /* enum match for IPv4 connections */
 	u8  match6;     /* enum match for IPv6 connections */
-	u8  pad[2];
+	u8  hold;       /* 1: hold() drops steered SYNs while no listener is there */
+	u8  pad;
 	u32 ip4;        /* when match4 == MATCH_ADDR */
 	u32 ip6[4];     /* when match6 == MATCH_ADDR */
 };
@@ -115,6 +133,22 @@ static __always_inline void count(int which)
 		*value += 1;
 }
 
+/* Whether a destination address (network byte order) is the bind address. */
+static __always_inline bool is_bind_address(struct bind_addr *bind, u32 family,
+					    u32 ip4, const u32 *ip6)
+{
+	if (family == AF_INET) {
+		if (bind->match4 == MATCH_ANY)
+			return true;
+		return bind->match4 == MATCH_ADDR && ip4 == bind->ip4;
+	}
+	if (bind->match6 == MATCH_ANY)
+		return true;
+	return bind->match6 == MATCH_ADDR &&
+	       ip6[0] == bind->ip6[0] && ip6[1] == bind->ip6[1] &&
+	       ip6[2] == bind->ip6[2] && ip6[3] == bind->ip6[3];
+}
+
 /* Whether the connection's destination address is the bind address. */
 static __always_inline bool to_bind_address(struct bpf_sk_lookup *ctx)
 {
@@ -123,16 +157,7 @@ static __always_inline bool to_bind_address(struct bpf_sk_lookup *ctx)
 
 	if (!bind)
 		return false;
-	if (ctx->family == AF_INET) {
-		if (bind->match4 == MATCH_ANY)
-			return true;
-		return bind->match4 == MATCH_ADDR && ctx->local_ip4 == bind->ip4;
-	}
-	if (bind->match6 == MATCH_ANY)
-		return true;
-	return bind->match6 == MATCH_ADDR &&
-	       ctx->local_ip6[0] == bind->ip6[0] && ctx->local_ip6[1] == bind->ip6[1] &&
-	       ctx->local_ip6[2] == bind->ip6[2] && ctx->local_ip6[3] == bind->ip6[3];
+	return is_bind_address(bind, ctx->family, ctx->local_ip4, ctx->local_ip6);
 }
 
 int steer(struct bpf_sk_lookup *ctx)
@@ -184,4 +209,65 @@ int steer(struct bpf_sk_lookup *ctx)
 		return SK_DROP;
 	}
 	return SK_PASS;
+}
+
+/*
+ * hold: tc ingress (tcx) of every interface, while the state is pinned (see
+ * top). Parses Ethernet (also loopback's), IPv4 or IPv6 without extension
+ * headers, and TCP; anything else, or a header not in the linear data,
+ * passes untouched (the worst case is today's behaviour: a RST).
+ */
+int hold(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct tcphdr *tcp;
+	u32 family, ip4 = 0, ip6[4] = {};
+
+	if ((void *)(eth + 1) > data_end)
+		return TC_ACT_OK;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+
+		if ((void *)(ip + 1) > data_end || ip->protocol != IPPROTO_TCP)
+			return TC_ACT_OK;
+		family = AF_INET;
+		ip4 = ip->daddr;
+		tcp = (void *)ip + ip->ihl * 4;
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip = (void *)(eth + 1);
+
+		if ((void *)(ip + 1) > data_end || ip->nexthdr != IPPROTO_TCP)
+			return TC_ACT_OK;
+		family = AF_INET6;
+		__builtin_memcpy(ip6, ip->daddr.in6_u.u6_addr32, sizeof(ip6));
+		tcp = (void *)(ip + 1);
+	} else {
+		return TC_ACT_OK;
+	}
+	if ((void *)(tcp + 1) > data_end || !tcp->syn || tcp->ack)
+		return TC_ACT_OK;
+
+	u16 port = bpf_ntohs(tcp->dest);
+	if (!steered_ports.lookup(&port))
+		return TC_ACT_OK;
+	u32 key = 0;
+	struct bind_addr *bind = bind_addr.lookup(&key);
+	if (!bind || !bind->hold || !is_bind_address(bind, family, ip4, ip6))
+		return TC_ACT_OK;
+
+	key = LISTENER_KEY;
+	struct bpf_sock *sk = (struct bpf_sock *)listener.lookup(&key);
+	if (sk) {
+		bpf_sk_release(sk);
+		return TC_ACT_OK;
+	}
+	/*
+	 * DROP: the port is bpfproxy's, its state is pinned, and no process
+	 * serves it right now (crashed, or restarting). The client retransmits
+	 * the SYN and reaches the next process, instead of a RST from steer().
+	 */
+	count(HELD);
+	return TC_ACT_SHOT;
 }

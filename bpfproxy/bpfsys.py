@@ -26,8 +26,10 @@ __all__ = [
     "BPF_MAP_TYPE_SOCKHASH",
     "BPF_MAP_TYPE_SOCKMAP",
     "BPF_NOEXIST",
+    "BPF_PROG_TYPE_SCHED_CLS",
     "BPF_PROG_TYPE_SK_LOOKUP",
     "BPF_SK_LOOKUP",
+    "BPF_TCX_INGRESS",
     "LinkInfo",
     "MapInfo",
     "ProgInfo",
@@ -66,8 +68,10 @@ BPF_MAP_TYPE_SOCKMAP = 15
 BPF_MAP_TYPE_SOCKHASH = 18
 
 # enum bpf_prog_type / enum bpf_attach_type
+BPF_PROG_TYPE_SCHED_CLS = 3
 BPF_PROG_TYPE_SK_LOOKUP = 30
 BPF_SK_LOOKUP = 36
+BPF_TCX_INGRESS = 46  # Linux 6.6+
 
 # map update flags
 BPF_ANY = 0
@@ -256,7 +260,8 @@ def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
     """Attach a program with a BPF link and return the link's fd (O_CLOEXEC).
 
     For sk_lookup: ``target_fd`` is a network namespace fd (e.g. from
-    ``open("/proc/self/ns/net")``) and ``attach_type`` is ``BPF_SK_LOOKUP``.
+    ``open("/proc/self/ns/net")``) and ``attach_type`` is ``BPF_SK_LOOKUP``;
+    for tcx: an interface index and ``BPF_TCX_INGRESS``.
     The program stays attached while the link fd (or a dup of it) is open:
     closing it, or the process dying, detaches it.
     """

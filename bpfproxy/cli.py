@@ -158,6 +158,7 @@ def command(
                     drain_timeout=drain_timeout,
                 )  # fmt: skip
                 pins.unpin_at_close = False  # serving: a crash keeps the pins
+                plan.serving()
                 trio.run(supervisor.run)
                 pins.unpin_at_close = True  # a clean stop releases every port
                 return 0

@@ -95,7 +95,7 @@ def netns_fd_of(sock: socket.socket) -> int:
         return os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
 
 
-def bind_entry(host: str) -> bytes:
+def bind_entry(host: str, hold: bool = False) -> bytes:
     """The ``bind_addr`` map entry that steers connections to ``host`` only.
 
     ``host`` is a listener's bound address (``getsockname()[0]``). The
@@ -104,17 +104,19 @@ def bind_entry(host: str) -> bytes:
     (as before there was a bind address). A specific address matches itself
     only, and nothing of the other family; an IPv4-mapped IPv6 address
     (``::ffff:127.0.0.1``) is the IPv4 address it maps, as for the kernel.
+    ``hold`` is the flag of the hold program (see :meth:`Dispatcher.set_hold`).
     """
     address = ipaddress.ip_address(host.split("%", 1)[0])  # no "%scope" in the match
+    flag = int(hold)
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         mapped = address.ipv4_mapped
         match4 = _MATCH_ANY if mapped.is_unspecified else _MATCH_ADDR
-        return BIND_ENTRY.pack(match4, _MATCH_NONE, mapped.packed, bytes(16))
+        return BIND_ENTRY.pack(match4, _MATCH_NONE, flag, mapped.packed, bytes(16))
     if address.is_unspecified:
-        return BIND_ENTRY.pack(_MATCH_ANY, _MATCH_ANY, bytes(4), bytes(16))
+        return BIND_ENTRY.pack(_MATCH_ANY, _MATCH_ANY, flag, bytes(4), bytes(16))
     if isinstance(address, ipaddress.IPv4Address):
-        return BIND_ENTRY.pack(_MATCH_ADDR, _MATCH_NONE, address.packed, bytes(16))
-    return BIND_ENTRY.pack(_MATCH_NONE, _MATCH_ADDR, bytes(4), address.packed)
+        return BIND_ENTRY.pack(_MATCH_ADDR, _MATCH_NONE, flag, address.packed, bytes(16))
+    return BIND_ENTRY.pack(_MATCH_NONE, _MATCH_ADDR, flag, bytes(4), address.packed)
 
 
 def _check_port(port: int) -> int:
@@ -161,6 +163,7 @@ class Dispatcher:
         self._batch = True  # cleared if the kernel lacks batched map operations
         self._bind_host = ""
         self._bind_entry = b""
+        self._hold = False
         self._closed = False
         try:
             _check_listener(listener)
@@ -168,8 +171,9 @@ class Dispatcher:
                 self._program = compile_and_load()
             self._ports_fd = self._program.maps[PORTS_MAP]
             self._counters_fd = self._program.maps[COUNTERS_MAP]
-            if self._link_fd >= 0:
+            if self._link_fd >= 0:  # adopted: keep what the map says until told otherwise
                 self._ports = self._read_ports()
+                self._hold = self._read_hold()
             self._put_listener(listener)
             self._put_bind_address(listener)
             if attach and self._link_fd < 0:
@@ -213,16 +217,26 @@ class Dispatcher:
                 "pass a bound, listening TCP socket."
             ) from exc
 
+    def _read_hold(self) -> bool:
+        assert self._program is not None
+        entry = bpfsys.map_lookup_elem(
+            self._program.maps[BIND_MAP], struct.pack("=I", _BIND_KEY), BIND_ENTRY.size
+        )
+        return bool(entry and BIND_ENTRY.unpack(entry)[2])
+
     def _put_bind_address(self, listener: socket.socket) -> None:
         """Steer only connections to the listener's bound address (set once, before attaching)."""
-        assert self._program is not None
         self._bind_host = listener.getsockname()[0]
         self._bind_entry = bind_entry(self._bind_host)
+        self._write_bind_entry()
+
+    def _write_bind_entry(self) -> None:
+        assert self._program is not None
         try:
             bpfsys.map_update_elem(
                 self._program.maps[BIND_MAP],
                 struct.pack("=I", _BIND_KEY),
-                self._bind_entry,
+                bind_entry(self._bind_host, self._hold),
                 bpfsys.BPF_ANY,
             )
         except OSError as exc:
@@ -230,6 +244,17 @@ class Dispatcher:
                 f"the kernel would not store the bind address {self._bind_host} "
                 f"({exc.strerror}): reinstall bpfproxy."
             ) from exc
+
+    def set_hold(self, hold: bool) -> None:
+        """Whether the hold program (attached only to pinned state, see
+        :mod:`bpfproxy.pinning`) drops steered SYNs while no listener is in
+        the sockmap: on while serving, so a crash or restart makes clients
+        retransmit instead of being refused; off for a clean stop, so a
+        stopping proxy refuses at once."""
+        self._check_open()
+        if hold != self._hold:
+            self._hold = hold
+            self._write_bind_entry()
 
     @property
     def bind_address(self) -> str | None:

@@ -59,24 +59,26 @@ __all__ = [
 MIN_KERNEL = (5, 9)
 
 #: Names of the program's per-CPU counters, in the order of ``enum counter``
-#: in sk_lookup.c. The first two are drops; ``family_mismatch`` counts
-#: connections passed to the normal lookup because the listener does not
-#: serve their address family (e.g. IPv6 to an AF_INET listener);
-#: ``not_bind_address`` those passed because their destination address is
-#: not the listener's bound address.
-COUNTERS = ("no_listener", "assign_failed", "family_mismatch", "not_bind_address")
-DROP_REASONS = COUNTERS[:2]
+#: in sk_lookup.c. ``no_listener``, ``assign_failed`` and ``held`` are drops
+#: (``held``: a SYN dropped by the hold program while no process serves, so the
+#: client retransmits); ``family_mismatch`` counts connections passed to the
+#: normal lookup because the listener does not serve their address family
+#: (e.g. IPv6 to an AF_INET listener); ``not_bind_address`` those passed
+#: because their destination address is not the listener's bound address.
+COUNTERS = ("no_listener", "assign_failed", "family_mismatch", "not_bind_address", "held")
+DROP_REASONS = ("no_listener", "assign_failed", "held")
 
 _SOURCE_NAME = "sk_lookup.c"
 _PROGRAM = b"steer"
+_HOLD_PROGRAM = b"hold"  # tc ingress: drops steered SYNs while no process serves
 # The program's maps, by name (see _check_maps for their layout).
 PORTS_MAP = b"steered_ports"
 LISTENER_MAP = b"listener"
 COUNTERS_MAP = b"counters"
 BIND_MAP = b"bind_addr"
 
-#: struct bind_addr: match4, match6, 2 pad bytes, ip4, ip6 (both network byte order).
-BIND_ENTRY = struct.Struct("=BBxx4s16s")
+#: struct bind_addr: match4, match6, hold, a pad byte, ip4, ip6 (both network byte order).
+BIND_ENTRY = struct.Struct("=BBBx4s16s")
 
 #: The maps the kernel must have made for the program, by name:
 #: (map type, key size, value size, max entries), as the dispatcher writes them.
@@ -90,20 +92,22 @@ MAPS = {
 
 @dataclass
 class Program:
-    """The loaded sk_lookup program and its maps, as file descriptors this object owns.
+    """The loaded programs and their maps, as file descriptors this object owns.
 
-    ``maps`` is keyed by map name (see :data:`MAPS`). :meth:`close` closes
-    every descriptor; the kernel frees each object once nothing else (a
-    link, a pin in bpffs) holds it.
+    ``prog_fd`` is the sk_lookup program, ``hold_fd`` the tc program that
+    holds SYNs while no process serves; ``maps`` is keyed by map name (see
+    :data:`MAPS`). :meth:`close` closes every descriptor; the kernel frees
+    each object once nothing else (a link, a pin in bpffs) holds it.
     """
 
     prog_fd: int
+    hold_fd: int
     maps: dict[bytes, int]
 
     def close(self) -> None:
         """Close the descriptors. Idempotent."""
-        fds = [self.prog_fd, *self.maps.values()]
-        self.prog_fd, self.maps = -1, {}
+        fds = [self.prog_fd, self.hold_fd, *self.maps.values()]
+        self.prog_fd, self.hold_fd, self.maps = -1, -1, {}
         for fd in fds:
             if fd >= 0:
                 with contextlib.suppress(OSError):
@@ -388,13 +392,14 @@ def compile_and_load() -> Program:
                 program = bpf.load_func(
                     _PROGRAM, bpfsys.BPF_PROG_TYPE_SK_LOOKUP, attach_type=bpfsys.BPF_SK_LOOKUP
                 )
+                hold = bpf.load_func(_HOLD_PROGRAM, bpfsys.BPF_PROG_TYPE_SCHED_CLS)
             except Exception as exc:
                 load_failure = exc
                 load_errno = ctypes.get_errno()
         if load_failure is not None:
             raise _load_error(load_errno, load_output.text, source) from load_failure
         # Our own descriptors (os.dup: not inherited by children), then bcc goes.
-        loaded = Program(os.dup(program.fd), {})
+        loaded = Program(os.dup(program.fd), os.dup(hold.fd), {})
         try:
             for name in MAPS:
                 loaded.maps[name] = os.dup(_bcc_map_fd(bpf, name))
@@ -425,6 +430,9 @@ def check_program(program: Program) -> None:
     info = bpfsys.prog_info(program.prog_fd)
     if info.type != bpfsys.BPF_PROG_TYPE_SK_LOOKUP:
         raise SteeringError(f"program {info.name!r} (id {info.id}) is not an sk_lookup program.")
+    hold = bpfsys.prog_info(program.hold_fd)
+    if hold.type != bpfsys.BPF_PROG_TYPE_SCHED_CLS:
+        raise SteeringError(f"program {hold.name!r} (id {hold.id}) is not a tc program.")
     for name, want in MAPS.items():
         fd = program.maps.get(name, -1)
         if fd < 0:
@@ -436,8 +444,8 @@ def check_program(program: Program) -> None:
                 f"map {name.decode()} is (type, key, value, max_entries)={got} in the kernel, "
                 f"{want} expected: {_SOURCE_NAME} and loader.py disagree."
             )
-        if map_info.id not in info.map_ids:
-            raise SteeringError(f"map {name.decode()} (id {map_info.id}) is not the program's.")
+        if map_info.id not in info.map_ids or map_info.id not in hold.map_ids:
+            raise SteeringError(f"map {name.decode()} (id {map_info.id}) is not the programs'.")
 
 
 def compile_check() -> None:

@@ -4,7 +4,12 @@ bpfproxy pins its sk_lookup program, the program's maps and the netns link
 under ``<bpffs>/bpfproxy/<instance>/`` so that they outlive the process:
 
 - ``prog``, ``link``, ``map_steered_ports``, ``map_listener``,
-  ``map_bind_addr``, ``map_counters``: the pinned objects;
+  ``map_bind_addr``, ``map_counters``: the sk_lookup program, its netns link
+  and its maps;
+- ``hold`` and ``hold-<ifindex>``: the tc program that drops steered SYNs
+  while no process serves (so clients retransmit instead of being refused;
+  see bpf/sk_lookup.c) and its tcx link on each interface (Ethernet or
+  loopback) there was when a bpfproxy of this instance started;
 - ``source-<digest>/``: an empty directory naming the program's source
   (:func:`bpfproxy.loader.source_digest`); bpffs holds no regular files.
 
@@ -43,6 +48,7 @@ import logging
 import os
 import re
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -77,6 +83,8 @@ _INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 PROG_PIN = "prog"
 LINK_PIN = "link"
+HOLD_PIN = "hold"
+_HOLD_LINK_PREFIX = "hold-"
 _MAP_PREFIX = "map_"
 _SOURCE_PREFIX = "source-"
 
@@ -228,17 +236,18 @@ class Instance:
                 f"instance {self.name} has state pinned by another bpfproxy ({found}, "
                 f"this one is {digest}): {release}, then start again."
             )
-        wanted = [PROG_PIN, LINK_PIN, *(_MAP_PREFIX + name.decode() for name in MAPS)]
+        wanted = [PROG_PIN, HOLD_PIN, LINK_PIN, *(_MAP_PREFIX + name.decode() for name in MAPS)]
         missing = [pin for pin in wanted if pin not in pins]
         if missing:
             raise SteeringError(
                 f"instance {self.name} has incomplete pinned state (no {', '.join(missing)}): "
                 f"{release}, then start again."
             )
-        program = Program(-1, {})
+        program = Program(-1, -1, {})
         link_fd = -1
         try:
             program.prog_fd = bpfsys.obj_get(str(self.path / PROG_PIN))
+            program.hold_fd = bpfsys.obj_get(str(self.path / HOLD_PIN))
             for name in MAPS:
                 program.maps[name] = bpfsys.obj_get(str(self.path / (_MAP_PREFIX + name.decode())))
             check_program(program)
@@ -264,13 +273,49 @@ class Instance:
 
         program, link_fd = self.load(listener)
         dispatcher = Dispatcher(listener, program=program, link_fd=link_fd)
-        if not self.reused:
-            try:
+        try:
+            if not self.reused:
                 self.pin(dispatcher.program, dispatcher.link_fd)
-            except BaseException:
-                dispatcher.close()
-                raise
+            self.attach_hold(dispatcher.program.hold_fd)
+        except BaseException:
+            dispatcher.close()
+            raise
         return dispatcher
+
+    def attach_hold(self, hold_fd: int) -> None:
+        """Attach the hold program at tc ingress (tcx) of each Ethernet or loopback
+        interface of this network namespace that has no pinned link yet, and pin it.
+
+        Kernels before 6.6 have no tcx: then nothing is attached and a warning
+        says that SYNs are refused while no process serves.
+        """
+        attached = []
+        for index, name in socket.if_nameindex():
+            pin = self.path / f"{_HOLD_LINK_PREFIX}{index}"
+            if pin.exists() or _arphrd(name) not in _HOLD_ARPHRD:
+                continue
+            try:
+                fd = bpfsys.link_create(hold_fd, index, bpfsys.BPF_TCX_INGRESS)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    raise SteeringError(
+                        f"cannot attach the hold program to {name}: {exc}."
+                    ) from exc
+                log.warning(
+                    "this kernel has no tcx (Linux 6.6+: %s): while no bpfproxy serves, "
+                    "SYNs to steered ports are refused, not held", exc.strerror,
+                )  # fmt: skip
+                return
+            try:
+                bpfsys.obj_pin(fd, str(pin))
+            except OSError as exc:
+                raise SteeringError(f"cannot pin {pin}: {exc}.") from exc
+            finally:
+                os.close(fd)
+            attached.append(name)
+        if attached:
+            log.info("instance %s: SYNs held on %s while no process serves",
+                     self.name, ", ".join(attached))  # fmt: skip
 
     def pin(self, program: Program, link_fd: int) -> None:
         """Pin the maps, the program, the source digest and, last, the link."""
@@ -278,6 +323,7 @@ class Instance:
             for name, fd in program.maps.items():
                 bpfsys.obj_pin(fd, str(self.path / (_MAP_PREFIX + name.decode())))
             bpfsys.obj_pin(program.prog_fd, str(self.path / PROG_PIN))
+            bpfsys.obj_pin(program.hold_fd, str(self.path / HOLD_PIN))
             (self.path / (_SOURCE_PREFIX + source_digest())).mkdir()
             bpfsys.obj_pin(link_fd, str(self.path / LINK_PIN))
         except OSError as exc:
@@ -299,11 +345,32 @@ class Instance:
                 self._lock_fd = -1
 
 
+# ARPHRD_ETHER, ARPHRD_LOOPBACK: the interfaces whose frames start with an Ethernet header.
+_HOLD_ARPHRD = (1, 772)
+_SIOCGIFHWADDR = 0x8927
+_IFNAMSIZ = 16
+
+
+def _arphrd(name: str) -> int:
+    """An interface's hardware type (ARPHRD_*), -1 if unknown."""
+    request = name.encode()[: _IFNAMSIZ - 1].ljust(40, b"\0")  # struct ifreq
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            reply = fcntl.ioctl(sock, _SIOCGIFHWADDR, request)
+    except OSError:
+        return -1
+    return int.from_bytes(reply[_IFNAMSIZ : _IFNAMSIZ + 2], sys.byteorder)
+
+
 def _remove(path: Path) -> list[str]:
     """Unpin everything in an instance's directory, the link first; remove it and, if
     empty, its parent. Returns the names removed."""
     try:
-        names = sorted(os.listdir(path), key=lambda name: name != LINK_PIN)
+        # The links first: each detaches as its last holder goes.
+        names = sorted(
+            os.listdir(path),
+            key=lambda name: (name != LINK_PIN, not name.startswith(_HOLD_LINK_PREFIX), name),
+        )
     except FileNotFoundError:
         return []
     for name in names:

@@ -123,7 +123,14 @@ class BpfPlan:
         except SteeringError as exc:
             raise StartupError(f"port map: {exc}") from None
 
+    def serving(self) -> None:
+        """The workers serve: hold SYNs while no listener is there (pinned state only)."""
+        assert self.dispatcher is not None
+        self.dispatcher.set_hold(True)
+
     def stopping(self) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.set_hold(False)  # a clean stop refuses at once, as before
         for sock in self._listeners:
             if sock is not None:
                 sock.close()  # the workers' copies close as they stop; then ports refuse

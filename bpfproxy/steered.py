@@ -75,6 +75,18 @@ class SteeredListener(SharedListener):
         self._metrics = metrics or NullMetrics()
         self._listen_port = listen_port
 
+    async def serve(
+        self, proxy: Proxy, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Accept until cancelled; SYNs are held (pinned state) while serving, and refused
+        again from the moment serving stops (a clean stop), as without pinned state."""
+        self._dispatcher.set_hold(True)
+        try:
+            await super().serve(proxy, task_status=task_status)
+        except trio.Cancelled:
+            self._dispatcher.set_hold(False)
+            raise
+
     def steer(self, config: Config) -> None:
         """Make the port map hold exactly `config`'s ports, logging the change."""
         started = time.perf_counter()
