@@ -6,15 +6,19 @@ its clients all live in a network namespace the test creates and removes.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,10 +28,12 @@ from tests.deploy import BPF_LISTEN_PORT, Deployment
 from tests.helpers import (
     ROOT,
     TIMEOUT,
+    ProxyProcess,
     app,
     exchange,
     recv_all,
     recv_line,
+    wait_until,
     which_backend,
     write_config,
 )
@@ -119,6 +125,8 @@ def test_reload_claiming_the_listen_port_is_rejected(lab: Deployment) -> None:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_ports_are_released_when_bpfproxy_exits(lab: Deployment, signum: int) -> None:
+    # Default root: under `ip netns exec` the bpffs bpfproxy mounts is in the process's own
+    # mount namespace, so its pins end with it even after SIGKILL (see the pinned tests).
     a = lab.backend("a")
     proxy = lab.start([app("A", [7001, 7002], [a.address])])
     assert lab.which(7001) == "a"
@@ -271,3 +279,215 @@ def test_non_root_gets_a_clear_error(readable_copy: Path) -> None:
     assert proc.returncode == 2, err
     assert "bpfproxy: error:" in err and "sudo" in err
     assert "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- pinned state
+
+
+@pytest.fixture
+def bpffs(tmp_path: Path) -> Iterator[Path]:
+    """A bpffs of the test's own, mounted where `ip netns exec` still sees it.
+
+    bpfproxy's default root, /sys/fs/bpf, is hidden by `ip netns exec` (it
+    mounts a fresh /sys), so pins made there end with the process. Unmounting
+    releases whatever a failed test left pinned.
+    """
+    root = tmp_path / "bpffs"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(root)], check=True, timeout=TIMEOUT)
+    try:
+        yield root
+    finally:
+        subprocess.run(["umount", "--lazy", str(root)], check=False, timeout=TIMEOUT)
+
+
+def pinned_args(bpffs: Path, instance: str) -> tuple[str, ...]:
+    return ("--bpffs", str(bpffs), "--instance", instance)
+
+
+def instance_name() -> str:
+    return f"test-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def start_again(lab: Deployment, *args: str) -> ProxyProcess:
+    """Start another bpfproxy of the same deployment at once (the old one is gone)."""
+    old = lab.proxy
+    argv = lab.popen_argv(lab.argv("--log-level", "debug", *args))
+    lab.proxy = ProxyProcess(argv)  # lab.close() kills it
+    if old is not None:
+        old.kill()
+    return lab.proxy
+
+
+def run_bpfproxy(lab: Deployment, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = lab.popen_argv([sys.executable, "-m", "bpfproxy", "-p", str(BPF_LISTEN_PORT), *args])
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
+
+
+def attempt(lab: Deployment, port: int, timeout: float = TIMEOUT) -> str:
+    """The backend a client reaches, or why not: "refused", "timeout" or the error."""
+    try:
+        with lab.connect(port, timeout=timeout) as sock:
+            return recv_line(sock).decode().strip() or "closed"
+    except ConnectionRefusedError:
+        return "refused"
+    except TimeoutError:
+        return "timeout"
+    except OSError as exc:
+        return repr(exc)
+
+
+def counter(bpffs: Path, instance: str, name: str) -> int:
+    """One of the program's counters, read from its pinned map, summed over CPUs."""
+    from bpfproxy import bpfsys
+    from bpfproxy.loader import COUNTERS
+
+    fd = bpfsys.obj_get(str(bpffs / "bpfproxy" / instance / "map_counters"))
+    try:
+        cpus = bpfsys.possible_cpus()
+        raw = bpfsys.map_lookup_elem(fd, COUNTERS.index(name).to_bytes(4, sys.byteorder), 8 * cpus)
+    finally:
+        os.close(fd)
+    assert raw is not None
+    return sum(int.from_bytes(raw[i : i + 8], sys.byteorder) for i in range(0, len(raw), 8))
+
+
+def test_sigkill_then_restart_refuses_no_connection(lab: Deployment, bpffs: Path) -> None:
+    a = lab.backend("a")
+    instance = instance_name()
+    args = pinned_args(bpffs, instance)
+    proxy = lab.start([app("A", [7001], [a.address])], *args)
+    assert lab.which(7001) == "a"
+
+    outcomes: list[tuple[float, str]] = []  # (when the attempt started, how it ended)
+    stop = threading.Event()
+
+    def connect_loop() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            outcomes.append((started, attempt(lab, 7001)))
+
+    def served() -> int:
+        return sum(1 for _, outcome in outcomes if outcome == "a")
+
+    clients = [threading.Thread(target=connect_loop, daemon=True) for _ in range(2)]
+    for client in clients:
+        client.start()
+    wait_until(lambda: served() >= 20)
+    proxy.send(signal.SIGKILL)
+    proxy.proc.wait(TIMEOUT)
+    dead = time.monotonic()  # every descriptor of the old process is closed
+    # A client whose SYN is sent while no process serves: held, not refused.
+    during = concurrent.futures.ThreadPoolExecutor(1).submit(attempt, lab, 7001)
+    restarted = start_again(lab, *args)  # within milliseconds of the kill
+    restarted.wait_for(r"INFO bpfproxy started")
+    assert during.result(timeout=2 * TIMEOUT) == "a"
+    before = served()
+    wait_until(lambda: served() >= before + 20)
+    stop.set()
+    for client in clients:
+        client.join(2 * TIMEOUT)
+
+    # Not one connection refused or timed out. Those that reached the old process before
+    # it died (accepted, or queued on its listener) die with it: reset or closed.
+    assert not [outcome for _, outcome in outcomes if outcome in ("refused", "timeout")]
+    after = [outcome for started, outcome in outcomes if started >= dead]
+    assert after and set(after) == {"a"}, sorted(set(after))
+    lost = [outcome for started, outcome in outcomes if started < dead and outcome != "a"]
+    assert all("ConnectionReset" in outcome or outcome == "closed" for outcome in lost), lost
+    assert counter(bpffs, instance, "held") >= 1
+    assert "reusing the pinned program" in restarted.output
+    assert "compiled and loaded" not in restarted.output
+
+
+def test_restart_reuses_the_state_without_compiling_and_diffs_the_ports(
+    lab: Deployment, bpffs: Path
+) -> None:
+    a, b = lab.backend("a"), lab.backend("b")
+    args = pinned_args(bpffs, instance_name())
+    first = lab.start([app("A", [7001, 7002], [a.address])], *args)
+    assert "compiled and loaded sk_lookup.c" in first.output
+    first.send(signal.SIGKILL)
+    first.proc.wait(TIMEOUT)
+    write_config(lab.config_path, [app("A", [7001], [a.address]), app("B", [7003], [b.address])])
+
+    second = start_again(lab, *args)
+    second.wait_for(r"INFO bpfproxy started")
+    assert "compiled and loaded" not in second.output
+    second.wait_for(r"reusing the pinned program .* no compile")
+    second.wait_for(r"port map: 2 ports steered \(added 7003; removed 7002\)")
+    assert lab.which(7001) == "a"
+    assert lab.which(7003) == "b"
+    assert refused(lab, 7002)
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["single", "workers"])
+def test_clean_stop_releases_every_port_and_leaves_no_pin(
+    lab: Deployment, bpffs: Path, workers: int
+) -> None:
+    a = lab.backend("a")
+    instance = instance_name()
+    args = (*pinned_args(bpffs, instance), "--workers", str(workers))
+    proxy = lab.start([app("A", [7001, 7002], [a.address])], *args)
+    assert (bpffs / "bpfproxy" / instance / "link").exists()
+    assert lab.which(7001) == "a"
+    assert proxy.stop(signal.SIGTERM) == 0
+    assert refused(lab, 7001)
+    assert refused(lab, 7002)
+    assert refused(lab, BPF_LISTEN_PORT)
+    assert list(bpffs.glob("bpfproxy*")) == []
+
+
+def test_release_removes_the_state_of_a_dead_instance(lab: Deployment, bpffs: Path) -> None:
+    a = lab.backend("a")
+    instance = instance_name()
+    args = pinned_args(bpffs, instance)
+    proxy = lab.start([app("A", [7001], [a.address])], *args)
+
+    running = run_bpfproxy(lab, "--release", *args)
+    assert running.returncode == 2
+    assert f"instance {instance} is running" in running.stderr
+    assert lab.which(7001) == "a"  # still serving
+
+    proxy.send(signal.SIGKILL)
+    proxy.proc.wait(TIMEOUT)
+    assert attempt(lab, 7001, timeout=1.5) == "timeout"  # held: pinned, nobody serves
+    released = run_bpfproxy(lab, "--release", *args)
+    assert released.returncode == 0, released.stderr
+    assert f"released instance {instance}" in released.stdout
+    for pin in ("link", "prog", "hold", "hold-1", "map_steered_ports", "map_listener"):
+        assert pin in released.stdout
+    assert refused(lab, 7001)
+    assert list(bpffs.glob("bpfproxy*")) == []
+
+    again = run_bpfproxy(lab, "--release", *args)
+    assert again.returncode == 0
+    assert "has no pinned state" in again.stdout
+
+
+def test_incompatible_pinned_state_asks_for_release(lab: Deployment, bpffs: Path) -> None:
+    a = lab.backend("a")
+    instance = instance_name()
+    args = pinned_args(bpffs, instance)
+    proxy = lab.start([app("A", [7001], [a.address])], *args)
+    proxy.send(signal.SIGKILL)
+    proxy.proc.wait(TIMEOUT)
+    state = bpffs / "bpfproxy" / instance
+    (version,) = state.glob("source-*")
+    version.rename(state / "source-0123456789abcdef")  # as if pinned by another version
+
+    started = run_bpfproxy(lab, "-c", str(lab.config_path), *args)
+    assert started.returncode == 2
+    assert "pinned by another bpfproxy" in started.stderr
+    assert f"bpfproxy --release --instance {instance}" in started.stderr
+    assert "Traceback" not in started.stderr
+    assert run_bpfproxy(lab, "--release", *args).returncode == 0
+    assert list(bpffs.glob("bpfproxy*")) == []
+
+
+@pytest.mark.parametrize("name", ["../etc", "a/b", "", "-x", "x" * 65])
+def test_a_bad_instance_name_is_a_usage_error(name: str, capsys: pytest.CaptureFixture) -> None:
+    from bpfproxy.cli import main
+
+    assert main(["--instance", name, "--release"]) == 2
+    assert "is not an instance name" in capsys.readouterr().err
