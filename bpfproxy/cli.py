@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import socket
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import trio
@@ -30,7 +32,12 @@ from tcpproxy.service import run_service
 from tcpproxy.workers.link import SupervisorLink
 from tcpproxy.workers.supervisor import Supervisor
 
+if TYPE_CHECKING:
+    from bpfproxy.pinning import Instance
+
 __all__ = ["command", "main"]
+
+log = logging.getLogger("tcpproxy")
 
 DEFAULT_LISTEN_PORT = 8000  # the one socket's own port; it must not be an app port
 
@@ -122,9 +129,9 @@ def command(
                            max_connections, splice, log_level, log_format,
                            listen_port, bind, engine)  # fmt: skip
     setup_logging(log_level, log_format=log_format)
+    from bpfproxy.dispatcher import Dispatcher
     from bpfproxy.errors import SteeringError
     from bpfproxy.loader import check_environment, compile_check
-    from bpfproxy.pinning import Instance
 
     name = instance or default_instance(listen_port)
     try:
@@ -140,8 +147,9 @@ def command(
         check_listen_port(listen_port, config)
         with contextlib.ExitStack() as stack:
             # Closed last: unpins after a clean stop (or a failed first start), then unlocks.
-            pins = Instance.open(bpffs, name)
-            stack.callback(pins.close)
+            pins = _open_pins(bpffs, name)
+            if pins is not None:
+                stack.callback(pins.close)
             if workers > 1:
                 # --bind too: the worker's self-loop guard needs it (the listener is given)
                 options = worker_options(
@@ -157,19 +165,19 @@ def command(
                     ),
                     drain_timeout=drain_timeout,
                 )  # fmt: skip
-                pins.unpin_at_close = False  # serving: a crash keeps the pins
+                _serving(pins)
                 plan.serving()
                 trio.run(supervisor.run)
-                pins.unpin_at_close = True  # a clean stop releases every port
+                _stopped_cleanly(pins)
                 return 0
             listener = open_listener(bind, listen_port)
             stack.callback(listener.close)
-            dispatcher = pins.dispatcher(listener)
+            dispatcher = pins.dispatcher(listener) if pins else Dispatcher(listener)
             stack.callback(dispatcher.close)  # runs before listener.close: unsteer first
             metrics, address = metrics_for(metrics_address)
             frontend = SteeredListener(listener, dispatcher, listen_port, metrics)
             frontend.steer(config)
-            pins.unpin_at_close = False  # serving: a crash keeps the pins
+            _serving(pins)
             trio.run(
                 lambda: run_service(
                     config_path, data, config, frontend, drain_timeout=drain_timeout,
@@ -178,10 +186,31 @@ def command(
                     engine=engine,
                 )
             )  # fmt: skip
-            pins.unpin_at_close = True  # a clean stop releases every port
+            _stopped_cleanly(pins)
     except SteeringError as exc:
         raise StartupError(str(exc)) from None
     return 0
+
+
+def _open_pins(bpffs: str, name: str) -> Instance | None:
+    """The instance's pinned state, locked; None (with a warning) where no bpffs can be had."""
+    from bpfproxy.pinning import Instance, NoBpffs
+
+    try:
+        return Instance.open(bpffs, name)
+    except NoBpffs as exc:
+        log.warning("%s; running without it: a crash releases every port", exc)
+        return None
+
+
+def _serving(pins: Instance | None) -> None:
+    if pins is not None:
+        pins.unpin_at_close = False  # serving: a crash keeps the pins
+
+
+def _stopped_cleanly(pins: Instance | None) -> None:
+    if pins is not None:
+        pins.unpin_at_close = True  # a clean stop releases every port
 
 
 def _release(bpffs: str, name: str) -> int:

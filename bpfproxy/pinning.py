@@ -61,6 +61,7 @@ __all__ = [
     "BPFFS_ENV",
     "DEFAULT_BPFFS",
     "Instance",
+    "NoBpffs",
     "check_instance_name",
     "default_instance",
     "ensure_bpffs",
@@ -85,10 +86,16 @@ PROG_PIN = "prog"
 LINK_PIN = "link"
 HOLD_PIN = "hold"
 _HOLD_LINK_PREFIX = "hold-"
+_LOCK_ATTEMPTS = 3  # a clean stop of the same instance may remove the directory meanwhile
 _MAP_PREFIX = "map_"
 _SOURCE_PREFIX = "source-"
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+class NoBpffs(SteeringError):
+    """No bpffs at the root and none could be mounted (e.g. a container without
+    CAP_SYS_ADMIN): bpfproxy can still run, without pinned state."""
 
 
 def default_instance(listen_port: int) -> str:
@@ -123,9 +130,9 @@ def ensure_bpffs(root: str) -> None:
         return
     if _libc.mount(b"bpf", os.fsencode(root), b"bpf", 0, b"mode=0700") != 0:
         err = ctypes.get_errno()
-        raise SteeringError(
+        raise NoBpffs(
             f"{root} is not a bpffs and mounting one there failed ({os.strerror(err)}): "
-            f"mount one (mount -t bpf bpf {root}) or give another with --bpffs."
+            f"mount one (mount -t bpf bpf {root}) for pinned state"
         )
     if _own_mount_namespace():
         log.warning(
@@ -195,12 +202,22 @@ class Instance:
         """Mount bpffs at ``root`` if needed, make the directory and lock it."""
         instance = cls(root, name)
         ensure_bpffs(root)
-        try:
-            instance.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise SteeringError(f"cannot make {instance.path}: {exc.strerror}.") from exc
-        instance._lock_fd = _lock(instance.path, name, "give this one another --instance")
-        return instance
+        for _ in range(_LOCK_ATTEMPTS):
+            try:
+                instance.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+                fd = _lock(instance.path, name, "give this one another --instance")
+            except FileNotFoundError:
+                continue  # removed by a clean stop between mkdir and open: again
+            except OSError as exc:
+                raise SteeringError(f"cannot make {instance.path}: {exc.strerror}.") from exc
+            try:
+                if os.fstat(fd).st_ino == os.stat(instance.path).st_ino:
+                    instance._lock_fd = fd
+                    return instance
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # locked a directory a clean stop has just removed: again
+        raise SteeringError(f"{instance.path} keeps disappearing: is another bpfproxy stopping?")
 
     def load(self, listener: socket.socket) -> tuple[Program, int | None]:
         """The program to steer with, and the link to adopt (None: attach a new one).

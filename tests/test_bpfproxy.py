@@ -491,3 +491,14 @@ def test_a_bad_instance_name_is_a_usage_error(name: str, capsys: pytest.CaptureF
 
     assert main(["--instance", name, "--release"]) == 2
     assert "is not an instance name" in capsys.readouterr().err
+
+
+def test_without_a_bpffs_it_runs_unpinned(lab: Deployment, tmp_path: Path) -> None:
+    a = lab.backend("a")
+    missing = tmp_path / "no-such-dir"  # nothing can be mounted there
+    proxy = lab.start([app("A", [7001], [a.address])], "--bpffs", str(missing))
+    proxy.wait_for(r"WARNING .*no-such-dir is not a bpffs .* running without it")
+    assert lab.which(7001) == "a"
+    proxy.send(signal.SIGKILL)
+    proxy.proc.wait(TIMEOUT)
+    assert refused(lab, 7001)  # nothing pinned: the ports went with the process
