@@ -502,3 +502,19 @@ def test_without_a_bpffs_it_runs_unpinned(lab: Deployment, tmp_path: Path) -> No
     proxy.send(signal.SIGKILL)
     proxy.proc.wait(TIMEOUT)
     assert refused(lab, 7001)  # nothing pinned: the ports went with the process
+
+
+def test_a_draining_proxy_refuses_new_connections_at_once(lab: Deployment, bpffs: Path) -> None:
+    a = lab.backend("a")
+    args = (*pinned_args(bpffs, instance_name()), "--drain-timeout", "30")
+    proxy = lab.start([app("A", [7001, 7002], [a.address])], *args)
+    established = lab.connect(7001)
+    assert recv_line(established) == b"a\n"
+    mark = proxy.mark()
+    proxy.send(signal.SIGTERM)
+    proxy.wait_for(r"draining 1 connections", start=mark)
+    # Still pinned and steered, no listener: refused, not held (a clean stop is on).
+    assert attempt(lab, 7002, timeout=1.5) == "refused"
+    established.close()
+    assert proxy.proc.wait(TIMEOUT) == 0
+    assert list(bpffs.glob("bpfproxy*")) == []
