@@ -410,12 +410,14 @@ def release(root: str, name: str) -> tuple[Path, list[str]]:
     nothing: where no bpffs is mounted, nothing can be pinned.
     """
     path = Path(root) / _SUBDIR / check_instance_name(name)
-    if not is_bpffs(root) or not path.is_dir():
-        return path, []
     try:
+        if not is_bpffs(root) or not path.is_dir():
+            return path, []
         lock_fd = _lock(path, name, "stop it instead (SIGTERM unpins its state)")
     except FileNotFoundError:
         return path, []
+    except PermissionError as exc:
+        raise SteeringError(f"cannot read {path} ({exc.strerror}): run it with sudo.") from exc
     try:
         return path, _remove(path)
     except OSError as exc:
