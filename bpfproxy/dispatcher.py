@@ -1,7 +1,7 @@
 """Steers ports to one listener: owns the loaded sk_lookup program, its link, maps and counters.
 
-A :class:`Dispatcher` gets the program compiled and loaded from
-:mod:`bpfproxy.loader` (as ``BPF_PROG_TYPE_SK_LOOKUP``), puts the proxy's one
+A :class:`Dispatcher` gets the program compiled and loaded by a child process
+(:mod:`bpfproxy.compiler`, as ``BPF_PROG_TYPE_SK_LOOKUP``), puts the proxy's one
 listening socket in the program's sockmap and attaches the program to the
 listener's network namespace with a BPF link. From then on a new TCP
 connection to any port in :attr:`Dispatcher.ports` is accepted by that
@@ -39,6 +39,7 @@ from collections.abc import Iterable
 from types import TracebackType
 
 from . import bpfsys
+from .compiler import load_in_child
 from .errors import SteeringError
 from .loader import (
     BIND_ENTRY,
@@ -51,7 +52,6 @@ from .loader import (
     PORTS_MAP,
     SUDO_HINT,
     Program,
-    compile_and_load,
 )
 
 __all__ = ["Dispatcher", "bind_entry", "netns_fd_of"]
@@ -168,7 +168,7 @@ class Dispatcher:
         try:
             _check_listener(listener)
             if self._program is None:
-                self._program = compile_and_load()
+                self._program = load_in_child()
             self._ports_fd = self._program.maps[PORTS_MAP]
             self._counters_fd = self._program.maps[COUNTERS_MAP]
             if self._link_fd >= 0:  # adopted: keep what the map says until told otherwise

@@ -13,8 +13,9 @@ freed. Compile, verifier and permission failures become a
 their pins in bpffs, see :mod:`bpfproxy.pinning`) the same way.
 
 What is loaded steers nothing yet: :class:`bpfproxy.dispatcher.Dispatcher`
-owns it, fills its maps and attaches it. Only descriptors leave this module,
-so the compile can later move to a short-lived process that pins and exits.
+owns it, fills its maps and attaches it. Only descriptors leave this module:
+bpfproxy calls :func:`compile_and_load` in a short-lived child process
+(:mod:`bpfproxy.compiler`), so the serving process never imports bcc.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import importlib.util
 import os
 import re
 import struct
@@ -154,12 +156,30 @@ def _import_bcc() -> Any:
     return bcc
 
 
+def _find_bcc() -> None:
+    """Raise SteeringError unless Debian's bcc can be imported, without importing it.
+
+    Importing bcc maps LLVM into the process: only the compile child
+    (:mod:`bpfproxy.compiler`) does, and reports a module that does not load.
+    """
+    try:
+        spec = importlib.util.find_spec("bcc")
+    except (ImportError, ValueError) as exc:
+        raise SteeringError(f"cannot import bcc ({exc}): {_BCC_HINT}.") from exc
+    if spec is None:
+        raise SteeringError(f"cannot import bcc (no module named 'bcc'): {_BCC_HINT}.")
+    locations = list(spec.submodule_search_locations or ())
+    if not any(os.path.exists(os.path.join(where, "libbcc.py")) for where in locations):
+        raise SteeringError(f"the bcc module at {spec.origin} is not BPF's bcc: {_BCC_HINT}.")
+
+
 def check_environment() -> None:
     """Raise SteeringError, saying what to do, when this machine cannot run bpfproxy.
 
     Checks, cheapest first: kernel version (sk_lookup needs 5.9), effective
     capabilities (CAP_BPF or CAP_SYS_ADMIN, plus CAP_NET_ADMIN), that Debian's
-    bcc imports, and that bcc will find kernel headers to compile with.
+    bcc is installed (found, not imported: see :func:`_find_bcc`), and that
+    bcc will find kernel headers to compile with.
     """
     release = os.uname().release
     if _kernel_version(release) < MIN_KERNEL:
@@ -178,7 +198,7 @@ def check_environment() -> None:
             + _privilege_hint(_container_evidence())
         )
 
-    _import_bcc()
+    _find_bcc()
 
     # bcc compiles against /lib/modules/$(uname -r)/build, or else against the
     # kheaders archive of kernels built with CONFIG_IKHEADERS.

@@ -54,8 +54,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import bpfsys
+from .compiler import load_in_child
 from .errors import SteeringError
-from .loader import MAPS, Program, check_program, compile_and_load, source_digest
+from .loader import MAPS, Program, check_program, source_digest
 
 __all__ = [
     "BPFFS_ENV",
@@ -228,7 +229,7 @@ class Instance:
         pins = sorted(os.listdir(self.path))
         if not pins:
             started = time.perf_counter()
-            program = compile_and_load()
+            program = load_in_child()
             log.info(
                 "compiled and loaded sk_lookup.c in %.0f ms",
                 (time.perf_counter() - started) * 1000,
