@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import socket
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,11 +24,19 @@ from tcpproxy.cli_common import (
     read_config,
     reload_check,
     run_cli,
+    serving_code,
     setup_logging,
     worker_options,
 )
 from tcpproxy.errors import StartupError
 from tcpproxy.listeners import open_listener
+from tcpproxy.privileges import (
+    CAP_BPF,
+    Account,
+    check_access,
+    drop_privileges,
+    target_account,
+)
 from tcpproxy.service import run_service
 from tcpproxy.workers.link import SupervisorLink
 from tcpproxy.workers.supervisor import Supervisor
@@ -115,6 +124,7 @@ def command(
     workers: int,
     worker: str | None,
     worker_listener: int | None,
+    user: str | None,
     splice: bool,
     engine: str,
     log_level: str,
@@ -142,6 +152,9 @@ def command(
         if release:
             return _release(bpffs, name)
         check_environment()  # first: "run it with sudo" is what a user must fix first
+        account = target_account(user)
+        check_access(account, config_path, [*serving_code(), Path(__file__).parent])
+        keep = _bpf_capability()
         limit = fit_connection_limit(max_connections)
         data, config = read_config(config_path, (listen_port,), bind, limit)
         check_listen_port(listen_port, config)
@@ -165,6 +178,8 @@ def command(
                     ),
                     drain_timeout=drain_timeout,
                 )  # fmt: skip
+                plan.hand_to(account)
+                _drop(pins, account, keep)
                 _serving(pins)
                 plan.serving()
                 trio.run(supervisor.run)
@@ -177,6 +192,7 @@ def command(
             metrics, address = metrics_for(metrics_address)
             frontend = SteeredListener(listener, dispatcher, listen_port, metrics)
             frontend.steer(config)
+            _drop(pins, account, keep)
             _serving(pins)
             trio.run(
                 lambda: run_service(
@@ -201,6 +217,32 @@ def _open_pins(bpffs: str, name: str) -> Instance | None:
     except NoBpffs as exc:
         log.warning("%s; running without it: a crash releases every port", exc)
         return None
+
+
+#: Linux 5.19 lets a process without capabilities use the BPF objects it holds even
+#: when kernel.unprivileged_bpf_disabled is set; before, every bpf(2) call needs CAP_BPF.
+_UNPRIVILEGED_BPF_USE = (5, 19)
+
+
+def _bpf_capability() -> tuple[int, ...]:
+    """The capability to keep after the drop: CAP_BPF on a kernel that refuses map
+    updates to processes without it (see _UNPRIVILEGED_BPF_USE), else none."""
+    from bpfproxy.loader import _kernel_version
+
+    try:
+        with open("/proc/sys/kernel/unprivileged_bpf_disabled") as sysctl:
+            disabled = int(sysctl.read()) != 0
+    except (OSError, ValueError):
+        disabled = True
+    old = _kernel_version(os.uname().release) < _UNPRIVILEGED_BPF_USE
+    return (CAP_BPF,) if disabled and old else ()
+
+
+def _drop(pins: Instance | None, account: Account | None, keep: tuple[int, ...]) -> None:
+    """Set up is done: the pins become the account's to remove, then drop privileges."""
+    if pins is not None and account is not None:
+        pins.hand_to(account.uid, account.gid)
+    drop_privileges(account, keep)
 
 
 def _serving(pins: Instance | None) -> None:

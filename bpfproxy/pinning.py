@@ -48,6 +48,7 @@ import logging
 import os
 import re
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
@@ -348,9 +349,18 @@ class Instance:
             raise SteeringError(f"cannot pin the program's state in {self.path}: {exc}.") from exc
         log.info("instance %s: program, maps and link pinned in %s", self.name, self.path)
 
+    def hand_to(self, uid: int, gid: int) -> None:
+        """Make the directory ``uid``'s: after dropping privileges to it, the process can
+        still remove the pins at a clean stop (by the locked directory's fd: the bpffs
+        root above it is root's, mode 0700)."""
+        try:
+            os.fchown(self._lock_fd, uid, gid)
+        except OSError as exc:
+            raise SteeringError(f"cannot give {self.path} to uid {uid}: {exc.strerror}.") from exc
+
     def unpin(self) -> list[str]:
         """Remove every pin (the link first) and the directory; the removed names."""
-        return _remove(self.path)
+        return _remove(self.path, self._lock_fd)
 
     def close(self) -> None:
         """Unpin if :attr:`unpin_at_close`, then drop the lock. Idempotent."""
@@ -380,24 +390,42 @@ def _arphrd(name: str) -> int:
     return int.from_bytes(reply[_IFNAMSIZ : _IFNAMSIZ + 2], sys.byteorder)
 
 
-def _remove(path: Path) -> list[str]:
+def _remove(path: Path, dir_fd: int | None = None) -> list[str]:
     """Unpin everything in an instance's directory, the link first; remove it and, if
-    empty, its parent. Returns the names removed."""
+    empty, its parent. Returns the names removed.
+
+    Entries are removed through ``dir_fd`` (the directory, open) if given:
+    that needs only write access to the directory itself, which a process
+    that dropped root keeps (see :meth:`Instance.hand_to`); the directory
+    itself then stays, empty, if its parent is not writable for it.
+    """
+    own_fd = dir_fd is None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if own_fd else dir_fd
+    except FileNotFoundError:
+        return []
+    assert fd is not None
     try:
         # The links first: each detaches as its last holder goes.
         names = sorted(
-            os.listdir(path),
+            os.listdir(fd),
             key=lambda name: (name != LINK_PIN, not name.startswith(_HOLD_LINK_PREFIX), name),
         )
+        for name in names:
+            if stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                os.rmdir(name, dir_fd=fd)
+            else:
+                os.unlink(name, dir_fd=fd)
+    finally:
+        if own_fd:
+            os.close(fd)
+    try:
+        path.rmdir()
+    except PermissionError:
+        log.debug("%s is empty but stays: its parent is not writable after the drop", path)
+        return names
     except FileNotFoundError:
-        return []
-    for name in names:
-        entry = path / name
-        if entry.is_dir():
-            entry.rmdir()
-        else:
-            entry.unlink()
-    path.rmdir()
+        return names
     with contextlib.suppress(OSError):
         path.parent.rmdir()  # only if no other instance is left
     return names

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ from tcpproxy.workers.portlock import PortLocks
 
 if TYPE_CHECKING:
     from bpfproxy.pinning import Instance
+    from tcpproxy.privileges import Account
 
 __all__ = ["BpfPlan"]
 
@@ -58,6 +60,16 @@ class BpfPlan:
         except BaseException:
             self.close()
             raise
+
+    def hand_to(self, account: Account | None) -> None:
+        """Make the listeners ``account``'s (fchown sets a socket's owner), before the
+        supervisor drops to it: a listener it opens later for a restarted worker joins
+        the SO_REUSEPORT group only if its owner is the group's."""
+        if account is None:
+            return
+        for sock in self._listeners:
+            if sock is not None:
+                os.fchown(sock.fileno(), account.uid, account.gid)
 
     def _open(self) -> socket.socket:
         return open_listener(self._bind, self._port, reuse_port=True)

@@ -16,12 +16,20 @@ from tcpproxy.cli_common import (
     read_config,
     reload_check,
     run_cli,
+    serving_code,
     setup_logging,
     worker_options,
 )
 from tcpproxy.config import Config
 from tcpproxy.port_listeners import PortListeners
 from tcpproxy.port_plan import TcpPlan
+from tcpproxy.privileges import (
+    CAP_NET_BIND_SERVICE,
+    check_access,
+    drop_privileges,
+    target_account,
+    unprivileged_port_start,
+)
 from tcpproxy.service import run_service
 from tcpproxy.workers.link import SupervisorLink
 from tcpproxy.workers.supervisor import Supervisor
@@ -54,6 +62,7 @@ def command(
     metrics_address: str | None,
     workers: int,
     worker: str | None,
+    user: str | None,
     splice: bool,
     engine: str,
     log_level: str,
@@ -79,8 +88,11 @@ def command(
         )  # fmt: skip
         return 0
     setup_logging(log_level, log_format=log_format)
+    account = target_account(user)
+    check_access(account, config_path, serving_code())
     limit = fit_connection_limit(max_connections)
     data, config = read_config(config_path, bind=bind, max_connections=limit)
+    keep = _low_port_capability(config, metrics_address)
     if workers > 1:
         plan = TcpPlan(bind, _options(ctx, math.ceil(limit / workers)), workers)
         plan.check(Config(apps=()), config)
@@ -89,11 +101,13 @@ def command(
             validate=reload_check(config_path, bind=bind, max_connections=limit),
             drain_timeout=drain_timeout,
         )  # fmt: skip
+        drop_privileges(account, keep, ambient=True)  # the workers bind: they need it too
         trio.run(supervisor.run)
         return 0
     metrics, address = metrics_for(metrics_address)
     frontend = PortListeners(bind)
     frontend.open(config)
+    drop_privileges(account, keep)
     trio.run(
         lambda: run_service(
             config_path, data, config, frontend, drain_timeout=drain_timeout,
@@ -102,6 +116,20 @@ def command(
         )
     )  # fmt: skip
     return 0
+
+
+def _low_port_capability(config: Config, metrics_address: str | None) -> tuple[int, ...]:
+    """CAP_NET_BIND_SERVICE if a port of the config at start (or the metrics port) is
+    below the unprivileged ones: kept after the drop, so that reloads (and workers) can
+    bind such ports too; else nothing. A config that adds the first low port later
+    cannot bind it (the reload is rejected and says so)."""
+    from tcpproxy.metrics import parse_address
+
+    ports = set(config.ports)
+    if metrics_address is not None:
+        ports.add(parse_address(metrics_address)[1])
+    low = min(ports, default=65536) < unprivileged_port_start()
+    return (CAP_NET_BIND_SERVICE,) if low else ()
 
 
 def _options(ctx: click.Context, per_worker_limit: int) -> list[str]:

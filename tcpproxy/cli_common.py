@@ -27,6 +27,7 @@ __all__ = [
     "read_config",
     "reload_check",
     "run_cli",
+    "serving_code",
     "setup_logging",
 ]
 
@@ -82,6 +83,14 @@ def common_options(prog: str) -> Callable[[F], F]:
                 click.option(
                     "--worker", "worker", metavar="FD:INDEX:COUNT", default=None,
                     hidden=True, help="Internal: run as a worker of a supervisor.",
+                ),
+                click.option(
+                    "--user", metavar="NAME", default=None,
+                    envvar=f"{prog.upper()}_USER", show_envvar=True,
+                    help="Started as root: after setup, serve as this user (and its "
+                    "group, no other groups) with no capability; 'root' keeps uid 0 but "
+                    "drops every capability. Not root: only your own name is accepted.  "
+                    "[default: nobody when started as root]",
                 ),
                 click.option(
                     "--splice/--no-splice", default=True, show_default=True,
@@ -207,6 +216,16 @@ def reload_check(
         validate_config, source=str(path), listen_ports=listen_ports, bind=bind,
         max_connections=max_connections,
     )  # fmt: skip
+
+
+def serving_code() -> list[Path]:
+    """The package directories a serving process still imports from (after a drop of
+    privileges, their user must be able to read them)."""
+    import trio
+
+    import tcpproxy
+
+    return [Path(tcpproxy.__file__).parent, Path(trio.__file__).parent]
 
 
 def worker_options(ctx_params: dict[str, Any], skip: set[str]) -> list[str]:

@@ -16,6 +16,12 @@ __all__ = ["netns_fixture"]
 # Set by .ci/run when it runs as root: a BPF test that cannot run is then a failure.
 REQUIRE_BPF = os.environ.get("TCPPROXY_REQUIRE_BPF") == "1"
 
+# Started as root, both binaries drop to --user (default nobody) after setup; the
+# configs tests write live under pytest's mode-700 tmp dirs, which nobody cannot read.
+# So tests keep uid 0 (every capability is still dropped) unless they pass --user.
+for _prog in ("TCPPROXY", "BPFPROXY"):
+    os.environ.setdefault(f"{_prog}_USER", "root")
+
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("bpf") is None:

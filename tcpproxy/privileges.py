@@ -1,0 +1,245 @@
+"""Dropping root after setup: switch to an unprivileged user and keep no capability.
+
+Both binaries need privileges only to set up: bpfproxy to load its program,
+attach it, pin it and mount bpffs; tcpproxy to bind ports below 1024. After
+that they serve as ``--user`` (default ``nobody``) with no capability:
+
+- :func:`target_account` decides, at start, whom to become: started as root,
+  the ``--user`` account; started as another user, nobody else (``--user``
+  naming someone else is then an error: only root can switch).
+- :func:`check_access` checks, still at start and before any setup, that
+  the account can read the config file and the code it still imports
+  (briefly taking its identity as the effective one), so a drop that would
+  leave the process unable to reload fails early with a clear message.
+- :func:`drop_privileges` switches uid, gid and groups and clears every
+  capability (permitted, effective, inheritable, ambient) except the ones
+  asked to keep, sets ``no_new_privs`` and checks the result in
+  /proc/self/status.
+
+Rules: call these before any thread starts (capabilities and no_new_privs are
+per thread; the uid switch is process-wide); a capability kept is named in
+the log line that reports the drop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import pwd
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tcpproxy.errors import StartupError
+
+__all__ = [
+    "CAP_BPF",
+    "CAP_NET_BIND_SERVICE",
+    "DEFAULT_USER",
+    "Account",
+    "capability_sets",
+    "check_access",
+    "drop_privileges",
+    "target_account",
+    "unprivileged_port_start",
+]
+
+log = logging.getLogger("tcpproxy")
+
+DEFAULT_USER = "nobody"  # every Debian system has it; the units may create their own
+
+# Capability numbers (include/uapi/linux/capability.h).
+CAP_NET_BIND_SERVICE = 10
+CAP_BPF = 39
+_CAP_NAMES = {CAP_NET_BIND_SERVICE: "CAP_NET_BIND_SERVICE", CAP_BPF: "CAP_BPF"}
+
+# prctl(2) options (include/uapi/linux/prctl.h).
+_PR_SET_KEEPCAPS = 8
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_CAP_AMBIENT = 47
+_PR_CAP_AMBIENT_RAISE = 2
+_PR_CAP_AMBIENT_CLEAR_ALL = 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522  # two 32-bit words per set
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                        ctypes.c_ulong)  # fmt: skip
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = (
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    )
+
+
+@dataclass(frozen=True)
+class Account:
+    """Whom the process becomes: a user, its primary group, and no supplementary groups."""
+
+    name: str
+    uid: int
+    gid: int
+
+
+def target_account(user: str | None) -> Account | None:
+    """The account to switch to after setup, or None to keep the current user.
+
+    Started as root (euid 0): ``user``, or :data:`DEFAULT_USER` when None.
+    Started as another user: None (only capabilities are dropped) when
+    ``user`` is None or names that user; StartupError otherwise, since only
+    root can switch users. ``user`` may be a name or a numeric uid.
+    """
+    euid = os.geteuid()
+    if user is None and euid != 0:
+        return None
+    account = _lookup(user or DEFAULT_USER)
+    if euid != 0:
+        if account.uid != euid:
+            raise StartupError(
+                f"--user {user}: only root can switch to another user (started as uid {euid})"
+            )
+        return None
+    return account
+
+
+def _lookup(user: str) -> Account:
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except (KeyError, OverflowError):
+        raise StartupError(f"--user {user}: no such user") from None
+    return Account(entry.pw_name, entry.pw_uid, entry.pw_gid)
+
+
+@contextlib.contextmanager
+def _as(account: Account):  # type: ignore[no-untyped-def]
+    """Take ``account`` as the effective user and group for a moment (root only)."""
+    groups = os.getgroups()
+    egid = os.getegid()
+    os.setgroups([])
+    os.setegid(account.gid)
+    os.seteuid(account.uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(egid)
+        os.setgroups(groups)
+
+
+def check_access(account: Account | None, config_path: Path, code: Iterable[Path]) -> None:
+    """Raise StartupError unless ``account`` can read the config file and list the
+    directories in ``code`` (the packages imported while serving). No-op for None."""
+    if account is None:
+        return
+    who = f"user {account.name} (--user)"
+    with _as(account):
+        try:
+            with open(config_path, "rb"):
+                pass
+        except FileNotFoundError:
+            pass  # said by the config reader, in its own words
+        except OSError as exc:
+            raise StartupError(
+                f"{who} cannot read the config file {config_path} ({exc.strerror}), and "
+                "bpfproxy/tcpproxy serve as that user after setup: make the file and its "
+                "directories readable by it, or choose another --user"
+            ) from None
+        for directory in code:
+            try:
+                os.listdir(directory)
+            except OSError as exc:
+                raise StartupError(
+                    f"{who} cannot read {directory} ({exc.strerror}), where this program's "
+                    "code is: install it where that user can read it, or choose another --user"
+                ) from None
+
+
+def unprivileged_port_start() -> int:
+    """The lowest port anyone may bind (net.ipv4.ip_unprivileged_port_start)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    except (OSError, ValueError):
+        return 1024
+
+
+def capability_sets(pid: int | str = "self") -> dict[str, int]:
+    """CapInh, CapPrm, CapEff, CapBnd and CapAmb of a process, from /proc/PID/status."""
+    sets = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Cap"):
+            key, _, value = line.partition(":")
+            sets[key] = int(value, 16)
+    return sets
+
+
+def _prctl(option: int, arg: int = 0, what: str = "prctl") -> None:
+    if _libc.prctl(option, arg, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _capset(caps: int, inheritable: int) -> None:
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    for word in range(2):
+        data[word].effective = data[word].permitted = (caps >> (32 * word)) & 0xFFFFFFFF
+        data[word].inheritable = (inheritable >> (32 * word)) & 0xFFFFFFFF
+    if _libc.capset(ctypes.byref(header), data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset: {os.strerror(err)}")
+
+
+def drop_privileges(
+    account: Account | None, keep: Collection[int] = (), *, ambient: bool = False
+) -> None:
+    """Become ``account`` (None: stay who we are) with no capability but ``keep``.
+
+    ``ambient``: also raise the kept capabilities as ambient ones, so that
+    processes this one starts (workers) have them too. Raises StartupError
+    if the kernel refuses a step, or if /proc/self/status shows anything else
+    than asked for afterwards.
+    """
+    mask = sum(1 << cap for cap in keep)
+    if account is None:
+        held = capability_sets()
+        if not (held["CapEff"] or held["CapPrm"] or held["CapAmb"]):
+            return  # not root and no capability: nothing to drop, nothing changes
+    try:
+        if keep:
+            _prctl(_PR_SET_KEEPCAPS, 1, "PR_SET_KEEPCAPS")
+        if account is not None:
+            os.setgroups([])
+            os.setresgid(account.gid, account.gid, account.gid)
+            os.setresuid(account.uid, account.uid, account.uid)
+        _capset(mask, mask if ambient else 0)
+        _prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, "PR_CAP_AMBIENT_CLEAR_ALL")
+        if ambient:
+            for cap in keep:
+                if _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE, cap, 0, 0) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"PR_CAP_AMBIENT_RAISE: {os.strerror(err)}")
+        if keep:
+            _prctl(_PR_SET_KEEPCAPS, 0, "PR_SET_KEEPCAPS")
+        _prctl(_PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")
+    except OSError as exc:
+        raise StartupError(f"cannot drop privileges: {exc}") from None
+    sets = capability_sets()
+    if (
+        sets["CapEff"] != mask
+        or sets["CapPrm"] != mask
+        or (account is not None and os.getuid() != account.uid)
+    ):
+        raise StartupError(f"dropping privileges left {sets}, wanted only {mask:#x}")
+    kept = ", ".join(_CAP_NAMES.get(cap, str(cap)) for cap in sorted(keep))
+    log.info(
+        "serving as uid %d gid %d%s with %s", os.getuid(), os.getgid(),
+        f" ({account.name})" if account else "", f"only {kept}" if kept else "no capabilities",
+    )  # fmt: skip

@@ -1,0 +1,218 @@
+"""Both binaries, started as root, serve as --user with no capability, and still work.
+
+Each test runs the real binary in a network namespace it creates, with a
+config in a directory the unprivileged user can read, and checks
+/proc/PID/status of the serving process (and of its workers): uid, gid,
+CapEff, CapPrm, CapAmb, NoNewPrivs. Then the things that need the kernel
+after the drop: steering, a reload that adds and removes ports, a
+restarted worker, a clean stop that releases every port and pin.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.deploy import BPF_LISTEN_PORT, Deployment
+from tests.helpers import ROOT, TIMEOUT, app, wait_until, write_config
+from tests.netns import NetNS
+
+NOBODY = 65534
+CAP_NET_BIND_SERVICE = 1 << 10
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (it drops it)")
+
+
+@pytest.fixture
+def readable_dir() -> Iterator[Path]:
+    """A directory nobody can read (pytest's tmp dirs are mode 700, root's)."""
+    path = Path(tempfile.mkdtemp(prefix="tcpproxy-privileges-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+def deployment(binary: str, readable_dir: Path, netns: NetNS) -> Iterator[Deployment]:
+    d = Deployment(binary, readable_dir / "config.json", netns)
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+@pytest.fixture
+def bpf_lab(readable_dir: Path, netns: NetNS) -> Iterator[Deployment]:
+    yield from deployment("bpfproxy", readable_dir, netns)
+
+
+@pytest.fixture
+def tcp_lab(readable_dir: Path, netns: NetNS) -> Iterator[Deployment]:
+    yield from deployment("tcpproxy", readable_dir, netns)
+
+
+@pytest.fixture
+def bpffs(tmp_path: Path) -> Iterator[Path]:
+    """A bpffs of the test's own (under a mode-700 dir: nobody cannot walk to it)."""
+    root = tmp_path / "bpffs"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(root)], check=True, timeout=TIMEOUT)
+    try:
+        yield root
+    finally:
+        subprocess.run(["umount", "--lazy", str(root)], check=False, timeout=TIMEOUT)
+
+
+def status(pid: int) -> dict[str, str]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+def children(pid: int) -> list[int]:
+    """The process's children, whichever of its threads started them."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(p) for p in (task / "children").read_text().split()]
+    return sorted(found)
+
+
+def assert_dropped(pid: int, caps: int = 0) -> None:
+    """Uid and gid nobody (real, effective, saved), no groups, only `caps`, no_new_privs."""
+    fields = status(pid)
+    assert fields["Uid"].split()[:3] == [str(NOBODY)] * 3, fields["Uid"]
+    assert fields["Gid"].split()[:3] == [str(NOBODY)] * 3, fields["Gid"]
+    assert fields["Groups"] == ""
+    assert int(fields["CapEff"], 16) == caps
+    assert int(fields["CapPrm"], 16) == caps
+    assert int(fields["CapAmb"], 16) in (0, caps)
+    assert fields["NoNewPrivs"] == "1"
+
+
+def refused(d: Deployment, port: int) -> bool:
+    try:
+        d.connect(port).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@pytest.mark.bpf
+@pytest.mark.parametrize("workers", [1, 2], ids=["single", "workers"])
+def test_bpfproxy_serves_reloads_and_stops_as_nobody(
+    bpf_lab: Deployment, bpffs: Path, workers: int
+) -> None:
+    a, b = bpf_lab.backend("a"), bpf_lab.backend("b")
+    instance = f"privileges-{os.getpid()}"
+    proxy = bpf_lab.start(
+        [app("A", [7001, 7002], [a.address])],
+        "--user", "nobody", "--bpffs", str(bpffs), "--instance", instance,
+        "--workers", str(workers),
+    )  # fmt: skip
+    proxy.wait_for(r"serving as uid 65534 gid 65534 \(nobody\) with no capabilities")
+    assert_dropped(bpf_lab.pid)
+    # The compiler ran in a child that is gone: no bcc/LLVM in the serving process.
+    maps = Path(f"/proc/{bpf_lab.pid}/maps").read_text()
+    assert "libbcc" not in maps and "LLVM" not in maps
+    if workers > 1:
+        wait_until(lambda: len(children(bpf_lab.pid)) == workers)
+        for pid in children(bpf_lab.pid):
+            assert_dropped(pid)
+    assert bpf_lab.which(7001) == "a"
+
+    # A reload after the drop: map updates on the descriptors held.
+    mark = proxy.mark()
+    write_config(bpf_lab.config_path, [app("A", [7001], [a.address]), app("B", [7003], [b.address])])  # fmt: skip
+    proxy.wait_for(r"applied", start=mark)
+    assert bpf_lab.which(7003) == "b"
+    assert bpf_lab.which(7001) == "a"
+    assert refused(bpf_lab, 7002)
+
+    if workers > 1:  # a restarted worker gets a listener the supervisor opens as nobody
+        dead = children(bpf_lab.pid)[0]
+        mark = proxy.mark()
+        os.kill(dead, signal.SIGKILL)
+        proxy.wait_for(r"started", start=mark)
+        wait_until(lambda: len(children(bpf_lab.pid)) == workers and dead not in children(bpf_lab.pid))  # fmt: skip
+        for _ in range(10):  # whichever worker's listener the port is steered to
+            assert bpf_lab.which(7001) == "a"
+
+    # A clean stop as nobody still releases every port and removes every pin.
+    assert proxy.stop(signal.SIGTERM) == 0
+    assert refused(bpf_lab, 7001)
+    assert refused(bpf_lab, 7003)
+    assert refused(bpf_lab, BPF_LISTEN_PORT)
+    left = bpffs / "bpfproxy" / instance
+    assert not left.exists() or list(left.iterdir()) == []  # an empty directory may stay
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["single", "workers"])
+def test_tcpproxy_as_root_binds_then_serves_as_nobody(tcp_lab: Deployment, workers: int) -> None:
+    a, b = tcp_lab.backend("a"), tcp_lab.backend("b")
+    proxy = tcp_lab.start([app("A", [7001], [a.address])], "--user", "nobody",
+                          "--workers", str(workers))  # fmt: skip
+    proxy.wait_for(r"serving as uid 65534 gid 65534 \(nobody\) with no capabilities")
+    assert_dropped(tcp_lab.pid)
+    for pid in children(tcp_lab.pid):
+        assert_dropped(pid)
+    assert tcp_lab.which(7001) == "a"
+    mark = proxy.mark()
+    write_config(tcp_lab.config_path, [app("A", [7001], [a.address]), app("B", [7002], [b.address])])  # fmt: skip
+    proxy.wait_for(r"applied", start=mark)
+    assert tcp_lab.which(7002) == "b"
+    assert proxy.stop(signal.SIGTERM) == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["single", "workers"])
+def test_tcpproxy_keeps_only_net_bind_service_for_a_low_port(
+    tcp_lab: Deployment, workers: int
+) -> None:
+    a, b = tcp_lab.backend("a"), tcp_lab.backend("b")
+    proxy = tcp_lab.start([app("A", [80], [a.address])], "--user", "nobody",
+                          "--workers", str(workers))  # fmt: skip
+    proxy.wait_for(r"serving as .* with only CAP_NET_BIND_SERVICE")
+    assert_dropped(tcp_lab.pid, CAP_NET_BIND_SERVICE)
+    for pid in children(tcp_lab.pid):  # the workers bind the ports: ambient
+        assert_dropped(pid, CAP_NET_BIND_SERVICE)
+    assert tcp_lab.which(80) == "a"
+    mark = proxy.mark()
+    write_config(tcp_lab.config_path, [app("A", [80], [a.address]), app("B", [81], [b.address])])
+    proxy.wait_for(r"applied", start=mark)
+    assert tcp_lab.which(81) == "b"
+
+
+def run_tcpproxy(*args: str, runner: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*runner, sys.executable, "-m", "tcpproxy", *args],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, check=False,
+    )  # fmt: skip
+
+
+def test_a_config_the_user_cannot_read_is_a_startup_error(tmp_path: Path) -> None:
+    config = tmp_path / "config.json"  # under pytest's mode-700 tmp dir
+    write_config(config, [app("A", [7001], ["127.0.0.1:9"])])
+    proc = run_tcpproxy("-c", str(config), "--user", "nobody")
+    assert proc.returncode == 2, proc.stderr
+    assert "user nobody (--user) cannot read the config file" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_user_without_root_is_a_usage_error() -> None:
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    runner = (setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
+    proc = run_tcpproxy("-c", "/nonexistent.json", "--user", "root", runner=runner)
+    assert proc.returncode == 2, proc.stderr
+    assert "only root can switch to another user" in proc.stderr
