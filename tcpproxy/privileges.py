@@ -23,12 +23,11 @@ the log line that reports the drop.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import os
 import pwd
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,29 +117,40 @@ def _lookup(user: str) -> Account:
     return Account(entry.pw_name, entry.pw_uid, entry.pw_gid)
 
 
-@contextlib.contextmanager
-def _as(account: Account):  # type: ignore[no-untyped-def]
-    """Take ``account`` as the effective user and group for a moment (root only)."""
-    groups = os.getgroups()
-    egid = os.getegid()
-    os.setgroups([])
-    os.setegid(account.gid)
-    os.seteuid(account.uid)
+def _as(account: Account, attempt: Callable[[], None]) -> None:
+    """Run ``attempt`` with ``account`` as the effective user and group (no groups), then
+    become root again. StartupError if the switch is refused (no CAP_SETUID/SETGID)."""
+    groups, egid = os.getgroups(), os.getegid()
     try:
-        yield
+        try:
+            os.setgroups([])
+            os.setegid(account.gid)
+            os.seteuid(account.uid)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot switch to user {account.name} (--user) ({exc.strerror}): root "
+                "needs CAP_SETUID and CAP_SETGID to drop to another user; grant them, or "
+                "give --user root"
+            ) from None
+        attempt()
     finally:
-        os.seteuid(0)
-        os.setegid(egid)
-        os.setgroups(groups)
+        if os.geteuid() != 0:
+            os.seteuid(0)
+        if os.getegid() != egid:
+            os.setegid(egid)
+        if os.getgroups() != groups:
+            os.setgroups(groups)
 
 
 def check_access(account: Account | None, config_path: Path, code: Iterable[Path]) -> None:
     """Raise StartupError unless ``account`` can read the config file and list the
-    directories in ``code`` (the packages imported while serving). No-op for None."""
-    if account is None:
-        return
+    directories in ``code`` (the packages imported while serving). No-op for None, or
+    for the user we already are."""
+    if account is None or account.uid == os.geteuid():
+        return  # staying who we are: the files were readable a moment ago
     who = f"user {account.name} (--user)"
-    with _as(account):
+
+    def attempt() -> None:
         try:
             with open(config_path, "rb"):
                 pass
@@ -160,6 +170,8 @@ def check_access(account: Account | None, config_path: Path, code: Iterable[Path
                     f"{who} cannot read {directory} ({exc.strerror}), where this program's "
                     "code is: install it where that user can read it, or choose another --user"
                 ) from None
+
+    _as(account, attempt)
 
 
 def unprivileged_port_start() -> int:
@@ -215,7 +227,7 @@ def drop_privileges(
     try:
         if keep:
             _prctl(_PR_SET_KEEPCAPS, 1, "PR_SET_KEEPCAPS")
-        if account is not None:
+        if account is not None and account.uid != os.geteuid():
             os.setgroups([])
             os.setresgid(account.gid, account.gid, account.gid)
             os.setresuid(account.uid, account.uid, account.uid)

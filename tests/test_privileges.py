@@ -133,7 +133,8 @@ def test_bpfproxy_serves_reloads_and_stops_as_nobody(
 
     # A reload after the drop: map updates on the descriptors held.
     mark = proxy.mark()
-    write_config(bpf_lab.config_path, [app("A", [7001], [a.address]), app("B", [7003], [b.address])])  # fmt: skip
+    apps = [app("A", [7001], [a.address]), app("B", [7003], [b.address])]
+    write_config(bpf_lab.config_path, apps)
     proxy.wait_for(r"applied", start=mark)
     assert bpf_lab.which(7003) == "b"
     assert bpf_lab.which(7001) == "a"
@@ -144,7 +145,8 @@ def test_bpfproxy_serves_reloads_and_stops_as_nobody(
         mark = proxy.mark()
         os.kill(dead, signal.SIGKILL)
         proxy.wait_for(r"started", start=mark)
-        wait_until(lambda: len(children(bpf_lab.pid)) == workers and dead not in children(bpf_lab.pid))  # fmt: skip
+        wait_until(lambda: dead not in children(bpf_lab.pid))
+        wait_until(lambda: len(children(bpf_lab.pid)) == workers)
         for _ in range(10):  # whichever worker's listener the port is steered to
             assert bpf_lab.which(7001) == "a"
 
@@ -168,7 +170,8 @@ def test_tcpproxy_as_root_binds_then_serves_as_nobody(tcp_lab: Deployment, worke
         assert_dropped(pid)
     assert tcp_lab.which(7001) == "a"
     mark = proxy.mark()
-    write_config(tcp_lab.config_path, [app("A", [7001], [a.address]), app("B", [7002], [b.address])])  # fmt: skip
+    apps = [app("A", [7001], [a.address]), app("B", [7002], [b.address])]
+    write_config(tcp_lab.config_path, apps)
     proxy.wait_for(r"applied", start=mark)
     assert tcp_lab.which(7002) == "b"
     assert proxy.stop(signal.SIGTERM) == 0
