@@ -133,7 +133,8 @@ def command(
     """Proxy TCP connections for every port of every app through ONE listening
     socket: an sk_lookup BPF program steers each configured port to it, and the
     connection's destination port picks the app. Needs root (CAP_BPF and
-    CAP_NET_ADMIN), Linux 5.9+, bcc and kernel headers."""
+    CAP_NET_ADMIN) to set up, then serves as --user with no capability;
+    Linux 5.9+, bcc and kernel headers."""
     if worker is not None:  # started by a supervisor, which owns the BPF side
         return _run_worker(worker, worker_listener, config_path, drain_timeout,
                            max_connections, splice, log_level, log_format,

@@ -219,3 +219,24 @@ def test_user_without_root_is_a_usage_error() -> None:
     proc = run_tcpproxy("-c", "/nonexistent.json", "--user", "root", runner=runner)
     assert proc.returncode == 2, proc.stderr
     assert "only root can switch to another user" in proc.stderr
+
+
+@pytest.mark.bpf
+def test_bpfproxy_without_a_bpffs_drops_too(bpf_lab: Deployment, tmp_path: Path) -> None:
+    """Unpinned state (no bpffs can be had): the descriptors came from the compile
+    child all the same, and serving, a reload and a clean stop work as nobody."""
+    a = bpf_lab.backend("a")
+    missing = tmp_path / "no-such-dir"  # nothing can be mounted there
+    proxy = bpf_lab.start([app("A", [7001], [a.address])], "--user", "nobody",
+                          "--bpffs", str(missing))  # fmt: skip
+    proxy.wait_for(r"running without it")
+    proxy.wait_for(r"serving as uid 65534 gid 65534 \(nobody\) with no capabilities")
+    assert_dropped(bpf_lab.pid)
+    assert bpf_lab.which(7001) == "a"
+    mark = proxy.mark()
+    write_config(bpf_lab.config_path, [app("A", [7002], [a.address])])
+    proxy.wait_for(r"applied", start=mark)
+    assert bpf_lab.which(7002) == "a"
+    assert refused(bpf_lab, 7001)
+    assert proxy.stop(signal.SIGTERM) == 0
+    assert refused(bpf_lab, 7002)
