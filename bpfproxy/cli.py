@@ -154,8 +154,9 @@ def command(
             return _release(bpffs, name)
         check_environment()  # first: "run it with sudo" is what a user must fix first
         account = target_account(user)
-        check_access(account, config_path, [*serving_code(), Path(__file__).parent])
-        keep = _bpf_capability()
+        code = [*serving_code(), Path(__file__).parent]
+        reading = check_access(account, config_path, code, chosen=user is not None)
+        keep = (*reading, *_bpf_capability())
         limit = fit_connection_limit(max_connections)
         data, config = read_config(config_path, (listen_port,), bind, limit)
         check_listen_port(listen_port, config)
@@ -180,7 +181,7 @@ def command(
                     drain_timeout=drain_timeout,
                 )  # fmt: skip
                 plan.hand_to(account)
-                _drop(pins, account, keep)
+                _drop(pins, account, keep, ambient=reading)  # workers import code too
                 _serving(pins)
                 plan.serving()
                 trio.run(supervisor.run)
@@ -239,11 +240,16 @@ def _bpf_capability() -> tuple[int, ...]:
     return (CAP_BPF,) if disabled and old else ()
 
 
-def _drop(pins: Instance | None, account: Account | None, keep: tuple[int, ...]) -> None:
+def _drop(
+    pins: Instance | None,
+    account: Account | None,
+    keep: tuple[int, ...],
+    ambient: tuple[int, ...] = (),
+) -> None:
     """Set up is done: the pins become the account's to remove, then drop privileges."""
     if pins is not None and account is not None:
         pins.hand_to(account.uid, account.gid)
-    drop_privileges(account, keep)
+    drop_privileges(account, keep, ambient=ambient)
 
 
 def _serving(pins: Instance | None) -> None:

@@ -89,10 +89,10 @@ def command(
         return 0
     setup_logging(log_level, log_format=log_format)
     account = target_account(user)
-    check_access(account, config_path, serving_code())
+    reading = check_access(account, config_path, serving_code(), chosen=user is not None)
     limit = fit_connection_limit(max_connections)
     data, config = read_config(config_path, bind=bind, max_connections=limit)
-    keep = _low_port_capability(config, metrics_address)
+    keep = (*reading, *_low_port_capability(config, metrics_address))
     if workers > 1:
         plan = TcpPlan(bind, _options(ctx, math.ceil(limit / workers)), workers)
         plan.check(Config(apps=()), config)
@@ -101,7 +101,7 @@ def command(
             validate=reload_check(config_path, bind=bind, max_connections=limit),
             drain_timeout=drain_timeout,
         )  # fmt: skip
-        drop_privileges(account, keep, ambient=True)  # the workers bind: they need it too
+        drop_privileges(account, keep, ambient=keep)  # the workers bind and import too
         trio.run(supervisor.run)
         return 0
     metrics, address = metrics_for(metrics_address)

@@ -51,7 +51,10 @@ def common_options(prog: str) -> Callable[[F], F]:
             [
                 click.option(
                     "-c", "--config", "config_path",
-                    type=click.Path(path_type=Path, dir_okay=False),
+                    # Not readable=True: click checks with access(2), which ignores
+                    # capabilities, and refuses a worker the config its CAP_DAC_READ_SEARCH
+                    # reads. Opening the file says it, with the same exit status.
+                    type=click.Path(path_type=Path, dir_okay=False, readable=False),
                     default=Path("config.json"), show_default=True,
                     envvar=f"{prog.upper()}_CONFIG", show_envvar=True,
                     help="Config file, watched for changes (also reloaded on SIGHUP).",
@@ -89,7 +92,9 @@ def common_options(prog: str) -> Callable[[F], F]:
                     envvar=f"{prog.upper()}_USER", show_envvar=True,
                     help="Started as root: after setup, serve as this user (and its "
                     "group, no other groups) with no capability; 'root' keeps uid 0 but "
-                    "drops every capability. Not root: only your own name is accepted.  "
+                    "drops every capability. Not root: only your own name is accepted. "
+                    "Not given and nobody cannot read the config or the code: nobody "
+                    "keeping CAP_DAC_READ_SEARCH, with a warning.  "
                     "[default: nobody when started as root]",
                 ),
                 click.option(

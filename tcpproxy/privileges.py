@@ -9,8 +9,11 @@ that they serve as ``--user`` (default ``nobody``) with no capability:
   naming someone else is then an error: only root can switch).
 - :func:`check_access` checks, still at start and before any setup, that
   the account can read the config file and the code it still imports
-  (briefly taking its identity as the effective one), so a drop that would
-  leave the process unable to reload fails early with a clear message.
+  (briefly taking its identity as the effective one). If it cannot, an
+  account named with ``--user`` is an error at start (rather than failed
+  reloads later); the default account instead keeps CAP_DAC_READ_SEARCH,
+  with a warning, so that a config or a clone in a private directory (a
+  mode-700 temp dir, /root) still works without options.
 - :func:`drop_privileges` switches uid, gid and groups and clears every
   capability (permitted, effective, inheritable, ambient) except the ones
   asked to keep, sets ``no_new_privs`` and checks the result in
@@ -35,6 +38,7 @@ from tcpproxy.errors import StartupError
 
 __all__ = [
     "CAP_BPF",
+    "CAP_DAC_READ_SEARCH",
     "CAP_NET_BIND_SERVICE",
     "DEFAULT_USER",
     "Account",
@@ -50,9 +54,14 @@ log = logging.getLogger("tcpproxy")
 DEFAULT_USER = "nobody"  # every Debian system has it; the units may create their own
 
 # Capability numbers (include/uapi/linux/capability.h).
+CAP_DAC_READ_SEARCH = 2  # read any file, search any directory (not write, not execute)
 CAP_NET_BIND_SERVICE = 10
 CAP_BPF = 39
-_CAP_NAMES = {CAP_NET_BIND_SERVICE: "CAP_NET_BIND_SERVICE", CAP_BPF: "CAP_BPF"}
+_CAP_NAMES = {
+    CAP_DAC_READ_SEARCH: "CAP_DAC_READ_SEARCH",
+    CAP_NET_BIND_SERVICE: "CAP_NET_BIND_SERVICE",
+    CAP_BPF: "CAP_BPF",
+}
 
 # prctl(2) options (include/uapi/linux/prctl.h).
 _PR_SET_KEEPCAPS = 8
@@ -142,13 +151,22 @@ def _as(account: Account, attempt: Callable[[], None]) -> None:
             os.setgroups(groups)
 
 
-def check_access(account: Account | None, config_path: Path, code: Iterable[Path]) -> None:
-    """Raise StartupError unless ``account`` can read the config file and list the
-    directories in ``code`` (the packages imported while serving). No-op for None, or
-    for the user we already are."""
+def check_access(
+    account: Account | None, config_path: Path, code: Iterable[Path], *, chosen: bool
+) -> tuple[int, ...]:
+    """Check that ``account`` can read the config file and list the directories in
+    ``code`` (the packages imported while serving); return the capabilities it must
+    keep after the drop to do so.
+
+    Returns () when it can, and for None or the user we already are. When it cannot:
+    ``chosen`` (the account was named, with --user or its environment variable) raises
+    StartupError; the default account keeps (CAP_DAC_READ_SEARCH,) instead, with a
+    warning naming the path, so that running from a private directory keeps working
+    (StartupError too if this process does not hold that capability to keep).
+    """
     if account is None or account.uid == os.geteuid():
-        return  # staying who we are: the files were readable a moment ago
-    who = f"user {account.name} (--user)"
+        return ()  # staying who we are: the files were readable a moment ago
+    found: list[tuple[str, Path, str]] = []  # (what, path, why): the first path refused
 
     def attempt() -> None:
         try:
@@ -157,21 +175,42 @@ def check_access(account: Account | None, config_path: Path, code: Iterable[Path
         except FileNotFoundError:
             pass  # said by the config reader, in its own words
         except OSError as exc:
-            raise StartupError(
-                f"{who} cannot read the config file {config_path} ({exc.strerror}), and "
-                "bpfproxy/tcpproxy serve as that user after setup: make the file and its "
-                "directories readable by it, or choose another --user"
-            ) from None
+            found.append(("config", config_path, exc.strerror or str(exc)))
+            return
         for directory in code:
             try:
                 os.listdir(directory)
             except OSError as exc:
-                raise StartupError(
-                    f"{who} cannot read {directory} ({exc.strerror}), where this program's "
-                    "code is: install it where that user can read it, or choose another --user"
-                ) from None
+                found.append(("code", directory, exc.strerror or str(exc)))
+                return
 
     _as(account, attempt)
+    if not found:
+        return ()
+    what, path, why = found[0]
+    can_keep = capability_sets()["CapPrm"] & (1 << CAP_DAC_READ_SEARCH)
+    if chosen or not can_keep:
+        who = f"user {account.name} (--user)"
+        if not chosen:  # e.g. a unit whose CapabilityBoundingSet leaves it out
+            why += "; CAP_DAC_READ_SEARCH, which would read it anyway, is not permitted here"
+        if what == "config":
+            raise StartupError(
+                f"{who} cannot read the config file {path} ({why}), and "
+                "bpfproxy/tcpproxy serve as that user after setup: make the file and its "
+                "directories readable by it, or choose another --user"
+            )
+        raise StartupError(
+            f"{who} cannot read {path} ({why}), where this program's "
+            "code is: install it where that user can read it, or choose another --user"
+        )
+    name = account.name
+    log.warning(
+        "user %s cannot read %s%s (%s): serving as %s anyway, keeping CAP_DAC_READ_SEARCH "
+        "(it reads any file) to reload the config and import the code; to serve with no "
+        "capability, make it and its directories readable by %s, or pass --user",
+        name, "the config file " if what == "config" else "", path, why, name, name,
+    )  # fmt: skip
+    return (CAP_DAC_READ_SEARCH,)
 
 
 def unprivileged_port_start() -> int:
@@ -210,16 +249,19 @@ def _capset(caps: int, inheritable: int) -> None:
 
 
 def drop_privileges(
-    account: Account | None, keep: Collection[int] = (), *, ambient: bool = False
+    account: Account | None, keep: Collection[int] = (), *, ambient: Collection[int] = ()
 ) -> None:
     """Become ``account`` (None: stay who we are) with no capability but ``keep``.
 
-    ``ambient``: also raise the kept capabilities as ambient ones, so that
+    ``ambient``: those of ``keep`` also raised as ambient capabilities, so that
     processes this one starts (workers) have them too. Raises StartupError
     if the kernel refuses a step, or if /proc/self/status shows anything else
     than asked for afterwards.
     """
     mask = sum(1 << cap for cap in keep)
+    inherited = sum(1 << cap for cap in ambient)
+    if inherited & ~mask:
+        raise ValueError(f"ambient capabilities {inherited:#x} are not all kept ({mask:#x})")
     if account is None:
         held = capability_sets()
         if not (held["CapEff"] or held["CapPrm"] or held["CapAmb"]):
@@ -231,13 +273,12 @@ def drop_privileges(
             os.setgroups([])
             os.setresgid(account.gid, account.gid, account.gid)
             os.setresuid(account.uid, account.uid, account.uid)
-        _capset(mask, mask if ambient else 0)
+        _capset(mask, inherited)
         _prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, "PR_CAP_AMBIENT_CLEAR_ALL")
-        if ambient:
-            for cap in keep:
-                if _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE, cap, 0, 0) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"PR_CAP_AMBIENT_RAISE: {os.strerror(err)}")
+        for cap in ambient:
+            if _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE, cap, 0, 0) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"PR_CAP_AMBIENT_RAISE: {os.strerror(err)}")
         if keep:
             _prctl(_PR_SET_KEEPCAPS, 0, "PR_SET_KEEPCAPS")
         _prctl(_PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")
