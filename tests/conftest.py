@@ -17,8 +17,9 @@ __all__ = ["netns_fixture"]
 REQUIRE_BPF = os.environ.get("TCPPROXY_REQUIRE_BPF") == "1"
 
 # Started as root, both binaries drop to --user (default nobody) after setup; the
-# configs tests write live under pytest's mode-700 tmp dirs, which nobody cannot read.
-# So tests keep uid 0 (every capability is still dropped) unless they pass --user.
+# configs tests write live under pytest's mode-700 tmp dirs, which nobody cannot read
+# (nobody would then keep CAP_DAC_READ_SEARCH, and warn). So tests keep uid 0 (every
+# capability is still dropped) unless they pass --user or unset these.
 for _prog in ("TCPPROXY", "BPFPROXY"):
     os.environ.setdefault(f"{_prog}_USER", "root")
 

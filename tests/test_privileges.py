@@ -6,6 +6,10 @@ config in a directory the unprivileged user can read, and checks
 CapEff, CapPrm, CapAmb, NoNewPrivs. Then the things that need the kernel
 after the drop: steering, a reload that adds and removes ports, a
 restarted worker, a clean stop that releases every port and pin.
+
+Without --user, a config nobody cannot read (in a mode-700 directory) is no
+error: the process drops to nobody all the same but keeps CAP_DAC_READ_SEARCH,
+and its reloads, its config watcher and its workers still work.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from tests.helpers import ROOT, TIMEOUT, app, wait_until, write_config
 from tests.netns import NetNS
 
 NOBODY = 65534
+CAP_DAC_READ_SEARCH = 1 << 2
 CAP_NET_BIND_SERVICE = 1 << 10
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (it drops it)")
@@ -240,3 +245,100 @@ def test_bpfproxy_without_a_bpffs_drops_too(bpf_lab: Deployment, tmp_path: Path)
     assert refused(bpf_lab, 7001)
     assert proxy.stop(signal.SIGTERM) == 0
     assert refused(bpf_lab, 7002)
+
+
+@pytest.fixture
+def private_dir(tmp_path: Path) -> Path:
+    """A mode-700 directory of root's, as tempfile.mkdtemp and pytest's tmp_path make."""
+    path = tmp_path / "private"
+    path.mkdir(mode=0o700)
+    return path
+
+
+def inotify_inodes(pid: int) -> set[int]:
+    """The inodes a process watches with inotify, from its /proc fdinfo."""
+    inodes = set()
+    for info in Path(f"/proc/{pid}/fdinfo").iterdir():
+        try:
+            lines = info.read_text().splitlines()
+        except OSError:
+            continue  # closed meanwhile
+        for line in lines:
+            if line.startswith("inotify wd:"):
+                inodes.add(int(line.split("ino:")[1].split()[0], 16))
+    return inodes
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["single", "workers"])
+@pytest.mark.parametrize(
+    "binary", ["tcpproxy", pytest.param("bpfproxy", marks=pytest.mark.bpf)]
+)  # fmt: skip
+def test_default_user_keeps_dac_read_search_for_a_private_config(
+    binary: str,
+    workers: int,
+    private_dir: Path,
+    bpffs: Path,
+    netns: NetNS,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No --user and a config nobody cannot read: the proxy serves as nobody with
+    CAP_DAC_READ_SEARCH only (workers too), warns once naming the file, watches its
+    directory with inotify, and applies a reload."""
+    for variable in ("TCPPROXY_USER", "BPFPROXY_USER"):  # conftest sets them to root
+        monkeypatch.delenv(variable, raising=False)
+    d = Deployment(binary, private_dir / "config.json", netns)
+    try:
+        a, b = d.backend("a"), d.backend("b")
+        extra = ("--bpffs", str(bpffs), "--instance", f"private-{os.getpid()}")
+        proxy = d.start([app("A", [7001], [a.address])], "--workers", str(workers),
+                        *(extra if binary == "bpfproxy" else ()))  # fmt: skip
+        warning = proxy.wait_for(
+            r"WARNING user nobody cannot read the config file (\S+) \(Permission denied\): "
+            r"serving as nobody anyway, keeping CAP_DAC_READ_SEARCH .* or pass --user"
+        )
+        assert warning.group(1) == str(d.config_path)
+        assert len(proxy.output.split("cannot read the config file")) == 2  # said once
+        proxy.wait_for(r"serving as uid 65534 gid 65534 \(nobody\) with only CAP_DAC_READ_SEARCH")
+        assert_dropped(d.pid, CAP_DAC_READ_SEARCH)
+        if workers > 1:
+            wait_until(lambda: len(children(d.pid)) == workers)
+            for pid in children(d.pid):  # ambient: they import the code and read too
+                assert_dropped(pid, CAP_DAC_READ_SEARCH)
+        assert d.which(7001) == "a"
+        # The watcher (not only the stat() poll) got its inotify watch on the directory.
+        wait_until(lambda: private_dir.stat().st_ino in inotify_inodes(d.pid))
+
+        mark = proxy.mark()
+        write_config(d.config_path, [app("A", [7001], [a.address]), app("B", [7002], [b.address])])
+        proxy.wait_for(r"applied", start=mark)
+        assert d.which(7002) == "b"
+        assert proxy.stop(signal.SIGTERM) == 0
+    finally:
+        d.close()
+
+
+@pytest.mark.parametrize("how", ["option", "env"])
+@pytest.mark.parametrize(
+    "binary", ["tcpproxy", pytest.param("bpfproxy", marks=pytest.mark.bpf)]
+)  # fmt: skip
+def test_an_explicit_user_that_cannot_read_is_still_an_error(
+    binary: str, how: str, private_dir: Path, netns: NetNS
+) -> None:
+    """--user nobody (or its environment variable) named the account: no capability is
+    kept to make up for it, the start fails before any setup (in a namespace of the
+    test's all the same, should it not)."""
+    config = private_dir / "config.json"
+    write_config(config, [app("A", [7001], ["127.0.0.1:9"])])
+    argv = ["ip", "netns", "exec", netns.name, sys.executable, "-m", binary, "-c", str(config)]
+    if binary == "bpfproxy":
+        argv += ["-p", str(BPF_LISTEN_PORT)]
+    env = {k: v for k, v in os.environ.items() if k not in ("TCPPROXY_USER", "BPFPROXY_USER")}
+    if how == "option":
+        argv += ["--user", "nobody"]
+    else:
+        env[f"{binary.upper()}_USER"] = "nobody"
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          env=env, check=False)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert f"user nobody (--user) cannot read the config file {config}" in proc.stderr
+    assert "Traceback" not in proc.stderr
