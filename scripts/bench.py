@@ -3,12 +3,16 @@
 Everything runs inside a network namespace this script creates (so bpfproxy
 can steer ports without touching the machine's own) and removes at the end.
 Backends and load tools are Debian's: sockperf (latency), iperf3
-(throughput), wrk against nginx with `Connection: close` (new connections
-per second), and nginx keep-alive connections for memory per idle
-connection. Each figure is measured for direct, HAProxy, tcpproxy and
-bpfproxy, in alternating rounds; medians are reported.
+(throughput, 1 and 4 streams), wrk against nginx with `Connection: close`
+(new connections per second), and nginx keep-alive connections for memory
+per idle connection. The proxies' CPU time is read from /proc around the
+wrk and the 1-stream iperf3 runs. Each figure is measured for direct,
+HAProxy, tcpproxy, bpfproxy (and any `--variant`), in alternating rounds;
+medians are reported. The parsing and the table are in bench_report.py.
 
     sudo .venv/bin/python scripts/bench.py [--rounds 3] [--seconds 4] [--idle 10000]
+        [--engine epoll|trio] [--workers N] [--variant NAME=BINARY:ARGS ...]
+        [--proxy-cpus LIST --load-cpus LIST] [--modes ...] [--measure ...]
 """
 
 from __future__ import annotations
@@ -21,53 +25,83 @@ import re
 import resource
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_report import (  # noqa: E402 - a sibling module, importable once the script runs
+    HAND_WRITTEN,
+    HAPROXY,
+    METRICS,
+    Results,
+    Variant,
+    core_percent_per_gbps,
+    cpu_ticks,
+    cpu_us_per_connection,
+    direction_note,
+    keep_hand_written,
+    parse_cpu_list,
+    parse_iperf3,
+    parse_sockperf,
+    parse_variant,
+    parse_wrk,
+    rss_kib,
+    table,
+)
+
 from tests.netns import NetNS  # noqa: E402
 
-# Backend ports, and each proxy's front ports (base + backend-specific offset).
+# Backend ports; a proxy's front ports are FRONT_BASE + FRONT_STEP * its index + the service's.
 SOCKPERF, IPERF, HTTP = 11111, 5201, 8080
-FRONT_BASE = {"direct": 0, "haproxy": 20000, "tcpproxy": 30000, "bpfproxy": 40000}
 SERVICES = {"latency": SOCKPERF, "throughput": IPERF, "http": HTTP}
-BPF_LISTEN = 8000
-MODES = ["direct", "haproxy", "tcpproxy", "bpfproxy"]
+FRONT_BASE, FRONT_STEP = 20000, 100
+BPF_LISTEN = 8000  # bpfproxy's -p; + the mode's index, so variants do not collide
+MODES = ["direct", HAPROXY, "tcpproxy", "bpfproxy"]
+MEASURES = ["latency", "throughput", "connections", "idle"]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+TOOL_GRACE = 30  # seconds a load tool may take beyond its run before it counts as hung
 
 
-def port_of(mode: str, service: str) -> int:
-    return SERVICES[service] + FRONT_BASE[mode]
+@dataclass(frozen=True)
+class Mode:
+    """One row of the table: how to reach the backends through it, and how to start it."""
+
+    name: str
+    index: int
+    binary: str | None  # None: direct, no proxy
+    args: tuple[str, ...] = ()
+
+    def port(self, service: str) -> int:
+        if self.binary is None:
+            return SERVICES[service]
+        return FRONT_BASE + FRONT_STEP * self.index + list(SERVICES).index(service)
 
 
-@dataclass
-class Results:
-    rows: dict[str, dict[str, list[float]]] = field(default_factory=dict)
-
-    def add(self, mode: str, metric: str, value: float) -> None:
-        self.rows.setdefault(mode, {}).setdefault(metric, []).append(value)
-
-    def median(self, mode: str, metric: str) -> float | None:
-        values = self.rows.get(mode, {}).get(metric)
-        return statistics.median(values) if values else None
+def all_modes(variants: list[Variant]) -> dict[str, Mode]:
+    modes = [Mode(name, i, None if name == "direct" else name) for i, name in enumerate(MODES)]
+    modes += [Mode(v.name, len(MODES) + i, v.binary, v.args) for i, v in enumerate(variants)]
+    return {m.name: m for m in modes}
 
 
 class Bench:
-    def __init__(self, ns: NetNS, workdir: Path, seconds: float, workers: int | None) -> None:
+    def __init__(self, ns: NetNS, workdir: Path, args: argparse.Namespace) -> None:
         self.ns = ns
         self.workdir = workdir
-        self.seconds = seconds
-        self.workers = workers
+        self.args = args
+        self.seconds = int(args.seconds)
         self.procs: dict[str, subprocess.Popen] = {}
         self.commands: dict[str, str] = {}
 
     # -- processes ---------------------------------------------------------
+
+    def pinned(self, argv: list[str], cpus: str | None) -> list[str]:
+        return ["taskset", "-c", cpus, *argv] if cpus else argv
 
     def spawn(self, name: str, argv: list[str], **kw: object) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
@@ -76,11 +110,12 @@ class Bench:
         self.commands[name] = " ".join(argv)
         return proc
 
-    def run(self, name: str, argv: list[str], timeout: float) -> str:
+    def run(self, name: str, argv: list[str]) -> str:
+        argv = self.pinned(argv, self.args.load_cpus)
         self.commands[name] = " ".join(argv)
         out = subprocess.run(
             ["ip", "netns", "exec", self.ns.name, *argv],
-            capture_output=True, text=True, timeout=timeout, check=False,
+            capture_output=True, text=True, timeout=self.seconds + TOOL_GRACE, check=False,
         )  # fmt: skip
         if out.returncode != 0:
             raise RuntimeError(f"{name} failed ({out.returncode}): {out.stderr[-2000:]}")
@@ -114,6 +149,31 @@ class Bench:
             except subprocess.TimeoutExpired:
                 proc.kill()
 
+    def pids(self, mode: Mode) -> list[int]:
+        """The proxy's processes: the one started and its descendants (workers, HAProxy's)."""
+        root = self.procs[mode.name].pid
+        return [root, *_descendants(root)]
+
+    def cpu_seconds(self, mode: Mode) -> float:
+        """User + system CPU time so far of every process (and thread) of the proxy."""
+        ticks = 0
+        for pid in self.pids(mode):
+            try:
+                ticks += cpu_ticks(Path(f"/proc/{pid}/stat").read_text())
+            except (FileNotFoundError, ProcessLookupError):
+                pass  # a process that ended between the listing and the read
+        return ticks / CLK_TCK
+
+    def rss_kib(self, mode: Mode) -> int:
+        """RSS of the proxy's processes together, in KiB."""
+        total = 0
+        for pid in self.pids(mode):
+            try:
+                total += rss_kib(Path(f"/proc/{pid}/status").read_text())
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+        return total
+
     # -- setup -------------------------------------------------------------
 
     def start_backends(self) -> None:
@@ -129,14 +189,18 @@ http {{ access_log off; keepalive_timeout 600s; keepalive_requests 1000000;
   server {{ listen 127.0.0.1:{HTTP} backlog=4096; root {www}; }} }}
 """
         )
-        self.spawn("nginx", ["nginx", "-c", str(conf)])
-        self.spawn("sockperf", ["sockperf", "sr", "--tcp", "-i", "127.0.0.1", "-p", str(SOCKPERF)])
-        self.spawn("iperf3", ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(IPERF)])
+        load = self.args.load_cpus
+        self.spawn("nginx", self.pinned(["nginx", "-c", str(conf)], load))
+        self.spawn("sockperf server", self.pinned(
+            ["sockperf", "sr", "--tcp", "-i", "127.0.0.1", "-p", str(SOCKPERF)], load))  # fmt: skip
+        self.spawn("iperf3 server", self.pinned(
+            ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(IPERF)], load))  # fmt: skip
         for port in SERVICES.values():
             self.wait_port(port)
 
-    def start_haproxy(self) -> None:
-        threads = os.cpu_count() or 1
+    def start_haproxy(self, mode: Mode) -> None:
+        cpus = self.args.proxy_cpus
+        threads = len(parse_cpu_list(cpus)) if cpus else os.cpu_count() or 1
         lines = [
             "global",
             f"  nbthread {threads}",
@@ -151,89 +215,85 @@ http {{ access_log off; keepalive_timeout 600s; keepalive_requests 1000000;
         for service, port in SERVICES.items():
             lines += [
                 f"listen {service}",
-                f"  bind 127.0.0.1:{port_of('haproxy', service)}",
+                f"  bind 127.0.0.1:{mode.port(service)}",
                 f"  server s1 127.0.0.1:{port}",
             ]
         cfg = self.workdir / "haproxy.cfg"
         cfg.write_text("\n".join(lines) + "\n")
-        self.spawn("haproxy", ["haproxy", "-W", "-f", str(cfg)])
+        self.spawn(mode.name, self.pinned(["haproxy", "-W", "-f", str(cfg)], cpus))
         for service in SERVICES:
-            self.wait_port(port_of("haproxy", service))
+            self.wait_port(mode.port(service))
 
-    def write_config(self, mode: str) -> Path:
+    def write_config(self, mode: Mode) -> Path:
         apps = [
             {
                 "Name": service,
-                "Ports": [port_of(mode, service)],
+                "Ports": [mode.port(service)],
                 "Targets": [f"127.0.0.1:{port}"],
                 "MaxConnections": 1_000_000,  # as HAProxy here: only the process limit
             }
             for service, port in SERVICES.items()
         ]
-        path = self.workdir / f"{mode}.json"
+        path = self.workdir / f"{mode.name}.json"
         path.write_text(json.dumps({"Apps": apps}))
         return path
 
-    def start_ours(self, mode: str) -> None:
-        argv = [sys.executable, "-m", mode, "--config", str(self.write_config(mode)),
+    def start_ours(self, mode: Mode) -> None:
+        assert mode.binary is not None
+        argv = [sys.executable, "-m", mode.binary, "--config", str(self.write_config(mode)),
                 "--log-level", "error", "--max-connections", str(haproxy_maxconn())]  # fmt: skip
-        if mode == "bpfproxy":
-            argv += ["-p", str(BPF_LISTEN)]
-        if self.workers is not None:
-            argv += ["--workers", str(self.workers)]
-        self.spawn(mode, argv, cwd=str(ROOT))
+        if mode.binary == "bpfproxy":
+            argv += ["-p", str(BPF_LISTEN + mode.index)]
+        if self.args.engine:
+            argv += ["--engine", self.args.engine]
+        if self.args.workers is not None:
+            argv += ["--workers", str(self.args.workers)]
+        argv += mode.args  # last, so a variant's arguments win
+        self.spawn(mode.name, self.pinned(argv, self.args.proxy_cpus), cwd=str(ROOT))
         for service in SERVICES:
-            self.wait_port(port_of(mode, service))
+            self.wait_port(mode.port(service))
 
     # -- measurements ----------------------------------------------------------
 
-    def latency(self, mode: str) -> tuple[float, float]:
+    def latency(self, mode: Mode) -> tuple[float, float]:
         out = self.run(
             "sockperf ping-pong",
-            ["sockperf", "pp", "--tcp", "-i", "127.0.0.1", "-p", str(port_of(mode, "latency")),
-             "-m", "64", "-t", str(int(self.seconds))],
-            timeout=self.seconds + 30,
+            ["sockperf", "pp", "--tcp", "-i", "127.0.0.1", "-p", str(mode.port("latency")),
+             "-m", "64", "-t", str(self.seconds)],
         )  # fmt: skip
-        p50 = float(re.search(r"percentile 50\.000 =\s*([\d.]+)", out).group(1))  # type: ignore[union-attr]
-        p99 = float(re.search(r"percentile 99\.000 =\s*([\d.]+)", out).group(1))  # type: ignore[union-attr]
-        return p50, p99
+        return parse_sockperf(out)
 
-    def throughput(self, mode: str) -> float:
-        out = self.run(
-            "iperf3",
-            ["iperf3", "-c", "127.0.0.1", "-p", str(port_of(mode, "throughput")),
-             "-t", str(int(self.seconds)), "-J"],
-            timeout=self.seconds + 30,
-        )  # fmt: skip
-        return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
+    def throughput(self, mode: Mode, streams: int) -> tuple[float, float | None]:
+        """Gbit/s, and the proxy's percent of a core per Gbit/s during the run."""
+        name = "iperf3 1 stream" if streams == 1 else f"iperf3 {streams} streams"
+        argv = ["iperf3", "-c", "127.0.0.1", "-p", str(mode.port("throughput")),
+                "-t", str(self.seconds), "-J"]  # fmt: skip
+        if streams > 1:
+            argv += ["-P", str(streams)]
+        before = self.cpu_seconds(mode) if mode.binary else 0.0
+        out = self.run(name, argv)
+        gbps, gigabits = parse_iperf3(out)
+        if not mode.binary:
+            return gbps, None
+        return gbps, core_percent_per_gbps(self.cpu_seconds(mode) - before, gigabits)
 
-    def connections_per_second(self, mode: str) -> float:
+    def connections(self, mode: Mode) -> tuple[float, float | None, float | None]:
+        """New connections per second; the proxy's CPU µs per connection and cores busy."""
+        before, started = (self.cpu_seconds(mode) if mode.binary else 0.0), time.monotonic()
         out = self.run(
             "wrk",
-            ["wrk", "-t", "2", "-c", "32", "-d", f"{int(self.seconds)}s",
-             "-H", "Connection: close", f"http://127.0.0.1:{port_of(mode, 'http')}/"],
-            timeout=self.seconds + 30,
+            ["wrk", "-t", "2", "-c", "32", "-d", f"{self.seconds}s",
+             "-H", "Connection: close", f"http://127.0.0.1:{mode.port('http')}/"],
         )  # fmt: skip
-        return float(re.search(r"Requests/sec:\s*([\d.]+)", out).group(1))  # type: ignore[union-attr]
+        rate, count = parse_wrk(out)
+        if not mode.binary:
+            return rate, None, None
+        cpu = self.cpu_seconds(mode) - before
+        return rate, cpu_us_per_connection(cpu, count), cpu / (time.monotonic() - started)
 
-    def rss_kib(self, mode: str) -> int:
-        """RSS of the proxy's processes (all workers), in KiB."""
-        root = self.procs[mode].pid
-        pids = [root, *_descendants(root)]
-        total = 0
-        for pid in pids:
-            try:
-                with open(f"/proc/{pid}/status") as f:
-                    for line in f:
-                        if line.startswith("VmRSS:"):
-                            total += int(line.split()[1])
-            except FileNotFoundError:
-                pass
-        return total
-
-    def idle_memory(self, mode: str, count: int) -> float:
+    def idle_memory(self, mode: Mode, count: int) -> float:
         """KiB of proxy RSS per idle proxied connection (keep-alive to nginx)."""
-        port = port_of(mode, "http")
+        port = mode.port("http")
         before = self.rss_kib(mode)
         socks = []
         request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -290,70 +350,67 @@ def versions() -> dict[str, str]:
     }
 
 
-METRICS = [
-    ("p50", "p50 latency (µs)", "{:.1f}"),
-    ("p99", "p99 latency (µs)", "{:.1f}"),
-    ("gbps", "throughput (Gbit/s)", "{:.2f}"),
-    ("cps", "new conn/s", "{:,.0f}"),
-    ("kib_per_conn", "KiB per idle conn", "{:.1f}"),
-]
-
-
-def table(results: Results) -> str:
-    head = "| | " + " | ".join(label for _, label, _ in METRICS) + " |"
-    lines = [head, "|---" * (len(METRICS) + 1) + "|"]
-    for mode in MODES:
-        cells = []
-        for key, _, fmt in METRICS:
-            value = results.median(mode, key)
-            cells.append("—" if value is None else fmt.format(value))
-        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def chart(results: Results, path: Path) -> None:
+def chart(results: Results, modes: list[str], path: Path) -> None:
+    """Two panels, higher always better: speed as a fraction of direct, cost against HAProxy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [("p50", True), ("p99", True), ("gbps", False), ("cps", False)]
-    labels = ["p50 latency", "p99 latency", "throughput", "new conn/s"]
-    proxies = ["haproxy", "tcpproxy", "bpfproxy"]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.25
-    for i, mode in enumerate(proxies):
-        ratios = []
-        for key, lower_is_better in keys:
-            direct, ours = results.median("direct", key), results.median(mode, key)
-            if not direct or not ours:
-                ratios.append(0.0)
-            else:  # always "fraction of direct's performance": 1.0 is as good as no proxy
-                ratios.append(direct / ours if lower_is_better else ours / direct)
-        ax.bar([x + i * width for x in range(len(keys))], ratios, width, label=mode)
-    ax.axhline(1.0, color="grey", linewidth=0.8)
-    ax.set_xticks([x + width for x in range(len(keys))], labels)
-    ax.set_ylabel("performance relative to direct (1.0 = no proxy)")
-    ax.set_title("Each proxy as a fraction of a direct connection (higher is better)")
-    ax.legend()
+    panels = [
+        ("direct", ["p50", "p99", "gbps1", "gbps4", "cps"],
+         "fraction of direct's performance\n(1.0 = as fast as no proxy)"),
+        (HAPROXY, ["cpu_us_per_conn", "core_pct_per_gbps", "kib_per_conn", "rss_mib"],
+         "HAProxy's cost / ours\n(above 1.0 = cheaper than HAProxy)"),
+    ]  # fmt: skip
+    by_key = {m.key: m for m in METRICS}
+    proxies = [m for m in modes if m != "direct"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [5, 4]})
+    width = 0.8 / max(1, len(proxies))
+    for ax, (reference, keys, ylabel) in zip(axes, panels, strict=True):
+        for i, mode in enumerate(proxies):
+            ratios = []
+            for key in keys:
+                ref, ours = results.median(reference, key), results.median(mode, key)
+                if not ref or not ours:
+                    ratios.append(0.0)
+                else:  # lower-is-better figures inverted, so higher is always better
+                    ratios.append(ref / ours if by_key[key].lower_is_better else ours / ref)
+            ax.bar([x + i * width for x in range(len(keys))], ratios, width, label=mode)
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xticks(
+            [x + width * (len(proxies) - 1) / 2 for x in range(len(keys))],
+            [by_key[k].label for k in keys], rotation=20, ha="right", fontsize=8,
+        )  # fmt: skip
+        ax.set_ylabel(ylabel)
+    axes[0].set_title("Speed against a direct connection")
+    axes[1].set_title("Cost against HAProxy")
+    axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def _portable(command: str, workdir: Path) -> str:
+def _portable(command: str, workdir: Path, modes: dict[str, Mode]) -> str:
     """A command as anyone can read it: no paths of this machine, ports generic."""
     command = command.replace(sys.executable, "python").replace(str(workdir), "$WORK")
-    for mode in MODES[1:]:
+    for mode in modes.values():
+        if mode.binary is None:
+            continue
         for service in SERVICES:
-            command = command.replace(f"127.0.0.1:{port_of(mode, service)}", "127.0.0.1:$PORT")
-            command = re.sub(rf"-p {port_of(mode, service)}\b", "-p $PORT", command)
+            command = command.replace(f"127.0.0.1:{mode.port(service)}", "127.0.0.1:$PORT")
+            command = re.sub(rf"-p {mode.port(service)}\b", "-p $PORT", command)
     return command
 
 
-def write_report(results: Results, bench: Bench, args: argparse.Namespace, elapsed: float) -> None:
+def write_report(
+    results: Results, bench: Bench, modes: dict[str, Mode], run: list[str], elapsed: float
+) -> None:
+    from tcpproxy.cli_common import DEFAULT_ENGINE
+
+    args = bench.args
     docs = ROOT / "docs"
     docs.mkdir(exist_ok=True)
-    chart(results, docs / "benchmarks.png")
+    chart(results, run, docs / "benchmarks.png")
     v = versions()
     cpu = "?"
     with open("/proc/cpuinfo") as f:
@@ -363,33 +420,65 @@ def write_report(results: Results, bench: Bench, args: argparse.Namespace, elaps
                 break
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**30
     commands = "\n".join(
-        f"{name}: {_portable(cmd, bench.workdir)}" for name, cmd in sorted(bench.commands.items())
+        f"{name}: {_portable(cmd, bench.workdir, modes)}"
+        for name, cmd in sorted(bench.commands.items())
     )
-    ports = ", ".join(
-        f"{mode} {' / '.join(str(port_of(mode, s)) for s in SERVICES)}" for mode in MODES
+    ports = ", ".join(f"{m} {' / '.join(str(modes[m].port(s)) for s in SERVICES)}" for m in run)
+    engine = (
+        f"`--engine {args.engine}`" if args.engine else f"their default engine ({DEFAULT_ENGINE})"
     )
+    workers = f"`--workers {args.workers}`" if args.workers else "their default workers (1)"
+    pinning = (
+        f"proxies pinned to CPUs {args.proxy_cpus}, load tools and backends to "
+        f"{args.load_cpus} (taskset)"
+        if args.proxy_cpus or args.load_cpus
+        else "nothing pinned: proxies, load tools and backends share every core"
+    )
+    old = docs / "benchmarks.md"
+    tail = keep_hand_written(old.read_text()) if old.exists() else ""
     text = f"""# Benchmarks
 
 Made by `make bench` (`scripts/bench.py`) on {time.strftime("%Y-%m-%d")}; it took
 {elapsed:.0f} s. {args.rounds} rounds, each figure measured for {args.seconds:g} s
 per proxy per round, proxies alternating within a round; the table shows medians.
-Latency is sockperf's (half the round trip, 64-byte messages); throughput is one
-iperf3 stream; new connections per second is wrk with `Connection: close`
-against nginx (every request a new TCP connection through the proxy); memory is
-the proxies' RSS growth while holding {args.idle:,} idle keep-alive connections
-to nginx, per connection.
 
-{table(results)}
+{table(results, run)}
 
-![each proxy as a fraction of direct](benchmarks.png)
+{direction_note()}
+
+![speed against direct, cost against HAProxy](benchmarks.png)
+
+## Method
+
+- **Latency**: sockperf ping-pong, 64-byte messages; sockperf's figure is half
+  the round trip.
+- **Throughput**: iperf3, one TCP stream, then four (`-P 4`); Gbit/s received.
+- **New conn/s**: wrk, 2 threads, 32 connections, `Connection: close`, against
+  nginx: every request is a new TCP connection through the proxy.
+- **CPU µs/conn**: the proxy's CPU time (user + system, from `/proc/PID/stat`
+  of every process of the proxy: supervisor and workers, HAProxy's master and
+  worker; each process's figure covers all its threads) over the wrk run,
+  divided by the requests wrk completed. Kernel work done in softirq context
+  while the proxy's process runs is charged to it; work on other CPUs'
+  softirqs (none on loopback without RPS) is not.
+- **% of a core per Gbit/s**: the proxy's CPU time during the 1-stream iperf3
+  run divided by the run's time (cores busy), divided by the Gbit/s measured,
+  times 100; equivalently CPU seconds per gigabit moved, times 100. 10 % means
+  a core relays 10 Gbit/s.
+- **KiB/idle conn**: the proxy's RSS growth while holding {args.idle:,} idle
+  keep-alive connections to nginx (one request answered on each), per connection.
+- **RSS MiB at rest**: the proxy's RSS, all processes together, after the
+  rounds with no connection open (before the idle connections).
+- CPU time is read in clock ticks ({CLK_TCK} per second): a 3 s wrk run at
+  10,000 conn/s measures CPU µs/conn to about ±1 %.
 
 ## Machine
 
 - CPU: {cpu}, {os.cpu_count()} cores; memory {memory_gib} GiB
 - {", ".join(f"{k} {val}" for k, val in v.items())}
 - everything on loopback inside one network namespace; HAProxy with `nbthread`
-  = cores, `mode tcp`, `option splice-auto`; tcpproxy/bpfproxy with
-  {"--workers " + str(args.workers) if args.workers else "their default workers"}
+  = cores it may use, `mode tcp`, `option splice-auto`; tcpproxy/bpfproxy with
+  {engine} and {workers}; {pinning}
 
 ## Commands
 
@@ -400,27 +489,121 @@ measured (latency / throughput / http): {ports}.
 {commands}
 ```
 """
-    (docs / "benchmarks.md").write_text(text)
+    if tail:
+        text += "\n" + tail
+    else:
+        text += f"\n{HAND_WRITTEN}\n"
+    old.write_text(text)
 
 
-def main() -> int:
+def measure_round(bench: Bench, results: Results, mode: Mode, measures: list[str]) -> str:
+    """Every figure of one round for one mode; a line saying what was measured."""
+    said = []
+    name = mode.name
+    if "latency" in measures:
+        p50, p99 = bench.latency(mode)
+        results.add(name, "p50", p50)
+        results.add(name, "p99", p99)
+        said.append(f"p50 {p50:.1f} µs, p99 {p99:.1f} µs")
+    if "throughput" in measures:
+        gbps1, core_pct = bench.throughput(mode, 1)
+        gbps4, _ = bench.throughput(mode, 4)
+        results.add(name, "gbps1", gbps1)
+        results.add(name, "gbps4", gbps4)
+        said.append(f"{gbps1:.2f} / {gbps4:.2f} Gbit/s (1 / 4 streams)")
+        if core_pct is not None:
+            results.add(name, "core_pct_per_gbps", core_pct)
+            said.append(f"{core_pct:.1f} % of a core per Gbit/s")
+    if "connections" in measures:
+        rate, cpu_us, cores = bench.connections(mode)
+        results.add(name, "cps", rate)
+        said.append(f"{rate:,.0f} conn/s")
+        if cpu_us is not None and cores is not None:
+            results.add(name, "cpu_us_per_conn", cpu_us)
+            results.add(name, "cores_busy", cores)
+            said.append(f"{cpu_us:.0f} CPU µs/conn ({cores:.2f} cores busy)")
+    return ", ".join(said)
+
+
+def _variant(spec: str) -> Variant:
+    try:
+        return parse_variant(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Benchmark direct, HAProxy, tcpproxy, bpfproxy.")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--idle", type=int, default=10000, help="idle connections for memory")
-    parser.add_argument("--workers", type=int, default=None)
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument(
+        "--engine",
+        choices=["epoll", "trio"],
+        default=None,
+        help="passed to tcpproxy/bpfproxy [default: theirs]",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="passed to tcpproxy/bpfproxy [default: theirs]"
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        type=_variant,
+        metavar="NAME=BINARY:ARGS",
+        help="one more row: BINARY (tcpproxy or bpfproxy) with extra ARGS, e.g. "
+        "'tcpproxy-w2=tcpproxy:--workers 2'; repeatable",
+    )
+    parser.add_argument(
+        "--modes",
+        default=None,
+        help=f"comma-separated rows to measure [default: {','.join(MODES)} and every variant]",
+    )
+    parser.add_argument(
+        "--measure",
+        default=",".join(MEASURES),
+        help=f"comma-separated subset of {','.join(MEASURES)}",
+    )
+    parser.add_argument(
+        "--proxy-cpus",
+        default=None,
+        metavar="LIST",
+        help="pin the proxies (taskset -c LIST); HAProxy: a thread per CPU",
+    )
+    parser.add_argument(
+        "--load-cpus",
+        default=None,
+        metavar="LIST",
+        help="pin backends and load tools (taskset -c LIST)",
+    )
     parser.add_argument("--no-report", action="store_true", help="print only; write no docs")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    unknown = set(args.measure.split(",")) - set(MEASURES)
+    if unknown:
+        parser.error(f"--measure: unknown {', '.join(sorted(unknown))}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if os.geteuid() != 0:
         print("bench: needs root (network namespace, bpfproxy)", file=sys.stderr)
         return 2
-    missing = [t for t in ("sockperf", "iperf3", "wrk", "nginx", "haproxy") if not shutil.which(t)]
+    tools = ["sockperf", "iperf3", "wrk", "nginx", "haproxy", "taskset"]
+    missing = [t for t in tools if not shutil.which(t)]
     if missing:
         print(
             f"bench: missing tools: {' '.join(missing)} (make bench installs them)", file=sys.stderr
         )
         return 2
+    modes = all_modes(args.variant)
+    run = args.modes.split(",") if args.modes else list(modes)
+    unknown = [m for m in run if m not in modes]
+    if unknown:
+        print(f"bench: unknown modes {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    measures = args.measure.split(",")
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     # Without CAP_SYS_RESOURCE the hard limit caps how many connections
@@ -430,41 +613,40 @@ def main() -> int:
         print(f"bench: descriptor limit {hard}: holding {cap} idle connections, "
               f"not {args.idle}", file=sys.stderr)  # fmt: skip
         args.idle = cap
-    modes = args.modes.split(",")
     results = Results()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp, NetNS(prefix="bench") as ns:
         workdir = Path(tmp)
         os.chmod(workdir, 0o755)  # nginx workers run as www-data
-        bench = Bench(ns, workdir, args.seconds, args.workers)
+        bench = Bench(ns, workdir, args)
         try:
             bench.start_backends()
-            if "haproxy" in modes:
-                bench.start_haproxy()
-            for mode in modes:
-                if mode in ("tcpproxy", "bpfproxy"):
-                    bench.start_ours(mode)
+            for name in run:
+                if modes[name].binary == HAPROXY:
+                    bench.start_haproxy(modes[name])
+                elif modes[name].binary:
+                    bench.start_ours(modes[name])
             for r in range(args.rounds):
-                for mode in modes:
-                    p50, p99 = bench.latency(mode)
-                    results.add(mode, "p50", p50)
-                    results.add(mode, "p99", p99)
-                    results.add(mode, "gbps", bench.throughput(mode))
-                    results.add(mode, "cps", bench.connections_per_second(mode))
-                    print(f"round {r + 1} {mode}: p50 {p50:.1f} µs, p99 {p99:.1f} µs, "
-                          f"{results.rows[mode]['gbps'][-1]:.2f} Gbit/s, "
-                          f"{results.rows[mode]['cps'][-1]:,.0f} conn/s", flush=True)  # fmt: skip
-            for mode in modes:
-                if mode != "direct" and args.idle:
-                    per = bench.idle_memory(mode, args.idle)
-                    results.add(mode, "kib_per_conn", per)
-                    print(f"{mode}: {per:.1f} KiB per idle connection", flush=True)
+                for name in run:
+                    line = measure_round(bench, results, modes[name], measures)
+                    print(f"round {r + 1} {name}: {line}", flush=True)
+            for name in run:
+                if not modes[name].binary:
+                    continue
+                rest = bench.rss_kib(modes[name]) / 1024
+                results.add(name, "rss_mib", rest)
+                line = f"{name}: RSS at rest {rest:.1f} MiB"
+                if "idle" in measures and args.idle:
+                    per = bench.idle_memory(modes[name], args.idle)
+                    results.add(name, "kib_per_conn", per)
+                    line += f", {per:.1f} KiB per idle connection"
+                print(line, flush=True)
         finally:
             bench.stop_all()
         print()
-        print(table(results))
+        print(table(results, run))
         if not args.no_report:
-            write_report(results, bench, args, time.monotonic() - started)
+            write_report(results, bench, modes, run, time.monotonic() - started)
             print("\nwrote docs/benchmarks.md and docs/benchmarks.png")
     return 0
 
