@@ -53,6 +53,7 @@ from bench_report import (  # noqa: E402 - a sibling module, importable once the
     parse_wrk,
     rss_kib,
     table,
+    wrk_errors,
 )
 
 from tests.netns import NetNS  # noqa: E402
@@ -286,6 +287,8 @@ http {{ access_log off; keepalive_timeout 600s; keepalive_requests 1000000;
              "-H", "Connection: close", f"http://127.0.0.1:{mode.port('http')}/"],
         )  # fmt: skip
         rate, count = parse_wrk(out)
+        if wrk_errors(out):
+            print(f"wrk through {mode.name}: {wrk_errors(out)}", flush=True)
         if not mode.binary:
             return rate, None, None
         cpu = self.cpu_seconds(mode) - before
@@ -402,12 +405,10 @@ def _portable(command: str, workdir: Path, modes: dict[str, Mode]) -> str:
     return command
 
 
-def write_report(
-    results: Results, bench: Bench, modes: dict[str, Mode], run: list[str], elapsed: float
-) -> None:
+def write_report(results: Results, args: argparse.Namespace, modes: dict[str, Mode]) -> None:
     from tcpproxy.cli_common import DEFAULT_ENGINE
 
-    args = bench.args
+    run = results.modes
     docs = ROOT / "docs"
     docs.mkdir(exist_ok=True)
     chart(results, run, docs / "benchmarks.png")
@@ -419,10 +420,8 @@ def write_report(
                 cpu = line.split(":", 1)[1].strip()
                 break
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**30
-    commands = "\n".join(
-        f"{name}: {_portable(cmd, bench.workdir, modes)}"
-        for name, cmd in sorted(bench.commands.items())
-    )
+    commands = "\n".join(f"{name}: {cmd}" for name, cmd in sorted(results.commands.items()))
+    parts = f" in {results.parts} parts (`--results`)" if results.parts > 1 else ""
     ports = ", ".join(f"{m} {' / '.join(str(modes[m].port(s)) for s in SERVICES)}" for m in run)
     engine = (
         f"`--engine {args.engine}`" if args.engine else f"their default engine ({DEFAULT_ENGINE})"
@@ -439,7 +438,7 @@ def write_report(
     text = f"""# Benchmarks
 
 Made by `make bench` (`scripts/bench.py`) on {time.strftime("%Y-%m-%d")}; it took
-{elapsed:.0f} s. {args.rounds} rounds, each figure measured for {args.seconds:g} s
+{results.elapsed:.0f} s{parts}. Rounds: {args.rounds}, each figure measured for {args.seconds:g} s
 per proxy per round, proxies alternating within a round; the table shows medians.
 
 {table(results, run)}
@@ -469,8 +468,9 @@ per proxy per round, proxies alternating within a round; the table shows medians
   keep-alive connections to nginx (one request answered on each), per connection.
 - **RSS MiB at rest**: the proxy's RSS, all processes together, after the
   rounds with no connection open (before the idle connections).
-- CPU time is read in clock ticks ({CLK_TCK} per second): a 3 s wrk run at
-  10,000 conn/s measures CPU µs/conn to about ±1 %.
+- CPU time: the kernel reports utime + stime scaled to the scheduler's exact
+  runtime, in units of 1/{CLK_TCK} s, so a 3 s run at one core busy reads to
+  about ±0.5 %. Both proxies are charged alike for loopback's softirq work.
 
 ## Machine
 
@@ -577,6 +577,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="LIST",
         help="pin backends and load tools (taskset -c LIST)",
     )
+    parser.add_argument(
+        "--results",
+        default=None,
+        metavar="FILE",
+        help="add this run's figures to FILE's (JSON, made if missing) and report on all: "
+        "one report from a run made in parts, e.g. by --measure",
+    )
     parser.add_argument("--no-report", action="store_true", help="print only; write no docs")
     args = parser.parse_args(argv)
     unknown = set(args.measure.split(",")) - set(MEASURES)
@@ -613,7 +620,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: descriptor limit {hard}: holding {cap} idle connections, "
               f"not {args.idle}", file=sys.stderr)  # fmt: skip
         args.idle = cap
-    results = Results()
+    saved = Path(args.results) if args.results else None
+    results = Results.from_json(saved.read_text()) if saved and saved.exists() else Results()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp, NetNS(prefix="bench") as ns:
         workdir = Path(tmp)
@@ -629,7 +637,8 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(args.rounds):
                 for name in run:
                     line = measure_round(bench, results, modes[name], measures)
-                    print(f"round {r + 1} {name}: {line}", flush=True)
+                    took = time.monotonic() - started
+                    print(f"[{took:3.0f} s] round {r + 1} {name}: {line}", flush=True)
             for name in run:
                 if not modes[name].binary:
                     continue
@@ -643,11 +652,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(line, flush=True)
         finally:
             bench.stop_all()
-        print()
-        print(table(results, run))
-        if not args.no_report:
-            write_report(results, bench, modes, run, time.monotonic() - started)
-            print("\nwrote docs/benchmarks.md and docs/benchmarks.png")
+        commands = {n: _portable(c, workdir, modes) for n, c in bench.commands.items()}
+    results.add_part(run, commands, time.monotonic() - started)
+    if saved:
+        saved.write_text(results.to_json())
+    print()
+    print(table(results, results.modes))
+    if not args.no_report:
+        write_report(results, args, modes)
+        print("\nwrote docs/benchmarks.md and docs/benchmarks.png")
     return 0
 
 

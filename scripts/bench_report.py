@@ -40,12 +40,31 @@ METRICS = [
 
 @dataclass
 class Results:
-    """Every measured value, by mode and metric key; the table shows medians."""
+    """Every measured value, by mode and metric key (the table shows medians), and
+    what made them: a run may be made in parts (`--results FILE`), each adding its own.
+    """
 
     rows: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    modes: list[str] = field(default_factory=list)  # the table's rows, in order
+    commands: dict[str, str] = field(default_factory=dict)  # by name, as reported
+    elapsed: float = 0.0  # seconds, all parts together
+    parts: int = 0
 
     def add(self, mode: str, metric: str, value: float) -> None:
         self.rows.setdefault(mode, {}).setdefault(metric, []).append(value)
+
+    def add_part(self, modes: list[str], commands: dict[str, str], elapsed: float) -> None:
+        self.modes += [m for m in modes if m not in self.modes]
+        self.commands.update(commands)
+        self.elapsed += elapsed
+        self.parts += 1
+
+    def to_json(self) -> str:
+        return json.dumps(vars(self), indent=1, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> Results:
+        return cls(**json.loads(text))
 
     def median(self, mode: str, metric: str) -> float | None:
         values = self.rows.get(mode, {}).get(metric)
@@ -113,6 +132,13 @@ def parse_wrk(out: str) -> tuple[float, int]:
     if not rate or not count:
         raise ValueError("wrk: no request count in its output")
     return float(rate.group(1)), int(count.group(1))
+
+
+def wrk_errors(out: str) -> str:
+    """wrk's error lines (socket errors, non-2xx answers) joined, or ''."""
+    return "; ".join(
+        line.strip() for line in out.splitlines() if re.match(r"\s*(Socket errors|Non-2xx)", line)
+    )
 
 
 def cpu_ticks(stat: str) -> int:

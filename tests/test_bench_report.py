@@ -23,6 +23,7 @@ from scripts.bench_report import (
     parse_wrk,
     rss_kib,
     table,
+    wrk_errors,
 )
 
 SOCKPERF = """\
@@ -132,3 +133,25 @@ def test_hand_written_tail_kept() -> None:
     old = f"# Benchmarks\n\ngenerated\n\n{HAND_WRITTEN}\n\n## Workers\n\nmeasured\n"
     assert keep_hand_written(old) == f"{HAND_WRITTEN}\n\n## Workers\n\nmeasured\n"
     assert keep_hand_written("# Benchmarks\n\ngenerated only\n") == ""
+
+
+def test_results_made_in_parts_survive_json() -> None:
+    first = Results()
+    first.add("haproxy", "p50", 21.0)
+    first.add_part(["direct", "haproxy"], {"wrk": "wrk -t 2"}, 100.0)
+    second = Results.from_json(first.to_json())
+    second.add("haproxy", "p50", 23.0)
+    second.add("haproxy", "cps", 16000.0)
+    second.add_part(["haproxy", "tcpproxy"], {"iperf3 1 stream": "iperf3 -c"}, 50.0)
+    assert second.median("haproxy", "p50") == 22.0
+    assert second.modes == ["direct", "haproxy", "tcpproxy"]
+    assert set(second.commands) == {"wrk", "iperf3 1 stream"}
+    assert (second.elapsed, second.parts) == (150.0, 2)
+
+
+def test_wrk_errors_reported() -> None:
+    assert wrk_errors(WRK) == ""
+    out = WRK.replace(
+        "Requests/sec", "  Socket errors: connect 0, read 3, write 0, timeout 2\nRequests/sec"
+    )
+    assert wrk_errors(out) == "Socket errors: connect 0, read 3, write 0, timeout 2"
