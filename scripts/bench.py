@@ -45,6 +45,7 @@ from bench_report import (  # noqa: E402 - a sibling module, importable once the
     cpu_ticks,
     cpu_us_per_connection,
     direction_note,
+    invocation,
     keep_hand_written,
     parse_cpu_list,
     parse_iperf3,
@@ -653,6 +654,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             bench.stop_all()
         commands = {n: _portable(c, workdir, modes) for n, c in bench.commands.items()}
+        part = f" (part {results.parts + 1})" if results.parts else ""
+        commands[f"bench.py{part}"] = invocation(sys.argv[1:] if argv is None else argv)
     results.add_part(run, commands, time.monotonic() - started)
     if saved:
         saved.write_text(results.to_json())

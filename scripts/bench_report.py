@@ -223,3 +223,16 @@ def parse_cpu_list(cpus: str) -> list[int]:
         first, _, last = part.partition("-")
         out += range(int(first), int(last or first) + 1)
     return out
+
+
+def invocation(argv: list[str]) -> str:
+    """This run's command line as the report shows it: without --results and its file."""
+    shown, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--results="):
+            skip = False
+        elif arg == "--results":
+            skip = True
+        else:
+            shown.append(arg)
+    return shlex.join(["scripts/bench.py", *shown])

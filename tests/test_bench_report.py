@@ -15,6 +15,7 @@ from scripts.bench_report import (
     cpu_ticks,
     cpu_us_per_connection,
     format_cell,
+    invocation,
     keep_hand_written,
     parse_cpu_list,
     parse_iperf3,
@@ -155,3 +156,9 @@ def test_wrk_errors_reported() -> None:
         "Requests/sec", "  Socket errors: connect 0, read 3, write 0, timeout 2\nRequests/sec"
     )
     assert wrk_errors(out) == "Socket errors: connect 0, read 3, write 0, timeout 2"
+
+
+def test_invocation_shown_without_the_results_file() -> None:
+    argv = ["--engine", "epoll", "--results", "x.json", "--variant", "w2=tcpproxy:--workers 2"]
+    assert invocation(argv) == "scripts/bench.py --engine epoll --variant 'w2=tcpproxy:--workers 2'"
+    assert invocation(["--results=x.json", "--rounds", "1"]) == "scripts/bench.py --rounds 1"
