@@ -78,6 +78,9 @@ HEADER_PEEK = 16 + 65535  # bytes peeked at most while reading a PROXY header (v
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 _IN_BITS = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR  # a read will tell
 _OUT_BITS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR  # a write will tell
+# Connections' sockets are the C type under socket.socket: its Python layer (__init__,
+# close() through _real_close, reference counting for makefile) costs 2 us a connection.
+_Socket = socket.SocketType
 _STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 _ESTABLISHED = 1  # TCP_ESTABLISHED, the first byte of struct tcp_info
 _SYN_SENT = 2  # TCP_SYN_SENT: a connect still waiting for its answer
@@ -106,7 +109,7 @@ class _Way:
         "up",
     )  # fmt: skip
 
-    def __init__(self, src: socket.socket, dst: socket.socket, *, up: bool) -> None:
+    def __init__(self, src: socket.SocketType, dst: socket.SocketType, *, up: bool) -> None:
         self.src, self.dst = src, dst
         self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
         self.up = up  # client -> target
@@ -175,7 +178,7 @@ class Conn:
 
     def __init__(
         self,
-        client: socket.socket,
+        client: socket.SocketType,
         port: int,
         peer: tuple,
         app: AppRuntime,
@@ -187,7 +190,7 @@ class Conn:
         self.client, self.cfd, self.port, self.peer = client, client.fileno(), port, peer
         self.app, self.cid, self.source, self.flow = app, cid, source, flow
         self.started = self.last = self.connecting = now
-        self.target: socket.socket | None = None
+        self.target: socket.SocketType | None = None
         self.tfd = -1
         self.cmask = self.tmask = 0  # registered epoll interest (0: not registered)
         self.gen = 0  # bumped on every phase change: older timers and lookups are stale
@@ -197,7 +200,7 @@ class Conn:
         self.up_bytes = self.down_bytes = 0
         self.hbuf = b""  # PROXY header bytes read so far
         self.header: memoryview | None = None  # our PROXY header, still to send
-        self.attempts: list[socket.socket] = []  # connects in flight to the current target
+        self.attempts: list[socket.SocketType] = []  # connects in flight to the current target
         self.addresses: list[tuple[int, tuple]] = []  # the target's addresses not tried yet
         self.attempt_errors: list[OSError] = []
 
@@ -451,7 +454,11 @@ class Engine:
                 if exc.errno in ACCEPT_TRANSIENT_ERRNOS:
                     continue
                 raise
-            sock = socket.socket(family, kind, proto, fd)
+            try:
+                sock = _Socket(family, kind, proto, fd)
+            except OSError:  # cannot happen to an accepted descriptor; do not leak it
+                os.close(fd)
+                continue
             try:
                 sock.setblocking(False)
                 port = lst.port if lst.port is not None else sock.getsockname()[1]
@@ -469,7 +476,7 @@ class Engine:
 
     def start(
         self,
-        client: socket.socket,
+        client: socket.SocketType,
         port: int,
         peer: tuple,
         app: AppRuntime,
@@ -665,10 +672,10 @@ class Engine:
         check = self._proxy._self_loop.check
         while conn.addresses:
             family, sockaddr = conn.addresses.pop(0)
-            sock: socket.socket | None = None
+            sock: socket.SocketType | None = None
             try:
                 check(target, family, sockaddr)  # type: ignore[arg-type]
-                sock = socket.socket(family, _STREAM_NONBLOCK)
+                sock = _Socket(family, _STREAM_NONBLOCK)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 err = sock.connect_ex(sockaddr)
                 # On loopback the handshake is done by now; one getsockopt spares a wait.
@@ -705,7 +712,7 @@ class Engine:
         exc = next((e for e in errors if e.errno in LOCAL_ERRNOS), errors[0])
         self._target_failed(conn, describe_error(exc), exc=exc)
 
-    def _on_attempt(self, attempt: tuple[Conn, socket.socket], ev: int) -> None:
+    def _on_attempt(self, attempt: tuple[Conn, socket.SocketType], ev: int) -> None:
         """A connect in flight answered: won, or failed (then the next address)."""
         conn, sock = attempt
         try:
@@ -724,7 +731,7 @@ class Engine:
         if not conn.attempts:
             self._next_attempt(conn)
 
-    def _close_attempt(self, sock: socket.socket) -> None:
+    def _close_attempt(self, sock: socket.SocketType) -> None:
         self._fds.pop(sock.fileno(), None)
         sock.close()  # leaves the epoll set with its last descriptor
 
@@ -734,7 +741,7 @@ class Engine:
         conn.attempts.clear()
         conn.addresses = []
 
-    def _won(self, conn: Conn, sock: socket.socket, *, registered: bool = False) -> None:
+    def _won(self, conn: Conn, sock: socket.SocketType, *, registered: bool = False) -> None:
         flow = conn.flow
         target = flow.target
         assert target is not None

@@ -294,7 +294,7 @@ class Proxy:
     def route(self, port: int) -> AppRuntime | None:
         return self._routes.get(port)
 
-    def dispatch(self, client: socket.socket, port: int, peer: tuple) -> None:
+    def dispatch(self, client: socket.SocketType, port: int, peer: tuple) -> None:
         """Take an accepted connection and the slot its accept loop took.
 
         Routing happens here, synchronously at accept time, so a reload that
@@ -357,7 +357,7 @@ class Proxy:
             self._serve_counted, client, port, peer, app, cid, source, name="conn"
         )
 
-    def _reject(self, client: socket.socket, app: str, reason: str) -> None:
+    def _reject(self, client: socket.SocketType, app: str, reason: str) -> None:
         """Count a connection refused at admission, give back its slot, reset it."""
         self.metrics.rejected(app, reason)
         self.slots.release()
