@@ -107,6 +107,27 @@ TRANSITIONS: dict[tuple[State, str], tuple[State, ...]] = {
     (State.RELAY, "timeout"): (State.CLOSED,),
     **{(state, "cancel"): (State.CLOSED,) for state in (State.NEW, *_ANY_LIVE)},
 }
+# Each event's allowed states, from the table: a check by identity per event (a
+# (state, event) key would hash the enum in Python on every event of every connection).
+_FROM: dict[str, tuple[State, ...]] = {}
+for _state, _event in TRANSITIONS:
+    _FROM[_event] = (*_FROM.get(_event, ()), _state)
+_ACCEPTED = _FROM["accepted"]
+_HEADER_READ = _FROM["header_read"]
+_HEADER_FAILED = _FROM["header_failed"]
+_FIRST_BYTE = _FROM["first_byte"]
+_CONNECTED = _FROM["connected"]
+_CONNECT_FAILED = _FROM["connect_failed"]
+_HEADER_SENT = _FROM["header_sent"]
+_EOF = _FROM["eof"]
+_ERROR = _FROM["error"]
+_TIMEOUT = _FROM["timeout"]
+_CANCEL = _FROM["cancel"]
+# End reasons as plain strings (an enum's .value is a Python-level property)
+_DONE, _CANCELLED, _IDLE = EndReason.DONE.value, EndReason.CANCELLED.value, EndReason.IDLE.value
+_CLIENT_ERROR, _TARGET_ERROR = EndReason.CLIENT_ERROR.value, EndReason.TARGET_ERROR.value
+_TARGET_EARLY_ERROR = EndReason.TARGET_EARLY_ERROR.value
+
 _TIMEOUTS = {  # the timeout each state arms (the engine keeps one phase timer per connection)
     State.HEADER_IN: Timeout.HEADER_IN,
     State.FIRST_BYTE: Timeout.FIRST_BYTE,
@@ -171,16 +192,15 @@ class Flow:
         self.failures: list[tuple[Target, str]] = []  # failed connects: (target, why)
         self.failed: list[str] = []  # targets given up before the one used, for the log line
         self.dropped: Target | None = None  # the target the last REDISPATCH gave up
-        self.reason = EndReason.CANCELLED.value  # the end reason, once CLOSED
+        self.reason = _CANCELLED  # the end reason, once CLOSED
         self.why = ""  # the detail of an error end
         self.client_done = False  # the client sent EOF (client -> target direction ended)
         self.target_done = False  # the target sent EOF
 
     # -- helpers --------------------------------------------------------------
 
-    def _expect(self, event: str) -> None:
-        if (self.state, event) not in TRANSITIONS:
-            raise FlowError(f"event {event!r} in state {self.state.value}")
+    def _refuse(self, event: str) -> FlowError:
+        return FlowError(f"event {event!r} in state {self.state.value}")
 
     def _end(self, reason: str, error: str = "") -> None:
         self.state, self.reason, self.why = State.CLOSED, reason, error
@@ -228,7 +248,8 @@ class Flow:
 
     def accepted(self) -> Action:
         """Rule 1."""
-        self._expect("accepted")
+        if self.state not in _ACCEPTED:
+            raise self._refuse("accepted")
         if self._accept_header:
             self.state = State.HEADER_IN
             return Action.READ_HEADER
@@ -236,25 +257,29 @@ class Flow:
 
     def header_read(self) -> Action:
         """Rule 2: the balancer's header is consumed."""
-        self._expect("header_read")
+        if self.state not in _HEADER_READ:
+            raise self._refuse("header_read")
         return self._after_header()
 
     def header_failed(self, why: str) -> Action:
         """Rule 2: a bad header, or the client closed before one."""
-        self._expect("header_failed")
-        self._end(EndReason.CLIENT_ERROR.value, "PROXY header")
+        if self.state not in _HEADER_FAILED:
+            raise self._refuse("header_failed")
+        self._end(_CLIENT_ERROR, "PROXY header")
         return Action.CLOSE
 
     def first_byte(self) -> Action:
         """Rule 2: the client sent something (or closed): connect now."""
-        self._expect("first_byte")
+        if self.state not in _FIRST_BYTE:
+            raise self._refuse("first_byte")
         action = self._connect_next()
         assert action is not None
         return action
 
     def connected(self) -> Action:
         """Rule 3: the target answered."""
-        self._expect("connected")
+        if self.state not in _CONNECTED:
+            raise self._refuse("connected")
         if self.failures:
             self.failed.extend(f"{t}({why})" for t, why in self.failures)
             self.failures = []
@@ -266,7 +291,8 @@ class Flow:
 
     def connect_failed(self, why: str, *, ours: bool = False) -> Action:
         """Rule 3: the target failed (`ours`: the failure is this process's, not its)."""
-        self._expect("connect_failed")
+        if self.state not in _CONNECT_FAILED:
+            raise self._refuse("connect_failed")
         if ours:
             self._end("no-resources")
             return Action.CLOSE
@@ -279,13 +305,15 @@ class Flow:
         return action
 
     def header_sent(self) -> Action:
-        self._expect("header_sent")
+        if self.state not in _HEADER_SENT:
+            raise self._refuse("header_sent")
         self.state = State.RELAY
         return Action.RELAY
 
     def eof(self, side: Side) -> Action:
         """Rule 4: `side` ended its stream cleanly."""
-        self._expect("eof")
+        if self.state not in _EOF:
+            raise self._refuse("eof")
         if side is Side.CLIENT:
             self.client_done = True
             other_done, action = self.target_done, Action.SHUTDOWN_TARGET
@@ -293,7 +321,7 @@ class Flow:
             self.target_done = True
             other_done, action = self.client_done, Action.SHUTDOWN_CLIENT
         if other_done:
-            self._end(EndReason.DONE.value)
+            self._end(_DONE)
             return Action.CLOSE
         return action
 
@@ -302,20 +330,21 @@ class Flow:
 
         In HEADER_OUT the target refusing our header is early by definition.
         """
-        self._expect("error")
+        if self.state not in _ERROR:
+            raise self._refuse("error")
         if side is Side.TARGET and (not moved or self.state is State.HEADER_OUT):
             return self._early(why)
         if side is Side.CLIENT:
-            self._end(EndReason.CLIENT_ERROR.value, why)
+            self._end(_CLIENT_ERROR, why)
             return Action.ABORT_TARGET
-        self._end(EndReason.TARGET_ERROR.value, why)
+        self._end(_TARGET_ERROR, why)
         return Action.ABORT_CLIENT
 
     def _early(self, why: str) -> Action:
         """Rule 5's exception: redispatch to the next target, or abort the client."""
         dropped = self.target
         if self._connect_next() is None:  # the last target's failure is the end reason
-            self._end(EndReason.TARGET_EARLY_ERROR.value, why)
+            self._end(_TARGET_EARLY_ERROR, why)
             return Action.ABORT_CLIENT
         self.failed.append(f"{dropped}({why.lower()})")
         self.dropped = dropped
@@ -323,11 +352,12 @@ class Flow:
 
     def timed_out(self, kind: Timeout, detail: str = "") -> Action:
         """The current state's timeout (`kind` must be it) ran out; `detail` says how long."""
-        self._expect("timeout")
+        if self.state not in _TIMEOUT:
+            raise self._refuse("timeout")
         if kind is not self.timeout:
             raise FlowError(f"timeout {kind.value} in state {self.state.value}")
         if kind is Timeout.HEADER_IN:
-            self._end(EndReason.CLIENT_ERROR.value, "PROXY header")
+            self._end(_CLIENT_ERROR, "PROXY header")
             return Action.CLOSE
         if kind is Timeout.FIRST_BYTE:
             self._end("first-byte-timeout")
@@ -336,12 +366,13 @@ class Flow:
             return self.connect_failed(detail)
         if kind is Timeout.HEADER_OUT:
             return self._early(detail)
-        self._end(EndReason.IDLE.value)
+        self._end(_IDLE)
         return Action.CLOSE
 
     def cancel(self) -> Action:
         """Rule 6: the proxy cuts the connection (shutdown): both peers see a reset,
         so neither takes a cut-off stream for a complete one."""
-        self._expect("cancel")
-        self._end(EndReason.CANCELLED.value)
+        if self.state not in _CANCEL:
+            raise self._refuse("cancel")
+        self._end(_CANCELLED)
         return Action.ABORT_BOTH
