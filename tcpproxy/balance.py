@@ -64,6 +64,8 @@ class Balancer:
         """Return every target once, the chosen one first."""
         targets = self.targets
         n = len(targets)
+        if n == 1:  # every rule gives the one target (the common case: no work per connection)
+            return [targets[0]]
         if self.strategy is Strategy.RANDOM:
             start = self._rng.randrange(n)
         else:
