@@ -38,7 +38,6 @@ import select
 import socket
 import time
 from collections.abc import Callable
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -487,7 +486,7 @@ class Engine:
         cfg = app.config
         proxy = self._proxy
         flow = Flow(
-            partial(app.balancer.order, proxy.health.book.is_down), proxy.active,
+            app.choose, proxy.active,
             accept_header=cfg.accept_proxy_protocol, send_header=bool(cfg.send_proxy_protocol),
             first_byte=cfg.first_byte_timeout is not None,
         )  # fmt: skip

@@ -30,7 +30,8 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import trio
@@ -111,6 +112,9 @@ class AppRuntime:
 
     config: AppConfig
     balancer: Balancer
+    # the try order, down targets last: the balancer bound to the health book once
+    # per app, not once per connection
+    choose: Callable[[], list[Target]] = field(compare=False)
 
 
 def client_ip(peer: tuple) -> str:
@@ -236,7 +240,8 @@ class Proxy:
                 apps[app.name] = old
             else:
                 balancer = Balancer(app.targets, app.strategy, active=self.active)
-                apps[app.name] = AppRuntime(app, balancer)
+                choose = partial(balancer.order, self.health.book.is_down)
+                apps[app.name] = AppRuntime(app, balancer, choose)
         self._apps = apps
         self._routes = {port: apps[app.name] for app in config.apps for port in app.ports}
         if config != self.config:
@@ -429,7 +434,7 @@ class Proxy:
                     cfg.first_byte_timeout, extra={"conn": cid},
                 )  # fmt: skip
                 return
-            order = app.balancer.order(health.book.is_down)
+            order = app.choose()
             # counted from the choice on, so a burst still connecting spreads (least-connections)
             claim = Claim(self.active, order[0])
             while True:
