@@ -44,7 +44,31 @@ import trio
 
 from tcpproxy.connect import HAPPY_EYEBALLS_DELAY, LOCAL_ERRNOS, describe_error, interleave
 from tcpproxy.errors import ResourceExhausted, TargetUnavailable
-from tcpproxy.flow import Action, Flow, Side, State, Timeout
+from tcpproxy.flow import (
+    A_ABORT_BOTH,
+    A_ABORT_CLIENT,
+    A_ABORT_TARGET,
+    A_CONNECT,
+    A_READ_HEADER,
+    A_REDISPATCH,
+    A_RELAY,
+    A_SEND_HEADER,
+    A_SHUTDOWN_CLIENT,
+    A_SHUTDOWN_TARGET,
+    A_WAIT_FIRST_BYTE,
+    S_CLOSED,
+    S_CONNECTING,
+    S_FIRST_BYTE,
+    S_HEADER_IN,
+    S_HEADER_OUT,
+    S_RELAY,
+    SIDE_CLIENT,
+    SIDE_TARGET,
+    Action,
+    Flow,
+    Side,
+    Timeout,
+)
 from tcpproxy.listeners import (
     ACCEPT_BACKOFF,
     ACCEPT_BATCH,
@@ -295,8 +319,8 @@ class Engine:
             log.exception("conn %s client=%s port=%d: internal error", obj.cid,
                           _peer(obj.peer), obj.port, extra={"conn": obj.cid})  # fmt: skip
             obj.flow.reason, obj.flow.why = "internal-error", ""
-            obj.flow.state = State.CLOSED
-            self._finish(obj, Action.ABORT_BOTH)
+            obj.flow.state = S_CLOSED
+            self._finish(obj, A_ABORT_BOTH)
         else:
             log.exception("engine: internal error")
 
@@ -343,11 +367,11 @@ class Engine:
         flow = conn.flow
         cfg = conn.app.config
         if kind == _STAGGER:
-            if flow.state is State.CONNECTING and conn.addresses:
+            if flow.state is S_CONNECTING and conn.addresses:
                 self._next_attempt(conn)
             return
         if kind == _IDLE:
-            if flow.state is not State.RELAY:
+            if flow.state is not S_RELAY:
                 return
             due = conn.last + cfg.idle_timeout
             if due > now:  # activity since: re-arm lazily
@@ -500,26 +524,26 @@ class Engine:
 
     def _act(self, conn: Conn, action: Action) -> None:
         """Carry out what the flow decided."""
-        if action is Action.CONNECT:
+        if action is A_CONNECT:
             self._connect(conn)
-        elif action is Action.RELAY:
+        elif action is A_RELAY:
             self._relay(conn)
-        elif action is Action.READ_HEADER:
-            self._phase(conn, HEADER_TIMEOUT)
-            self._interest(conn, _IN, conn.tmask)
-        elif action is Action.WAIT_FIRST_BYTE:
-            self._phase(conn, conn.app.config.first_byte_timeout)
-            self._interest(conn, _IN, conn.tmask)
-        elif action is Action.SEND_HEADER:
-            self._send_header(conn)
-        elif action is Action.REDISPATCH:
-            self._redispatch(conn)
-        elif action is Action.SHUTDOWN_TARGET or action is Action.SHUTDOWN_CLIENT:
-            sock = conn.target if action is Action.SHUTDOWN_TARGET else conn.client
+        elif action is A_SHUTDOWN_TARGET or action is A_SHUTDOWN_CLIENT:
+            sock = conn.target if action is A_SHUTDOWN_TARGET else conn.client
             try:
                 sock.shutdown(socket.SHUT_WR)  # type: ignore[union-attr]
             except OSError:  # peer already gone: the other direction will report it
                 pass
+        elif action is A_READ_HEADER:
+            self._phase(conn, HEADER_TIMEOUT)
+            self._interest(conn, _IN, conn.tmask)
+        elif action is A_WAIT_FIRST_BYTE:
+            self._phase(conn, conn.app.config.first_byte_timeout)
+            self._interest(conn, _IN, conn.tmask)
+        elif action is A_SEND_HEADER:
+            self._send_header(conn)
+        elif action is A_REDISPATCH:
+            self._redispatch(conn)
         else:
             self._end(conn, action)
 
@@ -556,11 +580,11 @@ class Engine:
 
     def _on_client(self, conn: Conn, ev: int) -> None:
         state = conn.flow.state
-        if state is State.RELAY:
+        if state is S_RELAY:
             self._relay_event(conn, ev, conn.up, conn.down)  # type: ignore[arg-type]
-        elif state is State.HEADER_IN:
+        elif state is S_HEADER_IN:
             self._read_header(conn)
-        elif state is State.FIRST_BYTE:
+        elif state is S_FIRST_BYTE:
             try:
                 conn.client.recv(1, socket.MSG_PEEK)
             except BlockingIOError:
@@ -773,7 +797,7 @@ class Engine:
         action = (
             flow.timed_out(Timeout.CONNECT, why) if timeout else flow.connect_failed(why, ours=ours)
         )
-        if flow.state is State.CLOSED:
+        if flow.state is S_CLOSED:
             cfg = conn.app.config
             if ours:
                 message: Exception = ResourceExhausted(f"cannot connect to {target}: {why}")
@@ -822,7 +846,7 @@ class Engine:
             sent = 0
         except OSError as exc:
             self._interest(conn, conn.cmask, 0)
-            self._act(conn, conn.flow.error(Side.TARGET, describe_error(exc), moved=False))
+            self._act(conn, conn.flow.error(SIDE_TARGET, describe_error(exc), moved=False))
             return
         conn.header = conn.header[sent:]
         if conn.header:
@@ -833,9 +857,9 @@ class Engine:
 
     def _on_target(self, conn: Conn, ev: int) -> None:
         state = conn.flow.state
-        if state is State.RELAY:
+        if state is S_RELAY:
             self._relay_event(conn, ev, conn.down, conn.up)  # type: ignore[arg-type]
-        elif state is State.HEADER_OUT:
+        elif state is S_HEADER_OUT:
             self._send_header(conn)
 
     def _relay_event(self, conn: Conn, ev: int, reading: _Way, writing: _Way) -> None:
@@ -844,11 +868,11 @@ class Engine:
         if ev & _OUT_BITS and (writing.pend is not None or writing.piped):
             self._flush(conn, writing)
         if (
-            ev & _IN_BITS and conn.flow.state is State.RELAY
+            ev & _IN_BITS and conn.flow.state is S_RELAY
             and not reading.done and reading.pend is None and not reading.piped
         ):  # fmt: skip
             self._pump(conn, reading)
-        if conn.flow.state is State.RELAY:
+        if conn.flow.state is S_RELAY:
             self._update(conn)
 
     # -- relay ------------------------------------------------------------------------
@@ -873,7 +897,7 @@ class Engine:
         if way.splice:
             self._pump_splice(conn, way)
             return
-        src_side, dst_side = (Side.CLIENT, Side.TARGET) if way.up else (Side.TARGET, Side.CLIENT)
+        src_side, dst_side = (SIDE_CLIENT, SIDE_TARGET) if way.up else (SIDE_TARGET, SIDE_CLIENT)
         try:
             data = way.src.recv(COPY_SIZE)
         except BlockingIOError:
@@ -909,7 +933,7 @@ class Engine:
             conn.down_bytes += n
 
     def _pump_splice(self, conn: Conn, way: _Way) -> None:
-        src_side, dst_side = (Side.CLIENT, Side.TARGET) if way.up else (Side.TARGET, Side.CLIENT)
+        src_side, dst_side = (SIDE_CLIENT, SIDE_TARGET) if way.up else (SIDE_TARGET, SIDE_CLIENT)
         if way.pipe_r < 0:
             try:
                 way.pipe_r, way.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -952,7 +976,7 @@ class Engine:
 
     def _flush(self, conn: Conn, way: _Way) -> None:
         """`way.dst` is writable: hand it what it did not take before."""
-        dst_side = Side.TARGET if way.up else Side.CLIENT
+        dst_side = SIDE_TARGET if way.up else SIDE_CLIENT
         conn.last = self._now
         try:
             if way.pend is not None:
@@ -983,13 +1007,13 @@ class Engine:
         fds = self._fds
         fds.pop(conn.cfd, None)
         self._drop_attempts(conn)
-        if action is Action.ABORT_CLIENT or action is Action.ABORT_BOTH:
+        if action is A_ABORT_CLIENT or action is A_ABORT_BOTH:
             abort(conn.client)
         else:
             conn.client.close()
         if conn.target is not None:
             fds.pop(conn.tfd, None)
-            if action is Action.ABORT_TARGET or action is Action.ABORT_BOTH:
+            if action is A_ABORT_TARGET or action is A_ABORT_BOTH:
                 abort(conn.target)
             else:
                 conn.target.close()
