@@ -39,6 +39,7 @@ import select
 import socket
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -133,9 +134,11 @@ class _Way:
         "up",
     )  # fmt: skip
 
-    def __init__(self, src: socket.SocketType, dst: socket.SocketType, *, up: bool) -> None:
+    def __init__(
+        self, src: socket.SocketType, dst: socket.SocketType, src_fd: int, dst_fd: int, *, up: bool
+    ) -> None:
         self.src, self.dst = src, dst
-        self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
+        self.src_fd, self.dst_fd = src_fd, dst_fd
         self.up = up  # client -> target
         self.done = False  # src reached EOF (and dst was told)
         self.pend: memoryview | None = None  # copied bytes dst has not taken yet
@@ -248,6 +251,7 @@ class Engine:
         self._timers: list[tuple[float, int, int, Any, int]] = []  # (when, seq, gen, obj, kind)
         self._seq = itertools.count()
         self._now = time.monotonic()
+        self._debug = log.isEnabledFor(logging.DEBUG)  # read once per round of the loop
         self._draining = False
         self._wake: trio.CancelScope | None = None
         self._tasks: trio.Nursery | None = None
@@ -263,6 +267,7 @@ class Engine:
         poll, fds = self._epoll.poll, self._fds
         epoll_fd = self._epoll.fileno()
         monotonic = time.monotonic
+        debug = partial(log.isEnabledFor, logging.DEBUG)
         # Every connection allocates a few dozen objects, and the idle timers keep ended
         # ones until the heap is swept, so they live long enough to reach the oldest
         # generation: its collections would walk every object of the process (modules,
@@ -275,6 +280,7 @@ class Engine:
                 while not (self._draining and not self._conns):
                     events = poll(0, MAX_EVENTS)
                     self._now = now = monotonic()
+                    self._debug = debug()
                     for fd, ev in events:
                         entry = fds.get(fd)
                         if entry is not None:
@@ -642,7 +648,8 @@ class Engine:
         assert target is not None
         cfg = conn.app.config
         conn.connecting = self._now
-        conn.attempt_errors = []
+        if conn.attempt_errors:
+            conn.attempt_errors = []
         conn.gen += 1  # a new phase: older timers and lookups are stale
         resolver = self._proxy._resolver
         try:
@@ -768,19 +775,21 @@ class Engine:
         for sock in conn.attempts:
             self._close_attempt(sock)
         conn.attempts.clear()
-        conn.addresses = []
+        if conn.addresses:
+            conn.addresses = []
 
     def _won(self, conn: Conn, sock: socket.SocketType, *, registered: bool = False) -> None:
         flow = conn.flow
         target = flow.target
         assert target is not None
-        self._drop_attempts(conn)
+        if conn.attempts or conn.addresses:
+            self._drop_attempts(conn)
         conn.target, conn.tfd = sock, sock.fileno()
         conn.tmask = _OUT if registered else 0
         conn.moved = False
         self._fds[conn.tfd] = (self._on_target, conn)
         cfg = conn.app.config
-        if log.isEnabledFor(logging.DEBUG):
+        if self._debug:
             log.debug("conn %s client=%s port=%d app=%s: connected to %s", conn.cid,
                       _peer(conn.peer), conn.port, cfg.name, target,
                       extra={"conn": conn.cid})  # fmt: skip
@@ -886,11 +895,11 @@ class Engine:
     def _relay(self, conn: Conn) -> None:
         client, target = conn.client, conn.target
         assert target is not None
-        conn.up = _Way(client, target, up=True)
-        conn.down = _Way(target, client, up=False)
+        conn.up = _Way(client, target, conn.cfd, conn.tfd, up=True)
+        conn.down = _Way(target, client, conn.tfd, conn.cfd, up=False)
         conn.moved = False
         conn.last = self._now
-        self._phase(conn, None)
+        conn.gen += 1  # a new phase (`_phase`), whose timer is the idle one
         self._at(self._now + conn.app.config.idle_timeout, conn, _IDLE)
         self._interest(conn, _IN, _IN)
 
@@ -903,18 +912,18 @@ class Engine:
         if way.splice:
             self._pump_splice(conn, way)
             return
-        src_side, dst_side = (SIDE_CLIENT, SIDE_TARGET) if way.up else (SIDE_TARGET, SIDE_CLIENT)
         try:
             data = way.src.recv(COPY_SIZE)
         except BlockingIOError:
             return
         except OSError as exc:
-            self._fail(conn, src_side, exc)
+            self._fail(conn, SIDE_CLIENT if way.up else SIDE_TARGET, exc)
             return
         if not data:
             way.done = True
-            way.close_pipe()
-            self._act(conn, conn.flow.eof(src_side))
+            if way.pipe_r >= 0:
+                way.close_pipe()
+            self._act(conn, conn.flow.eof(SIDE_CLIENT if way.up else SIDE_TARGET))
             return
         conn.moved = True
         conn.last = self._now
@@ -924,9 +933,12 @@ class Engine:
         except BlockingIOError:
             sent = 0
         except OSError as exc:
-            self._fail(conn, dst_side, exc)
+            self._fail(conn, SIDE_TARGET if way.up else SIDE_CLIENT, exc)
             return
-        self._count(conn, way, sent)
+        if way.up:
+            conn.up_bytes += sent
+        else:
+            conn.down_bytes += sent
         if sent < n:
             way.pend = memoryview(data)[sent:]
         elif n == COPY_SIZE and self._use_splice:
@@ -1005,14 +1017,16 @@ class Engine:
         self._finish(conn, action)
 
     def _finish(self, conn: Conn, action: Action) -> None:
-        if conn not in self._conns:
+        try:
+            self._conns.remove(conn)
+        except KeyError:  # ended already
             return
-        self._conns.discard(conn)
         conn.gen += 1
         flow = conn.flow
         fds = self._fds
         fds.pop(conn.cfd, None)
-        self._drop_attempts(conn)
+        if conn.attempts or conn.addresses:
+            self._drop_attempts(conn)
         if action is A_ABORT_CLIENT or action is A_ABORT_BOTH:
             abort(conn.client)
         else:
@@ -1024,13 +1038,14 @@ class Engine:
             else:
                 conn.target.close()
         for way in (conn.up, conn.down):
-            if way is not None:
+            if way is not None and way.pipe_r >= 0:
                 way.close_pipe()
         # A stale timer (the idle one is due an hour later) keeps this Conn until the
         # heap is swept: let go now of what can be large, the bytes a peer never took.
         conn.up = conn.down = conn.header = None
         conn.hbuf = b""
-        conn.addresses, conn.attempt_errors = [], []
+        if conn.attempt_errors:
+            conn.attempt_errors = []
         flow.release()
         proxy = self._proxy
         cfg = conn.app.config
@@ -1047,7 +1062,7 @@ class Engine:
         connected = conn.target is not None
         used = flow.target if connected else None
         proxy.metrics.ended(name, used, flow.reason, conn.up_bytes, conn.down_bytes)
-        if log.isEnabledFor(logging.DEBUG):
+        if self._debug:
             log.debug(
                 "conn %s client=%s port=%d app=%s target=%s up=%d down=%d duration=%.3fs "
                 "end=%s%s", conn.cid, _peer(conn.peer), conn.port, name, used or "-",
