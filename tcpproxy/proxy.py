@@ -244,6 +244,11 @@ class Proxy:
                 apps[app.name] = AppRuntime(app, balancer, choose)
         self._apps = apps
         self._routes = {port: apps[app.name] for app in config.apps for port in app.ports}
+        # each app's limit of open connections, worked out once per config, not per connection
+        self._limits = {
+            app.name: app_connection_limit(app, self._total_limit, len(config.apps))
+            for app in config.apps
+        }
         if config != self.config:
             self._resolver.forget()
         self.config = config
@@ -324,7 +329,7 @@ class Proxy:
             )  # fmt: skip
             self._reject(client, name, "untrusted-proxy")
             return
-        app_limit = app_connection_limit(cfg, self._total_limit, len(self.config.apps))
+        app_limit = self._limits[name]
         if self.active_by_app[name] * self._share >= app_limit:
             default = "" if cfg.max_connections is not None else ", a share of max-connections"
             self._warn_limit(
