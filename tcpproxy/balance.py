@@ -98,7 +98,8 @@ class Claim:
 
     def move(self, target: Target) -> None:
         """The connection now tries (or uses) `target` instead."""
-        if target != self.target:
+        # identity first: the first try is the choice itself, and a Target compares in Python
+        if target is not self.target and target != self.target:
             self.release()
             self.target = target
             self._active[target] = self._active.get(target, 0) + 1
