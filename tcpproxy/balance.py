@@ -64,6 +64,8 @@ class Balancer:
         """Return every target once, the chosen one first."""
         targets = self.targets
         n = len(targets)
+        if n == 1:  # every rule gives the one target (the common case: no work per connection)
+            return [targets[0]]
         if self.strategy is Strategy.RANDOM:
             start = self._rng.randrange(n)
         else:
@@ -96,7 +98,8 @@ class Claim:
 
     def move(self, target: Target) -> None:
         """The connection now tries (or uses) `target` instead."""
-        if target != self.target:
+        # identity first: the first try is the choice itself, and a Target compares in Python
+        if target is not self.target and target != self.target:
             self.release()
             self.target = target
             self._active[target] = self._active.get(target, 0) + 1

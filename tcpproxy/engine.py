@@ -29,6 +29,7 @@ An error on one side resets the other (SO_LINGER 0).
 from __future__ import annotations
 
 import errno
+import gc
 import heapq
 import itertools
 import logging
@@ -45,7 +46,31 @@ import trio
 
 from tcpproxy.connect import HAPPY_EYEBALLS_DELAY, LOCAL_ERRNOS, describe_error, interleave
 from tcpproxy.errors import ResourceExhausted, TargetUnavailable
-from tcpproxy.flow import Action, Flow, Side, State, Timeout
+from tcpproxy.flow import (
+    A_ABORT_BOTH,
+    A_ABORT_CLIENT,
+    A_ABORT_TARGET,
+    A_CONNECT,
+    A_READ_HEADER,
+    A_REDISPATCH,
+    A_RELAY,
+    A_SEND_HEADER,
+    A_SHUTDOWN_CLIENT,
+    A_SHUTDOWN_TARGET,
+    A_WAIT_FIRST_BYTE,
+    S_CLOSED,
+    S_CONNECTING,
+    S_FIRST_BYTE,
+    S_HEADER_IN,
+    S_HEADER_OUT,
+    S_RELAY,
+    SIDE_CLIENT,
+    SIDE_TARGET,
+    Action,
+    Flow,
+    Side,
+    Timeout,
+)
 from tcpproxy.listeners import (
     ACCEPT_BACKOFF,
     ACCEPT_BATCH,
@@ -78,6 +103,9 @@ HEADER_PEEK = 16 + 65535  # bytes peeked at most while reading a PROXY header (v
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 _IN_BITS = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR  # a read will tell
 _OUT_BITS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR  # a write will tell
+# Connections' sockets are the C type under socket.socket: its Python layer (__init__,
+# close() through _real_close, reference counting for makefile) costs 2 us a connection.
+_Socket = socket.SocketType
 _STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 _ESTABLISHED = 1  # TCP_ESTABLISHED, the first byte of struct tcp_info
 _SYN_SENT = 2  # TCP_SYN_SENT: a connect still waiting for its answer
@@ -106,9 +134,11 @@ class _Way:
         "up",
     )  # fmt: skip
 
-    def __init__(self, src: socket.socket, dst: socket.socket, *, up: bool) -> None:
+    def __init__(
+        self, src: socket.SocketType, dst: socket.SocketType, src_fd: int, dst_fd: int, *, up: bool
+    ) -> None:
         self.src, self.dst = src, dst
-        self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
+        self.src_fd, self.dst_fd = src_fd, dst_fd
         self.up = up  # client -> target
         self.done = False  # src reached EOF (and dst was told)
         self.pend: memoryview | None = None  # copied bytes dst has not taken yet
@@ -175,7 +205,7 @@ class Conn:
 
     def __init__(
         self,
-        client: socket.socket,
+        client: socket.SocketType,
         port: int,
         peer: tuple,
         app: AppRuntime,
@@ -187,7 +217,7 @@ class Conn:
         self.client, self.cfd, self.port, self.peer = client, client.fileno(), port, peer
         self.app, self.cid, self.source, self.flow = app, cid, source, flow
         self.started = self.last = self.connecting = now
-        self.target: socket.socket | None = None
+        self.target: socket.SocketType | None = None
         self.tfd = -1
         self.cmask = self.tmask = 0  # registered epoll interest (0: not registered)
         self.gen = 0  # bumped on every phase change: older timers and lookups are stale
@@ -197,7 +227,7 @@ class Conn:
         self.up_bytes = self.down_bytes = 0
         self.hbuf = b""  # PROXY header bytes read so far
         self.header: memoryview | None = None  # our PROXY header, still to send
-        self.attempts: list[socket.socket] = []  # connects in flight to the current target
+        self.attempts: list[socket.SocketType] = []  # connects in flight to the current target
         self.addresses: list[tuple[int, tuple]] = []  # the target's addresses not tried yet
         self.attempt_errors: list[OSError] = []
 
@@ -221,6 +251,7 @@ class Engine:
         self._timers: list[tuple[float, int, int, Any, int]] = []  # (when, seq, gen, obj, kind)
         self._seq = itertools.count()
         self._now = time.monotonic()
+        self._debug = log.isEnabledFor(logging.DEBUG)  # read once per round of the loop
         self._draining = False
         self._wake: trio.CancelScope | None = None
         self._tasks: trio.Nursery | None = None
@@ -236,6 +267,12 @@ class Engine:
         poll, fds = self._epoll.poll, self._fds
         epoll_fd = self._epoll.fileno()
         monotonic = time.monotonic
+        debug = partial(log.isEnabledFor, logging.DEBUG)
+        # Every connection allocates a few dozen objects, and the idle timers keep ended
+        # ones until the heap is swept, so they live long enough to reach the oldest
+        # generation: its collections would walk every object of the process (modules,
+        # trio, config) again and again. What exists before serving is never garbage.
+        gc.freeze()
         try:
             async with trio.open_nursery() as self._tasks:
                 task_status.started()
@@ -243,6 +280,7 @@ class Engine:
                 while not (self._draining and not self._conns):
                     events = poll(0, MAX_EVENTS)
                     self._now = now = monotonic()
+                    self._debug = debug()
                     for fd, ev in events:
                         entry = fds.get(fd)
                         if entry is not None:
@@ -293,8 +331,8 @@ class Engine:
             log.exception("conn %s client=%s port=%d: internal error", obj.cid,
                           _peer(obj.peer), obj.port, extra={"conn": obj.cid})  # fmt: skip
             obj.flow.reason, obj.flow.why = "internal-error", ""
-            obj.flow.state = State.CLOSED
-            self._finish(obj, Action.ABORT_BOTH)
+            obj.flow.state = S_CLOSED
+            self._finish(obj, A_ABORT_BOTH)
         else:
             log.exception("engine: internal error")
 
@@ -341,11 +379,11 @@ class Engine:
         flow = conn.flow
         cfg = conn.app.config
         if kind == _STAGGER:
-            if flow.state is State.CONNECTING and conn.addresses:
+            if flow.state is S_CONNECTING and conn.addresses:
                 self._next_attempt(conn)
             return
         if kind == _IDLE:
-            if flow.state is not State.RELAY:
+            if flow.state is not S_RELAY:
                 return
             due = conn.last + cfg.idle_timeout
             if due > now:  # activity since: re-arm lazily
@@ -451,7 +489,11 @@ class Engine:
                 if exc.errno in ACCEPT_TRANSIENT_ERRNOS:
                     continue
                 raise
-            sock = socket.socket(family, kind, proto, fd)
+            try:
+                sock = _Socket(family, kind, proto, fd)
+            except OSError:  # cannot happen to an accepted descriptor; do not leak it
+                os.close(fd)
+                continue
             try:
                 sock.setblocking(False)
                 port = lst.port if lst.port is not None else sock.getsockname()[1]
@@ -469,7 +511,7 @@ class Engine:
 
     def start(
         self,
-        client: socket.socket,
+        client: socket.SocketType,
         port: int,
         peer: tuple,
         app: AppRuntime,
@@ -480,7 +522,7 @@ class Engine:
         cfg = app.config
         proxy = self._proxy
         flow = Flow(
-            partial(app.balancer.order, proxy.health.book.is_down), proxy.active,
+            app.choose, proxy.active,
             accept_header=cfg.accept_proxy_protocol, send_header=bool(cfg.send_proxy_protocol),
             first_byte=cfg.first_byte_timeout is not None,
         )  # fmt: skip
@@ -494,26 +536,26 @@ class Engine:
 
     def _act(self, conn: Conn, action: Action) -> None:
         """Carry out what the flow decided."""
-        if action is Action.CONNECT:
+        if action is A_CONNECT:
             self._connect(conn)
-        elif action is Action.RELAY:
+        elif action is A_RELAY:
             self._relay(conn)
-        elif action is Action.READ_HEADER:
-            self._phase(conn, HEADER_TIMEOUT)
-            self._interest(conn, _IN, conn.tmask)
-        elif action is Action.WAIT_FIRST_BYTE:
-            self._phase(conn, conn.app.config.first_byte_timeout)
-            self._interest(conn, _IN, conn.tmask)
-        elif action is Action.SEND_HEADER:
-            self._send_header(conn)
-        elif action is Action.REDISPATCH:
-            self._redispatch(conn)
-        elif action is Action.SHUTDOWN_TARGET or action is Action.SHUTDOWN_CLIENT:
-            sock = conn.target if action is Action.SHUTDOWN_TARGET else conn.client
+        elif action is A_SHUTDOWN_TARGET or action is A_SHUTDOWN_CLIENT:
+            sock = conn.target if action is A_SHUTDOWN_TARGET else conn.client
             try:
                 sock.shutdown(socket.SHUT_WR)  # type: ignore[union-attr]
             except OSError:  # peer already gone: the other direction will report it
                 pass
+        elif action is A_READ_HEADER:
+            self._phase(conn, HEADER_TIMEOUT)
+            self._interest(conn, _IN, conn.tmask)
+        elif action is A_WAIT_FIRST_BYTE:
+            self._phase(conn, conn.app.config.first_byte_timeout)
+            self._interest(conn, _IN, conn.tmask)
+        elif action is A_SEND_HEADER:
+            self._send_header(conn)
+        elif action is A_REDISPATCH:
+            self._redispatch(conn)
         else:
             self._end(conn, action)
 
@@ -550,11 +592,11 @@ class Engine:
 
     def _on_client(self, conn: Conn, ev: int) -> None:
         state = conn.flow.state
-        if state is State.RELAY:
+        if state is S_RELAY:
             self._relay_event(conn, ev, conn.up, conn.down)  # type: ignore[arg-type]
-        elif state is State.HEADER_IN:
+        elif state is S_HEADER_IN:
             self._read_header(conn)
-        elif state is State.FIRST_BYTE:
+        elif state is S_FIRST_BYTE:
             try:
                 conn.client.recv(1, socket.MSG_PEEK)
             except BlockingIOError:
@@ -606,7 +648,8 @@ class Engine:
         assert target is not None
         cfg = conn.app.config
         conn.connecting = self._now
-        conn.attempt_errors = []
+        if conn.attempt_errors:
+            conn.attempt_errors = []
         conn.gen += 1  # a new phase: older timers and lookups are stale
         resolver = self._proxy._resolver
         try:
@@ -665,10 +708,10 @@ class Engine:
         check = self._proxy._self_loop.check
         while conn.addresses:
             family, sockaddr = conn.addresses.pop(0)
-            sock: socket.socket | None = None
+            sock: socket.SocketType | None = None
             try:
                 check(target, family, sockaddr)  # type: ignore[arg-type]
-                sock = socket.socket(family, _STREAM_NONBLOCK)
+                sock = _Socket(family, _STREAM_NONBLOCK)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 err = sock.connect_ex(sockaddr)
                 # On loopback the handshake is done by now; one getsockopt spares a wait.
@@ -705,7 +748,7 @@ class Engine:
         exc = next((e for e in errors if e.errno in LOCAL_ERRNOS), errors[0])
         self._target_failed(conn, describe_error(exc), exc=exc)
 
-    def _on_attempt(self, attempt: tuple[Conn, socket.socket], ev: int) -> None:
+    def _on_attempt(self, attempt: tuple[Conn, socket.SocketType], ev: int) -> None:
         """A connect in flight answered: won, or failed (then the next address)."""
         conn, sock = attempt
         try:
@@ -724,7 +767,7 @@ class Engine:
         if not conn.attempts:
             self._next_attempt(conn)
 
-    def _close_attempt(self, sock: socket.socket) -> None:
+    def _close_attempt(self, sock: socket.SocketType) -> None:
         self._fds.pop(sock.fileno(), None)
         sock.close()  # leaves the epoll set with its last descriptor
 
@@ -732,19 +775,21 @@ class Engine:
         for sock in conn.attempts:
             self._close_attempt(sock)
         conn.attempts.clear()
-        conn.addresses = []
+        if conn.addresses:
+            conn.addresses = []
 
-    def _won(self, conn: Conn, sock: socket.socket, *, registered: bool = False) -> None:
+    def _won(self, conn: Conn, sock: socket.SocketType, *, registered: bool = False) -> None:
         flow = conn.flow
         target = flow.target
         assert target is not None
-        self._drop_attempts(conn)
+        if conn.attempts or conn.addresses:
+            self._drop_attempts(conn)
         conn.target, conn.tfd = sock, sock.fileno()
         conn.tmask = _OUT if registered else 0
         conn.moved = False
         self._fds[conn.tfd] = (self._on_target, conn)
         cfg = conn.app.config
-        if log.isEnabledFor(logging.DEBUG):
+        if self._debug:
             log.debug("conn %s client=%s port=%d app=%s: connected to %s", conn.cid,
                       _peer(conn.peer), conn.port, cfg.name, target,
                       extra={"conn": conn.cid})  # fmt: skip
@@ -767,7 +812,7 @@ class Engine:
         action = (
             flow.timed_out(Timeout.CONNECT, why) if timeout else flow.connect_failed(why, ours=ours)
         )
-        if flow.state is State.CLOSED:
+        if flow.state is S_CLOSED:
             cfg = conn.app.config
             if ours:
                 message: Exception = ResourceExhausted(f"cannot connect to {target}: {why}")
@@ -816,7 +861,7 @@ class Engine:
             sent = 0
         except OSError as exc:
             self._interest(conn, conn.cmask, 0)
-            self._act(conn, conn.flow.error(Side.TARGET, describe_error(exc), moved=False))
+            self._act(conn, conn.flow.error(SIDE_TARGET, describe_error(exc), moved=False))
             return
         conn.header = conn.header[sent:]
         if conn.header:
@@ -827,9 +872,9 @@ class Engine:
 
     def _on_target(self, conn: Conn, ev: int) -> None:
         state = conn.flow.state
-        if state is State.RELAY:
+        if state is S_RELAY:
             self._relay_event(conn, ev, conn.down, conn.up)  # type: ignore[arg-type]
-        elif state is State.HEADER_OUT:
+        elif state is S_HEADER_OUT:
             self._send_header(conn)
 
     def _relay_event(self, conn: Conn, ev: int, reading: _Way, writing: _Way) -> None:
@@ -838,11 +883,11 @@ class Engine:
         if ev & _OUT_BITS and (writing.pend is not None or writing.piped):
             self._flush(conn, writing)
         if (
-            ev & _IN_BITS and conn.flow.state is State.RELAY
+            ev & _IN_BITS and conn.flow.state is S_RELAY
             and not reading.done and reading.pend is None and not reading.piped
         ):  # fmt: skip
             self._pump(conn, reading)
-        if conn.flow.state is State.RELAY:
+        if conn.flow.state is S_RELAY:
             self._update(conn)
 
     # -- relay ------------------------------------------------------------------------
@@ -850,11 +895,11 @@ class Engine:
     def _relay(self, conn: Conn) -> None:
         client, target = conn.client, conn.target
         assert target is not None
-        conn.up = _Way(client, target, up=True)
-        conn.down = _Way(target, client, up=False)
+        conn.up = _Way(client, target, conn.cfd, conn.tfd, up=True)
+        conn.down = _Way(target, client, conn.tfd, conn.cfd, up=False)
         conn.moved = False
         conn.last = self._now
-        self._phase(conn, None)
+        conn.gen += 1  # a new phase (`_phase`), whose timer is the idle one
         self._at(self._now + conn.app.config.idle_timeout, conn, _IDLE)
         self._interest(conn, _IN, _IN)
 
@@ -867,18 +912,18 @@ class Engine:
         if way.splice:
             self._pump_splice(conn, way)
             return
-        src_side, dst_side = (Side.CLIENT, Side.TARGET) if way.up else (Side.TARGET, Side.CLIENT)
         try:
             data = way.src.recv(COPY_SIZE)
         except BlockingIOError:
             return
         except OSError as exc:
-            self._fail(conn, src_side, exc)
+            self._fail(conn, SIDE_CLIENT if way.up else SIDE_TARGET, exc)
             return
         if not data:
             way.done = True
-            way.close_pipe()
-            self._act(conn, conn.flow.eof(src_side))
+            if way.pipe_r >= 0:
+                way.close_pipe()
+            self._act(conn, conn.flow.eof(SIDE_CLIENT if way.up else SIDE_TARGET))
             return
         conn.moved = True
         conn.last = self._now
@@ -888,9 +933,12 @@ class Engine:
         except BlockingIOError:
             sent = 0
         except OSError as exc:
-            self._fail(conn, dst_side, exc)
+            self._fail(conn, SIDE_TARGET if way.up else SIDE_CLIENT, exc)
             return
-        self._count(conn, way, sent)
+        if way.up:
+            conn.up_bytes += sent
+        else:
+            conn.down_bytes += sent
         if sent < n:
             way.pend = memoryview(data)[sent:]
         elif n == COPY_SIZE and self._use_splice:
@@ -903,7 +951,7 @@ class Engine:
             conn.down_bytes += n
 
     def _pump_splice(self, conn: Conn, way: _Way) -> None:
-        src_side, dst_side = (Side.CLIENT, Side.TARGET) if way.up else (Side.TARGET, Side.CLIENT)
+        src_side, dst_side = (SIDE_CLIENT, SIDE_TARGET) if way.up else (SIDE_TARGET, SIDE_CLIENT)
         if way.pipe_r < 0:
             try:
                 way.pipe_r, way.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -946,7 +994,7 @@ class Engine:
 
     def _flush(self, conn: Conn, way: _Way) -> None:
         """`way.dst` is writable: hand it what it did not take before."""
-        dst_side = Side.TARGET if way.up else Side.CLIENT
+        dst_side = SIDE_TARGET if way.up else SIDE_CLIENT
         conn.last = self._now
         try:
             if way.pend is not None:
@@ -969,32 +1017,35 @@ class Engine:
         self._finish(conn, action)
 
     def _finish(self, conn: Conn, action: Action) -> None:
-        if conn not in self._conns:
+        try:
+            self._conns.remove(conn)
+        except KeyError:  # ended already
             return
-        self._conns.discard(conn)
         conn.gen += 1
         flow = conn.flow
         fds = self._fds
         fds.pop(conn.cfd, None)
-        self._drop_attempts(conn)
-        if action is Action.ABORT_CLIENT or action is Action.ABORT_BOTH:
+        if conn.attempts or conn.addresses:
+            self._drop_attempts(conn)
+        if action is A_ABORT_CLIENT or action is A_ABORT_BOTH:
             abort(conn.client)
         else:
             conn.client.close()
         if conn.target is not None:
             fds.pop(conn.tfd, None)
-            if action is Action.ABORT_TARGET or action is Action.ABORT_BOTH:
+            if action is A_ABORT_TARGET or action is A_ABORT_BOTH:
                 abort(conn.target)
             else:
                 conn.target.close()
         for way in (conn.up, conn.down):
-            if way is not None:
+            if way is not None and way.pipe_r >= 0:
                 way.close_pipe()
         # A stale timer (the idle one is due an hour later) keeps this Conn until the
         # heap is swept: let go now of what can be large, the bytes a peer never took.
         conn.up = conn.down = conn.header = None
         conn.hbuf = b""
-        conn.addresses, conn.attempt_errors = [], []
+        if conn.attempt_errors:
+            conn.attempt_errors = []
         flow.release()
         proxy = self._proxy
         cfg = conn.app.config
@@ -1011,7 +1062,7 @@ class Engine:
         connected = conn.target is not None
         used = flow.target if connected else None
         proxy.metrics.ended(name, used, flow.reason, conn.up_bytes, conn.down_bytes)
-        if log.isEnabledFor(logging.DEBUG):
+        if self._debug:
             log.debug(
                 "conn %s client=%s port=%d app=%s target=%s up=%d down=%d duration=%.3fs "
                 "end=%s%s", conn.cid, _peer(conn.peer), conn.port, name, used or "-",

@@ -47,6 +47,9 @@ class HealthBook:
 
     def __init__(self) -> None:
         self._targets: dict[Target, TargetHealth] = {}
+        # the targets down now: while none is, a connection's questions (is_down per
+        # target, connect_ok) are answered without hashing a target
+        self._down_now: set[Target] = set()
 
     def get(self, target: Target) -> TargetHealth:
         health = self._targets.get(target)
@@ -55,17 +58,15 @@ class HealthBook:
         return health
 
     def is_down(self, target: Target) -> bool:
-        health = self._targets.get(target)
-        return health is not None and health.down
+        return bool(self._down_now) and target in self._down_now
 
     def down_targets(self) -> list[Target]:
         return [t for t, h in self._targets.items() if h.down]
 
     def connect_ok(self, target: Target) -> str | None:
-        health = self._targets.get(target)
-        if health is None or not health.down:
+        if not self._down_now or target not in self._down_now:
             return None
-        return self._up(target, health, "a connection succeeded")
+        return self._up(target, self._targets[target], "a connection succeeded")
 
     def connect_failed(self, target: Target, why: str, now: float) -> str | None:
         health = self.get(target)
@@ -99,9 +100,11 @@ class HealthBook:
         for target in list(self._targets):
             if target not in targets:
                 del self._targets[target]
+                self._down_now.discard(target)
 
     def _down(self, target: Target, health: TargetHealth, why: str, now: float) -> str:
         health.down = True
+        self._down_now.add(target)
         health.reason = why
         health.backoff = BACKOFF_INITIAL
         health.retry_at = now + BACKOFF_INITIAL
@@ -110,6 +113,7 @@ class HealthBook:
 
     def _up(self, target: Target, health: TargetHealth, why: str) -> str:
         health.down = False
+        self._down_now.discard(target)
         health.reason = ""
         health.backoff = BACKOFF_INITIAL
         health.failures = 0

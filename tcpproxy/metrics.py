@@ -135,28 +135,40 @@ class Metrics(NullMetrics):
             registry=reg, multiprocess_mode="max",
         )  # fmt: skip
         self._last_hash: str | None = None
+        # The labelled series each connection touches, by their labels as we hold them:
+        # labels() validates, formats and locks on every call (several us a connection).
+        # Bounded as the label values are (apps, targets, reasons of the config).
+        self._children: dict[tuple, Any] = {}
+
+    def _child(self, metric: Any, *labels: Any) -> Any:
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*(str(v) for v in labels))
+        return child
 
     def accepted(self, app: str) -> None:
-        self._accepted.labels(app).inc()
+        self._child(self._accepted, app).inc()
 
     def rejected(self, app: str, reason: str) -> None:
-        self._accepted.labels(app).inc()
-        self._ended.labels(app, "-", reason).inc()
+        self._child(self._accepted, app).inc()
+        self._child(self._ended, app, "-", reason).inc()
 
     def connected(self, app: str, target: object, seconds: float) -> None:
-        self._connect.labels(str(target)).observe(seconds)
-        self._active.labels(app, str(target)).inc()
+        self._child(self._connect, target).observe(seconds)
+        self._child(self._active, app, target).inc()
 
     def ended(self, app: str, target: object, reason: str, up: int, down: int) -> None:
         """`target` None: no target was connected."""
-        name = "-" if target is None else str(target)
-        self._ended.labels(app, name, reason).inc()
-        if target is not None:
-            self._active.labels(app, name).dec()
-            if up:
-                self._bytes.labels(app, name, "up").inc(up)
-            if down:
-                self._bytes.labels(app, name, "down").inc(down)
+        if target is None:
+            self._child(self._ended, app, "-", reason).inc()
+            return
+        self._child(self._ended, app, target, reason).inc()
+        self._child(self._active, app, target).dec()
+        if up:
+            self._child(self._bytes, app, target, "up").inc(up)
+        if down:
+            self._child(self._bytes, app, target, "down").inc(down)
 
     def target_state(self, target: object, up: bool) -> None:
         self._health.labels(str(target)).set(1 if up else 0)

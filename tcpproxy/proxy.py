@@ -30,7 +30,8 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import trio
@@ -111,6 +112,9 @@ class AppRuntime:
 
     config: AppConfig
     balancer: Balancer
+    # the try order, down targets last: the balancer bound to the health book once
+    # per app, not once per connection
+    choose: Callable[[], list[Target]] = field(compare=False)
 
 
 def client_ip(peer: tuple) -> str:
@@ -236,9 +240,15 @@ class Proxy:
                 apps[app.name] = old
             else:
                 balancer = Balancer(app.targets, app.strategy, active=self.active)
-                apps[app.name] = AppRuntime(app, balancer)
+                choose = partial(balancer.order, self.health.book.is_down)
+                apps[app.name] = AppRuntime(app, balancer, choose)
         self._apps = apps
         self._routes = {port: apps[app.name] for app in config.apps for port in app.ports}
+        # each app's limit of open connections, worked out once per config, not per connection
+        self._limits = {
+            app.name: app_connection_limit(app, self._total_limit, len(config.apps))
+            for app in config.apps
+        }
         if config != self.config:
             self._resolver.forget()
         self.config = config
@@ -294,7 +304,7 @@ class Proxy:
     def route(self, port: int) -> AppRuntime | None:
         return self._routes.get(port)
 
-    def dispatch(self, client: socket.socket, port: int, peer: tuple) -> None:
+    def dispatch(self, client: socket.SocketType, port: int, peer: tuple) -> None:
         """Take an accepted connection and the slot its accept loop took.
 
         Routing happens here, synchronously at accept time, so a reload that
@@ -319,7 +329,7 @@ class Proxy:
             )  # fmt: skip
             self._reject(client, name, "untrusted-proxy")
             return
-        app_limit = app_connection_limit(cfg, self._total_limit, len(self.config.apps))
+        app_limit = self._limits[name]
         if self.active_by_app[name] * self._share >= app_limit:
             default = "" if cfg.max_connections is not None else ", a share of max-connections"
             self._warn_limit(
@@ -357,7 +367,7 @@ class Proxy:
             self._serve_counted, client, port, peer, app, cid, source, name="conn"
         )
 
-    def _reject(self, client: socket.socket, app: str, reason: str) -> None:
+    def _reject(self, client: socket.SocketType, app: str, reason: str) -> None:
         """Count a connection refused at admission, give back its slot, reset it."""
         self.metrics.rejected(app, reason)
         self.slots.release()
@@ -429,7 +439,7 @@ class Proxy:
                     cfg.first_byte_timeout, extra={"conn": cid},
                 )  # fmt: skip
                 return
-            order = app.balancer.order(health.book.is_down)
+            order = app.choose()
             # counted from the choice on, so a burst still connecting spreads (least-connections)
             claim = Claim(self.active, order[0])
             while True:

@@ -97,7 +97,7 @@ class _SideError(Exception):
         self.exc = exc
 
 
-def abort(sock: socket.socket) -> None:
+def abort(sock: socket.SocketType) -> None:
     """Close with RST: the peer sees a reset, not an orderly end of stream."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
