@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.deploy import Deployment, deployment
-from tests.helpers import TIMEOUT, app, recv_all, recv_line
+from tests.helpers import TIMEOUT, ProxyProcess, app, recv_all, recv_line
 
 __all__ = ["deployment"]
 
@@ -56,13 +57,56 @@ class Traffic:
             t.join(TIMEOUT * 3)
 
 
+class SessionFailed(AssertionError):
+    """A client session failed; says where, so it can be found in the proxy's log."""
+
+
 def _short(d: Deployment, port: int) -> None:
+    """Connect, read the backend's name, send 64 bytes, half-close, read them back.
+
+    On failure, says which step failed, after how long, from which client
+    port, and what had arrived: the proxy's debug log (`SOAK_LOG_LEVEL=debug`)
+    has a line per connection naming that port.
+    """
     payload = os.urandom(64)
-    with d.connect(port) as s:
-        assert recv_line(s)
-        s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)
-        assert recv_all(s) == payload
+    started, wall = time.monotonic(), time.time()
+    step, local, got = "connect", "-", bytearray()
+    try:
+        with d.connect(port) as s:
+            local = str(s.getsockname()[1])
+            step = "recv name"
+            while not got.endswith(b"\n"):
+                chunk = s.recv(1)
+                if not chunk:
+                    break
+                got += chunk
+            assert got, "no name line"
+            got = bytearray()
+            step = "send"
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            step = "recv echo"
+            while chunk := s.recv(65536):
+                got += chunk
+            assert got == payload, f"echo differs after {len(got)} of {len(payload)} bytes"
+            step = "close"
+    except (OSError, AssertionError) as exc:
+        raise SessionFailed(
+            f"{step} failed after {time.monotonic() - started:.3f}s (started "
+            f"{time.strftime('%H:%M:%S', time.localtime(wall))}.{int(wall % 1 * 1000):03d}), "
+            f"client port {local} to port {port}, {len(got)} bytes in "
+            f"({bytes(got[:40])!r}): {exc!r}"
+        ) from exc
+
+
+def _log_of(proxy: ProxyProcess, failures: list[str]) -> str:
+    """The proxy's log lines about the client ports the failures name."""
+    ports = set(re.findall(r"client port (\d+) ", "\n".join(failures)))
+    lines = [
+        line for line in proxy.lines
+        if any(re.search(rf"client=\S+:{p}\b", line) for p in ports)
+    ]  # fmt: skip
+    return "\n".join(lines) or "(no log line names them: run with SOAK_LOG_LEVEL=debug)"
 
 
 def _long(d: Deployment, port: int) -> None:
@@ -125,7 +169,8 @@ def test_soak_mixed_traffic_reloads_and_restarts(deployment: Deployment) -> None
     ports = d.ports(3)
     extra = ports.pop()
     configs = _configs(ports, extra, targets)
-    proxy = d.start(configs[0], "--log-level", "info")
+    # debug: a log line per connection, to match a failed session with (see _short)
+    proxy = d.start(configs[0], "--log-level", os.environ.get("SOAK_LOG_LEVEL", "info"))
     for port in ports:
         _short(d, port)
     time.sleep(0.5)
@@ -170,7 +215,7 @@ def test_soak_mixed_traffic_reloads_and_restarts(deployment: Deployment) -> None
         f"{restarts} target restarts; fds {fds_start} -> {fds_end}; "
         f"RSS {rss_start // 1024} -> {rss_end // 1024} MiB"
     )
-    assert traffic.failures == []
+    assert traffic.failures == [], _log_of(proxy, traffic.failures)
     assert applied >= reloads // 2
     assert fds_end <= fds_start
     assert rss_end - rss_start < 32 * 1024  # KiB: no growth with traffic or reloads
