@@ -10,6 +10,7 @@ import struct
 import trio
 
 from tcpproxy.config import AppConfig, Config, Target
+from tcpproxy.engine import _IN
 from tcpproxy.listeners import ACCEPT_BACKOFF
 from tcpproxy.proxy import Proxy
 from tests.test_connect import Blackhole
@@ -252,3 +253,48 @@ async def test_a_connection_ended_by_its_lookup_frees_its_slot_at_once() -> None
     finally:
         for sock in [*clients, listener]:
             sock.close()
+
+
+async def test_the_self_check_sees_a_connection_waiting_for_nothing() -> None:
+    """check() (TCPPROXY_ENGINE_CHECKS=1) must catch what would stall a connection:
+    a relay watching neither socket, or one watching a descriptor closed under it."""
+    backend = socket.socket()
+    client = served = None
+    try:
+        backend.bind(("127.0.0.1", 0))
+        backend.listen()
+        app = AppConfig("A", (PORT,), (Target("127.0.0.1", backend.getsockname()[1]),))
+        async with trio.open_nursery() as nursery:
+            proxy = Proxy(
+                Config(apps=(app,)), nursery, max_connections=10, use_splice=False,
+                engine="epoll",
+            )  # fmt: skip
+            engine = proxy.engine
+            assert engine is not None
+            await nursery.start(engine.run)
+            ours, client = socket.socketpair()
+            ours.setblocking(False)
+            proxy.slots.acquire_nowait()
+            proxy.dispatch(ours, PORT, ("127.0.0.1", 40000))
+            served = (await trio.to_thread.run_sync(backend.accept))[0]
+            (conn,) = engine._conns
+            assert engine.check() == []
+            engine._interest(conn, 0, 0)  # as a forgotten _update would leave it
+            assert any("watching neither socket" in p for p in engine.check())
+            engine._interest(conn, _IN, _IN)
+            assert engine.check() == []
+            twin = os.dup(conn.tfd)  # the file stays in epoll after its descriptor closes
+            os.close(conn.tfd)
+            spare = socket.socket()  # takes the number: epoll's entry is the old file's
+            try:
+                assert spare.fileno() == conn.tfd
+                assert any("another (closed) file" in p for p in engine.check())
+            finally:
+                spare.close()
+                os.dup2(twin, conn.tfd)
+                os.close(twin)
+            nursery.cancel_scope.cancel()
+    finally:
+        for sock in (client, served, backend):
+            if sock is not None:
+                sock.close()
