@@ -807,9 +807,11 @@ class Engine:
         """A connect in flight answered: won, or failed (then the next address)."""
         conn, sock = attempt
         try:
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if not err and sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _SYN_SENT:
+            # The state first: read after SO_ERROR, it could show a refusal that came
+            # in between (CLOSE, its error still pending) and pass it for a success.
+            if sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _SYN_SENT:
                 return  # still connecting: a stale event (its descriptor number was reused)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         except OSError as exc:
             err = exc.errno or errno.EIO
         if not err:

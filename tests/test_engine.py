@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import struct
+from typing import Any
 
 import trio
 
@@ -298,3 +300,59 @@ async def test_the_self_check_sees_a_connection_waiting_for_nothing() -> None:
         for sock in (client, served, backend):
             if sock is not None:
                 sock.close()
+
+
+class RefusedMeanwhile(socket.socket):
+    """A connecting socket whose connect fails just after its SO_ERROR is read."""
+
+    __slots__ = ()
+
+    def getsockopt(self, level: int, option: int, *args: int) -> Any:  # type: ignore[override]
+        value = super().getsockopt(level, option, *args)
+        if (level, option) == (socket.SOL_SOCKET, socket.SO_ERROR):
+            self.shutdown(socket.SHUT_RDWR)  # SYN_SENT -> CLOSE, its error pending
+        return value
+
+
+async def test_a_connect_failing_while_its_event_is_read_is_not_a_success() -> None:
+    """A stale event on a connect still in flight (its descriptor's number was reused)
+    must be told from an answer; the connect failing in the middle of that check must
+    not pass for a success (the client was reset instead of the next address tried)."""
+    hole = Blackhole()
+    live = socket.socket()
+    client = None
+    try:
+        live.bind(("127.0.0.1", 0))
+        live.listen()
+        live.setblocking(False)
+        resolver = LookupResolver([
+            (socket.AF_INET, hole.address), (socket.AF_INET, live.getsockname()),
+        ])  # fmt: skip
+        resolver.cached = lambda host, port: resolver.addresses  # type: ignore[assignment,method-assign]
+        app = AppConfig("A", (PORT,), (Target("db.test", 5432),), connect_timeout=5.0)
+        async with trio.open_nursery() as nursery:
+            proxy = Proxy(
+                Config(apps=(app,)), nursery, max_connections=10, resolver=resolver,  # type: ignore[arg-type]
+                use_splice=False, engine="epoll",
+            )  # fmt: skip
+            engine = proxy.engine
+            assert engine is not None
+            await nursery.start(engine.run)
+            ours, client = socket.socketpair()
+            ours.setblocking(False)
+            proxy.slots.acquire_nowait()
+            proxy.dispatch(ours, PORT, ("127.0.0.1", 40000))
+            (conn,) = engine._conns
+            (attempt,) = conn.attempts  # to the blackhole: SYN_SENT
+            attempt.__class__ = RefusedMeanwhile
+            engine._on_attempt((conn, attempt), select.EPOLLOUT)  # a stale event
+            with trio.move_on_after(2.5) as waited:  # the stagger tries the next address
+                await trio.lowlevel.wait_readable(live)
+            assert not waited.cancelled_caught, "the next address was not tried"
+            live.accept()[0].close()
+            nursery.cancel_scope.cancel()
+    finally:
+        hole.close()
+        live.close()
+        if client is not None:
+            client.close()
