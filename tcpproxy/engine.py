@@ -416,10 +416,13 @@ class Engine:
         Run when the heap outgrows the live connections, so amortized O(1).
         """
         conns, listeners = self._conns, self._listeners
-        self._timers = [
-            t for t in self._timers
-            if t[3].gen == t[2] and (t[3] in conns or listeners.get(t[3].fd) is t[3])
-        ]  # fmt: skip
+
+        def live(obj: Conn | _Listener) -> bool:
+            if isinstance(obj, Conn):
+                return obj in conns
+            return listeners.get(obj.fd) is obj
+
+        self._timers = [t for t in self._timers if t[3].gen == t[2] and live(t[3])]
         heapq.heapify(self._timers)
 
     def _run_timers(self, now: float) -> None:

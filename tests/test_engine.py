@@ -12,7 +12,8 @@ from typing import Any
 import trio
 
 from tcpproxy.config import AppConfig, Config, Target
-from tcpproxy.engine import _IN
+from tcpproxy.engine import _IN, _PHASE, Conn
+from tcpproxy.flow import Flow
 from tcpproxy.listeners import ACCEPT_BACKOFF
 from tcpproxy.proxy import Proxy
 from tests.test_connect import Blackhole
@@ -356,3 +357,23 @@ async def test_a_connect_failing_while_its_event_is_read_is_not_a_success() -> N
         live.close()
         if client is not None:
             client.close()
+
+
+async def test_the_timer_sweep_drops_a_timer_of_an_ended_connection() -> None:
+    """_compact keeps a timer only if its owner is live; an ended connection's timer
+    must be dropped, whatever its generation (a Conn has no listener's descriptor)."""
+    app = AppConfig("A", (PORT,), (Target("127.0.0.1", 9),))
+    ours, client = socket.socketpair()
+    try:
+        async with trio.open_nursery() as nursery:
+            proxy = Proxy(Config(apps=(app,)), nursery, max_connections=10, engine="epoll")
+            engine = proxy.engine
+            assert engine is not None
+            flow = Flow(lambda: [], proxy.active)
+            ended = Conn(ours, PORT, ("127.0.0.1", 40000), proxy.route(PORT), "1", None, flow, 0.0)  # type: ignore[arg-type]
+            engine._at(3600.0, ended, _PHASE)  # armed with its current generation
+            engine._compact()
+            assert engine._timers == []
+    finally:
+        ours.close()
+        client.close()
