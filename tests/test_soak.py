@@ -92,21 +92,34 @@ def _short(d: Deployment, port: int) -> None:
             step = "close"
     except (OSError, AssertionError) as exc:
         raise SessionFailed(
-            f"{step} failed after {time.monotonic() - started:.3f}s (started "
-            f"{time.strftime('%H:%M:%S', time.localtime(wall))}.{int(wall % 1 * 1000):03d}), "
+            f"{step} failed after {time.monotonic() - started:.3f}s (started {_clock(wall)}), "
             f"client port {local} to port {port}, {len(got)} bytes in "
             f"({bytes(got[:40])!r}): {exc!r}"
         ) from exc
 
 
-def _log_of(proxy: ProxyProcess, failures: list[str]) -> str:
-    """The proxy's log lines about the client ports the failures name."""
+def _clock(wall: float) -> str:
+    """A wall-clock time as the proxy's log shows it (to the millisecond)."""
+    return f"{time.strftime('%H:%M:%S', time.localtime(wall))}.{int(wall % 1 * 1000):03d}"
+
+
+def _softnet_drops() -> int:
+    """Packets the kernel dropped at its per-CPU input queues (all network namespaces):
+    a loopback packet lost there is lost for good if it was a RST, and a client then
+    waits on a half-open target connection, whatever the proxy does."""
+    with open("/proc/net/softnet_stat") as stat:
+        return sum(int(line.split()[1], 16) for line in stat)
+
+
+def _log_of(proxy: ProxyProcess, failures: list[str], context: list[str]) -> str:
+    """The proxy's log lines about the client ports the failures name, then `context`."""
     ports = set(re.findall(r"client port (\d+) ", "\n".join(failures)))
     lines = [
         line for line in proxy.lines
         if any(re.search(rf"client=\S+:{p}\b", line) for p in ports)
     ]  # fmt: skip
-    return "\n".join(lines) or "(no log line names them: run with SOAK_LOG_LEVEL=debug)"
+    lines = lines or ["(no log line names them: run with SOAK_LOG_LEVEL=debug)"]
+    return "\n".join([*lines, *context])
 
 
 def _long(d: Deployment, port: int) -> None:
@@ -139,12 +152,19 @@ class Restartable:
         self.backend = d.backend(name)
         self.port = self.backend.port
         self.address = self.backend.address
+        self.down: list[tuple[float, float]] = []  # restarts: (stopped, back), wall clock
 
     def restart(self, down_for: float) -> None:
         # Graceful, as a rolling deploy: stop accepting, let open connections finish.
+        stopped = time.time()
         self.backend.stop_accepting()
         time.sleep(down_for)
         self.backend = self.d.backend(self.name, port=self.port)
+        self.down.append((stopped, time.time()))
+
+    def __str__(self) -> str:
+        spans = ", ".join(f"{_clock(a)}-{_clock(b)}" for a, b in self.down) or "never"
+        return f"{self.name} {self.address} down {spans}"
 
 
 def _configs(ports: list[int], extra: int, targets: list[str]) -> list[list[dict]]:
@@ -175,6 +195,7 @@ def test_soak_mixed_traffic_reloads_and_restarts(deployment: Deployment) -> None
         _short(d, port)
     time.sleep(0.5)
     fds_start, rss_start = d.fd_count(), d.rss_kib()
+    drops_start = _softnet_drops()
 
     traffic = Traffic(d)
     for port in ports:
@@ -212,6 +233,7 @@ def test_soak_mixed_traffic_reloads_and_restarts(deployment: Deployment) -> None
     while d.fd_count() > fds_start and time.monotonic() < wait_until_fds:
         time.sleep(0.1)  # the last connections are closing
     fds_end, rss_end = d.fd_count(), d.rss_kib()
+    drops = _softnet_drops() - drops_start
     total = sum(traffic.counts.values())
     print(
         f"\n{d.binary} soak {duration:.0f}s: {total} client sessions "
@@ -220,9 +242,11 @@ def test_soak_mixed_traffic_reloads_and_restarts(deployment: Deployment) -> None
         f"{sum(v for k, v in traffic.counts.items() if k.startswith('large'))} x 4 MiB), "
         f"{len(traffic.failures)} failed; {reloads} config writes, {applied} applied; "
         f"{restarts} target restarts; fds {fds_start} -> {fds_end}; "
-        f"RSS {rss_start // 1024} -> {rss_end // 1024} MiB"
+        f"RSS {rss_start // 1024} -> {rss_end // 1024} MiB; {drops} packets dropped by the "
+        f"kernel's input queues"
     )
-    assert traffic.failures == [], _log_of(proxy, traffic.failures)
+    targets = [str(b) for b in backends]
+    assert traffic.failures == [], _log_of(proxy, traffic.failures, [*targets, f"drops {drops}"])
     assert applied >= reloads // 2
     assert fds_end <= fds_start
     assert rss_end - rss_start < 32 * 1024  # KiB: no growth with traffic or reloads
