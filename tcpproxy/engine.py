@@ -255,6 +255,8 @@ class Engine:
         self._draining = False
         self._wake: trio.CancelScope | None = None
         self._tasks: trio.Nursery | None = None
+        # self-check every round (tests, soak): slow, see check()
+        self._checks = os.environ.get("TCPPROXY_ENGINE_CHECKS") == "1"
 
     # -- the loop ---------------------------------------------------------------
 
@@ -294,6 +296,8 @@ class Engine:
                         self._run_timers(now)
                     if self._paused and self._proxy.slots.value:
                         self._resume()
+                    if self._checks:
+                        self._report(self.check())
                     if events:
                         busy += 1
                         if busy < ROUNDS_BEFORE_YIELD:
@@ -336,6 +340,100 @@ class Engine:
         else:
             log.exception("engine: internal error")
 
+    # -- self-check ---------------------------------------------------------------
+
+    def check(self) -> list[str]:
+        """What is wrong with the engine's bookkeeping (empty: nothing), for tests.
+
+        A connection must never wait for nothing: each live one is watched in
+        epoll for what its state waits for (under its own descriptor, not a
+        closed one's number), and its state's timer is pending. Reads
+        /proc/self/fdinfo of the epoll descriptor: O(connections), so only
+        with TCPPROXY_ENGINE_CHECKS=1 (between the loop's rounds) or from a test.
+        """
+        try:
+            registered = _epoll_interest(self._epoll.fileno())
+        except OSError as exc:  # out of descriptors itself: look next round
+            return [] if exc.errno in ACCEPT_CAPACITY_ERRNOS else [f"fdinfo: {exc}"]
+        problems: list[str] = []
+        timers = {(id(t[3]), t[4]) for t in self._timers if t[3].gen == t[2]}
+        owned: set[int] = set()
+
+        def watched(fd: int, mask: int, handler: Callable[[Any, int], None], obj: Any) -> str:
+            owned.add(fd)
+            entry = self._fds.get(fd)
+            if entry is None or entry[0] != handler or entry[1] is not obj:
+                return f"fd {fd} is not mapped to its handler"
+            got = registered.get(fd)
+            if mask and got is None:
+                return f"fd {fd} not in epoll, want {mask:#x}"
+            if got is not None and got[1] != os.fstat(fd).st_ino:
+                return f"fd {fd} in epoll under another (closed) file"
+            if got is not None and got[0] & (_IN | _OUT) != mask:
+                return f"fd {fd} in epoll with {got[0]:#x}, want {mask:#x}"
+            return ""
+
+        for lst in self._listeners.values():
+            why = watched(lst.fd, _IN if lst.registered else 0, self._accept, lst)
+            if why:
+                problems.append(f"listener {lst.port}: {why}")
+            if (
+                not lst.registered
+                and not self._paused
+                and not (lst.backoff_pending and (id(lst), _BACKOFF) in timers)
+            ):
+                problems.append(f"listener {lst.port}: off, neither paused nor backing off")
+        for conn in self._conns:
+            state = conn.flow.state
+            whys = [watched(conn.cfd, conn.cmask, self._on_client, conn)]
+            if conn.target is not None:
+                whys.append(watched(conn.tfd, conn.tmask, self._on_target, conn))
+            for sock in conn.attempts:
+                fd = sock.fileno()
+                entry = self._fds.get(fd)
+                if entry is None or entry[1] != (conn, sock):
+                    whys.append(f"attempt fd {fd} is not mapped to it")
+                owned.add(fd)
+                if (got := registered.get(fd)) is None or got[0] & (_IN | _OUT) != _OUT:
+                    whys.append(f"attempt fd {fd} not waiting for its answer")
+            phase = (id(conn), _PHASE) in timers
+            if state is State.RELAY:
+                up, down = conn.up, conn.down
+                if up is None or down is None:
+                    whys.append("relaying without directions")
+                else:
+                    want_c = (0 if up.done or up.blocked else _IN) | (_OUT if down.blocked else 0)
+                    want_t = (0 if down.done or down.blocked else _IN) | (_OUT if up.blocked else 0)
+                    if (conn.cmask, conn.tmask) != (want_c, want_t):
+                        whys.append(f"interest {conn.cmask:#x}/{conn.tmask:#x}, "
+                                    f"the directions want {want_c:#x}/{want_t:#x}")  # fmt: skip
+                if not conn.cmask and not conn.tmask:
+                    whys.append("relaying, watching neither socket")
+                if (id(conn), _IDLE) not in timers:
+                    whys.append("relaying without an idle timer")
+            elif state in (State.HEADER_IN, State.FIRST_BYTE):
+                if not conn.cmask & _IN or not phase:
+                    whys.append("not waiting for the client, or without its timer")
+            elif state is State.CONNECTING:
+                if not phase:
+                    whys.append("connecting without a connect timer")
+            elif state is State.HEADER_OUT:
+                if not conn.tmask & _OUT or not phase:
+                    whys.append("not waiting to send the header, or without its timer")
+            else:
+                whys.append("a live connection in a final state")
+            problems.extend(f"conn {conn.cid} ({state.value}): {why}" for why in whys if why)
+        for fd in registered.keys() - owned:
+            problems.append(f"fd {fd} in epoll, owned by no listener or connection")
+        return problems
+
+    def _report(self, problems: list[str]) -> None:
+        """A failed self-check stops the engine (as an assert would), after saying why."""
+        for problem in problems:
+            log.error("engine check: %s", problem)
+        if problems:
+            raise AssertionError(f"engine check: {len(problems)} problems")
+
     # -- timers -----------------------------------------------------------------
 
     def _at(self, when: float, obj: Any, kind: int) -> None:
@@ -356,10 +454,13 @@ class Engine:
         Run when the heap outgrows the live connections, so amortized O(1).
         """
         conns, listeners = self._conns, self._listeners
-        self._timers = [
-            t for t in self._timers
-            if t[3].gen == t[2] and (t[3] in conns or listeners.get(t[3].fd) is t[3])
-        ]  # fmt: skip
+
+        def live(obj: Conn | _Listener) -> bool:
+            if isinstance(obj, Conn):
+                return obj in conns
+            return listeners.get(obj.fd) is obj
+
+        self._timers = [t for t in self._timers if t[3].gen == t[2] and live(t[3])]
         heapq.heapify(self._timers)
 
     def _run_timers(self, now: float) -> None:
@@ -752,9 +853,11 @@ class Engine:
         """A connect in flight answered: won, or failed (then the next address)."""
         conn, sock = attempt
         try:
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if not err and sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _SYN_SENT:
+            # The state first: read after SO_ERROR, it could show a refusal that came
+            # in between (CLOSE, its error still pending) and pass it for a success.
+            if sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _SYN_SENT:
                 return  # still connecting: a stale event (its descriptor number was reused)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         except OSError as exc:
             err = exc.errno or errno.EIO
         if not err:
@@ -1078,3 +1181,15 @@ def _peer(peer: tuple) -> str:
     if host.startswith("::ffff:") and "." in host:  # IPv4 client on a dual-stack socket
         host = host[7:]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _epoll_interest(epfd: int) -> dict[int, tuple[int, int]]:
+    """The descriptors in an epoll set: fd -> (events, inode of the file registered)."""
+    interest: dict[int, tuple[int, int]] = {}
+    with open(f"/proc/self/fdinfo/{epfd}") as info:
+        for line in info:
+            # tfd: %8d events: %8x data: %16llx  pos:%lli ino:%lx sdev:%x
+            if line.startswith("tfd:"):
+                f = line.split()
+                interest[int(f[1])] = (int(f[3], 16), int(f[7].removeprefix("ino:"), 16))
+    return interest

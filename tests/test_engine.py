@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import struct
+from typing import Any
 
 import trio
 
 from tcpproxy.config import AppConfig, Config, Target
+from tcpproxy.engine import _IN, _PHASE, Conn
+from tcpproxy.flow import Flow
 from tcpproxy.listeners import ACCEPT_BACKOFF
 from tcpproxy.proxy import Proxy
 from tests.test_connect import Blackhole
@@ -252,3 +256,124 @@ async def test_a_connection_ended_by_its_lookup_frees_its_slot_at_once() -> None
     finally:
         for sock in [*clients, listener]:
             sock.close()
+
+
+async def test_the_self_check_sees_a_connection_waiting_for_nothing() -> None:
+    """check() (TCPPROXY_ENGINE_CHECKS=1) must catch what would stall a connection:
+    a relay watching neither socket, or one watching a descriptor closed under it."""
+    backend = socket.socket()
+    client = served = None
+    try:
+        backend.bind(("127.0.0.1", 0))
+        backend.listen()
+        app = AppConfig("A", (PORT,), (Target("127.0.0.1", backend.getsockname()[1]),))
+        async with trio.open_nursery() as nursery:
+            proxy = Proxy(
+                Config(apps=(app,)), nursery, max_connections=10, use_splice=False,
+                engine="epoll",
+            )  # fmt: skip
+            engine = proxy.engine
+            assert engine is not None
+            await nursery.start(engine.run)
+            ours, client = socket.socketpair()
+            ours.setblocking(False)
+            proxy.slots.acquire_nowait()
+            proxy.dispatch(ours, PORT, ("127.0.0.1", 40000))
+            served = (await trio.to_thread.run_sync(backend.accept))[0]
+            (conn,) = engine._conns
+            assert engine.check() == []
+            engine._interest(conn, 0, 0)  # as a forgotten _update would leave it
+            assert any("watching neither socket" in p for p in engine.check())
+            engine._interest(conn, _IN, _IN)
+            assert engine.check() == []
+            twin = os.dup(conn.tfd)  # the file stays in epoll after its descriptor closes
+            os.close(conn.tfd)
+            spare = socket.socket()  # takes the number: epoll's entry is the old file's
+            try:
+                assert spare.fileno() == conn.tfd
+                assert any("another (closed) file" in p for p in engine.check())
+            finally:
+                spare.close()
+                os.dup2(twin, conn.tfd)
+                os.close(twin)
+            nursery.cancel_scope.cancel()
+    finally:
+        for sock in (client, served, backend):
+            if sock is not None:
+                sock.close()
+
+
+class RefusedMeanwhile(socket.socket):
+    """A connecting socket whose connect fails just after its SO_ERROR is read."""
+
+    __slots__ = ()
+
+    def getsockopt(self, level: int, option: int, *args: int) -> Any:  # type: ignore[override]
+        value = super().getsockopt(level, option, *args)
+        if (level, option) == (socket.SOL_SOCKET, socket.SO_ERROR):
+            self.shutdown(socket.SHUT_RDWR)  # SYN_SENT -> CLOSE, its error pending
+        return value
+
+
+async def test_a_connect_failing_while_its_event_is_read_is_not_a_success() -> None:
+    """A stale event on a connect still in flight (its descriptor's number was reused)
+    must be told from an answer; the connect failing in the middle of that check must
+    not pass for a success (the client was reset instead of the next address tried)."""
+    hole = Blackhole()
+    live = socket.socket()
+    client = None
+    try:
+        live.bind(("127.0.0.1", 0))
+        live.listen()
+        live.setblocking(False)
+        resolver = LookupResolver([
+            (socket.AF_INET, hole.address), (socket.AF_INET, live.getsockname()),
+        ])  # fmt: skip
+        resolver.cached = lambda host, port: resolver.addresses  # type: ignore[assignment,method-assign]
+        app = AppConfig("A", (PORT,), (Target("db.test", 5432),), connect_timeout=5.0)
+        async with trio.open_nursery() as nursery:
+            proxy = Proxy(
+                Config(apps=(app,)), nursery, max_connections=10, resolver=resolver,  # type: ignore[arg-type]
+                use_splice=False, engine="epoll",
+            )  # fmt: skip
+            engine = proxy.engine
+            assert engine is not None
+            await nursery.start(engine.run)
+            ours, client = socket.socketpair()
+            ours.setblocking(False)
+            proxy.slots.acquire_nowait()
+            proxy.dispatch(ours, PORT, ("127.0.0.1", 40000))
+            (conn,) = engine._conns
+            (attempt,) = conn.attempts  # to the blackhole: SYN_SENT
+            attempt.__class__ = RefusedMeanwhile
+            engine._on_attempt((conn, attempt), select.EPOLLOUT)  # a stale event
+            with trio.move_on_after(2.5) as waited:  # the stagger tries the next address
+                await trio.lowlevel.wait_readable(live)
+            assert not waited.cancelled_caught, "the next address was not tried"
+            live.accept()[0].close()
+            nursery.cancel_scope.cancel()
+    finally:
+        hole.close()
+        live.close()
+        if client is not None:
+            client.close()
+
+
+async def test_the_timer_sweep_drops_a_timer_of_an_ended_connection() -> None:
+    """_compact keeps a timer only if its owner is live; an ended connection's timer
+    must be dropped, whatever its generation (a Conn has no listener's descriptor)."""
+    app = AppConfig("A", (PORT,), (Target("127.0.0.1", 9),))
+    ours, client = socket.socketpair()
+    try:
+        async with trio.open_nursery() as nursery:
+            proxy = Proxy(Config(apps=(app,)), nursery, max_connections=10, engine="epoll")
+            engine = proxy.engine
+            assert engine is not None
+            flow = Flow(lambda: [], proxy.active)
+            ended = Conn(ours, PORT, ("127.0.0.1", 40000), proxy.route(PORT), "1", None, flow, 0.0)  # type: ignore[arg-type]
+            engine._at(3600.0, ended, _PHASE)  # armed with its current generation
+            engine._compact()
+            assert engine._timers == []
+    finally:
+        ours.close()
+        client.close()

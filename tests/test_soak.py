@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.deploy import Deployment, deployment
-from tests.helpers import TIMEOUT, app, recv_all, recv_line
+from tests.helpers import TIMEOUT, ProxyProcess, app, recv_all, recv_line
 
 __all__ = ["deployment"]
 
@@ -56,13 +57,69 @@ class Traffic:
             t.join(TIMEOUT * 3)
 
 
+class SessionFailed(AssertionError):
+    """A client session failed; says where, so it can be found in the proxy's log."""
+
+
 def _short(d: Deployment, port: int) -> None:
+    """Connect, read the backend's name, send 64 bytes, half-close, read them back.
+
+    On failure, says which step failed, after how long, from which client
+    port, and what had arrived: the proxy's debug log (`SOAK_LOG_LEVEL=debug`)
+    has a line per connection naming that port.
+    """
     payload = os.urandom(64)
-    with d.connect(port) as s:
-        assert recv_line(s)
-        s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)
-        assert recv_all(s) == payload
+    started, wall = time.monotonic(), time.time()
+    step, local, got = "connect", "-", bytearray()
+    try:
+        with d.connect(port) as s:
+            local = str(s.getsockname()[1])
+            step = "recv name"
+            while not got.endswith(b"\n"):
+                chunk = s.recv(1)
+                if not chunk:
+                    break
+                got += chunk
+            assert got, "no name line"
+            got = bytearray()
+            step = "send"
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            step = "recv echo"
+            while chunk := s.recv(65536):
+                got += chunk
+            assert got == payload, f"echo differs after {len(got)} of {len(payload)} bytes"
+            step = "close"
+    except (OSError, AssertionError) as exc:
+        raise SessionFailed(
+            f"{step} failed after {time.monotonic() - started:.3f}s (started {_clock(wall)}), "
+            f"client port {local} to port {port}, {len(got)} bytes in "
+            f"({bytes(got[:40])!r}): {exc!r}"
+        ) from exc
+
+
+def _clock(wall: float) -> str:
+    """A wall-clock time as the proxy's log shows it (to the millisecond)."""
+    return f"{time.strftime('%H:%M:%S', time.localtime(wall))}.{int(wall % 1 * 1000):03d}"
+
+
+def _softnet_drops() -> int:
+    """Packets the kernel dropped at its per-CPU input queues (all network namespaces):
+    a loopback packet lost there is lost for good if it was a RST, and a client then
+    waits on a half-open target connection, whatever the proxy does."""
+    with open("/proc/net/softnet_stat") as stat:
+        return sum(int(line.split()[1], 16) for line in stat)
+
+
+def _log_of(proxy: ProxyProcess, failures: list[str], context: list[str]) -> str:
+    """The proxy's log lines about the client ports the failures name, then `context`."""
+    ports = set(re.findall(r"client port (\d+) ", "\n".join(failures)))
+    lines = [
+        line for line in proxy.lines
+        if any(re.search(rf"client=\S+:{p}\b", line) for p in ports)
+    ]  # fmt: skip
+    lines = lines or ["(no log line names them: run with SOAK_LOG_LEVEL=debug)"]
+    return "\n".join([*lines, *context])
 
 
 def _long(d: Deployment, port: int) -> None:
@@ -95,12 +152,19 @@ class Restartable:
         self.backend = d.backend(name)
         self.port = self.backend.port
         self.address = self.backend.address
+        self.down: list[tuple[float, float]] = []  # restarts: (stopped, back), wall clock
 
     def restart(self, down_for: float) -> None:
         # Graceful, as a rolling deploy: stop accepting, let open connections finish.
+        stopped = time.time()
         self.backend.stop_accepting()
         time.sleep(down_for)
         self.backend = self.d.backend(self.name, port=self.port)
+        self.down.append((stopped, time.time()))
+
+    def __str__(self) -> str:
+        spans = ", ".join(f"{_clock(a)}-{_clock(b)}" for a, b in self.down) or "never"
+        return f"{self.name} {self.address} down {spans}"
 
 
 def _configs(ports: list[int], extra: int, targets: list[str]) -> list[list[dict]]:
@@ -125,11 +189,13 @@ def test_soak_mixed_traffic_reloads_and_restarts(deployment: Deployment) -> None
     ports = d.ports(3)
     extra = ports.pop()
     configs = _configs(ports, extra, targets)
-    proxy = d.start(configs[0], "--log-level", "info")
+    # debug: a log line per connection, to match a failed session with (see _short)
+    proxy = d.start(configs[0], "--log-level", os.environ.get("SOAK_LOG_LEVEL", "info"))
     for port in ports:
         _short(d, port)
     time.sleep(0.5)
     fds_start, rss_start = d.fd_count(), d.rss_kib()
+    drops_start = _softnet_drops()
 
     traffic = Traffic(d)
     for port in ports:
@@ -152,14 +218,22 @@ def test_soak_mixed_traffic_reloads_and_restarts(deployment: Deployment) -> None
             time.sleep(1.0)
     finally:
         traffic.finish()
+    # Back to the starting ports, to compare descriptors. If the loop's last write was
+    # configs[0] already, writing it again changes no byte and the reloader says
+    # nothing (an event that changed nothing): go through another config first.
+    if reloads % len(configs) == 0:
+        mark = proxy.mark()
+        d.reconfigure(configs[1])
+        proxy.wait_for(r"applied", start=mark)
     mark = proxy.mark()
-    d.reconfigure(configs[0])  # back to the starting ports, to compare descriptors
+    d.reconfigure(configs[0])
     proxy.wait_for(r"applied|no changes", start=mark)
     applied = proxy.output.count("applied:")
     wait_until_fds = time.monotonic() + TIMEOUT
     while d.fd_count() > fds_start and time.monotonic() < wait_until_fds:
         time.sleep(0.1)  # the last connections are closing
     fds_end, rss_end = d.fd_count(), d.rss_kib()
+    drops = _softnet_drops() - drops_start
     total = sum(traffic.counts.values())
     print(
         f"\n{d.binary} soak {duration:.0f}s: {total} client sessions "
@@ -168,9 +242,11 @@ def test_soak_mixed_traffic_reloads_and_restarts(deployment: Deployment) -> None
         f"{sum(v for k, v in traffic.counts.items() if k.startswith('large'))} x 4 MiB), "
         f"{len(traffic.failures)} failed; {reloads} config writes, {applied} applied; "
         f"{restarts} target restarts; fds {fds_start} -> {fds_end}; "
-        f"RSS {rss_start // 1024} -> {rss_end // 1024} MiB"
+        f"RSS {rss_start // 1024} -> {rss_end // 1024} MiB; {drops} packets dropped by the "
+        f"kernel's input queues"
     )
-    assert traffic.failures == []
+    targets = [str(b) for b in backends]
+    assert traffic.failures == [], _log_of(proxy, traffic.failures, [*targets, f"drops {drops}"])
     assert applied >= reloads // 2
     assert fds_end <= fds_start
     assert rss_end - rss_start < 32 * 1024  # KiB: no growth with traffic or reloads
