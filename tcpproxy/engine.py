@@ -397,7 +397,7 @@ class Engine:
                 if (got := registered.get(fd)) is None or got[0] & (_IN | _OUT) != _OUT:
                     whys.append(f"attempt fd {fd} not waiting for its answer")
             phase = (id(conn), _PHASE) in timers
-            if state is State.RELAY:
+            if state is S_RELAY:
                 up, down = conn.up, conn.down
                 if up is None or down is None:
                     whys.append("relaying without directions")
@@ -411,13 +411,13 @@ class Engine:
                     whys.append("relaying, watching neither socket")
                 if (id(conn), _IDLE) not in timers:
                     whys.append("relaying without an idle timer")
-            elif state in (State.HEADER_IN, State.FIRST_BYTE):
+            elif state in (S_HEADER_IN, S_FIRST_BYTE):
                 if not conn.cmask & _IN or not phase:
                     whys.append("not waiting for the client, or without its timer")
-            elif state is State.CONNECTING:
+            elif state is S_CONNECTING:
                 if not phase:
                     whys.append("connecting without a connect timer")
-            elif state is State.HEADER_OUT:
+            elif state is S_HEADER_OUT:
                 if not conn.tmask & _OUT or not phase:
                     whys.append("not waiting to send the header, or without its timer")
             else:

@@ -303,7 +303,7 @@ async def test_the_self_check_sees_a_connection_waiting_for_nothing() -> None:
                 sock.close()
 
 
-class RefusedMeanwhile(socket.socket):
+class RefusedMeanwhile(socket.SocketType):
     """A connecting socket whose connect fails just after its SO_ERROR is read."""
 
     __slots__ = ()
@@ -345,7 +345,11 @@ async def test_a_connect_failing_while_its_event_is_read_is_not_a_success() -> N
             proxy.dispatch(ours, PORT, ("127.0.0.1", 40000))
             (conn,) = engine._conns
             (attempt,) = conn.attempts  # to the blackhole: SYN_SENT
-            attempt.__class__ = RefusedMeanwhile
+            fd = attempt.fileno()
+            family, kind, proto = attempt.family, attempt.type, attempt.proto
+            attempt = RefusedMeanwhile(family, kind, proto, attempt.detach())
+            conn.attempts[0] = attempt
+            engine._fds[fd] = (engine._on_attempt, (conn, attempt))
             engine._on_attempt((conn, attempt), select.EPOLLOUT)  # a stale event
             with trio.move_on_after(2.5) as waited:  # the stagger tries the next address
                 await trio.lowlevel.wait_readable(live)
