@@ -23,6 +23,9 @@ class GatedResolver:
         await self.gate.wait()
         return [(socket.AF_INET, ("127.0.0.1", port))]
 
+    def cached(self, host: str, port: int) -> None:
+        return None  # never cached: every connection waits for resolve()
+
     def forget(self) -> None:
         pass
 
@@ -45,6 +48,8 @@ async def test_a_burst_of_connecting_clients_spreads_over_least_connections(back
                 Config(apps=(app,)), nursery, max_connections=100,
                 resolver=resolver, use_splice=False,  # type: ignore[arg-type]
             )  # fmt: skip
+            if proxy.engine is not None:  # the epoll engine serves from its own task
+                await nursery.start(proxy.engine.run)
 
             def arrive() -> None:
                 ours, theirs = socket.socketpair()
