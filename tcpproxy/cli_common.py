@@ -36,7 +36,7 @@ DEFAULT_WORKERS = 1  # see README: measured on 2 cores
 # "epoll" measured ~2x the new connections/s of "trio" at half the CPU, but one soak run
 # saw a session stall under it (1 of 19,266): the default stays on the proven path until
 # that is found.
-DEFAULT_ENGINE = "trio"
+DEFAULT_ENGINE = "epoll"  # see docs/ARCHITECTURE.md, "The connection engine"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 

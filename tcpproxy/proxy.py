@@ -174,7 +174,7 @@ class Proxy:
         use_splice: bool = True,
         listen_ports: frozenset[int] = frozenset(),
         bind: str | None = None,
-        engine: str = "trio",
+        engine: str = "epoll",
     ) -> None:
         self._connections = connections
         self._resolver = resolver or Resolver()

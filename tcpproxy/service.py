@@ -112,7 +112,7 @@ async def run_service(
     metrics_address: tuple[str, int] | None = None,
     listen_ports: frozenset[int] = frozenset(),
     bind: str | None = None,
-    engine: str = "trio",
+    engine: str = "epoll",
     task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `config` through `frontend` until SIGTERM/SIGINT, then drain.
