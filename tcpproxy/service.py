@@ -28,7 +28,7 @@ import os
 import signal
 import socket
 from collections.abc import AsyncIterator, Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -222,7 +222,7 @@ async def run_service(
                             *metrics_address,
                             lambda: trio.from_thread.run_sync(snapshot, trio_token=token),
                         )
-                        outer.start_soon(_shut_down_on_exit, server)
+                        outer.start_soon(_shut_down_on_exit, server, upgrade.handed_over)
                     with stop_accepting:
                         async with trio.open_nursery() as control:
                             await control.start(proxy.health.run)
@@ -270,6 +270,7 @@ class _Upgrade:
 
     in_flight: bool = False
     successor: int | None = None  # the pid that took over: this process drains
+    handed_over: trio.Event = field(default_factory=trio.Event)  # set with `successor`
 
 
 async def _upgrade(
@@ -283,6 +284,7 @@ async def _upgrade(
         upgrade.in_flight = False
     if pid is not None:
         upgrade.successor = pid
+        upgrade.handed_over.set()
         stop_accepting.cancel()  # the accept loops close our descriptors, not the sockets
 
 
@@ -296,10 +298,11 @@ def _take_over(handover: Handover, pid_file: PidFile | None) -> None:
     handover.ready()
 
 
-async def _shut_down_on_exit(server: Any) -> None:
-    """Stop the metrics server thread when the service ends (this task is cancelled)."""
+async def _shut_down_on_exit(server: Any, handed_over: trio.Event) -> None:
+    """Stop the metrics server thread when the service ends (this task is cancelled),
+    or once an upgrade's new process serves (it serves /metrics and /status now)."""
     try:
-        await trio.sleep_forever()
+        await handed_over.wait()
     finally:
         await stop_http(server)
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -169,10 +171,10 @@ def test_upgrade_under_load(config_path: Path, backends, monkeypatch: pytest.Mon
     processes start unprivileged, and read the config in a private directory with
     the CAP_DAC_READ_SEARCH they inherit."""
     monkeypatch.delenv("TCPPROXY_USER", raising=False)  # conftest sets it to root
-    port, added = free_port(), free_port()
+    port, added, metrics = free_port(), free_port(), free_port()
     write_config(config_path, [app("A", [port], [backends("b1").address])])
     pid_file = config_path.parent / "tcpproxy.pid"
-    with proxy_with_pid_file(config_path, pid_file) as proxy:
+    with proxy_with_pid_file(config_path, pid_file, "--metrics", f"127.0.0.1:{metrics}") as proxy:
         proxy.wait_for(r"serving as uid 65534 .* with only CAP_DAC_READ_SEARCH")
         first = proxy.proc.pid
         load = Load(port)
@@ -207,6 +209,7 @@ def test_upgrade_under_load(config_path: Path, backends, monkeypatch: pytest.Mon
         assert proxy.proc.wait(TIMEOUT) == 0  # drained: its long-lived connections ended
         assert read_pid(pid_file) == newest
         assert not gone(newest)
+        assert wait_until(lambda: _status_pid(metrics) == newest)  # it serves /status too
         assert _status(newest)["Uid"].split()[0] == "65534"
         assert which_backend(port) == "b1"
         os.kill(newest, signal.SIGTERM)
@@ -214,6 +217,14 @@ def test_upgrade_under_load(config_path: Path, backends, monkeypatch: pytest.Mon
     out = proxy.output
     assert out.count("tcpproxy stopped (pid ") == 3, out
     assert "Traceback" not in out, out
+
+
+def _status_pid(port: int) -> int | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=TIMEOUT) as r:
+            return json.load(r)["pid"]
+    except OSError:
+        return None
 
 
 def _status(pid: int) -> dict[str, str]:
