@@ -23,6 +23,7 @@ Lifecycle rules:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -282,7 +283,11 @@ async def _upgrade(
         pid = await start_successor(listeners())
     finally:
         upgrade.in_flight = False
-    if pid is not None:
+    if pid is not None and stop_accepting.cancel_called:  # SIGTERM came meanwhile
+        log.info("upgrade: this process is stopping: stopping pid %d too", pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    elif pid is not None:
         upgrade.successor = pid
         upgrade.handed_over.set()
         stop_accepting.cancel()  # the accept loops close our descriptors, not the sockets

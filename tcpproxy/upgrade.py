@@ -75,20 +75,25 @@ async def start_successor(sockets: Mapping[int, socket.socket]) -> int | None:
              len(sockets))  # fmt: skip
     channel = trio.socket.from_stdlib_socket(ours)
     why = "it did not say it serves"
-    with channel:
-        with trio.move_on_after(READY_TIMEOUT) as timer:
-            try:
-                await _send_sockets(channel, sockets)
-                answer = await channel.recv(MESSAGE_SIZE)
-            except OSError as exc:
-                answer, why = b"", f"the socket pair failed: {exc}"
-            if answer == READY:
-                log.info("upgrade: pid %d serves; this process (pid %d) stops accepting",
-                         process.pid, os.getpid())  # fmt: skip
-                return process.pid
-            await process.wait()  # its end closed: it is exiting (said by its exit code)
-        if timer.cancelled_caught:
-            why = f"it did not serve within {READY_TIMEOUT:g}s"
+    try:
+        with channel:
+            with trio.move_on_after(READY_TIMEOUT) as timer:
+                try:
+                    await _send_sockets(channel, sockets)
+                    answer = await channel.recv(MESSAGE_SIZE)
+                except OSError as exc:
+                    answer, why = b"", f"the socket pair failed: {exc}"
+                if answer == READY:
+                    log.info("upgrade: pid %d serves; this process (pid %d) stops accepting",
+                             process.pid, os.getpid())  # fmt: skip
+                    return process.pid
+                await process.wait()  # its end closed: it is exiting (said by its exit code)
+            if timer.cancelled_caught:
+                why = f"it did not serve within {READY_TIMEOUT:g}s"
+    except BaseException:  # this process ends meanwhile: it must not leave a half-started one
+        with trio.CancelScope(shield=True):
+            await _stop(process, "this process stopped during the upgrade")
+        raise
     await _stop(process, why)
     return None
 

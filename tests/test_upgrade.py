@@ -152,12 +152,18 @@ def test_pid_file_names_the_process_and_is_removed_at_exit(config_path: Path, ba
     assert not list(config_path.parent.glob(".tcpproxy.pid.*"))  # no temp file left
 
 
-def upgrade(proxy: ProxyProcess, pid_file: Path) -> int:
-    """SIGUSR2 to the process the pid file names; the new pid, once the old one let go."""
+def upgrade(proxy: ProxyProcess, pid_file: Path, *, twice: bool = False) -> int:
+    """SIGUSR2 to the process the pid file names; the new pid, once the old one let go.
+
+    `twice`: a second SIGUSR2 at once, which the upgrade in flight ignores."""
     old = read_pid(pid_file)
     assert old is not None
     mark = proxy.mark()
     os.kill(old, signal.SIGUSR2)
+    if twice:
+        proxy.wait_for(r"upgrade: started pid", start=mark)
+        os.kill(old, signal.SIGUSR2)
+        proxy.wait_for(r"SIGUSR2 ignored: an upgrade is in flight", start=mark)
     match = proxy.wait_for(r"upgrade: pid (\d+) serves; this process \(pid (\d+)\)", start=mark)
     new = int(match[1])
     assert int(match[2]) == old
@@ -181,9 +187,9 @@ def test_upgrade_under_load(config_path: Path, backends, monkeypatch: pytest.Mon
         load.start()
         assert wait_until(lambda: all(load.long_messages) and load.short_ok > 20)
         pids = [first]
-        for _ in range(3):
+        for i in range(3):
             before = load.short_ok
-            pids.append(upgrade(proxy, pid_file))
+            pids.append(upgrade(proxy, pid_file, twice=i == 0))
             assert wait_until(lambda b=before: load.short_ok > b + 20)  # served meanwhile
         newest = pids[-1]
         # the processes in between had only short connections: they exit once drained
@@ -215,7 +221,8 @@ def test_upgrade_under_load(config_path: Path, backends, monkeypatch: pytest.Mon
         os.kill(newest, signal.SIGTERM)
         assert wait_until(lambda: gone(newest))
     out = proxy.output
-    assert out.count("tcpproxy stopped (pid ") == 3, out
+    assert out.count("tcpproxy stopped (pid ") == 3, out  # the second SIGUSR2 started none
+    assert out.count("upgrade: started pid") == 3, out
     assert "Traceback" not in out, out
 
 
