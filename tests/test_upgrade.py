@@ -270,3 +270,19 @@ def test_failing_upgrade_keeps_the_old_process(config_path: Path, backends) -> N
         assert load.failures == [], load.failures
         assert read_pid(pid_file) == proxy.proc.pid
         assert proxy.stop() == 0
+
+
+def test_workers_ignore_sigusr2_for_now(config_path: Path, backends) -> None:
+    """With --workers the supervisor does not upgrade yet: SIGUSR2 (whose default
+    action would kill it) is logged and ignored; the pid file names the supervisor."""
+    port = free_port()
+    write_config(config_path, [app("A", [port], [backends("b1").address])])
+    pid_file = config_path.parent / "tcpproxy.pid"
+    with proxy_with_pid_file(config_path, pid_file, "--workers", "2") as proxy:
+        assert read_pid(pid_file) == proxy.proc.pid
+        mark = proxy.mark()
+        proxy.send(signal.SIGUSR2)
+        proxy.wait_for(r"SIGUSR2 ignored: upgrades with --workers are not supported", start=mark)
+        assert which_backend(port) == "b1"
+        assert proxy.stop() == 0
+    assert not pid_file.exists()
