@@ -36,7 +36,14 @@ from collections.abc import Mapping
 
 import trio
 
-__all__ = ["READY_TIMEOUT", "UPGRADE_FD_ENV", "Handover", "start_successor", "take_handover"]
+__all__ = [
+    "READY_TIMEOUT",
+    "UPGRADE_FD_ENV",
+    "Handover",
+    "start_successor",
+    "successor_environment",
+    "take_handover",
+]
 
 log = logging.getLogger("tcpproxy")
 
@@ -53,6 +60,16 @@ def successor_argv() -> list[str]:
     return [sys.executable, *sys.orig_argv[1:]]
 
 
+def successor_environment(fd: int, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The new process's environment: ours, its end of the pair, and no WATCHDOG_PID
+    (systemd's names us: with it, the new process would think the watchdog is not
+    its own and send no pings once it is the main process)."""
+    env = dict(os.environ if environ is None else environ)
+    env.pop("WATCHDOG_PID", None)
+    env[UPGRADE_FD_ENV] = str(fd)
+    return env
+
+
 async def start_successor(sockets: Mapping[int, socket.socket]) -> int | None:
     """Start the new process, hand it `sockets` (port -> listener), wait until it serves.
 
@@ -60,7 +77,7 @@ async def start_successor(sockets: Mapping[int, socket.socket]) -> int | None:
     and the log says why).
     """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    env = {**os.environ, UPGRADE_FD_ENV: str(theirs.fileno())}
+    env = successor_environment(theirs.fileno())
     try:
         process = await trio.lowlevel.open_process(
             successor_argv(), pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL

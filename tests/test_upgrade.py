@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tcpproxy.notify import Notifier
+from tcpproxy.upgrade import UPGRADE_FD_ENV, successor_environment
 from tests.helpers import (
     TIMEOUT,
     ProxyProcess,
@@ -286,3 +288,13 @@ def test_workers_ignore_sigusr2_for_now(config_path: Path, backends) -> None:
         assert which_backend(port) == "b1"
         assert proxy.stop() == 0
     assert not pid_file.exists()
+
+
+def test_the_new_process_pings_the_watchdog() -> None:
+    """systemd's WATCHDOG_PID names the old process: the new one's environment
+    leaves it out, so it pings (from READY=1 and MAINPID= on, it is the main one)."""
+    ours = {"NOTIFY_SOCKET": "/run/notify", "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}
+    env = successor_environment(7, ours)
+    assert env[UPGRADE_FD_ENV] == "7" and "WATCHDOG_PID" not in env
+    assert Notifier(env).watchdog_interval == 15.0
+    assert Notifier(ours).watchdog_interval is None  # as it would be with the old pid
