@@ -298,3 +298,59 @@ def test_the_new_process_pings_the_watchdog() -> None:
     assert env[UPGRADE_FD_ENV] == "7" and "WATCHDOG_PID" not in env
     assert Notifier(env).watchdog_interval == 15.0
     assert Notifier(ours).watchdog_interval is None  # as it would be with the old pid
+
+
+def test_systemd_hears_the_new_main_pid(tmp_path: Path, backends) -> None:
+    """Under systemd (a fake NOTIFY_SOCKET, with the sender's pid from SO_PASSCRED):
+    the new process sends READY=1 with MAINPID= and from then on the watchdog
+    pings; the old one says nothing more, not even STOPPING=1."""
+    port = free_port()
+    config = tmp_path / "config.json"
+    write_config(config, [app("A", [port], [backends("b1").address])])
+    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    systemd.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    systemd.bind(str(tmp_path / "notify.sock"))
+    systemd.settimeout(TIMEOUT)
+
+    def receive() -> tuple[int, dict[str, str]]:
+        data, ancillary, _flags, _address = systemd.recvmsg(4096, socket.CMSG_SPACE(12))
+        pid = next(int.from_bytes(d[:4], "little") for *_, d in ancillary)
+        return pid, dict(line.split("=", 1) for line in data.decode().splitlines())
+
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000"}
+    pid_file = tmp_path / "tcpproxy.pid"
+    proxy = ProxyProcess(tcpproxy_argv(config, "--pid-file", str(pid_file)), env=env)
+    new = None
+    try:
+        sender, fields = receive()
+        assert sender == proxy.proc.pid and fields["READY"] == "1"
+        assert "MAINPID" not in fields
+        proxy.send(signal.SIGUSR2)
+        while "READY" not in fields or sender == proxy.proc.pid:
+            sender, fields = receive()
+        new = sender
+        assert fields["MAINPID"] == str(new) and new != proxy.proc.pid
+        assert proxy.proc.wait(TIMEOUT) == 0  # no connection to drain
+        systemd.setblocking(False)  # forget what was sent before it exited
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                sender, fields = receive()
+                assert "STOPPING" not in fields, (sender, fields)
+        systemd.settimeout(TIMEOUT)
+        pings = set()
+        while len(pings) < 3:  # a ping each 0.2 s, all from the new process
+            sender, fields = receive()
+            assert "STOPPING" not in fields, (sender, fields)
+            if "WATCHDOG" in fields:
+                pings.add((sender, time.monotonic()))
+        assert {pid for pid, _ in pings} == {new}
+        os.kill(new, signal.SIGTERM)
+        while "STOPPING" not in fields:
+            sender, fields = receive()
+        assert sender == new
+        assert wait_until(lambda: gone(new))
+    finally:
+        if new is not None and not gone(new):
+            os.kill(new, signal.SIGKILL)
+        proxy.kill()
+        systemd.close()
