@@ -36,6 +36,8 @@ from collections.abc import Mapping
 
 import trio
 
+from tcpproxy.errors import StartupError
+
 __all__ = [
     "READY_TIMEOUT",
     "UPGRADE_FD_ENV",
@@ -180,7 +182,8 @@ def take_handover(environ: dict[str, str] | None = None) -> Handover | None:
     Removes UPGRADE_FD_ENV from the environment, so that a later upgrade of
     this process starts with a fresh pair.
 
-    Raises OSError if the old process does not send them (it then stops this one).
+    Raises StartupError if the old process does not send them all (it stops this
+    one anyway).
     """
     env = os.environ if environ is None else environ
     value = env.pop(UPGRADE_FD_ENV, None)
@@ -194,16 +197,18 @@ def take_handover(environ: dict[str, str] | None = None) -> Handover | None:
             data, fds, _flags, _address = socket.recv_fds(channel, MESSAGE_SIZE, FDS_PER_MESSAGE)
             received = [socket.socket(fileno=fd) for fd in fds]
             if not data:
-                raise OSError("upgrade: the old process closed the socket pair")
+                raise OSError("the old process closed the socket pair")
             message = json.loads(data)
             if message.get("done"):
                 break
             for port, sock in zip(message["ports"], received, strict=True):
                 sock.setblocking(False)
                 sockets[port] = sock
-    except BaseException:
+    except BaseException as exc:
         for sock in sockets.values():
             sock.close()
         channel.close()
+        if isinstance(exc, (OSError, ValueError, KeyError)):
+            raise StartupError(f"upgrade: receiving the listeners: {exc}") from None
         raise
     return Handover(channel, sockets)
