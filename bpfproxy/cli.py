@@ -30,6 +30,7 @@ from tcpproxy.cli_common import (
 )
 from tcpproxy.errors import StartupError
 from tcpproxy.listeners import open_listener
+from tcpproxy.pidfile import PidFile
 from tcpproxy.privileges import (
     CAP_BPF,
     Account,
@@ -121,6 +122,7 @@ def command(
     drain_timeout: float,
     max_connections: int | None,
     metrics_address: str | None,
+    pid_file: Path | None,
     workers: int,
     worker: str | None,
     worker_listener: int | None,
@@ -181,6 +183,7 @@ def command(
                     drain_timeout=drain_timeout,
                 )  # fmt: skip
                 plan.hand_to(account)
+                _write_pid_file(stack, pid_file, account)
                 _drop(pins, account, keep, ambient=reading)  # workers import code too
                 _serving(pins)
                 plan.serving()
@@ -194,6 +197,7 @@ def command(
             metrics, address = metrics_for(metrics_address)
             frontend = SteeredListener(listener, dispatcher, listen_port, metrics)
             frontend.steer(config)
+            _write_pid_file(stack, pid_file, account)
             _drop(pins, account, keep)
             _serving(pins)
             trio.run(
@@ -208,6 +212,15 @@ def command(
     except SteeringError as exc:
         raise StartupError(str(exc)) from None
     return 0
+
+
+def _write_pid_file(
+    stack: contextlib.ExitStack, path: Path | None, account: Account | None
+) -> None:
+    """Once set up, before the drop (tcpproxy.pidfile); removed when `stack` closes."""
+    pids = PidFile(path)
+    pids.write_at_start(account.uid if account is not None else None)
+    stack.callback(pids.remove)
 
 
 def _open_pins(bpffs: str, name: str) -> Instance | None:

@@ -21,16 +21,19 @@ from tcpproxy.cli_common import (
     worker_options,
 )
 from tcpproxy.config import Config
+from tcpproxy.pidfile import PidFile
 from tcpproxy.port_listeners import PortListeners
 from tcpproxy.port_plan import TcpPlan
 from tcpproxy.privileges import (
     CAP_NET_BIND_SERVICE,
+    capability_sets,
     check_access,
     drop_privileges,
     target_account,
     unprivileged_port_start,
 )
 from tcpproxy.service import run_service
+from tcpproxy.upgrade import take_handover
 from tcpproxy.workers.link import SupervisorLink
 from tcpproxy.workers.supervisor import Supervisor
 
@@ -43,6 +46,8 @@ Examples:
   tcpproxy --workers 2                   # one process per core
   TCPPROXY_CONFIG=prod.json tcpproxy --log-level debug
   kill -HUP $(pidof -x tcpproxy)         # reload now (file changes reload too)
+  tcpproxy --pid-file /run/tcpproxy.pid  # then: kill -USR2 $(cat /run/tcpproxy.pid)
+                                         # upgrades to the version installed now
 """
 
 
@@ -60,6 +65,7 @@ def command(
     drain_timeout: float,
     max_connections: int | None,
     metrics_address: str | None,
+    pid_file: Path | None,
     workers: int,
     worker: str | None,
     user: str | None,
@@ -70,7 +76,8 @@ def command(
 ) -> int:
     """Proxy TCP connections: one listener per port of every app in the config,
     each connection relayed to one of its app's targets. The config is reloaded
-    on change without dropping connections; SIGTERM drains, then exits."""
+    on change without dropping connections; SIGTERM drains, then exits; SIGUSR2
+    starts the command again and hands it the listeners (an upgrade)."""
     if worker is not None:  # started by a supervisor
         link = SupervisorLink.join(worker)
         setup_logging(log_level, prefix=link.log_prefix, log_format=log_format)
@@ -88,11 +95,14 @@ def command(
         )  # fmt: skip
         return 0
     setup_logging(log_level, log_format=log_format)
+    handover = take_handover() if workers == 1 else None  # started by an upgrade
     account = target_account(user)
     reading = check_access(account, config_path, serving_code(), chosen=user is not None)
     limit = fit_connection_limit(max_connections)
     data, config = read_config(config_path, bind=bind, max_connections=limit)
     keep = (*reading, *_low_port_capability(config, metrics_address))
+    if handover is not None:
+        keep = _inherited_capabilities()
     if workers > 1:
         plan = TcpPlan(bind, _options(ctx, math.ceil(limit / workers)), workers)
         plan.check(Config(apps=()), config)
@@ -101,21 +111,41 @@ def command(
             validate=reload_check(config_path, bind=bind, max_connections=limit),
             drain_timeout=drain_timeout,
         )  # fmt: skip
-        drop_privileges(account, keep, ambient=keep)  # the workers bind and import too
-        trio.run(supervisor.run)
+        pids = PidFile(pid_file)
+        pids.write_at_start(account.uid if account is not None else None)
+        try:
+            drop_privileges(account, keep, ambient=keep)  # the workers bind and import too
+            trio.run(supervisor.run)
+        finally:
+            pids.remove()
         return 0
     metrics, address = metrics_for(metrics_address)
     frontend = PortListeners(bind)
-    frontend.open(config)
-    drop_privileges(account, keep)
-    trio.run(
-        lambda: run_service(
-            config_path, data, config, frontend, drain_timeout=drain_timeout,
-            max_connections=limit, use_splice=splice, metrics=metrics, metrics_address=address,
-            bind=bind, engine=engine,
-        )
-    )  # fmt: skip
+    frontend.open(config, handover.sockets if handover is not None else None)
+    pids = PidFile(pid_file)
+    if handover is None:  # else rewritten once this process serves, as its user
+        pids.write_at_start(account.uid if account is not None else None)
+    try:
+        # ambient: a process an upgrade starts (SIGUSR2) keeps them too
+        drop_privileges(account, keep, ambient=keep)
+        trio.run(
+            lambda: run_service(
+                config_path, data, config, frontend, drain_timeout=drain_timeout,
+                max_connections=limit, use_splice=splice, metrics=metrics,
+                metrics_address=address, bind=bind, engine=engine,
+                listeners=frontend.sockets, handover=handover, pid_file=pids,
+            )
+        )  # fmt: skip
+    finally:
+        pids.remove()
     return 0
+
+
+def _inherited_capabilities() -> tuple[int, ...]:
+    """What a process started by an upgrade keeps: what its predecessor kept (ambient,
+    so inherited), no more: it starts unprivileged and binds only as that user."""
+    permitted = capability_sets()["CapPrm"]
+    return tuple(cap for cap in range(64) if permitted & (1 << cap))
 
 
 def _low_port_capability(config: Config, metrics_address: str | None) -> tuple[int, ...]:

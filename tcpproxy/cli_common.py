@@ -77,6 +77,13 @@ def common_options(prog: str) -> Callable[[F], F]:
                     "people) there, e.g. 127.0.0.1:9100.  [default: off]",
                 ),
                 click.option(
+                    "--pid-file", type=click.Path(path_type=Path, dir_okay=False, readable=False),
+                    metavar="PATH", default=None,
+                    help="Write this process's pid there once it serves (rewritten by the "
+                    "new process after an upgrade, SIGUSR2); removed at a clean exit.  "
+                    "[default: none]",
+                ),
+                click.option(
                     "--workers", type=click.IntRange(min=1), metavar="N",
                     default=DEFAULT_WORKERS, show_default=True,
                     help="Worker processes (a Python event loop uses one core). With more "

@@ -208,6 +208,9 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
     """A thread per request: one slow client cannot hold up the others or shutdown()."""
 
     daemon_threads = True
+    # An upgrade (SIGUSR2): the new process binds the port while the old one still
+    # holds it; the old one closes it as soon as the new one serves.
+    allow_reuse_port = True
 
 
 def serve_http(

@@ -59,8 +59,9 @@ class Notifier:
                 self._warned = True
                 log.warning("sd_notify failed: %s", exc)
 
-    def ready(self, status: str) -> None:
-        self.send("READY=1", f"STATUS={status}")
+    def ready(self, status: str, *, main_pid: bool = False) -> None:
+        """READY=1; `main_pid`: also MAINPID= (a process started by an upgrade takes over)."""
+        self.send("READY=1", *([f"MAINPID={os.getpid()}"] if main_pid else []), f"STATUS={status}")
 
     def reloading(self) -> None:
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
@@ -79,6 +80,11 @@ class Notifier:
         while True:
             self.send("WATCHDOG=1", *([f"STATUS={status()}"] if status else []))
             await trio.sleep(self.watchdog_interval)
+
+    def disable(self) -> None:
+        """Send nothing more: another process (an upgrade's) speaks for the service now."""
+        self._address = None
+        self.close()
 
     def close(self) -> None:
         if self._sock is not None:

@@ -33,6 +33,7 @@ class PortListeners:
         self._reuse_port = reuse_port  # workers: each has its own socket per port
         self._pending: dict[int, socket.socket] = {}  # opened, not yet accepting
         self._scopes: dict[int, trio.CancelScope] = {}  # accepting
+        self._accepting: dict[int, socket.socket] = {}  # their sockets, for an upgrade
         self._nursery: trio.Nursery | None = None
         self._proxy: Proxy | None = None
 
@@ -55,9 +56,23 @@ class PortListeners:
             raise
         return opened
 
-    def open(self, config: Config) -> None:
-        """Bind every port of `config`; raises StartupError naming the first that fails."""
+    def open(self, config: Config, inherited: dict[int, socket.socket] | None = None) -> None:
+        """Bind every port of `config`; raises StartupError naming the first that fails.
+
+        `inherited`: listeners handed over by the process this one upgrades
+        (tcpproxy.upgrade), used for their ports instead of binding; those of
+        ports `config` no longer has are closed.
+        """
+        for port, sock in (inherited or {}).items():
+            if port in config.ports:
+                self._pending[port] = sock
+            else:
+                sock.close()
         self._pending.update(self._open_all(config.ports - self.ports, config))
+
+    def sockets(self) -> dict[int, socket.socket]:
+        """Every listening socket by port, to hand over to a new process (an upgrade)."""
+        return {**self._accepting, **self._pending}
 
     async def serve(
         self, proxy: Proxy, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -79,14 +94,19 @@ class PortListeners:
         for port, sock in sorted(self._pending.items()):
             scope = trio.CancelScope()
             self._scopes[port] = scope
+            self._accepting[port] = sock
             self._nursery.start_soon(self._accept, scope, sock, port, self._proxy)
         self._pending.clear()
 
     async def _accept(
         self, scope: trio.CancelScope, sock: socket.socket, port: int, proxy: Proxy
     ) -> None:
-        with scope:
-            await proxy.serve_listener(sock, port)
+        try:
+            with scope:
+                await proxy.serve_listener(sock, port)
+        finally:
+            if self._accepting.get(port) is sock:
+                del self._accepting[port]
 
     def update(self, old: Config, new: Config) -> None:
         added = new.ports - self.ports
@@ -98,6 +118,7 @@ class PortListeners:
             log.info("listening on port %d", port)
         for port in sorted(removed):
             scope = self._scopes.pop(port, None)
+            self._accepting.pop(port, None)
             if scope is not None:
                 scope.cancel()  # its loop closes the socket; its connections go on
             else:

@@ -14,14 +14,22 @@ Lifecycle rules:
    sees half a reload. Established connections are never touched.
 3. SIGTERM or SIGINT stops accepting, lets connections finish for up to the
    drain timeout, then cuts the rest; a second SIGINT cuts them at once.
+4. SIGUSR2 upgrades (tcpproxy.upgrade): a new process started from the same
+   command line gets the listeners; once it serves, this one stops
+   accepting and drains as on SIGTERM, but tells systemd nothing (the new
+   one sent READY=1 and MAINPID=). If the new one fails, nothing changes
+   here. A SIGUSR2 during an upgrade, or while stopping, is ignored.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator, Callable, Collection
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -32,12 +40,14 @@ from tcpproxy.config import Config, no_isolation
 from tcpproxy.diff import format_ports
 from tcpproxy.metrics import NullMetrics, serve_http, stop_http
 from tcpproxy.notify import Notifier
+from tcpproxy.pidfile import PidFile
 from tcpproxy.proxy import Proxy
 from tcpproxy.reload import ApplyFn, Reloader, digest
 from tcpproxy.selfloop import reject_self_loops
 from tcpproxy.sources.file import watch_config
 from tcpproxy.status import Loaded
 from tcpproxy.status import snapshot as status_snapshot
+from tcpproxy.upgrade import Handover, start_successor
 
 if TYPE_CHECKING:
     from tcpproxy.workers.link import SupervisorLink
@@ -113,6 +123,9 @@ async def run_service(
     listen_ports: frozenset[int] = frozenset(),
     bind: str | None = None,
     engine: str = "epoll",
+    listeners: Callable[[], dict[int, socket.socket]] | None = None,
+    handover: Handover | None = None,
+    pid_file: PidFile | None = None,
     task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `config` through `frontend` until SIGTERM/SIGINT, then drain.
@@ -134,11 +147,19 @@ async def run_service(
       engine: "trio" (a task per connection) or "epoll" (tcpproxy/engine.py:
         one task serving every connection, in the connections nursery, so the
         drain deadline and a second SIGINT cut it as they cut connection tasks).
+      listeners: the frontend's listening sockets by port, for an upgrade
+        (SIGUSR2); None: this process does not upgrade (a worker, bpfproxy).
+      handover: set in a process started by an upgrade: told once this one
+        serves, which is also when it rewrites `pid_file` and sends MAINPID=.
+      pid_file: rewritten by a process started by an upgrade (the caller
+        writes it at a normal start, before dropping privileges, and removes it).
     """
     metrics = metrics or NullMetrics()
     stop_accepting = trio.CancelScope()
     cut_connections = trio.CancelScope()
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    upgrade = _Upgrade()
+    wanted = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
+    with trio.open_signal_receiver(*wanted) as signals:
         async with trio.open_nursery() as outer:
             with cut_connections:
                 async with trio.open_nursery() as connections:
@@ -170,8 +191,22 @@ async def run_service(
                         )
 
                     on_hup = reloader.request if supervisor is None else _ignore
+
+                    def on_usr2() -> None:
+                        if listeners is None:
+                            log.warning("SIGUSR2 ignored: %s", "a worker is upgraded by its "
+                                        "supervisor" if supervisor is not None else
+                                        f"{frontend.name} does not upgrade yet")  # fmt: skip
+                        elif upgrade.successor is not None or stop_accepting.cancel_called:
+                            log.info("SIGUSR2 ignored: this process is stopping")
+                        elif upgrade.in_flight:
+                            log.info("SIGUSR2 ignored: an upgrade is in flight")
+                        else:
+                            upgrade.in_flight = True
+                            outer.start_soon(_upgrade, upgrade, listeners, stop_accepting)
+
                     outer.start_soon(
-                        _handle_signals, signals, on_hup, stop_accepting, cut_connections
+                        _handle_signals, signals, on_hup, on_usr2, stop_accepting, cut_connections
                     )
                     if metrics_address is not None:
                         token = trio.lowlevel.current_trio_token()
@@ -188,7 +223,7 @@ async def run_service(
                             *metrics_address,
                             lambda: trio.from_thread.run_sync(snapshot, trio_token=token),
                         )
-                        outer.start_soon(_shut_down_on_exit, server)
+                        outer.start_soon(_shut_down_on_exit, server, upgrade.handed_over)
                     with stop_accepting:
                         async with trio.open_nursery() as control:
                             await control.start(proxy.health.run)
@@ -205,13 +240,18 @@ async def run_service(
                                 digest(data) if supervisor is None else "from the supervisor",
                                 max_connections,
                             )  # fmt: skip
-                            notifier.ready(status())
+                            if handover is not None:
+                                _take_over(handover, pid_file)
+                            notifier.ready(status(), main_pid=handover is not None)
                             outer.start_soon(notifier.watchdog, status)  # pings while draining too
                             task_status.started(proxy)
                     # accepting has stopped and every listener is closed
                     if proxy.engine is not None:
                         proxy.engine.drain()  # its task ends once no connection is left
-                    notifier.stopping(status())
+                    if upgrade.successor is None:
+                        notifier.stopping(status())
+                    else:  # the service goes on, in the new process
+                        notifier.disable()
                     if proxy.active_total:
                         log.info("draining %d connections for up to %gs",
                                  proxy.active_total, drain_timeout)  # fmt: skip
@@ -219,13 +259,55 @@ async def run_service(
             if proxy.active_total:
                 log.warning("closed %d connections still open at shutdown", proxy.active_total)
             outer.cancel_scope.cancel()
-    log.info("%s stopped", frontend.name)
+    if upgrade.successor is not None:
+        log.info("%s stopped (pid %d serves)", frontend.name, upgrade.successor)
+    else:
+        log.info("%s stopped", frontend.name)
 
 
-async def _shut_down_on_exit(server: Any) -> None:
-    """Stop the metrics server thread when the service ends (this task is cancelled)."""
+@dataclass
+class _Upgrade:
+    """Where this process is in an upgrade (rule 4)."""
+
+    in_flight: bool = False
+    successor: int | None = None  # the pid that took over: this process drains
+    handed_over: trio.Event = field(default_factory=trio.Event)  # set with `successor`
+
+
+async def _upgrade(
+    upgrade: _Upgrade,
+    listeners: Callable[[], dict[int, socket.socket]],
+    stop_accepting: trio.CancelScope,
+) -> None:
     try:
-        await trio.sleep_forever()
+        pid = await start_successor(listeners())
+    finally:
+        upgrade.in_flight = False
+    if pid is not None and stop_accepting.cancel_called:  # SIGTERM came meanwhile
+        log.info("upgrade: this process is stopping: stopping pid %d too", pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    elif pid is not None:
+        upgrade.successor = pid
+        upgrade.handed_over.set()
+        stop_accepting.cancel()  # the accept loops close our descriptors, not the sockets
+
+
+def _take_over(handover: Handover, pid_file: PidFile | None) -> None:
+    """A process started by an upgrade serves: name it in the pid file, tell the old one."""
+    if pid_file is not None:
+        try:
+            pid_file.write()
+        except OSError as exc:
+            log.warning("pid file %s not rewritten: %s", pid_file.path, exc)
+    handover.ready()
+
+
+async def _shut_down_on_exit(server: Any, handed_over: trio.Event) -> None:
+    """Stop the metrics server thread when the service ends (this task is cancelled),
+    or once an upgrade's new process serves (it serves /metrics and /status now)."""
+    try:
+        await handed_over.wait()
     finally:
         await stop_http(server)
 
@@ -237,12 +319,15 @@ def _ignore(why: str) -> None:
 async def _handle_signals(
     signals: AsyncIterator[int],
     on_hup: Callable[[str], None],
+    on_usr2: Callable[[], None],
     stop_accepting: trio.CancelScope,
     cut_connections: trio.CancelScope,
 ) -> None:
     async for signum in signals:
         if signum == signal.SIGHUP:
             on_hup("SIGHUP")
+        elif signum == signal.SIGUSR2:
+            on_usr2()
         elif not stop_accepting.cancel_called:
             log.info("%s: stopping", signal.Signals(signum).name)
             stop_accepting.cancel()

@@ -518,3 +518,18 @@ def test_a_draining_proxy_refuses_new_connections_at_once(lab: Deployment, bpffs
     established.close()
     assert proxy.proc.wait(TIMEOUT) == 0
     assert list(bpffs.glob("bpfproxy*")) == []
+
+
+def test_pid_file_and_sigusr2_not_supported_yet(lab: Deployment, tmp_path: Path) -> None:
+    """--pid-file names the process while it serves and is gone after SIGTERM;
+    SIGUSR2 (an upgrade, not yet for bpfproxy) is logged and changes nothing."""
+    a = lab.backend("a")
+    pid_file = tmp_path / "bpfproxy.pid"
+    proxy = lab.start([app("A", [7001], [a.address])], "--pid-file", str(pid_file))
+    assert pid_file.read_text() == f"{lab.pid}\n"
+    mark = proxy.mark()
+    proxy.send(signal.SIGUSR2)
+    proxy.wait_for(r"SIGUSR2 ignored: bpfproxy does not upgrade yet", start=mark)
+    assert lab.which(7001) == "a"
+    assert proxy.stop() == 0
+    assert not pid_file.exists()

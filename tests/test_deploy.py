@@ -46,6 +46,8 @@ def test_unit_uses_notify_reload_and_restart(unit: Path) -> None:
     assert keys["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert keys["Restart"] == "on-failure"
     assert keys["NoNewPrivileges"] == "yes"
+    assert keys["NotifyAccess"] == "all"  # an upgraded process sends MAINPID=
+    assert f"--pid-file {keys['PIDFile']}" in keys["ExecStart"]
     caps = set(keys["CapabilityBoundingSet"].split())
     if unit.name == "bpfproxy.service":
         assert {"CAP_BPF", "CAP_NET_ADMIN"} <= caps and "CAP_SYS_ADMIN" not in caps

@@ -139,7 +139,8 @@ class Supervisor:
             )
 
         startup_error: StartupError | None = None
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        wanted = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
+        with trio.open_signal_receiver(*wanted) as signals:
             async with trio.open_nursery() as nursery:
                 pool.nursery = nursery
                 try:
@@ -162,6 +163,10 @@ class Supervisor:
                     async for signum in signals:
                         if signum == signal.SIGHUP:
                             reloader.request("SIGHUP")
+                            continue
+                        if signum == signal.SIGUSR2:  # its default action would kill us
+                            log.warning("SIGUSR2 ignored: upgrades with --workers are not "
+                                        "supported yet; restart instead")  # fmt: skip
                             continue
                         log.info("%s: stopping %d workers", signal.Signals(signum).name,
                                  len(pool.workers))  # fmt: skip

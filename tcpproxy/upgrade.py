@@ -1,0 +1,214 @@
+"""Upgrade on SIGUSR2: start the new version and hand it the listening sockets.
+
+The old process (`start_successor`) starts its own command line again (the
+interpreter and the code are read from disk anew, so a newly installed
+version runs), with one end of a SOCK_SEQPACKET socket pair inherited; its
+number is in UPGRADE_FD_ENV. Over it go the listening sockets (SCM_RIGHTS,
+in batches of FDS_PER_MESSAGE, each with the ports it carries), then an end
+mark. The new process (`take_handover`) serves on them (binding only ports
+its config added), then says "ready" (`Handover.ready`).
+
+Rules:
+1. The old process stops accepting only after "ready". Before that, the
+   new one may fail in any way (bad config, crash, no answer within
+   READY_TIMEOUT): it is stopped (SIGTERM, SIGKILL after STOP_GRACE) and
+   the old one goes on as if nothing happened; the log says why.
+2. Both processes hold the same listening sockets (the same open file, not
+   copies): the accept queue is one, so a connection waiting in it is
+   accepted by one process or the other, never lost. The old one then
+   closes its descriptors; close(2) of one reference does not shut down a
+   socket another process still holds (shutdown(2) would: nothing here
+   calls it on a listener).
+3. One upgrade at a time (the caller keeps that).
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping
+
+import trio
+
+from tcpproxy.errors import StartupError
+
+__all__ = [
+    "READY_TIMEOUT",
+    "UPGRADE_FD_ENV",
+    "Handover",
+    "start_successor",
+    "successor_environment",
+    "take_handover",
+]
+
+log = logging.getLogger("tcpproxy")
+
+UPGRADE_FD_ENV = "TCPPROXY_UPGRADE_FD"  # set in the new process only: its end of the pair
+READY_TIMEOUT = 10.0  # seconds the new process may take to serve, or it is stopped
+STOP_GRACE = 5.0  # seconds a failed new process gets after SIGTERM before SIGKILL
+FDS_PER_MESSAGE = 200  # the kernel takes at most 253 descriptors in one message (SCM_MAX_FD)
+MESSAGE_SIZE = 65536  # bytes of one message: a batch of ports as JSON, or an answer
+READY = b"ready"
+
+
+def successor_argv() -> list[str]:
+    """This process's command line, with the interpreter named by its full path."""
+    return [sys.executable, *sys.orig_argv[1:]]
+
+
+def successor_environment(fd: int, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The new process's environment: ours, its end of the pair, and no WATCHDOG_PID
+    (systemd's names us: with it, the new process would think the watchdog is not
+    its own and send no pings once it is the main process)."""
+    env = dict(os.environ if environ is None else environ)
+    env.pop("WATCHDOG_PID", None)
+    env[UPGRADE_FD_ENV] = str(fd)
+    return env
+
+
+async def start_successor(sockets: Mapping[int, socket.socket]) -> int | None:
+    """Start the new process, hand it `sockets` (port -> listener), wait until it serves.
+
+    Returns its pid once it says it serves, or None (rule 1: it was stopped,
+    and the log says why).
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    env = successor_environment(theirs.fileno())
+    try:
+        process = await trio.lowlevel.open_process(
+            successor_argv(), pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL
+        )
+    except OSError as exc:
+        ours.close()
+        log.error("upgrade: cannot start the new process: %s", exc)
+        return None
+    finally:
+        theirs.close()
+    log.info("upgrade: started pid %d, handing it %d listening sockets", process.pid,
+             len(sockets))  # fmt: skip
+    channel = trio.socket.from_stdlib_socket(ours)
+    why = "it did not say it serves"
+    try:
+        with channel:
+            with trio.move_on_after(READY_TIMEOUT) as timer:
+                try:
+                    await _send_sockets(channel, sockets)
+                    answer = await channel.recv(MESSAGE_SIZE)
+                except OSError as exc:
+                    answer, why = b"", f"the socket pair failed: {exc}"
+                if answer == READY:
+                    log.info("upgrade: pid %d serves; this process (pid %d) stops accepting",
+                             process.pid, os.getpid())  # fmt: skip
+                    return process.pid
+                await process.wait()  # its end closed: it is exiting (said by its exit code)
+            if timer.cancelled_caught:
+                why = f"it did not serve within {READY_TIMEOUT:g}s"
+    except BaseException:  # this process ends meanwhile: it must not leave a half-started one
+        with trio.CancelScope(shield=True):
+            await _stop(process, "this process stopped during the upgrade")
+        raise
+    await _stop(process, why)
+    return None
+
+
+async def _send_sockets(
+    channel: trio.socket.SocketType, sockets: Mapping[int, socket.socket]
+) -> None:
+    items = sorted(sockets.items())
+    for start in range(0, len(items), FDS_PER_MESSAGE):
+        batch = items[start : start + FDS_PER_MESSAGE]
+        payload = json.dumps({"ports": [port for port, _ in batch]}).encode()
+        fds = [sock.fileno() for _, sock in batch]
+        await channel.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _pack(fds))])
+    await channel.send(json.dumps({"done": True}).encode())
+
+
+def _pack(fds: list[int]) -> bytes:
+    return array.array("i", fds).tobytes()
+
+
+async def _stop(process: trio.Process, why: str) -> None:
+    """Stop a new process that failed (rule 1), and say why."""
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+        with trio.move_on_after(STOP_GRACE):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        log.error("upgrade failed: pid %d was stopped: %s; this process goes on serving",
+                  process.pid, why)  # fmt: skip
+    else:
+        log.error("upgrade failed: pid %d exited with code %s before it served (its log "
+                  "says why); this process goes on serving", process.pid,
+                  process.returncode)  # fmt: skip
+
+
+class Handover:
+    """The new process's end: the sockets it was handed, and "ready" to send back.
+
+    Resource handling: owns the channel until `ready()` or `close()`; the
+    sockets are the caller's once taken.
+    """
+
+    def __init__(self, channel: socket.socket, sockets: dict[int, socket.socket]) -> None:
+        self._channel: socket.socket | None = channel
+        self.sockets = sockets
+
+    def ready(self) -> None:
+        """Tell the old process this one serves: it stops accepting and drains."""
+        if self._channel is not None:
+            try:
+                self._channel.send(READY)
+            except OSError as exc:  # the old process is gone: nobody else serves anyway
+                log.warning("upgrade: could not tell the old process: %s", exc)
+            self.close()
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+
+def take_handover(environ: dict[str, str] | None = None) -> Handover | None:
+    """In a process started by an upgrade: receive the listening sockets; else None.
+
+    Removes UPGRADE_FD_ENV from the environment, so that a later upgrade of
+    this process starts with a fresh pair.
+
+    Raises StartupError if the old process does not send them all (it stops this
+    one anyway).
+    """
+    env = os.environ if environ is None else environ
+    value = env.pop(UPGRADE_FD_ENV, None)
+    if value is None:
+        return None
+    channel = socket.socket(fileno=int(value))
+    os.set_inheritable(channel.fileno(), False)
+    sockets: dict[int, socket.socket] = {}
+    try:
+        while True:
+            data, fds, _flags, _address = socket.recv_fds(channel, MESSAGE_SIZE, FDS_PER_MESSAGE)
+            received = [socket.socket(fileno=fd) for fd in fds]
+            if not data:
+                raise OSError("the old process closed the socket pair")
+            message = json.loads(data)
+            if message.get("done"):
+                break
+            for port, sock in zip(message["ports"], received, strict=True):
+                sock.setblocking(False)
+                sockets[port] = sock
+    except BaseException as exc:
+        for sock in sockets.values():
+            sock.close()
+        channel.close()
+        if isinstance(exc, (OSError, ValueError, KeyError)):
+            raise StartupError(f"upgrade: receiving the listeners: {exc}") from None
+        raise
+    return Handover(channel, sockets)

@@ -1,0 +1,356 @@
+"""--pid-file and the upgrade on SIGUSR2: real processes, real sockets, clients under load."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tcpproxy.notify import Notifier
+from tcpproxy.upgrade import UPGRADE_FD_ENV, successor_environment
+from tests.helpers import (
+    TIMEOUT,
+    ProxyProcess,
+    app,
+    connect,
+    free_port,
+    recv_all,
+    recv_line,
+    tcpproxy_argv,
+    wait_until,
+    which_backend,
+    write_config,
+)
+
+LONG_LIVED = 5  # connections held through the upgrades
+SHORT_LOOPS = 4  # clients in a connect/send/receive/close loop
+MESSAGE_INTERVAL = 0.1  # seconds between a long-lived connection's messages
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie not yet reaped by its parent counts)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")
+
+
+def read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class Load:
+    """Short connections in loops and long-lived ones, counting every failure."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.stop = threading.Event()
+        self.short_ok = 0
+        self.failures: list[str] = []
+        self.long_messages = [0] * LONG_LIVED
+        self.end_long = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._short, daemon=True) for _ in range(SHORT_LOOPS)
+        ] + [threading.Thread(target=self._long, args=(i,), daemon=True) for i in range(LONG_LIVED)]
+
+    def _fail(self, what: str) -> None:
+        with self._lock:
+            self.failures.append(what)
+
+    def _short(self) -> None:
+        while not self.stop.is_set():
+            try:
+                with connect(self.port) as sock:
+                    sock.sendall(b"ping")
+                    sock.shutdown(socket.SHUT_WR)
+                    answer = recv_all(sock)
+                if answer != b"b1\nping":
+                    self._fail(f"short: answer {answer!r}")
+                else:
+                    with self._lock:
+                        self.short_ok += 1
+            except OSError as exc:
+                self._fail(f"short: {exc!r}")
+
+    def _long(self, index: int) -> None:
+        try:
+            with connect(self.port) as sock:
+                if recv_line(sock) != b"b1\n":
+                    self._fail(f"long {index}: no greeting")
+                    return
+                n = 0
+                while not self.end_long.is_set():
+                    message = f"{index}:{n}\n".encode()
+                    sock.sendall(message)
+                    got = b""
+                    while len(got) < len(message):
+                        chunk = sock.recv(len(message) - len(got))
+                        if not chunk:
+                            raise ConnectionError("closed by the proxy")
+                        got += chunk
+                    if got != message:
+                        self._fail(f"long {index}: {got!r} for {message!r}")
+                        return
+                    n += 1
+                    self.long_messages[index] = n
+                    time.sleep(MESSAGE_INTERVAL)
+        except OSError as exc:
+            self._fail(f"long {index}: {exc!r}")
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.end_long.set()
+        for thread in self._threads:
+            thread.join(TIMEOUT)
+
+
+@contextlib.contextmanager
+def proxy_with_pid_file(config: Path, pid_file: Path, *args: str) -> Iterator[ProxyProcess]:
+    """tcpproxy with --pid-file; every process it named is killed afterwards."""
+    proxy = ProxyProcess(tcpproxy_argv(config, "--pid-file", str(pid_file), *args))
+    seen: set[int] = {proxy.proc.pid}
+    try:
+        proxy.wait_for(r"tcpproxy started")
+        yield proxy
+    finally:
+        if (pid := read_pid(pid_file)) is not None:
+            seen.add(pid)
+        for line in proxy.lines:
+            if "upgrade: started pid " in line:
+                seen.add(int(line.split("upgrade: started pid ")[1].split(",")[0]))
+        for pid in seen - {proxy.proc.pid}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proxy.kill()
+
+
+def test_pid_file_names_the_process_and_is_removed_at_exit(config_path: Path, backends) -> None:
+    port = free_port()
+    write_config(config_path, [app("A", [port], [backends("b1").address])])
+    pid_file = config_path.parent / "tcpproxy.pid"
+    with proxy_with_pid_file(config_path, pid_file, "--user", "root") as proxy:
+        assert read_pid(pid_file) == proxy.proc.pid
+        assert which_backend(port) == "b1"
+        assert proxy.stop() == 0
+    assert not pid_file.exists()
+    assert not list(config_path.parent.glob(".tcpproxy.pid.*"))  # no temp file left
+
+
+def upgrade(proxy: ProxyProcess, pid_file: Path, *, twice: bool = False) -> int:
+    """SIGUSR2 to the process the pid file names; the new pid, once the old one let go.
+
+    `twice`: a second SIGUSR2 at once, which the upgrade in flight ignores."""
+    old = read_pid(pid_file)
+    assert old is not None
+    mark = proxy.mark()
+    os.kill(old, signal.SIGUSR2)
+    if twice:
+        proxy.wait_for(r"upgrade: started pid", start=mark)
+        os.kill(old, signal.SIGUSR2)
+        proxy.wait_for(r"SIGUSR2 ignored: an upgrade is in flight", start=mark)
+    match = proxy.wait_for(r"upgrade: pid (\d+) serves; this process \(pid (\d+)\)", start=mark)
+    new = int(match[1])
+    assert int(match[2]) == old
+    assert wait_until(lambda: read_pid(pid_file) == new)
+    return new
+
+
+def test_upgrade_under_load(config_path: Path, backends, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three upgrades in a row: no short connection fails, the long-lived ones go on
+    with the first process, each old process exits once drained. As nobody: the new
+    processes start unprivileged, and read the config in a private directory with
+    the CAP_DAC_READ_SEARCH they inherit."""
+    monkeypatch.delenv("TCPPROXY_USER", raising=False)  # conftest sets it to root
+    port, added, metrics = free_port(), free_port(), free_port()
+    write_config(config_path, [app("A", [port], [backends("b1").address])])
+    pid_file = config_path.parent / "tcpproxy.pid"
+    with proxy_with_pid_file(config_path, pid_file, "--metrics", f"127.0.0.1:{metrics}") as proxy:
+        proxy.wait_for(r"serving as uid 65534 .* with only CAP_DAC_READ_SEARCH")
+        first = proxy.proc.pid
+        load = Load(port)
+        load.start()
+        assert wait_until(lambda: all(load.long_messages) and load.short_ok > 20)
+        pids = [first]
+        for i in range(3):
+            before = load.short_ok
+            pids.append(upgrade(proxy, pid_file, twice=i == 0))
+            assert wait_until(lambda b=before: load.short_ok > b + 20)  # served meanwhile
+        newest = pids[-1]
+        # the processes in between had only short connections: they exit once drained
+        for pid in pids[1:-1]:
+            assert wait_until(lambda p=pid: gone(p)), proxy.output
+        # the first one still relays the long-lived connections
+        counts = list(load.long_messages)
+        assert wait_until(
+            lambda: all(n > c + 3 for n, c in zip(load.long_messages, counts, strict=True))
+        )
+        assert proxy.proc.poll() is None
+        # a config change after the upgrades is applied (by the newest process)
+        write_config(
+            config_path,
+            [
+                app("A", [port], [backends("b1").address]),
+                app("B", [added], [backends("b2").address]),
+            ],
+        )
+        assert wait_until(lambda: _reaches(added) == "b2"), proxy.output
+        load.finish()
+        assert load.failures == [], load.failures
+        assert proxy.proc.wait(TIMEOUT) == 0  # drained: its long-lived connections ended
+        assert read_pid(pid_file) == newest
+        assert not gone(newest)
+        assert wait_until(lambda: _status_pid(metrics) == newest)  # it serves /status too
+        assert _status(newest)["Uid"].split()[0] == "65534"
+        assert which_backend(port) == "b1"
+        os.kill(newest, signal.SIGTERM)
+        assert wait_until(lambda: gone(newest))
+    out = proxy.output
+    assert out.count("tcpproxy stopped (pid ") == 3, out  # the second SIGUSR2 started none
+    assert out.count("upgrade: started pid") == 3, out
+    assert "Traceback" not in out, out
+
+
+def _status_pid(port: int) -> int | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=TIMEOUT) as r:
+            return json.load(r)["pid"]
+    except OSError:
+        return None
+
+
+def _status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+def _reaches(port: int) -> str | None:
+    try:
+        return which_backend(port)
+    except OSError:
+        return None
+
+
+def test_failing_upgrade_keeps_the_old_process(config_path: Path, backends) -> None:
+    """The config is made invalid on disk, then SIGUSR2: the new process refuses
+    it and exits; the old one goes on serving, and no connection fails."""
+    port = free_port()
+    write_config(config_path, [app("A", [port], [backends("b1").address])])
+    pid_file = config_path.parent / "tcpproxy.pid"
+    with proxy_with_pid_file(config_path, pid_file) as proxy:
+        load = Load(port)
+        load.start()
+        assert wait_until(lambda: all(load.long_messages) and load.short_ok > 20)
+        mark = proxy.mark()
+        config_path.write_text('{"Apps": [{"Name": "A", "Ports": ["not a port"]}]}')
+        proxy.wait_for(r"rejected|invalid", start=mark)  # the running one keeps its config
+        proxy.send(signal.SIGUSR2)
+        proxy.wait_for(r"upgrade failed: pid \d+ exited with code 2", start=mark)
+        again = proxy.mark()
+        proxy.send(signal.SIGUSR2)  # a new try, after the failure, fails the same way
+        proxy.wait_for(r"upgrade failed: pid \d+ exited", start=again)
+        before = load.short_ok
+        assert wait_until(lambda: load.short_ok > before + 20)
+        load.finish()
+        assert load.failures == [], load.failures
+        assert read_pid(pid_file) == proxy.proc.pid
+        assert proxy.stop() == 0
+
+
+def test_workers_ignore_sigusr2_for_now(config_path: Path, backends) -> None:
+    """With --workers the supervisor does not upgrade yet: SIGUSR2 (whose default
+    action would kill it) is logged and ignored; the pid file names the supervisor."""
+    port = free_port()
+    write_config(config_path, [app("A", [port], [backends("b1").address])])
+    pid_file = config_path.parent / "tcpproxy.pid"
+    with proxy_with_pid_file(config_path, pid_file, "--workers", "2") as proxy:
+        assert read_pid(pid_file) == proxy.proc.pid
+        mark = proxy.mark()
+        proxy.send(signal.SIGUSR2)
+        proxy.wait_for(r"SIGUSR2 ignored: upgrades with --workers are not supported", start=mark)
+        assert which_backend(port) == "b1"
+        assert proxy.stop() == 0
+    assert not pid_file.exists()
+
+
+def test_the_new_process_pings_the_watchdog() -> None:
+    """systemd's WATCHDOG_PID names the old process: the new one's environment
+    leaves it out, so it pings (from READY=1 and MAINPID= on, it is the main one)."""
+    ours = {"NOTIFY_SOCKET": "/run/notify", "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}
+    env = successor_environment(7, ours)
+    assert env[UPGRADE_FD_ENV] == "7" and "WATCHDOG_PID" not in env
+    assert Notifier(env).watchdog_interval == 15.0
+    assert Notifier(ours).watchdog_interval is None  # as it would be with the old pid
+
+
+def test_systemd_hears_the_new_main_pid(tmp_path: Path, backends) -> None:
+    """Under systemd (a fake NOTIFY_SOCKET, with the sender's pid from SO_PASSCRED):
+    the new process sends READY=1 with MAINPID= and from then on the watchdog
+    pings; the old one says nothing more, not even STOPPING=1."""
+    port = free_port()
+    config = tmp_path / "config.json"
+    write_config(config, [app("A", [port], [backends("b1").address])])
+    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    systemd.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    systemd.bind(str(tmp_path / "notify.sock"))
+    systemd.settimeout(TIMEOUT)
+
+    def receive() -> tuple[int, dict[str, str]]:
+        data, ancillary, _flags, _address = systemd.recvmsg(4096, socket.CMSG_SPACE(12))
+        pid = next(int.from_bytes(d[:4], "little") for *_, d in ancillary)
+        return pid, dict(line.split("=", 1) for line in data.decode().splitlines())
+
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000"}
+    pid_file = tmp_path / "tcpproxy.pid"
+    proxy = ProxyProcess(tcpproxy_argv(config, "--pid-file", str(pid_file)), env=env)
+    new = None
+    try:
+        sender, fields = receive()
+        assert sender == proxy.proc.pid and fields["READY"] == "1"
+        assert "MAINPID" not in fields
+        proxy.send(signal.SIGUSR2)
+        while "READY" not in fields or sender == proxy.proc.pid:
+            sender, fields = receive()
+        new = sender
+        assert fields["MAINPID"] == str(new) and new != proxy.proc.pid
+        assert proxy.proc.wait(TIMEOUT) == 0  # no connection to drain
+        systemd.setblocking(False)  # forget what was sent before it exited
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                sender, fields = receive()
+                assert "STOPPING" not in fields, (sender, fields)
+        systemd.settimeout(TIMEOUT)
+        pings = set()
+        while len(pings) < 3:  # a ping each 0.2 s, all from the new process
+            sender, fields = receive()
+            assert "STOPPING" not in fields, (sender, fields)
+            if "WATCHDOG" in fields:
+                pings.add((sender, time.monotonic()))
+        assert {pid for pid, _ in pings} == {new}
+        os.kill(new, signal.SIGTERM)
+        while "STOPPING" not in fields:
+            sender, fields = receive()
+        assert sender == new
+        assert wait_until(lambda: gone(new))
+    finally:
+        if new is not None and not gone(new):
+            os.kill(new, signal.SIGKILL)
+        proxy.kill()
+        systemd.close()
