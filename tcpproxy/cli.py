@@ -26,9 +26,9 @@ from tcpproxy.port_listeners import PortListeners
 from tcpproxy.port_plan import TcpPlan
 from tcpproxy.privileges import (
     CAP_NET_BIND_SERVICE,
-    capability_sets,
     check_access,
     drop_privileges,
+    inherited_capabilities,
     target_account,
     unprivileged_port_start,
 )
@@ -102,7 +102,7 @@ def command(
     data, config = read_config(config_path, bind=bind, max_connections=limit)
     keep = (*reading, *_low_port_capability(config, metrics_address))
     if handover is not None:
-        keep = _inherited_capabilities()
+        keep = inherited_capabilities()
     if workers > 1:
         plan = TcpPlan(bind, _options(ctx, math.ceil(limit / workers)), workers)
         plan.check(Config(apps=()), config)
@@ -139,13 +139,6 @@ def command(
     finally:
         pids.remove()
     return 0
-
-
-def _inherited_capabilities() -> tuple[int, ...]:
-    """What a process started by an upgrade keeps: what its predecessor kept (ambient,
-    so inherited), no more: it starts unprivileged and binds only as that user."""
-    permitted = capability_sets()["CapPrm"]
-    return tuple(cap for cap in range(64) if permitted & (1 << cap))
 
 
 def _low_port_capability(config: Config, metrics_address: str | None) -> tuple[int, ...]:

@@ -45,6 +45,7 @@ __all__ = [
     "capability_sets",
     "check_access",
     "drop_privileges",
+    "inherited_capabilities",
     "target_account",
     "unprivileged_port_start",
 ]
@@ -246,6 +247,13 @@ def _capset(caps: int, inheritable: int) -> None:
     if _libc.capset(ctypes.byref(header), data) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"capset: {os.strerror(err)}")
+
+
+def inherited_capabilities() -> tuple[int, ...]:
+    """What a process started by an upgrade keeps: what its predecessor kept (ambient,
+    so inherited), no more: it starts unprivileged and binds only as that user."""
+    permitted = capability_sets()["CapPrm"]
+    return tuple(cap for cap in range(64) if permitted & (1 << cap))
 
 
 def drop_privileges(

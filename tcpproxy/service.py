@@ -56,6 +56,7 @@ __all__ = [
     "DEFAULT_DRAIN_TIMEOUT",
     "DEFAULT_MAX_CONNECTIONS",
     "Frontend",
+    "UpgradeState",
     "run_service",
 ]
 
@@ -124,6 +125,7 @@ async def run_service(
     bind: str | None = None,
     engine: str = "epoll",
     listeners: Callable[[], dict[int, socket.socket]] | None = None,
+    state: UpgradeState | None = None,
     handover: Handover | None = None,
     pid_file: PidFile | None = None,
     task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED,
@@ -148,7 +150,10 @@ async def run_service(
         one task serving every connection, in the connections nursery, so the
         drain deadline and a second SIGINT cut it as they cut connection tasks).
       listeners: the frontend's listening sockets by port, for an upgrade
-        (SIGUSR2); None: this process does not upgrade (a worker, bpfproxy).
+        (SIGUSR2); None: this process does not upgrade (a worker, bpfproxy
+        with --workers).
+      state: what an upgrade hands over besides the listeners, and who is told
+        how it ended (bpfproxy: its BPF descriptors; see UpgradeState).
       handover: set in a process started by an upgrade: told once this one
         serves, which is also when it rewrites `pid_file` and sends MAINPID=.
       pid_file: rewritten by a process started by an upgrade (the caller
@@ -203,7 +208,7 @@ async def run_service(
                             log.info("SIGUSR2 ignored: an upgrade is in flight")
                         else:
                             upgrade.in_flight = True
-                            outer.start_soon(_upgrade, upgrade, listeners, stop_accepting)
+                            outer.start_soon(_upgrade, upgrade, listeners, state, stop_accepting)
 
                     outer.start_soon(
                         _handle_signals, signals, on_hup, on_usr2, stop_accepting, cut_connections
@@ -274,20 +279,35 @@ class _Upgrade:
     handed_over: trio.Event = field(default_factory=trio.Event)  # set with `successor`
 
 
+class UpgradeState(Protocol):
+    """What a frontend hands over besides its listeners (bpfproxy: the BPF state)."""
+
+    def fds(self) -> dict[str, int]:
+        """Descriptors by name, still ours (the new process gets its own references)."""
+
+    def upgraded(self, succeeded: bool) -> None:
+        """Called once the upgrade ended: True (before this process stops accepting),
+        the state is the new process's now; False, it is still ours."""
+
+
 async def _upgrade(
     upgrade: _Upgrade,
     listeners: Callable[[], dict[int, socket.socket]],
+    state: UpgradeState | None,
     stop_accepting: trio.CancelScope,
 ) -> None:
     try:
-        pid = await start_successor(listeners())
+        pid = await start_successor(listeners(), state.fds() if state is not None else None)
     finally:
         upgrade.in_flight = False
     if pid is not None and stop_accepting.cancel_called:  # SIGTERM came meanwhile
         log.info("upgrade: this process is stopping: stopping pid %d too", pid)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-    elif pid is not None:
+        pid = None
+    if state is not None:
+        state.upgraded(pid is not None)
+    if pid is not None:
         upgrade.successor = pid
         upgrade.handed_over.set()
         stop_accepting.cancel()  # the accept loops close our descriptors, not the sockets

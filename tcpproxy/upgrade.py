@@ -4,9 +4,11 @@ The old process (`start_successor`) starts its own command line again (the
 interpreter and the code are read from disk anew, so a newly installed
 version runs), with one end of a SOCK_SEQPACKET socket pair inherited; its
 number is in UPGRADE_FD_ENV. Over it go the listening sockets (SCM_RIGHTS,
-in batches of FDS_PER_MESSAGE, each with the ports it carries), then an end
-mark. The new process (`take_handover`) serves on them (binding only ports
-its config added), then says "ready" (`Handover.ready`).
+in batches of FDS_PER_MESSAGE, each with the ports it carries), then any
+other descriptors the new process needs, by name (bpfproxy: its BPF program,
+maps, link and instance lock), then an end mark. The new process
+(`take_handover`) serves on them (binding only ports its config added), then
+says "ready" (`Handover.ready`).
 
 Rules:
 1. The old process stops accepting only after "ready". Before that, the
@@ -25,6 +27,7 @@ Rules:
 from __future__ import annotations
 
 import array
+import contextlib
 import json
 import logging
 import os
@@ -72,8 +75,11 @@ def successor_environment(fd: int, environ: Mapping[str, str] | None = None) -> 
     return env
 
 
-async def start_successor(sockets: Mapping[int, socket.socket]) -> int | None:
-    """Start the new process, hand it `sockets` (port -> listener), wait until it serves.
+async def start_successor(
+    sockets: Mapping[int, socket.socket], fds: Mapping[str, int] | None = None
+) -> int | None:
+    """Start the new process, hand it `sockets` (port -> listener) and `fds` (name ->
+    descriptor, still ours: the new process gets its own references), wait until it serves.
 
     Returns its pid once it says it serves, or None (rule 1: it was stopped,
     and the log says why).
@@ -98,7 +104,7 @@ async def start_successor(sockets: Mapping[int, socket.socket]) -> int | None:
         with channel:
             with trio.move_on_after(READY_TIMEOUT) as timer:
                 try:
-                    await _send_sockets(channel, sockets)
+                    await _send_sockets(channel, sockets, fds or {})
                     answer = await channel.recv(MESSAGE_SIZE)
                 except OSError as exc:
                     answer, why = b"", f"the socket pair failed: {exc}"
@@ -118,13 +124,21 @@ async def start_successor(sockets: Mapping[int, socket.socket]) -> int | None:
 
 
 async def _send_sockets(
-    channel: trio.socket.SocketType, sockets: Mapping[int, socket.socket]
+    channel: trio.socket.SocketType,
+    sockets: Mapping[int, socket.socket],
+    named: Mapping[str, int],
 ) -> None:
     items = sorted(sockets.items())
     for start in range(0, len(items), FDS_PER_MESSAGE):
         batch = items[start : start + FDS_PER_MESSAGE]
         payload = json.dumps({"ports": [port for port, _ in batch]}).encode()
         fds = [sock.fileno() for _, sock in batch]
+        await channel.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _pack(fds))])
+    others = sorted(named.items())
+    for start in range(0, len(others), FDS_PER_MESSAGE):
+        batch2 = others[start : start + FDS_PER_MESSAGE]
+        payload = json.dumps({"names": [name for name, _ in batch2]}).encode()
+        fds = [fd for _, fd in batch2]
         await channel.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _pack(fds))])
     await channel.send(json.dumps({"done": True}).encode())
 
@@ -151,15 +165,22 @@ async def _stop(process: trio.Process, why: str) -> None:
 
 
 class Handover:
-    """The new process's end: the sockets it was handed, and "ready" to send back.
+    """The new process's end: the sockets it was handed, other descriptors by name
+    (`fds`), and "ready" to send back.
 
     Resource handling: owns the channel until `ready()` or `close()`; the
-    sockets are the caller's once taken.
+    sockets and `fds` are the caller's once taken.
     """
 
-    def __init__(self, channel: socket.socket, sockets: dict[int, socket.socket]) -> None:
+    def __init__(
+        self,
+        channel: socket.socket,
+        sockets: dict[int, socket.socket],
+        fds: dict[str, int] | None = None,
+    ) -> None:
         self._channel: socket.socket | None = channel
         self.sockets = sockets
+        self.fds = fds if fds is not None else {}
 
     def ready(self) -> None:
         """Tell the old process this one serves: it stops accepting and drains."""
@@ -177,7 +198,8 @@ class Handover:
 
 
 def take_handover(environ: dict[str, str] | None = None) -> Handover | None:
-    """In a process started by an upgrade: receive the listening sockets; else None.
+    """In a process started by an upgrade: receive the listening sockets (and any
+    named descriptors); else None.
 
     Removes UPGRADE_FD_ENV from the environment, so that a later upgrade of
     this process starts with a fresh pair.
@@ -192,23 +214,39 @@ def take_handover(environ: dict[str, str] | None = None) -> Handover | None:
     channel = socket.socket(fileno=int(value))
     os.set_inheritable(channel.fileno(), False)
     sockets: dict[int, socket.socket] = {}
+    named: dict[str, int] = {}
+    pending: list[int] = []  # received, not yet in `sockets` or `named`
     try:
         while True:
-            data, fds, _flags, _address = socket.recv_fds(channel, MESSAGE_SIZE, FDS_PER_MESSAGE)
-            received = [socket.socket(fileno=fd) for fd in fds]
+            data, pending, _flags, _address = socket.recv_fds(
+                channel, MESSAGE_SIZE, FDS_PER_MESSAGE
+            )
             if not data:
                 raise OSError("the old process closed the socket pair")
             message = json.loads(data)
             if message.get("done"):
                 break
+            if "names" in message:
+                if len(message["names"]) != len(pending):
+                    raise ValueError("descriptors missing from a message")
+                for name, fd in zip(message["names"], pending, strict=True):
+                    os.set_inheritable(fd, False)
+                    named[name] = fd
+                pending = []
+                continue
+            received = [socket.socket(fileno=fd) for fd in pending]
+            pending = []
             for port, sock in zip(message["ports"], received, strict=True):
                 sock.setblocking(False)
                 sockets[port] = sock
     except BaseException as exc:
         for sock in sockets.values():
             sock.close()
+        for fd in [*named.values(), *pending]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
         channel.close()
         if isinstance(exc, (OSError, ValueError, KeyError)):
             raise StartupError(f"upgrade: receiving the listeners: {exc}") from None
         raise
-    return Handover(channel, sockets)
+    return Handover(channel, sockets, named)

@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -55,8 +55,11 @@ def read_pid(path: Path) -> int | None:
 class Load:
     """Short connections in loops and long-lived ones, counting every failure."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(
+        self, port: int, make_socket: Callable[[int], socket.socket] | None = None
+    ) -> None:
         self.port = port
+        self.make_socket = make_socket  # where clients connect from (a netns); None: here
         self.stop = threading.Event()
         self.short_ok = 0
         self.failures: list[str] = []
@@ -74,7 +77,7 @@ class Load:
     def _short(self) -> None:
         while not self.stop.is_set():
             try:
-                with connect(self.port) as sock:
+                with connect(self.port, make_socket=self.make_socket) as sock:
                     sock.sendall(b"ping")
                     sock.shutdown(socket.SHUT_WR)
                     answer = recv_all(sock)
@@ -88,7 +91,7 @@ class Load:
 
     def _long(self, index: int) -> None:
         try:
-            with connect(self.port) as sock:
+            with connect(self.port, make_socket=self.make_socket) as sock:
                 if recv_line(sock) != b"b1\n":
                     self._fail(f"long {index}: no greeting")
                     return
