@@ -36,14 +36,18 @@ from tcpproxy.privileges import (
     Account,
     check_access,
     drop_privileges,
+    inherited_capabilities,
     target_account,
 )
 from tcpproxy.service import run_service
+from tcpproxy.upgrade import Handover, take_handover
 from tcpproxy.workers.link import SupervisorLink
 from tcpproxy.workers.supervisor import Supervisor
 
 if TYPE_CHECKING:
     from bpfproxy.pinning import Instance
+    from tcpproxy.config import Config
+    from tcpproxy.metrics import NullMetrics
 
 __all__ = ["command", "main"]
 
@@ -147,6 +151,12 @@ def command(
     from bpfproxy.loader import check_environment, compile_check
 
     name = instance or default_instance(listen_port)
+    handover = take_handover() if workers == 1 and not (check or release) else None
+    if handover is not None:  # started by an upgrade: the state comes with the listener
+        return _run_handed_over(
+            handover, config_path, listen_port, bind, bpffs, name, user, drain_timeout,
+            max_connections, metrics_address, pid_file, splice, engine,
+        )  # fmt: skip
     try:
         if check:
             compile_check()
@@ -195,20 +205,14 @@ def command(
             dispatcher = pins.dispatcher(listener) if pins else Dispatcher(listener)
             stack.callback(dispatcher.close)  # runs before listener.close: unsteer first
             metrics, address = metrics_for(metrics_address)
-            frontend = SteeredListener(listener, dispatcher, listen_port, metrics)
+            frontend = SteeredListener(listener, dispatcher, listen_port, metrics, pins)
             frontend.steer(config)
-            _write_pid_file(stack, pid_file, account)
-            _drop(pins, account, keep)
+            pids = _write_pid_file(stack, pid_file, account)
+            # ambient: the process an upgrade starts (SIGUSR2) keeps the same, no more
+            _drop(pins, account, keep, ambient=keep)
             _serving(pins)
-            trio.run(
-                lambda: run_service(
-                    config_path, data, config, frontend, drain_timeout=drain_timeout,
-                    max_connections=limit, use_splice=splice, metrics=metrics,
-                    metrics_address=address, listen_ports=frozenset({listen_port}), bind=bind,
-                    engine=engine,
-                )
-            )  # fmt: skip
-            _stopped_cleanly(pins)
+            _serve(config_path, data, config, frontend, pins, pids, None, drain_timeout,
+                   limit, splice, metrics, address, listen_port, bind, engine)  # fmt: skip
     except SteeringError as exc:
         raise StartupError(str(exc)) from None
     return 0
@@ -216,11 +220,108 @@ def command(
 
 def _write_pid_file(
     stack: contextlib.ExitStack, path: Path | None, account: Account | None
-) -> None:
+) -> PidFile:
     """Once set up, before the drop (tcpproxy.pidfile); removed when `stack` closes."""
     pids = PidFile(path)
     pids.write_at_start(account.uid if account is not None else None)
     stack.callback(pids.remove)
+    return pids
+
+
+def _serve(
+    config_path: Path,
+    data: bytes,
+    config: Config,
+    frontend: SteeredListener,
+    pins: Instance | None,
+    pids: PidFile,
+    handover: Handover | None,
+    drain_timeout: float,
+    limit: int,
+    splice: bool,
+    metrics: NullMetrics,
+    address: tuple[str, int] | None,
+    listen_port: int,
+    bind: str | None,
+    engine: str,
+) -> None:
+    """Serve until stopped or upgraded; a clean stop unpins, a hand-over does not (the
+    state is the new process's)."""
+    trio.run(
+        lambda: run_service(
+            config_path, data, config, frontend, drain_timeout=drain_timeout,
+            max_connections=limit, use_splice=splice, metrics=metrics,
+            metrics_address=address, listen_ports=frozenset({listen_port}), bind=bind,
+            engine=engine, listeners=frontend.sockets, state=frontend, handover=handover,
+            pid_file=pids,
+        )
+    )  # fmt: skip
+    if not frontend.handed_over:
+        _stopped_cleanly(pins)
+
+
+def _run_handed_over(
+    handover: Handover,
+    config_path: Path,
+    listen_port: int,
+    bind: str | None,
+    bpffs: str,
+    name: str,
+    user: str | None,
+    drain_timeout: float,
+    max_connections: int | None,
+    metrics_address: str | None,
+    pid_file: Path | None,
+    splice: bool,
+    engine: str,
+) -> int:
+    """A process started by an upgrade (SIGUSR2): unprivileged from the start, it
+    validates its config, takes the listener and the BPF state it was handed
+    (bpfproxy.handover: no compile, no capability, no bpffs), diffs the port map
+    to its config and serves; the old process drains once it says so."""
+    from bpfproxy.errors import SteeringError
+    from bpfproxy.handover import adopt
+
+    with contextlib.ExitStack() as stack:
+        stack.callback(handover.close)  # not ready: the old process goes on serving
+        stack.callback(_close_all, handover)
+        try:
+            account = target_account(user)
+            code = [*serving_code(), Path(__file__).parent]
+            check_access(account, config_path, code, chosen=user is not None)
+            limit = fit_connection_limit(max_connections)
+            data, config = read_config(config_path, (listen_port,), bind, limit)
+            check_listen_port(listen_port, config)
+            listener = handover.sockets.pop(listen_port, None)
+            if listener is None:
+                raise StartupError(f"upgrade: the old process did not hand over port {listen_port}")
+            stack.callback(listener.close)
+            fds, handover.fds = handover.fds, {}
+            pins, dispatcher = adopt(fds, listener, bpffs, name)
+        except SteeringError as exc:
+            raise StartupError(str(exc)) from None
+        if pins is not None:
+            stack.callback(pins.close)  # unpins only after a clean stop (_serve)
+        stack.callback(dispatcher.close)
+        metrics, address = metrics_for(metrics_address)
+        frontend = SteeredListener(listener, dispatcher, listen_port, metrics, pins)
+        frontend.steer(config)
+        pids = PidFile(pid_file)  # rewritten once serving (run_service), as this user
+        stack.callback(pids.remove)
+        keep = inherited_capabilities()
+        drop_privileges(None, keep, ambient=keep)
+        _serve(config_path, data, config, frontend, pins, pids, handover, drain_timeout,
+               limit, splice, metrics, address, listen_port, bind, engine)  # fmt: skip
+    return 0
+
+
+def _close_all(handover: Handover) -> None:
+    """Whatever the hand-over brought that nothing took (closed, not shut down)."""
+    for sock in handover.sockets.values():
+        sock.close()
+    for fd in handover.fds.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _open_pins(bpffs: str, name: str) -> Instance | None:

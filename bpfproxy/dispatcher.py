@@ -194,6 +194,12 @@ class Dispatcher:
         """The link's descriptor, -1 if not attached (still the Dispatcher's)."""
         return self._link_fd
 
+    def resync(self) -> None:
+        """Believe the port map again (another process may have changed it: an upgrade
+        that failed after its diff), so the next set_ports diffs against it."""
+        self._check_open()
+        self._ports = self._read_ports()
+
     def _read_ports(self) -> frozenset[int]:
         """The ports the map holds (a map taken over from a pin holds the last run's)."""
         keys = bpfsys.map_keys(self._ports_fd, _PORT_KEY.size)

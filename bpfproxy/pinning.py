@@ -221,6 +221,22 @@ class Instance:
             os.close(fd)  # locked a directory a clean stop has just removed: again
         raise SteeringError(f"{instance.path} keeps disappearing: is another bpfproxy stopping?")
 
+    @classmethod
+    def adopt(cls, root: str, name: str, lock_fd: int) -> Instance:
+        """The instance an upgrade handed over: ``lock_fd`` is the old process's locked
+        directory (the same open file, so the same flock). The state is reused, not
+        ours to unpin until a clean stop says so."""
+        instance = cls(root, name)
+        instance._lock_fd = lock_fd
+        instance.reused = True
+        instance.unpin_at_close = False
+        return instance
+
+    @property
+    def lock_fd(self) -> int:
+        """The locked directory's descriptor (-1 once closed), for an upgrade."""
+        return self._lock_fd
+
     def load(self, listener: socket.socket) -> tuple[Program, int | None]:
         """The program to steer with, and the link to adopt (None: attach a new one).
 

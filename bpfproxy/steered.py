@@ -5,16 +5,21 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from typing import TYPE_CHECKING
 
 import trio
 
 from bpfproxy.dispatcher import Dispatcher
 from bpfproxy.errors import SteeringError
+from bpfproxy.handover import state_fds
 from tcpproxy.config import Config
 from tcpproxy.diff import format_ports
 from tcpproxy.errors import StartupError
 from tcpproxy.metrics import NullMetrics
 from tcpproxy.proxy import Proxy
+
+if TYPE_CHECKING:
+    from bpfproxy.pinning import Instance
 
 __all__ = ["SharedListener", "SteeredListener", "check_listen_port"]
 
@@ -58,7 +63,9 @@ class SteeredListener(SharedListener):
 
     Resource handling: owns neither the socket nor the dispatcher (the CLI
     opens and closes both, dispatcher first so no port stays captured);
-    `serve()` accepts until cancelled.
+    `serve()` accepts until cancelled. After an upgrade handed the state over
+    (`handed_over`), nothing here touches the maps again: they are the new
+    process's.
     """
 
     name = "bpfproxy"
@@ -69,11 +76,37 @@ class SteeredListener(SharedListener):
         dispatcher: Dispatcher,
         listen_port: int,
         metrics: NullMetrics | None = None,
+        pins: Instance | None = None,
     ) -> None:
         super().__init__(listener)
         self._dispatcher = dispatcher
         self._metrics = metrics or NullMetrics()
         self._listen_port = listen_port
+        self._pins = pins
+        self._config: Config | None = None
+        self.handed_over = False
+
+    def sockets(self) -> dict[int, socket.socket]:
+        """The one listener, for an upgrade (tcpproxy.upgrade)."""
+        return {self._listen_port: self._listener}
+
+    def fds(self) -> dict[str, int]:
+        """The BPF descriptors an upgrade hands over (bpfproxy.handover)."""
+        return state_fds(self._dispatcher, self._pins)
+
+    def upgraded(self, succeeded: bool) -> None:
+        """After an upgrade: the state is the new process's (leave the maps, the hold
+        flag and the pins alone), or, if it failed, ours again: the new process may
+        have diffed the port map to its config, so it is brought back to ours."""
+        if succeeded:
+            self.handed_over = True
+            return
+        self._dispatcher.resync()
+        if self._config is not None:
+            try:
+                self.steer(self._config)
+            except StartupError as exc:
+                log.error("upgrade failed and the port map could not be restored: %s", exc)
 
     async def serve(
         self, proxy: Proxy, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -84,7 +117,8 @@ class SteeredListener(SharedListener):
         try:
             await super().serve(proxy, task_status=task_status)
         except trio.Cancelled:
-            self._dispatcher.set_hold(False)
+            if not self.handed_over:  # else the new process serves: SYNs stay held
+                self._dispatcher.set_hold(False)
             raise
 
     def steer(self, config: Config) -> None:
@@ -94,6 +128,7 @@ class SteeredListener(SharedListener):
             added, removed = self._dispatcher.set_ports(config.ports)
         except SteeringError as exc:
             raise StartupError(f"port map: {exc}") from None
+        self._config = config
         elapsed = (time.perf_counter() - started) * 1000
         self._metrics.steered_ports(len(self._dispatcher.ports))
         if added or removed:

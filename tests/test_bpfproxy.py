@@ -7,6 +7,7 @@ its clients all live in a network namespace the test creates and removes.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import json
 import os
@@ -38,6 +39,7 @@ from tests.helpers import (
     write_config,
 )
 from tests.netns import NetNS
+from tests.test_upgrade import Load, gone, read_pid, upgrade
 
 pytestmark = pytest.mark.bpf
 
@@ -520,16 +522,142 @@ def test_a_draining_proxy_refuses_new_connections_at_once(lab: Deployment, bpffs
     assert list(bpffs.glob("bpfproxy*")) == []
 
 
-def test_pid_file_and_sigusr2_not_supported_yet(lab: Deployment, tmp_path: Path) -> None:
-    """--pid-file names the process while it serves and is gone after SIGTERM;
-    SIGUSR2 (an upgrade, not yet for bpfproxy) is logged and changes nothing."""
+def test_pid_file_names_the_process_and_is_removed_at_exit(lab: Deployment, tmp_path: Path) -> None:
+    """--pid-file names the process while it serves and is gone after SIGTERM."""
     a = lab.backend("a")
     pid_file = tmp_path / "bpfproxy.pid"
     proxy = lab.start([app("A", [7001], [a.address])], "--pid-file", str(pid_file))
     assert pid_file.read_text() == f"{lab.pid}\n"
-    mark = proxy.mark()
-    proxy.send(signal.SIGUSR2)
-    proxy.wait_for(r"SIGUSR2 ignored: bpfproxy does not upgrade yet", start=mark)
     assert lab.which(7001) == "a"
     assert proxy.stop() == 0
     assert not pid_file.exists()
+
+
+# --------------------------------------------------------------------------- upgrade (SIGUSR2)
+
+
+@pytest.fixture
+def upgrade_lab(netns: NetNS) -> Iterator[Deployment]:
+    """A deployment whose config nobody can read (pytest's tmp dirs are root's, 700),
+    started with --user nobody: the processes an upgrade starts are nobody from the
+    start, with no capability."""
+    readable = Path(tempfile.mkdtemp(prefix="bpfproxy-upgrade-"))
+    readable.chmod(0o755)
+    d = Deployment("bpfproxy", readable / "config.json", netns)
+    try:
+        yield d
+    finally:
+        d.close()
+        shutil.rmtree(readable)
+
+
+@contextlib.contextmanager
+def every_process_killed(proxy: ProxyProcess, pid_file: Path) -> Iterator[None]:
+    """Whatever an upgrade started is killed after the test, whatever happened."""
+    try:
+        yield
+    finally:
+        seen = {pid} if (pid := read_pid(pid_file)) is not None else set()
+        for line in proxy.lines:
+            if "upgrade: started pid " in line:
+                seen.add(int(line.split("upgrade: started pid ")[1].split(",")[0]))
+        for pid in seen - {proxy.proc.pid}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            wait_until(lambda p=pid: gone(p))
+
+
+def cap_eff_and_uid(pid: int) -> tuple[int, str]:
+    fields = dict(
+        line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return int(fields["CapEff"], 16), fields["Uid"].split()[0]
+
+
+def test_upgrade_under_load(upgrade_lab: Deployment, bpffs: Path) -> None:
+    """Three SIGUSR2 in a row under load: no short connection fails, the long-lived ones
+    go on with the first process, each old process exits once drained, without
+    unpinning; the new ones compile nothing, hold no capability, and steer a config
+    change; a clean stop of the newest releases every port and pin."""
+    lab = upgrade_lab
+    b1, b2 = lab.backend("b1"), lab.backend("b2")
+    instance = instance_name()
+    pid_file = lab.config_path.parent / "bpfproxy.pid"  # where nobody can rewrite it
+    args = (*pinned_args(bpffs, instance), "--user", "nobody", "--pid-file", str(pid_file))
+    proxy = lab.start([app("A", [7001, 7002], [b1.address])], *args)
+    with every_process_killed(proxy, pid_file):
+        proxy.wait_for(r"serving as uid 65534 gid 65534 \(nobody\) with no capabilities")
+        first = lab.pid
+        load = Load(7001, make_socket=lab.make_socket)
+        load.start()
+        assert wait_until(lambda: all(load.long_messages) and load.short_ok > 20)
+        pids = [first]
+        for i in range(3):
+            before = load.short_ok
+            pids.append(upgrade(proxy, pid_file, twice=i == 0))
+            assert wait_until(lambda b=before: load.short_ok > b + 20)  # served meanwhile
+        newest = pids[-1]
+        assert cap_eff_and_uid(newest) == (0, "65534")
+        for pid in pids[1:-1]:  # only short connections: they exit once drained
+            assert wait_until(lambda p=pid: gone(p)), proxy.output
+        counts = list(load.long_messages)  # the first one still relays the long-lived
+        assert wait_until(
+            lambda: all(n > c + 3 for n, c in zip(load.long_messages, counts, strict=True))
+        )
+        assert proxy.proc.poll() is None
+        assert (bpffs / "bpfproxy" / instance / "link").exists()  # nobody unpinned
+
+        # A config change after the upgrades: the newest diffs the port map.
+        mark = proxy.mark()
+        write_config(lab.config_path, [app("A", [7001], [b1.address]),
+                                       app("B", [7003], [b2.address])])  # fmt: skip
+        proxy.wait_for(r"port map: 2 ports steered \(added 7003; removed 7002\)", start=mark)
+        assert lab.which(7003) == "b2"
+        assert refused(lab, 7002)
+        load.finish()
+        assert load.failures == [], load.failures
+        assert proxy.proc.wait(TIMEOUT) == 0  # drained: its long-lived connections ended
+        assert read_pid(pid_file) == newest
+        assert lab.which(7001) == "b1"
+
+        os.kill(newest, signal.SIGTERM)  # a clean stop of the newest releases everything
+        assert wait_until(lambda: gone(newest))
+        assert refused(lab, 7001)
+        assert refused(lab, 7003)
+        assert refused(lab, BPF_LISTEN_PORT)
+        left = bpffs / "bpfproxy" / instance
+        assert not left.exists() or list(left.iterdir()) == []  # an empty directory may stay
+        # (the pid file stays: nobody may not unlink in its root-owned directory)
+    out = proxy.output
+    assert out.count("compiled and loaded") == 1, out  # by the first process only
+    assert out.count("upgrade: started pid") == 3, out  # the second SIGUSR2 started none
+    assert out.count("bpfproxy stopped (pid ") == 3, out
+    assert "Traceback" not in out, out
+
+
+def test_failing_upgrade_keeps_the_old_process(upgrade_lab: Deployment, bpffs: Path) -> None:
+    """The config made invalid on disk, then SIGUSR2: the new process refuses it and
+    exits; the old one goes on serving its ports, and no connection fails."""
+    lab = upgrade_lab
+    b1 = lab.backend("b1")
+    pid_file = lab.config_path.parent / "bpfproxy.pid"
+    args = (*pinned_args(bpffs, instance_name()), "--user", "nobody",
+            "--pid-file", str(pid_file))  # fmt: skip
+    proxy = lab.start([app("A", [7001, 7002], [b1.address])], *args)
+    with every_process_killed(proxy, pid_file):
+        load = Load(7001, make_socket=lab.make_socket)
+        load.start()
+        assert wait_until(lambda: all(load.long_messages) and load.short_ok > 20)
+        mark = proxy.mark()
+        lab.config_path.write_text('{"Apps": [{"Name": "A", "Ports": ["not a port"]}]}')
+        proxy.wait_for(r"rejected|invalid", start=mark)  # the running one keeps its config
+        proxy.send(signal.SIGUSR2)
+        proxy.wait_for(r"upgrade failed: pid \d+ exited with code 2", start=mark)
+        before = load.short_ok
+        assert wait_until(lambda: load.short_ok > before + 20)
+        assert lab.which(7002) == "b1"
+        load.finish()
+        assert load.failures == [], load.failures
+        assert read_pid(pid_file) == proxy.proc.pid
+        assert proxy.stop() == 0
+        assert refused(lab, 7001)
