@@ -256,8 +256,8 @@ def _serve(
             pid_file=pids,
         )
     )  # fmt: skip
-    if not frontend.handed_over:
-        _stopped_cleanly(pins)
+    if not frontend.handed_over and (handover is None or handover.served):
+        _stopped_cleanly(pins)  # not a new process stopped before it served: the old owns it
 
 
 def _run_handed_over(

@@ -196,9 +196,11 @@ class Dispatcher:
 
     def resync(self) -> None:
         """Believe the port map again (another process may have changed it: an upgrade
-        that failed after its diff), so the next set_ports diffs against it."""
+        that failed after its diff), so the next set_ports and set_hold write what
+        differs from it."""
         self._check_open()
         self._ports = self._read_ports()
+        self._hold = self._read_hold()
 
     def _read_ports(self) -> frozenset[int]:
         """The ports the map holds (a map taken over from a pin holds the last run's)."""

@@ -18,7 +18,9 @@ Rules:
 1. One process holds an instance at a time: it keeps an exclusive
    ``flock`` on the instance's directory while it runs (the kernel drops it
    when the process dies, even by SIGKILL). A second start, and
-   ``--release``, see the lock and refuse.
+   ``--release``, see the lock and refuse. An upgrade (SIGUSR2) hands the
+   locked directory's descriptor to the new process (bpfproxy.handover):
+   the same open file, so the lock passes with it.
 2. A start that finds the instance's pins reuses them when they are
    complete and compatible (same source digest, maps of the expected layout
    and owned by the program, the link attaching that program to this
@@ -428,10 +430,11 @@ def _remove(path: Path, dir_fd: int | None = None) -> list[str]:
             key=lambda name: (name != LINK_PIN, not name.startswith(_HOLD_LINK_PREFIX), name),
         )
         for name in names:
-            if stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
-                os.rmdir(name, dir_fd=fd)
-            else:
-                os.unlink(name, dir_fd=fd)
+            with contextlib.suppress(FileNotFoundError):  # another holder's clean stop
+                if stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                    os.rmdir(name, dir_fd=fd)
+                else:
+                    os.unlink(name, dir_fd=fd)
     finally:
         if own_fd:
             os.close(fd)

@@ -102,6 +102,7 @@ class SteeredListener(SharedListener):
             self.handed_over = True
             return
         self._dispatcher.resync()
+        self._dispatcher.set_hold(True)  # still serving here
         if self._config is not None:
             try:
                 self.steer(self._config)

@@ -181,9 +181,11 @@ class Handover:
         self._channel: socket.socket | None = channel
         self.sockets = sockets
         self.fds = fds if fds is not None else {}
+        self.served = False  # "ready" was sent: the old process lets go
 
     def ready(self) -> None:
         """Tell the old process this one serves: it stops accepting and drains."""
+        self.served = True
         if self._channel is not None:
             try:
                 self._channel.send(READY)

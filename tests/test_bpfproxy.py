@@ -574,7 +574,8 @@ def cap_eff_and_uid(pid: int) -> tuple[int, str]:
     return int(fields["CapEff"], 16), fields["Uid"].split()[0]
 
 
-def test_upgrade_under_load(upgrade_lab: Deployment, bpffs: Path) -> None:
+@pytest.mark.parametrize("engine", ["epoll", "trio"])
+def test_upgrade_under_load(upgrade_lab: Deployment, bpffs: Path, engine: str) -> None:
     """Three SIGUSR2 in a row under load: no short connection fails, the long-lived ones
     go on with the first process, each old process exits once drained, without
     unpinning; the new ones compile nothing, hold no capability, and steer a config
@@ -583,7 +584,8 @@ def test_upgrade_under_load(upgrade_lab: Deployment, bpffs: Path) -> None:
     b1, b2 = lab.backend("b1"), lab.backend("b2")
     instance = instance_name()
     pid_file = lab.config_path.parent / "bpfproxy.pid"  # where nobody can rewrite it
-    args = (*pinned_args(bpffs, instance), "--user", "nobody", "--pid-file", str(pid_file))
+    args = (*pinned_args(bpffs, instance), "--user", "nobody", "--pid-file", str(pid_file),
+            "--engine", engine)  # fmt: skip
     proxy = lab.start([app("A", [7001, 7002], [b1.address])], *args)
     with every_process_killed(proxy, pid_file):
         proxy.wait_for(r"serving as uid 65534 gid 65534 \(nobody\) with no capabilities")
