@@ -15,7 +15,8 @@ Lifecycle rules:
 3. SIGTERM or SIGINT stops accepting, lets connections finish for up to the
    drain timeout, then cuts the rest; a second SIGINT cuts them at once.
 4. SIGUSR2 upgrades (tcpproxy.upgrade): a new process started from the same
-   command line gets the listeners; once it serves, this one stops
+   command line gets the listeners (and the frontend's `UpgradeState`:
+   bpfproxy's BPF descriptors); once it serves, this one stops
    accepting and drains as on SIGTERM, but tells systemd nothing (the new
    one sent READY=1 and MAINPID=). If the new one fails, nothing changes
    here. A SIGUSR2 during an upgrade, or while stopping, is ignored.
