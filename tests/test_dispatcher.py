@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import random
 import selectors
@@ -459,3 +460,40 @@ def test_environment_problems_say_what_to_do(monkeypatch: pytest.MonkeyPatch) ->
         patch.setitem(sys.modules, "bcc", None)  # import bcc -> ImportError
         with pytest.raises(SteeringError, match=r"python3-bpfcc.*system-site-packages"):
             check_environment()
+
+
+# --------------------------------------------------------------------------- upgrade hand-over
+
+
+def test_handed_over_descriptors_steer_and_a_failed_upgrade_is_undone(netns: NetNS) -> None:
+    """A Dispatcher adopted from duplicates of the old one's descriptors (what an
+    upgrade sends) diffs the same map, steering to the same listener; if that new
+    process then fails, the old frontend brings the map and the hold flag back."""
+    from bpfproxy.handover import adopt, state_fds
+    from bpfproxy.steered import SteeredListener
+    from tcpproxy.config import parse_config
+
+    def config(*ports: int) -> object:
+        apps = [{"Name": "A", "Ports": list(ports), "Targets": ["127.0.0.1:9"]}]
+        return parse_config(json.dumps({"Apps": apps}))
+
+    with dual_stack_listener(netns) as listener, Dispatcher(listener) as old:
+        frontend = SteeredListener(listener, old, LISTEN_PORT)
+        frontend.steer(config(7001, 7002))  # type: ignore[arg-type]
+        old.set_hold(True)
+        sent = {name: os.dup(fd) for name, fd in state_fds(old, None).items()}
+        pins, new = adopt(sent, listener, "/nonexistent", "unused")
+        assert pins is None
+        with new:
+            assert new.ports == {7001, 7002}  # read from the map, not told
+            assert new.set_ports({7003}) == ({7003}, {7001, 7002})
+            new.set_hold(False)
+            assert_steered(netns, listener, "127.0.0.1", 7003)
+        assert_steered(netns, listener, "127.0.0.1", 7003)  # the old one's link still holds it
+        frontend.upgraded(False)
+        assert old.ports == {7001, 7002}
+        assert_steered(netns, listener, "127.0.0.1", 7001)
+        assert_steered(netns, listener, "127.0.0.1", 7002)
+        assert_refused(netns, "127.0.0.1", 7003)
+        old.resync()
+        assert old.ports == {7001, 7002} and old._hold  # what the map holds now
