@@ -101,8 +101,11 @@ class SteeredListener(SharedListener):
         if succeeded:
             self.handed_over = True
             return
-        self._dispatcher.resync()
-        self._dispatcher.set_hold(True)  # still serving here
+        try:
+            self._dispatcher.resync()
+            self._dispatcher.set_hold(True)  # still serving here
+        except (OSError, SteeringError) as exc:
+            log.error("upgrade failed and the BPF state could not be taken back: %s", exc)
         if self._config is not None:
             try:
                 self.steer(self._config)

@@ -84,7 +84,11 @@ async def start_successor(
     Returns its pid once it says it serves, or None (rule 1: it was stopped,
     and the log says why).
     """
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    except OSError as exc:  # EMFILE, ENFILE: this process goes on serving
+        log.error("upgrade failed: cannot make the socket pair: %s", exc)
+        return None
     env = successor_environment(theirs.fileno())
     try:
         process = await trio.lowlevel.open_process(

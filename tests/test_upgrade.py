@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -357,3 +358,22 @@ def test_systemd_hears_the_new_main_pid(tmp_path: Path, backends) -> None:
             os.kill(new, signal.SIGKILL)
         proxy.kill()
         systemd.close()
+
+
+def test_an_upgrade_without_descriptors_left_goes_on_serving(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """EMFILE on the socket pair: the upgrade fails with a log line, nothing escapes."""
+    import trio
+
+    from tcpproxy import upgrade
+
+    def no_pair(*args: object) -> None:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    async def main() -> int | None:
+        monkeypatch.setattr(upgrade.socket, "socketpair", no_pair)  # trio's own are made
+        return await upgrade.start_successor({})
+
+    assert trio.run(main) is None
+    assert "upgrade failed: cannot make the socket pair" in caplog.text
