@@ -7,6 +7,7 @@ import os
 import socket
 from typing import TYPE_CHECKING
 
+from bpfproxy.errors import SteeringError
 from bpfproxy.steered import check_listen_port
 from tcpproxy.config import Config
 from tcpproxy.errors import StartupError
@@ -69,7 +70,12 @@ class BpfPlan:
             return
         for sock in self._listeners:
             if sock is not None:
-                os.fchown(sock.fileno(), account.uid, account.gid)
+                try:
+                    os.fchown(sock.fileno(), account.uid, account.gid)
+                except OSError as exc:
+                    raise SteeringError(
+                        f"cannot give the listener to uid {account.uid}: {exc.strerror}."
+                    ) from exc
 
     def _open(self) -> socket.socket:
         return open_listener(self._bind, self._port, reuse_port=True)

@@ -217,15 +217,18 @@ def take_handover(environ: dict[str, str] | None = None) -> Handover | None:
     value = env.pop(UPGRADE_FD_ENV, None)
     if value is None:
         return None
-    channel = socket.socket(fileno=int(value))
-    os.set_inheritable(channel.fileno(), False)
+    try:
+        channel = socket.socket(fileno=int(value))
+        os.set_inheritable(channel.fileno(), False)
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"upgrade: {UPGRADE_FD_ENV}={value!r}: {exc}") from None
     sockets: dict[int, socket.socket] = {}
     named: dict[str, int] = {}
     pending: list[int] = []  # received, not yet in `sockets` or `named`
     try:
         while True:
             data, pending, _flags, _address = socket.recv_fds(
-                channel, MESSAGE_SIZE, FDS_PER_MESSAGE
+                channel, MESSAGE_SIZE, FDS_PER_MESSAGE, socket.MSG_CMSG_CLOEXEC
             )
             if not data:
                 raise OSError("the old process closed the socket pair")
@@ -240,11 +243,12 @@ def take_handover(environ: dict[str, str] | None = None) -> Handover | None:
                     named[name] = fd
                 pending = []
                 continue
-            received = [socket.socket(fileno=fd) for fd in pending]
-            pending = []
-            for port, sock in zip(message["ports"], received, strict=True):
-                sock.setblocking(False)
-                sockets[port] = sock
+            if len(message["ports"]) != len(pending):
+                raise ValueError("descriptors missing from a message")
+            for port in message["ports"]:
+                sockets[port] = socket.socket(fileno=pending[0])
+                pending.pop(0)  # now closed with `sockets` if a later one fails
+                sockets[port].setblocking(False)
     except BaseException as exc:
         for sock in sockets.values():
             sock.close()

@@ -663,3 +663,17 @@ def test_failing_upgrade_keeps_the_old_process(upgrade_lab: Deployment, bpffs: P
         assert read_pid(pid_file) == proxy.proc.pid
         assert proxy.stop() == 0
         assert refused(lab, 7001)
+
+
+def test_a_listener_that_cannot_be_given_away_is_a_steering_error() -> None:
+    """BpfPlan.hand_to: a failing fchown says what, as Instance.hand_to does."""
+    from bpfproxy.errors import SteeringError
+    from bpfproxy.plan import BpfPlan
+    from tcpproxy.privileges import Account
+
+    plan = BpfPlan.__new__(BpfPlan)
+    closed = socket.socket()
+    closed.close()
+    plan._listeners = [closed]
+    with pytest.raises(SteeringError, match="cannot give the listener"):
+        plan.hand_to(Account("nobody", 65534, 65534))

@@ -377,3 +377,28 @@ def test_an_upgrade_without_descriptors_left_goes_on_serving(
 
     assert trio.run(main) is None
     assert "upgrade failed: cannot make the socket pair" in caplog.text
+
+
+@pytest.mark.parametrize("value", ["x", "999"])
+def test_a_bad_upgrade_descriptor_is_a_startup_error(value: str) -> None:
+    from tcpproxy.errors import StartupError
+    from tcpproxy.upgrade import take_handover
+
+    with pytest.raises(StartupError, match=UPGRADE_FD_ENV):
+        take_handover({UPGRADE_FD_ENV: value})
+
+
+def test_a_short_message_closes_what_was_received() -> None:
+    """Fewer descriptors than ports: StartupError, and the received ones are closed."""
+    from tcpproxy.errors import StartupError
+    from tcpproxy.upgrade import take_handover
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener = socket.socket()
+    with ours, listener:
+        before = set(os.listdir("/proc/self/fd"))
+        message = json.dumps({"ports": [1, 2]}).encode()
+        socket.send_fds(ours, [message], [listener.fileno()])
+        with pytest.raises(StartupError, match="descriptors missing"):
+            take_handover({UPGRADE_FD_ENV: str(theirs.detach())})
+        assert set(os.listdir("/proc/self/fd")) <= before
