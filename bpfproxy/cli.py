@@ -195,9 +195,13 @@ def command(
                 plan.hand_to(account)
                 _write_pid_file(stack, pid_file, account)
                 _drop(pins, account, keep, ambient=reading)  # workers import code too
-                _serving(pins)
                 plan.serving()
-                trio.run(supervisor.run)
+                _serving(pins)  # the supervisor's StartupError below unpins again
+                try:
+                    trio.run(supervisor.run)
+                except StartupError:
+                    _stopped_cleanly(pins)  # its workers did not start: release every port
+                    raise
                 _stopped_cleanly(pins)
                 return 0
             listener = open_listener(bind, listen_port)
@@ -210,7 +214,6 @@ def command(
             pids = _write_pid_file(stack, pid_file, account)
             # ambient: the process an upgrade starts (SIGUSR2) keeps the same, no more
             _drop(pins, account, keep, ambient=keep)
-            _serving(pins)
             _serve(config_path, data, config, frontend, pins, pids, None, drain_timeout,
                    limit, splice, metrics, address, listen_port, bind, engine)  # fmt: skip
     except SteeringError as exc:
@@ -253,7 +256,7 @@ def _serve(
             max_connections=limit, use_splice=splice, metrics=metrics,
             metrics_address=address, listen_ports=frozenset({listen_port}), bind=bind,
             engine=engine, listeners=frontend.sockets, state=frontend, handover=handover,
-            pid_file=pids,
+            pid_file=pids, task_status=_Serving(pins),
         )
     )  # fmt: skip
     if not frontend.handed_over and (handover is None or handover.served):
@@ -364,6 +367,17 @@ def _drop(
     if pins is not None and account is not None:
         pins.hand_to(account.uid, account.gid)
     drop_privileges(account, keep, ambient=ambient)
+
+
+class _Serving:
+    """run_service's task status: the pins are kept from the moment it serves, not
+    before (a failed start, e.g. --metrics in use, unpins: no port stays captured)."""
+
+    def __init__(self, pins: Instance | None) -> None:
+        self._pins = pins
+
+    def started(self, value: object = None) -> None:
+        _serving(self._pins)
 
 
 def _serving(pins: Instance | None) -> None:

@@ -291,4 +291,18 @@ def run_cli(prog: str, command: click.Command, argv: Sequence[str] | None) -> in
         return 130
     except (ConfigError, ProxyError) as exc:
         return fail(prog, str(exc))
+    except BaseExceptionGroup as group:  # trio's: a StartupError raised inside the service
+        ours, rest = group.split((ConfigError, ProxyError))
+        if ours is None or rest is not None:
+            raise
+        return fail(prog, "; ".join(str(exc) for exc in _leaves(ours)))
     return result if isinstance(result, int) else 0
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
+    """The exceptions a (nested) exception group holds."""
+    return [
+        leaf
+        for exc in group.exceptions
+        for leaf in (_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    ]

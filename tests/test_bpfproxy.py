@@ -677,3 +677,19 @@ def test_a_listener_that_cannot_be_given_away_is_a_steering_error() -> None:
     plan._listeners = [closed]
     with pytest.raises(SteeringError, match="cannot give the listener"):
         plan.hand_to(Account("nobody", 65534, 65534))
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["single", "workers"])
+def test_a_failed_first_start_leaves_no_pin(lab: Deployment, bpffs: Path, workers: int) -> None:
+    """--metrics cannot bind (a backend holds its port): exit 2, and the state made
+    for this start is unpinned, so no port stays captured."""
+    a = lab.backend("a")
+    write_config(lab.config_path, [app("A", [7001], [a.address])])
+    metrics = a.address
+    args = (*pinned_args(bpffs, instance_name()), "--metrics", metrics, "--workers", str(workers))
+    argv = lab.popen_argv(lab.argv(*args))
+    failed = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
+    assert failed.returncode == 2, failed.stderr
+    assert "--metrics" in failed.stderr
+    assert list(bpffs.glob("bpfproxy/*/*")) == []
+    assert refused(lab, 7001)
