@@ -20,6 +20,7 @@ from bpfproxy.steered import SharedListener, SteeredListener, check_listen_port
 from tcpproxy.cli_common import (
     common_options,
     fit_connection_limit,
+    ignore_sigusr2,
     metrics_for,
     read_config,
     reload_check,
@@ -141,6 +142,7 @@ def command(
     connection's destination port picks the app. Needs root (CAP_BPF and
     CAP_NET_ADMIN) to set up, then serves as --user with no capability;
     Linux 5.9+, bcc and kernel headers."""
+    ignore_sigusr2()
     if worker is not None:  # started by a supervisor, which owns the BPF side
         return _run_worker(worker, worker_listener, config_path, drain_timeout,
                            max_connections, splice, log_level, log_format,

@@ -12,6 +12,7 @@ import trio
 from tcpproxy.cli_common import (
     common_options,
     fit_connection_limit,
+    ignore_sigusr2,
     metrics_for,
     read_config,
     reload_check,
@@ -78,6 +79,7 @@ def command(
     each connection relayed to one of its app's targets. The config is reloaded
     on change without dropping connections; SIGTERM drains, then exits; SIGUSR2
     starts the command again and hands it the listeners (an upgrade)."""
+    ignore_sigusr2()
     if worker is not None:  # started by a supervisor
         link = SupervisorLink.join(worker)
         setup_logging(log_level, prefix=link.log_prefix, log_format=log_format)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import signal
 import sys
 from collections.abc import Callable, Collection, Sequence
 from functools import partial
@@ -79,7 +80,7 @@ def common_options(prog: str) -> Callable[[F], F]:
                 click.option(
                     "--pid-file", type=click.Path(path_type=Path, dir_okay=False, readable=False),
                     metavar="PATH", default=None,
-                    help="Write this process's pid there once it serves (rewritten by the "
+                    help="Write this process's pid there at start (rewritten by the "
                     "new process after an upgrade, SIGUSR2); removed at a clean exit.  "
                     "[default: none]",
                 ),
@@ -189,6 +190,13 @@ def setup_logging(level: str, prefix: str = "", log_format: str = "text") -> Non
         handler.setFormatter(logging.Formatter(fmt))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     logging.getLogger("watchfiles").setLevel(logging.WARNING)  # its debug lines are per poll
+
+
+def ignore_sigusr2() -> None:
+    """SIGUSR2's default action ends the process, and the pid file names it before it
+    serves: ignored until run_service's signal receiver takes it over (an upgrade
+    asked for that early is lost, not the process)."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 def fail(prog: str, message: str) -> int:

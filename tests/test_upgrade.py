@@ -402,3 +402,20 @@ def test_a_short_message_closes_what_was_received() -> None:
         with pytest.raises(StartupError, match="descriptors missing"):
             take_handover({UPGRADE_FD_ENV: str(theirs.detach())})
         assert set(os.listdir("/proc/self/fd")) <= before
+
+
+def test_sigusr2_before_serving_does_not_end_the_process(config_path: Path, backends) -> None:
+    """The pid file is written before the process serves: a SIGUSR2 sent as soon as
+    it names the process is ignored (its default action would end the process)."""
+    port = free_port()
+    write_config(config_path, [app("A", [port], [backends("b1").address])])
+    pid_file = config_path.parent / "tcpproxy.pid"
+    proxy = ProxyProcess(tcpproxy_argv(config_path, "--pid-file", str(pid_file)))
+    try:
+        wait_until(lambda: read_pid(pid_file) is not None)
+        proxy.send(signal.SIGUSR2)
+        proxy.wait_for(r"tcpproxy started")
+        assert which_backend(port) == "b1"
+        assert proxy.stop() == 0
+    finally:
+        proxy.kill()
