@@ -21,6 +21,7 @@ from tcpproxy.cli_common import (
     common_options,
     fit_connection_limit,
     ignore_sigusr2,
+    low_port_capability,
     metrics_for,
     read_config,
     reload_check,
@@ -140,7 +141,8 @@ def command(
     """Proxy TCP connections for every port of every app through ONE listening
     socket: an sk_lookup BPF program steers each configured port to it, and the
     connection's destination port picks the app. Needs root (CAP_BPF and
-    CAP_NET_ADMIN) to set up, then serves as --user with no capability;
+    CAP_NET_ADMIN) to set up, then serves as --user with no capability (but
+    CAP_NET_BIND_SERVICE if -p or --metrics is below 1024);
     Linux 5.9+, bcc and kernel headers."""
     ignore_sigusr2()
     if worker is not None:  # started by a supervisor, which owns the BPF side
@@ -170,7 +172,7 @@ def command(
         account = target_account(user)
         code = [*serving_code(), Path(__file__).parent]
         reading = check_access(account, config_path, code, chosen=user is not None)
-        keep = (*reading, *_bpf_capability())
+        keep = (*reading, *_bpf_capability(), *low_port_capability({listen_port}, metrics_address))
         limit = fit_connection_limit(max_connections)
         data, config = read_config(config_path, (listen_port,), bind, limit)
         check_listen_port(listen_port, config)

@@ -13,6 +13,7 @@ from tcpproxy.cli_common import (
     common_options,
     fit_connection_limit,
     ignore_sigusr2,
+    low_port_capability,
     metrics_for,
     read_config,
     reload_check,
@@ -26,12 +27,10 @@ from tcpproxy.pidfile import PidFile
 from tcpproxy.port_listeners import PortListeners
 from tcpproxy.port_plan import TcpPlan
 from tcpproxy.privileges import (
-    CAP_NET_BIND_SERVICE,
     check_access,
     drop_privileges,
     inherited_capabilities,
     target_account,
-    unprivileged_port_start,
 )
 from tcpproxy.service import run_service
 from tcpproxy.upgrade import take_handover
@@ -102,7 +101,7 @@ def command(
     reading = check_access(account, config_path, serving_code(), chosen=user is not None)
     limit = fit_connection_limit(max_connections)
     data, config = read_config(config_path, bind=bind, max_connections=limit)
-    keep = (*reading, *_low_port_capability(config, metrics_address))
+    keep = (*reading, *low_port_capability(config.ports, metrics_address))
     if handover is not None:
         keep = inherited_capabilities()
     if workers > 1:
@@ -141,20 +140,6 @@ def command(
     finally:
         pids.remove()
     return 0
-
-
-def _low_port_capability(config: Config, metrics_address: str | None) -> tuple[int, ...]:
-    """CAP_NET_BIND_SERVICE if a port of the config at start (or the metrics port) is
-    below the unprivileged ones: kept after the drop, so that reloads (and workers) can
-    bind such ports too; else nothing. A config that adds the first low port later
-    cannot bind it (the reload is rejected and says so)."""
-    from tcpproxy.metrics import parse_address
-
-    ports = set(config.ports)
-    if metrics_address is not None:
-        ports.add(parse_address(metrics_address)[1])
-    low = min(ports, default=65536) < unprivileged_port_start()
-    return (CAP_NET_BIND_SERVICE,) if low else ()
 
 
 def _options(ctx: click.Context, per_worker_limit: int) -> list[str]:

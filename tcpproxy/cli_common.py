@@ -17,6 +17,7 @@ from tcpproxy import __version__
 from tcpproxy.config import Config, ConfigError, parse_config
 from tcpproxy.engine import ENGINES
 from tcpproxy.errors import ProxyError
+from tcpproxy.privileges import CAP_NET_BIND_SERVICE, unprivileged_port_start
 from tcpproxy.service import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CONNECTIONS, validate_config
 from tcpproxy.sources.file import read_config_bytes
 
@@ -197,6 +198,21 @@ def ignore_sigusr2() -> None:
     serves: ignored until run_service's signal receiver takes it over (an upgrade
     asked for that early is lost, not the process)."""
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+def low_port_capability(ports: Collection[int], metrics_address: str | None) -> tuple[int, ...]:
+    """CAP_NET_BIND_SERVICE if one of ``ports`` at start (or the metrics port) is
+    below the unprivileged ones: kept after the drop, so that reloads, workers (a
+    restarted worker's listener) and an upgrade's new process can bind such ports
+    too; else nothing. A config that adds the first low port later cannot bind it
+    (the reload is rejected and says so)."""
+    from tcpproxy.metrics import parse_address
+
+    low = set(ports)
+    if metrics_address is not None:
+        low.add(parse_address(metrics_address)[1])
+    needed = min(low, default=65536) < unprivileged_port_start()
+    return (CAP_NET_BIND_SERVICE,) if needed else ()
 
 
 def fail(prog: str, message: str) -> int:

@@ -200,6 +200,38 @@ def test_tcpproxy_keeps_only_net_bind_service_for_a_low_port(
     assert tcp_lab.which(81) == "b"
 
 
+@pytest.mark.bpf
+@pytest.mark.parametrize("workers", [1, 2], ids=["single", "workers"])
+def test_bpfproxy_keeps_only_net_bind_service_for_a_low_port(
+    bpf_lab: Deployment, bpffs: Path, workers: int
+) -> None:
+    """-p and --metrics below 1024: the supervisor (or the single process) keeps
+    CAP_NET_BIND_SERVICE, so a restarted worker's listener binds again."""
+    a = bpf_lab.backend("a")
+    proxy = bpf_lab.start(
+        [app("A", [7001], [a.address])],
+        "-p", "80", "--metrics", "127.0.0.1:90", "--user", "nobody", "--bpffs", str(bpffs),
+        "--instance", f"low-{os.getpid()}", "--workers", str(workers),
+    )  # fmt: skip
+    proxy.wait_for(r"serving as .* with only CAP_NET_BIND_SERVICE")
+    assert_dropped(bpf_lab.pid, CAP_NET_BIND_SERVICE)
+    assert bpf_lab.which(7001) == "a"
+    with bpf_lab.connect(90) as sock:
+        sock.sendall(b"GET /status HTTP/1.0\r\n\r\n")
+        assert sock.recv(12).startswith(b"HTTP/1.0 200")
+    if workers > 1:
+        wait_until(lambda: len(children(bpf_lab.pid)) == workers)
+        dead = children(bpf_lab.pid)[0]
+        mark = proxy.mark()
+        os.kill(dead, signal.SIGKILL)
+        proxy.wait_for(r"started", start=mark)
+        wait_until(lambda: dead not in children(bpf_lab.pid))
+        wait_until(lambda: len(children(bpf_lab.pid)) == workers)
+        for _ in range(10):  # whichever worker's listener the port is steered to
+            assert bpf_lab.which(7001) == "a"
+    assert proxy.stop(signal.SIGTERM) == 0
+
+
 def run_tcpproxy(*args: str, runner: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*runner, sys.executable, "-m", "tcpproxy", *args],
