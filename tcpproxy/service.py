@@ -199,10 +199,9 @@ async def run_service(
                     on_hup = reloader.request if supervisor is None else _ignore
 
                     def on_usr2() -> None:
-                        if listeners is None:
-                            log.warning("SIGUSR2 ignored: %s", "a worker is upgraded by its "
-                                        "supervisor" if supervisor is not None else
-                                        f"{frontend.name} does not upgrade yet")  # fmt: skip
+                        if listeners is None:  # a worker (the others hand theirs over)
+                            log.warning("SIGUSR2 ignored: upgrades with --workers are not "
+                                        "supported yet; restart instead")  # fmt: skip
                         elif upgrade.successor is not None or stop_accepting.cancel_called:
                             log.info("SIGUSR2 ignored: this process is stopping")
                         elif upgrade.in_flight:
