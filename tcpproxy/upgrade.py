@@ -76,16 +76,22 @@ def successor_environment(fd: int, environ: Mapping[str, str] | None = None) -> 
 
 
 async def start_successor(
-    sockets: Mapping[int, socket.socket], fds: Mapping[str, int] | None = None
+    sockets: Mapping[int, socket.socket],
+    fds: Mapping[str, int] | None = None,
+    *,
+    unset: tuple[str, ...] = (),
 ) -> int | None:
     """Start the new process, hand it `sockets` (port -> listener) and `fds` (name ->
     descriptor, still ours: the new process gets its own references), wait until it serves.
+    `unset`: environment variables the new process must not inherit.
 
     Returns its pid once it says it serves, or None (rule 1: it was stopped,
     and the log says why).
     """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     env = successor_environment(theirs.fileno())
+    for name in unset:
+        env.pop(name, None)
     try:
         process = await trio.lowlevel.open_process(
             successor_argv(), pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL
