@@ -422,3 +422,64 @@ def test_systemd_hears_the_new_main_pid(tmp_path: Path, backends) -> None:
             os.kill(new, signal.SIGKILL)
         proxy.kill()
         systemd.close()
+
+
+def _children(pid: int) -> list[int]:
+    """The processes `pid` started (a child started from any of its threads)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(p) for p in (task / "children").read_text().split()]
+    return found
+
+
+def test_workers_upgrade_serves_what_the_old_workers_queued(
+    config_path: Path, netns: NetNS
+) -> None:
+    """Connections sitting in the old workers' accept queues when they close are
+    served, not reset: the old workers are stopped (SIGSTOP) while clients
+    connect, the upgrade happens, then they go on, get the SIGTERM their
+    supervisor sent, and close their listeners; the kernel (tcp_migrate_req)
+    moves what they queued to the new workers' listeners."""
+    subprocess.run(["ip", "netns", "exec", netns.name, "sysctl", "-qw",
+                    "net.ipv4.tcp_migrate_req=1"], check=True)  # fmt: skip
+    lab = Deployment("tcpproxy", config_path, netns)
+    port = lab.ports(1)[0]
+    b1 = lab.backend("b1")
+    pid_file = config_path.parent / "tcpproxy.pid"
+    proxy = lab.start([app("A", [port], [b1.address])], "--workers", "2", "--pid-file",
+                      str(pid_file))  # fmt: skip
+    answers: list[bytes | str] = []
+
+    def client() -> None:
+        try:
+            with connect(port, timeout=3 * TIMEOUT, make_socket=lab.make_socket) as sock:
+                sock.sendall(b"ping")
+                sock.shutdown(socket.SHUT_WR)
+                answers.append(recv_all(sock))
+        except OSError as exc:
+            answers.append(repr(exc))
+
+    old_workers = _children(proxy.proc.pid)
+    assert len(old_workers) == 2
+    for pid in old_workers:
+        os.kill(pid, signal.SIGSTOP)
+    clients = [threading.Thread(target=client, daemon=True) for _ in range(20)]
+    try:
+        for thread in clients[:10]:  # all of these queue at the stopped workers
+            thread.start()
+        mark = proxy.mark()
+        proxy.send(signal.SIGUSR2)
+        proxy.wait_for(r"upgrade: stopping 2 workers; pid \d+ serves", start=mark)
+        for thread in clients[10:]:  # these queue at either generation's listeners
+            thread.start()
+    finally:
+        for pid in old_workers:
+            os.kill(pid, signal.SIGCONT)
+    for thread in clients:
+        thread.join(4 * TIMEOUT)
+    assert answers == [b"b1\nping"] * 20, answers
+    assert proxy.proc.wait(TIMEOUT) == 0
+    newest = read_pid(pid_file)
+    assert newest is not None and newest != proxy.proc.pid
+    os.kill(newest, signal.SIGTERM)
+    assert wait_until(lambda: gone(newest))
