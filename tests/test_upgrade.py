@@ -436,10 +436,10 @@ def test_workers_upgrade_serves_what_the_old_workers_queued(
     config_path: Path, netns: NetNS
 ) -> None:
     """Connections sitting in the old workers' accept queues when they close are
-    served, not reset: the old workers are stopped (SIGSTOP) while clients
-    connect, the upgrade happens, then they go on, get the SIGTERM their
-    supervisor sent, and close their listeners; the kernel (tcp_migrate_req)
-    moves what they queued to the new workers' listeners."""
+    served, not reset: each old worker is at its connection limit (2 of
+    --max-connections 4), so the other clients queue at its listener; the
+    upgrade's SIGTERM closes those listeners, and the kernel (tcp_migrate_req)
+    moves what they queued to the new workers'."""
     subprocess.run(["ip", "netns", "exec", netns.name, "sysctl", "-qw",
                     "net.ipv4.tcp_migrate_req=1"], check=True)  # fmt: skip
     lab = Deployment("tcpproxy", config_path, netns)
@@ -447,37 +447,36 @@ def test_workers_upgrade_serves_what_the_old_workers_queued(
     b1 = lab.backend("b1")
     pid_file = config_path.parent / "tcpproxy.pid"
     proxy = lab.start([app("A", [port], [b1.address])], "--workers", "2", "--pid-file",
-                      str(pid_file))  # fmt: skip
+                      str(pid_file), "--max-connections", "4")  # fmt: skip
     answers: list[bytes | str] = []
+    greeted: list[int] = []
+    release = threading.Event()  # the connections the old workers accepted may end
 
-    def client() -> None:
+    def client(index: int) -> None:
         try:
             with connect(port, timeout=3 * TIMEOUT, make_socket=lab.make_socket) as sock:
+                greeting = recv_line(sock)
+                greeted.append(index)
+                release.wait(3 * TIMEOUT)
                 sock.sendall(b"ping")
                 sock.shutdown(socket.SHUT_WR)
-                answers.append(recv_all(sock))
+                answers.append(greeting + recv_all(sock))
         except OSError as exc:
             answers.append(repr(exc))
 
-    old_workers = _children(proxy.proc.pid)
-    assert len(old_workers) == 2
-    for pid in old_workers:
-        os.kill(pid, signal.SIGSTOP)
-    clients = [threading.Thread(target=client, daemon=True) for _ in range(20)]
+    clients = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(16)]
     try:
-        for thread in clients[:10]:  # all of these queue at the stopped workers
+        for thread in clients:
             thread.start()
+        assert wait_until(lambda: len(greeted) == 4)  # both old workers at their limit
         mark = proxy.mark()
         proxy.send(signal.SIGUSR2)
         proxy.wait_for(r"upgrade: stopping 2 workers; pid \d+ serves", start=mark)
-        for thread in clients[10:]:  # these queue at either generation's listeners
-            thread.start()
     finally:
-        for pid in old_workers:
-            os.kill(pid, signal.SIGCONT)
-    for thread in clients:
-        thread.join(4 * TIMEOUT)
-    assert answers == [b"b1\nping"] * 20, answers
+        release.set()
+        for thread in clients:
+            thread.join(4 * TIMEOUT)
+    assert answers == [b"b1\nping"] * 16, answers
     assert proxy.proc.wait(TIMEOUT) == 0
     newest = read_pid(pid_file)
     assert newest is not None and newest != proxy.proc.pid
