@@ -268,7 +268,9 @@ class Supervisor:
 
     async def _forward_later_signals(self, events: trio.MemoryReceiveChannel[int]) -> None:
         async for signum in events:
-            if signum == signal.SIGINT:
+            if signum == signal.SIGUSR2:
+                log.info("SIGUSR2 ignored: this supervisor is stopping")
+            elif signum == signal.SIGINT:
                 log.info("SIGINT again: workers close their connections now")
                 self.pool.signal_all(signal.SIGINT)
 
