@@ -302,20 +302,28 @@ def test_workers_refuse_sigusr2_without_migrate_req(
     assert not pid_file.exists()
 
 
+def _allow_workers_upgrade(netns: NetNS) -> None:
+    """net.ipv4.tcp_migrate_req=1 in the test's namespace; and its clients' (and the
+    proxy's) own ports below those picked here as free (from the machine's ephemeral
+    range), so a port a reload adds is not taken by a connection meanwhile."""
+    for setting in ("net.ipv4.tcp_migrate_req=1", "net.ipv4.ip_local_port_range=10000 19999"):
+        subprocess.run(["ip", "netns", "exec", netns.name, "sysctl", "-qw", setting], check=True)
+
+
 def test_workers_upgrade_under_load(config_path: Path, netns: NetNS) -> None:
     """--workers 2, in a namespace with net.ipv4.tcp_migrate_req=1: three upgrades in
     a row (the second SIGUSR2 of the first ignored), then a failing one (config made
     invalid): no short connection fails, the long-lived ones go on with the first
     supervisor's workers, each old supervisor exits once its workers drained, the pid
     file names the newest, and a config change afterwards is applied."""
-    subprocess.run(["ip", "netns", "exec", netns.name, "sysctl", "-qw",
-                    "net.ipv4.tcp_migrate_req=1"], check=True)  # fmt: skip
+    _allow_workers_upgrade(netns)
     lab = Deployment("tcpproxy", config_path, netns)
-    port, added = lab.ports(2)
+    port, added, metrics = lab.ports(3)
     b1, b2 = lab.backend("b1"), lab.backend("b2")
     pid_file = config_path.parent / "tcpproxy.pid"
     proxy = lab.start([app("A", [port], [b1.address])], "--workers", "2", "--pid-file",
-                      str(pid_file), "--drain-timeout", "60")  # fmt: skip
+                      str(pid_file), "--drain-timeout", "60",
+                      "--metrics", f"127.0.0.1:{metrics}")  # fmt: skip
     load = Load(port, lab.make_socket)
     load.start()
     try:
@@ -349,6 +357,7 @@ def test_workers_upgrade_under_load(config_path: Path, netns: NetNS) -> None:
     assert read_pid(pid_file) == newest
     assert not gone(newest)
     assert which_backend(port, make_socket=lab.make_socket) == "b1"
+    assert netns.call(_status_pid, metrics) == newest  # it serves /status
     os.kill(newest, signal.SIGTERM)
     assert wait_until(lambda: gone(newest))
     assert wait_until(lambda: not pid_file.exists())
@@ -440,8 +449,7 @@ def test_workers_upgrade_serves_what_the_old_workers_queued(
     --max-connections 4), so the other clients queue at its listener; the
     upgrade's SIGTERM closes those listeners, and the kernel (tcp_migrate_req)
     moves what they queued to the new workers'."""
-    subprocess.run(["ip", "netns", "exec", netns.name, "sysctl", "-qw",
-                    "net.ipv4.tcp_migrate_req=1"], check=True)  # fmt: skip
+    _allow_workers_upgrade(netns)
     lab = Deployment("tcpproxy", config_path, netns)
     port = lab.ports(1)[0]
     b1 = lab.backend("b1")

@@ -103,6 +103,7 @@ class Supervisor:
         self._pid_file = pid_file
         self._upgrading = False
         self._successor: int | None = None
+        self._server: Any = None  # the metrics server, while it serves
         self._plan = plan
         self._validate = validate  # the reloader's check of a new config (Reloader)
         self._path = path
@@ -124,7 +125,7 @@ class Supervisor:
         Raises StartupError when a worker cannot start (the others are stopped).
         """
         notifier = Notifier()
-        metrics_dir, metrics, server = None, None, None
+        metrics_dir, metrics = None, None
         if self._metrics_address is not None:
             metrics_dir, metrics = self._start_metrics()
         reloader = Reloader(
@@ -133,14 +134,19 @@ class Supervisor:
         )  # fmt: skip
         if metrics is not None:
             metrics.config_loaded(reloader.digest)
-            server = self._serve_metrics(metrics_dir, reloader)
+            self._server = self._serve_metrics(metrics_dir, reloader)
         try:
             await self._run(notifier, reloader)
         finally:
-            if server is not None:
-                await stop_http(server)
+            await self._stop_metrics()
             if metrics_dir is not None:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
+
+    async def _stop_metrics(self) -> None:
+        """At the end, or once an upgrade's new supervisor serves /metrics and /status."""
+        server, self._server = self._server, None
+        if server is not None:
+            await stop_http(server)
 
     def _start_metrics(self) -> tuple[str, Metrics]:
         """Workers write prometheus-client's multiprocess files; we serve their sum."""
@@ -187,8 +193,8 @@ class Supervisor:
                     nursery.cancel_scope.cancel()
                 else:
                     pool.watch_all()
-                    await nursery.start(watch_config, self._path, reloader.request)
-                    nursery.start_soon(reloader.run, status)
+                    reloading = trio.CancelScope()  # ends at a stop or an upgrade
+                    await nursery.start(self._reload, reloader, status, reloading)
                     log.info(
                         "%s started: %d workers, %d apps, ports %s, config %s",
                         self._plan.name, len(pool.workers), len(self.config.apps),
@@ -210,11 +216,15 @@ class Supervisor:
                             log.info("upgrade: stopping %d workers; pid %d serves",
                                      len(pool.workers), self._successor)  # fmt: skip
                             notifier.disable()  # the new supervisor speaks for the service
+                            await self._stop_metrics()
                             event = signal.SIGTERM
                         else:
                             log.info("%s: stopping %d workers", signal.Signals(event).name,
                                      len(pool.workers))  # fmt: skip
                             notifier.stopping(status())
+                        # a draining supervisor reloads no more: after an upgrade the
+                        # new one does, and ours would take the ports it adds
+                        reloading.cancel()
                         nursery.start_soon(self._forward_later_signals, events)
                         await pool.stop_and_wait(event, self._drain_timeout)
                         break
@@ -225,6 +235,20 @@ class Supervisor:
             log.info("%s stopped (pid %d serves)", self._plan.name, self._successor)
         else:
             log.info("%s stopped", self._plan.name)
+
+    async def _reload(
+        self,
+        reloader: Reloader,
+        status: Callable[[], str],
+        scope: trio.CancelScope,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Watch the config file and reload on change, until `scope` is cancelled."""
+        with scope:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(watch_config, self._path, reloader.request)
+                nursery.start_soon(reloader.run, status)
+                task_status.started()
 
     def _take_over(self, handover: Handover) -> None:
         """Started by an upgrade, every worker serves: name this process in the pid
