@@ -442,13 +442,15 @@ def _children(pid: int) -> list[int]:
 
 
 def test_workers_upgrade_serves_what_the_old_workers_queued(
-    config_path: Path, netns: NetNS
+    config_path: Path, netns: NetNS, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Connections sitting in the old workers' accept queues when they close are
     served, not reset: each old worker is at its connection limit (2 of
     --max-connections 4), so the other clients queue at its listener; the
     upgrade's SIGTERM closes those listeners, and the kernel (tcp_migrate_req)
-    moves what they queued to the new workers'."""
+    moves what they queued to the new workers'. As nobody: the new supervisor and
+    its workers start unprivileged, with the capability they inherit."""
+    monkeypatch.delenv("TCPPROXY_USER", raising=False)  # conftest sets it to root
     _allow_workers_upgrade(netns)
     lab = Deployment("tcpproxy", config_path, netns)
     port = lab.ports(1)[0]
@@ -488,5 +490,6 @@ def test_workers_upgrade_serves_what_the_old_workers_queued(
     assert proxy.proc.wait(TIMEOUT) == 0
     newest = read_pid(pid_file)
     assert newest is not None and newest != proxy.proc.pid
+    assert _status(newest)["Uid"].split()[0] == "65534"
     os.kill(newest, signal.SIGTERM)
     assert wait_until(lambda: gone(newest))
