@@ -31,6 +31,7 @@ import contextlib
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -188,6 +189,15 @@ class Handover:
         self.sockets = sockets
         self.fds = fds if fds is not None else {}
         self.served = False  # "ready" was sent: the old process lets go
+
+    def abandoned(self) -> bool:
+        """The old process closed its end: it gave up on this one (no answer
+        within READY_TIMEOUT) and sent SIGTERM, so this one must not take over."""
+        if self._channel is None:
+            return False
+        poller = select.poll()
+        poller.register(self._channel.fileno(), select.POLLIN)
+        return any(event & select.POLLHUP for _fd, event in poller.poll(0))
 
     def ready(self) -> None:
         """Tell the old process this one serves: it stops accepting and drains."""

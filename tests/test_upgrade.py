@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tcpproxy.notify import Notifier
-from tcpproxy.upgrade import UPGRADE_FD_ENV, successor_environment
+from tcpproxy.upgrade import UPGRADE_FD_ENV, Handover, successor_environment
 from tests.deploy import Deployment
 from tests.helpers import (
     TIMEOUT,
@@ -493,3 +493,17 @@ def test_workers_upgrade_serves_what_the_old_workers_queued(
     assert _status(newest)["Uid"].split()[0] == "65534"
     os.kill(newest, signal.SIGTERM)
     assert wait_until(lambda: gone(newest))
+
+
+def test_a_handover_knows_when_the_old_process_gave_up() -> None:
+    """The old process closes its end when it gives up (not ready in time): the new
+    one sees it and does not take over (no pid file, no MAINPID=)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    handover = Handover(theirs, {})
+    try:
+        assert not handover.abandoned()
+        ours.close()
+        assert handover.abandoned()
+    finally:
+        handover.close()
+        ours.close()

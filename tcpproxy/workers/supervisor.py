@@ -50,7 +50,7 @@ from tcpproxy.pidfile import PidFile
 from tcpproxy.reload import Reloader, digest
 from tcpproxy.sources.file import watch_config
 from tcpproxy.status import Loaded, counts_from_samples, snapshot
-from tcpproxy.upgrade import Handover, start_successor
+from tcpproxy.upgrade import READY_TIMEOUT, Handover, start_successor
 from tcpproxy.workers.fanout import Fanout
 from tcpproxy.workers.plan import Plan
 from tcpproxy.workers.pool import Pool
@@ -187,6 +187,11 @@ class Supervisor:
                 pool.nursery = nursery
                 try:
                     await pool.start_all()
+                    if self._handover is not None and self._handover.abandoned():
+                        raise StartupError(  # and it sent SIGTERM: no pid file, no MAINPID=
+                            f"upgrade: the old supervisor gave up on this one (not ready "
+                            f"within {READY_TIMEOUT:g}s)"
+                        )
                 except StartupError as exc:
                     startup_error = exc
                     await pool.stop_and_wait(signal.SIGTERM, self._drain_timeout)
