@@ -87,6 +87,9 @@ class BpfPlan:
     def check(self, old: Config, new: Config) -> None:
         check_listen_port(self._port, new)
 
+    def upgrade_fds(self) -> dict[str, int] | None:
+        return None  # not yet: the BPF state and the group's listener would go too
+
     def worker_argv(self, index: int, control_fd: int) -> tuple[list[str], tuple[int, ...]]:
         listener = self._listeners[index]
         if listener is None:  # its worker died: a fresh member of the group

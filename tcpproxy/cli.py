@@ -96,7 +96,7 @@ def command(
         )  # fmt: skip
         return 0
     setup_logging(log_level, log_format=log_format)
-    handover = take_handover() if workers == 1 else None  # started by an upgrade
+    handover = take_handover()  # started by an upgrade
     account = target_account(user)
     reading = check_access(account, config_path, serving_code(), chosen=user is not None)
     limit = fit_connection_limit(max_connections)
@@ -106,14 +106,18 @@ def command(
         keep = inherited_capabilities()
     if workers > 1:
         plan = TcpPlan(bind, _options(ctx, math.ceil(limit / workers)), workers)
+        if handover is not None:  # the old supervisor's port locks: its ports are ours
+            plan.adopt(handover.fds)
         plan.check(Config(apps=()), config)
+        plan.restore(config)  # a handed-over lock of a port no longer in the config
+        pids = PidFile(pid_file)
         supervisor = Supervisor(
             plan, config_path, data, config, workers, metrics_address,
             validate=reload_check(config_path, bind=bind, max_connections=limit),
-            drain_timeout=drain_timeout,
+            drain_timeout=drain_timeout, handover=handover, pid_file=pids,
         )  # fmt: skip
-        pids = PidFile(pid_file)
-        pids.write_at_start(account.uid if account is not None else None)
+        if handover is None:  # else rewritten once its workers serve, as its user
+            pids.write_at_start(account.uid if account is not None else None)
         try:
             drop_privileges(account, keep, ambient=keep)  # the workers bind and import too
             trio.run(supervisor.run)

@@ -31,8 +31,8 @@ class TcpPlan:
         released by `after_workers` or `restore`."""
         names = {port: app.name for app in new.apps for port in app.ports}
         held = self._locks.ports
-        try:
-            for port in sorted(new.ports - old.ports):
+        try:  # a port held already (handed over by an upgrade) is ours: our workers join it
+            for port in sorted(new.ports - old.ports - held):
                 try:
                     self._locks.take([port])
                     open_listener(self._bind, port, listen=False).close()
@@ -41,6 +41,15 @@ class TcpPlan:
         except BaseException:
             self._locks.keep_only(held)
             raise
+
+    def adopt(self, fds: dict[str, int]) -> None:
+        """Hold the port locks the old supervisor handed over (an upgrade)."""
+        self._locks.adopt(fds)
+
+    def upgrade_fds(self) -> dict[str, int] | None:
+        """What an upgrade hands the new supervisor: the port locks (its workers
+        bind their own sockets and join the reuseport groups)."""
+        return self._locks.fds()
 
     def worker_argv(self, index: int, control_fd: int) -> tuple[list[str], tuple[int, ...]]:
         return worker_argv("tcpproxy", control_fd, index, self._count, self._options), ()

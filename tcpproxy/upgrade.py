@@ -31,6 +31,7 @@ import contextlib
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -76,10 +77,14 @@ def successor_environment(fd: int, environ: Mapping[str, str] | None = None) -> 
 
 
 async def start_successor(
-    sockets: Mapping[int, socket.socket], fds: Mapping[str, int] | None = None
+    sockets: Mapping[int, socket.socket],
+    fds: Mapping[str, int] | None = None,
+    *,
+    unset: tuple[str, ...] = (),
 ) -> int | None:
     """Start the new process, hand it `sockets` (port -> listener) and `fds` (name ->
     descriptor, still ours: the new process gets its own references), wait until it serves.
+    `unset`: environment variables the new process must not inherit.
 
     Returns its pid once it says it serves, or None (rule 1: it was stopped,
     and the log says why).
@@ -90,6 +95,8 @@ async def start_successor(
         log.error("upgrade failed: cannot make the socket pair: %s", exc)
         return None
     env = successor_environment(theirs.fileno())
+    for name in unset:
+        env.pop(name, None)
     try:
         process = await trio.lowlevel.open_process(
             successor_argv(), pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL
@@ -186,6 +193,15 @@ class Handover:
         self.sockets = sockets
         self.fds = fds if fds is not None else {}
         self.served = False  # "ready" was sent: the old process lets go
+
+    def abandoned(self) -> bool:
+        """The old process closed its end: it gave up on this one (no answer
+        within READY_TIMEOUT) and sent SIGTERM, so this one must not take over."""
+        if self._channel is None:
+            return False
+        poller = select.poll()
+        poller.register(self._channel.fileno(), select.POLLIN)
+        return any(event & select.POLLHUP for _fd, event in poller.poll(0))
 
     def ready(self) -> None:
         """Tell the old process this one serves: it stops accepting and drains."""

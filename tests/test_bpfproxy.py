@@ -574,6 +574,18 @@ def cap_eff_and_uid(pid: int) -> tuple[int, str]:
     return int(fields["CapEff"], 16), fields["Uid"].split()[0]
 
 
+def test_workers_ignore_sigusr2_for_now(lab: Deployment) -> None:
+    """bpfproxy --workers does not upgrade yet: SIGUSR2 (whose default action would
+    kill the supervisor) is logged and ignored, and it goes on serving."""
+    a = lab.backend("a")
+    proxy = lab.start([app("A", [7001], [a.address])], "--workers", "2")
+    mark = proxy.mark()
+    proxy.send(signal.SIGUSR2)
+    proxy.wait_for(r"SIGUSR2 ignored: bpfproxy does not upgrade with --workers yet", start=mark)
+    assert lab.which(7001) == "a"
+    assert proxy.stop() == 0
+
+
 @pytest.mark.parametrize("engine", ["epoll", "trio"])
 def test_upgrade_under_load(upgrade_lab: Deployment, bpffs: Path, engine: str) -> None:
     """Three SIGUSR2 in a row under load: no short connection fails, the long-lived ones

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 import urllib.request
@@ -17,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from tcpproxy.notify import Notifier
-from tcpproxy.upgrade import UPGRADE_FD_ENV, successor_environment
+from tcpproxy.upgrade import UPGRADE_FD_ENV, Handover, successor_environment
+from tests.deploy import Deployment
 from tests.helpers import (
     TIMEOUT,
     ProxyProcess,
@@ -31,6 +33,7 @@ from tests.helpers import (
     which_backend,
     write_config,
 )
+from tests.netns import NetNS
 
 LONG_LIVED = 5  # connections held through the upgrades
 SHORT_LOOPS = 4  # clients in a connect/send/receive/close loop
@@ -245,9 +248,9 @@ def _status(pid: int) -> dict[str, str]:
     return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
 
 
-def _reaches(port: int) -> str | None:
+def _reaches(port: int, make_socket: Callable[[int], socket.socket] | None = None) -> str | None:
     try:
-        return which_backend(port)
+        return which_backend(port, make_socket=make_socket)
     except OSError:
         return None
 
@@ -278,20 +281,91 @@ def test_failing_upgrade_keeps_the_old_process(config_path: Path, backends) -> N
         assert proxy.stop() == 0
 
 
-def test_workers_ignore_sigusr2_for_now(config_path: Path, backends) -> None:
-    """With --workers the supervisor does not upgrade yet: SIGUSR2 (whose default
-    action would kill it) is logged and ignored; the pid file names the supervisor."""
-    port = free_port()
-    write_config(config_path, [app("A", [port], [backends("b1").address])])
+def test_workers_refuse_sigusr2_without_migrate_req(
+    config_path: Path, backends, netns: NetNS
+) -> None:
+    """With --workers and net.ipv4.tcp_migrate_req=0 (a new namespace's default)
+    SIGUSR2 is refused, as the old workers' queued connections would be reset;
+    the supervisor goes on serving and the pid file names it."""
+    lab = Deployment("tcpproxy", config_path, netns)
+    port = lab.ports(1)[0]
+    b1 = lab.backend("b1")
     pid_file = config_path.parent / "tcpproxy.pid"
-    with proxy_with_pid_file(config_path, pid_file, "--workers", "2") as proxy:
-        assert read_pid(pid_file) == proxy.proc.pid
-        mark = proxy.mark()
-        proxy.send(signal.SIGUSR2)
-        proxy.wait_for(r"SIGUSR2 ignored: upgrades with --workers are not supported", start=mark)
-        assert which_backend(port) == "b1"
-        assert proxy.stop() == 0
+    proxy = lab.start([app("A", [port], [b1.address])], "--workers", "2", "--pid-file",
+                      str(pid_file))  # fmt: skip
+    assert read_pid(pid_file) == proxy.proc.pid
+    mark = proxy.mark()
+    proxy.send(signal.SIGUSR2)
+    proxy.wait_for(r"SIGUSR2 ignored: with --workers an upgrade needs "
+                   r"net.ipv4.tcp_migrate_req=1", start=mark)  # fmt: skip
+    assert which_backend(port, make_socket=lab.make_socket) == "b1"
+    assert proxy.stop() == 0
     assert not pid_file.exists()
+
+
+def _allow_workers_upgrade(netns: NetNS) -> None:
+    """net.ipv4.tcp_migrate_req=1 in the test's namespace; and its clients' (and the
+    proxy's) own ports below those picked here as free (from the machine's ephemeral
+    range), so a port a reload adds is not taken by a connection meanwhile."""
+    for setting in ("net.ipv4.tcp_migrate_req=1", "net.ipv4.ip_local_port_range=10000 19999"):
+        subprocess.run(["ip", "netns", "exec", netns.name, "sysctl", "-qw", setting], check=True)
+
+
+def test_workers_upgrade_under_load(config_path: Path, netns: NetNS) -> None:
+    """--workers 2, in a namespace with net.ipv4.tcp_migrate_req=1: three upgrades in
+    a row (the second SIGUSR2 of the first ignored), then a failing one (config made
+    invalid): no short connection fails, the long-lived ones go on with the first
+    supervisor's workers, each old supervisor exits once its workers drained, the pid
+    file names the newest, and a config change afterwards is applied."""
+    _allow_workers_upgrade(netns)
+    lab = Deployment("tcpproxy", config_path, netns)
+    port, added, metrics = lab.ports(3)
+    b1, b2 = lab.backend("b1"), lab.backend("b2")
+    pid_file = config_path.parent / "tcpproxy.pid"
+    proxy = lab.start([app("A", [port], [b1.address])], "--workers", "2", "--pid-file",
+                      str(pid_file), "--drain-timeout", "60",
+                      "--metrics", f"127.0.0.1:{metrics}")  # fmt: skip
+    load = Load(port, lab.make_socket)
+    load.start()
+    try:
+        assert wait_until(lambda: all(load.long_messages) and load.short_ok > 20)
+        pids = [proxy.proc.pid]
+        for i in range(3):
+            before = load.short_ok
+            pids.append(upgrade(proxy, pid_file, twice=i == 0))
+            assert wait_until(lambda b=before: load.short_ok > b + 20)  # served meanwhile
+        newest = pids[-1]
+        for pid in pids[1:-1]:  # only short connections: their workers drained at once
+            assert wait_until(lambda p=pid: gone(p)), proxy.output
+        counts = list(load.long_messages)  # the first supervisor's workers relay these
+        assert wait_until(
+            lambda: all(n > c + 3 for n, c in zip(load.long_messages, counts, strict=True))
+        )
+        assert proxy.proc.poll() is None
+        mark = proxy.mark()
+        config_path.write_text('{"Apps": [{"Name": "A", "Ports": ["not a port"]}]}')
+        proxy.wait_for(r"rejected|invalid", start=mark)
+        os.kill(newest, signal.SIGUSR2)
+        proxy.wait_for(r"upgrade failed: pid \d+ exited with code 2", start=mark)
+        before = load.short_ok
+        assert wait_until(lambda: load.short_ok > before + 20)  # the newest still serves
+        write_config(config_path, [app("A", [port], [b1.address]), app("B", [added], [b2.address])])
+        assert wait_until(lambda: _reaches(added, lab.make_socket) == "b2"), proxy.output
+    finally:
+        load.finish()
+    assert load.failures == [], load.failures
+    assert proxy.proc.wait(TIMEOUT) == 0  # drained: its long-lived connections ended
+    assert read_pid(pid_file) == newest
+    assert not gone(newest)
+    assert which_backend(port, make_socket=lab.make_socket) == "b1"
+    assert netns.call(_status_pid, metrics) == newest  # it serves /status
+    os.kill(newest, signal.SIGTERM)
+    assert wait_until(lambda: gone(newest))
+    assert wait_until(lambda: not pid_file.exists())
+    out = proxy.output
+    assert out.count("tcpproxy stopped (pid ") == 3, out
+    assert out.count("upgrade: started pid") == 4, out  # three, and the failing one
+    assert "Traceback" not in out, out
 
 
 def test_the_new_process_pings_the_watchdog() -> None:
@@ -419,3 +493,79 @@ def test_sigusr2_before_serving_does_not_end_the_process(config_path: Path, back
         assert proxy.stop() == 0
     finally:
         proxy.kill()
+
+
+def _children(pid: int) -> list[int]:
+    """The processes `pid` started (a child started from any of its threads)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(p) for p in (task / "children").read_text().split()]
+    return found
+
+
+def test_workers_upgrade_serves_what_the_old_workers_queued(
+    config_path: Path, netns: NetNS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connections sitting in the old workers' accept queues when they close are
+    served, not reset: each old worker is at its connection limit (2 of
+    --max-connections 4), so the other clients queue at its listener; the
+    upgrade's SIGTERM closes those listeners, and the kernel (tcp_migrate_req)
+    moves what they queued to the new workers'. As nobody: the new supervisor and
+    its workers start unprivileged, with the capability they inherit."""
+    monkeypatch.delenv("TCPPROXY_USER", raising=False)  # conftest sets it to root
+    _allow_workers_upgrade(netns)
+    lab = Deployment("tcpproxy", config_path, netns)
+    port = lab.ports(1)[0]
+    b1 = lab.backend("b1")
+    pid_file = config_path.parent / "tcpproxy.pid"
+    proxy = lab.start([app("A", [port], [b1.address])], "--workers", "2", "--pid-file",
+                      str(pid_file), "--max-connections", "4")  # fmt: skip
+    answers: list[bytes | str] = []
+    greeted: list[int] = []
+    release = threading.Event()  # the connections the old workers accepted may end
+
+    def client(index: int) -> None:
+        try:
+            with connect(port, timeout=3 * TIMEOUT, make_socket=lab.make_socket) as sock:
+                greeting = recv_line(sock)
+                greeted.append(index)
+                release.wait(3 * TIMEOUT)
+                sock.sendall(b"ping")
+                sock.shutdown(socket.SHUT_WR)
+                answers.append(greeting + recv_all(sock))
+        except OSError as exc:
+            answers.append(repr(exc))
+
+    clients = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(16)]
+    try:
+        for thread in clients:
+            thread.start()
+        assert wait_until(lambda: len(greeted) == 4)  # both old workers at their limit
+        mark = proxy.mark()
+        proxy.send(signal.SIGUSR2)
+        proxy.wait_for(r"upgrade: stopping 2 workers; pid \d+ serves", start=mark)
+    finally:
+        release.set()
+        for thread in clients:
+            thread.join(4 * TIMEOUT)
+    assert answers == [b"b1\nping"] * 16, answers
+    assert proxy.proc.wait(TIMEOUT) == 0
+    newest = read_pid(pid_file)
+    assert newest is not None and newest != proxy.proc.pid
+    assert _status(newest)["Uid"].split()[0] == "65534"
+    os.kill(newest, signal.SIGTERM)
+    assert wait_until(lambda: gone(newest))
+
+
+def test_a_handover_knows_when_the_old_process_gave_up() -> None:
+    """The old process closes its end when it gives up (not ready in time): the new
+    one sees it and does not take over (no pid file, no MAINPID=)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    handover = Handover(theirs, {})
+    try:
+        assert not handover.abandoned()
+        ours.close()
+        assert handover.abandoned()
+    finally:
+        handover.close()
+        ours.close()

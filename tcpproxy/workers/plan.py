@@ -24,6 +24,10 @@ class Plan(Protocol):
     def check(self, old: Config, new: Config) -> None:
         """Raise StartupError if `new` cannot be served (before any worker sees it)."""
 
+    def upgrade_fds(self) -> dict[str, int] | None:
+        """Descriptors by name an upgrade hands the new supervisor (still ours);
+        None: this binary does not upgrade with workers yet."""
+
     def worker_argv(self, index: int, control_fd: int) -> tuple[list[str], Sequence[int]]:
         """The command line of worker `index`, and the descriptors it inherits."""
 

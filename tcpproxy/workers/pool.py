@@ -90,6 +90,11 @@ class Pool:
         self.nursery: trio.Nursery | None = None
         self._stopping = False
 
+    @property
+    def stopping(self) -> bool:
+        """`stop_and_wait` was called: no worker is started again."""
+        return self._stopping
+
     async def start_all(self) -> None:
         """Start every worker in turn; raises StartupError if one cannot start."""
         for worker in self.workers:

@@ -26,6 +26,7 @@ from tcpproxy.listeners import bind_hint
 __all__ = ["PortLocks"]
 
 NAME_PREFIX = "tcpproxy-port"  # abstract socket names: NAME_PREFIX/ADDRESS/PORT
+LOCK_FD_PREFIX = "lock:"  # a lock's name among an upgrade's handed-over descriptors
 
 
 class PortLocks:
@@ -51,6 +52,18 @@ class PortLocks:
         except BaseException:
             self.keep_only(set(self._held) - set(taken))
             raise
+
+    def fds(self) -> dict[str, int]:
+        """The locks by name (``lock:PORT``), still ours: an upgrade hands them to the
+        new supervisor, which then holds the same sockets (`adopt`)."""
+        return {f"{LOCK_FD_PREFIX}{port}": sock.fileno() for port, sock in self._held.items()}
+
+    def adopt(self, fds: dict[str, int]) -> None:
+        """Hold the locks an upgrade handed over (`fds`' ``lock:PORT`` entries, now ours)."""
+        for name, fd in fds.items():
+            if name.startswith(LOCK_FD_PREFIX):
+                port = int(name.removeprefix(LOCK_FD_PREFIX))
+                self._held.setdefault(port, socket.socket(fileno=fd))
 
     def keep_only(self, ports: Iterable[int]) -> None:
         """Release every port held that is not in `ports`."""

@@ -7,11 +7,23 @@ again: workers then cut their connections), and it exits 0 once every worker
 has drained (one still running after the drain timeout + STOP_GRACE is
 killed). With `--metrics` it owns the directory of the workers'
 multiprocess files and serves their sum, and /status.
+
+SIGUSR2 upgrades (tcpproxy only, see `Plan.upgrade_fds`): the supervisor
+starts its command line again (tcpproxy.upgrade) and hands it its port
+locks; the new supervisor starts its own workers, which bind their own
+SO_REUSEPORT sockets and join each port's group, and says "ready" once
+they all serve. Only then are the old workers stopped (SIGTERM: they close
+their listeners and drain). A listener's accept queue would die with it,
+resetting the connections queued there, unless the kernel moves them to
+another member of the group: net.ipv4.tcp_migrate_req=1 (per network
+namespace). Without it, SIGUSR2 is refused with a log line that says so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import shutil
 import signal
@@ -34,16 +46,31 @@ from tcpproxy.metrics import (
     stop_http,
 )
 from tcpproxy.notify import Notifier
+from tcpproxy.pidfile import PidFile
 from tcpproxy.reload import Reloader, digest
 from tcpproxy.sources.file import watch_config
 from tcpproxy.status import Loaded, counts_from_samples, snapshot
+from tcpproxy.upgrade import READY_TIMEOUT, Handover, start_successor
 from tcpproxy.workers.fanout import Fanout
 from tcpproxy.workers.plan import Plan
 from tcpproxy.workers.pool import Pool
 
-__all__ = ["Supervisor"]
+__all__ = ["MIGRATE_REQ", "Supervisor", "migrate_req_enabled"]
 
 log = logging.getLogger("tcpproxy")
+
+MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"  # this network namespace's
+UPGRADED = -1  # on the supervisor's event channel, besides signal numbers: the new one serves
+
+
+def migrate_req_enabled(path: str = MIGRATE_REQ) -> bool:
+    """Whether the kernel moves a closing listener's queued connections to another
+    member of its reuseport group (else an upgrade with workers would reset them)."""
+    try:
+        with open(path) as f:
+            return f.read().strip() == "1"
+    except OSError:  # a kernel before 5.14
+        return False
 
 
 class Supervisor:
@@ -65,9 +92,18 @@ class Supervisor:
         *,
         drain_timeout: float,
         validate: Callable[[Config], None] | None = None,
+        handover: Handover | None = None,
+        pid_file: PidFile | None = None,
     ) -> None:
         """`drain_timeout`: the workers' --drain-timeout; a worker still running
-        that long (plus STOP_GRACE) after a stop is killed."""
+        that long (plus STOP_GRACE) after a stop is killed. `handover`: set
+        when an upgrade started this supervisor: told once every worker
+        serves, which is also when it rewrites `pid_file`."""
+        self._handover = handover
+        self._pid_file = pid_file
+        self._upgrading = False
+        self._successor: int | None = None
+        self._server: Any = None  # the metrics server, while it serves
         self._plan = plan
         self._validate = validate  # the reloader's check of a new config (Reloader)
         self._path = path
@@ -89,7 +125,7 @@ class Supervisor:
         Raises StartupError when a worker cannot start (the others are stopped).
         """
         notifier = Notifier()
-        metrics_dir, metrics, server = None, None, None
+        metrics_dir, metrics = None, None
         if self._metrics_address is not None:
             metrics_dir, metrics = self._start_metrics()
         reloader = Reloader(
@@ -98,14 +134,19 @@ class Supervisor:
         )  # fmt: skip
         if metrics is not None:
             metrics.config_loaded(reloader.digest)
-            server = self._serve_metrics(metrics_dir, reloader)
+            self._server = self._serve_metrics(metrics_dir, reloader)
         try:
             await self._run(notifier, reloader)
         finally:
-            if server is not None:
-                await stop_http(server)
+            await self._stop_metrics()
             if metrics_dir is not None:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
+
+    async def _stop_metrics(self) -> None:
+        """At the end, or once an upgrade's new supervisor serves /metrics and /status."""
+        server, self._server = self._server, None
+        if server is not None:
+            await stop_http(server)
 
     def _start_metrics(self) -> tuple[str, Metrics]:
         """Workers write prometheus-client's multiprocess files; we serve their sum."""
@@ -140,50 +181,133 @@ class Supervisor:
 
         startup_error: StartupError | None = None
         wanted = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
+        send, events = trio.open_memory_channel[int](math.inf)
         with trio.open_signal_receiver(*wanted) as signals:
             async with trio.open_nursery() as nursery:
                 pool.nursery = nursery
                 try:
                     await pool.start_all()
+                    if self._handover is not None and self._handover.abandoned():
+                        raise StartupError(  # and it sent SIGTERM: no pid file, no MAINPID=
+                            f"upgrade: the old supervisor gave up on this one (not ready "
+                            f"within {READY_TIMEOUT:g}s)"
+                        )
                 except StartupError as exc:
                     startup_error = exc
                     await pool.stop_and_wait(signal.SIGTERM, self._drain_timeout)
                     nursery.cancel_scope.cancel()
                 else:
                     pool.watch_all()
-                    await nursery.start(watch_config, self._path, reloader.request)
-                    nursery.start_soon(reloader.run, status)
-                    notifier.ready(status())
-                    nursery.start_soon(notifier.watchdog, status)
+                    reloading = trio.CancelScope()  # ends at a stop or an upgrade
+                    await nursery.start(self._reload, reloader, status, reloading)
                     log.info(
                         "%s started: %d workers, %d apps, ports %s, config %s",
                         self._plan.name, len(pool.workers), len(self.config.apps),
                         format_ports(self.config.ports), digest(self._data),
                     )  # fmt: skip
-                    async for signum in signals:
-                        if signum == signal.SIGHUP:
+                    if self._handover is not None:
+                        self._take_over(self._handover)
+                    notifier.ready(status(), main_pid=self._handover is not None)
+                    nursery.start_soon(notifier.watchdog, status)
+                    nursery.start_soon(_pump, signals, send)
+                    async for event in events:
+                        if event == signal.SIGHUP:
                             reloader.request("SIGHUP")
                             continue
-                        if signum == signal.SIGUSR2:  # its default action would kill us
-                            log.warning("SIGUSR2 ignored: upgrades with --workers are not "
-                                        "supported yet; restart instead")  # fmt: skip
+                        if event == signal.SIGUSR2:  # its default action would kill us
+                            self._on_usr2(nursery, send)
                             continue
-                        log.info("%s: stopping %d workers", signal.Signals(signum).name,
-                                 len(pool.workers))  # fmt: skip
-                        nursery.start_soon(self._forward_later_signals, signals)
-                        notifier.stopping(status())
-                        await pool.stop_and_wait(signum, self._drain_timeout)
+                        if event == UPGRADED:
+                            log.info("upgrade: stopping %d workers; pid %d serves",
+                                     len(pool.workers), self._successor)  # fmt: skip
+                            notifier.disable()  # the new supervisor speaks for the service
+                            await self._stop_metrics()
+                            event = signal.SIGTERM
+                        else:
+                            log.info("%s: stopping %d workers", signal.Signals(event).name,
+                                     len(pool.workers))  # fmt: skip
+                            notifier.stopping(status())
+                        # a draining supervisor reloads no more: after an upgrade the
+                        # new one does, and ours would take the ports it adds
+                        reloading.cancel()
+                        nursery.start_soon(self._forward_later_signals, events)
+                        await pool.stop_and_wait(event, self._drain_timeout)
                         break
                     nursery.cancel_scope.cancel()
         if startup_error is not None:
             raise startup_error
-        log.info("%s stopped", self._plan.name)
+        if self._successor is not None:
+            log.info("%s stopped (pid %d serves)", self._plan.name, self._successor)
+        else:
+            log.info("%s stopped", self._plan.name)
 
-    async def _forward_later_signals(self, signals: Any) -> None:
-        async for signum in signals:
-            if signum == signal.SIGINT:
+    async def _reload(
+        self,
+        reloader: Reloader,
+        status: Callable[[], str],
+        scope: trio.CancelScope,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Watch the config file and reload on change, until `scope` is cancelled."""
+        with scope:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(watch_config, self._path, reloader.request)
+                nursery.start_soon(reloader.run, status)
+                task_status.started()
+
+    def _take_over(self, handover: Handover) -> None:
+        """Started by an upgrade, every worker serves: name this process in the pid
+        file, then tell the old supervisor (it stops its workers)."""
+        if self._pid_file is not None:
+            try:
+                self._pid_file.write()
+            except OSError as exc:
+                log.warning("pid file %s not rewritten: %s", self._pid_file.path, exc)
+        handover.ready()
+
+    def _on_usr2(self, nursery: trio.Nursery, events: trio.MemorySendChannel[int]) -> None:
+        fds = self._plan.upgrade_fds()
+        if fds is None:
+            log.warning("SIGUSR2 ignored: %s does not upgrade with --workers yet; "
+                        "restart instead", self._plan.name)  # fmt: skip
+        elif self._upgrading:
+            log.info("SIGUSR2 ignored: an upgrade is in flight")
+        elif not migrate_req_enabled():
+            log.warning("SIGUSR2 ignored: with --workers an upgrade needs "
+                        "net.ipv4.tcp_migrate_req=1 (else the connections queued at the "
+                        "old workers' listeners would be reset when they close)")  # fmt: skip
+        else:
+            self._upgrading = True
+            nursery.start_soon(self._upgrade, fds, events)
+
+    async def _upgrade(self, fds: dict[str, int], events: trio.MemorySendChannel[int]) -> None:
+        try:  # the new supervisor makes its own metrics directory
+            pid = await start_successor({}, fds, unset=("PROMETHEUS_MULTIPROC_DIR",))
+        finally:
+            self._upgrading = False
+        if pid is None:
+            return
+        if self.pool.stopping:  # SIGTERM came meanwhile: the new one goes too
+            log.info("upgrade: this supervisor is stopping: stopping pid %d too", pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            return
+        self._successor = pid
+        events.send_nowait(UPGRADED)
+
+    async def _forward_later_signals(self, events: trio.MemoryReceiveChannel[int]) -> None:
+        async for signum in events:
+            if signum == signal.SIGUSR2:
+                log.info("SIGUSR2 ignored: this supervisor is stopping")
+            elif signum == signal.SIGINT:
                 log.info("SIGINT again: workers close their connections now")
                 self.pool.signal_all(signal.SIGINT)
+
+
+async def _pump(signals: Any, events: trio.MemorySendChannel[int]) -> None:
+    """Signals onto the supervisor's event channel (where an upgrade's end goes too)."""
+    async for signum in signals:
+        events.send_nowait(signum)
 
 
 def _forget_metrics(pid: int) -> None:
