@@ -12,13 +12,31 @@ from typing import Any
 import trio
 
 from tcpproxy.config import AppConfig, Config, Target
-from tcpproxy.engine import _IN, _PHASE, Conn
+from tcpproxy.engine import _IN, _PHASE, Conn, Engine
 from tcpproxy.flow import Flow
 from tcpproxy.listeners import ACCEPT_BACKOFF
 from tcpproxy.proxy import Proxy
 from tests.test_connect import Blackhole
 
 PORT = 1  # the app's port: connections are handed to dispatch(), nothing listens
+
+
+async def serve(nursery: trio.Nursery, app: AppConfig, **options: Any) -> tuple[Proxy, Engine]:
+    """A Proxy for one app on the epoll engine, its loop running in `nursery`."""
+    proxy = Proxy(Config(apps=(app,)), nursery, engine="epoll", **options)
+    engine = proxy.engine
+    assert engine is not None
+    await nursery.start(engine.run)
+    return proxy, engine
+
+
+def arrive(proxy: Proxy) -> socket.socket:
+    """A client accepted on PORT, as an accept loop hands it over; returns its far end."""
+    ours, client = socket.socketpair()
+    ours.setblocking(False)
+    proxy.slots.acquire_nowait()
+    proxy.dispatch(ours, PORT, ("127.0.0.1", 40000))
+    return client
 
 
 class LookupResolver:
@@ -53,16 +71,10 @@ async def test_the_stagger_armed_by_a_lookup_wakes_the_loop() -> None:
         ])  # fmt: skip
         app = AppConfig("A", (PORT,), (Target("db.test", 5432),), connect_timeout=5.0)
         async with trio.open_nursery() as nursery:
-            proxy = Proxy(
-                Config(apps=(app,)), nursery, max_connections=10, resolver=resolver,  # type: ignore[arg-type]
-                use_splice=False, engine="epoll",
-            )  # fmt: skip
-            assert proxy.engine is not None
-            await nursery.start(proxy.engine.run)
-            ours, client = socket.socketpair()
-            ours.setblocking(False)
-            proxy.slots.acquire_nowait()  # as an accept loop does
-            proxy.dispatch(ours, PORT, ("127.0.0.1", 40000))
+            proxy, _engine = await serve(
+                nursery, app, max_connections=10, resolver=resolver, use_splice=False
+            )  # type: ignore[arg-type]
+            client = arrive(proxy)
             with trio.move_on_after(2.5) as waited:  # well within the 5 s connect timeout
                 await trio.lowlevel.wait_readable(live)
             assert not waited.cancelled_caught, "the second address was not tried in time"
@@ -101,13 +113,7 @@ async def test_a_listener_backing_off_then_paused_at_the_limit_accepts_again() -
         listener.setblocking(False)
         app = AppConfig("A", (PORT,), (Target("127.0.0.1", backend.getsockname()[1]),))
         async with trio.open_nursery() as nursery:
-            proxy = Proxy(
-                Config(apps=(app,)), nursery, max_connections=1, use_splice=False,
-                engine="epoll",
-            )  # fmt: skip
-            engine = proxy.engine
-            assert engine is not None
-            await nursery.start(engine.run)
+            proxy, engine = await serve(nursery, app, max_connections=1, use_splice=False)
             engine.add_listener(listener, PORT)
 
             listener.out_of_fds = True
@@ -145,17 +151,8 @@ async def test_an_ended_connection_lets_go_of_its_buffers() -> None:
         backend.listen()
         app = AppConfig("A", (PORT,), (Target("127.0.0.1", backend.getsockname()[1]),))
         async with trio.open_nursery() as nursery:
-            proxy = Proxy(
-                Config(apps=(app,)), nursery, max_connections=10, use_splice=False,
-                engine="epoll",
-            )  # fmt: skip
-            engine = proxy.engine
-            assert engine is not None
-            await nursery.start(engine.run)
-            ours, client = socket.socketpair()
-            ours.setblocking(False)
-            proxy.slots.acquire_nowait()
-            proxy.dispatch(ours, PORT, ("127.0.0.1", 40000))
+            proxy, engine = await serve(nursery, app, max_connections=10, use_splice=False)
+            client = arrive(proxy)
             (conn,) = engine._conns
             client.send(b"x")  # the first byte: the engine connects
             served = (await trio.to_thread.run_sync(backend.accept))[0]
@@ -191,16 +188,8 @@ async def test_a_silent_client_holds_no_target_until_it_speaks() -> None:
         target = Target("127.0.0.1", backend.getsockname()[1])
         app = AppConfig("A", (PORT,), (target,), first_byte_timeout=5.0)
         async with trio.open_nursery() as nursery:
-            proxy = Proxy(
-                Config(apps=(app,)), nursery, max_connections=10, use_splice=False,
-                engine="epoll",
-            )  # fmt: skip
-            assert proxy.engine is not None
-            await nursery.start(proxy.engine.run)
-            ours, client = socket.socketpair()
-            ours.setblocking(False)
-            proxy.slots.acquire_nowait()
-            proxy.dispatch(ours, PORT, ("127.0.0.1", 40000))
+            proxy, _engine = await serve(nursery, app, max_connections=10, use_splice=False)
+            client = arrive(proxy)
             await trio.sleep(0.05)
             assert dict(proxy.active) == {}
             client.send(b"x")
@@ -238,13 +227,9 @@ async def test_a_connection_ended_by_its_lookup_frees_its_slot_at_once() -> None
         listener.setblocking(False)
         app = AppConfig("A", (PORT,), (Target("db.test", 5432),), connect_timeout=5.0)
         async with trio.open_nursery() as nursery:
-            proxy = Proxy(
-                Config(apps=(app,)), nursery, max_connections=1, resolver=FailingResolver(),  # type: ignore[arg-type]
-                use_splice=False, engine="epoll",
-            )  # fmt: skip
-            engine = proxy.engine
-            assert engine is not None
-            await nursery.start(engine.run)
+            _proxy, engine = await serve(
+                nursery, app, max_connections=1, resolver=FailingResolver(), use_splice=False
+            )  # type: ignore[arg-type]
             engine.add_listener(listener, PORT)
             for _ in range(2):
                 clients.append(socket.create_connection(listener.getsockname()))
@@ -268,17 +253,8 @@ async def test_the_self_check_sees_a_connection_waiting_for_nothing() -> None:
         backend.listen()
         app = AppConfig("A", (PORT,), (Target("127.0.0.1", backend.getsockname()[1]),))
         async with trio.open_nursery() as nursery:
-            proxy = Proxy(
-                Config(apps=(app,)), nursery, max_connections=10, use_splice=False,
-                engine="epoll",
-            )  # fmt: skip
-            engine = proxy.engine
-            assert engine is not None
-            await nursery.start(engine.run)
-            ours, client = socket.socketpair()
-            ours.setblocking(False)
-            proxy.slots.acquire_nowait()
-            proxy.dispatch(ours, PORT, ("127.0.0.1", 40000))
+            proxy, engine = await serve(nursery, app, max_connections=10, use_splice=False)
+            client = arrive(proxy)
             served = (await trio.to_thread.run_sync(backend.accept))[0]
             (conn,) = engine._conns
             assert engine.check() == []
@@ -332,17 +308,10 @@ async def test_a_connect_failing_while_its_event_is_read_is_not_a_success() -> N
         resolver.cached = lambda host, port: resolver.addresses  # type: ignore[assignment,method-assign]
         app = AppConfig("A", (PORT,), (Target("db.test", 5432),), connect_timeout=5.0)
         async with trio.open_nursery() as nursery:
-            proxy = Proxy(
-                Config(apps=(app,)), nursery, max_connections=10, resolver=resolver,  # type: ignore[arg-type]
-                use_splice=False, engine="epoll",
-            )  # fmt: skip
-            engine = proxy.engine
-            assert engine is not None
-            await nursery.start(engine.run)
-            ours, client = socket.socketpair()
-            ours.setblocking(False)
-            proxy.slots.acquire_nowait()
-            proxy.dispatch(ours, PORT, ("127.0.0.1", 40000))
+            proxy, engine = await serve(
+                nursery, app, max_connections=10, resolver=resolver, use_splice=False
+            )  # type: ignore[arg-type]
+            client = arrive(proxy)
             (conn,) = engine._conns
             (attempt,) = conn.attempts  # to the blackhole: SYN_SENT
             fd = attempt.fileno()
