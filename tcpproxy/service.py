@@ -20,11 +20,13 @@ Lifecycle rules:
    accepting and drains as on SIGTERM, but tells systemd nothing (the new
    one sent READY=1 and MAINPID=). If the new one fails, nothing changes
    here. A SIGUSR2 during an upgrade, or while stopping, is ignored.
+   The new process names itself (pid file, MAINPID=) only once the old one
+   said "go" (tcpproxy.upgrade rule 2); refused, it drains what it accepted
+   and exits with a StartupError, telling systemd nothing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -39,6 +41,7 @@ import trio
 
 from tcpproxy.config import Config, no_isolation
 from tcpproxy.diff import format_ports
+from tcpproxy.errors import StartupError
 from tcpproxy.metrics import NullMetrics, serve_http, stop_http
 from tcpproxy.notify import Notifier
 from tcpproxy.pidfile import PidFile
@@ -156,7 +159,8 @@ async def run_service(
       state: what an upgrade hands over besides the listeners, and who is told
         how it ended (bpfproxy: its BPF descriptors; see UpgradeState).
       handover: set in a process started by an upgrade: told once this one
-        serves, which is also when it rewrites `pid_file` and sends MAINPID=.
+        serves; once the old one says "go" this one rewrites `pid_file` and
+        sends MAINPID= (else it stops: rule 4).
       pid_file: rewritten by a process started by an upgrade (the caller
         writes it at a normal start, before dropping privileges, and removes it).
     """
@@ -164,6 +168,7 @@ async def run_service(
     stop_accepting = trio.CancelScope()
     cut_connections = trio.CancelScope()
     upgrade = _Upgrade()
+    refused = False  # started by an upgrade, and the old process did not let go (rule 4)
     wanted = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
     with trio.open_signal_receiver(*wanted) as signals:
         async with trio.open_nursery() as outer:
@@ -245,17 +250,19 @@ async def run_service(
                                 digest(data) if supervisor is None else "from the supervisor",
                                 max_connections,
                             )  # fmt: skip
-                            if handover is not None:
-                                _take_over(handover, pid_file)
-                            notifier.ready(status(), main_pid=handover is not None)
-                            outer.start_soon(notifier.watchdog, status)  # pings while draining too
+                            if handover is not None and not await _take_over(handover, pid_file):
+                                refused = True  # the old process serves on: this one stops
+                                stop_accepting.cancel()
+                            else:
+                                notifier.ready(status(), main_pid=handover is not None)
+                                outer.start_soon(notifier.watchdog, status)  # while draining too
                             task_status.started(proxy)
                     # accepting has stopped and every listener is closed
                     if proxy.engine is not None:
                         proxy.engine.drain()  # its task ends once no connection is left
-                    if upgrade.successor is None:
+                    if upgrade.successor is None and not refused:
                         notifier.stopping(status())
-                    else:  # the service goes on, in the new process
+                    else:  # the service goes on, in the new process or in the old one
                         notifier.disable()
                     if proxy.active_total:
                         log.info("draining %d connections for up to %gs",
@@ -266,6 +273,8 @@ async def run_service(
             outer.cancel_scope.cancel()
     if upgrade.successor is not None:
         log.info("%s stopped (pid %d serves)", frontend.name, upgrade.successor)
+    elif refused:
+        raise StartupError("upgrade: the old process did not let this one take over")
     else:
         log.info("%s stopped", frontend.name)
 
@@ -296,15 +305,13 @@ async def _upgrade(
     state: UpgradeState | None,
     stop_accepting: trio.CancelScope,
 ) -> None:
-    try:
-        pid = await start_successor(listeners(), state.fds() if state is not None else None)
+    try:  # a SIGTERM meanwhile: it refuses the hand-over (and stops the new process)
+        pid = await start_successor(
+            listeners(), state.fds() if state is not None else None,
+            accept=lambda: not stop_accepting.cancel_called,
+        )  # fmt: skip
     finally:
         upgrade.in_flight = False
-    if pid is not None and stop_accepting.cancel_called:  # SIGTERM came meanwhile
-        log.info("upgrade: this process is stopping: stopping pid %d too", pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        pid = None
     if state is not None:
         state.upgraded(pid is not None)
     if pid is not None:
@@ -313,14 +320,19 @@ async def _upgrade(
         stop_accepting.cancel()  # the accept loops close our descriptors, not the sockets
 
 
-def _take_over(handover: Handover, pid_file: PidFile | None) -> None:
-    """A process started by an upgrade serves: name it in the pid file, tell the old one."""
+async def _take_over(handover: Handover, pid_file: PidFile | None) -> bool:
+    """A process started by an upgrade serves: tell the old one and, once it says
+    "go", name this one in the pid file (tcpproxy.upgrade rule 2). False: it did not
+    let go (it was stopping, or gave up on this one), so this one must not take over."""
+    if not await handover.confirm():
+        log.error("upgrade: the old process did not let this one take over: stopping")
+        return False
     if pid_file is not None:
         try:
             pid_file.write()
         except OSError as exc:
             log.warning("pid file %s not rewritten: %s", pid_file.path, exc)
-    handover.ready()
+    return True
 
 
 async def _shut_down_on_exit(server: Any, handed_over: trio.Event) -> None:

@@ -8,20 +8,28 @@ in batches of FDS_PER_MESSAGE, each with the ports it carries), then any
 other descriptors the new process needs, by name (bpfproxy: its BPF program,
 maps, link and instance lock), then an end mark. The new process
 (`take_handover`) serves on them (binding only ports its config added), then
-says "ready" (`Handover.ready`).
+says "ready" and waits for "go" (`Handover.confirm`).
 
 Rules:
 1. The old process stops accepting only after "ready". Before that, the
    new one may fail in any way (bad config, crash, no answer within
    READY_TIMEOUT): it is stopped (SIGTERM, SIGKILL after STOP_GRACE) and
    the old one goes on as if nothing happened; the log says why.
-2. Both processes hold the same listening sockets (the same open file, not
+2. The hand-over is decided by the old process alone, at one instant: on
+   "ready" it answers "go" only if it still accepts the hand-over (its
+   timeout has not passed, it is not stopping), and from then on it is
+   committed (it stops accepting, whatever comes). The new process takes over
+   (rewrites the pid file, sends MAINPID= and READY=1) only after "go"; if
+   the old one refuses or vanishes first, it does not take over: it stops
+   accepting, drains what it accepted, and exits. So the pid file and systemd
+   never name a process the old one is about to stop.
+3. Both processes hold the same listening sockets (the same open file, not
    copies): the accept queue is one, so a connection waiting in it is
    accepted by one process or the other, never lost. The old one then
    closes its descriptors; close(2) of one reference does not shut down a
    socket another process still holds (shutdown(2) would: nothing here
    calls it on a listener).
-3. One upgrade at a time (the caller keeps that).
+4. One upgrade at a time (the caller keeps that).
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import trio
 
@@ -58,7 +66,8 @@ READY_TIMEOUT = 10.0  # seconds the new process may take to serve, or it is stop
 STOP_GRACE = 5.0  # seconds a failed new process gets after SIGTERM before SIGKILL
 FDS_PER_MESSAGE = 200  # the kernel takes at most 253 descriptors in one message (SCM_MAX_FD)
 MESSAGE_SIZE = 65536  # bytes of one message: a batch of ports as JSON, or an answer
-READY = b"ready"
+READY = b"ready"  # new -> old: it serves on what it was handed
+GO = b"go"  # old -> new: the hand-over is decided (rule 2); anything else, or nothing, refuses
 
 
 def successor_argv() -> list[str]:
@@ -81,13 +90,16 @@ async def start_successor(
     fds: Mapping[str, int] | None = None,
     *,
     unset: tuple[str, ...] = (),
+    accept: Callable[[], bool] = lambda: True,
 ) -> int | None:
     """Start the new process, hand it `sockets` (port -> listener) and `fds` (name ->
     descriptor, still ours: the new process gets its own references), wait until it serves.
-    `unset`: environment variables the new process must not inherit.
+    `unset`: environment variables the new process must not inherit. `accept`: asked
+    once the new process says it serves; False (e.g. this process is stopping)
+    refuses the hand-over (rule 2).
 
-    Returns its pid once it says it serves, or None (rule 1: it was stopped,
-    and the log says why).
+    Returns its pid once it was told "go": from then on the caller must stop
+    accepting (rule 2). None: it was stopped (rule 1), and the log says why.
     """
     try:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -119,11 +131,16 @@ async def start_successor(
                     answer = await channel.recv(MESSAGE_SIZE)
                 except OSError as exc:
                     answer, why = b"", f"the socket pair failed: {exc}"
-                if answer == READY:
+                if answer != READY:
+                    await process.wait()  # its end closed: it is exiting (said by its exit code)
+                elif not accept():  # rule 2: decided here, no checkpoint until "go" is sent
+                    why = "this process is stopping: it refused the hand-over"
+                elif _tell(ours, GO):
                     log.info("upgrade: pid %d serves; this process (pid %d) stops accepting",
                              process.pid, os.getpid())  # fmt: skip
                     return process.pid
-                await process.wait()  # its end closed: it is exiting (said by its exit code)
+                else:
+                    why = "it was gone before it was told to go"
             if timer.cancelled_caught:
                 why = f"it did not serve within {READY_TIMEOUT:g}s"
     except BaseException:  # this process ends meanwhile: it must not leave a half-started one
@@ -154,6 +171,15 @@ async def _send_sockets(
     await channel.send(json.dumps({"done": True}).encode())
 
 
+def _tell(channel: socket.socket, message: bytes) -> bool:
+    """Send without a checkpoint (rule 2: the decision and "go" are one step); False
+    if the peer is gone (a message this small never finds a full buffer)."""
+    try:
+        return channel.send(message) == len(message)
+    except OSError:
+        return False
+
+
 def _pack(fds: list[int]) -> bytes:
     return array.array("i", fds).tobytes()
 
@@ -177,9 +203,9 @@ async def _stop(process: trio.Process, why: str) -> None:
 
 class Handover:
     """The new process's end: the sockets it was handed, other descriptors by name
-    (`fds`), and "ready" to send back.
+    (`fds`), and the "ready"/"go" exchange (`confirm`).
 
-    Resource handling: owns the channel until `ready()` or `close()`; the
+    Resource handling: owns the channel until `confirm()` or `close()`; the
     sockets and `fds` are the caller's once taken.
     """
 
@@ -192,7 +218,7 @@ class Handover:
         self._channel: socket.socket | None = channel
         self.sockets = sockets
         self.fds = fds if fds is not None else {}
-        self.served = False  # "ready" was sent: the old process lets go
+        self.served = False  # "go" came: this process has taken over (rule 2)
 
     def abandoned(self) -> bool:
         """The old process closed its end: it gave up on this one (no answer
@@ -203,15 +229,28 @@ class Handover:
         poller.register(self._channel.fileno(), select.POLLIN)
         return any(event & select.POLLHUP for _fd, event in poller.poll(0))
 
-    def ready(self) -> None:
-        """Tell the old process this one serves: it stops accepting and drains."""
-        self.served = True
-        if self._channel is not None:
-            try:
-                self._channel.send(READY)
-            except OSError as exc:  # the old process is gone: nobody else serves anyway
-                log.warning("upgrade: could not tell the old process: %s", exc)
+    async def confirm(self) -> bool:
+        """Say "ready" (this process serves) and wait for the old one's "go" (rule 2).
+
+        Returns True once told "go": this process has taken over (`served`); only
+        then may it name itself in the pid file and to systemd. False: the old one
+        refused, is gone, or did not answer within READY_TIMEOUT; this process must
+        not take over (the old one stops it, or has gone with the service).
+        Shielded from cancellation: a signal meanwhile is handled once decided.
+        """
+        channel = self._channel
+        if channel is None:
+            return False
+        try:
+            with trio.CancelScope(shield=True), trio.move_on_after(READY_TIMEOUT):
+                channel.send(READY)
+                await trio.lowlevel.wait_readable(channel)
+                self.served = channel.recv(MESSAGE_SIZE) == GO
+        except OSError as exc:  # the old process is gone
+            log.warning("upgrade: no answer from the old process: %s", exc)
+        finally:
             self.close()
+        return self.served
 
     def close(self) -> None:
         if self._channel is not None:

@@ -39,7 +39,15 @@ from tests.helpers import (
     write_config,
 )
 from tests.netns import NetNS
-from tests.test_upgrade import Load, gone, read_pid, upgrade
+from tests.test_upgrade import (
+    FakeSystemd,
+    Load,
+    gone,
+    kill_started,
+    read_pid,
+    refuse_while_stopping,
+    upgrade,
+)
 
 pytestmark = pytest.mark.bpf
 
@@ -675,6 +683,31 @@ def test_failing_upgrade_keeps_the_old_process(upgrade_lab: Deployment, bpffs: P
         assert read_pid(pid_file) == proxy.proc.pid
         assert proxy.stop() == 0
         assert refused(lab, 7001)
+
+
+def test_a_stopping_process_refuses_the_hand_over(lab: Deployment, bpffs: Path) -> None:
+    """The old process is stopping when the new one says "ready": it answers no "go",
+    and the new one does not take over (no pid file, no MAINPID=, it exits, leaving
+    the BPF state to the old one, whose clean stop then releases every port)."""
+    b1 = lab.backend("b1")
+    instance = instance_name()
+    pid_file = lab.config_path.parent / "bpfproxy.pid"
+    systemd = FakeSystemd(lab.config_path.parent / "notify.sock")
+    write_config(lab.config_path, [app("A", [7001], [b1.address])])
+    argv = lab.argv(*pinned_args(bpffs, instance), "--pid-file", str(pid_file),
+                    "--drain-timeout", "60")  # fmt: skip
+    proxy = ProxyProcess(lab.popen_argv(argv), env=systemd.env)
+    try:
+        proxy.wait_for(r"bpfproxy started")
+        with lab.connect(7001) as hold:
+            assert recv_line(hold) == b"b1\n"
+            refuse_while_stopping(proxy, pid_file, systemd, hold)
+        assert refused(lab, 7001)
+        left = bpffs / "bpfproxy" / instance
+        assert not left.exists() or list(left.iterdir()) == []
+    finally:
+        kill_started(proxy)
+        systemd.close()
 
 
 def test_a_listener_that_cannot_be_given_away_is_a_steering_error() -> None:

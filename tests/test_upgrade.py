@@ -569,3 +569,145 @@ def test_a_handover_knows_when_the_old_process_gave_up() -> None:
     finally:
         handover.close()
         ours.close()
+
+
+def test_a_handover_takes_over_only_on_go() -> None:
+    """The new process says "ready" and takes over only once the old one answers
+    "go"; an old one that closes its end (it refused, gave up, or died) or answers
+    anything else leaves it not taken over."""
+    import trio
+
+    async def exchange(answer: bytes | None) -> tuple[bytes, bool, bool]:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        handover = Handover(theirs, {})
+        got = b""
+
+        async def old_side() -> None:
+            nonlocal got
+            await trio.lowlevel.wait_readable(ours)
+            got = ours.recv(64)
+            if answer is None:
+                ours.close()
+            else:
+                ours.send(answer)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(old_side)
+            confirmed = await handover.confirm()
+        ours.close()
+        return got, confirmed, handover.served
+
+    assert trio.run(exchange, b"go") == (b"ready", True, True)
+    assert trio.run(exchange, None) == (b"ready", False, False)
+    assert trio.run(exchange, b"no") == (b"ready", False, False)
+
+
+class FakeSystemd:
+    """A NOTIFY_SOCKET that records each message with its sender's pid (SO_PASSCRED)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.messages: list[tuple[int, dict[str, str]]] = []
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"NOTIFY_SOCKET": str(self.path)}
+
+    def received(self) -> list[tuple[int, dict[str, str]]]:
+        """Every message so far, as (sender's pid, fields)."""
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                data, ancillary, _flags, _address = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
+                pid = next(int.from_bytes(d[:4], "little") for *_, d in ancillary)
+                fields = dict(line.split("=", 1) for line in data.decode().splitlines())
+                self.messages.append((pid, fields))
+        return self.messages
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def refuse_while_stopping(
+    proxy: ProxyProcess, pid_file: Path, systemd: FakeSystemd, hold: socket.socket
+) -> None:
+    """SIGUSR2, then SIGTERM before the new process says "ready" (it is held with
+    SIGSTOP until the old one stops): the old one, draining `hold`, refuses the
+    hand-over, so the new one must not have named itself in the pid file nor to
+    systemd (MAINPID=), and exits; the old one drains, then exits 0."""
+    old = proxy.proc.pid
+    mark = proxy.mark()
+    proxy.send(signal.SIGUSR2)
+    new = int(proxy.wait_for(r"upgrade: started pid (\d+)", start=mark)[1])
+    os.kill(new, signal.SIGSTOP)
+    try:
+        proxy.send(signal.SIGTERM)
+        proxy.wait_for(r"SIGTERM: stopping", start=mark)
+    finally:
+        os.kill(new, signal.SIGCONT)
+    proxy.wait_for(rf"upgrade failed: pid {new} |stopping pid {new} too", start=mark)
+    assert wait_until(lambda: gone(new)), proxy.output
+    assert read_pid(pid_file) == old, proxy.output  # it still drains `hold`
+    assert [f for pid, f in systemd.received() if pid == new or "MAINPID" in f] == []
+    assert proxy.proc.poll() is None
+    hold.close()
+    assert proxy.proc.wait(TIMEOUT) == 0
+    assert "Traceback" not in proxy.output, proxy.output
+
+
+def test_a_stopping_process_refuses_the_hand_over(tmp_path: Path, backends) -> None:
+    """The old process is stopping when the new one says "ready": it answers no "go",
+    and the new one does not take over (no pid file, no MAINPID=, it exits)."""
+    port = free_port()
+    config = tmp_path / "config.json"
+    write_config(config, [app("A", [port], [backends("b1").address])])
+    pid_file = tmp_path / "tcpproxy.pid"
+    systemd = FakeSystemd(tmp_path / "notify.sock")
+    argv = tcpproxy_argv(config, "--pid-file", str(pid_file), "--drain-timeout", "60")
+    proxy = ProxyProcess(argv, env=systemd.env)
+    try:
+        proxy.wait_for(r"tcpproxy started")
+        with connect(port) as hold:
+            assert recv_line(hold) == b"b1\n"
+            refuse_while_stopping(proxy, pid_file, systemd, hold)
+    finally:
+        kill_started(proxy)
+        systemd.close()
+
+
+def kill_started(proxy: ProxyProcess) -> None:
+    """Every process the upgrades of `proxy` started, then `proxy`."""
+    for line in proxy.lines:
+        if "upgrade: started pid " in line:
+            pid = int(line.split("upgrade: started pid ")[1].split(",")[0])
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGKILL)
+    proxy.kill()
+
+
+def test_a_stopping_supervisor_refuses_the_hand_over(config_path: Path, netns: NetNS) -> None:
+    """--workers 2: the old supervisor is stopping (its workers drain) when the new
+    one says "ready": no "go", so the new one stops its workers and exits without
+    naming itself (pid file, MAINPID=)."""
+    _allow_workers_upgrade(netns)
+    lab = Deployment("tcpproxy", config_path, netns)
+    port = lab.ports(1)[0]
+    b1 = lab.backend("b1")
+    pid_file = config_path.parent / "tcpproxy.pid"
+    systemd = FakeSystemd(config_path.parent / "notify.sock")
+    write_config(config_path, [app("A", [port], [b1.address])])
+    argv = lab.argv("--workers", "2", "--pid-file", str(pid_file), "--drain-timeout", "60")
+    proxy = ProxyProcess(lab.popen_argv(argv), env=systemd.env)
+    try:
+        proxy.wait_for(r"tcpproxy started")
+        with lab.connect(port) as hold:
+            assert recv_line(hold) == b"b1\n"
+            refuse_while_stopping(proxy, pid_file, systemd, hold)
+    finally:
+        kill_started(proxy)
+        lab.close()
+        systemd.close()

@@ -21,7 +21,6 @@ namespace). Without it, SIGUSR2 is refused with a log line that says so.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -187,10 +186,10 @@ class Supervisor:
                 pool.nursery = nursery
                 try:
                     await pool.start_all()
-                    if self._handover is not None and self._handover.abandoned():
-                        raise StartupError(  # and it sent SIGTERM: no pid file, no MAINPID=
-                            f"upgrade: the old supervisor gave up on this one (not ready "
-                            f"within {READY_TIMEOUT:g}s)"
+                    if self._handover is not None and not await self._handover.confirm():
+                        raise StartupError(  # no pid file, no MAINPID= (upgrade rule 2)
+                            f"upgrade: the old supervisor did not let this one take over "
+                            f"(it was stopping, or gave up on it after {READY_TIMEOUT:g}s)"
                         )
                 except StartupError as exc:
                     startup_error = exc
@@ -256,14 +255,13 @@ class Supervisor:
                 task_status.started()
 
     def _take_over(self, handover: Handover) -> None:
-        """Started by an upgrade, every worker serves: name this process in the pid
-        file, then tell the old supervisor (it stops its workers)."""
+        """Started by an upgrade, every worker serves and the old supervisor said
+        "go" (it stops its workers): name this process in the pid file."""
         if self._pid_file is not None:
             try:
                 self._pid_file.write()
             except OSError as exc:
                 log.warning("pid file %s not rewritten: %s", self._pid_file.path, exc)
-        handover.ready()
 
     def _on_usr2(self, nursery: trio.Nursery, events: trio.MemorySendChannel[int]) -> None:
         fds = self._plan.upgrade_fds()
@@ -281,16 +279,14 @@ class Supervisor:
             nursery.start_soon(self._upgrade, fds, events)
 
     async def _upgrade(self, fds: dict[str, int], events: trio.MemorySendChannel[int]) -> None:
-        try:  # the new supervisor makes its own metrics directory
-            pid = await start_successor({}, fds, unset=("PROMETHEUS_MULTIPROC_DIR",))
+        try:  # the new supervisor makes its own metrics directory; a SIGTERM meanwhile
+            pid = await start_successor(  # refuses the hand-over (the new one is stopped)
+                {}, fds, unset=("PROMETHEUS_MULTIPROC_DIR",),
+                accept=lambda: not self.pool.stopping,
+            )  # fmt: skip
         finally:
             self._upgrading = False
         if pid is None:
-            return
-        if self.pool.stopping:  # SIGTERM came meanwhile: the new one goes too
-            log.info("upgrade: this supervisor is stopping: stopping pid %d too", pid)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
             return
         self._successor = pid
         events.send_nowait(UPGRADED)
