@@ -326,6 +326,8 @@ def _close_all(handover: Handover) -> None:
     """Whatever the hand-over brought that nothing took (closed, not shut down)."""
     for sock in handover.sockets.values():
         sock.close()
+    if handover.metrics is not None:
+        handover.metrics.close()
     for fd in handover.fds.values():
         with contextlib.suppress(OSError):
             os.close(fd)

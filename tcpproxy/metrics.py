@@ -21,6 +21,7 @@ import glob
 import json
 import logging
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
@@ -28,6 +29,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from tcpproxy.errors import StartupError
+from tcpproxy.listeners import bind_hint
 from tcpproxy.status import as_text
 
 __all__ = ["END_REASONS", "Metrics", "NullMetrics", "parse_address", "serve_http"]
@@ -205,21 +207,51 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    """A thread per request: one slow client cannot hold up the others or shutdown()."""
+    """A thread per request: one slow client cannot hold up the others or shutdown().
+
+    No SO_REUSEPORT: a port another process serves (a second proxy, or a
+    --workers listener) is refused at bind. An upgrade hands the listening
+    socket itself to the new process instead (`handed`), so both serve on one
+    accept queue until the old one stops. The socket is non-blocking: with two
+    processes on one queue, the other may take the connection between select()
+    and accept(), and a blocking accept() would hang shutdown().
+    """
 
     daemon_threads = True
-    # An upgrade (SIGUSR2): the new process binds the port while the old one still
-    # holds it; the old one closes it as soon as the new one serves.
-    allow_reuse_port = True
+    handed: socket.socket | None = None  # set on a subclass: serve on it, bind nothing
+
+    def server_bind(self) -> None:
+        if self.handed is None:
+            super().server_bind()
+        else:
+            self.socket.close()
+            self.socket = self.handed
+            self.server_address = self.socket.getsockname()
+            self.server_name, self.server_port = self.server_address[:2]
+            self.setup_environ()
+        self.socket.setblocking(False)
+
+    def server_activate(self) -> None:
+        if self.handed is None:
+            super().server_activate()
 
 
 def serve_http(
-    host: str, port: int, status: Callable[[], dict[str, Any]], registry: Any = None
+    host: str,
+    port: int,
+    status: Callable[[], dict[str, Any]],
+    registry: Any = None,
+    *,
+    handed: socket.socket | None = None,
 ) -> WSGIServer:
     """Serve /metrics, /status (JSON) and /status.txt in a daemon thread.
 
-    Raises StartupError when the address cannot be bound. The caller shuts
-    the returned server down.
+    `handed`: the listening socket an upgrade handed over (tcpproxy.upgrade),
+    served as it is if it is on `port` (else closed, and the port bound).
+
+    Raises StartupError naming the address when it cannot be bound (in use:
+    another proxy's metrics, or a listening port). The caller shuts the
+    returned server down; its `socket` is what an upgrade hands over.
     """
     from prometheus_client import REGISTRY, make_wsgi_app
 
@@ -245,19 +277,19 @@ def serve_http(
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"try /metrics, /status or /status.txt\n"]
 
-    family_server: type[WSGIServer] = _ThreadingServer
-    if ":" in host:
-        import socket
+    if handed is not None and handed.getsockname()[1] != port:
+        handed.close()  # the old process served another port
+        handed = None
 
-        class _V6(_ThreadingServer):
-            address_family = socket.AF_INET6
+    class _Server(_ThreadingServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
-        family_server = _V6
+    _Server.handed = handed
     try:
-        server = make_server(host, port, app, server_class=family_server,
+        server = make_server(host, port, app, server_class=_Server,
                              handler_class=_QuietHandler)  # fmt: skip
     except OSError as exc:
-        raise StartupError(f"--metrics {host}:{port}: {exc.strerror or exc}") from None
+        raise StartupError(f"--metrics {host}:{port}: {bind_hint(exc)}") from None
     thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
     thread.start()
     log.info("metrics and status on http://%s:%d/metrics and /status", host, port)

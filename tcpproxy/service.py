@@ -51,7 +51,7 @@ from tcpproxy.selfloop import reject_self_loops
 from tcpproxy.sources.file import watch_config
 from tcpproxy.status import Loaded
 from tcpproxy.status import snapshot as status_snapshot
-from tcpproxy.upgrade import Handover, start_successor
+from tcpproxy.upgrade import METRICS_FD, Handover, start_successor
 
 if TYPE_CHECKING:
     from tcpproxy.workers.link import SupervisorLink
@@ -145,7 +145,9 @@ async def run_service(
         (which watches the file and validates once), not from the file.
       metrics: where to count (NullMetrics: nowhere).
       metrics_address: serve /metrics and /status there (not in workers:
-        their supervisor serves the sum).
+        their supervisor serves the sum); after an upgrade, on the socket the
+        old process handed over (`handover.metrics`), which an upgrade of this
+        one hands on.
       listen_ports: ports served besides the apps' (bpfproxy's -p): no target
         may loop back to them.
       bind: the address the ports listen on (--bind; None: every address),
@@ -218,6 +220,9 @@ async def run_service(
                     outer.start_soon(
                         _handle_signals, signals, on_hup, on_usr2, stop_accepting, cut_connections
                     )
+                    handed = handover.metrics if handover is not None else None
+                    if metrics_address is None and handed is not None:
+                        handed.close()  # not served here (cannot be: same command line)
                     if metrics_address is not None:
                         token = trio.lowlevel.current_trio_token()
 
@@ -232,7 +237,9 @@ async def run_service(
                         server = serve_http(
                             *metrics_address,
                             lambda: trio.from_thread.run_sync(snapshot, trio_token=token),
+                            handed=handed,
                         )
+                        upgrade.fds[METRICS_FD] = server.socket.fileno()  # handed on in turn
                         outer.start_soon(_shut_down_on_exit, server, upgrade.handed_over)
                     with stop_accepting:
                         async with trio.open_nursery() as control:
@@ -284,6 +291,7 @@ class _Upgrade:
     """Where this process is in an upgrade (rule 4)."""
 
     in_flight: bool = False
+    fds: dict[str, int] = field(default_factory=dict)  # handed over besides the frontend's
     successor: int | None = None  # the pid that took over: this process drains
     handed_over: trio.Event = field(default_factory=trio.Event)  # set with `successor`
 
@@ -307,7 +315,7 @@ async def _upgrade(
 ) -> None:
     try:  # a SIGTERM meanwhile: it refuses the hand-over (and stops the new process)
         pid = await start_successor(
-            listeners(), state.fds() if state is not None else None,
+            listeners(), {**(state.fds() if state is not None else {}), **upgrade.fds},
             accept=lambda: not stop_accepting.cancel_called,
         )  # fmt: skip
     finally:

@@ -6,7 +6,8 @@ version runs), with one end of a SOCK_SEQPACKET socket pair inherited; its
 number is in UPGRADE_FD_ENV. Over it go the listening sockets (SCM_RIGHTS,
 in batches of FDS_PER_MESSAGE, each with the ports it carries), then any
 other descriptors the new process needs, by name (bpfproxy: its BPF program,
-maps, link and instance lock), then an end mark. The new process
+maps, link and instance lock; the --metrics listener, METRICS_FD, which has
+no SO_REUSEPORT: the new process serves on the same socket), then an end mark. The new process
 (`take_handover`) serves on them (binding only ports its config added), then
 says "ready" and waits for "go" (`Handover.confirm`).
 
@@ -51,6 +52,7 @@ import trio
 from tcpproxy.errors import StartupError
 
 __all__ = [
+    "METRICS_FD",
     "READY_TIMEOUT",
     "UPGRADE_FD_ENV",
     "Handover",
@@ -66,6 +68,7 @@ READY_TIMEOUT = 10.0  # seconds the new process may take to serve, or it is stop
 STOP_GRACE = 5.0  # seconds a failed new process gets after SIGTERM before SIGKILL
 FDS_PER_MESSAGE = 200  # the kernel takes at most 253 descriptors in one message (SCM_MAX_FD)
 MESSAGE_SIZE = 65536  # bytes of one message: a batch of ports as JSON, or an answer
+METRICS_FD = "metrics"  # the --metrics listener's name among the named descriptors
 READY = b"ready"  # new -> old: it serves on what it was handed
 GO = b"go"  # old -> new: the hand-over is decided (rule 2); anything else, or nothing, refuses
 
@@ -203,10 +206,11 @@ async def _stop(process: trio.Process, why: str) -> None:
 
 class Handover:
     """The new process's end: the sockets it was handed, other descriptors by name
-    (`fds`), and the "ready"/"go" exchange (`confirm`).
+    (`fds`), the --metrics listener (`metrics`, if one was handed over), and the
+    "ready"/"go" exchange (`confirm`).
 
     Resource handling: owns the channel until `confirm()` or `close()`; the
-    sockets and `fds` are the caller's once taken.
+    sockets, `fds` and `metrics` are the caller's once taken.
     """
 
     def __init__(
@@ -214,10 +218,12 @@ class Handover:
         channel: socket.socket,
         sockets: dict[int, socket.socket],
         fds: dict[str, int] | None = None,
+        metrics: socket.socket | None = None,
     ) -> None:
         self._channel: socket.socket | None = channel
         self.sockets = sockets
         self.fds = fds if fds is not None else {}
+        self.metrics = metrics
         self.served = False  # "go" came: this process has taken over (rule 2)
 
     def abandoned(self) -> bool:
@@ -304,6 +310,8 @@ def take_handover(environ: dict[str, str] | None = None) -> Handover | None:
                 sockets[port] = socket.socket(fileno=pending[0])
                 pending.pop(0)  # now closed with `sockets` if a later one fails
                 sockets[port].setblocking(False)
+        metrics = socket.socket(fileno=named[METRICS_FD]) if METRICS_FD in named else None
+        named.pop(METRICS_FD, None)  # now closed with `metrics`
     except BaseException as exc:
         for sock in sockets.values():
             sock.close()
@@ -314,4 +322,4 @@ def take_handover(environ: dict[str, str] | None = None) -> Handover | None:
         if isinstance(exc, (OSError, ValueError, KeyError)):
             raise StartupError(f"upgrade: receiving the listeners: {exc}") from None
         raise
-    return Handover(channel, sockets, named)
+    return Handover(channel, sockets, named, metrics)

@@ -42,6 +42,7 @@ from tests.netns import NetNS
 from tests.test_upgrade import (
     FakeSystemd,
     Load,
+    _status_pid,
     gone,
     kill_started,
     read_pid,
@@ -605,7 +606,7 @@ def test_upgrade_under_load(upgrade_lab: Deployment, bpffs: Path, engine: str) -
     instance = instance_name()
     pid_file = lab.config_path.parent / "bpfproxy.pid"  # where nobody can rewrite it
     args = (*pinned_args(bpffs, instance), "--user", "nobody", "--pid-file", str(pid_file),
-            "--engine", engine)  # fmt: skip
+            "--engine", engine, "--metrics", "127.0.0.1:9100")  # fmt: skip
     proxy = lab.start([app("A", [7001, 7002], [b1.address])], *args)
     with every_process_killed(proxy, pid_file):
         proxy.wait_for(r"serving as uid 65534 gid 65534 \(nobody\) with no capabilities")
@@ -641,6 +642,7 @@ def test_upgrade_under_load(upgrade_lab: Deployment, bpffs: Path, engine: str) -
         assert proxy.proc.wait(TIMEOUT) == 0  # drained: its long-lived connections ended
         assert read_pid(pid_file) == newest
         assert lab.which(7001) == "b1"
+        assert lab.ns is not None and lab.ns.call(_status_pid, 9100) == newest  # handed over
 
         os.kill(newest, signal.SIGTERM)  # a clean stop of the newest releases everything
         assert wait_until(lambda: gone(newest))

@@ -138,3 +138,58 @@ def test_a_silent_scraper_blocks_neither_scrapes_nor_shutdown(tmp_path, backends
         silent.close()
     finally:
         proxy.kill()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_second_proxy_on_the_same_metrics_port_exits_2(tmp_path, backends, workers) -> None:
+    """The metrics socket has no SO_REUSEPORT: a second proxy cannot share its port
+    (it would answer half the scrapes); it exits 2 naming the address, and the
+    first one goes on answering."""
+    import sys
+
+    from tests.helpers import ProxyProcess, write_config
+
+    a = backends("a")
+    first_port, second_port, metrics_port = free_ports(3)
+    address = f"127.0.0.1:{metrics_port}"
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    write_config(first, [app("A", [first_port], [a.address])])
+    write_config(second, [app("B", [second_port], [a.address])])
+
+    def argv(config) -> list[str]:
+        return [sys.executable, "-m", "tcpproxy", "-c", str(config), "--metrics", address,
+                "--workers", workers]  # fmt: skip
+
+    running = ProxyProcess(argv(first))
+    try:
+        running.wait_for("tcpproxy started")
+        refused = ProxyProcess(argv(second))
+        try:
+            assert refused.proc.wait(TIMEOUT) == 2, refused.output
+        finally:
+            refused.kill()
+        assert f"error: --metrics {address}: address already in use" in refused.output
+        assert "Traceback" not in refused.output, refused.output
+        d = Deployment("tcpproxy", first, None)
+        assert json.loads(scrape(d, metrics_port, "/status"))["pid"] == running.proc.pid
+    finally:
+        running.kill()
+
+
+def test_metrics_on_a_workers_port_exits_2(tmp_path, backends) -> None:
+    """--workers: a --metrics port that an app listens on is refused (bound first,
+    the metrics socket would make every worker fail to bind it)."""
+    import subprocess
+    import sys
+
+    from tests.helpers import write_config
+
+    (port,) = free_ports(1)
+    config = tmp_path / "c.json"
+    write_config(config, [app("A", [port], [backends("a").address])])
+    out = subprocess.run([sys.executable, "-m", "tcpproxy", "-c", str(config), "--workers",
+                          "2", "--metrics", f"127.0.0.1:{port}"], capture_output=True,
+                         text=True, timeout=TIMEOUT, check=False)  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert f"--metrics 127.0.0.1:{port}: port {port} is also a port of app 'A'" in out.stderr
+    assert "Traceback" not in out.stderr

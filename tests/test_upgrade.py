@@ -711,3 +711,53 @@ def test_a_stopping_supervisor_refuses_the_hand_over(config_path: Path, netns: N
         kill_started(proxy)
         lab.close()
         systemd.close()
+
+
+def listening_inodes(port: int) -> set[int]:
+    """The inodes of the IPv4 sockets listening on `port` (this network namespace)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and int(fields[1].split(":")[1], 16) == port:  # 0A: LISTEN
+            found.add(int(fields[9]))
+    return found
+
+
+def test_an_upgrade_hands_over_the_metrics_socket(config_path: Path, backends) -> None:
+    """--metrics is bound without SO_REUSEPORT and handed over like the listeners:
+    across two upgrades the same socket (one inode) serves /metrics, scraped in a
+    loop meanwhile, and /status names the newest process."""
+    port, metrics = free_port(), free_port()
+    write_config(config_path, [app("A", [port], [backends("b1").address])])
+    pid_file = config_path.parent / "tcpproxy.pid"
+    with proxy_with_pid_file(config_path, pid_file, "--metrics", f"127.0.0.1:{metrics}") as proxy:
+        (inode,) = listening_inodes(metrics)
+        stop, scraped, failures = threading.Event(), [0], []
+
+        def scrape() -> None:
+            while not stop.is_set():
+                url = f"http://127.0.0.1:{metrics}/metrics"
+                try:
+                    with urllib.request.urlopen(url, timeout=TIMEOUT) as answer:
+                        assert b"tcpproxy_connections_accepted" in answer.read()
+                    scraped[0] += 1
+                except (OSError, AssertionError) as exc:
+                    failures.append(repr(exc))
+
+        scraper = threading.Thread(target=scrape, daemon=True)
+        scraper.start()
+        try:
+            for _ in range(2):
+                before = scraped[0]
+                new = upgrade(proxy, pid_file)
+                assert wait_until(lambda b=before: scraped[0] > b + 20)
+                assert listening_inodes(metrics) == {inode}
+                assert wait_until(lambda n=new: _status_pid(metrics) == n)
+        finally:
+            stop.set()
+            scraper.join(TIMEOUT)
+        assert failures == [], failures
+        assert which_backend(port) == "b1"
+        os.kill(new, signal.SIGTERM)
+        assert wait_until(lambda: gone(new))
+    assert "Traceback" not in proxy.output, proxy.output

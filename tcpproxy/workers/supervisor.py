@@ -49,7 +49,7 @@ from tcpproxy.pidfile import PidFile
 from tcpproxy.reload import Reloader, digest
 from tcpproxy.sources.file import watch_config
 from tcpproxy.status import Loaded, counts_from_samples, snapshot
-from tcpproxy.upgrade import READY_TIMEOUT, Handover, start_successor
+from tcpproxy.upgrade import METRICS_FD, READY_TIMEOUT, Handover, start_successor
 from tcpproxy.workers.fanout import Fanout
 from tcpproxy.workers.plan import Plan
 from tcpproxy.workers.pool import Pool
@@ -150,7 +150,11 @@ class Supervisor:
     def _start_metrics(self) -> tuple[str, Metrics]:
         """Workers write prometheus-client's multiprocess files; we serve their sum."""
         assert self._metrics_address is not None
-        parse_address(self._metrics_address)  # a bad address fails before any worker starts
+        _host, port = parse_address(self._metrics_address)  # fails before any worker starts
+        for app in self.config.apps:  # bound first, it would make the workers fail to bind
+            if port in app.ports:
+                raise StartupError(f"--metrics {self._metrics_address}: port {port} "
+                                   f"is also a port of app {app.name!r}")  # fmt: skip
         directory = tempfile.mkdtemp(prefix="tcpproxy-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory  # read by prometheus-client's import
         return directory, Metrics()
@@ -167,7 +171,8 @@ class Supervisor:
                 counts_from_samples(samples), workers=len(self.pool.workers),
             )  # fmt: skip
 
-        return serve_http(*parse_address(self._metrics_address), status, registry)
+        handed = self._handover.metrics if self._handover is not None else None
+        return serve_http(*parse_address(self._metrics_address), status, registry, handed=handed)
 
     async def _run(self, notifier: Notifier, reloader: Reloader) -> None:
         pool = self.pool
@@ -276,6 +281,8 @@ class Supervisor:
                         "old workers' listeners would be reset when they close)")  # fmt: skip
         else:
             self._upgrading = True
+            if self._server is not None:  # the new supervisor serves on the same socket
+                fds = {**fds, METRICS_FD: self._server.socket.fileno()}
             nursery.start_soon(self._upgrade, fds, events)
 
     async def _upgrade(self, fds: dict[str, int], events: trio.MemorySendChannel[int]) -> None:
