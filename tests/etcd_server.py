@@ -37,8 +37,12 @@ _PR_SET_PDEATHSIG = 1
 
 def etcd_unavailable_reason() -> str | None:
     """Why real-etcd tests cannot run here, or None when they can."""
-    if shutil.which("etcd") is None:
-        return "etcd not installed (make setup installs Debian's etcd-server)"
+    missing = [tool for tool in ("etcd", "etcdctl") if shutil.which(tool) is None]
+    if missing:
+        return (
+            f"{' and '.join(missing)} not installed "
+            "(make setup installs Debian's etcd-server and etcd-client)"
+        )
     return None
 
 
