@@ -521,12 +521,23 @@ def _map_error(exc: _GatewayError) -> EtcdError:
 
 
 def _describe(exc: BaseException) -> str:
-    """The first non-empty message down the cause chain (httpx wraps OS and TLS errors)."""
-    current: BaseException | None = exc
-    text = type(exc).__name__
-    while current is not None:
-        if str(current):
-            text = f"{type(exc).__name__}: {current}" if current is not exc else str(exc)
+    """What went wrong, briefly: the OS's words (an errno's strerror) when the cause
+    chain has them (httpx and trio wrap them), else the first non-empty message."""
+    text = ""
+    stack: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.strerror:
+            text = current.strerror
             break
-        current = current.__cause__ or current.__context__
+        if not text and str(current):
+            text = str(current)
+        if isinstance(current, BaseExceptionGroup):
+            stack.extend(current.exceptions)
+        stack.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    text = text or type(exc).__name__
     return text if len(text) < 200 else text[:200] + "..."
