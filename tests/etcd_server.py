@@ -53,35 +53,46 @@ def _die_with_parent() -> None:
 
 @dataclass(frozen=True)
 class EtcdTLS:
-    """Files of a throwaway CA and a server/client certificate for 127.0.0.1."""
+    """Files of a throwaway CA, the members' certificate for 127.0.0.1, and a client's.
+
+    The client certificate has no CommonName: with client-cert-auth and RBAC auth on,
+    etcd's JSON gateway refuses one that has a CN (the CN would be an identity it
+    cannot pass on), and the user comes from the password login instead.
+    """
 
     cacert: Path
     cert: Path
     key: Path
+    client_cert: Path
+    client_key: Path
 
 
 def make_tls(directory: Path) -> EtcdTLS:
-    """A CA and one certificate (server and client use, IP 127.0.0.1) made with openssl."""
+    """A CA, a member certificate (server and client use: the gateway connects to its
+    own member with it; IP 127.0.0.1) and a client certificate, made with openssl."""
     directory.mkdir(parents=True, exist_ok=True)
     ca_key, ca = directory / "ca.key", directory / "ca.pem"
-    key, csr, cert = directory / "node.key", directory / "node.csr", directory / "node.pem"
-    ext = directory / "ext.cnf"
-    ext.write_text(
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-        "extendedKeyUsage=serverAuth,clientAuth\n"
-        "basicConstraints=CA:FALSE\n"
-    )
-    run = [
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-keyout", ca_key, "-out", ca, "-days", "1", "-subj", "/CN=test etcd CA"],
-        ["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-         "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
-        ["openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
-         "-out", cert, "-days", "1", "-extfile", ext],
-    ]  # fmt: skip
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    run = [["openssl", "req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "1",
+            "-subj", "/CN=test etcd CA"]]  # fmt: skip
+    files = []
+    for name, subject, extensions in (
+        ("node", "/CN=127.0.0.1", "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+         "extendedKeyUsage=serverAuth,clientAuth\n"),
+        ("client", "/O=tcpproxy test client", "extendedKeyUsage=clientAuth\n"),
+    ):  # fmt: skip
+        key, csr, cert = (directory / f"{name}.{ext}" for ext in ("key", "csr", "pem"))
+        ext = directory / f"{name}.cnf"
+        ext.write_text(extensions + "basicConstraints=CA:FALSE\n")
+        run += [
+            ["openssl", "req", *ec, "-keyout", key, "-out", csr, "-subj", subject],
+            ["openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key,
+             "-CAcreateserial", "-out", cert, "-days", "1", "-extfile", ext],
+        ]  # fmt: skip
+        files += [cert, key]
     for argv in run:
         subprocess.run([str(a) for a in argv], check=True, capture_output=True, timeout=30)
-    return EtcdTLS(ca, cert, key)
+    return EtcdTLS(ca, *files)
 
 
 @dataclass
@@ -236,7 +247,7 @@ class EtcdCluster:
         context = None
         if self.tls:
             context = ssl.create_default_context(cafile=str(self.tls.cacert))
-            context.load_cert_chain(str(self.tls.cert), str(self.tls.key))
+            context.load_cert_chain(str(self.tls.client_cert), str(self.tls.client_key))
         req = urllib.request.Request(
             member.client_url + path,
             data=json.dumps(body).encode(),
@@ -273,8 +284,8 @@ class EtcdCluster:
         """Run Debian's etcdctl (API v3) against the cluster."""
         argv = ["etcdctl", f"--endpoints={','.join(m.client_url for m in self.members)}"]
         if self.tls:
-            argv += [f"--cacert={self.tls.cacert}", f"--cert={self.tls.cert}"]
-            argv += [f"--key={self.tls.key}"]
+            argv += [f"--cacert={self.tls.cacert}", f"--cert={self.tls.client_cert}"]
+            argv += [f"--key={self.tls.client_key}"]
         return subprocess.run(
             [*argv, *args],
             capture_output=True,

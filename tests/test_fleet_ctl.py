@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
 import sys
 import time
@@ -21,12 +22,20 @@ P = "/fleet"
 
 
 def ctl(
-    *args: str, etcd: EtcdCluster | None = None, timeout: float = 30
+    *args: str, etcd: EtcdCluster | None = None, env: dict | None = None, timeout: float = 30
 ) -> subprocess.CompletedProcess:
+    """Run tcpproxyctl as a process (``python -m``, as the console script does)."""
     argv = [sys.executable, "-m", "tcpproxy.fleet.ctl"]
     if etcd is not None:
         argv += ["--etcd", etcd.url(P)]
-    return subprocess.run([*argv, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [*argv, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def write(path: Path, document: dict) -> Path:
@@ -209,3 +218,29 @@ def test_etcd_unreachable_is_one_line_naming_the_endpoints(tmp_path: Path) -> No
     assert result.returncode == 2 and "needs a key prefix" in result.stderr
     result = ctl("--etcd", url, "--etcd-user", "root:pw", "get")
     assert result.returncode == 2 and "never argv" in result.stderr
+
+
+def test_tls_and_auth(etcd_factory, tmp_path: Path) -> None:
+    etcd = etcd_factory(1, tls=True)
+    etcd.etcdctl("user", "add", "root:rootpw", "--interactive=false")
+    etcd.etcdctl("user", "grant-role", "root", "root")
+    etcd.etcdctl("auth", "enable")
+    tls = etcd.tls
+    options = ["--etcd-cacert", str(tls.cacert), "--etcd-cert", str(tls.client_cert)]
+    options += ["--etcd-key", str(tls.client_key), "--etcd-user", "root"]
+    file = write(tmp_path / "c.json", {"Apps": [APP_A]})
+    result = ctl(*options, "push", str(file), etcd=etcd, env={"ETCD_PASSWORD": "rootpw"})
+    assert result.returncode == 0, result.stderr
+    result = ctl(*options, "get", etcd=etcd, env={"ETCD_PASSWORD": "rootpw"})
+    assert json.loads(result.stdout) == {"Apps": [APP_A]}
+
+    result = ctl(*options, "get", etcd=etcd, env={"ETCD_PASSWORD": "wrong"})
+    assert result.returncode == 2
+    assert "authentication failed" in result.stderr and "Traceback" not in result.stderr
+    result = ctl(*options[:-2], "get", etcd=etcd)  # TLS without user: auth is on
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    # a client certificate with a CommonName: etcd's gateway refuses it when auth is on
+    with_cn = ["--etcd-cacert", str(tls.cacert), "--etcd-cert", str(tls.cert)]
+    with_cn += ["--etcd-key", str(tls.key), "--etcd-user", "root"]
+    result = ctl(*with_cn, "get", etcd=etcd, env={"ETCD_PASSWORD": "rootpw"})
+    assert result.returncode == 2 and "use one without" in result.stderr

@@ -20,8 +20,17 @@ import trio
 from tcpproxy import __version__
 from tcpproxy.cli_common import fail, run_cli
 from tcpproxy.config import Config, ConfigError, parse_config
-from tcpproxy.fleet.client import EtcdClient, EtcdCompacted, EtcdError
-from tcpproxy.fleet.keys import config_keys, file_document, nodes_prefix, plan_push, wanted_keys
+from tcpproxy.fleet.client import EtcdClient, EtcdCompacted, EtcdConflict, EtcdError
+from tcpproxy.fleet.keys import (
+    PushPlan,
+    apps_prefix,
+    config_keys,
+    defaults_key,
+    file_document,
+    nodes_prefix,
+    plan_push,
+    wanted_keys,
+)
 from tcpproxy.fleet.nodes import FleetStatus, judge, parse_record
 from tcpproxy.fleet.url import DEFAULT_PASSWORD_ENV, EtcdTarget, parse_etcd_url
 from tcpproxy.selfloop import self_loops
@@ -32,6 +41,8 @@ __all__ = ["main", "validate_file"]
 PROG = "tcpproxyctl"
 DEFAULT_MAX_LAG = 5.0  # seconds a node may take to apply a change before status fails
 EXIT_UNHEALTHY = 1
+PUSH_ATTEMPTS = 3  # reads and diffs again when another writer got in between
+GUARD_KEYS_MAX = 120  # per-key guards in a push's transaction, under etcd's default 128
 
 
 @dataclass(frozen=True)
@@ -118,28 +129,59 @@ def push(options: _Options, file: Path, dry_run: bool) -> None:
 
     async def run() -> None:
         async with EtcdClient(target) as client:
-            _revision, kvs = await client.range_prefix(target.prefix + "/")
-            current = config_keys(target.prefix, {kv.key: kv.value for kv in kvs})
-            plan = plan_push(target.prefix, current, wanted)
-            for line in plan.describe():
-                click.echo(line)
-            if plan.empty or dry_run:
-                if dry_run and not plan.empty:
-                    click.echo("dry run: nothing written")
-                return
-            try:
-                revision = await client.txn(plan.puts, plan.deletes)
-            except EtcdError as exc:
-                if "too many operations" not in str(exc):
-                    raise
-                count = len(plan.puts) + len(plan.deletes)
+            for _attempt in range(PUSH_ATTEMPTS):
+                plan, written = await _push_once(client, target.prefix, wanted, dry_run)
+                if written is not None or plan.empty or dry_run:
+                    break
+            else:
                 raise EtcdError(
-                    f"{exc} ({count} keys change in one transaction: raise etcd's "
-                    "--max-txn-ops, 128 by default)"
-                ) from None
-            click.echo(f"written at revision {revision}")
+                    f"the config under {target.prefix} changed during the push, "
+                    f"{PUSH_ATTEMPTS} times: nothing written; push again"
+                )
+        for line in plan.describe():
+            click.echo(line)
+        if dry_run and not plan.empty:
+            click.echo("dry run: nothing written")
+        elif written is not None:
+            click.echo(f"written at revision {written}")
 
     trio.run(run)
+
+
+async def _push_once(
+    client: EtcdClient, prefix: str, wanted: dict[str, bytes], dry_run: bool
+) -> tuple[PushPlan, int | None]:
+    """Read, diff and write once, guarded: the plan, and the revision written (None: not
+    written because there is nothing to write, a dry run, or a conflict).
+
+    The guard makes a push all-or-nothing against concurrent writers too: no app key
+    put after the read (one range compare) and every config key read unchanged (one
+    compare each, which also catches deletes; left out beyond GUARD_KEYS_MAX, which
+    etcd's default --max-txn-ops would refuse).
+    """
+    revision, kvs = await client.range_prefix(prefix + "/")
+    keys = config_keys(prefix, {kv.key: kv.value for kv in kvs})
+    plan = plan_push(prefix, keys, wanted)
+    if plan.empty or dry_run:
+        return plan, None
+    seen = {kv.key: kv.mod_revision for kv in kvs if kv.key in keys}
+    expect = seen if len(seen) <= GUARD_KEYS_MAX else {}
+    expect.setdefault(defaults_key(prefix), seen.get(defaults_key(prefix), 0))
+    try:
+        written = await client.txn(
+            plan.puts, plan.deletes, expect=expect, quiet_since=(apps_prefix(prefix), revision)
+        )
+    except EtcdConflict:
+        return plan, None
+    except EtcdError as exc:
+        if "too many operations" not in str(exc):
+            raise
+        count = len(plan.puts) + len(plan.deletes)
+        raise EtcdError(
+            f"{exc} ({count} keys change in one transaction: raise etcd's --max-txn-ops, "
+            "128 by default)"
+        ) from None
+    return plan, written
 
 
 @cli.command()

@@ -22,6 +22,7 @@ from tcpproxy.config import ConfigError
 __all__ = [
     "PushPlan",
     "app_key",
+    "apps_prefix",
     "canonical",
     "config_keys",
     "defaults_key",
