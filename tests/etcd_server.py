@@ -17,9 +17,11 @@ import signal
 import ssl
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from tests.helpers import free_ports
 
 __all__ = ["EtcdCluster", "EtcdMember", "EtcdTLS", "etcd_unavailable_reason", "make_tls"]
 
+START_ATTEMPTS = 3  # fresh ports each time: another test may take a free port first
 START_TIMEOUT = 20.0  # seconds for a member (or a cluster's quorum) to report healthy
 STOP_TIMEOUT = 10.0  # seconds for SIGTERM before SIGKILL
 # Faster elections than etcd's 100 ms / 1 s defaults: a stopped leader is replaced in
@@ -49,6 +52,13 @@ def etcd_unavailable_reason() -> str | None:
 def _die_with_parent() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _child_setup() -> Callable[[], None] | None:
+    """PR_SET_PDEATHSIG for a member started from the main thread, else nothing: the
+    signal fires when the forking *thread* exits, and a worker thread (trio.to_thread)
+    ends long before the test, which would kill a member it restarted."""
+    return _die_with_parent if threading.current_thread() is threading.main_thread() else None
 
 
 @dataclass(frozen=True)
@@ -110,7 +120,7 @@ class EtcdMember:
     log: Path = field(init=False)
 
     def __post_init__(self) -> None:
-        self.log = self.data_dir.parent / f"{self.name}.log"
+        self.log = self.data_dir.parent / f"{self.data_dir.name}.log"
 
     @property
     def scheme(self) -> str:
@@ -143,7 +153,7 @@ class EtcdMember:
             argv += ["--trusted-ca-file", str(self.tls.cacert), "--client-cert-auth"]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+                argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, preexec_fn=_child_setup()
             )
 
     def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
@@ -169,27 +179,45 @@ class EtcdCluster:
     def __init__(
         self, size: int = 1, *, tls: bool = False, extra_args: tuple[str, ...] = ()
     ) -> None:
+        self.size, self.extra_args = size, extra_args
         self.root = Path(tempfile.mkdtemp(prefix="tcpproxy-etcd-"))
         self.tls = make_tls(self.root / "tls") if tls else None
-        ports = free_ports(2 * size)
-        names = [f"m{i}" for i in range(size)]
+        self.members: list[EtcdMember] = []
+        self._layout(0)
+
+    def _layout(self, attempt: int) -> None:
+        """Members on fresh free ports, with fresh data directories."""
+        ports = free_ports(2 * self.size)
+        names = [f"m{i}" for i in range(self.size)]
         initial = ",".join(f"{n}=http://127.0.0.1:{ports[2 * i + 1]}" for i, n in enumerate(names))
         self.members = [
             EtcdMember(
-                n, ports[2 * i], ports[2 * i + 1], self.root / n, initial, self.tls, extra_args
+                n, ports[2 * i], ports[2 * i + 1], self.root / f"{n}.{attempt}", initial,
+                self.tls, self.extra_args,
             )
             for i, n in enumerate(names)
-        ]
+        ]  # fmt: skip
 
     def __enter__(self) -> EtcdCluster:
         try:
-            for member in self.members:
-                member.start()
-            self.wait_healthy()
+            for attempt in range(START_ATTEMPTS):
+                if attempt:
+                    self._layout(attempt)
+                for member in self.members:
+                    member.start()
+                try:
+                    self.wait_healthy()
+                    return self
+                except RuntimeError:
+                    logs = " ".join(self._tail(m) for m in self.members)
+                    for member in self.members:
+                        member.stop(signal.SIGKILL)
+                    if "address already in use" not in logs or attempt == START_ATTEMPTS - 1:
+                        raise
         except BaseException:
             self.close()
             raise
-        return self
+        raise AssertionError("unreachable")
 
     def __exit__(self, *exc: object) -> None:
         self.close()

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests import etcd_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,3 +49,24 @@ def test_cluster_member_stop_start_and_compact(etcd_cluster3) -> None:
     root = cluster.root
     cluster.close()
     assert not root.exists() and not any(m.running for m in cluster.members)
+
+
+def test_cluster_starts_again_on_other_ports_when_one_is_taken(
+    etcd_factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tests run side by side: a port found free may be taken before etcd binds it."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        real = etcd_server.free_ports
+        calls: list[int] = []
+
+        def first_one_taken(n: int) -> list[int]:
+            calls.append(n)
+            return [port, *real(n - 1)] if len(calls) == 1 else real(n)
+
+        monkeypatch.setattr(etcd_server, "free_ports", first_one_taken)
+        cluster = etcd_factory(1)
+        assert len(calls) == 2 and cluster.members[0].client_port != port
+        assert cluster.put("/k", "v") > 0
