@@ -27,7 +27,7 @@ import os
 import socket
 import ssl
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -318,6 +318,8 @@ class EtcdClient:
                             async for message in messages:
                                 batch = _watch_batch(message, name)
                                 if batch is None:  # the "created" answer
+                                    if next_revision <= 0:  # "from now": pin it for reconnects
+                                        next_revision = _revision(message) + 1
                                     self._current = index
                                     failures.clear()
                                     deadline = trio.current_time() + self._retry_for
@@ -417,7 +419,8 @@ class EtcdClient:
             if response.status_code != 200:
                 _reply(response.status_code, await response.aread())  # raises _GatewayError
                 raise _GatewayError(response.status_code, 0, f"HTTP {response.status_code}")
-            yield _messages(response)
+            async with aclosing(_messages(response)) as messages:
+                yield messages
         finally:
             await response.aclose()
 
