@@ -244,3 +244,10 @@ def test_tls_and_auth(etcd_factory, tmp_path: Path) -> None:
     with_cn += ["--etcd-key", str(tls.key), "--etcd-user", "root"]
     result = ctl(*with_cn, "get", etcd=etcd, env={"ETCD_PASSWORD": "rootpw"})
     assert result.returncode == 2 and "use one without" in result.stderr
+
+    for option, bad in (("--etcd-cacert", tmp_path / "missing.pem"), ("--etcd-cert", file)):
+        flags = ["--etcd-cacert", str(tls.cacert), "--etcd-key", str(tls.client_key)]
+        flags += ["--etcd-cert", str(tls.client_cert), option, str(bad)]
+        result = ctl(*flags, "get", etcd=etcd)
+        assert result.returncode == 2 and str(bad) in result.stderr
+        assert "Traceback" not in result.stderr

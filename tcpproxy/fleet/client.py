@@ -353,9 +353,17 @@ class EtcdClient:
             ]
         verify: Any = True
         if t.tls:
-            verify = ssl.create_default_context(cafile=t.cacert)  # None: the system's CAs
+            try:
+                verify = ssl.create_default_context(cafile=t.cacert)  # None: the system's CAs
+            except (OSError, ssl.SSLError) as exc:
+                raise EtcdError(f"etcd CA file {t.cacert!r}: {_describe(exc)}") from None
             if t.cert and t.key:
-                verify.load_cert_chain(t.cert, t.key)
+                try:
+                    verify.load_cert_chain(t.cert, t.key)
+                except (OSError, ssl.SSLError) as exc:
+                    raise EtcdError(
+                        f"etcd client certificate {t.cert!r} / key {t.key!r}: {_describe(exc)}"
+                    ) from None
         transport = httpx.AsyncHTTPTransport(verify=verify, socket_options=options, retries=0)
         # trust_env off: an HTTP(S)_PROXY meant for the web must not carry etcd traffic.
         return httpx.AsyncClient(transport=transport, timeout=timeout, trust_env=False)
