@@ -37,12 +37,16 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Say once, at the end, why the BPF tests were skipped (not once per test)."""
+    """Say once, at the end, why the BPF or etcd tests were skipped (not once per test)."""
     reason = bpf_unavailable_reason()
     skipped = terminalreporter.stats.get("skipped", [])
     count = sum(1 for report in skipped if reason and reason in str(report.longrepr))
     if count:
         terminalreporter.write_line(f"{count} BPF tests skipped: {reason}", yellow=True)
+    etcd_reason = etcd_unavailable_reason()
+    count = sum(1 for report in skipped if etcd_reason and etcd_reason in str(report.longrepr))
+    if count:
+        terminalreporter.write_line(f"{count} etcd tests skipped: {etcd_reason}", yellow=True)
 
 
 @pytest.fixture
