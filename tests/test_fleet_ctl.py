@@ -251,3 +251,12 @@ def test_tls_and_auth(etcd_factory, tmp_path: Path) -> None:
         result = ctl(*flags, "get", etcd=etcd)
         assert result.returncode == 2 and str(bad) in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_push_beyond_etcds_transaction_limit_names_it(etcd: EtcdCluster, tmp_path: Path) -> None:
+    apps = [{**APP_A, "Name": f"app{i}", "Ports": [10000 + i]} for i in range(130)]
+    file = write(tmp_path / "c.json", {"Apps": apps})
+    result = ctl("push", str(file), etcd=etcd)
+    assert result.returncode == 2
+    assert "130 keys change in one transaction: raise etcd's --max-txn-ops" in result.stderr
+    assert keys(etcd) == {}
