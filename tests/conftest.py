@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -81,15 +82,16 @@ def _require_etcd() -> None:
 
 @pytest.fixture
 def etcd_factory() -> Iterator[Callable[..., EtcdCluster]]:
-    """Factory: etcd_factory(size=1, tls=False, extra_args=()) -> a started EtcdCluster.
+    """Factory: etcd_factory(size=1, tls=False, extra_args=(), extra_hosts=()) -> a
+    started EtcdCluster (see its docstring).
 
     Every cluster made is killed and its directories removed after the test.
     """
     _require_etcd()
     made: list[EtcdCluster] = []
 
-    def make(size: int = 1, *, tls: bool = False, extra_args: tuple[str, ...] = ()) -> EtcdCluster:
-        cluster = EtcdCluster(size, tls=tls, extra_args=extra_args)
+    def make(size: int = 1, **options: Any) -> EtcdCluster:
+        cluster = EtcdCluster(size, **options)
         made.append(cluster)
         return cluster.__enter__()
 
