@@ -120,11 +120,11 @@ async def test_txn_guards_apply_nothing_when_keys_changed(etcd: EtcdCluster) -> 
 
 async def test_lease_grant_keepalive_expiry_revoke(etcd: EtcdCluster) -> None:
     async with _client(etcd) as client:
-        lease = await client.grant_lease(2)
+        lease = await client.grant_lease(3)
         await client.put(f"{P}/nodes/n1", b"alive", lease=lease)
-        for _ in range(3):  # refreshed past its TTL, the key stays
-            assert await client.keep_alive(lease) == 2
-            await trio.sleep(1)
+        for _ in range(8):  # refreshed well within and past its TTL, the key stays
+            assert await client.keep_alive(lease) == 3
+            await trio.sleep(0.5)
         assert await client.get(f"{P}/nodes/n1") is not None
 
         with trio.fail_after(15):  # no refresh: it expires and takes the key along
