@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.etcd_server import EtcdCluster, etcd_unavailable_reason
 from tests.helpers import Backend
 from tests.netns import bpf_unavailable_reason, netns_fixture
 
@@ -36,12 +38,16 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Say once, at the end, why the BPF tests were skipped (not once per test)."""
+    """Say once, at the end, why the BPF or etcd tests were skipped (not once per test)."""
     reason = bpf_unavailable_reason()
     skipped = terminalreporter.stats.get("skipped", [])
     count = sum(1 for report in skipped if reason and reason in str(report.longrepr))
     if count:
         terminalreporter.write_line(f"{count} BPF tests skipped: {reason}", yellow=True)
+    etcd_reason = etcd_unavailable_reason()
+    count = sum(1 for report in skipped if etcd_reason and etcd_reason in str(report.longrepr))
+    if count:
+        terminalreporter.write_line(f"{count} etcd tests skipped: {etcd_reason}", yellow=True)
 
 
 @pytest.fixture
@@ -62,3 +68,47 @@ def backends() -> Iterator[Callable[..., Backend]]:
     yield make
     for backend in made:
         backend.close()
+
+
+def _require_etcd() -> None:
+    """Skip a real-etcd test where etcd is missing; fail instead under TCPPROXY_REQUIRE_BPF=1."""
+    reason = etcd_unavailable_reason()
+    if reason is None:
+        return
+    if REQUIRE_BPF:
+        pytest.fail(f"etcd test cannot run but TCPPROXY_REQUIRE_BPF=1: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def etcd_factory() -> Iterator[Callable[..., EtcdCluster]]:
+    """Factory: etcd_factory(size=1, tls=False, extra_args=(), extra_hosts=()) -> a
+    started EtcdCluster (see its docstring).
+
+    Every cluster made is killed and its directories removed after the test.
+    """
+    _require_etcd()
+    made: list[EtcdCluster] = []
+
+    def make(size: int = 1, **options: Any) -> EtcdCluster:
+        cluster = EtcdCluster(size, **options)
+        made.append(cluster)
+        return cluster.__enter__()
+
+    try:
+        yield make
+    finally:
+        for cluster in made:
+            cluster.close()
+
+
+@pytest.fixture
+def etcd(etcd_factory: Callable[..., EtcdCluster]) -> EtcdCluster:
+    """A one-member etcd on loopback, fresh for the test."""
+    return etcd_factory(1)
+
+
+@pytest.fixture
+def etcd_cluster3(etcd_factory: Callable[..., EtcdCluster]) -> EtcdCluster:
+    """A three-member etcd cluster on loopback, fresh for the test."""
+    return etcd_factory(3)
