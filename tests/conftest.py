@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.etcd_server import EtcdCluster, etcd_unavailable_reason
 from tests.helpers import Backend
 from tests.netns import bpf_unavailable_reason, netns_fixture
 
@@ -62,3 +63,46 @@ def backends() -> Iterator[Callable[..., Backend]]:
     yield make
     for backend in made:
         backend.close()
+
+
+def _require_etcd() -> None:
+    """Skip a real-etcd test where etcd is missing; fail instead under TCPPROXY_REQUIRE_BPF=1."""
+    reason = etcd_unavailable_reason()
+    if reason is None:
+        return
+    if REQUIRE_BPF:
+        pytest.fail(f"etcd test cannot run but TCPPROXY_REQUIRE_BPF=1: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def etcd_factory() -> Iterator[Callable[..., EtcdCluster]]:
+    """Factory: etcd_factory(size=1, tls=False, extra_args=()) -> a started EtcdCluster.
+
+    Every cluster made is killed and its directories removed after the test.
+    """
+    _require_etcd()
+    made: list[EtcdCluster] = []
+
+    def make(size: int = 1, *, tls: bool = False, extra_args: tuple[str, ...] = ()) -> EtcdCluster:
+        cluster = EtcdCluster(size, tls=tls, extra_args=extra_args)
+        made.append(cluster)
+        return cluster.__enter__()
+
+    try:
+        yield make
+    finally:
+        for cluster in made:
+            cluster.close()
+
+
+@pytest.fixture
+def etcd(etcd_factory: Callable[..., EtcdCluster]) -> EtcdCluster:
+    """A one-member etcd on loopback, fresh for the test."""
+    return etcd_factory(1)
+
+
+@pytest.fixture
+def etcd_cluster3(etcd_factory: Callable[..., EtcdCluster]) -> EtcdCluster:
+    """A three-member etcd cluster on loopback, fresh for the test."""
+    return etcd_factory(3)

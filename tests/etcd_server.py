@@ -1,0 +1,291 @@
+"""Real etcd processes for tests: one member or a cluster on 127.0.0.1, always cleaned up.
+
+Never a mock: each member is Debian's ``etcd`` binary with its own temporary data
+directory and free loopback ports. `EtcdCluster.close` kills every member and removes
+the directories, and each member dies with the test process (PR_SET_PDEATHSIG) if
+pytest itself is killed. Synchronous on purpose: fixtures and subprocess-driven tests
+use it outside trio.
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import json
+import shutil
+import signal
+import ssl
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.helpers import free_ports
+
+__all__ = ["EtcdCluster", "EtcdMember", "EtcdTLS", "etcd_unavailable_reason", "make_tls"]
+
+START_TIMEOUT = 20.0  # seconds for a member (or a cluster's quorum) to report healthy
+STOP_TIMEOUT = 10.0  # seconds for SIGTERM before SIGKILL
+# Faster elections than etcd's 100 ms / 1 s defaults: a stopped leader is replaced in
+# well under a second, so failover tests stay short; fine on loopback.
+HEARTBEAT_MS, ELECTION_MS = 50, 500
+_PR_SET_PDEATHSIG = 1
+
+
+def etcd_unavailable_reason() -> str | None:
+    """Why real-etcd tests cannot run here, or None when they can."""
+    if shutil.which("etcd") is None:
+        return "etcd not installed (make setup installs Debian's etcd-server)"
+    return None
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class EtcdTLS:
+    """Files of a throwaway CA and a server/client certificate for 127.0.0.1."""
+
+    cacert: Path
+    cert: Path
+    key: Path
+
+
+def make_tls(directory: Path) -> EtcdTLS:
+    """A CA and one certificate (server and client use, IP 127.0.0.1) made with openssl."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, ca = directory / "ca.key", directory / "ca.pem"
+    key, csr, cert = directory / "node.key", directory / "node.csr", directory / "node.pem"
+    ext = directory / "ext.cnf"
+    ext.write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        "extendedKeyUsage=serverAuth,clientAuth\n"
+        "basicConstraints=CA:FALSE\n"
+    )
+    run = [
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-keyout", ca_key, "-out", ca, "-days", "1", "-subj", "/CN=test etcd CA"],
+        ["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+        ["openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+         "-out", cert, "-days", "1", "-extfile", ext],
+    ]  # fmt: skip
+    for argv in run:
+        subprocess.run([str(a) for a in argv], check=True, capture_output=True, timeout=30)
+    return EtcdTLS(ca, cert, key)
+
+
+@dataclass
+class EtcdMember:
+    """One etcd process; `stop` and `start` keep its data directory (a restart, not a new one)."""
+
+    name: str
+    client_port: int
+    peer_port: int
+    data_dir: Path
+    initial_cluster: str
+    tls: EtcdTLS | None = None
+    extra_args: tuple[str, ...] = ()
+    process: subprocess.Popen[bytes] | None = None
+    log: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log = self.data_dir.parent / f"{self.name}.log"
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    @property
+    def client_url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.client_port}"
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    def start(self) -> None:
+        """Start the process (no wait; see `EtcdCluster.wait_healthy`)."""
+        assert self.process is None, f"{self.name} already running"
+        argv = [
+            "etcd", "--name", self.name, "--data-dir", str(self.data_dir),
+            "--listen-client-urls", self.client_url, "--advertise-client-urls", self.client_url,
+            "--listen-peer-urls", f"http://127.0.0.1:{self.peer_port}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer_port}",
+            "--initial-cluster", self.initial_cluster, "--initial-cluster-state", "new",
+            "--initial-cluster-token", f"tcpproxy-test-{self.data_dir.parent.name}",
+            "--heartbeat-interval", str(HEARTBEAT_MS), "--election-timeout", str(ELECTION_MS),
+            "--logger", "zap", "--log-level", "warn", "--log-outputs", "stderr",
+            *self.extra_args,
+        ]  # fmt: skip
+        if self.tls:
+            argv += ["--cert-file", str(self.tls.cert), "--key-file", str(self.tls.key)]
+            argv += ["--trusted-ca-file", str(self.tls.cacert), "--client-cert-auth"]
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+            )
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        """Stop the process (SIGKILL if it does not exit in time); the data stays."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(sig)
+        try:
+            process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(STOP_TIMEOUT)
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+class EtcdCluster:
+    """One etcd cluster of ``size`` members on loopback. Use as a context manager."""
+
+    def __init__(
+        self, size: int = 1, *, tls: bool = False, extra_args: tuple[str, ...] = ()
+    ) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="tcpproxy-etcd-"))
+        self.tls = make_tls(self.root / "tls") if tls else None
+        ports = free_ports(2 * size)
+        names = [f"m{i}" for i in range(size)]
+        initial = ",".join(f"{n}=http://127.0.0.1:{ports[2 * i + 1]}" for i, n in enumerate(names))
+        self.members = [
+            EtcdMember(
+                n, ports[2 * i], ports[2 * i + 1], self.root / n, initial, self.tls, extra_args
+            )
+            for i, n in enumerate(names)
+        ]
+
+    def __enter__(self) -> EtcdCluster:
+        try:
+            for member in self.members:
+                member.start()
+            self.wait_healthy()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Kill every member and remove every directory (idempotent)."""
+        for member in self.members:
+            member.stop(signal.SIGKILL)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    # -- addresses -----------------------------------------------------------------
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.endpoint for m in self.members]
+
+    def url(self, prefix: str = "/tcpproxy") -> str:
+        """The ``etcd://`` (or ``etcds://``) URL of every member with ``prefix``."""
+        scheme = "etcds" if self.tls else "etcd"
+        return f"{scheme}://{','.join(self.endpoints)}{prefix}"
+
+    # -- control -------------------------------------------------------------------
+
+    def stop(self, index: int) -> None:
+        self.members[index].stop()
+
+    def start(self, index: int) -> None:
+        """Restart a stopped member with its data; waits until it is healthy."""
+        self.members[index].start()
+        self.wait_healthy([self.members[index]])
+
+    def wait_healthy(self, members: list[EtcdMember] | None = None) -> None:
+        """Wait until each member answers a linearizable read (it has a leader and quorum)."""
+        deadline = time.monotonic() + START_TIMEOUT
+        for member in members or [m for m in self.members if m.process is not None]:
+            while True:
+                if not member.running:
+                    raise RuntimeError(f"etcd {member.name} exited; log: {self._tail(member)}")
+                try:
+                    self.request("/v3/kv/range", {"key": _b64(b"health")}, member, timeout=1)
+                    break
+                except (OSError, RuntimeError):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(
+                            f"etcd {member.name} not healthy in {START_TIMEOUT} s; "
+                            f"log: {self._tail(member)}"
+                        ) from None
+                    time.sleep(0.05)
+
+    def request(
+        self, path: str, body: dict, member: EtcdMember | None = None, timeout: float = 5
+    ) -> dict:
+        """One gateway request (for test set-up), to ``member`` or the first running one."""
+        member = member or next(m for m in self.members if m.running)
+        context = None
+        if self.tls:
+            context = ssl.create_default_context(cafile=str(self.tls.cacert))
+            context.load_cert_chain(str(self.tls.cert), str(self.tls.key))
+        req = urllib.request.Request(
+            member.client_url + path,
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=timeout, context=context) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            raise RuntimeError(f"etcd {path}: HTTP {exc.code}: {exc.read()[:300]!r}") from None
+
+    def put(self, key: str, value: bytes | str) -> int:
+        """Set a key; returns the revision."""
+        data = value.encode() if isinstance(value, str) else value
+        reply = self.request("/v3/kv/put", {"key": _b64(key.encode()), "value": _b64(data)})
+        return int(reply["header"]["revision"])
+
+    def delete(self, key: str) -> int:
+        reply = self.request("/v3/kv/deleterange", {"key": _b64(key.encode())})
+        return int(reply["header"]["revision"])
+
+    def revision(self) -> int:
+        """The cluster's current revision."""
+        reply = self.request("/v3/kv/range", {"key": _b64(b"\0")})
+        return int(reply["header"]["revision"])
+
+    def compact(self, revision: int | None = None) -> int:
+        """Compact history up to ``revision`` (default: the current one); returns it."""
+        revision = revision or self.revision()
+        self.request("/v3/kv/compaction", {"revision": revision, "physical": True})
+        return revision
+
+    def etcdctl(self, *args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+        """Run Debian's etcdctl (API v3) against the cluster."""
+        argv = ["etcdctl", f"--endpoints={','.join(m.client_url for m in self.members)}"]
+        if self.tls:
+            argv += [f"--cacert={self.tls.cacert}", f"--cert={self.tls.cert}"]
+            argv += [f"--key={self.tls.key}"]
+        return subprocess.run(
+            [*argv, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=True,
+            env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"},
+        )
+
+    def _tail(self, member: EtcdMember) -> str:
+        try:
+            return member.log.read_text(errors="replace")[-1500:]
+        except OSError:
+            return "(no log)"
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
