@@ -210,3 +210,17 @@ def test_unchanged_values_are_not_parsed_again(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(module, "parse_app", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
     s.put("apps/app3", app([3333]))
     assert calls == ["app3"]
+
+
+def test_the_cache_document_reads_back_as_the_same_assembly() -> None:
+    s = Store()
+    s.put("defaults", b'{"IdleTimeout": 30}')
+    s.put("apps/web", app([8080]))
+    a = s.put("apps/db", app([5432], Strategy="random"))
+    from tcpproxy.fleet.assemble import assembly_from_document
+
+    b = assembly_from_document(a.document(), P, "cache.json")
+    assert b.config == a.config and b.revision == 0 and b.rejected == {}
+    assert b.document() == a.document()
+    with pytest.raises(ConfigError, match=r"cache\.json: "):
+        assembly_from_document(b'{"Apps": [{"Name": "x"}]}', P, "cache.json")

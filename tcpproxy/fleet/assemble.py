@@ -25,9 +25,25 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from tcpproxy.config import AppConfig, Config, ConfigError, Defaults, parse_app, parse_defaults
+from tcpproxy.config import (
+    AppConfig,
+    Config,
+    ConfigError,
+    Defaults,
+    parse_app,
+    parse_config,
+    parse_defaults,
+)
 
-__all__ = ["DEFAULTS", "Assembly", "Rejection", "Served", "assemble", "key_root"]
+__all__ = [
+    "DEFAULTS",
+    "Assembly",
+    "Rejection",
+    "Served",
+    "assemble",
+    "assembly_from_document",
+    "key_root",
+]
 
 DEFAULTS = "(defaults)"  # the rejections' entry for the defaults key (an app name has no "/"
 # but may have parentheses: the key in the Rejection says which it is)
@@ -193,6 +209,29 @@ def assemble(
         revision, config, {name: chosen[name] for name in sorted(chosen)}, defaults_in_force,
         rejected, tuple(ignored), cache,
     )  # fmt: skip
+
+
+def assembly_from_document(
+    data: bytes, prefix: str, source: str, check: Check | None = None
+) -> Assembly:
+    """An assembly of revision 0 from a config in the file format (the --etcd-cache
+    file): the keys it would be in etcd, each written "before" anything else.
+
+    Raises ConfigError when `data` is not a valid config (named `source`).
+    """
+    config = parse_config(data, source)  # the whole file's checks, and its error messages
+    doc = json.loads(data.decode("utf-8-sig"))
+    root = key_root(prefix)
+    values: dict[str, tuple[bytes, int]] = {}
+    if "Defaults" in doc:
+        values[root + "defaults"] = (json.dumps(doc["Defaults"]).encode(), 0)
+    for app in doc["Apps"]:
+        obj = {key: value for key, value in app.items() if key != "Name"}
+        values[f"{root}apps/{app['Name']}"] = (json.dumps(obj).encode(), 0)
+    assembly = assemble(values, prefix, 0, None, check)
+    if assembly.config != config or assembly.rejected:  # the same validator: cannot differ
+        raise ConfigError(source, ["(top level): does not read back as the config it holds"])
+    return assembly
 
 
 def _defaults(in_force: tuple[bytes, int] | None) -> tuple[Defaults, tuple[bytes, int] | None]:
