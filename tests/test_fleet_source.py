@@ -130,7 +130,7 @@ async def test_compaction_during_an_outage_reads_the_prefix_again(
 
 async def test_no_etcd_and_no_cache_is_a_config_error() -> None:
     source = EtcdSource(parse_etcd_url(f"etcd://127.0.0.1:{free_port()}{P}"))
-    with pytest.raises(ConfigError, match="etcd is unreachable .* no --etcd-cache"):
+    with pytest.raises(ConfigError, match=r"etcd is unreachable .* no --etcd-cache"):
         await source.load()
 
 

@@ -233,9 +233,13 @@ class EtcdSource:
             delay = min(delay * 2, BACKOFF_MAX)
 
     def _apply_events(
-        self, revision: int, events: list[Any], on_change: Callable[[str], None]
+        self, header: int, events: list[Any], on_change: Callable[[str], None]
     ) -> None:
+        """One batch. The revision reached is its last event's: the header's may be
+        later (etcd's revision when it answered), and resuming after it could skip
+        an event still on its way."""
         relevant = False
+        revision = self.revision
         for event in events:
             if event.kind == "put":
                 self._values[event.key] = (event.value, event.mod_revision)
