@@ -5,7 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(python3-venv python3-bpfcc linux-headers-amd64 netcat-openbsd nftables iproute2)
+# etcd-server and etcd-client: fleet mode's store; the tests start their own members.
+APT_PACKAGES=(python3-venv python3-bpfcc linux-headers-amd64 netcat-openbsd nftables iproute2
+    etcd-server etcd-client)
 EXTRAS=test
 if [ "${1:-}" = "--bench" ]; then  # the load tools and peers `make bench` measures with
     APT_PACKAGES+=(sockperf iperf3 wrk nginx-light haproxy)
@@ -36,6 +38,13 @@ if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     logged apt-get update
     logged apt-get install -y --no-install-recommends "${missing[@]}"
+    # Debian starts etcd as a service on install; the tests start members of their own
+    # on free ports, and a store nobody asked for should not run. Only one installed now.
+    if [[ " ${missing[*]} " == *" etcd-server "* ]] && command -v systemctl >/dev/null \
+        && systemctl is-enabled etcd >/dev/null 2>&1; then
+        echo "setup: stopping and disabling the etcd service Debian started (tests run their own)"
+        logged systemctl disable --now etcd
+    fi
 fi
 
 # bcc compiles against /lib/modules/$(uname -r)/build. A kernel without its

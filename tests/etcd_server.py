@@ -17,9 +17,11 @@ import signal
 import ssl
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from tests.helpers import free_ports
 
 __all__ = ["EtcdCluster", "EtcdMember", "EtcdTLS", "etcd_unavailable_reason", "make_tls"]
 
+START_ATTEMPTS = 3  # fresh ports each time: another test may take a free port first
 START_TIMEOUT = 20.0  # seconds for a member (or a cluster's quorum) to report healthy
 STOP_TIMEOUT = 10.0  # seconds for SIGTERM before SIGKILL
 # Faster elections than etcd's 100 ms / 1 s defaults: a stopped leader is replaced in
@@ -37,8 +40,12 @@ _PR_SET_PDEATHSIG = 1
 
 def etcd_unavailable_reason() -> str | None:
     """Why real-etcd tests cannot run here, or None when they can."""
-    if shutil.which("etcd") is None:
-        return "etcd not installed (make setup installs Debian's etcd-server)"
+    missing = [tool for tool in ("etcd", "etcdctl") if shutil.which(tool) is None]
+    if missing:
+        return (
+            f"{' and '.join(missing)} not installed "
+            "(make setup installs Debian's etcd-server and etcd-client)"
+        )
     return None
 
 
@@ -47,37 +54,55 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def _child_setup() -> Callable[[], None] | None:
+    """PR_SET_PDEATHSIG for a member started from the main thread, else nothing: the
+    signal fires when the forking *thread* exits, and a worker thread (trio.to_thread)
+    ends long before the test, which would kill a member it restarted."""
+    return _die_with_parent if threading.current_thread() is threading.main_thread() else None
+
+
 @dataclass(frozen=True)
 class EtcdTLS:
-    """Files of a throwaway CA and a server/client certificate for 127.0.0.1."""
+    """Files of a throwaway CA, the members' certificate for 127.0.0.1, and a client's.
+
+    The client certificate has no CommonName: with client-cert-auth and RBAC auth on,
+    etcd's JSON gateway refuses one that has a CN (the CN would be an identity it
+    cannot pass on), and the user comes from the password login instead.
+    """
 
     cacert: Path
     cert: Path
     key: Path
+    client_cert: Path
+    client_key: Path
 
 
 def make_tls(directory: Path) -> EtcdTLS:
-    """A CA and one certificate (server and client use, IP 127.0.0.1) made with openssl."""
+    """A CA, a member certificate (server and client use: the gateway connects to its
+    own member with it; IP 127.0.0.1) and a client certificate, made with openssl."""
     directory.mkdir(parents=True, exist_ok=True)
     ca_key, ca = directory / "ca.key", directory / "ca.pem"
-    key, csr, cert = directory / "node.key", directory / "node.csr", directory / "node.pem"
-    ext = directory / "ext.cnf"
-    ext.write_text(
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-        "extendedKeyUsage=serverAuth,clientAuth\n"
-        "basicConstraints=CA:FALSE\n"
-    )
-    run = [
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-keyout", ca_key, "-out", ca, "-days", "1", "-subj", "/CN=test etcd CA"],
-        ["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-         "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
-        ["openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
-         "-out", cert, "-days", "1", "-extfile", ext],
-    ]  # fmt: skip
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    run = [["openssl", "req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "1",
+            "-subj", "/CN=test etcd CA"]]  # fmt: skip
+    files = []
+    for name, subject, extensions in (
+        ("node", "/CN=127.0.0.1", "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+         "extendedKeyUsage=serverAuth,clientAuth\n"),
+        ("client", "/O=tcpproxy test client", "extendedKeyUsage=clientAuth\n"),
+    ):  # fmt: skip
+        key, csr, cert = (directory / f"{name}.{ext}" for ext in ("key", "csr", "pem"))
+        ext = directory / f"{name}.cnf"
+        ext.write_text(extensions + "basicConstraints=CA:FALSE\n")
+        run += [
+            ["openssl", "req", *ec, "-keyout", key, "-out", csr, "-subj", subject],
+            ["openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key,
+             "-CAcreateserial", "-out", cert, "-days", "1", "-extfile", ext],
+        ]  # fmt: skip
+        files += [cert, key]
     for argv in run:
         subprocess.run([str(a) for a in argv], check=True, capture_output=True, timeout=30)
-    return EtcdTLS(ca, cert, key)
+    return EtcdTLS(ca, *files)
 
 
 @dataclass
@@ -95,7 +120,7 @@ class EtcdMember:
     log: Path = field(init=False)
 
     def __post_init__(self) -> None:
-        self.log = self.data_dir.parent / f"{self.name}.log"
+        self.log = self.data_dir.parent / f"{self.data_dir.name}.log"
 
     @property
     def scheme(self) -> str:
@@ -128,7 +153,7 @@ class EtcdMember:
             argv += ["--trusted-ca-file", str(self.tls.cacert), "--client-cert-auth"]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+                argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, preexec_fn=_child_setup()
             )
 
     def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
@@ -154,27 +179,45 @@ class EtcdCluster:
     def __init__(
         self, size: int = 1, *, tls: bool = False, extra_args: tuple[str, ...] = ()
     ) -> None:
+        self.size, self.extra_args = size, extra_args
         self.root = Path(tempfile.mkdtemp(prefix="tcpproxy-etcd-"))
         self.tls = make_tls(self.root / "tls") if tls else None
-        ports = free_ports(2 * size)
-        names = [f"m{i}" for i in range(size)]
+        self.members: list[EtcdMember] = []
+        self._layout(0)
+
+    def _layout(self, attempt: int) -> None:
+        """Members on fresh free ports, with fresh data directories."""
+        ports = free_ports(2 * self.size)
+        names = [f"m{i}" for i in range(self.size)]
         initial = ",".join(f"{n}=http://127.0.0.1:{ports[2 * i + 1]}" for i, n in enumerate(names))
         self.members = [
             EtcdMember(
-                n, ports[2 * i], ports[2 * i + 1], self.root / n, initial, self.tls, extra_args
+                n, ports[2 * i], ports[2 * i + 1], self.root / f"{n}.{attempt}", initial,
+                self.tls, self.extra_args,
             )
             for i, n in enumerate(names)
-        ]
+        ]  # fmt: skip
 
     def __enter__(self) -> EtcdCluster:
         try:
-            for member in self.members:
-                member.start()
-            self.wait_healthy()
+            for attempt in range(START_ATTEMPTS):
+                if attempt:
+                    self._layout(attempt)
+                for member in self.members:
+                    member.start()
+                try:
+                    self.wait_healthy()
+                    return self
+                except RuntimeError:
+                    logs = " ".join(self._tail(m) for m in self.members)
+                    for member in self.members:
+                        member.stop(signal.SIGKILL)
+                    if "address already in use" not in logs or attempt == START_ATTEMPTS - 1:
+                        raise
         except BaseException:
             self.close()
             raise
-        return self
+        raise AssertionError("unreachable")
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -232,7 +275,7 @@ class EtcdCluster:
         context = None
         if self.tls:
             context = ssl.create_default_context(cafile=str(self.tls.cacert))
-            context.load_cert_chain(str(self.tls.cert), str(self.tls.key))
+            context.load_cert_chain(str(self.tls.client_cert), str(self.tls.client_key))
         req = urllib.request.Request(
             member.client_url + path,
             data=json.dumps(body).encode(),
@@ -269,8 +312,8 @@ class EtcdCluster:
         """Run Debian's etcdctl (API v3) against the cluster."""
         argv = ["etcdctl", f"--endpoints={','.join(m.client_url for m in self.members)}"]
         if self.tls:
-            argv += [f"--cacert={self.tls.cacert}", f"--cert={self.tls.cert}"]
-            argv += [f"--key={self.tls.key}"]
+            argv += [f"--cacert={self.tls.cacert}", f"--cert={self.tls.client_cert}"]
+            argv += [f"--key={self.tls.client_key}"]
         return subprocess.run(
             [*argv, *args],
             capture_output=True,

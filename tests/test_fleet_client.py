@@ -12,6 +12,7 @@ from tcpproxy.fleet.client import (
     EtcdAuthFailed,
     EtcdClient,
     EtcdCompacted,
+    EtcdConflict,
     EtcdLeaseExpired,
     EtcdUnavailable,
     Event,
@@ -29,8 +30,8 @@ def _client(cluster: EtcdCluster, **options: object) -> EtcdClient:
     if cluster.tls:
         tls = {
             "cacert": str(cluster.tls.cacert),
-            "cert": str(cluster.tls.cert),
-            "key": str(cluster.tls.key),
+            "cert": str(cluster.tls.client_cert),
+            "key": str(cluster.tls.client_key),
         }
     return EtcdClient(parse_etcd_url(cluster.url(P), **tls, **options))  # type: ignore[arg-type]
 
@@ -97,6 +98,24 @@ async def test_range_at_revision_put_txn_delete(etcd: EtcdCluster) -> None:
         with pytest.raises(Exception, match="duplicate key"):
             await client.txn({f"{P}/apps/d": b"x"}, [f"{P}/apps/d"])
         assert await client.get(f"{P}/apps/d") is None
+
+
+async def test_txn_guards_apply_nothing_when_keys_changed(etcd: EtcdCluster) -> None:
+    async with _client(etcd) as client:
+        r1 = await client.put(f"{P}/apps/a", b"1")
+        r2 = await client.put(f"{P}/apps/b", b"1")
+        absent = f"{P}/apps/new"
+        ok = await client.txn(
+            {absent: b"x"}, [], expect={f"{P}/apps/a": r1, absent: 0}, quiet_since=(f"{P}/", r2)
+        )
+        assert (await client.get(absent)).mod_revision == ok  # type: ignore[union-attr]
+        with pytest.raises(EtcdConflict):  # a key changed since r2
+            await client.txn({f"{P}/apps/c": b"x"}, [], quiet_since=(f"{P}/apps/", r2))
+        await client.delete(f"{P}/apps/b")
+        with pytest.raises(EtcdConflict):  # b was deleted: only expect sees that
+            await client.txn({f"{P}/apps/c": b"x"}, [f"{P}/apps/a"], expect={f"{P}/apps/b": r2})
+        assert await client.get(f"{P}/apps/c") is None
+        assert await client.get(f"{P}/apps/a") is not None
 
 
 async def test_lease_grant_keepalive_expiry_revoke(etcd: EtcdCluster) -> None:

@@ -26,7 +26,7 @@ import json
 import os
 import socket
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -41,6 +41,7 @@ __all__ = [
     "EtcdAuthFailed",
     "EtcdClient",
     "EtcdCompacted",
+    "EtcdConflict",
     "EtcdError",
     "EtcdLeaseExpired",
     "EtcdUnavailable",
@@ -68,6 +69,7 @@ _OUT_OF_RANGE = 11
 _UNAVAILABLE = 14
 _UNAUTHENTICATED = 16
 _COMPACTED_MESSAGE = "required revision has been compacted"
+_CN_REFUSED = "CommonName of client sending a request against gateway"
 
 
 class EtcdError(Exception):
@@ -90,6 +92,10 @@ class EtcdCompacted(EtcdError):
     def __init__(self, compact_revision: int) -> None:
         self.compact_revision = compact_revision
         super().__init__(f"etcd revision compacted (compacted up to {compact_revision})")
+
+
+class EtcdConflict(EtcdError):
+    """A transaction's guard failed: the keys changed since they were read; nothing applied."""
 
 
 class EtcdLeaseExpired(EtcdError):
@@ -210,17 +216,48 @@ class EtcdClient:
         """Delete ``key`` (no error when absent). Returns the revision."""
         return _revision(await self._call("/v3/kv/deleterange", {"key": _b64(key.encode())}))
 
-    async def txn(self, puts: dict[str, bytes], deletes: list[str]) -> int:
+    async def txn(
+        self,
+        puts: dict[str, bytes],
+        deletes: list[str],
+        *,
+        expect: Mapping[str, int] | None = None,
+        quiet_since: tuple[str, int] | None = None,
+    ) -> int:
         """Apply every put and delete in one transaction (all or nothing); return its revision.
 
-        etcd refuses a key given twice and more operations than its ``--max-txn-ops``
-        (128 by default); both raise `EtcdError` with etcd's message.
+        Optional guards, checked by etcd in the same transaction: ``expect`` maps keys
+        to the mod_revision they must still have (0: must not exist); ``quiet_since``
+        = (prefix, revision): no key under prefix may have changed after revision
+        (deletes leave no trace there: guard those keys with ``expect``). A failed
+        guard applies nothing and raises `EtcdConflict`.
+
+        etcd refuses a key given twice and more operations (or guards) than its
+        ``--max-txn-ops`` (128 by default); both raise `EtcdError` with etcd's message.
         """
         ops: list[dict[str, Any]] = [
             {"request_put": {"key": _b64(k.encode()), "value": _b64(v)}} for k, v in puts.items()
         ]
         ops += [{"request_delete_range": {"key": _b64(k.encode())}} for k in deletes]
-        return _revision(await self._call("/v3/kv/txn", {"success": ops}))
+        compare: list[dict[str, Any]] = [
+            {"key": _b64(k.encode()), "target": "MOD", "result": "EQUAL", "mod_revision": rev}
+            for k, rev in (expect or {}).items()
+        ]
+        if quiet_since is not None:
+            raw = quiet_since[0].encode()
+            compare.append(
+                {
+                    "key": _b64(raw),
+                    "range_end": _b64(prefix_range_end(raw)),
+                    "target": "MOD",
+                    "result": "LESS",
+                    "mod_revision": quiet_since[1] + 1,
+                }
+            )
+        reply = await self._call("/v3/kv/txn", {"compare": compare, "success": ops})
+        if compare and not reply.get("succeeded", False):
+            raise EtcdConflict(f"etcd: changed since revision read ({_revision(reply)} now)")
+        return _revision(reply)
 
     async def compact(self, revision: int) -> None:
         """Discard history before ``revision`` (watches from earlier raise `EtcdCompacted`)."""
@@ -463,7 +500,13 @@ def _reply(status: int, content: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(content.split(b"\n", 1)[0] if content.strip() else b"{}")
     except ValueError:
-        raise _GatewayError(status, 0, f"HTTP {status}: not JSON: {content[:200]!r}") from None
+        text = content.decode("utf-8", "replace").strip()[:200]
+        if _CN_REFUSED in text:
+            text += (
+                " (with auth on, etcd's JSON gateway refuses a client certificate that has"
+                " a CommonName: use one without; the user comes from the password login)"
+            )
+        raise _GatewayError(status, 0, f"HTTP {status}: {text}") from None
     if isinstance(doc, dict) and "error" in doc:
         error = doc["error"]
         if isinstance(error, dict):  # a streaming endpoint's error: {"error": {...}}
@@ -515,18 +558,31 @@ def _map_error(exc: _GatewayError) -> EtcdError:
         return EtcdLeaseExpired(f"etcd: {exc.message}")
     if exc.code in (_UNAUTHENTICATED, _FAILED_PRECONDITION) and "auth" in exc.message:
         return EtcdAuthFailed(f"etcd: {exc.message}")
-    if "permission denied" in exc.message or "user name is empty" in exc.message:
+    if any(
+        text in exc.message for text in ("permission denied", "user name is empty", _CN_REFUSED)
+    ):
         return EtcdAuthFailed(f"etcd: {exc.message}")
     return EtcdError(f"etcd: {exc.message}")
 
 
 def _describe(exc: BaseException) -> str:
-    """The first non-empty message down the cause chain (httpx wraps OS and TLS errors)."""
-    current: BaseException | None = exc
-    text = type(exc).__name__
-    while current is not None:
-        if str(current):
-            text = f"{type(exc).__name__}: {current}" if current is not exc else str(exc)
+    """What went wrong, briefly: the OS's words (an errno's strerror) when the cause
+    chain has them (httpx and trio wrap them), else the first non-empty message."""
+    text = ""
+    stack: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.strerror:
+            text = current.strerror
             break
-        current = current.__cause__ or current.__context__
+        if not text and str(current):
+            text = str(current)
+        if isinstance(current, BaseExceptionGroup):
+            stack.extend(current.exceptions)
+        stack.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    text = text or type(exc).__name__
     return text if len(text) < 200 else text[:200] + "..."
