@@ -12,6 +12,7 @@ import queue
 import re
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -359,3 +360,44 @@ def test_bpfproxy_in_its_namespace_follows_etcd(netns: NetNS, config_path: Path)
         if cluster is not None:
             cluster.close()
         inside.close()
+
+
+def test_three_nodes_follow_pushes_and_status_shows_them_converged(
+    etcd: EtcdCluster, backends: Any, proxies: list[ProxyProcess], tmp_path: Path
+) -> None:
+    """tcpproxyctl push writes the file; three proxies (each on its own loopback
+    address) apply it; tcpproxyctl status says they converged, then names a rejection."""
+    a, b = backends("a"), backends("b")
+    web, db = free_ports(2)
+    config = tmp_path / "fleet.json"
+    config.write_text(
+        json.dumps({"Apps": [{"Name": "web", "Ports": [web], "Targets": [a.address]}]})
+    )
+
+    def ctl(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "tcpproxy.fleet.ctl", "--etcd", etcd.url(P), *args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=WAIT, check=False)
+
+    assert ctl("push", str(config)).returncode == 0
+    hosts = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+    for i, host in enumerate(hosts):
+        proxies.append(start(etcd.url(P), "--bind", host, "--node-id", f"edge-{i}"))
+    assert all(which_backend(web, host) == "a" for host in hosts)
+    assert wait_until(lambda: ctl("status").returncode == 0, WAIT), ctl("status").stdout
+
+    marks = [proxy.mark() for proxy in proxies]
+    config.write_text(json.dumps({"Apps": [
+        {"Name": "web", "Ports": [web], "Targets": [b.address]},
+        {"Name": "db", "Ports": [db], "Targets": [a.address]},
+    ]}))  # fmt: skip
+    assert ctl("push", str(config)).returncode == 0
+    for proxy, mark in zip(proxies, marks, strict=True):
+        proxy.wait_for(r"config \w+ applied: apps added: db; apps changed: web", WAIT, mark)
+    assert all(which_backend(web, h) == "b" and which_backend(db, h) == "a" for h in hosts)
+    assert wait_until(lambda: ctl("status").returncode == 0, WAIT), ctl("status").stdout
+    status = ctl("status").stdout
+    assert all(f"edge-{i}" in status for i in range(3))
+
+    etcd.put(f"{P}/apps/bad", value(db, targets=(a.address,)))  # db's port: rejected
+    assert wait_until(lambda: ctl("status").returncode == 1, WAIT)
+    assert "bad" in ctl("status").stdout
