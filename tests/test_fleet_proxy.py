@@ -209,6 +209,8 @@ def test_etcd_down_for_10s_fails_no_connection_and_a_later_change_applies(
     revision = etcd.put(f"{P}/apps/late", value(late, targets=(a.address,)))
     applied(proxy, revision, mark)
     assert which_backend(late) == "a"
+    assert proxy.output.count("WARNING etcd unavailable") == 1  # once per outage
+    proxy.wait_for(r"etcd answers again after \d+\.\ds; following from revision", 1, mark)
     held.sendall(b"ping")
     assert held.recv(10) == b"ping"
     held.close()

@@ -200,16 +200,17 @@ class EtcdSource:
         while True:
             try:
                 async with self._client(self.target) as client:
+                    if down_since is not None:  # a probe: raises while etcd is still away
+                        await client.get(self._root + "defaults")
+                        log.info("etcd answers again after %.1fs; following from revision %d",
+                                 time.monotonic() - down_since, self.revision + 1)  # fmt: skip
+                        down_since = None
                     if not self._synced:
                         revision, kvs = await client.range_prefix(self._root)
                         self._values = {kv.key: (kv.value, kv.mod_revision) for kv in kvs}
                         self._synced = True
                         log.info("etcd: read %s again at revision %d", self.name, revision)
                         self._changed(revision, on_change)
-                    if down_since is not None:
-                        log.info("etcd answers again after %.1fs; following from revision %d",
-                                 time.monotonic() - down_since, self.revision + 1)  # fmt: skip
-                        down_since = None
                     delay = BACKOFF_FIRST
                     async with client.watch(self._root, self.revision + 1) as batches:
                         async for revision, events in batches:
