@@ -146,6 +146,7 @@ class Reloader:
         try:
             new = await trio.to_thread.run_sync(self._parse, data, contents.config)
         except ConfigError as exc:
+            self.source.refused(contents, self._current(), exc)
             return self._reject(why, exc, (data, stamp))
         old = self._current()
         diff = diff_configs(old, new)
@@ -157,6 +158,7 @@ class Reloader:
         try:
             await self._apply(old, new)
         except StartupError as exc:
+            self.source.refused(contents, old, exc)
             return self._reject(why, exc, (data, stamp))
         self._running, self._rejected = data, None
         self.reloads += 1
@@ -178,6 +180,6 @@ class Reloader:
         self._rejected = file if file is not None and file[1] is not None else None
         self.rejected += 1
         self._metrics.reload(False)
-        log.error("reload (%s) rejected, keeping the running config %s; the file is read "
+        log.error("reload (%s) rejected, keeping the running config %s; the config is read "
                   "again on its next change or SIGHUP: %s", why, self.digest, exc)  # fmt: skip
         return "rejected"

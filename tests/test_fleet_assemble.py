@@ -224,3 +224,18 @@ def test_the_cache_document_reads_back_as_the_same_assembly() -> None:
     assert b.document() == a.document()
     with pytest.raises(ConfigError, match=r"cache\.json: "):
         assembly_from_document(b'{"Apps": [{"Name": "x"}]}', P, "cache.json")
+
+
+def test_a_held_value_is_rejected_until_it_changes() -> None:
+    s = Store()
+    s.put("apps/web", app([8080]))
+    s.put("apps/web", app([8080, 8081]))
+    in_force = assemble(s.values, P, s.revision, s.last)  # what runs: 8080 and 8081
+    s.put("apps/web", app([8080, 9999]))
+    held = {"web": (app([8080, 9999]), "not applied: cannot listen on port 9999")}
+    a = assemble(s.values, P, s.revision, in_force, held=held)
+    assert served(a) == {"web": (8080, 8081)}
+    assert a.rejected["web"].reason == "not applied: cannot listen on port 9999"
+    s.put("apps/web", app([8080, 9998]))
+    a = assemble(s.values, P, s.revision, in_force, held=held)
+    assert served(a) == {"web": (8080, 9998)} and a.rejected == {}

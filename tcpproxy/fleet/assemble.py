@@ -17,6 +17,8 @@ assembly before it, so a fixed value clears its rejection by itself):
    other app's value is rejected as in rule 3.
 5. A bad defaults value: the defaults in force before stay (the built-in
    ones if none were); the rejection is listed under DEFAULTS.
+6. An app value `held` (valid alone, but applying it failed: a port that
+   cannot be bound) is rejected as in rule 3 until the value changes.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ DEFAULTS = "(defaults)"  # the rejections' entry for the defaults key (an app na
 
 Values = Mapping[str, tuple[bytes, int]]  # full key -> (value, mod_revision)
 Check = Callable[[Config], None]  # a further check of one app, raising ConfigError
+Held = Mapping[str, tuple[bytes, str]]  # app name -> (its value, why applying it failed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,12 +115,14 @@ def assemble(
     revision: int,
     previous: Assembly | None = None,
     check: Check | None = None,
+    held: Held | None = None,
 ) -> Assembly:
     """Assemble every key of `values` under `prefix` (read at `revision`) into the
     config to serve, judged against `previous` (the assembly in force; None at start).
 
     `check`: a further check of each app alone (as a one-app Config), such as
     the self-loop check every load runs; its ConfigError rejects that app.
+    `held`: app values set aside by rule 6.
     """
     root = key_root(prefix)
     parsed = previous._parsed if previous is not None else {}
@@ -161,6 +166,8 @@ def assemble(
         if outcome is None:
             outcome = _parse(value, name, defaults, key, check)
         cache[memo] = outcome
+        if held and name in held and held[name][0] == value:
+            outcome = held[name][1]
         if isinstance(outcome, AppConfig):
             chosen[name] = Served(value, mod, outcome)
             continue

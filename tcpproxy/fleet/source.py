@@ -20,6 +20,10 @@ Rules:
 5. Each config the reloader applies is written to the cache file
    (atomically: a temporary file renamed over it) and published
    (tcpproxy.fleet.publish).
+6. A config the reloader cannot apply (a port of a new app already taken on
+   this machine) sets aside the apps it changed (assemble's rule 6: each keeps
+   its last good version, or is not served, until its value changes), and
+   the rest is offered again: one team's push does not hold up the others.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from typing import Any
 
 import trio
 
-from tcpproxy.config import ConfigError
+from tcpproxy.config import Config, ConfigError
 from tcpproxy.fleet.assemble import (
     DEFAULTS,
     Assembly,
@@ -104,8 +108,13 @@ class EtcdSource:
         self._values: dict[str, tuple[bytes, int]] = {}  # every key under the prefix
         self._synced = False  # _values are etcd's (not after a start from the cache)
         self._ignored: set[str] = set()  # unknown keys logged already
+        self._held: dict[str, tuple[bytes, str]] = {}  # rule 6: app -> (value, why)
+        self._on_change: Callable[[str], None] | None = None  # the watch's, for rule 6
         self._cache_failed = False  # a failed cache write is logged once per episode
-        self.assembly: Assembly | None = None
+        self.assembly: Assembly | None = None  # the latest
+        self._offered: Assembly | None = None  # the one the reloader read last
+        self._in_force: Assembly | None = None  # the one it applied last: the judge of
+        # the next assembly (what runs is each app's last good version)
         self.revision = 0  # the last revision seen: the watch resumes after it
 
     async def load(self) -> Contents:
@@ -137,6 +146,7 @@ class EtcdSource:
                 self.name, [f"etcd is unreachable ({exc}), and the cache {error}"]
             ) from None
         self.assembly = assembly_from_document(data, self.target.prefix, str(self._cache))
+        self._in_force = self.assembly
         written = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.stat(self._cache).st_mtime))
         log.warning("etcd is unreachable (%s): starting from the cache %s (written %s, %d "
                     "apps); following %s once it answers", exc, self._cache, written,
@@ -152,6 +162,7 @@ class EtcdSource:
 
     async def read(self) -> Contents:
         """The latest assembly (the watch keeps it current)."""
+        self._offered = self.assembly
         return self._contents()
 
     def rejected(self) -> Mapping[str, Mapping[str, object]]:
@@ -161,6 +172,8 @@ class EtcdSource:
 
     async def applied(self, contents: Contents) -> None:
         """Rule 5: the cache, then the node record."""
+        if self._offered is not None and contents.config is self._offered.config:
+            self._in_force = self._offered
         if self._cache is not None:
             try:
                 await trio.to_thread.run_sync(write_atomically, self._cache, contents.data)
@@ -173,6 +186,19 @@ class EtcdSource:
         if self._publish is not None:
             assert contents.config is not None
             self._publish.applied(contents.stamp, contents.data, contents.config, self.rejected())
+
+    def refused(self, contents: Contents, running: Config, error: Exception) -> None:
+        """Rule 6: set aside the apps `contents` adds or changes, offer the rest."""
+        offered = self._offered
+        if offered is None or contents.config is not offered.config:
+            return
+        before = {app.name: app for app in running.apps}
+        blamed = [app.name for app in offered.config.apps if before.get(app.name) != app]
+        reason = f"not applied: {error}"
+        for name in blamed:
+            self._held[name] = (offered.apps[name].value, reason)
+        if blamed and self._on_change is not None and self.assembly is not None:
+            self._changed(self.assembly.revision, self._on_change)
 
     async def watch(
         self,
@@ -191,6 +217,7 @@ class EtcdSource:
                 contents = self._contents()
                 assert contents.config is not None
                 self._publish.applied(0, contents.data, contents.config, self.rejected())
+            self._on_change = on_change
             task_status.started()
             await self._follow(on_change)
 
@@ -269,8 +296,21 @@ class EtcdSource:
     def _assemble(self, revision: int) -> None:
         """Assemble the keys held; log (once) and count what changed in the rejections."""
         before = self.assembly
-        after = assemble(self._values, self.target.prefix, revision, before, self._check)
+        self._held = {
+            name: (value, why)
+            for name, (value, why) in self._held.items()
+            if self._values.get(f"{self._root}apps/{name}", (b"", 0))[0] == value
+        }  # a held value rewritten (or deleted) is judged afresh
+        after = assemble(
+            self._values, self.target.prefix, revision, self._in_force, self._check, self._held
+        )
+        if self._in_force is None:  # the first: what the process starts with
+            self._in_force = after
         self.assembly, self.revision = after, max(self.revision, revision)
+        self._log_changes(before, after, revision)
+
+    def _log_changes(self, before: Assembly | None, after: Assembly, revision: int) -> None:
+        """Rule 4: each rejection, its end, and each unknown key, once."""
         old = before.rejected if before is not None else {}
         for name, why in after.rejected.items():
             if old.get(name) == why:

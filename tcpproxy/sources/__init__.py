@@ -45,6 +45,10 @@ class ConfigSource(Protocol):
     async def applied(self, contents: Contents) -> None:
         """The reloader applied `contents` (or started with them)."""
 
+    def refused(self, contents: Contents, running: Config, error: Exception) -> None:
+        """The reloader could not apply `contents` (`running` stays): a source made of
+        parts (etcd) may set aside the parts that changed, and offer the rest."""
+
     def rejected(self) -> Mapping[str, Mapping[str, object]]:
         """Parts of the source refused while the rest applied (etcd: apps), by name:
         {"key": ..., "revision": ..., "reason": ...}; empty for a file."""

@@ -241,6 +241,9 @@ class FileSource:
     async def applied(self, contents: Contents) -> None:
         """Nothing to do: the file is where the config lives."""
 
+    def refused(self, contents: Contents, running: Config, error: Exception) -> None:
+        """Nothing to do: the file is one part; the reloader says why it was rejected."""
+
     def rejected(self) -> dict[str, dict[str, object]]:
         return {}
 
