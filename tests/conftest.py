@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,12 +38,16 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Say once, at the end, why the BPF tests were skipped (not once per test)."""
+    """Say once, at the end, why the BPF or etcd tests were skipped (not once per test)."""
     reason = bpf_unavailable_reason()
     skipped = terminalreporter.stats.get("skipped", [])
     count = sum(1 for report in skipped if reason and reason in str(report.longrepr))
     if count:
         terminalreporter.write_line(f"{count} BPF tests skipped: {reason}", yellow=True)
+    etcd_reason = etcd_unavailable_reason()
+    count = sum(1 for report in skipped if etcd_reason and etcd_reason in str(report.longrepr))
+    if count:
+        terminalreporter.write_line(f"{count} etcd tests skipped: {etcd_reason}", yellow=True)
 
 
 @pytest.fixture
@@ -77,15 +82,16 @@ def _require_etcd() -> None:
 
 @pytest.fixture
 def etcd_factory() -> Iterator[Callable[..., EtcdCluster]]:
-    """Factory: etcd_factory(size=1, tls=False, extra_args=()) -> a started EtcdCluster.
+    """Factory: etcd_factory(size=1, tls=False, extra_args=(), extra_hosts=()) -> a
+    started EtcdCluster (see its docstring).
 
     Every cluster made is killed and its directories removed after the test.
     """
     _require_etcd()
     made: list[EtcdCluster] = []
 
-    def make(size: int = 1, *, tls: bool = False, extra_args: tuple[str, ...] = ()) -> EtcdCluster:
-        cluster = EtcdCluster(size, tls=tls, extra_args=extra_args)
+    def make(size: int = 1, **options: Any) -> EtcdCluster:
+        cluster = EtcdCluster(size, **options)
         made.append(cluster)
         return cluster.__enter__()
 

@@ -77,17 +77,18 @@ class EtcdTLS:
     client_key: Path
 
 
-def make_tls(directory: Path) -> EtcdTLS:
+def make_tls(directory: Path, hosts: tuple[str, ...] = ()) -> EtcdTLS:
     """A CA, a member certificate (server and client use: the gateway connects to its
-    own member with it; IP 127.0.0.1) and a client certificate, made with openssl."""
+    own member with it; IP 127.0.0.1 and ``hosts``) and a client certificate (openssl)."""
     directory.mkdir(parents=True, exist_ok=True)
     ca_key, ca = directory / "ca.key", directory / "ca.pem"
+    extra_ips = "".join(f",IP:{host}" for host in hosts)
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
     run = [["openssl", "req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "1",
             "-subj", "/CN=test etcd CA"]]  # fmt: skip
     files = []
     for name, subject, extensions in (
-        ("node", "/CN=127.0.0.1", "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        ("node", "/CN=127.0.0.1", f"subjectAltName=IP:127.0.0.1,DNS:localhost{extra_ips}\n"
          "extendedKeyUsage=serverAuth,clientAuth\n"),
         ("client", "/O=tcpproxy test client", "extendedKeyUsage=clientAuth\n"),
     ):  # fmt: skip
@@ -116,6 +117,7 @@ class EtcdMember:
     initial_cluster: str
     tls: EtcdTLS | None = None
     extra_args: tuple[str, ...] = ()
+    extra_hosts: tuple[str, ...] = ()  # more addresses to serve clients on (same port)
     process: subprocess.Popen[bytes] | None = None
     log: Path = field(init=False)
 
@@ -137,9 +139,11 @@ class EtcdMember:
     def start(self) -> None:
         """Start the process (no wait; see `EtcdCluster.wait_healthy`)."""
         assert self.process is None, f"{self.name} already running"
+        extra_urls = [f"{self.scheme}://{host}:{self.client_port}" for host in self.extra_hosts]
         argv = [
             "etcd", "--name", self.name, "--data-dir", str(self.data_dir),
-            "--listen-client-urls", self.client_url, "--advertise-client-urls", self.client_url,
+            "--listen-client-urls", ",".join([self.client_url, *extra_urls]),
+            "--advertise-client-urls", self.client_url,
             "--listen-peer-urls", f"http://127.0.0.1:{self.peer_port}",
             "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer_port}",
             "--initial-cluster", self.initial_cluster, "--initial-cluster-state", "new",
@@ -177,11 +181,19 @@ class EtcdCluster:
     """One etcd cluster of ``size`` members on loopback. Use as a context manager."""
 
     def __init__(
-        self, size: int = 1, *, tls: bool = False, extra_args: tuple[str, ...] = ()
+        self,
+        size: int = 1,
+        *,
+        tls: bool = False,
+        extra_args: tuple[str, ...] = (),
+        extra_hosts: tuple[str, ...] = (),
     ) -> None:
-        self.size, self.extra_args = size, extra_args
+        """``extra_hosts``: addresses besides 127.0.0.1 to serve clients on (each member
+        on its own port), such as a veth address a test gave the host; they must exist
+        before the cluster starts. ``extra_args`` go to every etcd command line."""
+        self.size, self.extra_args, self.extra_hosts = size, extra_args, extra_hosts
         self.root = Path(tempfile.mkdtemp(prefix="tcpproxy-etcd-"))
-        self.tls = make_tls(self.root / "tls") if tls else None
+        self.tls = make_tls(self.root / "tls", extra_hosts) if tls else None
         self.members: list[EtcdMember] = []
         self._layout(0)
 
@@ -193,7 +205,7 @@ class EtcdCluster:
         self.members = [
             EtcdMember(
                 n, ports[2 * i], ports[2 * i + 1], self.root / f"{n}.{attempt}", initial,
-                self.tls, self.extra_args,
+                self.tls, self.extra_args, self.extra_hosts,
             )
             for i, n in enumerate(names)
         ]  # fmt: skip
@@ -234,10 +246,12 @@ class EtcdCluster:
     def endpoints(self) -> list[str]:
         return [m.endpoint for m in self.members]
 
-    def url(self, prefix: str = "/tcpproxy") -> str:
-        """The ``etcd://`` (or ``etcds://``) URL of every member with ``prefix``."""
+    def url(self, prefix: str = "/tcpproxy", host: str = "127.0.0.1") -> str:
+        """The ``etcd://`` (or ``etcds://``) URL of every member with ``prefix``, reached
+        at ``host`` (127.0.0.1 or one of ``extra_hosts``)."""
         scheme = "etcds" if self.tls else "etcd"
-        return f"{scheme}://{','.join(self.endpoints)}{prefix}"
+        endpoints = ",".join(f"{host}:{m.client_port}" for m in self.members)
+        return f"{scheme}://{endpoints}{prefix}"
 
     # -- control -------------------------------------------------------------------
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tcpproxy.fleet.client import EtcdClient
+from tcpproxy.fleet.url import parse_etcd_url
 from tests import etcd_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +36,7 @@ def test_missing_etcd_skips_or_fails_when_required(require: str, tmp_path: Path)
         assert result.returncode == 1 and "1 error" in result.stdout  # failed in set-up
     else:
         assert result.returncode == 0 and "1 skipped" in result.stdout
+        assert "1 etcd tests skipped: etcd and etcdctl not installed" in result.stdout
 
 
 def test_cluster_member_stop_start_and_compact(etcd_cluster3) -> None:
@@ -70,3 +73,18 @@ def test_cluster_starts_again_on_other_ports_when_one_is_taken(
         cluster = etcd_factory(1)
         assert len(calls) == 2 and cluster.members[0].client_port != port
         assert cluster.put("/k", "v") > 0
+
+
+async def test_members_serve_extra_addresses_over_tls(etcd_factory) -> None:
+    """extra_hosts: what tests in network namespaces reach etcd through (a veth address
+    there; 127.0.0.2 here), in the members' certificate too."""
+    cluster = etcd_factory(1, tls=True, extra_hosts=("127.0.0.2",))
+    tls = cluster.tls
+    target = parse_etcd_url(
+        cluster.url("/p", host="127.0.0.2"),
+        cacert=str(tls.cacert), cert=str(tls.client_cert), key=str(tls.client_key),
+    )  # fmt: skip
+    assert target.endpoints == (("127.0.0.2", cluster.members[0].client_port),)
+    async with EtcdClient(target) as client:
+        revision = await client.put("/p/k", b"v")
+        assert (await client.range_prefix("/p/"))[0] == revision

@@ -244,3 +244,19 @@ def test_tls_and_auth(etcd_factory, tmp_path: Path) -> None:
     with_cn += ["--etcd-key", str(tls.key), "--etcd-user", "root"]
     result = ctl(*with_cn, "get", etcd=etcd, env={"ETCD_PASSWORD": "rootpw"})
     assert result.returncode == 2 and "use one without" in result.stderr
+
+    for option, bad in (("--etcd-cacert", tmp_path / "missing.pem"), ("--etcd-cert", file)):
+        flags = ["--etcd-cacert", str(tls.cacert), "--etcd-key", str(tls.client_key)]
+        flags += ["--etcd-cert", str(tls.client_cert), option, str(bad)]
+        result = ctl(*flags, "get", etcd=etcd)
+        assert result.returncode == 2 and str(bad) in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_push_beyond_etcds_transaction_limit_names_it(etcd: EtcdCluster, tmp_path: Path) -> None:
+    apps = [{**APP_A, "Name": f"app{i}", "Ports": [10000 + i]} for i in range(130)]
+    file = write(tmp_path / "c.json", {"Apps": apps})
+    result = ctl("push", str(file), etcd=etcd)
+    assert result.returncode == 2
+    assert "130 keys change in one transaction: raise etcd's --max-txn-ops" in result.stderr
+    assert keys(etcd) == {}

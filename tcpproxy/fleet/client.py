@@ -27,7 +27,7 @@ import os
 import socket
 import ssl
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -318,6 +318,8 @@ class EtcdClient:
                             async for message in messages:
                                 batch = _watch_batch(message, name)
                                 if batch is None:  # the "created" answer
+                                    if next_revision <= 0:  # "from now": pin it for reconnects
+                                        next_revision = _revision(message) + 1
                                     self._current = index
                                     failures.clear()
                                     deadline = trio.current_time() + self._retry_for
@@ -351,9 +353,17 @@ class EtcdClient:
             ]
         verify: Any = True
         if t.tls:
-            verify = ssl.create_default_context(cafile=t.cacert)  # None: the system's CAs
+            try:
+                verify = ssl.create_default_context(cafile=t.cacert)  # None: the system's CAs
+            except (OSError, ssl.SSLError) as exc:
+                raise EtcdError(f"etcd CA file {t.cacert!r}: {_describe(exc)}") from None
             if t.cert and t.key:
-                verify.load_cert_chain(t.cert, t.key)
+                try:
+                    verify.load_cert_chain(t.cert, t.key)
+                except (OSError, ssl.SSLError) as exc:
+                    raise EtcdError(
+                        f"etcd client certificate {t.cert!r} / key {t.key!r}: {_describe(exc)}"
+                    ) from None
         transport = httpx.AsyncHTTPTransport(verify=verify, socket_options=options, retries=0)
         # trust_env off: an HTTP(S)_PROXY meant for the web must not carry etcd traffic.
         return httpx.AsyncClient(transport=transport, timeout=timeout, trust_env=False)
@@ -417,7 +427,8 @@ class EtcdClient:
             if response.status_code != 200:
                 _reply(response.status_code, await response.aread())  # raises _GatewayError
                 raise _GatewayError(response.status_code, 0, f"HTTP {response.status_code}")
-            yield _messages(response)
+            async with aclosing(_messages(response)) as messages:
+                yield messages
         finally:
             await response.aclose()
 
