@@ -433,3 +433,29 @@ def test_an_app_whose_port_is_taken_here_is_set_aside_and_the_others_go_on(
     applied(proxy, revision, mark)  # a new value is judged afresh
     assert which_backend(taken) == "a"
     assert proxy.output.count("rejected, keeping the running config") == 1  # no retry loop
+
+
+def test_follows_etcd_over_tls(
+    etcd_factory: Callable[..., EtcdCluster], backends: Any, proxies: list[ProxyProcess]
+) -> None:
+    etcd = etcd_factory(1, tls=True)
+    assert etcd.tls is not None
+    a = backends("a")
+    web, db = free_ports(2)
+    etcd.put(f"{P}/apps/web", value(web, targets=(a.address,)))
+    tls = ["--etcd-cacert", str(etcd.tls.cacert), "--etcd-cert", str(etcd.tls.cert),
+           "--etcd-key", str(etcd.tls.key)]  # fmt: skip
+    proxy = start(etcd.url(P), *tls)
+    proxies.append(proxy)
+    assert etcd.url(P).startswith("etcds://") and which_backend(web) == "a"
+    mark = proxy.mark()
+    revision = etcd.put(f"{P}/apps/db", value(db, targets=(a.address,)))
+    applied(proxy, revision, mark)
+    assert which_backend(db) == "a"
+    # without the client certificate etcd refuses us: exit 2, saying so
+    refused_start = ProxyProcess([sys.executable, "-m", "tcpproxy", "--config", etcd.url(P),
+                                  "--etcd-cacert", str(etcd.tls.cacert)])  # fmt: skip
+    assert refused_start.proc.wait(WAIT) == 2
+    refused_start.kill()
+    assert "tcpproxy: error: " in refused_start.output
+    assert "Traceback" not in refused_start.output
