@@ -230,12 +230,15 @@ def test_starts_from_the_cache_when_etcd_is_down(
     assert first.stop() == 0
     etcd.stop(0)
 
-    proxy = start(etcd.url(P), "--etcd-cache", str(cache))
+    proxy = start(etcd.url(P), "--etcd-cache", str(cache), "--node-id", "edge-1")
     proxies.append(proxy)
     proxy.wait_for(rf"etcd is unreachable .*: starting from the cache {cache} \(written ")
     assert which_backend(web) == "a"
     mark = proxy.mark()
     etcd.start(0)
+    # read again, the same config: nothing to apply, and the node says which revision
+    assert wait_until(lambda: _node(etcd, "edge-1").get("revision", 0) > 0, WAIT)
+    assert "applied" not in "\n".join(proxy.lines[mark:])
     revision = etcd.put(f"{P}/apps/later", value(later, targets=(a.address,)))
     applied(proxy, revision, mark)  # read again in full, then followed
     assert which_backend(later) == "a"

@@ -281,17 +281,22 @@ class EtcdSource:
             self.revision = max(self.revision, revision)
 
     def _changed(self, revision: int, on_change: Callable[[str], None]) -> None:
+        """Assemble again; a config to serve goes to the reloader. The same config as
+        in force (a value rewritten alike, a rejection, a read again after the cache):
+        nothing to apply, and this revision is the node's now (its record says so)."""
         before = self.assembly
         self._assemble(revision)
         after = self.assembly
         assert after is not None
-        if before is None or (after.config, after.defaults) != (before.config, before.defaults):
+        if before is None or _served(after) != _served(before):
             on_change(f"etcd revision {revision}")
-        elif after.rejected != before.rejected and self._publish is not None:
-            contents = self._contents()  # the same config: only the node record changes
-            assert contents.config is not None
-            self._publish.applied(after.revision, contents.data, contents.config,
-                                  self.rejected())  # fmt: skip
+        elif before is self._in_force:
+            self._in_force = after
+            if self._publish is not None:
+                contents = self._contents()
+                assert contents.config is not None
+                self._publish.applied(after.revision, contents.data, contents.config,
+                                      self.rejected())  # fmt: skip
 
     def _assemble(self, revision: int) -> None:
         """Assemble the keys held; log (once) and count what changed in the rejections."""
@@ -332,6 +337,12 @@ class EtcdSource:
                 self._ignored.add(key)
                 log.warning("etcd: ignoring key %s (expected %sdefaults, %sapps/NAME or "
                             "%snodes/ID)", key, self._root, self._root, self._root)  # fmt: skip
+
+
+def _served(assembly: Assembly) -> tuple[object, bytes | None]:
+    """What a node serves from an assembly: its config, and the defaults' value
+    (kept in the cache file; its revision does not matter)."""
+    return assembly.config, assembly.defaults[0] if assembly.defaults is not None else None
 
 
 def write_atomically(path: Path, data: bytes) -> None:
