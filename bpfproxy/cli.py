@@ -67,7 +67,7 @@ Examples:
   sudo bpfproxy -p 8000 --workers 2      # one process per core, one reuseport group
   sudo bpfproxy --check                  # can this machine load the program?
   sudo bpfproxy --release                # remove the pinned state of a crashed -p 8000
-  sudo bpfproxy -p 8000 -c etcd://10.0.0.1:2379/fleet --etcd-cache /var/cache/bpfproxy.json
+  sudo bpfproxy -p 8000 -c etcd://10.0.0.1:2379/fleet   # follow the apps in etcd under /fleet
 """
 
 

@@ -51,7 +51,7 @@ Examples:
   kill -HUP $(pidof -x tcpproxy)         # reload now (file changes reload too)
   tcpproxy --pid-file /run/tcpproxy.pid  # then: kill -USR2 $(cat /run/tcpproxy.pid)
                                          # upgrades to the version installed now
-  tcpproxy -c etcd://10.0.0.1:2379,10.0.0.2:2379/fleet --etcd-cache /var/cache/tcpproxy.json
+  tcpproxy -c etcd://10.0.0.1:2379,10.0.0.2:2379/fleet --etcd-cache cache.json
                                          # follow the apps in etcd under /fleet
 """
 

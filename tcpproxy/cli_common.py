@@ -123,7 +123,7 @@ def common_options(prog: str) -> Callable[[F], F]:
                     # Not checked as readable: click uses access(2), which ignores
                     # capabilities and would refuse a worker the config its
                     # CAP_DAC_READ_SEARCH reads. Opening the file says it (same exit status).
-                    type=ConfigLocation(),
+                    type=ConfigLocation(), metavar="PATH|URL",
                     default=Path("config.json"), show_default=True,
                     envvar=f"{prog.upper()}_CONFIG", show_envvar=True,
                     help="Config file, watched for changes (also reloaded on SIGHUP); or "
