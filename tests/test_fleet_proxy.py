@@ -462,3 +462,39 @@ def test_follows_etcd_over_tls(
     refused_start.kill()
     assert "tcpproxy: error: " in refused_start.output
     assert "Traceback" not in refused_start.output
+
+
+def test_follows_etcd_as_a_user_with_the_password_from_the_environment(
+    etcd: EtcdCluster, backends: Any, proxies: list[ProxyProcess]
+) -> None:
+    a = backends("a")
+    web, db = free_ports(2)
+    etcd.put(f"{P}/apps/web", value(web, targets=(a.address,)))
+    etcd.etcdctl("user", "add", "root:rootpw", "--interactive=false")
+    etcd.etcdctl("user", "add", "edge:edgepw", "--interactive=false")
+    etcd.etcdctl("role", "add", "edge")
+    etcd.etcdctl("role", "grant-permission", "edge", "--prefix=true", "readwrite", f"{P}/")
+    etcd.etcdctl("user", "grant-role", "edge", "edge")
+    etcd.etcdctl("user", "grant-role", "root", "root")
+    etcd.etcdctl("auth", "enable")
+    argv = [sys.executable, "-m", "tcpproxy", "--config", etcd.url(P), "--etcd-user", "edge",
+            "--node-id", "edge-1"]  # fmt: skip
+
+    wrong = ProxyProcess(argv, env={"ETCD_PASSWORD": "nope"})
+    assert wrong.proc.wait(WAIT) == 2
+    wrong.kill()
+    assert "tcpproxy: error: " in wrong.output and "edge" in wrong.output
+    assert "nope" not in wrong.output
+
+    proxy = ProxyProcess([*argv, "--log-level", "debug"], env={"ETCD_PASSWORD": "edgepw"})
+    proxies.append(proxy)
+    proxy.wait_for(r"INFO tcpproxy started", WAIT)
+    assert which_backend(web) == "a"
+    mark = proxy.mark()
+    put = etcd.etcdctl("--user=root:rootpw", "put", f"{P}/apps/db", value(db, targets=(a.address,)))
+    assert put.stdout.strip() == "OK"
+    proxy.wait_for(r"config \w+ applied: apps added: db", WAIT, mark)
+    assert which_backend(db) == "a"
+    record = etcd.etcdctl("--user=root:rootpw", "get", f"{P}/nodes/edge-1", "--print-value-only")
+    assert json.loads(record.stdout)["apps"]["db"] == [db]
+    assert "edgepw" not in " ".join(proxy.argv)
