@@ -336,7 +336,11 @@ class InNamespace:
 
 
 @pytest.mark.bpf
-def test_bpfproxy_in_its_namespace_follows_etcd(netns: NetNS, config_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_bpfproxy_in_its_namespace_follows_etcd(
+    netns: NetNS, config_path: Path, workers: int
+) -> None:
+    """etcd runs inside the namespace; with --workers the supervisor follows it."""
     inside = InNamespace(netns)
     lab = Deployment("bpfproxy", config_path, netns)
     cluster: EtcdCluster | None = None
@@ -346,7 +350,8 @@ def test_bpfproxy_in_its_namespace_follows_etcd(netns: NetNS, config_path: Path)
         web, db = 7001, 7002
         inside(cluster.put, f"{P}/apps/web", value(web, targets=(a.address,)))
         argv = [sys.executable, "-m", "bpfproxy", "-p", str(BPF_LISTEN_PORT), "--config",
-                cluster.url(P), "--log-level", "debug", "--node-id", "bpf-1"]  # fmt: skip
+                cluster.url(P), "--log-level", "debug", "--node-id", "bpf-1",
+                "--workers", str(workers)]  # fmt: skip
         lab.proxy = proxy = ProxyProcess(lab.popen_argv(argv))
         proxy.wait_for(r"INFO bpfproxy started", WAIT)
         assert lab.which(web) == "a"
