@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from tcpproxy.config import ConfigError, parse_config
-from tcpproxy.fleet.client import EtcdClient
+from tcpproxy.fleet.client import EtcdClient, Watch
 from tcpproxy.fleet.publish import Publisher
 from tcpproxy.fleet.source import EtcdSource
 from tcpproxy.fleet.url import parse_etcd_url
@@ -187,3 +188,37 @@ async def test_the_node_record_lives_under_a_lease_and_goes_at_a_clean_stop(
             assert await client.keep_alive(lease) > 0
         nursery.cancel_scope.cancel()
     assert await record() is None  # revoked, not left to expire
+
+
+async def test_a_watch_that_ends_is_an_outage_and_resumes_after_the_last_revision(
+    etcd: EtcdCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fault hook on the real client: its first watch ends after one batch."""
+    ended: list[int] = []
+
+    class EndingClient(EtcdClient):
+        def watch(self, prefix: str, start_revision: int) -> Any:
+            real = super().watch(prefix, start_revision)
+            if ended:
+                return real
+
+            async def one_batch() -> AsyncIterator[Any]:
+                async with real:
+                    async for batch in real:
+                        ended.append(batch[0])
+                        yield batch
+                        return
+
+            return Watch(one_batch())
+
+    etcd.put(f"{P}/apps/web", app(8001))
+    source = EtcdSource(parse_etcd_url(etcd.url(P)), client=EndingClient)
+    await source.load()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(source.watch, Changes())
+        etcd.put(f"{P}/apps/a", app(8002))
+        await until(lambda: bool(ended))
+        etcd.put(f"{P}/apps/b", app(8003))  # while the watch is away, or after
+        await until(lambda: set(ports(source)) == {"web", "a", "b"})
+        nursery.cancel_scope.cancel()
+    assert "the watch ended" in caplog.text

@@ -242,7 +242,9 @@ class EtcdSource:
                     async with client.watch(self._root, self.revision + 1) as batches:
                         async for revision, events in batches:
                             self._apply_events(revision, events, on_change)
-                    raise EtcdUnavailable("the watch ended")  # it should not: an outage
+                    # the watch ends only by raising; should it end, it is an outage
+                    endpoints = self.target.describe_endpoints()
+                    raise EtcdUnavailable(endpoints, {endpoints: "the watch ended"})
             except EtcdCompacted as exc:
                 log.warning("etcd: revision %d was compacted (etcd keeps from %d): reading "
                             "%s again", self.revision + 1, exc.compact_revision,
