@@ -9,7 +9,7 @@ import os
 import socket
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 import trio
@@ -18,12 +18,14 @@ from bpfproxy.pinning import BPFFS_ENV, DEFAULT_BPFFS, check_instance_name, defa
 from bpfproxy.plan import BpfPlan
 from bpfproxy.steered import SharedListener, SteeredListener, check_listen_port
 from tcpproxy.cli_common import (
+    FleetOptions,
+    access_path,
     common_options,
     fit_connection_limit,
     ignore_sigusr2,
     low_port_capability,
     metrics_for,
-    read_config,
+    open_config,
     reload_check,
     run_cli,
     serving_code,
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
     from bpfproxy.pinning import Instance
     from tcpproxy.config import Config
     from tcpproxy.metrics import NullMetrics
+    from tcpproxy.sources import ConfigSource
 
 __all__ = ["command", "main"]
 
@@ -64,6 +67,7 @@ Examples:
   sudo bpfproxy -p 8000 --workers 2      # one process per core, one reuseport group
   sudo bpfproxy --check                  # can this machine load the program?
   sudo bpfproxy --release                # remove the pinned state of a crashed -p 8000
+  sudo bpfproxy -p 8000 -c etcd://10.0.0.1:2379/fleet   # follow the apps in etcd under /fleet
 """
 
 
@@ -118,7 +122,7 @@ def _instance_name(ctx: click.Context, param: click.Parameter, value: str | None
 @click.pass_context
 def command(
     ctx: click.Context,
-    config_path: Path,
+    config_path: Path | str,
     listen_port: int,
     bind: str | None,
     check: bool,
@@ -137,6 +141,7 @@ def command(
     engine: str,
     log_level: str,
     log_format: str,
+    **fleet_params: Any,
 ) -> int:
     """Proxy TCP connections for every port of every app through ONE listening
     socket: an sk_lookup BPF program steers each configured port to it, and the
@@ -154,12 +159,13 @@ def command(
     from bpfproxy.errors import SteeringError
     from bpfproxy.loader import check_environment, compile_check
 
+    fleet = FleetOptions(**fleet_params)
     name = instance or default_instance(listen_port)
     handover = take_handover() if workers == 1 and not (check or release) else None
     if handover is not None:  # started by an upgrade: the state comes with the listener
         return _run_handed_over(
-            handover, config_path, listen_port, bind, bpffs, name, user, drain_timeout,
-            max_connections, metrics_address, pid_file, splice, engine,
+            handover, config_path, fleet, listen_port, bind, bpffs, name, user,
+            drain_timeout, max_connections, metrics_address, pid_file, splice, engine,
         )  # fmt: skip
     try:
         if check:
@@ -171,10 +177,12 @@ def command(
         check_environment()  # first: "run it with sudo" is what a user must fix first
         account = target_account(user)
         code = [*serving_code(), Path(__file__).parent]
-        reading = check_access(account, config_path, code, chosen=user is not None)
+        reading = check_access(
+            account, access_path(config_path, fleet), code, chosen=user is not None
+        )
         keep = (*reading, *_bpf_capability(), *low_port_capability({listen_port}, metrics_address))
         limit = fit_connection_limit(max_connections)
-        data, config = read_config(config_path, (listen_port,), bind, limit)
+        source, data, config = open_config(config_path, fleet, (listen_port,), bind, limit)
         check_listen_port(listen_port, config)
         with contextlib.ExitStack() as stack:
             # Closed last: unpins after a clean stop (or a failed first start), then unlocks.
@@ -190,7 +198,7 @@ def command(
                 stack.callback(plan.close)
                 plan.steer(config)
                 supervisor = Supervisor(
-                    plan, config_path, data, config, workers, metrics_address,
+                    plan, source, data, config, workers, metrics_address,
                     validate=reload_check(
                         config_path, (listen_port,), bind, max_connections=limit
                     ),
@@ -218,7 +226,7 @@ def command(
             pids = _write_pid_file(stack, pid_file, account)
             # ambient: the process an upgrade starts (SIGUSR2) keeps the same, no more
             _drop(pins, account, keep, ambient=keep)
-            _serve(config_path, data, config, frontend, pins, pids, None, drain_timeout,
+            _serve(source, data, config, frontend, pins, pids, None, drain_timeout,
                    limit, splice, metrics, address, listen_port, bind, engine)  # fmt: skip
     except SteeringError as exc:
         raise StartupError(str(exc)) from None
@@ -236,7 +244,7 @@ def _write_pid_file(
 
 
 def _serve(
-    config_path: Path,
+    config_path: Path | ConfigSource,
     data: bytes,
     config: Config,
     frontend: SteeredListener,
@@ -269,7 +277,8 @@ def _serve(
 
 def _run_handed_over(
     handover: Handover,
-    config_path: Path,
+    config_path: Path | str,
+    fleet: FleetOptions,
     listen_port: int,
     bind: str | None,
     bpffs: str,
@@ -295,9 +304,9 @@ def _run_handed_over(
         try:
             account = target_account(user)
             code = [*serving_code(), Path(__file__).parent]
-            check_access(account, config_path, code, chosen=user is not None)
+            check_access(account, access_path(config_path, fleet), code, chosen=user is not None)
             limit = fit_connection_limit(max_connections)
-            data, config = read_config(config_path, (listen_port,), bind, limit)
+            source, data, config = open_config(config_path, fleet, (listen_port,), bind, limit)
             check_listen_port(listen_port, config)
             listener = handover.sockets.pop(listen_port, None)
             if listener is None:
@@ -317,7 +326,7 @@ def _run_handed_over(
         stack.callback(pids.remove)
         keep = inherited_capabilities()
         drop_privileges(None, keep, ambient=keep)
-        _serve(config_path, data, config, frontend, pins, pids, handover, drain_timeout,
+        _serve(source, data, config, frontend, pins, pids, handover, drain_timeout,
                limit, splice, metrics, address, listen_port, bind, engine)  # fmt: skip
     return 0
 
@@ -411,7 +420,7 @@ def _release(bpffs: str, name: str) -> int:
 def _run_worker(
     worker: str,
     listener_fd: int | None,
-    config_path: Path,
+    config_path: Path | str,
     drain_timeout: float,
     max_connections: int | None,
     splice: bool,

@@ -5,17 +5,20 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import click
 import trio
 
 from tcpproxy.cli_common import (
+    FleetOptions,
+    access_path,
     common_options,
     fit_connection_limit,
     ignore_sigusr2,
     low_port_capability,
     metrics_for,
-    read_config,
+    open_config,
     reload_check,
     run_cli,
     serving_code,
@@ -48,6 +51,8 @@ Examples:
   kill -HUP $(pidof -x tcpproxy)         # reload now (file changes reload too)
   tcpproxy --pid-file /run/tcpproxy.pid  # then: kill -USR2 $(cat /run/tcpproxy.pid)
                                          # upgrades to the version installed now
+  tcpproxy -c etcd://10.0.0.1:2379,10.0.0.2:2379/fleet --etcd-cache cache.json
+                                         # follow the apps in etcd under /fleet
 """
 
 
@@ -60,7 +65,7 @@ Examples:
 @click.pass_context
 def command(
     ctx: click.Context,
-    config_path: Path,
+    config_path: Path | str,
     bind: str | None,
     drain_timeout: float,
     max_connections: int | None,
@@ -73,6 +78,7 @@ def command(
     engine: str,
     log_level: str,
     log_format: str,
+    **fleet_params: Any,
 ) -> int:
     """Proxy TCP connections: one listener per port of every app in the config,
     each connection relayed to one of its app's targets. The config is reloaded
@@ -98,9 +104,12 @@ def command(
     setup_logging(log_level, log_format=log_format)
     handover = take_handover()  # started by an upgrade
     account = target_account(user)
-    reading = check_access(account, config_path, serving_code(), chosen=user is not None)
+    fleet = FleetOptions(**fleet_params)
+    reading = check_access(
+        account, access_path(config_path, fleet), serving_code(), chosen=user is not None
+    )
     limit = fit_connection_limit(max_connections)
-    data, config = read_config(config_path, bind=bind, max_connections=limit)
+    source, data, config = open_config(config_path, fleet, bind=bind, max_connections=limit)
     keep = (*reading, *low_port_capability(config.ports, metrics_address))
     if handover is not None:
         keep = inherited_capabilities()
@@ -112,7 +121,7 @@ def command(
         plan.restore(config)  # a handed-over lock of a port no longer in the config
         pids = PidFile(pid_file)
         supervisor = Supervisor(
-            plan, config_path, data, config, workers, metrics_address,
+            plan, source, data, config, workers, metrics_address,
             validate=reload_check(config_path, bind=bind, max_connections=limit),
             drain_timeout=drain_timeout, handover=handover, pid_file=pids,
         )  # fmt: skip
@@ -135,7 +144,7 @@ def command(
         drop_privileges(account, keep, ambient=keep)
         trio.run(
             lambda: run_service(
-                config_path, data, config, frontend, drain_timeout=drain_timeout,
+                source, data, config, frontend, drain_timeout=drain_timeout,
                 max_connections=limit, use_splice=splice, metrics=metrics,
                 metrics_address=address, bind=bind, engine=engine,
                 listeners=frontend.sockets, handover=handover, pid_file=pids,

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import signal
+import socket
 import sys
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,13 +22,18 @@ from tcpproxy.engine import ENGINES
 from tcpproxy.errors import ProxyError
 from tcpproxy.privileges import CAP_NET_BIND_SERVICE, unprivileged_port_start
 from tcpproxy.service import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CONNECTIONS, validate_config
+from tcpproxy.sources import ConfigSource
 from tcpproxy.sources.file import read_config_bytes
 
 __all__ = [
     "EXIT_USAGE",
+    "ConfigLocation",
+    "FleetOptions",
+    "access_path",
     "common_options",
     "fail",
     "fit_connection_limit",
+    "open_config",
     "read_config",
     "reload_check",
     "run_cli",
@@ -45,6 +53,65 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class ConfigLocation(click.ParamType):
+    """--config: a file's path (a Path), or an etcd:// or etcds:// URL (kept as text)."""
+
+    name = "PATH|etcd://HOST:PORT[,...]/PREFIX"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, Path):
+            return value
+        from tcpproxy.fleet.url import is_etcd_url
+
+        return str(value) if is_etcd_url(str(value)) else Path(value)
+
+
+@dataclass(frozen=True)
+class FleetOptions:
+    """The options that matter only with --config etcd://... (see `fleet_options`)."""
+
+    etcd_cache: Path | None = None
+    node_id: str | None = None
+    etcd_cacert: str | None = None
+    etcd_cert: str | None = None
+    etcd_key: str | None = None
+    etcd_user: str | None = None
+    etcd_password_env: str | None = None
+
+
+def fleet_options() -> list[Callable[[F], F]]:
+    """The options of --config etcd://...; the same in both binaries."""
+    path = click.Path(dir_okay=False, readable=False)
+    return [
+        click.option(
+            "--etcd-cache", type=click.Path(path_type=Path, dir_okay=False, readable=False),
+            metavar="FILE", default=None,
+            help="With etcd: the last good config, written (atomically) on each change; "
+            "started from when etcd is unreachable at start.  [default: none]",
+        ),
+        click.option(
+            "--node-id", metavar="ID", default=None,
+            help="With etcd: this node's name in PREFIX/nodes/.  [default: the host name]",
+        ),
+        click.option("--etcd-cacert", type=path, metavar="FILE", default=None,
+                     help="With etcds://: the CA certificate that signed etcd's."),
+        click.option("--etcd-cert", type=path, metavar="FILE", default=None,
+                     help="With etcds://: this client's certificate."),
+        click.option("--etcd-key", type=path, metavar="FILE", default=None,
+                     help="With etcds://: this client's private key."),
+        click.option(
+            "--etcd-user", metavar="NAME", default=None,
+            help="With etcd: authenticate as NAME; the password is read from the "
+            "environment (ETCD_PASSWORD, or --etcd-password-env), never from argv.",
+        ),
+        click.option(
+            "--etcd-password-env", metavar="VAR", default=None,
+            help="The environment variable holding --etcd-user's password.  "
+            "[default: ETCD_PASSWORD]",
+        ),
+    ]  # fmt: skip
+
+
 def common_options(prog: str) -> Callable[[F], F]:
     """The options both binaries take, with the same names, defaults and help."""
 
@@ -53,13 +120,15 @@ def common_options(prog: str) -> Callable[[F], F]:
             [
                 click.option(
                     "-c", "--config", "config_path",
-                    # Not readable=True: click checks with access(2), which ignores
-                    # capabilities, and refuses a worker the config its CAP_DAC_READ_SEARCH
-                    # reads. Opening the file says it, with the same exit status.
-                    type=click.Path(path_type=Path, dir_okay=False, readable=False),
+                    # Not checked as readable: click uses access(2), which ignores
+                    # capabilities and would refuse a worker the config its
+                    # CAP_DAC_READ_SEARCH reads. Opening the file says it (same exit status).
+                    type=ConfigLocation(), metavar="PATH|URL",
                     default=Path("config.json"), show_default=True,
                     envvar=f"{prog.upper()}_CONFIG", show_envvar=True,
-                    help="Config file, watched for changes (also reloaded on SIGHUP).",
+                    help="Config file, watched for changes (also reloaded on SIGHUP); or "
+                    "etcd://HOST:PORT[,HOST:PORT...]/PREFIX (etcds:// for TLS): follow "
+                    "the apps kept in etcd under PREFIX.",
                 ),
                 click.option(
                     "--drain-timeout", type=click.FloatRange(min=0), metavar="SECONDS",
@@ -126,6 +195,7 @@ def common_options(prog: str) -> Callable[[F], F]:
                     show_default=True,
                     help="'json': one object a line, for log pipelines.",
                 ),
+                *fleet_options(),
                 click.version_option(__version__, prog_name=prog),
             ]
         ):  # fmt: skip
@@ -191,6 +261,8 @@ def setup_logging(level: str, prefix: str = "", log_format: str = "text") -> Non
         handler.setFormatter(logging.Formatter(fmt))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     logging.getLogger("watchfiles").setLevel(logging.WARNING)  # its debug lines are per poll
+    for chatty in ("httpx", "httpcore"):  # a line per etcd request (fleet mode)
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def ignore_sigusr2() -> None:
@@ -244,8 +316,70 @@ def read_config(
     return data, config
 
 
+def open_config(
+    location: Path | str,
+    fleet: FleetOptions,
+    listen_ports: Collection[int] = (),
+    bind: str | None = None,
+    max_connections: int | None = None,
+) -> tuple[Path | ConfigSource, bytes, Config]:
+    """The config to start with, and where it goes on coming from: `read_config` for a
+    file; for an etcd URL, the prefix read once (or the --etcd-cache file when etcd
+    is unreachable) and the `EtcdSource` that follows it (tcpproxy.fleet.source).
+
+    Raises ConfigError (exit 2) for a bad URL or option, or no config to start from.
+    """
+    if isinstance(location, Path):
+        if fleet.etcd_cache is not None:
+            raise ConfigError(str(location), ["--etcd-cache is for --config etcd://... only"])
+        data, config = read_config(location, listen_ports, bind, max_connections)
+        return location, data, config
+    import trio
+
+    from tcpproxy.fleet.publish import Publisher
+    from tcpproxy.fleet.source import EtcdSource
+    from tcpproxy.fleet.url import parse_etcd_url
+
+    try:
+        target = parse_etcd_url(
+            location, cacert=fleet.etcd_cacert, cert=fleet.etcd_cert, key=fleet.etcd_key,
+            user=fleet.etcd_user, password_env=fleet.etcd_password_env,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise ConfigError("--config", [str(exc)]) from None
+    node = fleet.node_id or socket.gethostname()
+    if not node or "/" in node:
+        raise ConfigError("--node-id", [f"must be a non-empty name without '/', got {node!r}"])
+    source = EtcdSource(
+        target, cache=fleet.etcd_cache, publish=Publisher(target, node),
+        check=reload_check(location, listen_ports, bind, max_connections=None),
+    )  # fmt: skip
+    contents = trio.run(source.load)
+    assert contents.config is not None
+    validate_config(
+        contents.config, source=source.name, listen_ports=listen_ports, bind=bind,
+        max_connections=max_connections,
+    )  # fmt: skip
+    return source, contents.data, contents.config
+
+
+def access_path(location: Path | str, fleet: FleetOptions) -> Path:
+    """What `check_access` checks a serving user can read: the config file; with etcd,
+    the TLS file read at each connect, the most private first (none: /dev/null)."""
+    if isinstance(location, Path):
+        return location
+    for path in (fleet.etcd_key, fleet.etcd_cert, fleet.etcd_cacert):
+        if path is not None:
+            return Path(path)
+    return Path(os.devnull)
+
+
 def reload_check(
-    path: Path, listen_ports: Collection[int] = (), bind: str | None = None, *, max_connections: int
+    path: Path | str,
+    listen_ports: Collection[int] = (),
+    bind: str | None = None,
+    *,
+    max_connections: int | None,
 ) -> Callable[[Config], None]:
     """The reload-time twin of `read_config`'s checks, for a Reloader."""
     return partial(

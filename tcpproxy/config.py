@@ -93,13 +93,16 @@ __all__ = [
     "AppConfig",
     "Config",
     "ConfigError",
+    "Defaults",
     "HealthCheck",
     "Network",
     "Strategy",
     "Target",
     "app_connection_limit",
     "no_isolation",
+    "parse_app",
     "parse_config",
+    "parse_defaults",
 ]
 
 # An app without MaxConnections holds an equal share of the process's connection limit,
@@ -204,6 +207,14 @@ class Config:
         return frozenset(port for app in self.apps for port in app.ports)
 
 
+@dataclass(frozen=True, slots=True)
+class Defaults:
+    """A validated ``Defaults`` object, for `parse_app`: it fills the options an app leaves
+    unset. Opaque: its contents are this module's business."""
+
+    options: Any = None  # the parsed object; None: the built-in defaults
+
+
 def app_connection_limit(app: AppConfig, total: int, apps: int) -> int:
     """The open connections `app` may hold when the whole process may hold `total`
     (all workers together) and serves `apps` apps: its MaxConnections, else an equal
@@ -241,9 +252,54 @@ def parse_config(data: bytes | str, source: str = "<config>") -> Config:
     # Cross-app checks read the raw document, so they run even when pydantic fails.
     problems += _cross_check(doc)
     if raw is None or problems:
-        problems.sort(key=lambda problem: [(isinstance(part, str), part) for part in problem[0]])
-        raise ConfigError(source, [f"{_format_loc(loc)}: {message}" for loc, message in problems])
+        raise _error(source, problems)
     return Config(apps=tuple(_app_config(app, raw.defaults) for app in raw.apps))
+
+
+def parse_defaults(data: bytes | str, source: str = "<defaults>") -> Defaults:
+    """Parse one ``Defaults`` object on its own (a fleet keeps it in a key of its own);
+    raise `ConfigError` as `parse_config` does, locations relative to the object."""
+    doc, problems = _load_json(data, source)
+    options: _Options | None = None
+    try:
+        options = _File.model_validate({"Apps": [], "Defaults": doc}).defaults
+    except ValidationError as exc:
+        problems += [(err["loc"][1:], _message(err)) for err in exc.errors(include_url=False)]
+    if options is None or problems:
+        raise _error(source, problems)
+    return Defaults(options)
+
+
+def parse_app(
+    data: bytes | str, name: str, defaults: Defaults = Defaults(), source: str = "<app>"
+) -> AppConfig:
+    """Parse one app's object on its own, named `name` (a fleet keeps each app in a key
+    of its own, named by the key: a "Name" in the object, if any, must agree).
+
+    The checks and messages are `parse_config`'s for that app, its locations relative
+    to the object (``Ports[1]: must be between 1 and 65535, got 70000``). What spans
+    apps (a port two apps list) is the caller's to judge. Raises `ConfigError`.
+    """
+    doc, problems = _load_json(data, source)
+    if isinstance(doc, dict):
+        if "Name" in doc and doc["Name"] != name:
+            problems.append(
+                (("Name",), f"is {_show(doc['Name'])}, but the key names the app "
+                 f"{_quote(name)}; leave \"Name\" out")
+            )  # fmt: skip
+        doc = {**doc, "Name": name}
+    raw: _App | None = None
+    try:
+        raw = _App.model_validate(doc)
+    except ValidationError as exc:
+        for err in exc.errors(include_url=False):  # the full location, for _key_hint
+            problems.append((err["loc"], _message({**err, "loc": ("Apps", 0, *err["loc"])})))
+    problems += [
+        (loc[2:], message.replace("Apps[0].", "")) for loc, message in _cross_check({"Apps": [doc]})
+    ]
+    if raw is None or problems:
+        raise _error(source, problems)
+    return _app_config(raw, defaults.options if defaults.options is not None else _Options())
 
 
 # ---------------------------------------------------------------------------------------
@@ -435,6 +491,12 @@ def _app_config(app: _App, defaults: _Options) -> AppConfig:
     if options["health_check"] is not None:
         options["health_check"] = HealthCheck(**options["health_check"].model_dump())
     return AppConfig(name=app.name, ports=tuple(app.ports), targets=tuple(app.targets), **options)
+
+
+def _error(source: str, problems: list[_Problem]) -> ConfigError:
+    """Every problem, in document order, each with its location."""
+    problems.sort(key=lambda problem: [(isinstance(part, str), part) for part in problem[0]])
+    return ConfigError(source, [f"{_format_loc(loc)}: {message}" for loc, message in problems])
 
 
 def _load_json(data: bytes | str, source: str) -> tuple[object, list[_Problem]]:

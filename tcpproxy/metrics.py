@@ -63,6 +63,7 @@ class NullMetrics:
     def target_state(self, target: object, up: bool) -> None: ...
     def reload(self, ok: bool) -> None: ...
     def config_loaded(self, digest: str) -> None: ...
+    def app_rejected(self, app: str) -> None: ...
     def steered_ports(self, count: int) -> None: ...
 
 
@@ -117,6 +118,12 @@ class Metrics(NullMetrics):
             "tcpproxy_config_reloads",
             "Config reloads by result (ok, rejected)",
             ["result"],
+            registry=reg,
+        )
+        self._app_rejections = Counter(
+            "tcpproxy_config_app_rejections",
+            "Values of a fleet's keys refused, by app ((defaults) for the defaults key)",
+            ["app"],
             registry=reg,
         )
         self._config = Gauge(
@@ -177,6 +184,9 @@ class Metrics(NullMetrics):
 
     def reload(self, ok: bool) -> None:
         self._reloads.labels("ok" if ok else "rejected").inc()
+
+    def app_rejected(self, app: str) -> None:
+        self._app_rejections.labels(app).inc()
 
     def config_loaded(self, digest: str) -> None:
         import time

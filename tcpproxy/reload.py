@@ -1,8 +1,9 @@
-"""Reloading the config file: read it, validate it, apply it whole, and say what runs.
+"""Reloading the config: read its source, validate it, apply it whole, and say what runs.
 
 Shared by a single process (which applies a reload itself) and a supervisor
 (which applies it across its workers): both hand the `Reloader` an apply
 function that changes everything or, raising StartupError, nothing. The
+config comes from a `ConfigSource` (the file, or a prefix in etcd). The
 reloader keeps the digest of the config in force and the last outcome, for
 logs, /status and systemd.
 """
@@ -23,7 +24,8 @@ from tcpproxy.diff import diff_configs
 from tcpproxy.errors import StartupError
 from tcpproxy.metrics import NullMetrics
 from tcpproxy.notify import Notifier
-from tcpproxy.sources.file import FileStamp, read_stamped
+from tcpproxy.sources import ConfigSource
+from tcpproxy.sources.file import FileSource
 
 __all__ = ["ApplyFn", "Reloader", "digest"]
 
@@ -54,7 +56,7 @@ class Reloader:
     it: the rejection says so. SIGHUP always reads and applies.
 
     Args:
-      path: the config file.
+      source: where the config comes from (a Path: that config file).
       data: its contents as running.
       current: the config in force.
       apply: applies `(old, new)`; raises StartupError, having changed nothing,
@@ -65,7 +67,7 @@ class Reloader:
 
     def __init__(
         self,
-        path: Path,
+        source: Path | str | ConfigSource,
         data: bytes,
         current: Callable[[], Config],
         apply: ApplyFn,
@@ -73,7 +75,9 @@ class Reloader:
         metrics: NullMetrics | None = None,
         validate: Callable[[Config], None] | None = None,
     ) -> None:
-        self._path = path
+        self.source: ConfigSource = (
+            FileSource(source) if isinstance(source, (Path, str)) else source
+        )
         self._validate = validate
         self._current = current
         self._apply = apply
@@ -83,7 +87,7 @@ class Reloader:
         self.loaded_at = time.time()
         self.last = "none"  # the last reload's outcome, for status lines
         self._running = data  # contents of the config in force (or an equivalent)
-        self._rejected: tuple[bytes, FileStamp] | None = None  # the last rejected file
+        self._rejected: tuple[bytes, object] | None = None  # the last rejected file
         self._send, self._receive = trio.open_memory_channel[str](1)
         self._short = False  # reading the file failed for want of descriptors or memory
         self._missing = False  # the file was not there at the last read
@@ -113,7 +117,7 @@ class Reloader:
     async def _reload(self, why: str) -> str | None:
         """Returns "applied", "rejected", _RETRY, or None when nothing changed."""
         try:
-            data, stamp = await trio.to_thread.run_sync(read_stamped, self._path)
+            contents = await self.source.read()
         except ConfigError as exc:
             if isinstance(exc.__cause__, OSError) and exc.__cause__.errno in SHORTAGE_ERRNOS:
                 if not self._short:  # once per episode: every directory event lands here
@@ -133,24 +137,28 @@ class Reloader:
                 return None
             self._missing = False
             return self._reject(why, exc)
+        data, stamp = contents.data, contents.stamp
         if self._short or self._missing:
             log.info("reload (%s): the config file can be read again", why)
             self._short = self._missing = False
         if why != "SIGHUP" and (data == self._running or (data, stamp) == self._rejected):
             return None  # an event that did not change the file
         try:
-            new = await trio.to_thread.run_sync(self._parse, data)
+            new = await trio.to_thread.run_sync(self._parse, data, contents.config)
         except ConfigError as exc:
+            self.source.refused(contents, self._current(), exc)
             return self._reject(why, exc, (data, stamp))
         old = self._current()
         diff = diff_configs(old, new)
         if diff.empty:
             self._running, self._rejected = data, None
             log.info("reload (%s): config %s has no changes", why, digest(data))
+            await self.source.applied(contents)
             return None
         try:
             await self._apply(old, new)
         except StartupError as exc:
+            self.source.refused(contents, old, exc)
             return self._reject(why, exc, (data, stamp))
         self._running, self._rejected = data, None
         self.reloads += 1
@@ -158,18 +166,20 @@ class Reloader:
         self._metrics.reload(True)
         self._metrics.config_loaded(self.digest)
         log.info("reload (%s): config %s applied: %s", why, digest(data), diff.summary())
+        await self.source.applied(contents)
         return "applied"
 
-    def _parse(self, data: bytes) -> Config:
-        config = parse_config(data, str(self._path))
+    def _parse(self, data: bytes, parsed: Config | None) -> Config:
+        """`parsed`: the source parsed it already (etcd, app by app)."""
+        config = parsed if parsed is not None else parse_config(data, self.source.name)
         if self._validate is not None:
             self._validate(config)
         return config
 
-    def _reject(self, why: str, exc: Exception, file: tuple[bytes, FileStamp] | None = None) -> str:
+    def _reject(self, why: str, exc: Exception, file: tuple[bytes, object] | None = None) -> str:
         self._rejected = file if file is not None and file[1] is not None else None
         self.rejected += 1
         self._metrics.reload(False)
-        log.error("reload (%s) rejected, keeping the running config %s; the file is read "
+        log.error("reload (%s) rejected, keeping the running config %s; the config is read "
                   "again on its next change or SIGHUP: %s", why, self.digest, exc)  # fmt: skip
         return "rejected"

@@ -48,7 +48,8 @@ from tcpproxy.pidfile import PidFile
 from tcpproxy.proxy import Proxy
 from tcpproxy.reload import ApplyFn, Reloader, digest
 from tcpproxy.selfloop import reject_self_loops
-from tcpproxy.sources.file import watch_config
+from tcpproxy.sources import ConfigSource
+from tcpproxy.sources.file import FileSource
 from tcpproxy.status import Loaded
 from tcpproxy.status import snapshot as status_snapshot
 from tcpproxy.upgrade import METRICS_FD, Handover, start_successor
@@ -114,7 +115,7 @@ def apply_locally(proxy: Proxy, frontend: Frontend) -> ApplyFn:
 
 
 async def run_service(
-    path: Path,
+    path: Path | str | ConfigSource,
     data: bytes,
     config: Config,
     frontend: Frontend,
@@ -137,7 +138,7 @@ async def run_service(
     """Serve `config` through `frontend` until SIGTERM/SIGINT, then drain.
 
     Args:
-      path: the config file, watched for changes.
+      path: the config file, watched for changes, or another source (etcd).
       data: its contents as loaded (so the first change event is compared
         against what is running).
       drain_timeout: seconds connections may take to finish after a stop.
@@ -187,12 +188,15 @@ async def run_service(
                         await connections.start(proxy.engine.run)
                     apply = apply_locally(proxy, frontend)
                     notifier = Notifier()
+                    source = FileSource(path) if isinstance(path, (Path, str)) else path
+                    if supervisor is None:
+                        source.use_metrics(metrics)
                     validate = partial(
-                        validate_config, source=str(path), listen_ports=listen_ports, bind=bind,
+                        validate_config, source=source.name, listen_ports=listen_ports, bind=bind,
                         max_connections=max_connections * share,
                     )  # fmt: skip
                     reloader = Reloader(
-                        path, data, lambda: proxy.config, apply, notifier, metrics, validate
+                        source, data, lambda: proxy.config, apply, notifier, metrics, validate
                     )
                     if supervisor is None:
                         metrics.config_loaded(reloader.digest)
@@ -228,10 +232,15 @@ async def run_service(
 
                         def snapshot() -> dict[str, Any]:
                             loaded = Loaded(
-                                str(path), reloader.digest, reloader.loaded_at, reloader.last
+                                source.name, reloader.digest, reloader.loaded_at, reloader.last
                             )
                             return status_snapshot(
-                                frontend.name, os.getpid(), loaded, proxy.config, proxy.counts()
+                                frontend.name,
+                                os.getpid(),
+                                loaded,
+                                proxy.config,
+                                proxy.counts(),
+                                rejected=source.rejected(),
                             )
 
                         server = serve_http(
@@ -246,7 +255,7 @@ async def run_service(
                             await control.start(proxy.health.run)
                             await control.start(frontend.serve, proxy)
                             if supervisor is None:
-                                await control.start(watch_config, path, reloader.request)
+                                await control.start(source.watch, reloader.request)
                                 control.start_soon(reloader.run, status)
                             else:
                                 control.start_soon(supervisor.follow, lambda: proxy.config, apply)

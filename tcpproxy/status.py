@@ -45,9 +45,10 @@ class Counts:
 
 def snapshot(
     binary: str, pid: int, loaded: Loaded, config: Config, counts: Counts,
-    workers: int | None = None,
+    workers: int | None = None, rejected: Mapping[str, Mapping[str, object]] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """The /status document; `workers`: the supervisor's count (None in a single process)."""
+    """The /status document; `workers`: the supervisor's count (None in a single process);
+    `rejected`: apps a fleet's source refused (by name: key, revision, reason)."""
     status: dict[str, Any] = {"binary": binary, "pid": pid}
     if workers is not None:
         status["workers"] = workers
@@ -57,6 +58,8 @@ def snapshot(
         "loaded": _iso(loaded.loaded_at),
     }
     status["last_reload"] = loaded.last_reload
+    if rejected:
+        status["rejected"] = {name: dict(why) for name, why in sorted(rejected.items())}
     status["active_connections"] = counts.total
     status["apps"] = [
         {
@@ -113,6 +116,9 @@ def as_text(status: dict[str, Any]) -> str:
         lines.append(f"app {app['name']}: ports {app['ports']}, {app['active']} active")
         for target in app["targets"]:
             lines.append(f"  {target['address']}: {target['state']}, {target['active']} active")
+    for name, why in status.get("rejected", {}).items():
+        where = f"{why['key']} at revision {why['revision']}"
+        lines.append(f"rejected {name}: {where}: {why['reason']}")
     return "\n".join(lines) + "\n"
 
 

@@ -13,6 +13,7 @@ import trio
 from tcpproxy import reload
 from tcpproxy.config import Config, ConfigError, parse_config
 from tcpproxy.reload import Reloader
+from tcpproxy.sources import file as file_source
 
 OLD = b'{"Apps": [{"Name": "A", "Ports": [7001], "Targets": ["127.0.0.1:9"]}]}'
 NEW = b'{"Apps": [{"Name": "A", "Ports": [7001, 7002], "Targets": ["127.0.0.1:9"]}]}'
@@ -48,7 +49,7 @@ async def test_out_of_descriptors_is_not_a_rejected_config(
     running = Running()
     reloader = reloader_for(path, running)
     short = True
-    read = reload.read_stamped
+    read = file_source.read_stamped
 
     def read_short(p: Path) -> tuple[bytes, object]:
         if short:
@@ -58,7 +59,7 @@ async def test_out_of_descriptors_is_not_a_rejected_config(
                 raise ConfigError(str(p), ["cannot read file: Too many open files"]) from exc
         return read(p)
 
-    monkeypatch.setattr(reload, "read_stamped", read_short)
+    monkeypatch.setattr(file_source, "read_stamped", read_short)
     monkeypatch.setattr(reload, "SHORTAGE_RETRY", 0.05, raising=False)
     path.write_bytes(NEW)
     async with trio.open_nursery() as nursery:

@@ -75,3 +75,13 @@ def test_the_text_says_the_same() -> None:
         "app B: ports 7003, 0 active",
         "  127.0.0.1:10: up, 0 active",
     ]
+
+
+def test_apps_a_fleet_refused_are_listed_with_key_revision_and_reason() -> None:
+    config = parse_config(b'{"Apps": [{"Name": "A", "Ports": [1], "Targets": ["a:1"]}]}')
+    loaded = Loaded("etcd://127.0.0.1:2379/fleet", "abc", 0.0, "none")
+    why = {"key": "/fleet/apps/B", "revision": 7, "reason": "Ports[0]: must be ..."}
+    status = snapshot("tcpproxy", 1, loaded, config, Counts(), rejected={"B": why})
+    assert status["rejected"] == {"B": why}
+    assert "rejected B: /fleet/apps/B at revision 7: Ports[0]: must be ..." in as_text(status)
+    assert "rejected" not in snapshot("tcpproxy", 1, loaded, config, Counts())

@@ -33,10 +33,12 @@ import trio
 import watchfiles
 
 from tcpproxy.config import Config, ConfigError, parse_config
+from tcpproxy.sources import Contents
 
 __all__ = [
     "MAX_FILE_BYTES",
     "POLL_INTERVAL",
+    "FileSource",
     "FileStamp",
     "load_config",
     "read_config_bytes",
@@ -215,3 +217,35 @@ class _ConfigWatch:
 
 def _names(watched: Watched) -> str:
     return " and ".join(str(directory) for directory, _ in watched)
+
+
+class FileSource:
+    """The config file as a `ConfigSource`."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.name = str(path)
+
+    async def read(self) -> Contents:
+        data, stamp = await trio.to_thread.run_sync(read_stamped, self.path)
+        return Contents(data, stamp)
+
+    async def watch(
+        self,
+        on_change: Callable[[str], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        await watch_config(self.path, on_change, task_status=task_status)
+
+    async def applied(self, contents: Contents) -> None:
+        """Nothing to do: the file is where the config lives."""
+
+    def refused(self, contents: Contents, running: Config, error: Exception) -> None:
+        """Nothing to do: the file is one part; the reloader says why it was rejected."""
+
+    def rejected(self) -> dict[str, dict[str, object]]:
+        return {}
+
+    def use_metrics(self, metrics: object) -> None:
+        """Nothing to count."""

@@ -47,7 +47,7 @@ from tcpproxy.metrics import (
 from tcpproxy.notify import Notifier
 from tcpproxy.pidfile import PidFile
 from tcpproxy.reload import Reloader, digest
-from tcpproxy.sources.file import watch_config
+from tcpproxy.sources import ConfigSource
 from tcpproxy.status import Loaded, counts_from_samples, snapshot
 from tcpproxy.upgrade import METRICS_FD, READY_TIMEOUT, Handover, start_successor
 from tcpproxy.workers.fanout import Fanout
@@ -83,7 +83,7 @@ class Supervisor:
     def __init__(
         self,
         plan: Plan,
-        path: Path,
+        path: Path | str | ConfigSource,
         data: bytes,
         config: Config,
         workers: int,
@@ -132,6 +132,7 @@ class Supervisor:
             self._validate,
         )  # fmt: skip
         if metrics is not None:
+            reloader.source.use_metrics(metrics)
             metrics.config_loaded(reloader.digest)
             self._server = self._serve_metrics(metrics_dir, reloader)
         try:
@@ -165,10 +166,12 @@ class Supervisor:
 
         def status() -> dict[str, Any]:
             samples = (sample for metric in registry.collect() for sample in metric.samples)
-            loaded = Loaded(str(self._path), reloader.digest, reloader.loaded_at, reloader.last)
+            source = reloader.source
+            loaded = Loaded(source.name, reloader.digest, reloader.loaded_at, reloader.last)
             return snapshot(
                 self._plan.name, os.getpid(), loaded, self.config,
                 counts_from_samples(samples), workers=len(self.pool.workers),
+                rejected=source.rejected(),
             )  # fmt: skip
 
         handed = self._handover.metrics if self._handover is not None else None
@@ -252,10 +255,11 @@ class Supervisor:
         scope: trio.CancelScope,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Watch the config file and reload on change, until `scope` is cancelled."""
+        """Follow the config's source and reload on change, until `scope` is cancelled
+        (a stop or an upgrade: the new supervisor follows it)."""
         with scope:
             async with trio.open_nursery() as nursery:
-                await nursery.start(watch_config, self._path, reloader.request)
+                await nursery.start(reloader.source.watch, reloader.request)
                 nursery.start_soon(reloader.run, status)
                 task_status.started()
 

@@ -1,0 +1,293 @@
+"""The keys under a fleet's etcd prefix assembled into one Config, rejecting apps one by one (pure).
+
+Rules (each assembly judges every key again, from all the keys and the
+assembly before it, so a fixed value clears its rejection by itself):
+
+1. Keys: ROOT/defaults (the ``Defaults`` object, optional), ROOT/apps/<Name>
+   (one app's object, named by the key). ROOT/nodes/... belong to the nodes
+   and are skipped; any other key is listed in `Assembly.ignored`.
+2. Each value is validated on its own by the file's validator
+   (`config.parse_app`, `config.parse_defaults`): the same checks, the same
+   messages, located inside the value.
+3. A bad app value: an app not served before is not served; an app served
+   before keeps the version it served (its last good one). Either way the
+   app has a `Rejection` naming the key, the value's revision and the reason.
+4. A port two apps want stays with the app that served it before; if neither
+   did, with the value written first (lower mod_revision, then name). The
+   other app's value is rejected as in rule 3.
+5. A bad defaults value: the defaults in force before stay (the built-in
+   ones if none were); the rejection is listed under DEFAULTS.
+6. An app value `held` (valid alone, but applying it failed: a port that
+   cannot be bound) is rejected as in rule 3 until the value changes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from tcpproxy.config import (
+    AppConfig,
+    Config,
+    ConfigError,
+    Defaults,
+    parse_app,
+    parse_config,
+    parse_defaults,
+)
+
+__all__ = [
+    "DEFAULTS",
+    "Assembly",
+    "Rejection",
+    "Served",
+    "assemble",
+    "assembly_from_document",
+    "key_root",
+]
+
+DEFAULTS = "(defaults)"  # the rejections' entry for the defaults key (an app name has no "/"
+# but may have parentheses: the key in the Rejection says which it is)
+
+Values = Mapping[str, tuple[bytes, int]]  # full key -> (value, mod_revision)
+Check = Callable[[Config], None]  # a further check of one app, raising ConfigError
+Held = Mapping[str, tuple[bytes, str]]  # app name -> (its value, why applying it failed)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why a key's value is not served."""
+
+    key: str  # the full etcd key
+    revision: int  # the value's mod_revision
+    reason: str  # the validator's problems, as for a file
+
+    def as_dict(self) -> dict[str, object]:
+        return {"key": self.key, "revision": self.revision, "reason": self.reason}
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """An app's version in force: its value as written, and what it parsed to."""
+
+    value: bytes
+    revision: int
+    app: AppConfig
+
+
+@dataclass(frozen=True)
+class Assembly:
+    """One assembled state of the prefix: what is served, and what is rejected."""
+
+    revision: int  # the etcd revision the keys were read at
+    config: Config
+    apps: Mapping[str, Served]
+    defaults: tuple[bytes, int] | None  # the defaults value in force and its revision
+    rejected: Mapping[str, Rejection]  # by app name (DEFAULTS for the defaults)
+    ignored: tuple[str, ...]  # keys that are neither defaults, apps nor nodes
+    # (app name, value, defaults value) -> the parse's outcome, reused by the next
+    # assembly: a change re-parses one value, not all of them (unless defaults change)
+    _parsed: dict[tuple[str, bytes, bytes | None], AppConfig | str] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+
+    def document(self) -> bytes:
+        """The config served, in the file format (`config.parse_config` reads it back
+        to `config`): for the cache file and for the reloader's comparisons."""
+        doc: dict[str, object] = {}
+        if self.defaults is not None:
+            doc["Defaults"] = _load(self.defaults[0])
+        doc["Apps"] = [
+            {"Name": app.name, **_load(self.apps[app.name].value)} for app in self.config.apps
+        ]
+        return json.dumps(doc, indent=1).encode() + b"\n"
+
+
+def key_root(prefix: str) -> str:
+    """The prefix as keys start with it: "/fleet" and "/fleet/" both give "/fleet/"."""
+    return prefix.rstrip("/") + "/"
+
+
+def assemble(
+    values: Values,
+    prefix: str,
+    revision: int,
+    previous: Assembly | None = None,
+    check: Check | None = None,
+    held: Held | None = None,
+) -> Assembly:
+    """Assemble every key of `values` under `prefix` (read at `revision`) into the
+    config to serve, judged against `previous` (the assembly in force; None at start).
+
+    `check`: a further check of each app alone (as a one-app Config), such as
+    the self-loop check every load runs; its ConfigError rejects that app.
+    `held`: app values set aside by rule 6.
+    """
+    root = key_root(prefix)
+    parsed = previous._parsed if previous is not None else {}
+    cache: dict[tuple[str, bytes, bytes | None], AppConfig | str] = {}
+    rejected: dict[str, Rejection] = {}
+    ignored: list[str] = []
+    wanted: dict[str, tuple[str, bytes, int]] = {}  # app name -> (key, value, revision)
+    defaults_key = root + "defaults"
+    for key in sorted(values):
+        if not key.startswith(root):
+            ignored.append(key)
+            continue
+        rest = key[len(root) :]
+        if rest == "defaults" or rest.startswith("nodes/"):
+            continue
+        name = rest.removeprefix("apps/")
+        if name == rest or "/" in name:
+            ignored.append(key)
+            continue
+        wanted[name] = (key, *values[key])
+
+    # Rule 5: the defaults.
+    in_force = previous.defaults if previous is not None else None
+    defaults, defaults_in_force = _defaults(in_force)
+    if defaults_key in values:
+        value, mod = values[defaults_key]
+        try:
+            defaults, defaults_in_force = parse_defaults(value, defaults_key), (value, mod)
+        except ConfigError as exc:
+            rejected[DEFAULTS] = Rejection(defaults_key, mod, _reason(exc))
+    else:
+        defaults, defaults_in_force = Defaults(), None
+    defaults_value = defaults_in_force[0] if defaults_in_force is not None else None
+
+    # Rules 2 and 3: each app alone; `chosen` is the version each app would serve.
+    before = dict(previous.apps) if previous is not None else {}
+    chosen: dict[str, Served] = {}
+    for name, (key, value, mod) in wanted.items():
+        memo = (name, value, defaults_value)
+        outcome = parsed.get(memo)
+        if outcome is None:
+            outcome = _parse(value, name, defaults, key, check)
+        cache[memo] = outcome
+        if held and name in held and held[name][0] == value:
+            outcome = held[name][1]
+        if isinstance(outcome, AppConfig):
+            chosen[name] = Served(value, mod, outcome)
+            continue
+        rejected[name] = Rejection(key, mod, outcome)
+        kept = _last_good(before.get(name), name, defaults, defaults_value, parsed, cache, check)
+        if kept is not None:
+            chosen[name] = kept
+
+    # Rule 4: ports two apps want. Each round settles one conflict; a loser falls back
+    # to its last good version (whose ports were its own before) or is dropped.
+    owners = previous.config.port_map() if previous is not None else {}
+    while True:
+        claims: dict[int, list[str]] = {}
+        for name in sorted(chosen):
+            for port in chosen[name].app.ports:
+                claims.setdefault(port, []).append(name)
+        port, names = next(((p, n) for p, n in sorted(claims.items()) if len(n) > 1), (0, []))
+        if not names:
+            break
+        owner = owners.get(port)
+        winner = owner.name if owner is not None and owner.name in names else None
+        if winner is None:
+            winner = min(names, key=lambda name: (chosen[name].revision, name))
+        for loser in names:
+            if loser == winner:
+                continue
+            key, _, mod = wanted[loser]
+            served = chosen.pop(loser)
+            where = f"Ports[{served.app.ports.index(port)}]"
+            rejected.setdefault(
+                loser,
+                Rejection(
+                    key,
+                    mod,
+                    f"{where}: port {port} is used by app {winner!r} ({wanted[winner][0]})",
+                ),
+            )
+            last = before.get(loser)
+            if last is not None and served is not last and last.value != served.value:
+                kept = _last_good(last, loser, defaults, defaults_value, parsed, cache, check)
+                if kept is not None:
+                    chosen[loser] = kept
+
+    config = Config(apps=tuple(chosen[name].app for name in sorted(chosen)))
+    return Assembly(
+        revision, config, {name: chosen[name] for name in sorted(chosen)}, defaults_in_force,
+        rejected, tuple(ignored), cache,
+    )  # fmt: skip
+
+
+def assembly_from_document(
+    data: bytes, prefix: str, source: str, check: Check | None = None
+) -> Assembly:
+    """An assembly of revision 0 from a config in the file format (the --etcd-cache
+    file): the keys it would be in etcd, each written "before" anything else.
+
+    Raises ConfigError when `data` is not a valid config (named `source`).
+    """
+    config = parse_config(data, source)  # the whole file's checks, and its error messages
+    doc = json.loads(data.decode("utf-8-sig"))
+    root = key_root(prefix)
+    values: dict[str, tuple[bytes, int]] = {}
+    if "Defaults" in doc:
+        values[root + "defaults"] = (json.dumps(doc["Defaults"]).encode(), 0)
+    for app in doc["Apps"]:
+        obj = {key: value for key, value in app.items() if key != "Name"}
+        values[f"{root}apps/{app['Name']}"] = (json.dumps(obj).encode(), 0)
+    assembly = assemble(values, prefix, 0, None, check)
+    if assembly.config != config or assembly.rejected:  # the same validator: cannot differ
+        raise ConfigError(source, ["(top level): does not read back as the config it holds"])
+    return assembly
+
+
+def _defaults(in_force: tuple[bytes, int] | None) -> tuple[Defaults, tuple[bytes, int] | None]:
+    """The defaults in force before (they parsed then, so they parse now)."""
+    if in_force is None:
+        return Defaults(), None
+    return parse_defaults(in_force[0]), in_force
+
+
+def _parse(
+    value: bytes, name: str, defaults: Defaults, key: str, check: Check | None
+) -> AppConfig | str:
+    """One app's value: its AppConfig, or the reason it is rejected."""
+    try:
+        app = parse_app(value, name, defaults, key)
+        if check is not None:
+            check(Config(apps=(app,)))
+    except ConfigError as exc:
+        return _reason(exc)
+    return app
+
+
+def _last_good(
+    last: Served | None,
+    name: str,
+    defaults: Defaults,
+    defaults_value: bytes | None,
+    parsed: dict[tuple[str, bytes, bytes | None], AppConfig | str],
+    cache: dict[tuple[str, bytes, bytes | None], AppConfig | str],
+    check: Check | None,
+) -> Served | None:
+    """The version an app served before, with today's defaults (rule 3)."""
+    if last is None:
+        return None
+    memo = (name, last.value, defaults_value)
+    outcome = parsed.get(memo) or cache.get(memo)
+    if outcome is None:
+        outcome = _parse(last.value, name, defaults, "", check)
+    cache[memo] = outcome
+    return Served(last.value, last.revision, outcome) if isinstance(outcome, AppConfig) else None
+
+
+def _load(value: bytes) -> dict[str, object]:
+    """A value that passed validation, as an object (without a "Name": the key names it)."""
+    obj = json.loads(value.decode("utf-8-sig"))
+    obj.pop("Name", None)
+    return obj  # type: ignore[no-any-return]
+
+
+def _reason(exc: ConfigError) -> str:
+    """The problems of a ConfigError, without its source (the Rejection names the key)."""
+    return "; ".join(exc.problems)

@@ -1,0 +1,241 @@
+"""The fleet's assembly of etcd keys into a Config: per-app rejection (pure, no etcd)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tcpproxy.config import Config, ConfigError, parse_config
+from tcpproxy.fleet.assemble import DEFAULTS, Assembly, assemble, key_root
+
+P = "/fleet"
+
+
+def app(
+    ports: list[int], targets: tuple[str, ...] = ("127.0.0.1:9000",), **options: object
+) -> bytes:
+    return json.dumps({"Ports": ports, "Targets": list(targets), **options}).encode()
+
+
+class Store:
+    """A fake key space with revisions, as etcd keeps them."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, tuple[bytes, int]] = {}
+        self.revision = 1
+        self.last: Assembly | None = None
+
+    def put(self, key: str, value: bytes) -> Assembly:
+        self.revision += 1
+        self.values[f"{P}/{key}"] = (value, self.revision)
+        return self.build()
+
+    def delete(self, key: str) -> Assembly:
+        self.revision += 1
+        del self.values[f"{P}/{key}"]
+        return self.build()
+
+    def build(self, check=None) -> Assembly:  # type: ignore[no-untyped-def]
+        self.last = assemble(self.values, P, self.revision, self.last, check)
+        return self.last
+
+
+def served(a: Assembly) -> dict[str, tuple[int, ...]]:
+    return {x.name: x.ports for x in a.config.apps}
+
+
+def test_apps_and_defaults_become_a_config_the_file_parser_reads_back() -> None:
+    s = Store()
+    s.put("defaults", b'{"ConnectTimeout": 5}')
+    s.put("apps/web", app([8080, 8081]))
+    a = s.put("apps/db", app([5432], IdleTimeout=60))
+    assert served(a) == {"db": (5432,), "web": (8080, 8081)}
+    assert a.config.apps[1].connect_timeout == 5.0
+    assert a.config.apps[0].idle_timeout == 60.0
+    assert a.rejected == {}
+    assert a.revision == s.revision
+    assert parse_config(a.document()) == a.config  # the cache file is a config file
+
+
+def test_empty_prefix_is_an_empty_config() -> None:
+    a = assemble({}, P, 7)
+    assert a.config == Config(apps=())
+    assert parse_config(a.document()) == a.config
+
+
+def test_a_new_bad_app_is_not_served_and_says_why_with_the_files_message() -> None:
+    s = Store()
+    s.put("apps/web", app([8080]))
+    a = s.put("apps/bad", app([70000]))
+    assert served(a) == {"web": (8080,)}
+    rejection = a.rejected["bad"]
+    assert rejection.key == f"{P}/apps/bad"
+    assert rejection.revision == s.revision
+    assert rejection.reason == "Ports[0]: must be between 1 and 65535, got 70000"
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (b"{", "line 1, column 2: expecting property name enclosed in double quotes"),
+        (b"[1]", "(top level): must be an object, got a list"),
+        (b'{"Ports": [1], "Targets": ["a:1"], "Prots": 1}',
+         "Prots: unknown key 'Prots' (did you mean 'Ports'?)"),
+        (b'{"Name": "other", "Ports": [1], "Targets": ["a:1"]}',
+         "Name: is \"other\", but the key names the app 'web'; leave \"Name\" out"),
+        (b'{"Ports": [1, 1], "Targets": ["a:1"]}',
+         "Ports[1]: port 1 is listed twice in app 'web' (Ports[0] and Ports[1])"),
+    ],
+)  # fmt: skip
+def test_bad_values_are_named_like_the_file_validator_names_them(value: bytes, reason: str) -> None:
+    a = assemble({f"{P}/apps/web": (value, 3)}, P, 3)
+    assert a.config.apps == ()
+    assert a.rejected["web"].reason == reason
+
+
+def test_name_in_the_value_that_agrees_with_the_key_is_accepted() -> None:
+    a = assemble({f"{P}/apps/web": (b'{"Name": "web", "Ports": [1], "Targets": ["a:1"]}', 3)}, P, 3)
+    assert served(a) == {"web": (1,)}
+
+
+def test_existing_app_with_a_bad_value_keeps_its_last_good_version_until_fixed() -> None:
+    s = Store()
+    s.put("apps/web", app([8080]))
+    good_rev = s.revision
+    a = s.put("apps/web", app([8080], ConnectTimeout=-1))
+    assert served(a) == {"web": (8080,)}
+    assert a.apps["web"].revision == good_rev
+    assert a.rejected["web"].revision == s.revision
+    assert "ConnectTimeout: must be greater than 0" in a.rejected["web"].reason
+    a = s.put("apps/other", app([9090]))  # another change: web still rejected, still served
+    assert set(a.rejected) == {"web"} and served(a)["web"] == (8080,)
+    a = s.put("apps/web", app([8080, 8082]))
+    assert a.rejected == {}
+    assert served(a)["web"] == (8080, 8082)
+
+
+def test_deleting_an_app_removes_it_and_its_rejection() -> None:
+    s = Store()
+    s.put("apps/web", app([8080]))
+    s.put("apps/web", b"nonsense")
+    a = s.delete("apps/web")
+    assert a.config.apps == () and a.rejected == {}
+
+
+def test_a_port_stays_with_the_app_that_had_it() -> None:
+    s = Store()
+    s.put("apps/old", app([8080]))
+    a = s.put("apps/new", app([8080, 8081]))
+    assert served(a) == {"old": (8080,)}
+    assert a.rejected["new"].reason == f"Ports[0]: port 8080 is used by app 'old' ({P}/apps/old)"
+    # the owner rewrites its value, still with the port: still its own
+    a = s.put("apps/old", app([8080], IdleTimeout=10))
+    assert served(a) == {"old": (8080,)} and set(a.rejected) == {"new"}
+    # the owner lets the port go: the newcomer gets it (its rejection clears)
+    a = s.put("apps/old", app([9000]))
+    assert served(a) == {"new": (8080, 8081), "old": (9000,)}
+    assert a.rejected == {}
+
+
+def test_an_existing_app_taking_anothers_port_keeps_its_last_good_version() -> None:
+    s = Store()
+    s.put("apps/a", app([1000]))
+    s.put("apps/b", app([2000]))
+    a = s.put("apps/b", app([2000, 1000]))
+    assert served(a) == {"a": (1000,), "b": (2000,)}
+    assert "port 1000 is used by app 'a'" in a.rejected["b"].reason
+
+
+def test_first_written_wins_a_port_nobody_had() -> None:
+    values = {f"{P}/apps/z": (app([5000]), 4), f"{P}/apps/a": (app([5000]), 6)}
+    a = assemble(values, P, 6)
+    assert served(a) == {"z": (5000,)}
+    assert set(a.rejected) == {"a"}
+
+
+def test_bad_defaults_keep_the_last_good_defaults() -> None:
+    s = Store()
+    s.put("defaults", b'{"ConnectTimeout": 5}')
+    s.put("apps/web", app([8080]))
+    a = s.put("defaults", b'{"ConnectTimeout": "fast"}')
+    assert a.config.apps[0].connect_timeout == 5.0
+    assert a.rejected[DEFAULTS].key == f"{P}/defaults"
+    assert a.rejected[DEFAULTS].reason == 'ConnectTimeout: must be a number, got "fast"'
+    a = s.put("defaults", b'{"ConnectTimeout": 7}')
+    assert a.config.apps[0].connect_timeout == 7.0 and a.rejected == {}
+    a = s.delete("defaults")
+    assert a.config.apps[0].connect_timeout == 2.0  # built in
+
+
+def test_bad_defaults_at_start_mean_the_built_in_ones() -> None:
+    values = {f"{P}/defaults": (b"[]", 2), f"{P}/apps/web": (app([1]), 3)}
+    a = assemble(values, P, 3)
+    assert a.config.apps[0].connect_timeout == 2.0
+    assert set(a.rejected) == {DEFAULTS}
+
+
+def test_unknown_keys_are_ignored_and_listed_nodes_are_not() -> None:
+    values = {
+        f"{P}/apps/web": (app([1]), 2),
+        f"{P}/nodes/edge-1": (b"{}", 3),
+        f"{P}/stray": (b"x", 4),
+        f"{P}/apps/a/b": (app([2]), 5),
+    }
+    a = assemble(values, P + "/", 5)
+    assert served(a) == {"web": (1,)}
+    assert a.ignored == (f"{P}/apps/a/b", f"{P}/stray")
+    assert key_root(P) == key_root(P + "/") == P + "/"
+
+
+def test_a_check_rejects_one_app_only() -> None:
+    def no_port_1(config: Config) -> None:
+        if 1 in config.ports:
+            raise ConfigError("<config>", ["Targets[0]: loops back"])
+
+    values = {f"{P}/apps/a": (app([1]), 2), f"{P}/apps/b": (app([2]), 3)}
+    a = assemble(values, P, 3, check=no_port_1)
+    assert served(a) == {"b": (2,)}
+    assert a.rejected["a"].reason == "Targets[0]: loops back"
+
+
+def test_unchanged_values_are_not_parsed_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = Store()
+    for i in range(20):
+        s.put(f"apps/app{i}", app([1000 + i]))
+    import tcpproxy.fleet.assemble as module
+
+    calls: list[str] = []
+    real = module.parse_app
+    monkeypatch.setattr(module, "parse_app", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    s.put("apps/app3", app([3333]))
+    assert calls == ["app3"]
+
+
+def test_the_cache_document_reads_back_as_the_same_assembly() -> None:
+    s = Store()
+    s.put("defaults", b'{"IdleTimeout": 30}')
+    s.put("apps/web", app([8080]))
+    a = s.put("apps/db", app([5432], Strategy="random"))
+    from tcpproxy.fleet.assemble import assembly_from_document
+
+    b = assembly_from_document(a.document(), P, "cache.json")
+    assert b.config == a.config and b.revision == 0 and b.rejected == {}
+    assert b.document() == a.document()
+    with pytest.raises(ConfigError, match=r"cache\.json: "):
+        assembly_from_document(b'{"Apps": [{"Name": "x"}]}', P, "cache.json")
+
+
+def test_a_held_value_is_rejected_until_it_changes() -> None:
+    s = Store()
+    s.put("apps/web", app([8080]))
+    s.put("apps/web", app([8080, 8081]))
+    in_force = assemble(s.values, P, s.revision, s.last)  # what runs: 8080 and 8081
+    s.put("apps/web", app([8080, 9999]))
+    held = {"web": (app([8080, 9999]), "not applied: cannot listen on port 9999")}
+    a = assemble(s.values, P, s.revision, in_force, held=held)
+    assert served(a) == {"web": (8080, 8081)}
+    assert a.rejected["web"].reason == "not applied: cannot listen on port 9999"
+    s.put("apps/web", app([8080, 9998]))
+    a = assemble(s.values, P, s.revision, in_force, held=held)
+    assert served(a) == {"web": (8080, 9998)} and a.rejected == {}
