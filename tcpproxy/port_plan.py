@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+from collections.abc import Mapping
+
 from tcpproxy.config import Config
 from tcpproxy.errors import StartupError
 from tcpproxy.listeners import open_listener
@@ -15,6 +20,8 @@ class TcpPlan:
     """tcpproxy's workers each bind every port with SO_REUSEPORT."""
 
     name = "tcpproxy"
+    worker_listeners = False  # each worker binds its own: they close at an upgrade
+    migrate_req = True  # so the kernel must move their queues (net.ipv4.tcp_migrate_req)
 
     def __init__(self, bind: str | None, options: list[str], count: int) -> None:
         self._bind = bind
@@ -46,10 +53,22 @@ class TcpPlan:
         """Hold the port locks the old supervisor handed over (an upgrade)."""
         self._locks.adopt(fds)
 
-    def upgrade_fds(self) -> dict[str, int] | None:
-        """What an upgrade hands the new supervisor: the port locks (its workers
-        bind their own sockets and join the reuseport groups)."""
-        return self._locks.fds()
+    def upgrade_fds(self, listeners: Mapping[int, Mapping[int, socket.socket]]) -> dict[str, int]:
+        """What an upgrade hands the new supervisor (duplicates): the port locks (its
+        workers bind their own sockets and join the reuseport groups)."""
+        fds: dict[str, int] = {}
+        try:
+            for name, fd in self._locks.fds().items():
+                fds[name] = os.dup(fd)
+        except BaseException:
+            for fd in fds.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise
+        return fds
+
+    def upgraded(self, succeeded: bool, config: Config) -> None:
+        pass
 
     def worker_argv(self, index: int, control_fd: int) -> tuple[list[str], tuple[int, ...]]:
         return worker_argv("tcpproxy", control_fd, index, self._count, self._options), ()

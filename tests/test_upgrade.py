@@ -311,6 +311,14 @@ def _allow_workers_upgrade(netns: NetNS) -> None:
         subprocess.run(["ip", "netns", "exec", netns.name, "sysctl", "-qw", setting], check=True)
 
 
+def no_migrate_req(netns: NetNS) -> None:
+    """net.ipv4.tcp_migrate_req=0 in the test's namespace, set explicitly: the kernel
+    then resets what a closing listener queued, so a test under it proves that an
+    upgrade closed no listener."""
+    subprocess.run(["ip", "netns", "exec", netns.name, "sysctl", "-qw",
+                    "net.ipv4.tcp_migrate_req=0"], check=True)  # fmt: skip
+
+
 def test_workers_upgrade_under_load(config_path: Path, netns: NetNS) -> None:
     """--workers 2, in a namespace with net.ipv4.tcp_migrate_req=1: three upgrades in
     a row (the second SIGUSR2 of the first ignored), then a failing one (config made
@@ -495,11 +503,12 @@ def test_sigusr2_before_serving_does_not_end_the_process(config_path: Path, back
         proxy.kill()
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
     """The processes `pid` started (a child started from any of its threads)."""
     found = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(p) for p in (task / "children").read_text().split()]
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            found += [int(p) for p in (task / "children").read_text().split()]
     return found
 
 

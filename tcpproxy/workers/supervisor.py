@@ -8,19 +8,22 @@ has drained (one still running after the drain timeout + STOP_GRACE is
 killed). With `--metrics` it owns the directory of the workers'
 multiprocess files and serves their sum, and /status.
 
-SIGUSR2 upgrades (tcpproxy only, see `Plan.upgrade_fds`): the supervisor
-starts its command line again (tcpproxy.upgrade) and hands it its port
-locks; the new supervisor starts its own workers, which bind their own
-SO_REUSEPORT sockets and join each port's group, and says "ready" once
-they all serve. Only then are the old workers stopped (SIGTERM: they close
-their listeners and drain). A listener's accept queue would die with it,
-resetting the connections queued there, unless the kernel moves them to
-another member of the group: net.ipv4.tcp_migrate_req=1 (per network
-namespace). Without it, SIGUSR2 is refused with a log line that says so.
+SIGUSR2 upgrades: the supervisor starts its command line again
+(tcpproxy.upgrade) and hands it what its plan says (`Plan.upgrade_fds`):
+the port locks, and for bpfproxy the group's listeners (the supervisor
+holds a copy of each) and its BPF state, so the new supervisor's worker i
+serves on the old worker i's listener. The new supervisor starts its
+workers and says "ready" once they all serve; only then are the old workers
+stopped (SIGTERM): each close()s its descriptors; a socket handed over
+lives on, with what its accept queue holds. tcpproxy's workers bind their
+own sockets, which close with them: what they queued is reset unless the
+kernel moves it to another member of the group (net.ipv4.tcp_migrate_req=1,
+per network namespace); without it, SIGUSR2 is refused with a log line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -101,6 +104,7 @@ class Supervisor:
         self._handover = handover
         self._pid_file = pid_file
         self._upgrading = False
+        self._reloading = trio.CancelScope()  # the file watcher and reloader; ends at a stop
         self._successor: int | None = None
         self._server: Any = None  # the metrics server, while it serves
         self._plan = plan
@@ -202,7 +206,7 @@ class Supervisor:
                     nursery.cancel_scope.cancel()
                 else:
                     pool.watch_all()
-                    reloading = trio.CancelScope()  # ends at a stop or an upgrade
+                    reloading = self._reloading  # ends at a stop or an upgrade
                     await nursery.start(self._reload, reloader, status, reloading)
                     log.info(
                         "%s started: %d workers, %d apps, ports %s, config %s",
@@ -269,34 +273,65 @@ class Supervisor:
                 log.warning("pid file %s not rewritten: %s", self._pid_file.path, exc)
 
     def _on_usr2(self, nursery: trio.Nursery, events: trio.MemorySendChannel[int]) -> None:
-        fds = self._plan.upgrade_fds()
-        if fds is None:
-            log.warning("SIGUSR2 ignored: %s does not upgrade with --workers yet; "
-                        "restart instead", self._plan.name)  # fmt: skip
-        elif self._upgrading:
+        if self._upgrading:
             log.info("SIGUSR2 ignored: an upgrade is in flight")
-        elif not migrate_req_enabled():
+        elif self._plan.migrate_req and not migrate_req_enabled():
             log.warning("SIGUSR2 ignored: with --workers an upgrade needs "
                         "net.ipv4.tcp_migrate_req=1 (else the connections queued at the "
                         "old workers' listeners would be reset when they close)")  # fmt: skip
         else:
             self._upgrading = True
-            if self._server is not None:  # the new supervisor serves on the same socket
-                fds = {**fds, METRICS_FD: self._server.socket.fileno()}
-            nursery.start_soon(self._upgrade, fds, events)
+            nursery.start_soon(self._upgrade, events)
 
-    async def _upgrade(self, fds: dict[str, int], events: trio.MemorySendChannel[int]) -> None:
-        try:  # the new supervisor makes its own metrics directory; a SIGTERM meanwhile
-            pid = await start_successor(  # refuses the hand-over (the new one is stopped)
-                {}, fds, unset=("PROMETHEUS_MULTIPROC_DIR",),
-                accept=lambda: not self.pool.stopping,
-            )  # fmt: skip
+    async def _upgrade(self, events: trio.MemorySendChannel[int]) -> None:
+        try:
+            # Under the pool's lock: no reload or worker start changes what the
+            # workers listen on between the collection and the end of the upgrade.
+            async with self.pool.lock:
+                pid = await self._hand_over()
+                # no checkpoint since "go": a SIGTERM cannot come in between
+                if pid is not None:  # committed (upgrade rule 2): the new one owns it all
+                    self._plan.upgraded(True, self.config)
+                    self._reloading.cancel()  # before the lock goes: no reload after this
+                elif not self.pool.stopping:
+                    self._plan.upgraded(False, self.config)
         finally:
             self._upgrading = False
         if pid is None:
             return
         self._successor = pid
         events.send_nowait(UPGRADED)
+
+    async def _hand_over(self) -> int | None:
+        """Start the new supervisor with every listener and the plan's descriptors;
+        its pid once it serves, else None (the log says why)."""
+        try:
+            listeners = await self.pool.collect_listeners() if self._plan.worker_listeners else {}
+        except StartupError as exc:
+            log.error("upgrade failed: %s; this supervisor goes on serving", exc)
+            return None
+        fds: dict[str, int] = {}
+        try:
+            fds = self._plan.upgrade_fds(listeners)
+            handed = dict(fds)
+            if self._server is not None:  # the new supervisor serves on the same socket
+                handed[METRICS_FD] = self._server.socket.fileno()
+            # the new supervisor makes its own metrics directory; a SIGTERM meanwhile
+            # refuses the hand-over (the new one is stopped)
+            return await start_successor(
+                {}, handed, unset=("PROMETHEUS_MULTIPROC_DIR",),
+                accept=lambda: not self.pool.stopping,
+            )  # fmt: skip
+        except OSError as exc:  # EMFILE duplicating them: nothing changed
+            log.error("upgrade failed: %s; this supervisor goes on serving", exc)
+            return None
+        finally:  # ours: close(), never shutdown(): the workers (and the new ones) hold them
+            for fd in fds.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            for sockets in listeners.values():
+                for sock in sockets.values():
+                    sock.close()
 
     async def _forward_later_signals(self, events: trio.MemoryReceiveChannel[int]) -> None:
         async for signum in events:
