@@ -47,7 +47,6 @@ class BpfPlan:
 
     name = "bpfproxy"
     worker_listeners = False  # the supervisor holds a copy of each: nothing to ask the workers
-    migrate_req = False  # and hands them over: no listener closes
 
     def __init__(
         self,

@@ -24,9 +24,6 @@ class Plan(Protocol):
     # An upgrade takes each worker's own listeners (asked over its socket pair):
     # tcpproxy's workers bind their own; bpfproxy's supervisor holds copies of its.
     worker_listeners: bool
-    # The old workers' listeners close at an upgrade: it needs the kernel to move
-    # their queues (net.ipv4.tcp_migrate_req=1), else SIGUSR2 is refused.
-    migrate_req: bool
 
     def check(self, old: Config, new: Config) -> None:
         """Raise StartupError if `new` cannot be served (before any worker sees it)."""

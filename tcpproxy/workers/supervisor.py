@@ -9,16 +9,15 @@ killed). With `--metrics` it owns the directory of the workers'
 multiprocess files and serves their sum, and /status.
 
 SIGUSR2 upgrades: the supervisor starts its command line again
-(tcpproxy.upgrade) and hands it what its plan says (`Plan.upgrade_fds`):
-the port locks, and for bpfproxy the group's listeners (the supervisor
-holds a copy of each) and its BPF state, so the new supervisor's worker i
-serves on the old worker i's listener. The new supervisor starts its
-workers and says "ready" once they all serve; only then are the old workers
-stopped (SIGTERM): each close()s its descriptors; a socket handed over
-lives on, with what its accept queue holds. tcpproxy's workers bind their
-own sockets, which close with them: what they queued is reset unless the
-kernel moves it to another member of the group (net.ipv4.tcp_migrate_req=1,
-per network namespace); without it, SIGUSR2 is refused with a log line.
+(tcpproxy.upgrade) and hands it its listening sockets, so the new
+supervisor's worker i serves on what worker i served on: tcpproxy's workers
+hand theirs over when asked (`Pool.collect_listeners`); bpfproxy's
+supervisor holds copies of its group's, and hands its BPF state too. Plus
+the port locks. The new supervisor starts its workers and says "ready" once
+they all serve; only then are the old workers stopped (SIGTERM): each
+close()s its descriptors, and the sockets, with what their accept queues
+hold, live on in the new workers. No listener closes, so nothing queued is
+reset, whatever net.ipv4.tcp_migrate_req says.
 """
 
 from __future__ import annotations
@@ -57,22 +56,11 @@ from tcpproxy.workers.fanout import Fanout
 from tcpproxy.workers.plan import Plan
 from tcpproxy.workers.pool import Pool
 
-__all__ = ["MIGRATE_REQ", "Supervisor", "migrate_req_enabled"]
+__all__ = ["Supervisor"]
 
 log = logging.getLogger("tcpproxy")
 
-MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"  # this network namespace's
 UPGRADED = -1  # on the supervisor's event channel, besides signal numbers: the new one serves
-
-
-def migrate_req_enabled(path: str = MIGRATE_REQ) -> bool:
-    """Whether the kernel moves a closing listener's queued connections to another
-    member of its reuseport group (else an upgrade with workers would reset them)."""
-    try:
-        with open(path) as f:
-            return f.read().strip() == "1"
-    except OSError:  # a kernel before 5.14
-        return False
 
 
 class Supervisor:
@@ -275,10 +263,6 @@ class Supervisor:
     def _on_usr2(self, nursery: trio.Nursery, events: trio.MemorySendChannel[int]) -> None:
         if self._upgrading:
             log.info("SIGUSR2 ignored: an upgrade is in flight")
-        elif self._plan.migrate_req and not migrate_req_enabled():
-            log.warning("SIGUSR2 ignored: with --workers an upgrade needs "
-                        "net.ipv4.tcp_migrate_req=1 (else the connections queued at the "
-                        "old workers' listeners would be reset when they close)")  # fmt: skip
         else:
             self._upgrading = True
             nursery.start_soon(self._upgrade, events)
@@ -312,6 +296,8 @@ class Supervisor:
             return None
         fds: dict[str, int] = {}
         try:
+            if self.pool.stopping:  # a SIGTERM during the collection: no new supervisor
+                return None
             fds = self._plan.upgrade_fds(listeners)
             handed = dict(fds)
             if self._server is not None:  # the new supervisor serves on the same socket
