@@ -711,12 +711,15 @@ def kill_started(proxy: ProxyProcess) -> None:
     proxy.kill()
 
 
-def test_a_stopping_supervisor_refuses_the_hand_over(config_path: Path, netns: NetNS) -> None:
+@pytest.mark.parametrize("binary", BINARIES)
+def test_a_stopping_supervisor_refuses_the_hand_over(
+    binary: str, config_path: Path, netns: NetNS
+) -> None:
     """--workers 2: the old supervisor is stopping (its workers drain) when the new
     one says "ready": no "go", so the new one stops its workers and exits without
     naming itself (pid file, MAINPID=)."""
     no_migrate_req(netns)
-    lab = Deployment("tcpproxy", config_path, netns)
+    lab = Deployment(binary, config_path, netns)
     port = lab.ports(1)[0]
     b1 = lab.backend("b1")
     pid_file = config_path.parent / "tcpproxy.pid"
@@ -725,7 +728,7 @@ def test_a_stopping_supervisor_refuses_the_hand_over(config_path: Path, netns: N
     argv = lab.argv("--workers", "2", "--pid-file", str(pid_file), "--drain-timeout", "60")
     proxy = ProxyProcess(lab.popen_argv(argv), env=systemd.env)
     try:
-        proxy.wait_for(r"tcpproxy started")
+        proxy.wait_for(rf"{binary} started")
         with lab.connect(port) as hold:
             assert recv_line(hold) == b"b1\n"
             refuse_while_stopping(proxy, pid_file, systemd, hold)
