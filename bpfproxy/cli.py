@@ -161,7 +161,12 @@ def command(
 
     fleet = FleetOptions(**fleet_params)
     name = instance or default_instance(listen_port)
-    handover = take_handover() if workers == 1 and not (check or release) else None
+    handover = take_handover() if not (check or release) else None
+    if handover is not None and workers > 1:  # an upgrade's new supervisor
+        return _run_handed_over_workers(
+            handover, config_path, listen_port, bind, bpffs, name, user, drain_timeout,
+            max_connections, metrics_address, pid_file, workers, ctx.params,
+        )  # fmt: skip
     if handover is not None:  # started by an upgrade: the state comes with the listener
         return _run_handed_over(
             handover, config_path, fleet, listen_port, bind, bpffs, name, user,
@@ -214,7 +219,8 @@ def command(
                 except StartupError:
                     _stopped_cleanly(pins)  # its workers did not start: release every port
                     raise
-                _stopped_cleanly(pins)
+                if not plan.handed_over:  # else the state is the new supervisor's
+                    _stopped_cleanly(pins)
                 return 0
             listener = open_listener(bind, listen_port)
             stack.callback(listener.close)
@@ -328,6 +334,65 @@ def _run_handed_over(
         drop_privileges(None, keep, ambient=keep)
         _serve(source, data, config, frontend, pins, pids, handover, drain_timeout,
                limit, splice, metrics, address, listen_port, bind, engine)  # fmt: skip
+    return 0
+
+
+def _run_handed_over_workers(
+    handover: Handover,
+    config_path: Path,
+    listen_port: int,
+    bind: str | None,
+    bpffs: str,
+    name: str,
+    user: str | None,
+    drain_timeout: float,
+    max_connections: int | None,
+    metrics_address: str | None,
+    pid_file: Path | None,
+    workers: int,
+    params: dict[str, object],
+) -> int:
+    """A supervisor started by an upgrade (SIGUSR2): unprivileged from the start, it
+    validates its config, takes the group's listeners, the port lock and the BPF
+    state it was handed (BpfPlan.adopt), diffs the port map to its config and starts
+    its workers, worker i on the old worker i's listener; the old supervisor stops
+    its workers once this one says it serves."""
+    from bpfproxy.errors import SteeringError
+
+    with contextlib.ExitStack() as stack:
+        stack.callback(handover.close)  # not ready: the old supervisor goes on serving
+        stack.callback(_close_all, handover)
+        try:
+            account = target_account(user)
+            code = [*serving_code(), Path(__file__).parent]
+            check_access(account, config_path, code, chosen=user is not None)
+            limit = fit_connection_limit(max_connections)
+            data, config = read_config(config_path, (listen_port,), bind, limit)
+            check_listen_port(listen_port, config)
+            handover.sockets.pop(listen_port, None)  # (none: the group comes by name)
+            options = worker_options(
+                {**params, "max_connections": math.ceil(limit / workers)}, skip=set()
+            )
+            plan = BpfPlan.adopt(bind, listen_port, options, workers, handover, bpffs, name)
+        except SteeringError as exc:
+            raise StartupError(str(exc)) from None
+        pins = plan.pins
+        if pins is not None:
+            stack.callback(pins.close)  # unpins only after a clean stop (below)
+        stack.callback(plan.close)
+        plan.steer(config)
+        pids = PidFile(pid_file)  # rewritten once its workers serve, as this user
+        stack.callback(pids.remove)
+        supervisor = Supervisor(
+            plan, config_path, data, config, workers, metrics_address,
+            validate=reload_check(config_path, (listen_port,), bind, max_connections=limit),
+            drain_timeout=drain_timeout, handover=handover, pid_file=pids,
+        )  # fmt: skip
+        keep = inherited_capabilities()
+        drop_privileges(None, keep, ambient=keep)
+        trio.run(supervisor.run)
+        if handover.served and not plan.handed_over:
+            _stopped_cleanly(pins)  # a clean stop: every port released
     return 0
 
 

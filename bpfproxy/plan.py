@@ -1,10 +1,20 @@
-"""bpfproxy's plan for its workers: one reuseport group, the BPF side in the supervisor."""
+"""bpfproxy's plan for its workers: one reuseport group, the BPF side in the supervisor.
+
+An upgrade hands the new supervisor the group's listeners (``group:INDEX``:
+the copy of each worker's), the port lock and the BPF state
+(bpfproxy.handover: programs, maps, link, the instance's locked directory);
+its worker INDEX serves on the old worker INDEX's listener, so no member of
+the group closes and nothing queued is reset. Once it serves the old plan
+touches neither the maps nor the hold flag again (`handed_over`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from bpfproxy.errors import SteeringError
@@ -13,15 +23,19 @@ from tcpproxy.config import Config
 from tcpproxy.errors import StartupError
 from tcpproxy.listeners import open_listener
 from tcpproxy.workers.link import worker_argv
-from tcpproxy.workers.portlock import PortLocks
+from tcpproxy.workers.portlock import LOCK_FD_PREFIX, PortLocks
 
 if TYPE_CHECKING:
+    from bpfproxy.dispatcher import Dispatcher
     from bpfproxy.pinning import Instance
     from tcpproxy.privileges import Account
+    from tcpproxy.upgrade import Handover
 
-__all__ = ["BpfPlan"]
+__all__ = ["GROUP_FD_PREFIX", "BpfPlan"]
 
 log = logging.getLogger("tcpproxy")
+
+GROUP_FD_PREFIX = "group:"  # worker INDEX's member of the group among an upgrade's descriptors
 
 
 class BpfPlan:
@@ -32,6 +46,7 @@ class BpfPlan:
     dies (the sockmap entry of a closed socket disappears)."""
 
     name = "bpfproxy"
+    worker_listeners = False  # the supervisor holds a copy of each: nothing to ask the workers
 
     def __init__(
         self,
@@ -43,10 +58,8 @@ class BpfPlan:
     ) -> None:
         from bpfproxy.dispatcher import Dispatcher
 
-        self._bind, self._port, self._options, self._count = bind, listen_port, options, count
-        self._listeners: list[socket.socket | None] = []
-        self.dispatcher: Dispatcher | None = None
-        self._locks = PortLocks(bind)
+        self._init(bind, listen_port, options, count)
+        self.pins = pins
         try:
             # Locked (atomic against a second supervisor starting at the same
             # instant), then bound once WITHOUT SO_REUSEPORT: fails if anyone
@@ -57,10 +70,70 @@ class BpfPlan:
             first = self._listeners[0]
             assert first is not None
             self.dispatcher = pins.dispatcher(first) if pins else Dispatcher(first)
-            self._steered: int | None = 0  # whose listener is in the sockmap
+            self._steered = 0
         except BaseException:
             self.close()
             raise
+
+    def _init(self, bind: str | None, listen_port: int, options: list[str], count: int) -> None:
+        self._bind, self._port, self._options, self._count = bind, listen_port, options, count
+        self._listeners: list[socket.socket | None] = [None] * count
+        self.dispatcher: Dispatcher | None = None
+        self.pins: Instance | None = None
+        self._locks = PortLocks(self._bind)
+        self._steered: int | None = None  # whose listener is in the sockmap
+        self._handover: Handover | None = None  # set in a supervisor an upgrade started
+        self.handed_over = False  # an upgrade's new supervisor owns the BPF state now
+
+    @classmethod
+    def adopt(
+        cls,
+        bind: str | None,
+        listen_port: int,
+        options: list[str],
+        count: int,
+        handover: Handover,
+        bpffs: str,
+        instance: str,
+    ) -> BpfPlan:
+        """The plan of a supervisor an upgrade started, on what the old one handed over
+        (`handover.fds`, all taken: ours, closed on failure too): the group's
+        listeners (its worker i serves on the old worker i's; a missing one is opened
+        anew, joining the group), the port lock and the BPF state (no compile, no
+        capability). `plan.pins` is then the caller's to close.
+
+        Raises SteeringError if the BPF state is incomplete or refused.
+        """
+        from bpfproxy.handover import adopt
+
+        plan = cls.__new__(cls)
+        plan._init(bind, listen_port, options, count)
+        plan._handover = handover
+        taken, handover.fds = dict(handover.fds), {}
+        try:
+            locks = [key for key in taken if key.startswith(LOCK_FD_PREFIX)]
+            plan._locks.adopt({key: taken.pop(key) for key in locks})
+            for key in [k for k in taken if k.startswith(GROUP_FD_PREFIX)]:
+                index = int(key.removeprefix(GROUP_FD_PREFIX))
+                sock = socket.socket(fileno=taken.pop(key))
+                if index < count and plan._listeners[index] is None:
+                    plan._listeners[index] = sock
+                else:
+                    sock.close()
+            steered = next((i for i, sock in enumerate(plan._listeners) if sock is not None), 0)
+            listener = plan._listeners[steered]
+            if listener is None:
+                listener = plan._listeners[steered] = plan._open()
+            bpf, taken = taken, {}
+            plan.pins, plan.dispatcher = adopt(bpf, listener, bpffs, instance)
+            plan._steered = steered
+        except BaseException:
+            for fd in taken.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            plan.close()
+            raise
+        return plan
 
     def hand_to(self, account: Account | None) -> None:
         """Make the listeners ``account``'s (fchown sets a socket's owner), before the
@@ -87,8 +160,50 @@ class BpfPlan:
     def check(self, old: Config, new: Config) -> None:
         check_listen_port(self._port, new)
 
-    def upgrade_fds(self) -> dict[str, int] | None:
-        return None  # not yet: the BPF state and the group's listener would go too
+    def upgrade_fds(self, listeners: Mapping[int, Mapping[int, socket.socket]]) -> dict[str, int]:
+        """Duplicates of the port lock, the group's listeners (``group:INDEX``) and
+        the BPF state (bpfproxy.handover, the instance's locked directory included)."""
+        from bpfproxy.handover import state_fds
+
+        assert self.dispatcher is not None
+        fds: dict[str, int] = {}
+        try:
+            for name, fd in self._locks.fds().items():
+                fds[name] = os.dup(fd)
+            for index, sock in enumerate(self._listeners):
+                if sock is not None:
+                    fds[f"{GROUP_FD_PREFIX}{index}"] = os.dup(sock.fileno())
+            for name, fd in state_fds(self.dispatcher, self.pins).items():
+                fds[name] = os.dup(fd)
+        except BaseException:
+            for fd in fds.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise
+        return fds
+
+    def upgraded(self, succeeded: bool, config: Config) -> None:
+        """True: the BPF state is the new supervisor's (no map, hold flag or pin is
+        touched here again). False: ours still, but the new one may have diffed the
+        port map and steered to another member: both are brought back."""
+        from bpfproxy.errors import SteeringError
+
+        if succeeded:
+            self.handed_over = True
+            return
+        assert self.dispatcher is not None
+        try:
+            self.dispatcher.resync()
+            self.dispatcher.set_hold(True)  # still serving here
+            if self._steered is not None:
+                self._steer_to(self._steered)
+            self._set_ports(config.ports)
+        except (OSError, SteeringError, StartupError) as exc:
+            log.error("upgrade failed and the BPF state could not be taken back: %s", exc)
+
+    def _owns_state(self) -> bool:
+        """Not handed to a new supervisor, and (if an upgrade started this one) taken over."""
+        return not self.handed_over and (self._handover is None or self._handover.served)
 
     def worker_argv(self, index: int, control_fd: int) -> tuple[list[str], tuple[int, ...]]:
         listener = self._listeners[index]
@@ -99,13 +214,13 @@ class BpfPlan:
         return worker_argv("bpfproxy", control_fd, index, self._count, options), (fd,)
 
     def worker_started(self, index: int) -> None:
-        if self._steered is None:  # every worker had died: steer to this new one
+        if self._steered is None and not self.handed_over:  # every worker had died
             self._steer_to(index)
 
     def worker_died(self, index: int) -> None:
         dead = self._listeners[index]
         self._listeners[index] = None
-        if self._steered == index:
+        if self._steered == index and not self.handed_over:
             live = next((i for i, sock in enumerate(self._listeners) if sock is not None), None)
             self._steered = None
             if live is not None:
@@ -139,6 +254,8 @@ class BpfPlan:
         from bpfproxy.errors import SteeringError
 
         assert self.dispatcher is not None
+        if self.handed_over:
+            raise StartupError("the port map is the new supervisor's (upgraded)")
         try:
             self.dispatcher.set_ports(ports)
         except SteeringError as exc:
@@ -150,10 +267,11 @@ class BpfPlan:
         self.dispatcher.set_hold(True)
 
     def stopping(self) -> None:
-        if self.dispatcher is not None:
+        if self.dispatcher is not None and self._owns_state():
             self.dispatcher.set_hold(False)  # a clean stop refuses at once, as before
         for sock in self._listeners:
             if sock is not None:
+                # close(), never shutdown(): after an upgrade the new workers accept on it
                 sock.close()  # the workers' copies close as they stop; then ports refuse
 
     def close(self) -> None:

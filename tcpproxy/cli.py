@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,8 @@ Examples:
     "--bind", metavar="ADDRESS", default=None,
     help="Address to listen on.  [default: every address, IPv4 and IPv6]",
 )  # fmt: skip
+@click.option("--worker-listener", "worker_listeners", metavar="PORT:FD", multiple=True,
+              hidden=True)  # fmt: skip
 @click.pass_context
 def command(
     ctx: click.Context,
@@ -73,6 +77,7 @@ def command(
     pid_file: Path | None,
     workers: int,
     worker: str | None,
+    worker_listeners: tuple[str, ...],
     user: str | None,
     splice: bool,
     engine: str,
@@ -90,14 +95,14 @@ def command(
         setup_logging(log_level, prefix=link.log_prefix, log_format=log_format)
         config = link.initial_config()
         frontend = PortListeners(bind, reuse_port=True)
-        frontend.open(config)
+        frontend.open(config, _inherited(worker_listeners))  # binds the ports they lack
         limit = fit_connection_limit(max_connections)
         metrics, _ = metrics_for(None, worker=True)
         trio.run(
             lambda: run_service(
                 config_path, b"", config, frontend, drain_timeout=drain_timeout,
                 max_connections=limit, use_splice=splice, supervisor=link, metrics=metrics,
-                bind=bind, engine=engine,
+                bind=bind, engine=engine, listeners=frontend.sockets,
             )
         )  # fmt: skip
         return 0
@@ -153,6 +158,17 @@ def command(
     finally:
         pids.remove()
     return 0
+
+
+def _inherited(values: tuple[str, ...]) -> dict[int, socket.socket]:
+    """A worker's listeners its supervisor handed it (an upgrade: the old worker's),
+    from ``--worker-listener PORT:FD``, by port."""
+    sockets = {}
+    for value in values:
+        port, fd = (int(part) for part in value.split(":"))
+        os.set_inheritable(fd, False)
+        sockets[port] = socket.socket(fileno=fd)
+    return sockets
 
 
 def _options(ctx: click.Context, per_worker_limit: int) -> list[str]:

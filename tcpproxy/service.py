@@ -157,8 +157,9 @@ async def run_service(
         one task serving every connection, in the connections nursery, so the
         drain deadline and a second SIGINT cut it as they cut connection tasks).
       listeners: the frontend's listening sockets by port, for an upgrade
-        (SIGUSR2); None: this process does not upgrade (a worker, bpfproxy
-        with --workers).
+        (SIGUSR2; in a worker: handed to its supervisor when it asks, for its
+        upgrade); None: none to hand over (a bpfproxy worker: its supervisor
+        holds a copy).
       state: what an upgrade hands over besides the listeners, and who is told
         how it ended (bpfproxy: its BPF descriptors; see UpgradeState).
       handover: set in a process started by an upgrade: told once this one
@@ -210,9 +211,9 @@ async def run_service(
                     on_hup = reloader.request if supervisor is None else _ignore
 
                     def on_usr2() -> None:
-                        if listeners is None:  # a worker (the others hand theirs over)
-                            log.warning("SIGUSR2 ignored: upgrades with --workers are not "
-                                        "supported yet; restart instead")  # fmt: skip
+                        if supervisor is not None or listeners is None:
+                            log.warning("SIGUSR2 ignored: a worker; send it to the "
+                                        "supervisor, which upgrades its workers")  # fmt: skip
                         elif upgrade.successor is not None or stop_accepting.cancel_called:
                             log.info("SIGUSR2 ignored: this process is stopping")
                         elif upgrade.in_flight:
@@ -258,7 +259,9 @@ async def run_service(
                                 await control.start(source.watch, reloader.request)
                                 control.start_soon(reloader.run, status)
                             else:
-                                control.start_soon(supervisor.follow, lambda: proxy.config, apply)
+                                control.start_soon(
+                                    supervisor.follow, lambda: proxy.config, apply, listeners
+                                )
                             log.info(
                                 "%s started: %d apps, ports %s, config %s, max %d connections",
                                 frontend.name, len(config.apps),

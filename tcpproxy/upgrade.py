@@ -122,8 +122,8 @@ async def start_successor(
         return None
     finally:
         theirs.close()
-    log.info("upgrade: started pid %d, handing it %d listening sockets", process.pid,
-             len(sockets))  # fmt: skip
+    log.info("upgrade: started pid %d, handing it %d listening sockets, %d descriptors "
+             "by name", process.pid, len(sockets), len(fds or {}))  # fmt: skip
     channel = trio.socket.from_stdlib_socket(ours)
     why = "it did not say it serves"
     try:

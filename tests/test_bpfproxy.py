@@ -43,8 +43,10 @@ from tests.test_upgrade import (
     FakeSystemd,
     Load,
     _status_pid,
+    children,
     gone,
     kill_started,
+    no_migrate_req,
     read_pid,
     refuse_while_stopping,
     upgrade,
@@ -583,16 +585,87 @@ def cap_eff_and_uid(pid: int) -> tuple[int, str]:
     return int(fields["CapEff"], 16), fields["Uid"].split()[0]
 
 
-def test_workers_ignore_sigusr2_for_now(lab: Deployment) -> None:
-    """bpfproxy --workers does not upgrade yet: SIGUSR2 (whose default action would
-    kill the supervisor) is logged and ignored, and it goes on serving."""
-    a = lab.backend("a")
-    proxy = lab.start([app("A", [7001], [a.address])], "--workers", "2")
-    mark = proxy.mark()
-    proxy.send(signal.SIGUSR2)
-    proxy.wait_for(r"SIGUSR2 ignored: bpfproxy does not upgrade with --workers yet", start=mark)
-    assert lab.which(7001) == "a"
-    assert proxy.stop() == 0
+def test_workers_upgrade_under_load(lab: Deployment, bpffs: Path) -> None:
+    """--workers 2, net.ipv4.tcp_migrate_req=0: three SIGUSR2 in a row under load (the
+    second of the first ignored), then a failing one (config made invalid). No short
+    connection fails: the new supervisor's worker i serves on the old worker i's
+    listener, so no member of the group closes. The long-lived connections go on with
+    the first supervisor's workers; each old supervisor and its workers exit once
+    drained, without unpinning; the pid file names the newest, which compiled
+    nothing and steers a config change; its clean stop releases every port and pin."""
+    assert lab.ns is not None
+    no_migrate_req(lab.ns)
+    b1, b2 = lab.backend("b1"), lab.backend("b2")
+    instance = instance_name()
+    pid_file = lab.config_path.parent / "bpfproxy.pid"
+    args = (*pinned_args(bpffs, instance), "--workers", "2", "--pid-file", str(pid_file),
+            "--drain-timeout", "60")  # fmt: skip
+    proxy = lab.start([app("A", [7001, 7002], [b1.address])], *args)
+    with every_process_killed(proxy, pid_file):
+        load = Load(7001, make_socket=lab.make_socket)
+        load.start()
+        try:
+            assert wait_until(lambda: all(load.long_messages) and load.short_ok > 20)
+            pids = [lab.pid]
+            workers = [children(lab.pid)]
+            for i in range(3):
+                before = load.short_ok
+                pids.append(upgrade(proxy, pid_file, twice=i == 0))
+                workers.append(children(pids[-1]))
+                assert wait_until(lambda b=before: load.short_ok > b + 20)  # served meanwhile
+            newest = pids[-1]
+            assert [len(ws) for ws in workers] == [2, 2, 2, 2]
+            for pid in [*pids[1:-1], *(w for ws in workers[1:-1] for w in ws)]:
+                assert wait_until(lambda p=pid: gone(p)), proxy.output  # drained at once
+            counts = list(load.long_messages)  # the first supervisor's workers relay these
+            assert wait_until(
+                lambda: all(n > c + 3 for n, c in zip(load.long_messages, counts, strict=True))
+            )
+            assert proxy.proc.poll() is None
+            assert (bpffs / "bpfproxy" / instance / "link").exists()  # nobody unpinned
+
+            mark = proxy.mark()
+            lab.config_path.write_text('{"Apps": [{"Name": "A", "Ports": ["not a port"]}]}')
+            proxy.wait_for(r"rejected|invalid", start=mark)
+            os.kill(newest, signal.SIGUSR2)
+            proxy.wait_for(r"upgrade failed: pid \d+ exited with code 2", start=mark)
+            before = load.short_ok
+            assert wait_until(lambda: load.short_ok > before + 20)  # the newest still serves
+            assert lab.which(7002) == "b1"
+
+            # A config change after the upgrades: the newest diffs the port map.
+            write_config(lab.config_path, [app("A", [7001], [b1.address]),
+                                           app("B", [7003], [b2.address])])  # fmt: skip
+            assert wait_until(lambda: _reaches(lab, 7003) == "b2"), proxy.output
+            assert refused(lab, 7002)
+        finally:
+            load.finish()
+        assert load.failures == [], load.failures
+        assert proxy.proc.wait(TIMEOUT) == 0  # drained: its long-lived connections ended
+        assert all(gone(pid) for pid in workers[0])
+        assert read_pid(pid_file) == newest
+        assert lab.which(7001) == "b1"
+
+        os.kill(newest, signal.SIGTERM)  # a clean stop of the newest releases everything
+        assert wait_until(lambda: gone(newest))
+        assert all(gone(pid) for pid in workers[-1])
+        assert refused(lab, 7001)
+        assert refused(lab, 7003)
+        assert refused(lab, BPF_LISTEN_PORT)
+        left = bpffs / "bpfproxy" / instance
+        assert not left.exists() or list(left.iterdir()) == []
+    out = proxy.output
+    assert out.count("compiled and loaded") == 1, out  # by the first supervisor only
+    assert out.count("upgrade: started pid") == 4, out  # three, and the failing one
+    assert out.count("bpfproxy stopped (pid ") == 3, out
+    assert "Traceback" not in out, out
+
+
+def _reaches(lab: Deployment, port: int) -> str | None:
+    try:
+        return lab.which(port)
+    except OSError:
+        return None
 
 
 @pytest.mark.parametrize("engine", ["epoll", "trio"])

@@ -13,13 +13,14 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
 
 from tcpproxy.notify import Notifier
 from tcpproxy.upgrade import UPGRADE_FD_ENV, Handover, successor_environment
-from tests.deploy import Deployment
+from tests.deploy import BINARIES, Deployment
 from tests.helpers import (
     TIMEOUT,
     ProxyProcess,
@@ -225,7 +226,7 @@ def test_upgrade_under_load(config_path: Path, backends, monkeypatch: pytest.Mon
         assert read_pid(pid_file) == newest
         assert not gone(newest)
         assert wait_until(lambda: _status_pid(metrics) == newest)  # it serves /status too
-        assert _status(newest)["Uid"].split()[0] == "65534"
+        assert _status(newest)["Uid"].split()[0] == "65534", proxy.output
         assert which_backend(port) == "b1"
         os.kill(newest, signal.SIGTERM)
         assert wait_until(lambda: gone(newest))
@@ -281,43 +282,24 @@ def test_failing_upgrade_keeps_the_old_process(config_path: Path, backends) -> N
         assert proxy.stop() == 0
 
 
-def test_workers_refuse_sigusr2_without_migrate_req(
-    config_path: Path, backends, netns: NetNS
-) -> None:
-    """With --workers and net.ipv4.tcp_migrate_req=0 (a new namespace's default)
-    SIGUSR2 is refused, as the old workers' queued connections would be reset;
-    the supervisor goes on serving and the pid file names it."""
-    lab = Deployment("tcpproxy", config_path, netns)
-    port = lab.ports(1)[0]
-    b1 = lab.backend("b1")
-    pid_file = config_path.parent / "tcpproxy.pid"
-    proxy = lab.start([app("A", [port], [b1.address])], "--workers", "2", "--pid-file",
-                      str(pid_file))  # fmt: skip
-    assert read_pid(pid_file) == proxy.proc.pid
-    mark = proxy.mark()
-    proxy.send(signal.SIGUSR2)
-    proxy.wait_for(r"SIGUSR2 ignored: with --workers an upgrade needs "
-                   r"net.ipv4.tcp_migrate_req=1", start=mark)  # fmt: skip
-    assert which_backend(port, make_socket=lab.make_socket) == "b1"
-    assert proxy.stop() == 0
-    assert not pid_file.exists()
-
-
-def _allow_workers_upgrade(netns: NetNS) -> None:
-    """net.ipv4.tcp_migrate_req=1 in the test's namespace; and its clients' (and the
-    proxy's) own ports below those picked here as free (from the machine's ephemeral
-    range), so a port a reload adds is not taken by a connection meanwhile."""
-    for setting in ("net.ipv4.tcp_migrate_req=1", "net.ipv4.ip_local_port_range=10000 19999"):
+def no_migrate_req(netns: NetNS) -> None:
+    """net.ipv4.tcp_migrate_req=0 in the test's namespace, set explicitly (the
+    kernel would otherwise move a closing listener's queue to another member of its
+    group, which would hide a listener closed by an upgrade); and its clients' (and
+    the proxy's) own ports below those picked here as free (from the machine's
+    ephemeral range), so a port a reload adds is not taken by a connection meanwhile."""
+    for setting in ("net.ipv4.tcp_migrate_req=0", "net.ipv4.ip_local_port_range=10000 19999"):
         subprocess.run(["ip", "netns", "exec", netns.name, "sysctl", "-qw", setting], check=True)
 
 
 def test_workers_upgrade_under_load(config_path: Path, netns: NetNS) -> None:
-    """--workers 2, in a namespace with net.ipv4.tcp_migrate_req=1: three upgrades in
-    a row (the second SIGUSR2 of the first ignored), then a failing one (config made
-    invalid): no short connection fails, the long-lived ones go on with the first
-    supervisor's workers, each old supervisor exits once its workers drained, the pid
-    file names the newest, and a config change afterwards is applied."""
-    _allow_workers_upgrade(netns)
+    """--workers 2, net.ipv4.tcp_migrate_req=0: three upgrades in a row (the second
+    SIGUSR2 of the first ignored), then a failing one (config made invalid): no
+    short connection fails (the new workers serve on the old ones' listeners), the
+    long-lived ones go on with the first supervisor's workers, each old supervisor
+    and its workers exit once drained, the pid file names the newest, and a config
+    change afterwards is applied."""
+    no_migrate_req(netns)
     lab = Deployment("tcpproxy", config_path, netns)
     port, added, metrics = lab.ports(3)
     b1, b2 = lab.backend("b1"), lab.backend("b2")
@@ -330,12 +312,16 @@ def test_workers_upgrade_under_load(config_path: Path, netns: NetNS) -> None:
     try:
         assert wait_until(lambda: all(load.long_messages) and load.short_ok > 20)
         pids = [proxy.proc.pid]
+        workers = [children(proxy.proc.pid)]
         for i in range(3):
             before = load.short_ok
             pids.append(upgrade(proxy, pid_file, twice=i == 0))
+            workers.append(children(pids[-1]))
             assert wait_until(lambda b=before: load.short_ok > b + 20)  # served meanwhile
         newest = pids[-1]
-        for pid in pids[1:-1]:  # only short connections: their workers drained at once
+        assert [len(ws) for ws in workers] == [2, 2, 2, 2]
+        # only short connections: they and their workers drained at once
+        for pid in [*pids[1:-1], *(w for ws in workers[1:-1] for w in ws)]:
             assert wait_until(lambda p=pid: gone(p)), proxy.output
         counts = list(load.long_messages)  # the first supervisor's workers relay these
         assert wait_until(
@@ -355,12 +341,14 @@ def test_workers_upgrade_under_load(config_path: Path, netns: NetNS) -> None:
         load.finish()
     assert load.failures == [], load.failures
     assert proxy.proc.wait(TIMEOUT) == 0  # drained: its long-lived connections ended
+    assert all(gone(pid) for pid in workers[0])
     assert read_pid(pid_file) == newest
     assert not gone(newest)
     assert which_backend(port, make_socket=lab.make_socket) == "b1"
     assert netns.call(_status_pid, metrics) == newest  # it serves /status
     os.kill(newest, signal.SIGTERM)
     assert wait_until(lambda: gone(newest))
+    assert all(gone(pid) for pid in workers[-1])
     assert wait_until(lambda: not pid_file.exists())
     out = proxy.output
     assert out.count("tcpproxy stopped (pid ") == 3, out
@@ -495,29 +483,31 @@ def test_sigusr2_before_serving_does_not_end_the_process(config_path: Path, back
         proxy.kill()
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
     """The processes `pid` started (a child started from any of its threads)."""
     found = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(p) for p in (task / "children").read_text().split()]
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            found += [int(p) for p in (task / "children").read_text().split()]
     return found
 
 
+@pytest.mark.parametrize("binary", BINARIES)
 def test_workers_upgrade_serves_what_the_old_workers_queued(
-    config_path: Path, netns: NetNS, monkeypatch: pytest.MonkeyPatch
+    binary: str, config_path: Path, netns: NetNS, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Connections sitting in the old workers' accept queues when they close are
-    served, not reset: each old worker is at its connection limit (2 of
-    --max-connections 4), so the other clients queue at its listener; the
-    upgrade's SIGTERM closes those listeners, and the kernel (tcp_migrate_req)
-    moves what they queued to the new workers'. As nobody: the new supervisor and
+    """Connections sitting in the old workers' accept queues at the hand-over are
+    served, not reset, with net.ipv4.tcp_migrate_req=0: each old worker is at its
+    connection limit (2 of --max-connections 4), so the other clients queue at its
+    listener; the upgrade hands those listeners to the new workers, and the old
+    ones' SIGTERM only closes their descriptors. As nobody: the new supervisor and
     its workers start unprivileged, with the capability they inherit."""
-    monkeypatch.delenv("TCPPROXY_USER", raising=False)  # conftest sets it to root
-    _allow_workers_upgrade(netns)
-    lab = Deployment("tcpproxy", config_path, netns)
+    monkeypatch.delenv(f"{binary.upper()}_USER", raising=False)  # conftest sets it to root
+    no_migrate_req(netns)
+    lab = Deployment(binary, config_path, netns)
     port = lab.ports(1)[0]
     b1 = lab.backend("b1")
-    pid_file = config_path.parent / "tcpproxy.pid"
+    pid_file = config_path.parent / "proxy.pid"
     proxy = lab.start([app("A", [port], [b1.address])], "--workers", "2", "--pid-file",
                       str(pid_file), "--max-connections", "4")  # fmt: skip
     answers: list[bytes | str] = []
@@ -552,9 +542,41 @@ def test_workers_upgrade_serves_what_the_old_workers_queued(
     assert proxy.proc.wait(TIMEOUT) == 0
     newest = read_pid(pid_file)
     assert newest is not None and newest != proxy.proc.pid
-    assert _status(newest)["Uid"].split()[0] == "65534"
+    assert _status(newest)["Uid"].split()[0] == "65534", proxy.output
     os.kill(newest, signal.SIGTERM)
     assert wait_until(lambda: gone(newest))
+
+
+def test_a_worker_that_does_not_hand_over_its_listeners_fails_the_upgrade(
+    config_path: Path, netns: NetNS
+) -> None:
+    """A stopped worker cannot hand over its listeners: the upgrade fails before any
+    new process starts (its queued connections would be reset), the log says which
+    worker, and the supervisor goes on serving; once it runs again, an upgrade works."""
+    no_migrate_req(netns)
+    lab = Deployment("tcpproxy", config_path, netns)
+    port = lab.ports(1)[0]
+    b1 = lab.backend("b1")
+    pid_file = config_path.parent / "tcpproxy.pid"
+    proxy = lab.start([app("A", [port], [b1.address])], "--workers", "2", "--pid-file",
+                      str(pid_file))  # fmt: skip
+    stopped = children(proxy.proc.pid)[0]
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        mark = proxy.mark()
+        proxy.send(signal.SIGUSR2)
+        proxy.wait_for(r"upgrade failed: worker \d did not hand over its listeners within "
+                       r"5s; this supervisor goes on serving", start=mark)  # fmt: skip
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    assert "upgrade: started pid" not in proxy.output
+    assert read_pid(pid_file) == proxy.proc.pid
+    assert which_backend(port, make_socket=lab.make_socket) == "b1"
+    new = upgrade(proxy, pid_file)
+    assert proxy.proc.wait(TIMEOUT) == 0
+    assert which_backend(port, make_socket=lab.make_socket) == "b1"
+    os.kill(new, signal.SIGTERM)
+    assert wait_until(lambda: gone(new))
 
 
 def test_a_handover_knows_when_the_old_process_gave_up() -> None:
@@ -689,12 +711,15 @@ def kill_started(proxy: ProxyProcess) -> None:
     proxy.kill()
 
 
-def test_a_stopping_supervisor_refuses_the_hand_over(config_path: Path, netns: NetNS) -> None:
+@pytest.mark.parametrize("binary", BINARIES)
+def test_a_stopping_supervisor_refuses_the_hand_over(
+    binary: str, config_path: Path, netns: NetNS
+) -> None:
     """--workers 2: the old supervisor is stopping (its workers drain) when the new
     one says "ready": no "go", so the new one stops its workers and exits without
     naming itself (pid file, MAINPID=)."""
-    _allow_workers_upgrade(netns)
-    lab = Deployment("tcpproxy", config_path, netns)
+    no_migrate_req(netns)
+    lab = Deployment(binary, config_path, netns)
     port = lab.ports(1)[0]
     b1 = lab.backend("b1")
     pid_file = config_path.parent / "tcpproxy.pid"
@@ -703,7 +728,7 @@ def test_a_stopping_supervisor_refuses_the_hand_over(config_path: Path, netns: N
     argv = lab.argv("--workers", "2", "--pid-file", str(pid_file), "--drain-timeout", "60")
     proxy = ProxyProcess(lab.popen_argv(argv), env=systemd.env)
     try:
-        proxy.wait_for(r"tcpproxy started")
+        proxy.wait_for(rf"{binary} started")
         with lab.connect(port) as hold:
             assert recv_line(hold) == b"b1\n"
             refuse_while_stopping(proxy, pid_file, systemd, hold)
@@ -761,3 +786,40 @@ def test_an_upgrade_hands_over_the_metrics_socket(config_path: Path, backends) -
         os.kill(new, signal.SIGTERM)
         assert wait_until(lambda: gone(new))
     assert "Traceback" not in proxy.output, proxy.output
+
+
+def test_a_worker_hands_its_listeners_in_batches() -> None:
+    """More listeners than one message carries (SCM_MAX_FD): every one arrives, by
+    port, as the same socket (the same open file: one accept queue), not a copy."""
+    import trio
+
+    from tcpproxy.workers.link import (
+        FDS_PER_MESSAGE,
+        LISTENERS,
+        SupervisorLink,
+        recv,
+        recv_listeners,
+    )
+
+    ours, theirs = socket.socketpair()
+    sockets = {port: socket.socket() for port in range(1000, 1000 + FDS_PER_MESSAGE + 50)}
+    link = SupervisorLink(theirs.detach(), 0, 1)
+    supervisor = Connection(ours.detach())
+
+    async def receive() -> dict[int, socket.socket]:
+        kind, ports = await recv(supervisor)
+        assert kind == LISTENERS
+        return await recv_listeners(supervisor, ports)
+
+    got: dict[int, socket.socket] = {}
+    try:
+        link._hand_listeners(sockets)
+        got = trio.run(receive)
+        assert sorted(got) == sorted(sockets)
+        for port, sock in got.items():
+            assert os.fstat(sock.fileno()).st_ino == os.fstat(sockets[port].fileno()).st_ino
+    finally:
+        for sock in [*sockets.values(), *got.values()]:
+            sock.close()
+        supervisor.close()
+        link._conn.close()

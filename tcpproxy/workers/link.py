@@ -5,6 +5,11 @@ from the supervisor over a socket pair (pickled, already validated) and
 answers each with APPLIED or the reason it refused. Its command line says
 which worker it is (`worker_argv` writes it, `SupervisorLink.join` reads it).
 
+For an upgrade the supervisor asks for the worker's listening sockets
+(LISTENERS): the worker answers with their ports, then the sockets
+themselves (SCM_RIGHTS, FDS_PER_MESSAGE a message, each with one byte), and
+goes on accepting on them until it is stopped.
+
 Workers stop with their supervisor, so no worker is left serving a config
 nobody watches: the end of the socket pair (EOF, however the supervisor
 died) stops a worker as SIGTERM does, draining. Not PR_SET_PDEATHSIG: it
@@ -31,11 +36,21 @@ import trio
 from tcpproxy.config import Config
 from tcpproxy.errors import StartupError
 
-__all__ = ["APPLIED", "SupervisorLink", "recv", "send", "worker_argv"]
+__all__ = [
+    "APPLIED",
+    "LISTENERS",
+    "SupervisorLink",
+    "recv",
+    "recv_listeners",
+    "send",
+    "worker_argv",
+]
 
 log = logging.getLogger("tcpproxy")
 
 APPLIED = "applied"  # a worker's answer to a config it now serves
+LISTENERS = "listeners"  # the supervisor's request for the worker's listeners, and the answer
+FDS_PER_MESSAGE = 200  # the kernel takes at most 253 descriptors in one message (SCM_MAX_FD)
 
 
 async def recv(conn: Connection) -> Any:
@@ -67,6 +82,38 @@ async def send(conn: Connection, message: Any) -> None:
                 data = data[sock.send(data, socket.MSG_DONTWAIT) :]
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(sock)
+
+
+async def recv_listeners(conn: Connection, ports: list[int]) -> dict[int, socket.socket]:
+    """The sockets that follow a worker's LISTENERS answer naming `ports` (now ours).
+
+    Every batch is read even if one came truncated (no descriptors left
+    here: EMFILE), so the stream stays in step; then OSError says so.
+    """
+    fds: list[int] = []
+    truncated = False
+    with socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        for start in range(0, len(ports), FDS_PER_MESSAGE):
+            wanted = len(ports[start : start + FDS_PER_MESSAGE])
+            while True:
+                try:
+                    data, got, flags, _ = socket.recv_fds(
+                        sock, 1, wanted, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
+                    )
+                    break
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(sock)
+            if not data:
+                for fd in fds + got:
+                    os.close(fd)
+                raise EOFError("the worker closed its socket pair")
+            fds += got
+            truncated |= bool(flags & socket.MSG_CTRUNC) or len(got) != wanted
+    if truncated:
+        for fd in fds:
+            os.close(fd)
+        raise OSError("the worker's listeners did not all arrive (out of descriptors?)")
+    return {port: socket.socket(fileno=fd) for port, fd in zip(ports, fds, strict=True)}
 
 
 def worker_argv(
@@ -108,9 +155,13 @@ class SupervisorLink:
         return pickle.loads(payload)
 
     async def follow(
-        self, current: Callable[[], Config], apply: Callable[[Config, Config], Awaitable[None]]
+        self,
+        current: Callable[[], Config],
+        apply: Callable[[Config, Config], Awaitable[None]],
+        listeners: Callable[[], dict[int, socket.socket]] | None = None,
     ) -> None:
-        """Say ready, then apply every config the supervisor sends, answering each.
+        """Say ready, then apply every config the supervisor sends, answering each,
+        and hand over `listeners` (by port; None: none) when asked (an upgrade).
 
         When the supervisor is gone (EOF, or a send fails), stop as on SIGTERM:
         drain, then exit.
@@ -119,6 +170,9 @@ class SupervisorLink:
             self._conn.send(("ready", os.getpid()))
             while True:
                 kind, payload = await recv(self._conn)
+                if kind == LISTENERS:
+                    self._hand_listeners(listeners() if listeners is not None else {})
+                    continue
                 if kind != "config":
                     continue
                 new: Config = pickle.loads(payload)
@@ -132,3 +186,13 @@ class SupervisorLink:
             log.warning("the supervisor is gone: stopping")
             os.kill(os.getpid(), signal.SIGTERM)  # the service's own stop: drain, then exit
             await trio.sleep_forever()
+
+    def _hand_listeners(self, sockets: dict[int, socket.socket]) -> None:
+        """The ports, then the sockets (references: this worker goes on accepting on
+        them until it is stopped, and then closes them, never shuts them down)."""
+        ports = sorted(port for port, sock in sockets.items() if sock.fileno() >= 0)
+        self._conn.send((LISTENERS, ports))
+        with socket.fromfd(self._conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            for start in range(0, len(ports), FDS_PER_MESSAGE):
+                batch = ports[start : start + FDS_PER_MESSAGE]
+                socket.send_fds(sock, [b"L"], [sockets[port].fileno() for port in batch])

@@ -8,7 +8,8 @@ in the supervisor.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import socket
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from tcpproxy.config import Config
@@ -20,13 +21,23 @@ class Plan(Protocol):
     """What differs between the binaries' workers."""
 
     name: str
+    # An upgrade takes each worker's own listeners (asked over its socket pair):
+    # tcpproxy's workers bind their own; bpfproxy's supervisor holds copies of its.
+    worker_listeners: bool
 
     def check(self, old: Config, new: Config) -> None:
         """Raise StartupError if `new` cannot be served (before any worker sees it)."""
 
-    def upgrade_fds(self) -> dict[str, int] | None:
-        """Descriptors by name an upgrade hands the new supervisor (still ours);
-        None: this binary does not upgrade with workers yet."""
+    def upgrade_fds(self, listeners: Mapping[int, Mapping[int, socket.socket]]) -> dict[str, int]:
+        """Descriptors by name an upgrade hands the new supervisor: duplicates, which
+        the caller closes once handed (a worker that dies meanwhile closes nothing
+        under it). `listeners`: each live worker's listening sockets by port, when
+        `worker_listeners` (still the caller's)."""
+
+    def upgraded(self, succeeded: bool, config: Config) -> None:
+        """An upgrade ended: True, the new supervisor serves and owns what was handed
+        over (bpfproxy: leave the maps alone); False, it failed and `config` runs
+        here still (bpfproxy: the new one may have diffed the port map)."""
 
     def worker_argv(self, index: int, control_fd: int) -> tuple[list[str], Sequence[int]]:
         """The command line of worker `index`, and the descriptors it inherits."""

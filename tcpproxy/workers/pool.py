@@ -11,11 +11,16 @@ Rules:
 4. Workers run in a session of their own, so a terminal's Ctrl-C (sent to
    the whole foreground process group) reaches the supervisor only, which
    forwards it once: one Ctrl-C drains, a second one cuts.
+5. An upgrade asks every live worker for its listening sockets
+   (`collect_listeners`, under the lock: no reload or start meanwhile); a
+   worker that does not hand them over within LISTENERS_TIMEOUT fails the
+   upgrade (its queued connections would be reset when it closes them).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 import signal
 import socket
@@ -29,7 +34,7 @@ import trio
 from tcpproxy.config import Config
 from tcpproxy.errors import StartupError
 from tcpproxy.notify import child_environment
-from tcpproxy.workers.link import recv, send
+from tcpproxy.workers.link import LISTENERS, recv, recv_listeners, send
 from tcpproxy.workers.plan import Plan
 
 __all__ = ["RESPAWN_DELAY", "STOP_GRACE", "Pool", "Run", "Worker"]
@@ -39,6 +44,9 @@ log = logging.getLogger("tcpproxy")
 RESPAWN_DELAY = 1.0  # seconds before a worker that died is started again
 READY_TIMEOUT = 60.0  # seconds a new worker may take to start serving
 STOP_GRACE = 5.0  # seconds a stopping worker gets past the drain timeout before SIGKILL
+LISTENERS_TIMEOUT = 5.0  # seconds a worker may take to hand over its listeners (an upgrade)
+
+Listeners = dict[int, socket.socket]  # a worker's listening sockets by port
 
 
 @dataclass
@@ -51,6 +59,11 @@ class Run:
     ready: trio.Event = field(default_factory=trio.Event)
     dead: bool = False  # its socket pair closed: it exited or is exiting
     retiring: bool = False  # told to stop; started again with the config in force
+    # its answers to LISTENERS: the sockets, or why they did not arrive
+    listeners: tuple[trio.MemorySendChannel[Listeners | str],
+                     trio.MemoryReceiveChannel[Listeners | str]] = field(
+        default_factory=lambda: trio.open_memory_channel[Listeners | str](math.inf)
+    )  # fmt: skip
 
 
 @dataclass
@@ -128,6 +141,41 @@ class Pool:
                           worker.index, process.pid, limit)  # fmt: skip
                 process.kill()
                 await process.wait()
+
+    async def collect_listeners(self) -> dict[int, Listeners]:
+        """Each live worker's listening sockets by port (rule 5; the caller holds
+        `lock`): references of our own, the caller's to close. A worker that is
+        gone or going has none to give (its successor binds anew).
+
+        Raises StartupError naming a worker that did not hand them over.
+        """
+        collected: dict[int, Listeners] = {}
+        try:
+            for worker in self.workers:
+                run = worker.run
+                if run is None or run.dead or run.retiring or run.process.returncode is not None:
+                    continue
+                _close_stale(run)
+                with trio.move_on_after(LISTENERS_TIMEOUT):
+                    try:
+                        await send(run.conn, (LISTENERS, ""))
+                        answer = await run.listeners[1].receive()
+                    except (OSError, trio.EndOfChannel):
+                        continue  # it exited meanwhile: it has none
+                    if isinstance(answer, str):
+                        raise StartupError(f"worker {worker.index}: {answer}")
+                    collected[worker.index] = answer
+                    continue
+                raise StartupError(
+                    f"worker {worker.index} did not hand over its listeners within "
+                    f"{LISTENERS_TIMEOUT:g}s"
+                )
+        except BaseException:
+            for sockets in collected.values():
+                for sock in sockets.values():
+                    sock.close()
+            raise
+        return collected
 
     def signal_all(self, signum: int) -> None:
         for worker in self.workers:
@@ -210,6 +258,12 @@ class Pool:
                 kind, payload = await recv(run.conn)
                 if kind == "ready":
                     run.ready.set()
+                elif kind == LISTENERS:
+                    try:
+                        sockets: Listeners | str = await recv_listeners(run.conn, payload)
+                    except OSError as exc:
+                        sockets = str(exc)
+                    run.listeners[0].send_nowait(sockets)
                 else:
                     await send.send((kind, payload))
         except (EOFError, OSError):
@@ -218,6 +272,7 @@ class Pool:
             run.dead = True
             run.conn.close()
             await send.aclose()
+            run.listeners[0].close()
             run.ready.set()  # wakes a starter waiting for a worker that died
 
     async def send(self, run: Run, config: Config) -> None:
@@ -237,3 +292,15 @@ class Pool:
             run.process.send_signal(signum)
         except ProcessLookupError:
             pass
+
+
+def _close_stale(run: Run) -> None:
+    """Close the sockets of an answer that came after an earlier request gave up."""
+    while True:
+        try:
+            answer = run.listeners[1].receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return
+        if not isinstance(answer, str):
+            for sock in answer.values():
+                sock.close()

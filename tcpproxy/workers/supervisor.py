@@ -8,19 +8,21 @@ has drained (one still running after the drain timeout + STOP_GRACE is
 killed). With `--metrics` it owns the directory of the workers'
 multiprocess files and serves their sum, and /status.
 
-SIGUSR2 upgrades (tcpproxy only, see `Plan.upgrade_fds`): the supervisor
-starts its command line again (tcpproxy.upgrade) and hands it its port
-locks; the new supervisor starts its own workers, which bind their own
-SO_REUSEPORT sockets and join each port's group, and says "ready" once
-they all serve. Only then are the old workers stopped (SIGTERM: they close
-their listeners and drain). A listener's accept queue would die with it,
-resetting the connections queued there, unless the kernel moves them to
-another member of the group: net.ipv4.tcp_migrate_req=1 (per network
-namespace). Without it, SIGUSR2 is refused with a log line that says so.
+SIGUSR2 upgrades: the supervisor starts its command line again
+(tcpproxy.upgrade) and hands it its listening sockets, so the new
+supervisor's worker i serves on what worker i served on: tcpproxy's workers
+hand theirs over when asked (`Pool.collect_listeners`); bpfproxy's
+supervisor holds copies of its group's, and hands its BPF state too. Plus
+the port locks. The new supervisor starts its workers and says "ready" once
+they all serve; only then are the old workers stopped (SIGTERM): each
+close()s its descriptors, and the sockets, with what their accept queues
+hold, live on in the new workers. No listener closes, so nothing queued is
+reset, whatever net.ipv4.tcp_migrate_req says.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -54,22 +56,11 @@ from tcpproxy.workers.fanout import Fanout
 from tcpproxy.workers.plan import Plan
 from tcpproxy.workers.pool import Pool
 
-__all__ = ["MIGRATE_REQ", "Supervisor", "migrate_req_enabled"]
+__all__ = ["Supervisor"]
 
 log = logging.getLogger("tcpproxy")
 
-MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"  # this network namespace's
 UPGRADED = -1  # on the supervisor's event channel, besides signal numbers: the new one serves
-
-
-def migrate_req_enabled(path: str = MIGRATE_REQ) -> bool:
-    """Whether the kernel moves a closing listener's queued connections to another
-    member of its reuseport group (else an upgrade with workers would reset them)."""
-    try:
-        with open(path) as f:
-            return f.read().strip() == "1"
-    except OSError:  # a kernel before 5.14
-        return False
 
 
 class Supervisor:
@@ -101,6 +92,7 @@ class Supervisor:
         self._handover = handover
         self._pid_file = pid_file
         self._upgrading = False
+        self._reloading = trio.CancelScope()  # the file watcher and reloader; ends at a stop
         self._successor: int | None = None
         self._server: Any = None  # the metrics server, while it serves
         self._plan = plan
@@ -205,7 +197,7 @@ class Supervisor:
                     nursery.cancel_scope.cancel()
                 else:
                     pool.watch_all()
-                    reloading = trio.CancelScope()  # ends at a stop or an upgrade
+                    reloading = self._reloading  # ends at a stop or an upgrade
                     await nursery.start(self._reload, reloader, status, reloading)
                     log.info(
                         "%s started: %d workers, %d apps, ports %s, config %s",
@@ -273,34 +265,63 @@ class Supervisor:
                 log.warning("pid file %s not rewritten: %s", self._pid_file.path, exc)
 
     def _on_usr2(self, nursery: trio.Nursery, events: trio.MemorySendChannel[int]) -> None:
-        fds = self._plan.upgrade_fds()
-        if fds is None:
-            log.warning("SIGUSR2 ignored: %s does not upgrade with --workers yet; "
-                        "restart instead", self._plan.name)  # fmt: skip
-        elif self._upgrading:
+        if self._upgrading:
             log.info("SIGUSR2 ignored: an upgrade is in flight")
-        elif not migrate_req_enabled():
-            log.warning("SIGUSR2 ignored: with --workers an upgrade needs "
-                        "net.ipv4.tcp_migrate_req=1 (else the connections queued at the "
-                        "old workers' listeners would be reset when they close)")  # fmt: skip
         else:
             self._upgrading = True
-            if self._server is not None:  # the new supervisor serves on the same socket
-                fds = {**fds, METRICS_FD: self._server.socket.fileno()}
-            nursery.start_soon(self._upgrade, fds, events)
+            nursery.start_soon(self._upgrade, events)
 
-    async def _upgrade(self, fds: dict[str, int], events: trio.MemorySendChannel[int]) -> None:
-        try:  # the new supervisor makes its own metrics directory; a SIGTERM meanwhile
-            pid = await start_successor(  # refuses the hand-over (the new one is stopped)
-                {}, fds, unset=("PROMETHEUS_MULTIPROC_DIR",),
-                accept=lambda: not self.pool.stopping,
-            )  # fmt: skip
+    async def _upgrade(self, events: trio.MemorySendChannel[int]) -> None:
+        try:
+            # Under the pool's lock: no reload or worker start changes what the
+            # workers listen on between the collection and the end of the upgrade.
+            async with self.pool.lock:
+                pid = await self._hand_over()
+                # no checkpoint since "go": a SIGTERM cannot come in between
+                if pid is not None:  # committed (upgrade rule 2): the new one owns it all
+                    self._plan.upgraded(True, self.config)
+                    self._reloading.cancel()  # before the lock goes: no reload after this
+                elif not self.pool.stopping:
+                    self._plan.upgraded(False, self.config)
         finally:
             self._upgrading = False
         if pid is None:
             return
         self._successor = pid
         events.send_nowait(UPGRADED)
+
+    async def _hand_over(self) -> int | None:
+        """Start the new supervisor with every listener and the plan's descriptors;
+        its pid once it serves, else None (the log says why)."""
+        try:
+            listeners = await self.pool.collect_listeners() if self._plan.worker_listeners else {}
+        except StartupError as exc:
+            log.error("upgrade failed: %s; this supervisor goes on serving", exc)
+            return None
+        fds: dict[str, int] = {}
+        try:
+            if self.pool.stopping:  # a SIGTERM during the collection: no new supervisor
+                return None
+            fds = self._plan.upgrade_fds(listeners)
+            handed = dict(fds)
+            if self._server is not None:  # the new supervisor serves on the same socket
+                handed[METRICS_FD] = self._server.socket.fileno()
+            # the new supervisor makes its own metrics directory; a SIGTERM meanwhile
+            # refuses the hand-over (the new one is stopped)
+            return await start_successor(
+                {}, handed, unset=("PROMETHEUS_MULTIPROC_DIR",),
+                accept=lambda: not self.pool.stopping,
+            )  # fmt: skip
+        except OSError as exc:  # EMFILE duplicating them: nothing changed
+            log.error("upgrade failed: %s; this supervisor goes on serving", exc)
+            return None
+        finally:  # ours: close(), never shutdown(): the workers (and the new ones) hold them
+            for fd in fds.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            for sockets in listeners.values():
+                for sock in sockets.values():
+                    sock.close()
 
     async def _forward_later_signals(self, events: trio.MemoryReceiveChannel[int]) -> None:
         async for signum in events:
