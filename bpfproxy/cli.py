@@ -164,8 +164,8 @@ def command(
     handover = take_handover() if not (check or release) else None
     if handover is not None and workers > 1:  # an upgrade's new supervisor
         return _run_handed_over_workers(
-            handover, config_path, listen_port, bind, bpffs, name, user, drain_timeout,
-            max_connections, metrics_address, pid_file, workers, ctx.params,
+            handover, config_path, fleet, listen_port, bind, bpffs, name, user,
+            drain_timeout, max_connections, metrics_address, pid_file, workers, ctx.params,
         )  # fmt: skip
     if handover is not None:  # started by an upgrade: the state comes with the listener
         return _run_handed_over(
@@ -339,7 +339,8 @@ def _run_handed_over(
 
 def _run_handed_over_workers(
     handover: Handover,
-    config_path: Path,
+    config_path: Path | str,
+    fleet: FleetOptions,
     listen_port: int,
     bind: str | None,
     bpffs: str,
@@ -365,9 +366,9 @@ def _run_handed_over_workers(
         try:
             account = target_account(user)
             code = [*serving_code(), Path(__file__).parent]
-            check_access(account, config_path, code, chosen=user is not None)
+            check_access(account, access_path(config_path, fleet), code, chosen=user is not None)
             limit = fit_connection_limit(max_connections)
-            data, config = read_config(config_path, (listen_port,), bind, limit)
+            source, data, config = open_config(config_path, fleet, (listen_port,), bind, limit)
             check_listen_port(listen_port, config)
             handover.sockets.pop(listen_port, None)  # (none: the group comes by name)
             options = worker_options(
@@ -384,7 +385,7 @@ def _run_handed_over_workers(
         pids = PidFile(pid_file)  # rewritten once its workers serve, as this user
         stack.callback(pids.remove)
         supervisor = Supervisor(
-            plan, config_path, data, config, workers, metrics_address,
+            plan, source, data, config, workers, metrics_address,
             validate=reload_check(config_path, (listen_port,), bind, max_connections=limit),
             drain_timeout=drain_timeout, handover=handover, pid_file=pids,
         )  # fmt: skip
