@@ -225,7 +225,10 @@ class Supervisor:
                         else:
                             log.info("%s: stopping %d workers", signal.Signals(event).name,
                                      len(pool.workers))  # fmt: skip
-                            notifier.stopping(status())
+                            if self._successor is None:
+                                notifier.stopping(status())
+                            else:  # a stop queued just after "go": the new one is the service
+                                notifier.disable()
                         # a draining supervisor reloads no more: after an upgrade the
                         # new one does, and ours would take the ports it adds
                         reloading.cancel()
@@ -279,6 +282,7 @@ class Supervisor:
                 pid = await self._hand_over()
                 # no checkpoint since "go": a SIGTERM cannot come in between
                 if pid is not None:  # committed (upgrade rule 2): the new one owns it all
+                    self._successor = pid  # set at once: a SIGTERM queued now must see it
                     self._plan.upgraded(True, self.config)
                     self._reloading.cancel()  # before the lock goes: no reload after this
                 elif not self.pool.stopping:
@@ -287,7 +291,6 @@ class Supervisor:
             self._upgrading = False
         if pid is None:
             return
-        self._successor = pid
         events.send_nowait(UPGRADED)
 
     async def _hand_over(self) -> int | None:
