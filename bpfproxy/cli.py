@@ -37,6 +37,7 @@ from tcpproxy.listeners import open_listener
 from tcpproxy.pidfile import PidFile
 from tcpproxy.privileges import (
     CAP_BPF,
+    CAP_NET_BIND_SERVICE,
     Account,
     check_access,
     drop_privileges,
@@ -211,7 +212,10 @@ def command(
                 )  # fmt: skip
                 plan.hand_to(account)
                 _write_pid_file(stack, pid_file, account)
-                _drop(pins, account, keep, ambient=reading)  # workers import code too
+                # ambient: workers import code too (reading); a restarted worker's listener
+                # on a low -p, and the supervisor an upgrade starts, bind as this user
+                listen_low = low_port_capability({listen_port}, None)
+                _drop(pins, account, keep, ambient=(*reading, *listen_low))
                 plan.serving()
                 _serving(pins)  # the supervisor's StartupError below unpins again
                 try:
@@ -500,6 +504,10 @@ def _run_worker(
         raise click.UsageError("--worker needs --worker-listener")
     link = SupervisorLink.join(worker)
     setup_logging(log_level, prefix=link.log_prefix, log_format=log_format)
+    held = inherited_capabilities()
+    keep = tuple(cap for cap in held if cap != CAP_NET_BIND_SERVICE)
+    if keep != held:  # the supervisor binds for its workers (ambient to reach its successor)
+        drop_privileges(None, keep, ambient=keep)
     config = link.initial_config()
     listener = socket.socket(fileno=listener_fd)
     listener.setblocking(False)

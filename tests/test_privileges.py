@@ -14,6 +14,7 @@ and its reloads, its config watcher and its workers still work.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -89,7 +90,8 @@ def children(pid: int) -> list[int]:
     """The process's children, whichever of its threads started them."""
     found = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(p) for p in (task / "children").read_text().split()]
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            found += [int(p) for p in (task / "children").read_text().split()]
     return sorted(found)
 
 
@@ -229,7 +231,36 @@ def test_bpfproxy_keeps_only_net_bind_service_for_a_low_port(
         wait_until(lambda: len(children(bpf_lab.pid)) == workers)
         for _ in range(10):  # whichever worker's listener the port is steered to
             assert bpf_lab.which(7001) == "a"
+        for pid in children(bpf_lab.pid):  # their supervisor binds for them: none here
+            assert_dropped(pid)
+        # The supervisor an upgrade starts keeps it (ambient), for its own restarts.
+        mark = proxy.mark()
+        proxy.send(signal.SIGUSR2)
+        new = int(proxy.wait_for(r"pid (\d+) serves", start=mark)[1])
+        assert proxy.proc.wait(TIMEOUT) == 0
+        try:
+            assert_dropped(new, CAP_NET_BIND_SERVICE)
+            wait_until(lambda: len(children(new)) == workers)
+            dead = children(new)[0]
+            mark = proxy.mark()
+            os.kill(dead, signal.SIGKILL)
+            proxy.wait_for(r"started", start=mark)
+            wait_until(lambda: dead not in children(new) and len(children(new)) == workers)
+            for _ in range(10):
+                assert bpf_lab.which(7001) == "a"
+        finally:
+            os.kill(new, signal.SIGTERM)
+            wait_until(lambda: not alive(new))
+        return
     assert proxy.stop(signal.SIGTERM) == 0
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (not gone, not a zombie nobody reaped yet)."""
+    try:
+        return status(pid)["State"][0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def run_tcpproxy(*args: str, runner: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
