@@ -6,6 +6,7 @@ bpfproxy: inside the test's network namespace) and removes them afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -503,3 +504,65 @@ def test_follows_etcd_as_a_user_with_the_password_from_the_environment(
     record = etcd.etcdctl("--user=root:rootpw", "get", f"{P}/nodes/edge-1", "--print-value-only")
     assert json.loads(record.stdout)["apps"]["db"] == [db]
     assert "edgepw" not in " ".join(proxy.argv)
+
+
+@pytest.mark.bpf
+def test_three_bpfproxy_nodes_in_their_namespaces_converge(tmp_path: Path) -> None:
+    """Three bpfproxy nodes, each in its own network namespace, reach etcd (in a
+    fourth) over veth pairs the test creates; tcpproxyctl pushes and reads the
+    status from etcd's namespace: every node serves each push, status says converged."""
+    backend_a, backend_b = 9101, 9102  # the same in every node's namespace
+    web, db = 7001, 7002
+    with contextlib.ExitStack() as stack:
+        store = stack.enter_context(NetNS(prefix="fleet-etcd"))
+        nodes = [stack.enter_context(NetNS(prefix="fleet-node")) for _ in range(3)]
+        hosts = tuple(f"10.97.{i + 1}.1" for i in range(len(nodes)))
+        for i, ns in enumerate(nodes):
+            store.veth(ns, addresses=(f"{hosts[i]}/24",), other_addresses=(f"10.97.{i + 1}.2/24",))
+        inside = InNamespace(store)
+        stack.callback(inside.close)
+        cluster = inside(lambda: EtcdCluster(1, extra_hosts=hosts).__enter__())
+        stack.callback(cluster.close)
+        labs = [
+            Deployment("bpfproxy", tmp_path / f"node{i}.json", ns) for i, ns in enumerate(nodes)
+        ]
+        for lab in labs:
+            stack.callback(lab.close)
+            lab.backend("a", port=backend_a)
+            lab.backend("b", port=backend_b)
+
+        def ctl(*args: str) -> subprocess.CompletedProcess[str]:
+            argv = ["ip", "netns", "exec", store.name, sys.executable, "-m",
+                    "tcpproxy.fleet.ctl", "--etcd", cluster.url(P), *args]  # fmt: skip
+            return subprocess.run(argv, capture_output=True, text=True, timeout=WAIT, check=False)
+
+        def push(apps: list[dict[str, object]]) -> None:
+            (tmp_path / "fleet.json").write_text(json.dumps({"Apps": apps}))
+            result = ctl("push", str(tmp_path / "fleet.json"))
+            assert result.returncode == 0, result.stdout + result.stderr
+
+        push([{"Name": "web", "Ports": [web], "Targets": [f"127.0.0.1:{backend_a}"]}])
+        for i, lab in enumerate(labs):
+            argv = [sys.executable, "-m", "bpfproxy", "-p", str(BPF_LISTEN_PORT), "--config",
+                    cluster.url(P, host=hosts[i]), "--node-id", f"bpf-{i}"]  # fmt: skip
+            lab.proxy = ProxyProcess(lab.popen_argv(argv))
+            lab.proxy.wait_for(r"INFO bpfproxy started", WAIT)
+        assert all(lab.which(web) == "a" for lab in labs)
+        assert wait_until(lambda: ctl("status").returncode == 0, WAIT), ctl("status").stdout
+
+        marks = [lab.proxy.mark() for lab in labs if lab.proxy is not None]
+        push([
+            {"Name": "web", "Ports": [web], "Targets": [f"127.0.0.1:{backend_b}"]},
+            {"Name": "db", "Ports": [db], "Targets": [f"127.0.0.1:{backend_a}"]},
+        ])  # fmt: skip
+        for lab, mark in zip(labs, marks, strict=True):
+            assert lab.proxy is not None
+            lab.proxy.wait_for(r"config \w+ applied: apps added: db; apps changed: web", WAIT, mark)
+            assert lab.which(web) == "b"
+            assert lab.which(db) == "a"
+        assert wait_until(lambda: ctl("status").returncode == 0, WAIT), ctl("status").stdout
+        status = ctl("status").stdout
+        assert all(f"bpf-{i}" in status for i in range(len(nodes))), status
+        for lab in labs:
+            assert lab.proxy is not None
+            assert lab.proxy.stop(signal.SIGTERM) == 0
