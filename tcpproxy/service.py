@@ -275,6 +275,10 @@ async def run_service(
                             else:
                                 notifier.ready(status(), main_pid=handover is not None)
                                 outer.start_soon(notifier.watchdog, status)  # while draining too
+                                if handover is not None and supervisor is None:
+                                    # a change between our read and our watch's start (the
+                                    # old process no longer reloads): look once more
+                                    reloader.request("upgrade: the config as it is now")
                             task_status.started(proxy)
                     # accepting has stopped and every listener is closed
                     if proxy.engine is not None:

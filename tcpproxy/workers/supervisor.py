@@ -208,6 +208,10 @@ class Supervisor:
                         self._take_over(self._handover)
                     notifier.ready(status(), main_pid=self._handover is not None)
                     nursery.start_soon(notifier.watchdog, status)
+                    if self._handover is not None:
+                        # a change between our read and our watch's start (the old
+                        # supervisor no longer reloads): look once more
+                        reloader.request("upgrade: the config as it is now")
                     nursery.start_soon(_pump, signals, send)
                     async for event in events:
                         if event == signal.SIGHUP:
