@@ -19,7 +19,12 @@ class StartupError(ProxyError):
     """Ours: the proxy cannot start as configured (a port cannot be bound, ...).
 
     The message names the problem and its location; the CLI prints it and exits 2.
+    `app`: the app it is about, when one is (a fleet node sets that app aside).
     """
+
+    def __init__(self, message: str, *, app: str | None = None) -> None:
+        super().__init__(message)
+        self.app = app
 
 
 class TargetUnavailable(ProxyError):

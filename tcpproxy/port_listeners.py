@@ -49,7 +49,8 @@ class PortListeners:
                 try:
                     opened[port] = open_listener(self._bind, port, reuse_port=self._reuse_port)
                 except StartupError as exc:
-                    raise StartupError(f"app {names.get(port, '?')!r}: {exc}") from None
+                    name = names.get(port)
+                    raise StartupError(f"app {name or '?'!r}: {exc}", app=name) from None
         except BaseException:
             for sock in opened.values():
                 sock.close()
@@ -69,6 +70,31 @@ class PortListeners:
             else:
                 sock.close()
         self._pending.update(self._open_all(config.ports - self.ports, config))
+
+    def open_each(
+        self, config: Config, inherited: dict[int, socket.socket] | None = None
+    ) -> dict[str, StartupError]:
+        """`open()` app by app (a fleet node, whose apps are independent): the ports
+        of each app that can be bound are; the apps that cannot are returned by name
+        with the error, none of their ports left open (`keep_only` closes those of
+        apps set aside later)."""
+        for port, sock in (inherited or {}).items():
+            if port in config.ports:
+                self._pending[port] = sock
+            else:
+                sock.close()
+        failed: dict[str, StartupError] = {}
+        for app in config.apps:
+            try:
+                self._pending.update(self._open_all(frozenset(app.ports) - self.ports, config))
+            except StartupError as exc:
+                failed[app.name] = exc
+        return failed
+
+    def keep_only(self, ports: frozenset[int]) -> None:
+        """Before `serve`: close the listeners opened for ports no longer wanted."""
+        for port in sorted(frozenset(self._pending) - ports):
+            self._pending.pop(port).close()
 
     def sockets(self) -> dict[int, socket.socket]:
         """Every listening socket by port, to hand over to a new process (an upgrade)."""

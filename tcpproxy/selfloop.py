@@ -28,7 +28,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from tcpproxy.config import Config, ConfigError, Target
@@ -106,6 +106,7 @@ def self_loops(
     extra_ports: Collection[int],
     local: Collection[IPAddress],
     bind: IPAddress | None = None,
+    owners: Mapping[int, str] | None = None,
 ) -> list[str]:
     """Every target of `config` spelled as an address that is the proxy itself.
 
@@ -113,18 +114,21 @@ def self_loops(
       extra_ports: ports the proxy listens on besides the apps' (bpfproxy's -p).
       local: this host's (namespace's) addresses.
       bind: the proxy's specific listening address (`parse_bind`); None: every one.
+      owners: further ports the proxy serves, with what they are (a fleet node's
+        other apps, when judging one app alone).
 
     Returns one problem per such target, located as config errors are
     (``Apps[i].Targets[j]: ...``); host names are left to connect time.
     """
-    owners: dict[int, str] = {port: "bpfproxy's listening port (-p)" for port in extra_ports}
+    taken: dict[int, str] = dict(owners or {})
+    taken.update({port: "bpfproxy's listening port (-p)" for port in extra_ports})
     for i, app in enumerate(config.apps):
         for j, port in enumerate(app.ports):
-            owners[port] = f"a port of app {app.name!r} (Apps[{i}].Ports[{j}])"
+            taken[port] = f"a port of app {app.name!r} (Apps[{i}].Ports[{j}])"
     problems = []
     for i, app in enumerate(config.apps):
         for j, target in enumerate(app.targets):
-            owner = owners.get(target.port)
+            owner = taken.get(target.port)
             ip = parse_ip(target.host) if owner is not None else None
             if ip is None or not reaches_proxy(ip, bind, local):
                 continue
@@ -237,6 +241,7 @@ def reject_self_loops(
     extra_ports: Collection[int] = (),
     source: str = "<config>",
     bind: str | None = None,
+    owners: Mapping[int, str] | None = None,
 ) -> None:
     """Raise ConfigError naming every target of `config` that is the proxy itself.
 
@@ -244,7 +249,7 @@ def reject_self_loops(
     (rejected, the running config stays). `bind`: the --bind option as given."""
     address = parse_bind(bind)
     local: Collection[IPAddress] = _LocalView() if address is None else ()
-    problems = self_loops(config, extra_ports, local, address)
+    problems = self_loops(config, extra_ports, local, address, owners)
     if problems:
         raise ConfigError(source, problems)
 

@@ -18,7 +18,12 @@ assembly before it, so a fixed value clears its rejection by itself):
 5. A bad defaults value: the defaults in force before stay (the built-in
    ones if none were); the rejection is listed under DEFAULTS.
 6. An app value `held` (valid alone, but applying it failed: a port that
-   cannot be bound) is rejected as in rule 3 until the value changes.
+   cannot be bound) is rejected as in rule 3 until the value changes, or the
+   source offers it again (SIGHUP, or its periodic retry).
+7. An app a check of the apps together rejects (`cross`: a target that is a
+   port of another app served here, which would loop into this proxy) is
+   rejected as in rule 3; its last good version is judged the same way. The
+   app is the one with the target: the port's owner stays.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from tcpproxy.config import (
 __all__ = [
     "DEFAULTS",
     "Assembly",
+    "CrossCheck",
     "Rejection",
     "Served",
     "assemble",
@@ -52,6 +58,9 @@ DEFAULTS = "(defaults)"  # the rejections' entry for the defaults key (an app na
 
 Values = Mapping[str, tuple[bytes, int]]  # full key -> (value, mod_revision)
 Check = Callable[[Config], None]  # a further check of one app, raising ConfigError
+# a check of one app (a one-app Config) against the ports the other apps serve here
+# (port -> what it is), raising ConfigError
+CrossCheck = Callable[[Config, Mapping[int, str]], None]
 Held = Mapping[str, tuple[bytes, str]]  # app name -> (its value, why applying it failed)
 
 
@@ -116,6 +125,7 @@ def assemble(
     previous: Assembly | None = None,
     check: Check | None = None,
     held: Held | None = None,
+    cross: CrossCheck | None = None,
 ) -> Assembly:
     """Assemble every key of `values` under `prefix` (read at `revision`) into the
     config to serve, judged against `previous` (the assembly in force; None at start).
@@ -123,6 +133,7 @@ def assemble(
     `check`: a further check of each app alone (as a one-app Config), such as
     the self-loop check every load runs; its ConfigError rejects that app.
     `held`: app values set aside by rule 6.
+    `cross`: rule 7's check, of each app against the others' ports.
     """
     root = key_root(prefix)
     parsed = previous._parsed if previous is not None else {}
@@ -211,11 +222,62 @@ def assemble(
                 if kept is not None:
                     chosen[loser] = kept
 
+    if cross is not None:
+        _cross_check(chosen, wanted, before, rejected, cross, defaults, defaults_value,
+                     parsed, cache, check)  # fmt: skip
+
     config = Config(apps=tuple(chosen[name].app for name in sorted(chosen)))
     return Assembly(
         revision, config, {name: chosen[name] for name in sorted(chosen)}, defaults_in_force,
         rejected, tuple(ignored), cache,
     )  # fmt: skip
+
+
+def _cross_check(
+    chosen: dict[str, Served],
+    wanted: Mapping[str, tuple[str, bytes, int]],
+    before: Mapping[str, Served],
+    rejected: dict[str, Rejection],
+    cross: CrossCheck,
+    defaults: Defaults,
+    defaults_value: bytes | None,
+    parsed: dict[tuple[str, bytes, bytes | None], AppConfig | str],
+    cache: dict[tuple[str, bytes, bytes | None], AppConfig | str],
+    check: Check | None,
+) -> None:
+    """Rule 7, in place. Only an app with a target on another app's port is checked
+    (the check may read the host's addresses); one rejection a round, since it
+    frees ports another app may have targeted."""
+    fallen: set[str] = set()  # fell back to their last good version already
+    while True:
+        owner = {port: name for name in sorted(chosen) for port in chosen[name].app.ports}
+        for name in sorted(chosen):
+            served = chosen[name]
+            others = {
+                target.port: f"a port of app {owner[target.port]!r} "
+                f"({wanted[owner[target.port]][0]})"
+                for target in served.app.targets
+                if owner.get(target.port, name) != name
+            }
+            if not others:
+                continue
+            try:
+                cross(Config(apps=(served.app,)), others)
+            except ConfigError as exc:
+                problem = _reason(exc)
+                break
+        else:
+            return
+        key, _, mod = wanted[name]
+        rejected.setdefault(name, Rejection(key, mod, problem))
+        del chosen[name]
+        last = before.get(name)
+        if name not in fallen and last is not None and last.value != served.value:
+            fallen.add(name)
+            kept = _last_good(last, name, defaults, defaults_value, parsed, cache, check)
+            taken = {port for other in chosen.values() for port in other.app.ports}
+            if kept is not None and not taken & set(kept.app.ports):
+                chosen[name] = kept
 
 
 def assembly_from_document(
