@@ -316,7 +316,9 @@ def _run_handed_over(
             code = [*serving_code(), Path(__file__).parent]
             check_access(account, access_path(config_path, fleet), code, chosen=user is not None)
             limit = fit_connection_limit(max_connections)
-            source, data, config = open_config(config_path, fleet, (listen_port,), bind, limit)
+            source, data, config = open_config(
+                config_path, fleet, (listen_port,), bind, limit, handover
+            )
             check_listen_port(listen_port, config)
             listener = handover.sockets.pop(listen_port, None)
             if listener is None:
@@ -372,7 +374,9 @@ def _run_handed_over_workers(
             code = [*serving_code(), Path(__file__).parent]
             check_access(account, access_path(config_path, fleet), code, chosen=user is not None)
             limit = fit_connection_limit(max_connections)
-            source, data, config = open_config(config_path, fleet, (listen_port,), bind, limit)
+            source, data, config = open_config(
+                config_path, fleet, (listen_port,), bind, limit, handover
+            )
             check_listen_port(listen_port, config)
             handover.sockets.pop(listen_port, None)  # (none: the group comes by name)
             options = worker_options(

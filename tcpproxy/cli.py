@@ -25,6 +25,7 @@ from tcpproxy.cli_common import (
     run_cli,
     serving_code,
     setup_logging,
+    start_listening,
     worker_options,
 )
 from tcpproxy.config import Config
@@ -114,7 +115,9 @@ def command(
         account, access_path(config_path, fleet), serving_code(), chosen=user is not None
     )
     limit = fit_connection_limit(max_connections)
-    source, data, config = open_config(config_path, fleet, bind=bind, max_connections=limit)
+    source, data, config = open_config(
+        config_path, fleet, bind=bind, max_connections=limit, handover=handover
+    )
     keep = (*reading, *low_port_capability(config.ports, metrics_address))
     if handover is not None:
         keep = inherited_capabilities()
@@ -140,7 +143,8 @@ def command(
         return 0
     metrics, address = metrics_for(metrics_address)
     frontend = PortListeners(bind)
-    frontend.open(config, handover.sockets if handover is not None else None)
+    inherited = handover.sockets if handover is not None else None
+    data, config = start_listening(frontend, source, data, config, inherited)
     pids = PidFile(pid_file)
     if handover is None:  # else rewritten once this process serves, as its user
         pids.write_at_start(account.uid if account is not None else None)

@@ -8,22 +8,27 @@ import resource
 import signal
 import socket
 import sys
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from tcpproxy import __version__
-from tcpproxy.config import Config, ConfigError, parse_config
+from tcpproxy.config import Config, ConfigError, no_isolation, parse_config
 from tcpproxy.engine import ENGINES
-from tcpproxy.errors import ProxyError
+from tcpproxy.errors import ProxyError, StartupError
 from tcpproxy.privileges import CAP_NET_BIND_SERVICE, unprivileged_port_start
+from tcpproxy.selfloop import reject_self_loops
 from tcpproxy.service import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CONNECTIONS, validate_config
 from tcpproxy.sources import ConfigSource
 from tcpproxy.sources.file import read_config_bytes
+
+if TYPE_CHECKING:
+    from tcpproxy.port_listeners import PortListeners
+    from tcpproxy.upgrade import Handover
 
 __all__ = [
     "EXIT_USAGE",
@@ -39,6 +44,7 @@ __all__ = [
     "run_cli",
     "serving_code",
     "setup_logging",
+    "start_listening",
 ]
 
 EXIT_USAGE = 2  # our error: bad config, bad option, cannot start as asked
@@ -322,10 +328,17 @@ def open_config(
     listen_ports: Collection[int] = (),
     bind: str | None = None,
     max_connections: int | None = None,
+    handover: Handover | None = None,
 ) -> tuple[Path | ConfigSource, bytes, Config]:
     """The config to start with, and where it goes on coming from: `read_config` for a
     file; for an etcd URL, the prefix read once (or the --etcd-cache file when etcd
     is unreachable) and the `EtcdSource` that follows it (tcpproxy.fleet.source).
+
+    A file is judged whole (a bad app, a self-loop: exit 2). etcd's apps are judged
+    one by one: an app that loops into another app's port or claims a port of
+    `listen_ports` (bpfproxy's -p) is rejected and the rest served. `handover`: a
+    process an upgrade started: the config the old one served (CONFIG_FD) keeps
+    the apps' last good versions, and etcd is waited for UPGRADE_LOAD_TIMEOUT at most.
 
     Raises ConfigError (exit 2) for a bad URL or option, or no config to start from.
     """
@@ -339,6 +352,7 @@ def open_config(
     from tcpproxy.fleet.publish import Publisher
     from tcpproxy.fleet.source import EtcdSource
     from tcpproxy.fleet.url import parse_etcd_url
+    from tcpproxy.upgrade import CONFIG_FD, UPGRADE_LOAD_TIMEOUT, read_config_fd
 
     try:
         target = parse_etcd_url(
@@ -350,17 +364,81 @@ def open_config(
     node = fleet.node_id or socket.gethostname()
     if not node or "/" in node:
         raise ConfigError("--node-id", [f"must be a non-empty name without '/', got {node!r}"])
+    handed, timeout = None, None
+    if handover is not None:
+        timeout = UPGRADE_LOAD_TIMEOUT
+        fd = handover.fds.pop(CONFIG_FD, None)
+        if fd is not None:
+            handed = read_config_fd(fd)
     source = EtcdSource(
         target, cache=fleet.etcd_cache, publish=Publisher(target, node),
-        check=reload_check(location, listen_ports, bind, max_connections=None),
+        check=partial(_check_app, location, listen_ports, bind),
+        cross=partial(_check_against, location, listen_ports, bind),
+        handed=handed, load_timeout=timeout,
     )  # fmt: skip
     contents = trio.run(source.load)
     assert contents.config is not None
-    validate_config(
-        contents.config, source=source.name, listen_ports=listen_ports, bind=bind,
-        max_connections=max_connections,
-    )  # fmt: skip
+    if max_connections is not None:  # the warnings of `validate_config`; its checks ran
+        for problem in no_isolation(contents.config, max_connections):
+            logging.getLogger("tcpproxy").warning("%s: %s", source.name, problem)
     return source, contents.data, contents.config
+
+
+def _check_app(
+    location: str, listen_ports: Collection[int], bind: str | None, config: Config
+) -> None:
+    """A fleet app alone (a one-app Config): no self-loop, and none of `listen_ports`
+    (bpfproxy's -p, served by the proxy itself) among its ports."""
+    validate_config(config, source=location, listen_ports=listen_ports, bind=bind)
+    problems = [
+        f"Ports[{app.ports.index(port)}]: port {port} is this proxy's own listening port "
+        "(-p): choose another port for the app, or another -p for the node"
+        for app in config.apps
+        for port in sorted(set(app.ports) & set(listen_ports))
+    ]
+    if problems:
+        raise ConfigError(location, problems)
+
+
+def _check_against(
+    location: str,
+    listen_ports: Collection[int],
+    bind: str | None,
+    config: Config,
+    others: Mapping[int, str],
+) -> None:
+    """A fleet app (a one-app Config) against the ports of the other apps served here."""
+    reject_self_loops(config, listen_ports, location, bind, others)
+
+
+def start_listening(
+    frontend: PortListeners,
+    source: Path | ConfigSource,
+    data: bytes,
+    config: Config,
+    inherited: dict[int, socket.socket] | None,
+) -> tuple[bytes, Config]:
+    """Bind the ports of `config` (tcpproxy, one process). A file: all or none (a
+    StartupError: exit 2). etcd: app by app; the apps that cannot be bound are set
+    aside as a reload would (tcpproxy.fleet.source rule 6) and the node starts with
+    the rest. Returns the config started with."""
+    from tcpproxy.fleet.source import EtcdSource
+
+    if not isinstance(source, EtcdSource):
+        frontend.open(config, inherited)
+        return data, config
+    for _ in range(len(config.apps) + 1):  # each round sets one app aside at least
+        failed = frontend.open_each(config, inherited)
+        inherited = None
+        if not failed:
+            return data, config
+        contents = source.set_aside(failed)
+        assert contents.config is not None
+        data, config = contents.data, contents.config
+        frontend.keep_only(config.ports)
+    raise StartupError(
+        "the ports of the apps cannot be bound: " + "; ".join(map(str, failed.values()))
+    )
 
 
 def access_path(location: Path | str, fleet: FleetOptions) -> Path:

@@ -116,6 +116,8 @@ class Reloader:
 
     async def _reload(self, why: str) -> str | None:
         """Returns "applied", "rejected", _RETRY, or None when nothing changed."""
+        if why == "SIGHUP":
+            self.source.reoffer()  # etcd: the apps set aside are tried again too
         try:
             contents = await self.source.read()
         except ConfigError as exc:
@@ -141,7 +143,11 @@ class Reloader:
         if self._short or self._missing:
             log.info("reload (%s): the config file can be read again", why)
             self._short = self._missing = False
-        if why != "SIGHUP" and (data == self._running or (data, stamp) == self._rejected):
+        if why != "SIGHUP" and data == self._running:
+            # nothing to apply; etcd: its revision or rejections may have moved on
+            await self.source.applied(contents)
+            return None
+        if why != "SIGHUP" and (data, stamp) == self._rejected:
             return None  # an event that did not change the file
         try:
             new = await trio.to_thread.run_sync(self._parse, data, contents.config)

@@ -52,7 +52,7 @@ from tcpproxy.sources import ConfigSource
 from tcpproxy.sources.file import FileSource
 from tcpproxy.status import Loaded
 from tcpproxy.status import snapshot as status_snapshot
-from tcpproxy.upgrade import METRICS_FD, Handover, start_successor
+from tcpproxy.upgrade import CONFIG_FD, METRICS_FD, Handover, config_fd, start_successor
 
 if TYPE_CHECKING:
     from tcpproxy.workers.link import SupervisorLink
@@ -220,7 +220,8 @@ async def run_service(
                             log.info("SIGUSR2 ignored: an upgrade is in flight")
                         else:
                             upgrade.in_flight = True
-                            outer.start_soon(_upgrade, upgrade, listeners, state, stop_accepting)
+                            outer.start_soon(_upgrade, upgrade, listeners, state,
+                                             stop_accepting, source.served)  # fmt: skip
 
                     outer.start_soon(
                         _handle_signals, signals, on_hup, on_usr2, stop_accepting, cut_connections
@@ -328,14 +329,25 @@ async def _upgrade(
     listeners: Callable[[], dict[int, socket.socket]],
     state: UpgradeState | None,
     stop_accepting: trio.CancelScope,
+    served: Callable[[], bytes | None],
 ) -> None:
+    """`served`: the source's config in force, handed over as CONFIG_FD (a fleet
+    node's: the new process keeps the apps' last good versions)."""
+    fds = {**(state.fds() if state is not None else {}), **upgrade.fds}
+    config = served()
+    try:
+        ours = {CONFIG_FD: config_fd(config)} if config is not None else {}
+    except OSError as exc:  # EMFILE, ENOMEM: the new process reads etcd (and the cache) only
+        log.warning("upgrade: the config in force is not handed over: %s", exc)
+        ours = {}
     try:  # a SIGTERM meanwhile: it refuses the hand-over (and stops the new process)
         pid = await start_successor(
-            listeners(), {**(state.fds() if state is not None else {}), **upgrade.fds},
-            accept=lambda: not stop_accepting.cancel_called,
-        )  # fmt: skip
+            listeners(), {**fds, **ours}, accept=lambda: not stop_accepting.cancel_called
+        )
     finally:
         upgrade.in_flight = False
+        for fd in ours.values():
+            os.close(fd)
     if state is not None:
         state.upgraded(pid is not None)
     if pid is not None:

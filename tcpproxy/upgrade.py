@@ -52,10 +52,14 @@ import trio
 from tcpproxy.errors import StartupError
 
 __all__ = [
+    "CONFIG_FD",
     "METRICS_FD",
     "READY_TIMEOUT",
     "UPGRADE_FD_ENV",
+    "UPGRADE_LOAD_TIMEOUT",
     "Handover",
+    "config_fd",
+    "read_config_fd",
     "start_successor",
     "successor_environment",
     "take_handover",
@@ -69,6 +73,9 @@ STOP_GRACE = 5.0  # seconds a failed new process gets after SIGTERM before SIGKI
 FDS_PER_MESSAGE = 200  # the kernel takes at most 253 descriptors in one message (SCM_MAX_FD)
 MESSAGE_SIZE = 65536  # bytes of one message: a batch of ports as JSON, or an answer
 METRICS_FD = "metrics"  # the --metrics listener's name among the named descriptors
+CONFIG_FD = "config"  # the config served (a fleet node's), in a memfd: its last good apps
+UPGRADE_LOAD_TIMEOUT = 4.0  # seconds a new process waits for etcd before it starts from the
+# config handed over (well within READY_TIMEOUT: the rest is for binding and serving)
 READY = b"ready"  # new -> old: it serves on what it was handed
 GO = b"go"  # old -> new: the hand-over is decided (rule 2); anything else, or nothing, refuses
 
@@ -202,6 +209,27 @@ async def _stop(process: trio.Process, why: str) -> None:
         log.error("upgrade failed: pid %d exited with code %s before it served (its log "
                   "says why); this process goes on serving", process.pid,
                   process.returncode)  # fmt: skip
+
+
+def config_fd(data: bytes) -> int:
+    """A descriptor holding `data` (a memfd), to hand the config served to the new
+    process as CONFIG_FD; the caller closes it."""
+    fd = os.memfd_create("tcpproxy-config", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_config_fd(fd: int) -> bytes:
+    """The config handed over in CONFIG_FD (and closes it)."""
+    with os.fdopen(fd, "rb") as file:
+        file.seek(0)
+        return file.read()
 
 
 class Handover:

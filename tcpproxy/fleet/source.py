@@ -2,8 +2,13 @@
 
 Rules:
 1. Start (`load`): the whole prefix at one revision, assembled app by app
-   (tcpproxy.fleet.assemble). etcd unreachable: the --etcd-cache file, said
-   so in the log; no cache either: a ConfigError (exit 2).
+   (tcpproxy.fleet.assemble), judged against the config this node served
+   before: the one an upgrade hands over, else the --etcd-cache file; so an
+   app whose value is bad keeps its last good version across an upgrade or
+   a restart. Without either (a cold start with no cache), a bad app is not
+   served. etcd unreachable (or, in an upgrade, slower than `load_timeout`):
+   the handed-over config or the cache, said so in the log; neither: a
+   ConfigError (exit 2).
 2. Follow (`watch`): a watch from the revision read + 1; each batch of
    events is applied to the keys held here and assembled again; a change of
    the config served asks the reloader (tcpproxy.reload) to apply it, which
@@ -21,15 +26,23 @@ Rules:
    (atomically: a temporary file renamed over it) and published
    (tcpproxy.fleet.publish).
 6. A config the reloader cannot apply (a port of a new app already taken on
-   this machine) sets aside the apps it changed (assemble's rule 6: each keeps
-   its last good version, or is not served, until its value changes), and
-   the rest is offered again: one team's push does not hold up the others.
+   this machine) sets aside the app the error names (else every app it
+   changed): assemble's rule 6, it keeps its last good version, or is not
+   served, until its value changes; the rest is offered again, so one team's
+   push does not hold up the others. Apps set aside are offered again on
+   SIGHUP (`reoffer`), and by themselves after HELD_RETRY_FIRST seconds,
+   doubling to HELD_RETRY_MAX while they keep failing: a port freed later is
+   taken without an operator. At start, `set_aside` does the same for the
+   apps whose ports cannot be bound.
+7. The node record follows the revision and the rejections even when the
+   config served does not change (`applied` is told of each read).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import random
 import tempfile
@@ -45,6 +58,7 @@ from tcpproxy.fleet.assemble import (
     DEFAULTS,
     Assembly,
     Check,
+    CrossCheck,
     assemble,
     assembly_from_document,
     key_root,
@@ -61,6 +75,8 @@ log = logging.getLogger("tcpproxy")
 
 BACKOFF_FIRST = 0.5  # seconds before the first retry of an unreachable etcd
 BACKOFF_MAX = 8.0  # the back-off's cap: an outage's end is noticed within this (plus jitter)
+HELD_RETRY_FIRST = 5.0  # seconds before apps set aside (rule 6) are offered again
+HELD_RETRY_MAX = 60.0  # the cap of that back-off while they keep failing
 
 ClientFactory = Callable[[EtcdTarget], Any]  # EtcdClient's signature: an async context manager
 
@@ -82,6 +98,10 @@ class EtcdSource:
       target: the cluster and the prefix.
       cache: the --etcd-cache file, or None.
       check: a further check of each app (the self-loop check), as `assemble` takes.
+      cross: the check of each app against the others' ports (assemble's rule 7).
+      handed: the config the process this one upgrades served (rule 1), or None.
+      load_timeout: how long `load` may wait for etcd before starting from `handed`
+        or the cache (an upgrade must serve within READY_TIMEOUT); None: no bound.
       metrics: counts rejections.
       publish: told of each applied config (tcpproxy.fleet.publish.Publisher), or None.
       client: makes the etcd client (tests pass another).
@@ -93,6 +113,9 @@ class EtcdSource:
         *,
         cache: Path | None = None,
         check: Check | None = None,
+        cross: CrossCheck | None = None,
+        handed: bytes | None = None,
+        load_timeout: float | None = None,
         metrics: NullMetrics | None = None,
         publish: Any = None,
         client: ClientFactory = EtcdClient,
@@ -102,6 +125,9 @@ class EtcdSource:
         self._root = key_root(target.prefix)
         self._cache = cache
         self._check = check
+        self._cross = cross
+        self._handed = handed
+        self._load_timeout = load_timeout
         self._metrics = metrics or NullMetrics()
         self._publish = publish
         self._client = client
@@ -109,6 +135,11 @@ class EtcdSource:
         self._synced = False  # _values are etcd's (not after a start from the cache)
         self._ignored: set[str] = set()  # unknown keys logged already
         self._held: dict[str, tuple[bytes, str]] = {}  # rule 6: app -> (value, why)
+        self._held_more = trio.Event()  # set when an app is set aside (the retry waits)
+        self._published: tuple[object, bytes, object] | None = None  # rule 7: the record
+        self._written: bytes | None = None  # the cache file's contents, as written here
+        self._cache_problem = ""  # why the cache could not be read at start, if it could not
+        self._previous_in_force: Assembly | None = None  # what `load` judged against
         self._on_change: Callable[[str], None] | None = None  # the watch's, for rule 6
         self._cache_failed = False  # a failed cache write is logged once per episode
         self.assembly: Assembly | None = None  # the latest
@@ -119,38 +150,71 @@ class EtcdSource:
 
     async def load(self) -> Contents:
         """Read the prefix at one revision (rule 1); raise ConfigError if neither
-        etcd nor the cache gives a config."""
+        etcd, the config handed over nor the cache gives a config."""
+        previous = await self._previous()
         try:
-            async with self._client(self.target) as client:
-                revision, kvs = await client.range_prefix(self._root)
+            with trio.fail_after(self._load_timeout if self._load_timeout else math.inf):
+                async with self._client(self.target) as client:
+                    revision, kvs = await client.range_prefix(self._root)
+        except trio.TooSlowError:
+            endpoints = self.target.describe_endpoints()
+            reason = f"no answer within {self._load_timeout:g}s"
+            return await self._start_without_etcd(
+                EtcdUnavailable(endpoints, {endpoints: reason}), previous
+            )
         except EtcdUnavailable as exc:
-            return await self._from_cache(exc)
+            return await self._start_without_etcd(exc, previous)
         except EtcdError as exc:  # it answers, and refuses (auth, TLS identity): ours to fix
             raise ConfigError(self.name, [str(exc)]) from None
         self._values = {kv.key: (kv.value, kv.mod_revision) for kv in kvs}
         self._synced = True
+        self._previous_in_force = previous[0] if previous is not None else None
+        self._in_force = self._previous_in_force
         self._assemble(revision)
         assert self.assembly is not None
+        self._in_force = self.assembly
         log.info("config from %s at revision %d: %d apps, %d rejected", self.name, revision,
                  len(self.assembly.config.apps), len(self.assembly.rejected))  # fmt: skip
         return self._contents()
 
-    async def _from_cache(self, exc: Exception) -> Contents:
+    async def _previous(self) -> tuple[Assembly, str] | None:
+        """What this node served before (rule 1), and where it comes from: the config
+        an upgrade handed over, else the cache file; None if neither is there (or
+        reads as a config)."""
+        if self._handed is not None:
+            try:
+                return assembly_from_document(
+                    self._handed, self.target.prefix, "the config handed over"
+                ), "the config the old process served"
+            except ConfigError as exc:
+                log.warning("upgrade: the config handed over is not usable: %s", exc)
         if self._cache is None:
-            raise ConfigError(self.name, [f"etcd is unreachable ({exc}) and there is no "
-                                          "--etcd-cache to start from"])  # fmt: skip
+            return None
         try:
             data = await trio.to_thread.run_sync(read_config_bytes, self._cache)
-        except ConfigError as error:
-            raise ConfigError(
-                self.name, [f"etcd is unreachable ({exc}), and the cache {error}"]
-            ) from None
-        self.assembly = assembly_from_document(data, self.target.prefix, str(self._cache))
-        self._in_force = self.assembly
+            assembly = assembly_from_document(data, self.target.prefix, str(self._cache))
+        except ConfigError as exc:
+            self._cache_problem = f"the cache {exc}"
+            return None
         written = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.stat(self._cache).st_mtime))
-        log.warning("etcd is unreachable (%s): starting from the cache %s (written %s, %d "
-                    "apps); following %s once it answers", exc, self._cache, written,
-                    len(self.assembly.config.apps), self.name)  # fmt: skip
+        return assembly, f"the cache {self._cache} (written {written})"
+
+    async def _start_without_etcd(
+        self, exc: Exception, previous: tuple[Assembly, str] | None
+    ) -> Contents:
+        if previous is None:
+            why = self._cache_problem or "there is no --etcd-cache to start from"
+            raise ConfigError(self.name, [f"etcd is unreachable ({exc}) and {why}"])
+        self.assembly, where = previous
+        self._in_force = self._previous_in_force = self.assembly
+        root = self._root  # its keys, for `set_aside` (etcd's replace them once it answers)
+        self._values = {f"{root}apps/{name}": (served.value, served.revision)
+                        for name, served in self.assembly.apps.items()}  # fmt: skip
+        if self.assembly.defaults is not None:
+            self._values[root + "defaults"] = self.assembly.defaults
+        log.warning("etcd is unreachable (%s): starting from %s (%d apps); following %s "
+                    "once it answers", exc, where, len(self.assembly.config.apps),
+                    self.name)  # fmt: skip
         return self._contents()
 
     def _contents(self) -> Contents:
@@ -171,34 +235,91 @@ class EtcdSource:
         return {name: why.as_dict() for name, why in self.assembly.rejected.items()}
 
     async def applied(self, contents: Contents) -> None:
-        """Rule 5: the cache, then the node record."""
+        """Rule 5: the cache, then the node record; also told of a read that changed
+        nothing served (rule 7): the record's revision and rejections follow."""
         if self._offered is not None and contents.config is self._offered.config:
             self._in_force = self._offered
-        if self._cache is not None:
+        if self._cache is not None and contents.data != self._written:
             try:
                 await trio.to_thread.run_sync(write_atomically, self._cache, contents.data)
                 self._cache_failed = False
+                self._written = contents.data
             except OSError as exc:
                 if not self._cache_failed:
                     log.warning("etcd cache %s not written (its directory must be writable "
                                 "by the serving user): %s", self._cache, exc)  # fmt: skip
                 self._cache_failed = True
-        if self._publish is not None:
-            assert contents.config is not None
-            self._publish.applied(contents.stamp, contents.data, contents.config, self.rejected())
+        assert contents.config is not None
+        self._record(contents.stamp, contents.data, contents.config)
+
+    def _record(self, revision: object, data: bytes, config: Config) -> None:
+        """Publish the node record if its revision, config or rejections changed."""
+        rejected = self.rejected()
+        if self._publish is None or self._published == (revision, data, rejected):
+            return
+        self._published = (revision, data, rejected)
+        self._publish.applied(revision, data, config, rejected)
+
+    def served(self) -> bytes | None:
+        """The config in force, in the file format: handed to the process an upgrade
+        starts (rule 1)."""
+        return self._in_force.document() if self._in_force is not None else None
 
     def refused(self, contents: Contents, running: Config, error: Exception) -> None:
-        """Rule 6: set aside the apps `contents` adds or changes, offer the rest."""
+        """Rule 6: set aside the app the error names (a StartupError's `app`), else
+        every app `contents` adds or changes, and offer the rest."""
         offered = self._offered
         if offered is None or contents.config is not offered.config:
             return
-        before = {app.name: app for app in running.apps}
-        blamed = [app.name for app in offered.config.apps if before.get(app.name) != app]
-        reason = f"not applied: {error}"
-        for name in blamed:
-            self._held[name] = (offered.apps[name].value, reason)
+        named = getattr(error, "app", None)
+        if named is not None and named in offered.apps:
+            blamed = [named]
+        else:
+            before = {app.name: app for app in running.apps}
+            blamed = [app.name for app in offered.config.apps if before.get(app.name) != app]
+        self._hold({name: error for name in blamed}, offered)
         if blamed and self._on_change is not None and self.assembly is not None:
             self._changed(self.assembly.revision, self._on_change)
+
+    def _hold(self, errors: Mapping[str, Exception], offered: Assembly) -> None:
+        for name, error in errors.items():
+            self._held[name] = (offered.apps[name].value, f"not applied: {error}")
+        if errors:
+            self._held_more.set()
+
+    def set_aside(self, errors: Mapping[str, Exception]) -> Contents:
+        """At start (rule 6): the apps whose ports cannot be bound are set aside;
+        the config to start with instead."""
+        assert self.assembly is not None, "load() first"
+        self._hold(errors, self.assembly)
+        self._in_force = self._previous_in_force
+        self._assemble(self.assembly.revision)
+        self._in_force = self.assembly
+        return self._contents()
+
+    def reoffer(self) -> None:
+        """SIGHUP (rule 6): the apps set aside are judged again at the next read."""
+        if self._held:
+            log.info("etcd: offering again the apps set aside: %s", ", ".join(sorted(self._held)))
+            self._held.clear()
+            self._assemble(self.revision)
+
+    async def _retry_held(self, on_change: Callable[[str], None]) -> None:
+        """Rule 6: offer the apps set aside again, after HELD_RETRY_FIRST seconds,
+        doubling while they are set aside again within the wait."""
+        delay = HELD_RETRY_FIRST
+        while True:
+            await self._held_more.wait()
+            await trio.sleep(delay)
+            self._held_more = trio.Event()
+            if not self._held:  # their values changed meanwhile: judged afresh already
+                delay = HELD_RETRY_FIRST
+                continue
+            self.reoffer()
+            on_change("a retry of the apps set aside")
+            with trio.move_on_after(delay):
+                await self._held_more.wait()
+            delay = min(delay * 2, HELD_RETRY_MAX) if self._held_more.is_set() else HELD_RETRY_FIRST
 
     async def watch(
         self,
@@ -213,11 +334,12 @@ class EtcdSource:
                 nursery.start_soon(self._publish.run)
             if self._synced:
                 await self.applied(self._contents())
-            elif self._publish is not None:  # from the cache: say so, not in the cache again
+            else:  # from the cache: say so, not in the cache again
                 contents = self._contents()
                 assert contents.config is not None
-                self._publish.applied(0, contents.data, contents.config, self.rejected())
+                self._record(0, contents.data, contents.config)
             self._on_change = on_change
+            nursery.start_soon(self._retry_held, on_change)
             task_status.started()
             await self._follow(on_change)
 
@@ -294,11 +416,9 @@ class EtcdSource:
             on_change(f"etcd revision {revision}")
         elif before is self._in_force:
             self._in_force = after
-            if self._publish is not None:
-                contents = self._contents()
-                assert contents.config is not None
-                self._publish.applied(after.revision, contents.data, contents.config,
-                                      self.rejected())  # fmt: skip
+            contents = self._contents()
+            assert contents.config is not None
+            self._record(after.revision, contents.data, contents.config)
 
     def _assemble(self, revision: int) -> None:
         """Assemble the keys held; log (once) and count what changed in the rejections."""
@@ -308,9 +428,8 @@ class EtcdSource:
             for name, (value, why) in self._held.items()
             if self._values.get(f"{self._root}apps/{name}", (b"", 0))[0] == value
         }  # a held value rewritten (or deleted) is judged afresh
-        after = assemble(
-            self._values, self.target.prefix, revision, self._in_force, self._check, self._held
-        )
+        after = assemble(self._values, self.target.prefix, revision, self._in_force,
+                         self._check, self._held, self._cross)  # fmt: skip
         if self._in_force is None:  # the first: what the process starts with
             self._in_force = after
         self.assembly, self.revision = after, max(self.revision, revision)
@@ -325,8 +444,10 @@ class EtcdSource:
             self._metrics.app_rejected(name)
             if name == DEFAULTS:
                 action = "keeping the defaults in force"
-            elif name in after.apps:
+            elif name in after.apps and after.apps[name].revision:
                 action = f"keeping its version of revision {after.apps[name].revision}"
+            elif name in after.apps:  # from the config handed over or the cache
+                action = "keeping the version this node served before"
             else:
                 action = "not served"
             log.error("etcd: %s rejected at revision %d, %s: %s", why.key, why.revision,

@@ -49,6 +49,13 @@ class ConfigSource(Protocol):
         """The reloader could not apply `contents` (`running` stays): a source made of
         parts (etcd) may set aside the parts that changed, and offer the rest."""
 
+    def served(self) -> bytes | None:
+        """The config in force to hand to an upgrade's new process (etcd: its last
+        good apps), or None: the new process reads its source afresh (a file)."""
+
+    def reoffer(self) -> None:
+        """SIGHUP: parts set aside by `refused` are judged again at the next read."""
+
     def rejected(self) -> Mapping[str, Mapping[str, object]]:
         """Parts of the source refused while the rest applied (etcd: apps), by name:
         {"key": ..., "revision": ..., "reason": ...}; empty for a file."""

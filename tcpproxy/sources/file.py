@@ -244,6 +244,12 @@ class FileSource:
     def refused(self, contents: Contents, running: Config, error: Exception) -> None:
         """Nothing to do: the file is one part; the reloader says why it was rejected."""
 
+    def served(self) -> None:
+        """The new process reads the file itself."""
+
+    def reoffer(self) -> None:
+        """Nothing set aside: SIGHUP reads the whole file again anyway."""
+
     def rejected(self) -> dict[str, dict[str, object]]:
         return {}
 

@@ -51,7 +51,14 @@ from tcpproxy.pidfile import PidFile
 from tcpproxy.reload import Reloader, digest
 from tcpproxy.sources import ConfigSource
 from tcpproxy.status import Loaded, counts_from_samples, snapshot
-from tcpproxy.upgrade import METRICS_FD, READY_TIMEOUT, Handover, start_successor
+from tcpproxy.upgrade import (
+    CONFIG_FD,
+    METRICS_FD,
+    READY_TIMEOUT,
+    Handover,
+    config_fd,
+    start_successor,
+)
 from tcpproxy.workers.fanout import Fanout
 from tcpproxy.workers.plan import Plan
 from tcpproxy.workers.pool import Pool
@@ -98,6 +105,7 @@ class Supervisor:
         self._plan = plan
         self._validate = validate  # the reloader's check of a new config (Reloader)
         self._path = path
+        self._source: ConfigSource | None = None  # the reloader's, once it runs
         self._data = data
         self._metrics_address = metrics_address
         self._drain_timeout = drain_timeout
@@ -123,6 +131,7 @@ class Supervisor:
             self._path, self._data, lambda: self.config, self._fanout.apply, notifier, metrics,
             self._validate,
         )  # fmt: skip
+        self._source = reloader.source
         if metrics is not None:
             reloader.source.use_metrics(metrics)
             metrics.config_loaded(reloader.digest)
@@ -313,6 +322,9 @@ class Supervisor:
             handed = dict(fds)
             if self._server is not None:  # the new supervisor serves on the same socket
                 handed[METRICS_FD] = self._server.socket.fileno()
+            served = self._source.served() if self._source is not None else None
+            if served is not None:  # a fleet node's apps, each at its last good version
+                fds[CONFIG_FD] = handed[CONFIG_FD] = config_fd(served)
             # the new supervisor makes its own metrics directory; a SIGTERM meanwhile
             # refuses the hand-over (the new one is stopped)
             return await start_successor(
