@@ -54,7 +54,7 @@ class TcpPlan:
                     self._locks.take([port])
                     open_listener(self._bind, port, listen=False).close()
                 except StartupError as exc:
-                    raise StartupError(f"app {names[port]!r}: {exc}") from None
+                    raise StartupError(f"app {names[port]!r}: {exc}", app=names[port]) from None
         except BaseException:
             self._locks.keep_only(held)
             raise

@@ -640,13 +640,14 @@ def test_bpfproxy_at_start_rejects_an_app_claiming_its_listening_port_alone(
     assert "bpfproxy's listening port (-p)" in str(rejected["into"]["reason"])
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_one_push_with_a_taken_port_sets_aside_that_app_only(
-    etcd: EtcdCluster, backends: Any, proxies: list[ProxyProcess]
+    etcd: EtcdCluster, backends: Any, proxies: list[ProxyProcess], workers: int
 ) -> None:
     a = backends("a")
     web, taken, free = free_ports(3)
     etcd.put(f"{P}/apps/web", value(web, targets=(a.address,)))
-    proxy = start(etcd.url(P), "--node-id", "edge-1")
+    proxy = start(etcd.url(P), "--node-id", "edge-1", "--workers", str(workers))
     proxies.append(proxy)
     with squatting(taken):
         mark = proxy.mark()
