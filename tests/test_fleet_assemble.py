@@ -239,3 +239,30 @@ def test_a_held_value_is_rejected_until_it_changes() -> None:
     s.put("apps/web", app([8080, 9998]))
     a = assemble(s.values, P, s.revision, in_force, held=held)
     assert served(a) == {"web": (8080, 9998)} and a.rejected == {}
+
+
+def test_rule_7_an_app_targeting_another_apps_port_is_rejected_and_falls_back() -> None:
+    """The cross check sees the other apps' ports; the app with the target is the one
+    rejected (keeping its last good version), the port's owner stays."""
+    seen: list[dict[int, str]] = []
+
+    def cross(config: Config, others: object) -> None:
+        assert isinstance(others, dict)
+        seen.append(others)
+        raise ConfigError("x", [f"loops into {sorted(others.values())}"])
+
+    values: dict[str, tuple[bytes, int]] = {
+        f"{P}/apps/a": (app([8001], ("127.0.0.1:9000",)), 2),
+        f"{P}/apps/b": (app([8002]), 3),
+    }
+    first = assemble(values, P, 3, None, cross=cross)
+    assert served(first) == {"a": (8001,), "b": (8002,)} and seen == []
+    values[f"{P}/apps/a"] = (app([8001], ("127.0.0.1:8002",)), 4)
+    second = assemble(values, P, 4, first, cross=cross)
+    assert served(second) == {"a": (8001,), "b": (8002,)}
+    assert second.apps["a"].revision == 2  # its last good version
+    assert second.rejected["a"].key == f"{P}/apps/a"
+    assert second.rejected["a"].revision == 4
+    assert second.rejected["a"].reason == f"loops into [\"a port of app 'b' ({P}/apps/b)\"]"
+    new = assemble(values, P, 4, None, cross=cross)  # no last good version: not served
+    assert served(new) == {"b": (8002,)} and set(new.rejected) == {"a"}
