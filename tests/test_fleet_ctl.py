@@ -220,6 +220,26 @@ def test_etcd_unreachable_is_one_line_naming_the_endpoints(tmp_path: Path) -> No
     assert result.returncode == 2 and "never argv" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("host", "problem"),
+    [
+        ("999.1.1.1", "not an IPv4 address"),
+        ("[1::2::3]", "not an IPv6 address"),
+        ("a..b", "empty label"),
+        ("l" * 64 + ".example", "a label over 63 characters"),
+    ],
+)
+def test_a_bad_host_is_one_line_exit_2(host: str, problem: str) -> None:
+    url = f"etcd://{host}:1/x"
+    for args in (["get"], ["status"]):
+        result = ctl("--etcd", url, *args)
+        assert result.returncode == 2, result.stderr
+        # click's usage error: the usage, then the problem on one line
+        assert "Traceback" not in result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert f"bad host {host!r} in endpoint '{host}:1': {problem}" in last
+
+
 def test_tls_and_auth(etcd_factory, tmp_path: Path) -> None:
     etcd = etcd_factory(1, tls=True)
     etcd.etcdctl("user", "add", "root:rootpw", "--interactive=false")

@@ -257,6 +257,13 @@ def test_no_etcd_and_no_cache_exits_2_saying_so(tmp_path: Path) -> None:
     assert proxy.proc.wait(WAIT) == 2
     proxy.kill()
     assert "tcpproxy: error: --config: etcd URL 'etcd://h:x/p'" in proxy.output
+    for host in ("999.1.1.1", "[1::2::3]", "a..b", "l" * 64 + ".example"):
+        url = f"etcd://{host}:1/x"
+        proxy = ProxyProcess([sys.executable, "-m", "tcpproxy", "--config", url])
+        assert proxy.proc.wait(WAIT) == 2
+        proxy.kill()
+        assert f"tcpproxy: error: --config: etcd URL {url!r}: bad host {host!r}" in proxy.output
+        assert "Traceback" not in proxy.output
 
 
 def test_three_members_the_watched_one_stops_and_every_change_arrives(

@@ -26,8 +26,8 @@ import json
 import os
 import socket
 import ssl
-from collections.abc import AsyncIterator, Mapping
-from contextlib import aclosing, asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -404,8 +404,9 @@ class EtcdClient:
     ) -> dict[str, Any]:
         """One request to one endpoint, authenticating first (and again on an expired token)."""
         for attempt in (1, 2):
-            headers = await self._auth_headers(http, index)
-            response = await http.post(self._bases[index] + path, json=body, headers=headers)
+            with self._url_errors(index):
+                headers = await self._auth_headers(http, index)
+                response = await http.post(self._bases[index] + path, json=body, headers=headers)
             try:
                 return _reply(response.status_code, response.content)
             except _GatewayError as exc:
@@ -420,9 +421,11 @@ class EtcdClient:
         self, http: httpx.AsyncClient, index: int, path: str, body: dict[str, Any]
     ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
         """A streaming POST: yields an iterator over the JSON messages etcd sends."""
-        headers = await self._auth_headers(http, index)
-        request = http.build_request("POST", self._bases[index] + path, json=body, headers=headers)
-        response = await http.send(request, stream=True)
+        with self._url_errors(index):
+            headers = await self._auth_headers(http, index)
+            url = self._bases[index] + path
+            request = http.build_request("POST", url, json=body, headers=headers)
+            response = await http.send(request, stream=True)
         try:
             if response.status_code != 200:
                 _reply(response.status_code, await response.aread())  # raises _GatewayError
@@ -431,6 +434,17 @@ class EtcdClient:
                 yield messages
         finally:
             await response.aclose()
+
+    @contextmanager
+    def _url_errors(self, index: int) -> Iterator[None]:
+        """An endpoint the HTTP client or the resolver refuses as written (an invalid IP
+        literal, a DNS label IDNA cannot encode) as an `EtcdError` naming it: no retry
+        helps. `parse_etcd_url` refuses these already; this keeps any it misses from
+        escaping as a traceback."""
+        try:
+            yield
+        except (httpx.InvalidURL, UnicodeError) as exc:
+            raise EtcdError(f"etcd endpoint {self._names[index]}: bad address: {exc}") from None
 
     def _token_rejected(self, exc: _GatewayError) -> bool:
         return self.target.user is not None and exc.code == _UNAUTHENTICATED
