@@ -204,6 +204,32 @@ def test_status_table_lag_and_rejections(etcd: EtcdCluster, tmp_path: Path) -> N
     assert "bad record" in result.stdout
 
 
+def test_status_shows_a_malformed_record_as_a_bad_record_row(
+    etcd: EtcdCluster, tmp_path: Path
+) -> None:
+    """One node's bad record neither breaks the command nor moves the config revision."""
+    file = write(tmp_path / "c.json", {"Apps": [APP_A]})
+    assert ctl("push", str(file), etcd=etcd).returncode == 0
+    pushed = etcd.revision()
+    _node(etcd, "good", pushed, time.time())
+    _node(etcd, "bool", True, time.time())  # type: ignore[arg-type]
+    _node(etcd, "future", pushed + 1000, time.time())
+    _node(etcd, "negative", -1, time.time())
+    etcd.put(f"{P}/nodes/deep", "[" * 100_000)
+    result = ctl("status", "--max-lag", "600", etcd=etcd)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"config revision {pushed}"
+    rows = {line.split()[0]: line for line in lines[2:]}
+    assert rows["good"].split() == ["good", str(pushed), "current", "-", "-"]
+    for node in ("bool", "future", "negative", "deep"):
+        assert rows[node].split()[1:4] == ["-", "bad", "record"], rows[node]
+    assert "no integer 'revision'" in rows["bool"]
+    assert f"revision {pushed + 1000} is outside 0..{etcd.revision()}" in rows["future"]
+    assert "revision -1 is outside" in rows["negative"]
+
+
 def test_etcd_unreachable_is_one_line_naming_the_endpoints(tmp_path: Path) -> None:
     url = f"etcd://127.0.0.1:{refused_port()},127.0.0.1:{refused_port()}/p"
     file = write(tmp_path / "c.json", {"Apps": [APP_A]})

@@ -239,7 +239,7 @@ async def _status(target: EtcdTarget, max_lag: float) -> FleetStatus:
         revisions = set()
         for value in records.values():
             try:
-                revisions.add(parse_record(value)["revision"])
+                revisions.add(parse_record(value, latest)["revision"])
             except ValueError:
                 pass
         same: dict[int, bool] = {}
@@ -252,7 +252,7 @@ async def _status(target: EtcdTarget, max_lag: float) -> FleetStatus:
             same[revision] = {kv.key: kv.mod_revision for kv in then if kv.key in keys_then} == (
                 config
             )
-    return judge(list(config.values()), records, same, time.time(), max_lag)
+    return judge(latest, list(config.values()), records, same, time.time(), max_lag)
 
 
 def _values(kvs: list[Any]) -> dict[str, bytes]:
