@@ -87,6 +87,19 @@ def test_check_good_and_bad_files(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_check_refuses_what_push_refuses(etcd: EtcdCluster, tmp_path: Path) -> None:
+    """An app name with '/' cannot be a key's last part: check says so as push does."""
+    file = write(tmp_path / "slash.json", {"Apps": [APP_A, {**APP_B, "Name": "a/b"}]})
+    message = (
+        f"tcpproxyctl: error: {file}: Apps[1].Name: must not contain '/' in etcd "
+        "(the name is the key's last part), got 'a/b'"
+    )
+    for args in (["check", str(file)], ["push", str(file)]):
+        result = ctl(*args, etcd=etcd)
+        assert (result.returncode, result.stderr.strip()) == (2, message), args
+    assert keys(etcd) == {}
+
+
 def test_push_writes_one_key_per_app_and_only_changes(etcd: EtcdCluster, tmp_path: Path) -> None:
     file = write(tmp_path / "c.json", {"Defaults": {"ConnectTimeout": 1.5}, "Apps": [APP_B, APP_A]})
     result = ctl("push", str(file), etcd=etcd)
