@@ -33,8 +33,8 @@ log = logging.getLogger("tcpproxy")
 
 LEASE_TTL = 10  # seconds a node's record outlives its last keep-alive
 KEEPALIVE_EVERY = LEASE_TTL / 3  # two keep-alives may be lost before the record goes
-RETRY_FIRST = 0.5  # seconds before retrying etcd after a failure (doubling)
-RETRY_MAX = 8.0
+RETRY_FIRST = 0.5  # seconds before retrying etcd after a failure (doubling) ...
+RETRY_MAX = 8.0  # ... up to this; back to RETRY_FIRST once etcd answers
 REVOKE_TIMEOUT = 2.0  # seconds a clean stop waits to revoke the lease (else it expires)
 
 
@@ -78,6 +78,7 @@ class Publisher:
         self._record: dict[str, Any] | None = None
         self._changed = trio.Event()
         self.lease = 0  # the lease in force (0: none)
+        self._delay = RETRY_FIRST  # before the next retry; reset when etcd answers
 
     def applied(
         self,
@@ -93,7 +94,6 @@ class Publisher:
         self._changed.set()
 
     async def run(self) -> None:
-        delay = RETRY_FIRST
         while True:
             try:
                 async with self._client(self._target) as client:
@@ -104,11 +104,12 @@ class Publisher:
                         raise
             except EtcdError as exc:  # unavailable, or refusing us: retried
                 log.debug("node record %s: etcd unavailable: %s", self.key, exc)
-            await trio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, RETRY_MAX)
+            await trio.sleep(self._delay * random.uniform(0.5, 1.0))
+            self._delay = min(self._delay * 2, RETRY_MAX)
 
     async def _publish(self, client: Any) -> None:
         self.lease = await client.grant_lease(LEASE_TTL)
+        self._delay = RETRY_FIRST  # a later outage starts its back-off afresh
         written: dict[str, Any] | None = None
         while True:
             try:
@@ -120,6 +121,7 @@ class Publisher:
                     await self._changed.wait()
                 if timer.cancelled_caught:
                     await client.keep_alive(self.lease)
+                    self._delay = RETRY_FIRST
             except EtcdLeaseExpired:  # etcd was away longer than the lease
                 log.info("node record %s: lease expired; publishing again", self.key)
                 self.lease = await client.grant_lease(LEASE_TTL)
