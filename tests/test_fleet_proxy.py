@@ -295,8 +295,12 @@ def test_an_upgrade_reads_etcd_again_and_the_new_process_follows(
     proxies.append(proxy)
     old = proxy.proc.pid
     etcd.put(f"{P}/apps/web", value(web, targets=(b.address,)))  # the old one applies it too
+    assert wait_until(lambda: _node(etcd, "edge-1").get("started", 0) > 0, WAIT)
+    old_started = _node(etcd, "edge-1")["started"]
     new = upgrade(proxy, pid_file)
     assert wait_until(lambda: gone(old), WAIT)
+    # the record outlives the old process (its lease revoked at exit): the new one's
+    assert wait_until(lambda: _node(etcd, "edge-1").get("started", 0) > old_started, WAIT)
     assert which_backend(web) == "b"
     mark = proxy.mark()
     revision = etcd.put(f"{P}/apps/db", value(db, targets=(a.address,)))

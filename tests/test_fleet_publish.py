@@ -1,4 +1,4 @@
-"""A node's record in a real etcd: back soon after each outage."""
+"""A node's record in a real etcd: back after outages, and never lost in an upgrade."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import trio
 
 from tcpproxy.config import parse_config
-from tcpproxy.fleet.publish import Publisher
+from tcpproxy.fleet.publish import KEEPALIVE_EVERY, Publisher
 from tcpproxy.fleet.url import parse_etcd_url
 from tests.etcd_server import EtcdCluster
 
@@ -20,6 +20,7 @@ OUTAGES = 6  # enough for a back-off that never resets to reach its 8 s ceiling
 OUTAGE = 7.0  # seconds etcd is down: longer than a keep-alive period plus the client's
 # retry budget (3.3 + 3 s), so each outage makes the publisher fail and grant anew
 BACK_WITHIN = 3.0  # seconds after etcd answers again by which the record is re-put
+RESTORED_WITHIN = 4 * KEEPALIVE_EVERY + 2  # a record deleted by hand is back (read every 3)
 
 
 def _record(etcd: EtcdCluster) -> dict[str, Any] | None:
@@ -67,3 +68,40 @@ async def test_the_record_is_back_soon_after_each_outage(etcd: EtcdCluster) -> N
             )
         nursery.cancel_scope.cancel()
     assert _record(etcd) is None  # revoked at the stop
+
+
+async def test_an_upgrade_never_leaves_the_node_without_its_record(etcd: EtcdCluster) -> None:
+    """The old process applies a change after the new one published (the hand-over
+    window), then stops (its lease revoked): the new process's record stays."""
+    old = _publisher(etcd)
+    async with trio.open_nursery() as nursery:
+        old_scope = trio.CancelScope()
+
+        async def run_old() -> None:
+            with old_scope:
+                await old.run()
+
+        nursery.start_soon(run_old)
+        record = await _wait_for(etcd, lambda r: r is not None, 10)
+        assert record is not None and record["started"] == old.started
+
+        await trio.sleep(0.01)  # a later start time
+        new = _publisher(etcd)
+        nursery.start_soon(new.run)
+        record = await _wait_for(etcd, lambda r: r and r["started"] == new.started, 10)
+        assert record is not None and record["started"] == new.started
+
+        old.applied(2, CONFIG, parse_config(CONFIG), {})  # a change, in the window
+        record = await _wait_for(etcd, lambda r: r and r["started"] == old.started, 2)
+        assert record is not None and record["started"] == new.started, "overwritten"
+        old_scope.cancel()  # "go", then the old process exits, revoking its lease
+        await trio.sleep(0.5)
+        record = await trio.to_thread.run_sync(_record, etcd)
+        assert record is not None and record["started"] == new.started
+        assert int(record["lease"]) == new.lease
+
+        # rule 2: gone by any other way (a delete by hand), it is put again
+        await trio.to_thread.run_sync(etcd.delete, KEY)
+        record = await _wait_for(etcd, lambda r: r is not None, RESTORED_WITHIN)
+        assert record is not None and record["started"] == new.started
+        nursery.cancel_scope.cancel()

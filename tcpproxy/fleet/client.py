@@ -223,6 +223,7 @@ class EtcdClient:
         *,
         expect: Mapping[str, int] | None = None,
         quiet_since: tuple[str, int] | None = None,
+        lease: int = 0,
     ) -> int:
         """Apply every put and delete in one transaction (all or nothing); return its revision.
 
@@ -230,13 +231,15 @@ class EtcdClient:
         to the mod_revision they must still have (0: must not exist); ``quiet_since``
         = (prefix, revision): no key under prefix may have changed after revision
         (deletes leave no trace there: guard those keys with ``expect``). A failed
-        guard applies nothing and raises `EtcdConflict`.
+        guard applies nothing and raises `EtcdConflict`. ``lease``: the puts' lease.
 
         etcd refuses a key given twice and more operations (or guards) than its
         ``--max-txn-ops`` (128 by default); both raise `EtcdError` with etcd's message.
         """
+        with_lease = {"lease": lease} if lease else {}
         ops: list[dict[str, Any]] = [
-            {"request_put": {"key": _b64(k.encode()), "value": _b64(v)}} for k, v in puts.items()
+            {"request_put": {"key": _b64(k.encode()), "value": _b64(v), **with_lease}}
+            for k, v in puts.items()
         ]
         ops += [{"request_delete_range": {"key": _b64(k.encode())}} for k in deletes]
         compare: list[dict[str, Any]] = [
