@@ -13,12 +13,13 @@ from tcpproxy.fleet.client import (
     EtcdClient,
     EtcdCompacted,
     EtcdConflict,
+    EtcdError,
     EtcdLeaseExpired,
     EtcdUnavailable,
     Event,
     prefix_range_end,
 )
-from tcpproxy.fleet.url import parse_etcd_url
+from tcpproxy.fleet.url import EtcdTarget, parse_etcd_url
 from tests.etcd_server import EtcdCluster
 from tests.helpers import refused_port
 
@@ -260,6 +261,18 @@ async def test_unavailable_when_nothing_answers() -> None:
         for host, port in target.endpoints:
             assert f"{host}:{port}" in str(info.value)
         with trio.fail_after(10), pytest.raises(EtcdUnavailable):
+            async for _batch in client.watch("/p/", 1):
+                pass
+
+
+@pytest.mark.parametrize("host", ["999.1.1.1", "[1::2::3]", "a..b", "l" * 64 + ".example"])
+async def test_an_address_the_http_client_refuses_is_an_etcd_error(host: str) -> None:
+    """parse_etcd_url refuses these; a target built otherwise still gets no traceback."""
+    target = EtcdTarget(((host.strip("[]"), 1),), "/p")
+    async with EtcdClient(target, retry_for=1.0) as client:
+        with trio.fail_after(10), pytest.raises(EtcdError, match="bad address"):
+            await client.get("/p/x")
+        with trio.fail_after(10), pytest.raises(EtcdError, match="bad address"):
             async for _batch in client.watch("/p/", 1):
                 pass
 

@@ -87,6 +87,19 @@ def test_check_good_and_bad_files(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_check_refuses_what_push_refuses(etcd: EtcdCluster, tmp_path: Path) -> None:
+    """An app name with '/' cannot be a key's last part: check says so as push does."""
+    file = write(tmp_path / "slash.json", {"Apps": [APP_A, {**APP_B, "Name": "a/b"}]})
+    message = (
+        f"tcpproxyctl: error: {file}: Apps[1].Name: must not contain '/' in etcd "
+        "(the name is the key's last part), got 'a/b'"
+    )
+    for args in (["check", str(file)], ["push", str(file)]):
+        result = ctl(*args, etcd=etcd)
+        assert (result.returncode, result.stderr.strip()) == (2, message), args
+    assert keys(etcd) == {}
+
+
 def test_push_writes_one_key_per_app_and_only_changes(etcd: EtcdCluster, tmp_path: Path) -> None:
     file = write(tmp_path / "c.json", {"Defaults": {"ConnectTimeout": 1.5}, "Apps": [APP_B, APP_A]})
     result = ctl("push", str(file), etcd=etcd)
@@ -204,6 +217,32 @@ def test_status_table_lag_and_rejections(etcd: EtcdCluster, tmp_path: Path) -> N
     assert "bad record" in result.stdout
 
 
+def test_status_shows_a_malformed_record_as_a_bad_record_row(
+    etcd: EtcdCluster, tmp_path: Path
+) -> None:
+    """One node's bad record neither breaks the command nor moves the config revision."""
+    file = write(tmp_path / "c.json", {"Apps": [APP_A]})
+    assert ctl("push", str(file), etcd=etcd).returncode == 0
+    pushed = etcd.revision()
+    _node(etcd, "good", pushed, time.time())
+    _node(etcd, "bool", True, time.time())  # type: ignore[arg-type]
+    _node(etcd, "future", pushed + 1000, time.time())
+    _node(etcd, "negative", -1, time.time())
+    etcd.put(f"{P}/nodes/deep", "[" * 100_000)
+    result = ctl("status", "--max-lag", "600", etcd=etcd)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"config revision {pushed}"
+    rows = {line.split()[0]: line for line in lines[2:]}
+    assert rows["good"].split() == ["good", str(pushed), "current", "-", "-"]
+    for node in ("bool", "future", "negative", "deep"):
+        assert rows[node].split()[1:4] == ["-", "bad", "record"], rows[node]
+    assert "no integer 'revision'" in rows["bool"]
+    assert f"revision {pushed + 1000} is outside 0..{etcd.revision()}" in rows["future"]
+    assert "revision -1 is outside" in rows["negative"]
+
+
 def test_etcd_unreachable_is_one_line_naming_the_endpoints(tmp_path: Path) -> None:
     url = f"etcd://127.0.0.1:{refused_port()},127.0.0.1:{refused_port()}/p"
     file = write(tmp_path / "c.json", {"Apps": [APP_A]})
@@ -218,6 +257,26 @@ def test_etcd_unreachable_is_one_line_naming_the_endpoints(tmp_path: Path) -> No
     assert result.returncode == 2 and "needs a key prefix" in result.stderr
     result = ctl("--etcd", url, "--etcd-user", "root:pw", "get")
     assert result.returncode == 2 and "never argv" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("host", "problem"),
+    [
+        ("999.1.1.1", "not an IPv4 address"),
+        ("[1::2::3]", "not an IPv6 address"),
+        ("a..b", "empty label"),
+        ("l" * 64 + ".example", "a label over 63 characters"),
+    ],
+)
+def test_a_bad_host_is_one_line_exit_2(host: str, problem: str) -> None:
+    url = f"etcd://{host}:1/x"
+    for args in (["get"], ["status"]):
+        result = ctl("--etcd", url, *args)
+        assert result.returncode == 2, result.stderr
+        # click's usage error: the usage, then the problem on one line
+        assert "Traceback" not in result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert f"bad host {host!r} in endpoint '{host}:1': {problem}" in last
 
 
 def test_tls_and_auth(etcd_factory, tmp_path: Path) -> None:

@@ -259,6 +259,13 @@ def test_no_etcd_and_no_cache_exits_2_saying_so(tmp_path: Path) -> None:
     assert proxy.proc.wait(WAIT) == 2
     proxy.kill()
     assert "tcpproxy: error: --config: etcd URL 'etcd://h:x/p'" in proxy.output
+    for host in ("999.1.1.1", "[1::2::3]", "a..b", "l" * 64 + ".example"):
+        url = f"etcd://{host}:1/x"
+        proxy = ProxyProcess([sys.executable, "-m", "tcpproxy", "--config", url])
+        assert proxy.proc.wait(WAIT) == 2
+        proxy.kill()
+        assert f"tcpproxy: error: --config: etcd URL {url!r}: bad host {host!r}" in proxy.output
+        assert "Traceback" not in proxy.output
 
 
 def test_three_members_the_watched_one_stops_and_every_change_arrives(
@@ -290,8 +297,12 @@ def test_an_upgrade_reads_etcd_again_and_the_new_process_follows(
     proxies.append(proxy)
     old = proxy.proc.pid
     etcd.put(f"{P}/apps/web", value(web, targets=(b.address,)))  # the old one applies it too
+    assert wait_until(lambda: _node(etcd, "edge-1").get("started", 0) > 0, WAIT)
+    old_started = _node(etcd, "edge-1")["started"]
     new = upgrade(proxy, pid_file)
     assert wait_until(lambda: gone(old), WAIT)
+    # the record outlives the old process (its lease revoked at exit): the new one's
+    assert wait_until(lambda: _node(etcd, "edge-1").get("started", 0) > old_started, WAIT)
     assert which_backend(web) == "b"
     mark = proxy.mark()
     revision = etcd.put(f"{P}/apps/db", value(db, targets=(a.address,)))

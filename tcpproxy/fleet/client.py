@@ -26,8 +26,8 @@ import json
 import os
 import socket
 import ssl
-from collections.abc import AsyncIterator, Mapping
-from contextlib import aclosing, asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -223,6 +223,7 @@ class EtcdClient:
         *,
         expect: Mapping[str, int] | None = None,
         quiet_since: tuple[str, int] | None = None,
+        lease: int = 0,
     ) -> int:
         """Apply every put and delete in one transaction (all or nothing); return its revision.
 
@@ -230,13 +231,15 @@ class EtcdClient:
         to the mod_revision they must still have (0: must not exist); ``quiet_since``
         = (prefix, revision): no key under prefix may have changed after revision
         (deletes leave no trace there: guard those keys with ``expect``). A failed
-        guard applies nothing and raises `EtcdConflict`.
+        guard applies nothing and raises `EtcdConflict`. ``lease``: the puts' lease.
 
         etcd refuses a key given twice and more operations (or guards) than its
         ``--max-txn-ops`` (128 by default); both raise `EtcdError` with etcd's message.
         """
+        with_lease = {"lease": lease} if lease else {}
         ops: list[dict[str, Any]] = [
-            {"request_put": {"key": _b64(k.encode()), "value": _b64(v)}} for k, v in puts.items()
+            {"request_put": {"key": _b64(k.encode()), "value": _b64(v), **with_lease}}
+            for k, v in puts.items()
         ]
         ops += [{"request_delete_range": {"key": _b64(k.encode())}} for k in deletes]
         compare: list[dict[str, Any]] = [
@@ -404,8 +407,9 @@ class EtcdClient:
     ) -> dict[str, Any]:
         """One request to one endpoint, authenticating first (and again on an expired token)."""
         for attempt in (1, 2):
-            headers = await self._auth_headers(http, index)
-            response = await http.post(self._bases[index] + path, json=body, headers=headers)
+            with self._url_errors(index):
+                headers = await self._auth_headers(http, index)
+                response = await http.post(self._bases[index] + path, json=body, headers=headers)
             try:
                 return _reply(response.status_code, response.content)
             except _GatewayError as exc:
@@ -420,9 +424,11 @@ class EtcdClient:
         self, http: httpx.AsyncClient, index: int, path: str, body: dict[str, Any]
     ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
         """A streaming POST: yields an iterator over the JSON messages etcd sends."""
-        headers = await self._auth_headers(http, index)
-        request = http.build_request("POST", self._bases[index] + path, json=body, headers=headers)
-        response = await http.send(request, stream=True)
+        with self._url_errors(index):
+            headers = await self._auth_headers(http, index)
+            url = self._bases[index] + path
+            request = http.build_request("POST", url, json=body, headers=headers)
+            response = await http.send(request, stream=True)
         try:
             if response.status_code != 200:
                 _reply(response.status_code, await response.aread())  # raises _GatewayError
@@ -431,6 +437,17 @@ class EtcdClient:
                 yield messages
         finally:
             await response.aclose()
+
+    @contextmanager
+    def _url_errors(self, index: int) -> Iterator[None]:
+        """An endpoint the HTTP client or the resolver refuses as written (an invalid IP
+        literal, a DNS label IDNA cannot encode) as an `EtcdError` naming it: no retry
+        helps. `parse_etcd_url` refuses these already; this keeps any it misses from
+        escaping as a traceback."""
+        try:
+            yield
+        except (httpx.InvalidURL, UnicodeError) as exc:
+            raise EtcdError(f"etcd endpoint {self._names[index]}: bad address: {exc}") from None
 
     def _token_rejected(self, exc: _GatewayError) -> bool:
         return self.target.user is not None and exc.code == _UNAUTHENTICATED

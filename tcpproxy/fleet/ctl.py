@@ -24,6 +24,7 @@ from tcpproxy.fleet.client import EtcdClient, EtcdCompacted, EtcdConflict, EtcdE
 from tcpproxy.fleet.keys import (
     PushPlan,
     apps_prefix,
+    check_key_names,
     config_keys,
     defaults_key,
     file_document,
@@ -69,17 +70,21 @@ class _Options:
 def validate_file(path: Path) -> tuple[Config, dict[str, Any]]:
     """Validate a config file as the proxies do; return it parsed and as a JSON document.
 
-    Besides the file checks, targets that loop back into any proxy (a loopback or
-    wildcard address on a port of the config) are refused here: every node would
-    refuse them. Targets on a node's other own addresses are left to the nodes,
-    whose addresses differ. Raises `ConfigError`.
+    Besides the file checks, app names must fit in a key (no '/'), and targets
+    that loop back into any proxy (a loopback or wildcard address on a port of the
+    config) are refused here: every node would refuse them. Targets on a node's
+    other own addresses are left to the nodes, whose addresses differ. Used by
+    both ``check`` and ``push``, so a file ``check`` passes is one ``push`` writes.
+    Raises `ConfigError`.
     """
     data = read_config_bytes(path)
     config = parse_config(data, str(path))
+    document = json.loads(data.decode("utf-8-sig"))
+    check_key_names(document, str(path))
     loops = self_loops(config, (), frozenset())
     if loops:
         raise ConfigError(str(path), loops)
-    return config, json.loads(data.decode("utf-8-sig"))
+    return config, document
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -239,7 +244,7 @@ async def _status(target: EtcdTarget, max_lag: float) -> FleetStatus:
         revisions = set()
         for value in records.values():
             try:
-                revisions.add(parse_record(value)["revision"])
+                revisions.add(parse_record(value, latest)["revision"])
             except ValueError:
                 pass
         same: dict[int, bool] = {}
@@ -252,7 +257,7 @@ async def _status(target: EtcdTarget, max_lag: float) -> FleetStatus:
             same[revision] = {kv.key: kv.mod_revision for kv in then if kv.key in keys_then} == (
                 config
             )
-    return judge(list(config.values()), records, same, time.time(), max_lag)
+    return judge(latest, list(config.values()), records, same, time.time(), max_lag)
 
 
 def _values(kvs: list[Any]) -> dict[str, bytes]:

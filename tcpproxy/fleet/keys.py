@@ -24,6 +24,7 @@ __all__ = [
     "app_key",
     "apps_prefix",
     "canonical",
+    "check_key_names",
     "config_keys",
     "defaults_key",
     "file_document",
@@ -60,10 +61,11 @@ def config_keys(prefix: str, kvs: dict[str, bytes]) -> dict[str, bytes]:
     return {k: v for k, v in kvs.items() if k == defaults_key(prefix) or k.startswith(apps)}
 
 
-def wanted_keys(prefix: str, document: dict[str, Any], source: str) -> dict[str, bytes]:
-    """The keys and values a validated config document becomes.
+def check_key_names(document: dict[str, Any], source: str) -> None:
+    """Refuse (`ConfigError`) an app name that cannot be a key's last part ('/').
 
-    Raises `ConfigError` for an app name that cannot be a key's last part ('/').
+    What etcd adds to the file checks: ``tcpproxyctl check`` runs it too, so a file
+    it calls ok is one ``push`` writes.
     """
     problems = [
         f"Apps[{i}].Name: must not contain '/' in etcd (the name is the key's last part), "
@@ -73,6 +75,14 @@ def wanted_keys(prefix: str, document: dict[str, Any], source: str) -> dict[str,
     ]
     if problems:
         raise ConfigError(source, problems)
+
+
+def wanted_keys(prefix: str, document: dict[str, Any], source: str) -> dict[str, bytes]:
+    """The keys and values a validated config document becomes.
+
+    Raises `ConfigError` for an app name that cannot be a key's last part ('/').
+    """
+    check_key_names(document, source)
     keys = {
         app_key(prefix, app["Name"]): canonical({k: v for k, v in app.items() if k != "Name"})
         for app in document["Apps"]

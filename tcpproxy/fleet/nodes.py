@@ -16,6 +16,10 @@ Each node publishes ``PREFIX/nodes/<id>`` (JSON: ``revision`` applied, ``applied
    is current yet it is unknown.
 4. The fleet is unhealthy when a node rejects an app, has an unreadable record, or
    is behind by more than the allowed lag, or by an unknown time.
+5. A record is unreadable (a "bad record" row, never an error of the whole command)
+   unless it is a JSON object whose ``revision`` is an integer (not a bool) between 0
+   and etcd's current revision: a revision from the future would otherwise raise C
+   and show its node as the only current one.
 """
 
 from __future__ import annotations
@@ -73,15 +77,25 @@ class FleetStatus:
         ]
 
 
-def parse_record(value: bytes) -> dict:
-    """A node record's JSON object; `ValueError` when it is not one."""
-    record = json.loads(value)
-    if not isinstance(record, dict) or not isinstance(record.get("revision"), int):
+def parse_record(value: bytes, latest: int) -> dict:
+    """A node record's JSON object (rule 5); `ValueError` saying why when it is not one.
+
+    ``latest`` is etcd's current revision, the highest a node can have applied.
+    """
+    try:
+        record = json.loads(value)
+    except RecursionError:  # nested too deep for the parser
+        raise ValueError("not a node record (JSON nested too deep)") from None
+    if not isinstance(record, dict) or type(record.get("revision")) is not int:
         raise ValueError("not a node record (no integer 'revision')")
+    revision = record["revision"]
+    if not 0 <= revision <= latest:
+        raise ValueError(f"revision {revision} is outside 0..{latest} (etcd's current revision)")
     return record
 
 
 def judge(
+    latest: int,
     config_revisions: list[int],
     records: Mapping[str, bytes],
     same_as_current: Mapping[int, bool],
@@ -91,6 +105,7 @@ def judge(
     """The fleet's status (see the module's rules).
 
     Args:
+      latest: etcd's current revision, as the range read the records at.
       config_revisions: mod_revision of every config key (defaults and apps).
       records: node id -> its record's bytes.
       same_as_current: node revision -> whether the config keys at it equal today's
@@ -101,7 +116,7 @@ def judge(
     problems: dict[str, str] = {}
     for node, value in records.items():
         try:
-            parsed[node] = parse_record(value)
+            parsed[node] = parse_record(value, latest)
         except ValueError as exc:
             problems[node] = str(exc)
     config_revision = max([*config_revisions, *(r["revision"] for r in parsed.values())], default=0)

@@ -6,7 +6,16 @@ why, its version and start time, and when it applied. It lives under a lease
 of LEASE_TTL seconds, refreshed every KEEPALIVE_EVERY: a node that dies (or
 loses etcd) disappears on its own; a clean stop revokes the lease at once.
 An upgrade's new process publishes under a lease of its own, so the old one's
-revoke does not remove the record.
+revoke does not remove the record. Two rules keep it so:
+
+1. A publisher never overwrites a record of its node that a later-started
+   process wrote (its successor): each put is a transaction guarded by the
+   mod_revision it read. Otherwise the old process, applying a change in the
+   hand-over window, would move the key to its own lease, and its revoke at
+   exit would delete the record.
+2. Every CHECK_EVERY keep-alives, the publisher reads its record back and
+   puts it again when it is gone or not what it wrote (a predecessor's
+   in-flight put, a delete by hand).
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import trio
 from tcpproxy import __version__
 from tcpproxy.config import Config
 from tcpproxy.fleet.assemble import key_root
-from tcpproxy.fleet.client import EtcdClient, EtcdError, EtcdLeaseExpired
+from tcpproxy.fleet.client import EtcdClient, EtcdConflict, EtcdError, EtcdLeaseExpired
 from tcpproxy.fleet.url import EtcdTarget
 from tcpproxy.reload import digest
 
@@ -33,8 +42,10 @@ log = logging.getLogger("tcpproxy")
 
 LEASE_TTL = 10  # seconds a node's record outlives its last keep-alive
 KEEPALIVE_EVERY = LEASE_TTL / 3  # two keep-alives may be lost before the record goes
-RETRY_FIRST = 0.5  # seconds before retrying etcd after a failure (doubling)
-RETRY_MAX = 8.0
+RETRY_FIRST = 0.5  # seconds before retrying etcd after a failure (doubling) ...
+RETRY_MAX = 8.0  # ... up to this; back to RETRY_FIRST once etcd answers
+CHECK_EVERY = 3  # keep-alives between reads of the record (rule 2): ~10 s, one range
+PUT_ATTEMPTS = 3  # guarded puts tried when the record changes between read and write
 REVOKE_TIMEOUT = 2.0  # seconds a clean stop waits to revoke the lease (else it expires)
 
 
@@ -78,6 +89,7 @@ class Publisher:
         self._record: dict[str, Any] | None = None
         self._changed = trio.Event()
         self.lease = 0  # the lease in force (0: none)
+        self._delay = RETRY_FIRST  # before the next retry; reset when etcd answers
 
     def applied(
         self,
@@ -93,7 +105,6 @@ class Publisher:
         self._changed.set()
 
     async def run(self) -> None:
-        delay = RETRY_FIRST
         while True:
             try:
                 async with self._client(self._target) as client:
@@ -104,26 +115,59 @@ class Publisher:
                         raise
             except EtcdError as exc:  # unavailable, or refusing us: retried
                 log.debug("node record %s: etcd unavailable: %s", self.key, exc)
-            await trio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, RETRY_MAX)
+            await trio.sleep(self._delay * random.uniform(0.5, 1.0))
+            self._delay = min(self._delay * 2, RETRY_MAX)
 
     async def _publish(self, client: Any) -> None:
         self.lease = await client.grant_lease(LEASE_TTL)
+        self._delay = RETRY_FIRST  # a later outage starts its back-off afresh
         written: dict[str, Any] | None = None
+        beats = 0
         while True:
             try:
                 if self._record is not None and self._record is not written:
                     written = self._record
                     self._changed = trio.Event()
-                    await client.put(self.key, json.dumps(written).encode(), lease=self.lease)
+                    await self._put(client, json.dumps(written).encode())
                 with trio.move_on_after(KEEPALIVE_EVERY) as timer:
                     await self._changed.wait()
                 if timer.cancelled_caught:
                     await client.keep_alive(self.lease)
+                    self._delay = RETRY_FIRST
+                    beats += 1
+                    check = written is not None and beats % CHECK_EVERY == 0
+                    if check and not await self._intact(client, json.dumps(written).encode()):
+                        written = None  # rule 2: put it again
             except EtcdLeaseExpired:  # etcd was away longer than the lease
                 log.info("node record %s: lease expired; publishing again", self.key)
                 self.lease = await client.grant_lease(LEASE_TTL)
                 written = None
+
+    async def _put(self, client: Any, value: bytes) -> None:
+        """Write the record under our lease unless a later-started process wrote it (rule 1)."""
+        for _attempt in range(PUT_ATTEMPTS):
+            current = await client.get(self.key)
+            if current is not None and _started(current.value) > self.started:
+                log.info("node record %s: a process started later publishes it now", self.key)
+                return
+            seen = {self.key: current.mod_revision if current is not None else 0}
+            try:
+                await client.txn({self.key: value}, [], expect=seen, lease=self.lease)
+                return
+            except EtcdConflict:  # written meanwhile: read it again
+                continue
+        log.debug("node record %s: changing under us; put again at the next check", self.key)
+
+    async def _intact(self, client: Any, value: bytes) -> bool:
+        """Whether the record in etcd is still the one written, or a successor's (rule 2)."""
+        current = await client.get(self.key)
+        if current is not None and (
+            current.value == value or _started(current.value) > self.started
+        ):
+            return True
+        log.info("node record %s: %s; publishing again", self.key,
+                 "gone" if current is None else "overwritten")  # fmt: skip
+        return False
 
     async def _revoke(self, client: Any) -> None:
         lease, self.lease = self.lease, 0
@@ -134,3 +178,12 @@ class Publisher:
                 await client.revoke(lease)
             except EtcdError:
                 pass  # it expires by itself
+
+
+def _started(value: bytes) -> float:
+    """A record's start time; 0 for one that has none (any process may replace it)."""
+    try:
+        started = json.loads(value).get("started", 0)
+    except (ValueError, AttributeError, RecursionError):
+        return 0.0
+    return float(started) if type(started) in (int, float) else 0.0

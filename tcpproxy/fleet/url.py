@@ -7,6 +7,7 @@ password is read from an environment variable named by `EtcdTarget.password_env`
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -15,8 +16,12 @@ __all__ = ["DEFAULT_PASSWORD_ENV", "DEFAULT_PORT", "EtcdTarget", "is_etcd_url", 
 DEFAULT_PORT = 2379  # etcd's registered client port, as etcdctl assumes
 DEFAULT_PASSWORD_ENV = "ETCD_PASSWORD"  # where the password is read from when a user is set
 _SCHEMES = {"etcd": False, "etcds": True}  # scheme -> TLS
-# A host name or IPv4 address (letters, digits, '.', '-', '_'), or an IPv6 address in [].
+# A host name or IPv4 address (letters, digits, '.', '-', '_'), or an IPv6 address in [];
+# then checked as what it claims to be (`_check_host`), as the HTTP client will.
 _HOST = re.compile(r"[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]")
+_DOTTED = re.compile(r"[0-9.]+")  # digits and dots only: meant as an IPv4 address
+LABEL_MAX = 63  # bytes in one DNS label (RFC 1035 2.3.4)
+NAME_MAX = 253  # bytes in a whole DNS name, without the trailing dot
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,9 @@ def _parse_endpoint(url: str, part: str) -> tuple[str, int]:
         host, _, port_text = part.partition(":")
     if not _HOST.fullmatch(host):
         raise ValueError(f"etcd URL {url!r}: bad host {host!r} in endpoint {part!r}")
+    problem = _check_host(host)
+    if problem:
+        raise ValueError(f"etcd URL {url!r}: bad host {host!r} in endpoint {part!r}: {problem}")
     if port_text == "":
         port = DEFAULT_PORT
     elif not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
@@ -121,6 +129,40 @@ def _parse_endpoint(url: str, part: str) -> tuple[str, int]:
     else:
         port = int(port_text)
     return host.strip("[]"), port
+
+
+def _check_host(host: str) -> str | None:
+    """Why ``host`` (as written, IPv6 in []) cannot be connected to, or None.
+
+    The pattern alone lets through what the HTTP client (an invalid IP literal) or
+    the resolver (an empty or overlong DNS label, refused by the IDNA encoding)
+    would raise on at the first request, far from the option that caused it.
+    """
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return "not an IPv6 address"
+        return None
+    if _DOTTED.fullmatch(host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return "not an IPv4 address (four numbers 0-255)"
+        return None
+    name = host.removesuffix(".")
+    labels = name.split(".")
+    if any(not label for label in labels):
+        return "empty label"
+    if any(len(label) > LABEL_MAX for label in labels):
+        return f"a label over {LABEL_MAX} characters"
+    if len(name) > NAME_MAX:
+        return f"name over {NAME_MAX} characters"
+    try:
+        host.encode("idna")  # what the resolver does with it
+    except UnicodeError as exc:
+        return f"not a valid DNS name ({exc})"
+    return None
 
 
 def _join_host_port(host: str, port: int) -> str:
