@@ -50,7 +50,8 @@ ApplyFn = Callable[[Config, Config], Awaitable[None]]
 class Reloader:
     """Serialises reloads of the config file: requests coalesce, one runs at a time.
 
-    An event is ignored when the file holds the contents in force, or the
+    An event is ignored when the file holds the contents in force (the source
+    is still told, `applied`: etcd's node record follows the revision), or the
     contents last rejected and was not saved since (another file of the
     directory changed). Saving a rejected file again, even unchanged, retries
     it: the rejection says so. SIGHUP always reads and applies.
