@@ -290,8 +290,11 @@ class EtcdCluster:
         self.wait_healthy([m for m in self.members if m.answering])
 
     def resume(self, index: int) -> None:
-        """SIGCONT a paused member (`close` kills it either way)."""
+        """SIGCONT a paused member and wait until it answers again: a leader that hung
+        still thinks it leads until the others' higher term reaches it, and a write
+        sent to it before then times out. (`close` kills a paused member either way.)"""
         self.members[index].resume()
+        self.wait_healthy([self.members[index]])
 
     def start(self, index: int) -> None:
         """Restart a stopped member with its data; waits until it is healthy."""
