@@ -119,6 +119,7 @@ class EtcdMember:
     extra_args: tuple[str, ...] = ()
     extra_hosts: tuple[str, ...] = ()  # more addresses to serve clients on (same port)
     process: subprocess.Popen[bytes] | None = None
+    paused: bool = False  # SIGSTOPped: its sockets accept and then nothing answers
     log: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -165,6 +166,8 @@ class EtcdMember:
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return
+        if self.paused:  # a stopped process handles no SIGTERM
+            sig, self.paused = signal.SIGKILL, False
         process.send_signal(sig)
         try:
             process.wait(STOP_TIMEOUT)
@@ -172,9 +175,27 @@ class EtcdMember:
             process.kill()
             process.wait(STOP_TIMEOUT)
 
+    def pause(self) -> None:
+        """SIGSTOP: a hung member, whose connections stay open and silent (no FIN, no
+        RST) as with a wedged process or a partition. `stop` and `close` still kill it."""
+        assert self.process is not None, f"{self.name} not running"
+        self.process.send_signal(signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        """SIGCONT a paused member."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+        self.paused = False
+
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    @property
+    def answering(self) -> bool:
+        """Running and not paused: a test's own requests go to such a member."""
+        return self.running and not self.paused
 
 
 class EtcdCluster:
@@ -258,6 +279,23 @@ class EtcdCluster:
     def stop(self, index: int) -> None:
         self.members[index].stop()
 
+    def pause(self, index: int) -> None:
+        """Hang a member (SIGSTOP); the test's own requests then go to the others.
+
+        Waits until the others answer a linearizable read: if the paused member led,
+        they elect another (no graceful hand-over as with SIGTERM), and a write made
+        before that would be forwarded to the paused leader and time out.
+        """
+        self.members[index].pause()
+        self.wait_healthy([m for m in self.members if m.answering])
+
+    def resume(self, index: int) -> None:
+        """SIGCONT a paused member and wait until it answers again: a leader that hung
+        still thinks it leads until the others' higher term reaches it, and a write
+        sent to it before then times out. (`close` kills a paused member either way.)"""
+        self.members[index].resume()
+        self.wait_healthy([self.members[index]])
+
     def start(self, index: int) -> None:
         """Restart a stopped member with its data; waits until it is healthy."""
         self.members[index].start()
@@ -284,8 +322,8 @@ class EtcdCluster:
     def request(
         self, path: str, body: dict, member: EtcdMember | None = None, timeout: float = 5
     ) -> dict:
-        """One gateway request (for test set-up), to ``member`` or the first running one."""
-        member = member or next(m for m in self.members if m.running)
+        """One gateway request (for test set-up), to ``member`` or the first answering one."""
+        member = member or next(m for m in self.members if m.answering)
         context = None
         if self.tls:
             context = ssl.create_default_context(cafile=str(self.tls.cacert))
@@ -323,8 +361,9 @@ class EtcdCluster:
         return revision
 
     def etcdctl(self, *args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
-        """Run Debian's etcdctl (API v3) against the cluster."""
-        argv = ["etcdctl", f"--endpoints={','.join(m.client_url for m in self.members)}"]
+        """Run Debian's etcdctl (API v3) against the cluster (its members not paused)."""
+        urls = [m.client_url for m in self.members if not m.paused]
+        argv = ["etcdctl", f"--endpoints={','.join(urls)}"]
         if self.tls:
             argv += [f"--cacert={self.tls.cacert}", f"--cert={self.tls.client_cert}"]
             argv += [f"--key={self.tls.client_key}"]

@@ -9,6 +9,9 @@ import pytest
 import trio
 
 from tcpproxy.fleet.client import (
+    PROBE_EVERY,
+    PROBE_TIMEOUT,
+    REQUEST_TIMEOUT,
     EtcdAuthFailed,
     EtcdClient,
     EtcdCompacted,
@@ -19,6 +22,7 @@ from tcpproxy.fleet.client import (
     Event,
     prefix_range_end,
 )
+from tcpproxy.fleet.publish import KEEPALIVE_EVERY, LEASE_TTL
 from tcpproxy.fleet.url import EtcdTarget, parse_etcd_url
 from tests.etcd_server import EtcdCluster
 from tests.helpers import refused_port
@@ -355,3 +359,64 @@ async def test_watch_from_now_resumes_where_it_was_after_failover(
                 await _collect(watch, last, seen)
         keys = [e.key for e in seen]
         assert keys[-1] == f"{P}/apps/b" and set(keys[:-1]) == {f"{P}/apps/a"}
+
+
+async def test_a_watch_whose_member_hangs_moves_to_another(
+    etcd_cluster3: EtcdCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A SIGSTOPped member keeps its connections open and silent: the probe of the
+    silent watch notices, and the watch resumes on another member, missing nothing."""
+    cluster = etcd_cluster3
+    first_port = cluster.members[0].client_port
+    async with _client(cluster) as client:
+        start = await client.put(f"{P}/apps/a0", b"0")  # answered by member 0, the first
+        seen: list[Event] = []
+        with trio.fail_after(60):
+            async with client.watch(f"{P}/", start) as watch:
+                await _collect(watch, start, seen)
+                await trio.sleep(PROBE_EVERY + 1)  # a probe of the live member passes
+                assert _sockets_to(first_port) == 2  # the pool's and the watch's
+                cluster.pause(0)
+                try:
+                    # written through member 1 (the test's requests skip a paused one)
+                    last = await trio.to_thread.run_sync(cluster.put, f"{P}/apps/a1", b"1")
+                    with trio.fail_after(PROBE_EVERY + PROBE_TIMEOUT + 7):
+                        await _collect(watch, last, seen)
+                    # the silent watch's connection and the probe's were closed
+                    assert _sockets_to(first_port) == 0
+                finally:
+                    cluster.resume(0)
+        assert [e.key for e in seen] == [f"{P}/apps/a0", f"{P}/apps/a1"]
+    assert f"{cluster.members[0].endpoint} sent nothing for" in caplog.text
+    assert "did not answer a probe" in caplog.text
+
+
+async def test_calls_and_watches_started_on_a_hung_member_go_to_the_next(
+    etcd_cluster3: EtcdCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    cluster = etcd_cluster3
+    first_port = cluster.members[0].client_port
+    async with _client(cluster) as client:
+        lease = await client.grant_lease(LEASE_TTL)  # member 0 answers
+        start = await client.put(f"{P}/apps/a", b"1", lease=lease)
+        cluster.pause(0)
+        try:
+            # a keep-alive lands well inside the lease's TTL: member 0 gets
+            # KEEPALIVE_TIMEOUT, then the next answers
+            with trio.fail_after(LEASE_TTL - KEEPALIVE_EVERY):
+                assert await client.keep_alive(lease) == LEASE_TTL
+            assert _sockets_to(first_port) == 0
+
+            async with _client(cluster) as fresh:  # starts on member 0 again
+                with trio.fail_after(REQUEST_TIMEOUT + 10):
+                    assert (await fresh.get(f"{P}/apps/a")) is not None
+            async with _client(cluster) as fresh:
+                with trio.fail_after(REQUEST_TIMEOUT + 10):
+                    async with fresh.watch(f"{P}/", start) as watch:
+                        async for _rev, events in watch:
+                            assert events[0].key == f"{P}/apps/a"
+                            break
+            assert _sockets_to(first_port) == 0
+        finally:
+            cluster.resume(0)
+    assert f"{cluster.members[0].endpoint} did not answer in" in caplog.text

@@ -26,6 +26,8 @@ from typing import Any
 import pytest
 
 from tcpproxy.cli_common import FleetOptions, open_config
+from tcpproxy.fleet.client import PROBE_EVERY, PROBE_TIMEOUT
+from tcpproxy.fleet.publish import LEASE_TTL
 from tests.deploy import BPF_LISTEN_PORT, Deployment
 from tests.etcd_server import EtcdCluster
 from tests.helpers import (
@@ -67,15 +69,16 @@ def proxies() -> Iterator[list[ProxyProcess]]:
 APPLIED = re.compile(r"reload \(etcd revision (\d+)\): config \w+ applied")
 
 
-def applied(proxy: ProxyProcess, revision: int, mark: int) -> None:
-    """Wait until the proxy applied `revision` or later (a batch of events may carry
-    another node's record too, and is named by its last revision)."""
+def applied(proxy: ProxyProcess, revision: int, mark: int, within: float = WAIT) -> None:
+    """Wait (at most `within` seconds) until the proxy applied `revision` or later (a
+    batch of events may carry another node's record too, and is named by its last
+    revision)."""
 
     def reached() -> bool:
         text = "\n".join(proxy.lines[mark:])
         return any(int(m[1]) >= revision for m in APPLIED.finditer(text))
 
-    if not wait_until(reached, WAIT):
+    if not wait_until(reached, within):
         raise AssertionError(f"revision {revision} not applied; output:\n{proxy.output}")
 
 
@@ -284,6 +287,47 @@ def test_three_members_the_watched_one_stops_and_every_change_arrives(
         cluster.put(f"{P}/apps/app{i}", value(ports[i], targets=(a.address,)))
     assert wait_until(lambda: not any(refused(port) for port in ports), WAIT)
     assert all(which_backend(port) == "a" for port in ports)
+
+
+def test_three_members_the_watched_one_hangs_and_a_change_still_arrives(
+    etcd_cluster3: EtcdCluster, backends: Any, proxies: list[ProxyProcess]
+) -> None:
+    """SIGSTOP the member the proxy watches and publishes through: its connections
+    stay open and silent. The probe of the silent watch notices within
+    PROBE_EVERY + PROBE_TIMEOUT, the watch resumes on another member; the node
+    record's keep-alives move too, so the record outlives its lease's TTL."""
+    cluster = etcd_cluster3
+    a = backends("a")
+    web, late, after = free_ports(3)
+    cluster.put(f"{P}/apps/web", value(web, targets=(a.address,)))
+    proxy = start(cluster.url(P), "--node-id", "edge-1")  # its clients start on member 0
+    proxies.append(proxy)
+    held = socket.create_connection(("127.0.0.1", web), timeout=10)
+    assert recv_line(held) == b"a\n"
+    assert wait_until(lambda: _node(cluster, "edge-1").get("revision", 0) > 0, WAIT)
+    mark = proxy.mark()
+    cluster.pause(0)
+    paused_at = time.monotonic()
+    try:
+        revision = cluster.put(f"{P}/apps/late", value(late, targets=(a.address,)))
+        applied(proxy, revision, mark, within=PROBE_EVERY + PROBE_TIMEOUT + 7)
+        assert which_backend(late) == "a"
+        proxy.wait_for(rf"etcd watch: {cluster.members[0].endpoint} sent nothing for "
+                       r"\d+s and did not answer a probe", 1, mark)  # fmt: skip
+        assert wait_until(lambda: _node(cluster, "edge-1").get("revision", 0) >= revision, WAIT)
+        time.sleep(max(0.0, paused_at + LEASE_TTL + 2 - time.monotonic()))
+        assert _node(cluster, "edge-1").get("revision", 0) >= revision  # kept alive
+    finally:
+        cluster.resume(0)
+    revision = cluster.put(f"{P}/apps/after", value(after, targets=(a.address,)))
+    applied(proxy, revision, mark)
+    assert which_backend(after) == "a"
+    held.sendall(b"still here")
+    assert held.recv(100) == b"still here"
+    held.close()
+    assert "etcd unavailable" not in proxy.output  # moving to another member is no outage
+    assert proxy.stop() == 0
+    assert _node(cluster, "edge-1") == {}
 
 
 def test_an_upgrade_reads_etcd_again_and_the_new_process_follows(
@@ -759,9 +803,7 @@ def test_an_upgrade_while_etcd_does_not_answer_starts_from_the_config_handed_ove
     proxies.append(proxy)
     etcd.put(f"{P}/apps/c", value(pc, targets=("a:b:c",)))  # c runs on its last good version
     proxy.wait_for(rf"{P}/apps/c rejected", WAIT)
-    member = etcd.members[0].process
-    assert member is not None
-    member.send_signal(signal.SIGSTOP)
+    etcd.members[0].pause()
     try:
         mark = proxy.mark()
         new = upgrade(proxy, pid_file)
@@ -769,7 +811,7 @@ def test_an_upgrade_while_etcd_does_not_answer_starts_from_the_config_handed_ove
                        "the old process served", WAIT, mark)  # fmt: skip
         assert which_backend(pc) == "b" and which_backend(web) == "a"
     finally:
-        member.send_signal(signal.SIGCONT)
+        etcd.resume(0)
     mark = proxy.mark()
     revision = etcd.put(f"{P}/apps/late", value(late, targets=(a.address,)))
     applied(proxy, revision, mark)

@@ -13,6 +13,16 @@ a second); then it raises `EtcdUnavailable` naming each endpoint's last failure.
 Errors etcd answers with (a bad request, auth refused, a compacted revision) are not
 retried: they raise `EtcdError` subclasses at once.
 
+Liveness: a member can hang without closing its sockets (its process stopped, a
+partition that sends no RST, cut off from the quorum); TCP keepalive notices only
+a vanished host, and etcd's progress notifications come every 10 minutes. So every
+attempt of a call is bounded as a whole (``request_timeout``; a lease keep-alive
+by `KEEPALIVE_TIMEOUT`), and a watch that has been silent for ``probe_every``
+seconds has its member probed: one linearizable read of a single key, which a
+member must answer within ``probe_timeout``; when it does not, the watch moves to
+the next endpoint and resumes there. A hung member therefore delays a change by
+at most ``probe_every + probe_timeout`` (8 s) and loses none.
+
 Resource handling: `EtcdClient` owns one connection pool for unary calls, closed
 on exit from ``async with``. Each `Watch` owns a pool of its own holding its one
 streaming connection, closed when the watch is closed, cancelled or reconnects, so
@@ -23,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import socket
 import ssl
@@ -50,8 +61,17 @@ __all__ = [
     "prefix_range_end",
 ]
 
+log = logging.getLogger("tcpproxy")
+
 CONNECT_TIMEOUT = 1.0  # seconds; a member on a live network answers a SYN in milliseconds
-REQUEST_TIMEOUT = 5.0  # seconds for one unary request: etcd's own request timeout is ~5 s
+REQUEST_TIMEOUT = 5.0  # seconds for one attempt of a call: etcd's own request timeout is ~5 s
+# A lease keep-alive's attempt gets less, so a hung member and the next one's answer
+# fit well inside a lease's TTL (publish.py: a keep-alive every 3.3 s of a 10 s TTL).
+KEEPALIVE_TIMEOUT = 2.0
+# A silent watch's member is probed this often; the probe (a linearizable read, a
+# round trip to the leader) must answer within PROBE_TIMEOUT, or the watch moves on.
+PROBE_EVERY = 5.0
+PROBE_TIMEOUT = 3.0
 RETRY_FOR = 3.0  # seconds a call keeps going round the endpoints before EtcdUnavailable
 BACKOFF_FIRST = 0.05  # seconds between rounds of endpoints, doubling ...
 BACKOFF_MAX = 0.5  # ... up to this
@@ -136,6 +156,13 @@ def prefix_range_end(prefix: bytes) -> bytes:
     return b"\0"  # every key
 
 
+class _Unresponsive(Exception):
+    """A member that stopped answering (hung, or cut off): its watch moves on."""
+
+
+_NOTHING: Any = object()  # no message read (yet)
+
+
 class _GatewayError(Exception):
     """An error response: ``code`` is the gRPC status, ``message`` etcd's text."""
 
@@ -164,11 +191,15 @@ class EtcdClient:
         retry_for: float = RETRY_FOR,
         request_timeout: float = REQUEST_TIMEOUT,
         connect_timeout: float = CONNECT_TIMEOUT,
+        probe_every: float = PROBE_EVERY,
+        probe_timeout: float = PROBE_TIMEOUT,
     ) -> None:
         self.target = target
         self._bases = target.base_urls()
         self._names = [ep.split("://", 1)[1] for ep in self._bases]
         self._retry_for = retry_for
+        self._request_timeout = request_timeout
+        self._probe_every, self._probe_timeout = probe_every, probe_timeout
         self._timeout = httpx.Timeout(request_timeout, connect=connect_timeout)
         self._connect_timeout = connect_timeout
         self._current = 0  # index of the endpoint that answered last
@@ -274,8 +305,11 @@ class EtcdClient:
         return int(reply["ID"])
 
     async def keep_alive(self, lease: int) -> int:
-        """Refresh ``lease`` once; return its TTL. Raises `EtcdLeaseExpired` when it is gone."""
-        reply = await self._call("/v3/lease/keepalive", {"ID": lease})
+        """Refresh ``lease`` once; return its TTL. Raises `EtcdLeaseExpired` when it is gone.
+
+        Each member gets `KEEPALIVE_TIMEOUT` to answer before the next is asked.
+        """
+        reply = await self._call("/v3/lease/keepalive", {"ID": lease}, KEEPALIVE_TIMEOUT)
         result = reply.get("result", reply)
         ttl = int(result.get("TTL", 0))
         if ttl <= 0:
@@ -294,9 +328,11 @@ class EtcdClient:
         Iterate the returned `Watch` (``async for revision, events in watch``); close it
         with ``async with`` or `Watch.aclose` when leaving the loop early. When the
         stream breaks, it reconnects (another endpoint first) from the revision after the
-        last event delivered, so no event is lost or repeated. Raises `EtcdCompacted`
-        when the next revision it needs was compacted, `EtcdUnavailable` when no
-        endpoint takes the watch within the retry budget.
+        last event delivered, so no event is lost or repeated. A member that does not
+        answer (the stream's opening within ``request_timeout``; a probe of a silent
+        stream, see the module docstring) counts as a broken stream. Raises
+        `EtcdCompacted` when the next revision it needs was compacted,
+        `EtcdUnavailable` when no endpoint takes the watch within the retry budget.
         """
         return Watch(self._watch(prefix, start_revision))
 
@@ -306,7 +342,8 @@ class EtcdClient:
         raw = prefix.encode()
         create = {"key": _b64(raw), "range_end": _b64(prefix_range_end(raw))}
         next_revision = start_revision
-        # Read timeout off: a quiet prefix sends nothing for hours; keepalive covers dead hosts.
+        # Read timeout off: a quiet prefix sends nothing for hours; _next's probes notice
+        # a hung member, TCP keepalive a vanished host.
         timeout = httpx.Timeout(None, connect=self._connect_timeout)
         async with self._new_http(timeout, keepalive=True) as http:
             failures: dict[str, str] = {}
@@ -316,13 +353,18 @@ class EtcdClient:
                 for index in self._endpoint_order():
                     name = self._names[index]
                     request = {"create_request": {**create, "start_revision": next_revision}}
+                    created = False
                     try:
                         async with self._stream(http, index, "/v3/watch", request) as messages:
-                            async for message in messages:
+                            while True:
+                                message = await self._next(messages, index, created, raw)
+                                if message is None:
+                                    break
                                 batch = _watch_batch(message, name)
-                                if batch is None:  # the "created" answer
-                                    if next_revision <= 0:  # "from now": pin it for reconnects
-                                        next_revision = _revision(message) + 1
+                                if batch is None:  # "created", or a progress notification
+                                    if not created and next_revision <= 0:  # "from now":
+                                        next_revision = _revision(message) + 1  # pin it
+                                    created = True
                                     self._current = index
                                     failures.clear()
                                     deadline = trio.current_time() + self._retry_for
@@ -331,6 +373,10 @@ class EtcdClient:
                                 next_revision = batch[1][-1].mod_revision + 1
                                 yield batch
                         failures[name] = "watch stream ended"
+                    except _Unresponsive as exc:
+                        log.warning("etcd watch: %s %s; watching again from revision %d, "
+                                    "another endpoint first", name, exc, next_revision)  # fmt: skip
+                        failures[name] = str(exc)
                     except (httpx.TransportError, _GatewayError) as exc:
                         if isinstance(exc, _GatewayError) and self._token_rejected(exc):
                             self._token = None  # expired: authenticate again next round
@@ -376,17 +422,29 @@ class EtcdClient:
         n = len(self._bases)
         return [(self._current + i) % n for i in range(n)]
 
-    async def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POST ``body`` to ``path`` on the first endpoint that answers; see the module doc."""
+    async def _call(
+        self, path: str, body: dict[str, Any], timeout: float | None = None
+    ) -> dict[str, Any]:
+        """POST ``body`` to ``path`` on the first endpoint that answers; see the module doc.
+
+        Each attempt (authentication included) has ``timeout`` seconds (default
+        ``request_timeout``) as a whole: httpx's timeouts bound each read, not a
+        request, and a hung member must not hold the call.
+        """
         if self._http is None:
             raise RuntimeError("EtcdClient used outside 'async with'")
+        timeout = self._request_timeout if timeout is None else timeout
         failures: dict[str, str] = {}
         deadline = trio.current_time() + self._retry_for
         backoff = BACKOFF_FIRST
         while True:
             for index in self._endpoint_order():
                 try:
-                    reply = await self._post(self._http, index, path, body)
+                    with trio.fail_after(timeout):
+                        reply = await self._post(self._http, index, path, body)
+                except trio.TooSlowError:
+                    failures[self._names[index]] = f"no answer in {timeout:g}s"
+                    continue
                 except httpx.TransportError as exc:
                     failures[self._names[index]] = _describe(exc)
                     continue
@@ -423,20 +481,94 @@ class EtcdClient:
     async def _stream(
         self, http: httpx.AsyncClient, index: int, path: str, body: dict[str, Any]
     ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
-        """A streaming POST: yields an iterator over the JSON messages etcd sends."""
-        with self._url_errors(index):
-            headers = await self._auth_headers(http, index)
-            url = self._bases[index] + path
-            request = http.build_request("POST", url, json=body, headers=headers)
-            response = await http.send(request, stream=True)
+        """A streaming POST: yields an iterator over the JSON messages etcd sends.
+
+        Raises `_Unresponsive` when the answer's headers take over ``request_timeout``.
+        """
+        response: httpx.Response | None = None
         try:
-            if response.status_code != 200:
-                _reply(response.status_code, await response.aread())  # raises _GatewayError
-                raise _GatewayError(response.status_code, 0, f"HTTP {response.status_code}")
+            with trio.move_on_after(self._request_timeout), self._url_errors(index):
+                headers = await self._auth_headers(http, index)
+                url = self._bases[index] + path
+                request = http.build_request("POST", url, json=body, headers=headers)
+                response = await http.send(request, stream=True)
+                if response.status_code != 200:
+                    _reply(response.status_code, await response.aread())  # raises _GatewayError
+                    raise _GatewayError(response.status_code, 0, f"HTTP {response.status_code}")
+            if response is None or response.status_code != 200:
+                raise _Unresponsive(f"did not answer in {self._request_timeout:g}s")
             async with aclosing(_messages(response)) as messages:
                 yield messages
         finally:
-            await response.aclose()
+            if response is not None:
+                await response.aclose()
+
+    async def _next(
+        self, messages: AsyncIterator[dict[str, Any]], index: int, created: bool, probe: bytes
+    ) -> dict[str, Any] | None:
+        """The stream's next message, or None at its end.
+
+        Before "created", it must come within ``request_timeout``; after, while it
+        does not come, the member is probed every ``probe_every`` seconds (a read of
+        the key ``probe``: the watched prefix itself, which the user may read).
+        Raises `_Unresponsive` when either fails.
+
+        Resource handling: the probes run in a nursery that lives only while this
+        waits (none spans the watch's ``yield``); a read cut short breaks the stream
+        (httpx closes its connection), which the caller then leaves.
+        """
+        message = _NOTHING
+        error: Exception | None = None  # the read's, raised as is (not in a group)
+        why = f"did not confirm the watch in {self._request_timeout:g}s"
+        async with trio.open_nursery() as nursery:
+            if created:
+
+                async def watchdog() -> None:
+                    nonlocal why
+                    while True:
+                        await trio.sleep(self._probe_every)
+                        failure = await self._probe(index, probe)
+                        if failure is not None:
+                            why = f"sent nothing for {self._probe_every:g}s and {failure}"
+                            nursery.cancel_scope.cancel()
+                            return
+
+                nursery.start_soon(watchdog)
+            else:
+                nursery.cancel_scope.deadline = trio.current_time() + self._request_timeout
+            try:
+                message = await anext(messages, None)
+            except Exception as exc:  # re-raised below, outside the nursery (no group)
+                error = exc
+            nursery.cancel_scope.cancel()  # the watchdog's work is done
+        if error is not None:
+            raise error
+        if message is _NOTHING:
+            raise _Unresponsive(why)
+        return message
+
+    async def _probe(self, index: int, key: bytes) -> str | None:
+        """Whether the member ``index`` still serves: None if it answers a
+        linearizable read of ``key`` (one key: a lookup in etcd's index, cheap),
+        else what went wrong. A member cut off from the quorum answers no
+        linearizable read, so this notices it too. An answer that refuses (auth)
+        still shows a live member."""
+        if self._http is None:
+            raise RuntimeError("EtcdClient used outside 'async with'")
+        body = {"key": _b64(key)}
+        try:
+            with trio.fail_after(self._probe_timeout):
+                await self._post(self._http, index, "/v3/kv/range", body)
+        except trio.TooSlowError:
+            return f"did not answer a probe in {self._probe_timeout:g}s"
+        except httpx.TransportError as exc:
+            return f"failed a probe: {_describe(exc)}"
+        except _GatewayError as exc:
+            if exc.retry_elsewhere:
+                return f"failed a probe: {exc.message}"
+        except EtcdAuthFailed:
+            pass
+        return None
 
     @contextmanager
     def _url_errors(self, index: int) -> Iterator[None]:

@@ -77,7 +77,10 @@ class Publisher:
     Resource handling: `run` holds one client and one lease; cancelled, it
     revokes the lease (shielded, at most REVOKE_TIMEOUT) and closes the client.
     Error handling: etcd unavailable: retried with back-off; an expired lease
-    (etcd was away longer than LEASE_TTL) is replaced by a new one.
+    (etcd was away longer than LEASE_TTL) is replaced by a new one. A member
+    that hangs gets a keep-alive's attempt for the client's KEEPALIVE_TIMEOUT
+    (2 s), then the next member is asked: KEEPALIVE_EVERY + 2 s stays well
+    inside LEASE_TTL, so the record outlives a hung member.
     """
 
     def __init__(self, target: EtcdTarget, node: str, client: Any = EtcdClient) -> None:

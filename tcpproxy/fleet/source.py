@@ -18,7 +18,9 @@ Rules:
    endpoint (the client fails over) after a capped exponential back-off with
    jitter, and resumes after the last revision seen, so no change is missed.
    That revision compacted meanwhile: the prefix is read again and the
-   reloader diffs it.
+   reloader diffs it. A member that hangs is the client's to leave (its
+   silent watch's member is probed; tcpproxy.fleet.client): the watch goes
+   on through another member, which is no outage here.
 4. Each rejection (or its end) is logged once, with the key, the revision and
    the reason, and counted (`app_rejected`); `rejected()` is for /status and
    the node record.
