@@ -83,6 +83,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import chain
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationError
@@ -208,7 +209,7 @@ class Config:
     @cached_property
     def ports(self) -> frozenset[int]:
         """Every port the proxy listens on."""
-        return frozenset(port for app in self.apps for port in app.ports)
+        return frozenset(chain.from_iterable(app.ports for app in self.apps))
 
 
 @dataclass(frozen=True, slots=True)
