@@ -332,7 +332,12 @@ class Dispatcher:
         the map holds.
         """
         self._check_open()
-        wanted = frozenset(_check_port(port) for port in ports)
+        wanted = frozenset(ports)  # a Config's ports are a frozenset already: no copy
+        if wanted and not (
+            set(map(type, wanted)) == {int} and 1 <= min(wanted) <= max(wanted) <= 65535
+        ):
+            for port in wanted:  # the checks at C speed above; here, which port is bad
+                _check_port(port)
         added = wanted - self._ports
         removed = self._ports - wanted
         if added:

@@ -28,6 +28,8 @@ log = logging.getLogger("tcpproxy")
 
 def check_listen_port(listen_port: int, config: Config) -> None:
     """The listening port is served normally, so no app may claim it."""
+    if listen_port not in config.ports:
+        return
     for app in config.apps:
         if listen_port in app.ports:
             index = app.ports.index(listen_port)

@@ -82,6 +82,8 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
+from itertools import chain
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationError
@@ -191,9 +193,12 @@ class AppConfig:
     trusted_proxies: tuple[Network, ...] = LOOPBACK  # peers whose PROXY headers are believed
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Config:
-    """A validated configuration: names and ports are unique across all apps."""
+    """A validated configuration: names and ports are unique across all apps.
+
+    Not slotted: `ports` is worked out once per config (a config of 20,000
+    ports is asked for them several times by each reload)."""
 
     apps: tuple[AppConfig, ...]
 
@@ -201,10 +206,10 @@ class Config:
         """Map every listening port to the app that owns it."""
         return {port: app for app in self.apps for port in app.ports}
 
-    @property
+    @cached_property
     def ports(self) -> frozenset[int]:
         """Every port the proxy listens on."""
-        return frozenset(port for app in self.apps for port in app.ports)
+        return frozenset(chain.from_iterable(app.ports for app in self.apps))
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,14 +63,20 @@ class ConfigDiff:
 
 
 def diff_configs(old: Config, new: Config) -> ConfigDiff:
+    """Apps are compared by identity first: an app a reload leaves alone is usually the
+    same object in both (etcd's assembly reuses it), and comparing it field by field
+    would make a one-app change cost the whole config."""
     old_apps = {app.name: app for app in old.apps}
     new_apps = {app.name: app for app in new.apps}
+    old_ports, new_ports = old.ports, new.ports
     return ConfigDiff(
-        added_ports=new.ports - old.ports,
-        removed_ports=old.ports - new.ports,
+        added_ports=new_ports - old_ports,
+        removed_ports=old_ports - new_ports,
         added_apps=tuple(name for name in new_apps if name not in old_apps),
         removed_apps=tuple(name for name in old_apps if name not in new_apps),
         changed_apps=tuple(
-            name for name, app in new_apps.items() if name in old_apps and old_apps[name] != app
+            name
+            for name, app in new_apps.items()
+            if name in old_apps and old_apps[name] is not app and old_apps[name] != app
         ),
     )

@@ -120,18 +120,17 @@ def self_loops(
     Returns one problem per such target, located as config errors are
     (``Apps[i].Targets[j]: ...``); host names are left to connect time.
     """
-    taken: dict[int, str] = dict(owners or {})
-    taken.update({port: "bpfproxy's listening port (-p)" for port in extra_ports})
-    for i, app in enumerate(config.apps):
-        for j, port in enumerate(app.ports):
-            taken[port] = f"a port of app {app.name!r} (Apps[{i}].Ports[{j}])"
+    ports = config.ports  # worked out once per config; owners are named only for a problem
+    others = owners or {}
     problems = []
     for i, app in enumerate(config.apps):
         for j, target in enumerate(app.targets):
-            owner = taken.get(target.port)
-            ip = parse_ip(target.host) if owner is not None else None
+            ours = target.port in ports or target.port in extra_ports
+            mine = ours or target.port in others
+            ip = parse_ip(target.host) if mine else None
             if ip is None or not reaches_proxy(ip, bind, local):
                 continue
+            owner = _owner(config, extra_ports, target.port) if ours else others[target.port]
             where = "an address of this host" if bind is None else f"where it listens ({bind})"
             problems.append(
                 f"Apps[{i}].Targets[{j}]: {str(target)!r} of app {app.name!r} is this proxy "
@@ -219,14 +218,24 @@ class _LocalView(Collection[IPAddress]):
     """The host's addresses for `self_loops`: netlink's list, or bind tests without it."""
 
     def __init__(self) -> None:
-        try:
-            self._addresses: frozenset[IPAddress] | None = local_addresses()
-        except OSError:
-            self._addresses = None
+        self._read = False  # netlink is asked on first use: most checks never need it
+        # (a target on loopback, or on a port the proxy does not listen on)
+        self._list: frozenset[IPAddress] | None = None
+
+    @property
+    def _addresses(self) -> frozenset[IPAddress] | None:
+        if not self._read:
+            self._read = True
+            try:
+                self._list = local_addresses()
+            except OSError:
+                self._list = None
+        return self._list
 
     def __contains__(self, ip: object) -> bool:
-        if self._addresses is not None:
-            return ip in self._addresses
+        addresses = self._addresses
+        if addresses is not None:
+            return ip in addresses
         return isinstance(ip, ipaddress.IPv4Address | ipaddress.IPv6Address) and _bindable(ip)
 
     def __iter__(self) -> Any:
@@ -234,6 +243,14 @@ class _LocalView(Collection[IPAddress]):
 
     def __len__(self) -> int:
         return len(self._addresses or ())
+
+
+def _owner(config: Config, extra_ports: Collection[int], port: int) -> str:
+    """Who listens on `port`, for a problem's message (an app's port wins over -p)."""
+    for i, app in reversed(list(enumerate(config.apps))):
+        if port in app.ports:
+            return f"a port of app {app.name!r} (Apps[{i}].Ports[{app.ports.index(port)}])"
+    return "bpfproxy's listening port (-p)"
 
 
 def reject_self_loops(

@@ -266,3 +266,52 @@ def test_rule_7_an_app_targeting_another_apps_port_is_rejected_and_falls_back() 
     assert second.rejected["a"].reason == f"loops into [\"a port of app 'b' ({P}/apps/b)\"]"
     new = assemble(values, P, 4, None, cross=cross)  # no last good version: not served
     assert served(new) == {"b": (8002,)} and set(new.rejected) == {"a"}
+
+
+def test_the_document_is_what_json_dumps_writes_across_changes() -> None:
+    """It is put together from each app's rendering, kept across assemblies."""
+
+    def reference(a: Assembly) -> bytes:
+        doc: dict[str, object] = {}
+        if a.defaults is not None:
+            doc["Defaults"] = json.loads(a.defaults[0])
+        doc["Apps"] = [{"Name": x.name, **json.loads(a.apps[x.name].value)} for x in a.config.apps]
+        return json.dumps(doc, indent=1).encode() + b"\n"
+
+    s = Store()
+    steps = [
+        s.build(),
+        s.put("apps/web", app([8080], HealthCheck={"Interval": 1})),
+        s.put("defaults", b"{}"),
+        s.put("defaults", b'{"ConnectTimeout": 5, "HealthCheck": {"Rise": 1}}'),
+        s.put("apps/d\u00e9j\u00e0", app([5432, 5433], ("[::1]:9", "db:5432"))),
+        s.put("apps/web", app([8081])),
+        s.delete("defaults"),
+        s.delete("apps/web"),
+    ]
+    for a in steps:
+        assert a.document() == reference(a)
+
+
+def test_ports_moved_between_apps_in_one_change_follow_the_values() -> None:
+    s = Store()
+    s.put("apps/a", app([1000, 1001]))
+    s.put("apps/b", app([2000]))
+    s.put("apps/c", app([3000]))
+    s.values[f"{P}/apps/a"] = (app([1001]), s.revision + 1)
+    s.values[f"{P}/apps/b"] = (app([2000, 1000]), s.revision + 1)
+    s.revision += 1
+    a = s.build()
+    assert served(a) == {"a": (1001,), "b": (2000, 1000), "c": (3000,)}
+    assert a.rejected == {}
+    # an unchanged app keeps its port against two newcomers; the older newcomer
+    # wins the port nobody had
+    s.put("apps/x", app([3000, 4000]))
+    a = s.put("apps/y", app([4000, 3000]))
+    assert served(a) == {"a": (1001,), "b": (2000, 1000), "c": (3000,)}
+    assert "port 3000 is used by app 'c'" in a.rejected["x"].reason
+    assert "port 3000 is used by app 'c'" in a.rejected["y"].reason
+    # the owner lets its port go: the two newcomers settle by age
+    a = s.delete("apps/c")
+    assert served(a) == {"a": (1001,), "b": (2000, 1000), "x": (3000, 4000)}
+    assert "port 3000 is used by app 'x'" in a.rejected["y"].reason

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from tcpproxy.config import (
     AppConfig,
@@ -101,16 +102,39 @@ class Assembly:
         default_factory=dict, repr=False, compare=False
     )
 
+    # (app name, value) -> the app as `document` renders it, reused by the next assembly
+    _rendered: dict[tuple[str, bytes], str] = field(default_factory=dict, repr=False, compare=False)
+    # port -> the app serving it in `config`: the next assembly's judge of rule 4
+    _owners: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
+
     def document(self) -> bytes:
         """The config served, in the file format (`config.parse_config` reads it back
-        to `config`): for the cache file and for the reloader's comparisons."""
-        doc: dict[str, object] = {}
+        to `config`): for the cache file and for the reloader's comparisons.
+
+        What `json.dumps(doc, indent=1)` writes, put together from each app's
+        rendering (kept across assemblies): a change renders one app, not all."""
+        return self._document
+
+    @cached_property
+    def _document(self) -> bytes:
+        parts = []
         if self.defaults is not None:
-            doc["Defaults"] = _load(self.defaults[0])
-        doc["Apps"] = [
-            {"Name": app.name, **_load(self.apps[app.name].value)} for app in self.config.apps
-        ]
-        return json.dumps(doc, indent=1).encode() + b"\n"
+            defaults = json.dumps(_load(self.defaults[0]), indent=1).replace("\n", "\n ")
+            parts.append(f' "Defaults": {defaults}')
+        rendered = [self._render(app.name) for app in self.config.apps]
+        apps = "[\n" + ",\n".join(rendered) + "\n ]" if rendered else "[]"
+        parts.append(f' "Apps": {apps}')
+        return ("{\n" + ",\n".join(parts) + "\n}\n").encode()
+
+    def _render(self, name: str) -> str:
+        """One app as an element of "Apps" (JSON strings hold no raw newline, so
+        indenting the lines indents the object)."""
+        value = self.apps[name].value
+        text = self._rendered.get((name, value))
+        if text is None:
+            text = "  " + json.dumps({"Name": name, **_load(value)}, indent=1).replace("\n", "\n  ")
+            self._rendered[(name, value)] = text
+        return text
 
 
 def key_root(prefix: str) -> str:
@@ -188,18 +212,30 @@ def assemble(
             chosen[name] = kept
 
     # Rule 4: ports two apps want. Each round settles one conflict; a loser falls back
-    # to its last good version (whose ports were its own before) or is dropped.
-    owners = previous.config.port_map() if previous is not None else {}
+    # to its last good version (whose ports were its own before) or is dropped. Apps
+    # serving what they served before cannot collide with each other (the previous
+    # assembly settled that), so only the ports of the others are looked at: a change
+    # costs its own apps' ports, not the config's.
+    owners = previous._owners if previous is not None else {}
     while True:
         claims: dict[int, list[str]] = {}
         for name in sorted(chosen):
+            if _same(before.get(name), chosen[name]):
+                continue
             for port in chosen[name].app.ports:
                 claims.setdefault(port, []).append(name)
-        port, names = next(((p, n) for p, n in sorted(claims.items()) if len(n) > 1), (0, []))
-        if not names:
+        for port, names in claims.items():
+            owner = owners.get(port)  # an unchanged app's port is still that app's
+            if owner is not None and owner not in names and _same(before[owner], chosen.get(owner)):
+                names.append(owner)
+                names.sort()
+        conflicts = [port for port, names in claims.items() if len(names) > 1]
+        if not conflicts:
             break
+        port = min(conflicts)
+        names = claims[port]
         owner = owners.get(port)
-        winner = owner.name if owner is not None and owner.name in names else None
+        winner = owner if owner is not None and owner in names else None
         if winner is None:
             winner = min(names, key=lambda name: (chosen[name].revision, name))
         for loser in names:
@@ -227,9 +263,24 @@ def assemble(
                      parsed, cache, check)  # fmt: skip
 
     config = Config(apps=tuple(chosen[name].app for name in sorted(chosen)))
+    ports = dict(owners)  # the new port owners: the old ones, less what moved
+    for name, last in before.items():
+        if not _same(last, chosen.get(name)):
+            for port in last.app.ports:
+                if ports.get(port) == name:
+                    del ports[port]
+    for name, served in chosen.items():
+        if not _same(before.get(name), served):
+            ports.update(dict.fromkeys(served.app.ports, name))
+    known = previous._rendered if previous is not None else {}
+    rendered = {
+        (name, served.value): known[(name, served.value)]
+        for name, served in chosen.items()
+        if (name, served.value) in known
+    }
     return Assembly(
         revision, config, {name: chosen[name] for name in sorted(chosen)}, defaults_in_force,
-        rejected, tuple(ignored), cache,
+        rejected, tuple(ignored), cache, rendered, ports,
     )  # fmt: skip
 
 
@@ -301,6 +352,11 @@ def assembly_from_document(
     if assembly.config != config or assembly.rejected:  # the same validator: cannot differ
         raise ConfigError(source, ["(top level): does not read back as the config it holds"])
     return assembly
+
+
+def _same(last: Served | None, now: Served | None) -> bool:
+    """An app serves the very version it served before (its AppConfig is reused)."""
+    return last is not None and now is not None and last.app is now.app
 
 
 def _defaults(in_force: tuple[bytes, int] | None) -> tuple[Defaults, tuple[bytes, int] | None]:
