@@ -22,6 +22,7 @@ from bpfproxy.steered import check_listen_port
 from tcpproxy.config import Config
 from tcpproxy.errors import StartupError
 from tcpproxy.listeners import open_listener
+from tcpproxy.upgrade import duplicates
 from tcpproxy.workers.link import worker_argv
 from tcpproxy.workers.portlock import LOCK_FD_PREFIX, PortLocks
 
@@ -166,21 +167,13 @@ class BpfPlan:
         from bpfproxy.handover import state_fds
 
         assert self.dispatcher is not None
-        fds: dict[str, int] = {}
-        try:
-            for name, fd in self._locks.fds().items():
-                fds[name] = os.dup(fd)
-            for index, sock in enumerate(self._listeners):
-                if sock is not None:
-                    fds[f"{GROUP_FD_PREFIX}{index}"] = os.dup(sock.fileno())
-            for name, fd in state_fds(self.dispatcher, self.pins).items():
-                fds[name] = os.dup(fd)
-        except BaseException:
-            for fd in fds.values():
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            raise
-        return fds
+        group = {
+            f"{GROUP_FD_PREFIX}{index}": sock.fileno()
+            for index, sock in enumerate(self._listeners)
+            if sock is not None
+        }
+        state = state_fds(self.dispatcher, self.pins)
+        return duplicates([*self._locks.fds().items(), *group.items(), *state.items()])
 
     def upgraded(self, succeeded: bool, config: Config) -> None:
         """True: the BPF state is the new supervisor's (no map, hold flag or pin is

@@ -9,14 +9,13 @@ one is reset.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import socket
 from collections.abc import Mapping
 
 from tcpproxy.config import Config
 from tcpproxy.errors import StartupError
 from tcpproxy.listeners import open_listener
+from tcpproxy.upgrade import duplicates
 from tcpproxy.workers.link import worker_argv
 from tcpproxy.workers.portlock import PortLocks
 
@@ -76,19 +75,12 @@ class TcpPlan:
     def upgrade_fds(self, listeners: Mapping[int, Mapping[int, socket.socket]]) -> dict[str, int]:
         """What an upgrade hands the new supervisor (duplicates): the port locks and
         every worker's listeners, ``listen:INDEX:PORT``."""
-        fds: dict[str, int] = {}
-        try:
-            for name, fd in self._locks.fds().items():
-                fds[name] = os.dup(fd)
-            for index, sockets in listeners.items():
-                for port, sock in sockets.items():
-                    fds[f"{LISTENER_FD_PREFIX}{index}:{port}"] = os.dup(sock.fileno())
-        except BaseException:
-            for fd in fds.values():
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            raise
-        return fds
+        named = [
+            (f"{LISTENER_FD_PREFIX}{index}:{port}", sock.fileno())
+            for index, sockets in listeners.items()
+            for port, sock in sockets.items()
+        ]
+        return duplicates([*self._locks.fds().items(), *named])
 
     def upgraded(self, succeeded: bool, config: Config) -> None:
         pass  # the old workers close their descriptors as they stop: the sockets live on

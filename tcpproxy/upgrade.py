@@ -45,7 +45,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import trio
 
@@ -59,6 +59,7 @@ __all__ = [
     "UPGRADE_LOAD_TIMEOUT",
     "Handover",
     "config_fd",
+    "duplicates",
     "read_config_fd",
     "start_successor",
     "successor_environment",
@@ -209,6 +210,21 @@ async def _stop(process: trio.Process, why: str) -> None:
         log.error("upgrade failed: pid %d exited with code %s before it served (its log "
                   "says why); this process goes on serving", process.pid,
                   process.returncode)  # fmt: skip
+
+
+def duplicates(named: Iterable[tuple[str, int]]) -> dict[str, int]:
+    """A duplicate of each descriptor by name, for a hand-over; all or none (the
+    ones already made are closed if one fails)."""
+    fds: dict[str, int] = {}
+    try:
+        for name, fd in named:
+            fds[name] = os.dup(fd)
+    except BaseException:
+        for fd in fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        raise
+    return fds
 
 
 def config_fd(data: bytes) -> int:
