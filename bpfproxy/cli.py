@@ -285,6 +285,26 @@ def _serve(
         _stopped_cleanly(pins)  # not a new process stopped before it served: the old owns it
 
 
+def _handed_config(
+    handover: Handover,
+    config_path: Path | str,
+    fleet: FleetOptions,
+    listen_port: int,
+    bind: str | None,
+    user: str | None,
+    max_connections: int | None,
+) -> tuple[Path | ConfigSource, bytes, Config, int]:
+    """What a process an upgrade started serves (both paths): its user can read the
+    config, which is valid here; and its connection limit."""
+    account = target_account(user)
+    code = [*serving_code(), Path(__file__).parent]
+    check_access(account, access_path(config_path, fleet), code, chosen=user is not None)
+    limit = fit_connection_limit(max_connections)
+    source, data, config = open_config(config_path, fleet, (listen_port,), bind, limit, handover)
+    check_listen_port(listen_port, config)
+    return source, data, config, limit
+
+
 def _run_handed_over(
     handover: Handover,
     config_path: Path | str,
@@ -312,14 +332,9 @@ def _run_handed_over(
         stack.callback(handover.close)  # not ready: the old process goes on serving
         stack.callback(_close_all, handover)
         try:
-            account = target_account(user)
-            code = [*serving_code(), Path(__file__).parent]
-            check_access(account, access_path(config_path, fleet), code, chosen=user is not None)
-            limit = fit_connection_limit(max_connections)
-            source, data, config = open_config(
-                config_path, fleet, (listen_port,), bind, limit, handover
+            source, data, config, limit = _handed_config(
+                handover, config_path, fleet, listen_port, bind, user, max_connections
             )
-            check_listen_port(listen_port, config)
             listener = handover.sockets.pop(listen_port, None)
             if listener is None:
                 raise StartupError(f"upgrade: the old process did not hand over port {listen_port}")
@@ -370,14 +385,9 @@ def _run_handed_over_workers(
         stack.callback(handover.close)  # not ready: the old supervisor goes on serving
         stack.callback(_close_all, handover)
         try:
-            account = target_account(user)
-            code = [*serving_code(), Path(__file__).parent]
-            check_access(account, access_path(config_path, fleet), code, chosen=user is not None)
-            limit = fit_connection_limit(max_connections)
-            source, data, config = open_config(
-                config_path, fleet, (listen_port,), bind, limit, handover
+            source, data, config, limit = _handed_config(
+                handover, config_path, fleet, listen_port, bind, user, max_connections
             )
-            check_listen_port(listen_port, config)
             handover.sockets.pop(listen_port, None)  # (none: the group comes by name)
             options = worker_options(
                 {**params, "max_connections": math.ceil(limit / workers)}, skip=set()
