@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint bpfproxy bench bench-ports bench-rss bench-fleet build-in-container test-container clean
+.PHONY: setup run test check lint bpfproxy bench bench-ports bench-rss bench-fleet build-in-container test-container clean
 
 setup:
 	@bash scripts/setup.sh
@@ -13,6 +13,10 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# the edit loop: unit tests and the quick integration tests (all but those marked slow)
+check: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

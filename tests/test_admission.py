@@ -57,6 +57,7 @@ def clients(port: int, n: int, first: bytes = b"") -> Iterator[list[socket.socke
             sock.close()
 
 
+@pytest.mark.slow
 def test_partial_proxy_headers_cost_little_cpu(config_path, backends) -> None:
     target = backends("t")
     (port,) = free_ports(1)
@@ -160,6 +161,7 @@ def answers_from(source: str, port: int) -> bytes:
         return b""
 
 
+@pytest.mark.slow
 def test_silent_client_is_closed_before_any_target_is_connected(config_path, backends) -> None:
     target = backends("t", echo)
     port, metrics_port = free_ports(2)

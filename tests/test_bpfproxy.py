@@ -72,6 +72,7 @@ def refused(d: Deployment, port: int, host: str = "127.0.0.1") -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_each_port_reaches_its_app_and_others_are_refused(lab: Deployment) -> None:
     a, b = lab.backend("a"), lab.backend("b")
     lab.start([app("A", [7001, 7002], [a.address]),
@@ -101,6 +102,7 @@ def test_a_thousand_port_app(lab: Deployment) -> None:
     assert refused(lab, ports[0] - 1)
 
 
+@pytest.mark.slow
 def test_reload_adds_and_removes_ports_keeping_established(lab: Deployment) -> None:
     a, b = lab.backend("a"), lab.backend("b")
     proxy = lab.start([app("A", [7001, 7002], [a.address])])
@@ -118,6 +120,7 @@ def test_reload_adds_and_removes_ports_keeping_established(lab: Deployment) -> N
     established.close()
 
 
+@pytest.mark.slow
 def test_invalid_reload_keeps_the_port_map(lab: Deployment) -> None:
     a = lab.backend("a")
     proxy = lab.start([app("A", [7001], [a.address])])
@@ -127,6 +130,7 @@ def test_invalid_reload_keeps_the_port_map(lab: Deployment) -> None:
     assert lab.which(7001) == "a"
 
 
+@pytest.mark.slow
 def test_reload_claiming_the_listen_port_is_rejected(lab: Deployment) -> None:
     a = lab.backend("a")
     proxy = lab.start([app("A", [7001], [a.address])])
@@ -136,6 +140,7 @@ def test_reload_claiming_the_listen_port_is_rejected(lab: Deployment) -> None:
     assert lab.which(7001) == "a"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_ports_are_released_when_bpfproxy_exits(lab: Deployment, signum: int) -> None:
     # Default root: under `ip netns exec` the bpffs bpfproxy mounts is in the process's own
@@ -196,6 +201,7 @@ def from_peer(peer: NetNS, port: int, host: str = A_V4) -> str:
         return "refused"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2], ids=["single", "workers"])
 def test_bind_loopback_keeps_app_ports_off_other_addresses(
     lab: Deployment, peer: NetNS, workers: int
@@ -276,6 +282,7 @@ def readable_copy() -> Iterator[Path]:
         shutil.rmtree(copy)
 
 
+@pytest.mark.slow
 def test_non_root_gets_a_clear_error(readable_copy: Path) -> None:
     runner = _unprivileged_runner()
     if runner is None:
@@ -365,6 +372,7 @@ def counter(bpffs: Path, instance: str, name: str) -> int:
     return sum(int.from_bytes(raw[i : i + 8], sys.byteorder) for i in range(0, len(raw), 8))
 
 
+@pytest.mark.slow
 def test_sigkill_then_restart_refuses_no_connection(lab: Deployment, bpffs: Path) -> None:
     a = lab.backend("a")
     instance = instance_name()
@@ -413,6 +421,7 @@ def test_sigkill_then_restart_refuses_no_connection(lab: Deployment, bpffs: Path
     assert "compiled and loaded" not in restarted.output
 
 
+@pytest.mark.slow
 def test_restart_reuses_the_state_without_compiling_and_diffs_the_ports(
     lab: Deployment, bpffs: Path
 ) -> None:
@@ -434,6 +443,7 @@ def test_restart_reuses_the_state_without_compiling_and_diffs_the_ports(
     assert refused(lab, 7002)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2], ids=["single", "workers"])
 def test_clean_stop_releases_every_port_and_leaves_no_pin(
     lab: Deployment, bpffs: Path, workers: int
@@ -451,6 +461,7 @@ def test_clean_stop_releases_every_port_and_leaves_no_pin(
     assert list(bpffs.glob("bpfproxy*")) == []
 
 
+@pytest.mark.slow
 def test_release_removes_the_state_of_a_dead_instance(lab: Deployment, bpffs: Path) -> None:
     a = lab.backend("a")
     instance = instance_name()
@@ -478,6 +489,7 @@ def test_release_removes_the_state_of_a_dead_instance(lab: Deployment, bpffs: Pa
     assert "has no pinned state" in again.stdout
 
 
+@pytest.mark.slow
 def test_incompatible_pinned_state_asks_for_release(lab: Deployment, bpffs: Path) -> None:
     a = lab.backend("a")
     instance = instance_name()
@@ -517,6 +529,7 @@ def test_without_a_bpffs_it_runs_unpinned(lab: Deployment, tmp_path: Path) -> No
     assert refused(lab, 7001)  # nothing pinned: the ports went with the process
 
 
+@pytest.mark.slow
 def test_a_draining_proxy_refuses_new_connections_at_once(lab: Deployment, bpffs: Path) -> None:
     a = lab.backend("a")
     args = (*pinned_args(bpffs, instance_name()), "--drain-timeout", "30")
@@ -533,6 +546,7 @@ def test_a_draining_proxy_refuses_new_connections_at_once(lab: Deployment, bpffs
     assert list(bpffs.glob("bpfproxy*")) == []
 
 
+@pytest.mark.slow
 def test_pid_file_names_the_process_and_is_removed_at_exit(lab: Deployment, tmp_path: Path) -> None:
     """--pid-file names the process while it serves and is gone after SIGTERM."""
     a = lab.backend("a")
@@ -585,6 +599,7 @@ def cap_eff_and_uid(pid: int) -> tuple[int, str]:
     return int(fields["CapEff"], 16), fields["Uid"].split()[0]
 
 
+@pytest.mark.slow
 def test_workers_upgrade_under_load(lab: Deployment, bpffs: Path) -> None:
     """--workers 2, net.ipv4.tcp_migrate_req=0: three SIGUSR2 in a row under load (the
     second of the first ignored), then a failing one (config made invalid). No short
@@ -668,6 +683,7 @@ def _reaches(lab: Deployment, port: int) -> str | None:
         return None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["epoll", "trio"])
 def test_upgrade_under_load(upgrade_lab: Deployment, bpffs: Path, engine: str) -> None:
     """Three SIGUSR2 in a row under load: no short connection fails, the long-lived ones
@@ -732,6 +748,7 @@ def test_upgrade_under_load(upgrade_lab: Deployment, bpffs: Path, engine: str) -
     assert "Traceback" not in out, out
 
 
+@pytest.mark.slow
 def test_failing_upgrade_keeps_the_old_process(upgrade_lab: Deployment, bpffs: Path) -> None:
     """The config made invalid on disk, then SIGUSR2: the new process refuses it and
     exits; the old one goes on serving its ports, and no connection fails."""
@@ -760,6 +777,7 @@ def test_failing_upgrade_keeps_the_old_process(upgrade_lab: Deployment, bpffs: P
         assert refused(lab, 7001)
 
 
+@pytest.mark.slow
 def test_a_stopping_process_refuses_the_hand_over(lab: Deployment, bpffs: Path) -> None:
     """The old process is stopping when the new one says "ready": it answers no "go",
     and the new one does not take over (no pid file, no MAINPID=, it exits, leaving

@@ -670,6 +670,7 @@ def test_any_bytes_give_config_or_config_error(data: bytes) -> None:
     assert_config_or_config_error(data)
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(json_values | st.dictionaries(st.sampled_from(KEYS), json_values))
 def test_any_json_value_gives_config_or_config_error(value: object) -> None:

@@ -132,6 +132,7 @@ def test_timeouts_are_described_not_named() -> None:
     assert "TooSlowError" not in describe_error(trio.TooSlowError())
 
 
+@pytest.mark.slow
 def test_a_client_silent_past_the_header_timeout_is_logged_in_words(
     config_path: Path, backends
 ) -> None:

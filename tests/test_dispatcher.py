@@ -378,6 +378,7 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("step", "error", "message"),
     [

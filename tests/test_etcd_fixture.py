@@ -54,6 +54,7 @@ def test_cluster_member_stop_start_and_compact(etcd_cluster3) -> None:
     assert not root.exists() and not any(m.running for m in cluster.members)
 
 
+@pytest.mark.slow
 def test_cluster_starts_again_on_other_ports_when_one_is_taken(
     etcd_factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -45,6 +45,7 @@ class Blackhole:
             s.close()
 
 
+@pytest.mark.slow
 def test_syn_dropping_target_costs_one_connect_timeout(deployment: Deployment) -> None:
     d = deployment
     live = d.backend("live")
@@ -85,6 +86,7 @@ def test_target_reset_mid_stream_ends_the_client_promptly(deployment: Deployment
     proxy.wait_for(r"end=target-error")
 
 
+@pytest.mark.slow
 def test_silent_target_is_ended_by_the_idle_timeout(deployment: Deployment) -> None:
     d = deployment
     silent = threading.Event()
@@ -98,6 +100,7 @@ def test_silent_target_is_ended_by_the_idle_timeout(deployment: Deployment) -> N
     silent.set()
 
 
+@pytest.mark.slow
 def test_client_that_never_sends_counts_as_idle(deployment: Deployment) -> None:
     d = deployment
     quiet = d.backend("t", lambda conn: conn.recv(10))
@@ -108,6 +111,7 @@ def test_client_that_never_sends_counts_as_idle(deployment: Deployment) -> None:
     proxy.wait_for(r"end=idle-timeout")
 
 
+@pytest.mark.slow
 def test_300_client_resets_leak_no_descriptors(deployment: Deployment) -> None:
     d = deployment
 
@@ -132,6 +136,7 @@ def test_300_client_resets_leak_no_descriptors(deployment: Deployment) -> None:
     assert proxy.proc.poll() is None
 
 
+@pytest.mark.slow
 def test_client_that_never_reads_keeps_memory_bounded(deployment: Deployment) -> None:
     d = deployment
     received = []
@@ -216,6 +221,7 @@ def test_app_connection_limit_resets_the_excess(deployment: Deployment) -> None:
         s.close()
 
 
+@pytest.mark.slow
 def test_process_connection_limit_queues_the_excess(deployment: Deployment) -> None:
     d = deployment
     a = d.backend("a")
@@ -236,6 +242,7 @@ def test_process_connection_limit_queues_the_excess(deployment: Deployment) -> N
         s.close()
 
 
+@pytest.mark.slow
 def test_running_out_of_descriptors_pauses_accepting(deployment: Deployment) -> None:
     d = deployment
     a = d.backend("a")
@@ -289,6 +296,7 @@ def many_descriptors() -> Iterator[None]:
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+@pytest.mark.slow
 def test_2000_concurrent_connections_with_a_third_of_targets_failing(
     many_descriptors: None, deployment: Deployment
 ) -> None:
@@ -339,6 +347,7 @@ def _quick_echo(conn: socket.socket) -> None:
     echo(conn)
 
 
+@pytest.mark.slow
 def test_active_health_checks_log_state_changes(deployment: Deployment) -> None:
     d = deployment
     (port, target_port) = d.ports(2)

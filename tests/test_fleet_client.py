@@ -123,6 +123,7 @@ async def test_txn_guards_apply_nothing_when_keys_changed(etcd: EtcdCluster) -> 
         assert await client.get(f"{P}/apps/a") is not None
 
 
+@pytest.mark.slow
 async def test_lease_grant_keepalive_expiry_revoke(etcd: EtcdCluster) -> None:
     async with _client(etcd) as client:
         lease = await client.grant_lease(3)
@@ -257,6 +258,7 @@ async def test_failover_when_the_watched_member_stops(etcd_cluster3: EtcdCluster
         assert await client.get(f"{P}/apps/a14") is not None
 
 
+@pytest.mark.slow
 async def test_unavailable_when_nothing_answers() -> None:
     target = parse_etcd_url(f"etcd://127.0.0.1:{refused_port()},127.0.0.1:{refused_port()}/p")
     async with EtcdClient(target, retry_for=1.0) as client:
@@ -281,6 +283,7 @@ async def test_an_address_the_http_client_refuses_is_an_etcd_error(host: str) ->
                 pass
 
 
+@pytest.mark.slow
 async def test_tls_with_client_certificates(etcd_factory) -> None:
     cluster = etcd_factory(1, tls=True)
     assert cluster.url(P).startswith("etcds://")
@@ -361,6 +364,7 @@ async def test_watch_from_now_resumes_where_it_was_after_failover(
         assert keys[-1] == f"{P}/apps/b" and set(keys[:-1]) == {f"{P}/apps/a"}
 
 
+@pytest.mark.slow
 async def test_a_watch_whose_member_hangs_moves_to_another(
     etcd_cluster3: EtcdCluster, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -391,6 +395,7 @@ async def test_a_watch_whose_member_hangs_moves_to_another(
     assert "did not answer a probe" in caplog.text
 
 
+@pytest.mark.slow
 async def test_calls_and_watches_started_on_a_hung_member_go_to_the_next(
     etcd_cluster3: EtcdCluster, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -67,6 +67,7 @@ def test_help_for_every_command(args: list[str], capsys: pytest.CaptureFixture[s
     assert "Usage: tcpproxyctl" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_check_good_and_bad_files(tmp_path: Path) -> None:
     good = write(tmp_path / "good.json", {"Apps": [APP_A, APP_B]})
     result = ctl("check", str(good))
@@ -100,6 +101,7 @@ def test_check_refuses_what_push_refuses(etcd: EtcdCluster, tmp_path: Path) -> N
     assert keys(etcd) == {}
 
 
+@pytest.mark.slow
 def test_push_writes_one_key_per_app_and_only_changes(etcd: EtcdCluster, tmp_path: Path) -> None:
     file = write(tmp_path / "c.json", {"Defaults": {"ConnectTimeout": 1.5}, "Apps": [APP_B, APP_A]})
     result = ctl("push", str(file), etcd=etcd)
@@ -164,6 +166,7 @@ def _node(etcd: EtcdCluster, node: str, revision: int, applied_at: float, **extr
     etcd.put(f"{P}/nodes/{node}", json.dumps({**record, **extra}))
 
 
+@pytest.mark.slow
 def test_status_table_lag_and_rejections(etcd: EtcdCluster, tmp_path: Path) -> None:
     result = ctl("status", etcd=etcd)
     assert result.returncode == 0 and f"no node records under {P}/nodes/" in result.stdout
@@ -217,6 +220,7 @@ def test_status_table_lag_and_rejections(etcd: EtcdCluster, tmp_path: Path) -> N
     assert "bad record" in result.stdout
 
 
+@pytest.mark.slow
 def test_status_shows_a_malformed_record_as_a_bad_record_row(
     etcd: EtcdCluster, tmp_path: Path
 ) -> None:
@@ -243,6 +247,7 @@ def test_status_shows_a_malformed_record_as_a_bad_record_row(
     assert "revision -1 is outside" in rows["negative"]
 
 
+@pytest.mark.slow
 def test_etcd_unreachable_is_one_line_naming_the_endpoints(tmp_path: Path) -> None:
     url = f"etcd://127.0.0.1:{refused_port()},127.0.0.1:{refused_port()}/p"
     file = write(tmp_path / "c.json", {"Apps": [APP_A]})
@@ -279,6 +284,7 @@ def test_a_bad_host_is_one_line_exit_2(host: str, problem: str) -> None:
         assert f"bad host {host!r} in endpoint '{host}:1': {problem}" in last
 
 
+@pytest.mark.slow
 def test_tls_and_auth(etcd_factory, tmp_path: Path) -> None:
     etcd = etcd_factory(1, tls=True)
     etcd.etcdctl("user", "add", "root:rootpw", "--interactive=false")

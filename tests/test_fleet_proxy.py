@@ -95,6 +95,7 @@ def scrape(port: int, path: str) -> str:
         return response.read().decode()
 
 
+@pytest.mark.slow
 def test_follows_apps_added_changed_and_removed(
     etcd: EtcdCluster, backends: Any, proxies: list[ProxyProcess], tmp_path: Path
 ) -> None:
@@ -195,6 +196,7 @@ def test_a_bad_value_rejects_its_app_only(
     assert proxy.output.count(f"{P}/apps/new rejected") == 1
 
 
+@pytest.mark.slow
 def test_etcd_down_for_10s_fails_no_connection_and_a_later_change_applies(
     etcd: EtcdCluster, backends: Any, proxies: list[ProxyProcess]
 ) -> None:
@@ -224,6 +226,7 @@ def test_etcd_down_for_10s_fails_no_connection_and_a_later_change_applies(
     assert proxy.proc.poll() is None
 
 
+@pytest.mark.slow
 def test_starts_from_the_cache_when_etcd_is_down(
     etcd: EtcdCluster, backends: Any, proxies: list[ProxyProcess], tmp_path: Path
 ) -> None:
@@ -250,6 +253,7 @@ def test_starts_from_the_cache_when_etcd_is_down(
     assert which_backend(later) == "a"
 
 
+@pytest.mark.slow
 def test_no_etcd_and_no_cache_exits_2_saying_so(tmp_path: Path) -> None:
     url = f"etcd://127.0.0.1:{free_port()}{P}"
     for extra in ([], ["--etcd-cache", str(tmp_path / "missing.json")]):
@@ -271,6 +275,7 @@ def test_no_etcd_and_no_cache_exits_2_saying_so(tmp_path: Path) -> None:
         assert "Traceback" not in proxy.output
 
 
+@pytest.mark.slow
 def test_three_members_the_watched_one_stops_and_every_change_arrives(
     etcd_cluster3: EtcdCluster, backends: Any, proxies: list[ProxyProcess]
 ) -> None:
@@ -289,6 +294,7 @@ def test_three_members_the_watched_one_stops_and_every_change_arrives(
     assert all(which_backend(port) == "a" for port in ports)
 
 
+@pytest.mark.slow
 def test_three_members_the_watched_one_hangs_and_a_change_still_arrives(
     etcd_cluster3: EtcdCluster, backends: Any, proxies: list[ProxyProcess]
 ) -> None:
@@ -330,6 +336,7 @@ def test_three_members_the_watched_one_hangs_and_a_change_still_arrives(
     assert _node(cluster, "edge-1") == {}
 
 
+@pytest.mark.slow
 def test_an_upgrade_reads_etcd_again_and_the_new_process_follows(
     etcd: EtcdCluster, backends: Any, proxies: list[ProxyProcess], tmp_path: Path
 ) -> None:
@@ -393,6 +400,7 @@ class InNamespace:
         self._thread.join(10)
 
 
+@pytest.mark.slow
 @pytest.mark.bpf
 @pytest.mark.parametrize("workers", [1, 2])
 def test_bpfproxy_in_its_namespace_follows_etcd(
@@ -431,6 +439,7 @@ def test_bpfproxy_in_its_namespace_follows_etcd(
         inside.close()
 
 
+@pytest.mark.slow
 def test_three_nodes_follow_pushes_and_status_shows_them_converged(
     etcd: EtcdCluster, backends: Any, proxies: list[ProxyProcess], tmp_path: Path
 ) -> None:
@@ -502,6 +511,7 @@ def test_an_app_whose_port_is_taken_here_is_set_aside_and_the_others_go_on(
     assert proxy.output.count("rejected, keeping the running config") <= 3
 
 
+@pytest.mark.slow
 def test_follows_etcd_over_tls(
     etcd_factory: Callable[..., EtcdCluster], backends: Any, proxies: list[ProxyProcess]
 ) -> None:
@@ -528,6 +538,7 @@ def test_follows_etcd_over_tls(
     assert "Traceback" not in refused_start.output
 
 
+@pytest.mark.slow
 def test_follows_etcd_as_a_user_with_the_password_from_the_environment(
     etcd: EtcdCluster, backends: Any, proxies: list[ProxyProcess]
 ) -> None:
@@ -564,6 +575,7 @@ def test_follows_etcd_as_a_user_with_the_password_from_the_environment(
     assert "edgepw" not in " ".join(proxy.argv)
 
 
+@pytest.mark.slow
 @pytest.mark.bpf
 def test_three_bpfproxy_nodes_in_their_namespaces_converge(tmp_path: Path) -> None:
     """Three bpfproxy nodes, each in its own network namespace, reach etcd (in a
@@ -695,6 +707,7 @@ def test_bpfproxy_at_start_rejects_an_app_claiming_its_listening_port_alone(
     assert "bpfproxy's listening port (-p)" in str(rejected["into"]["reason"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_one_push_with_a_taken_port_sets_aside_that_app_only(
     etcd: EtcdCluster, backends: Any, proxies: list[ProxyProcess], workers: int
@@ -734,6 +747,7 @@ def test_a_push_that_changes_nothing_served_still_moves_the_node_record(
         assert record["rejected"]["f"]["revision"] == alone
 
 
+@pytest.mark.slow
 def test_an_app_set_aside_is_offered_again_by_itself_and_on_sighup(
     etcd: EtcdCluster, backends: Any, proxies: list[ProxyProcess]
 ) -> None:
@@ -760,6 +774,7 @@ def test_an_app_set_aside_is_offered_again_by_itself_and_on_sighup(
     assert which_backend(taken2) == "a"
 
 
+@pytest.mark.slow
 def test_a_bad_value_keeps_its_last_good_version_across_an_upgrade_and_a_restart(
     etcd: EtcdCluster, backends: Any, proxies: list[ProxyProcess], tmp_path: Path
 ) -> None:
@@ -789,6 +804,7 @@ def test_a_bad_value_keeps_its_last_good_version_across_an_upgrade_and_a_restart
     assert which_backend(pc) == "a"
 
 
+@pytest.mark.slow
 def test_an_upgrade_while_etcd_does_not_answer_starts_from_the_config_handed_over(
     etcd: EtcdCluster, backends: Any, proxies: list[ProxyProcess], tmp_path: Path
 ) -> None:

@@ -6,6 +6,7 @@ import base64
 import json
 from typing import Any
 
+import pytest
 import trio
 
 from tcpproxy.config import parse_config
@@ -47,6 +48,7 @@ def _publisher(etcd: EtcdCluster) -> Publisher:
     return publisher
 
 
+@pytest.mark.slow
 async def test_the_record_is_back_soon_after_each_outage(etcd: EtcdCluster) -> None:
     """The back-off starts afresh after each outage: however many came before, the
     record is re-put (under a new lease) within BACK_WITHIN of etcd's return."""
@@ -70,6 +72,7 @@ async def test_the_record_is_back_soon_after_each_outage(etcd: EtcdCluster) -> N
     assert _record(etcd) is None  # revoked at the stop
 
 
+@pytest.mark.slow
 async def test_an_upgrade_never_leaves_the_node_without_its_record(etcd: EtcdCluster) -> None:
     """The old process applies a change after the new one published (the hand-over
     window), then stops (its lease revoked): the new process's record stays."""

@@ -129,12 +129,14 @@ async def test_compaction_during_an_outage_reads_the_prefix_again(
     assert "was compacted" in text and "reading etcd://" in text
 
 
+@pytest.mark.slow
 async def test_no_etcd_and_no_cache_is_a_config_error() -> None:
     source = EtcdSource(parse_etcd_url(f"etcd://127.0.0.1:{free_port()}{P}"))
     with pytest.raises(ConfigError, match=r"etcd is unreachable .* no --etcd-cache"):
         await source.load()
 
 
+@pytest.mark.slow
 async def test_the_cache_is_written_on_each_change_and_started_from(
     etcd: EtcdCluster, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -39,6 +39,7 @@ def value(text: str, name: str, **labels: str) -> float:
     return total
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_metrics_move_with_traffic(deployment: Deployment, workers: str) -> None:
     d = deployment
@@ -88,6 +89,7 @@ def test_metrics_move_with_traffic(deployment: Deployment, workers: str) -> None
     assert "Warning" not in proxy.output, proxy.output
 
 
+@pytest.mark.slow
 def test_bad_metrics_address_is_a_startup_error(tmp_path) -> None:
     import subprocess
     import sys
@@ -102,6 +104,7 @@ def test_bad_metrics_address_is_a_startup_error(tmp_path) -> None:
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.bpf
 def test_bpfproxy_reports_steered_ports(tmp_path, netns) -> None:
     d = Deployment("bpfproxy", tmp_path / "c.json", netns)
@@ -116,6 +119,7 @@ def test_bpfproxy_reports_steered_ports(tmp_path, netns) -> None:
         d.close()
 
 
+@pytest.mark.slow
 def test_a_silent_scraper_blocks_neither_scrapes_nor_shutdown(tmp_path, backends) -> None:
     import signal
     import sys
@@ -140,6 +144,7 @@ def test_a_silent_scraper_blocks_neither_scrapes_nor_shutdown(tmp_path, backends
         proxy.kill()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_second_proxy_on_the_same_metrics_port_exits_2(tmp_path, backends, workers) -> None:
     """The metrics socket has no SO_REUSEPORT: a second proxy cannot share its port
@@ -176,6 +181,7 @@ def test_a_second_proxy_on_the_same_metrics_port_exits_2(tmp_path, backends, wor
         running.kill()
 
 
+@pytest.mark.slow
 def test_metrics_on_a_workers_port_exits_2(tmp_path, backends) -> None:
     """--workers: a --metrics port that an app listens on is refused (bound first,
     the metrics socket would make every worker fail to bind it)."""

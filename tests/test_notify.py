@@ -32,6 +32,7 @@ class FakeSystemd:
         self.sock.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_ready_reload_watchdog_stopping_in_order(tmp_path: Path, backends, workers: str) -> None:
     a, b = backends("a"), backends("b")
@@ -62,6 +63,7 @@ def test_ready_reload_watchdog_stopping_in_order(tmp_path: Path, backends, worke
         assert "sd_notify failed" not in proxy.output
 
 
+@pytest.mark.slow
 def test_no_notify_socket_is_fine(tmp_path: Path, backends) -> None:
     a = backends("a")
     (port,) = free_ports(1)

@@ -115,6 +115,7 @@ def refused(d: Deployment, port: int) -> bool:
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.bpf
 @pytest.mark.parametrize("workers", [1, 2], ids=["single", "workers"])
 def test_bpfproxy_serves_reloads_and_stops_as_nobody(
@@ -166,6 +167,7 @@ def test_bpfproxy_serves_reloads_and_stops_as_nobody(
     assert not left.exists() or list(left.iterdir()) == []  # an empty directory may stay
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2], ids=["single", "workers"])
 def test_tcpproxy_as_root_binds_then_serves_as_nobody(tcp_lab: Deployment, workers: int) -> None:
     a, b = tcp_lab.backend("a"), tcp_lab.backend("b")
@@ -184,6 +186,7 @@ def test_tcpproxy_as_root_binds_then_serves_as_nobody(tcp_lab: Deployment, worke
     assert proxy.stop(signal.SIGTERM) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2], ids=["single", "workers"])
 def test_tcpproxy_keeps_only_net_bind_service_for_a_low_port(
     tcp_lab: Deployment, workers: int
@@ -202,6 +205,7 @@ def test_tcpproxy_keeps_only_net_bind_service_for_a_low_port(
     assert tcp_lab.which(81) == "b"
 
 
+@pytest.mark.slow
 @pytest.mark.bpf
 @pytest.mark.parametrize("workers", [1, 2], ids=["single", "workers"])
 def test_bpfproxy_keeps_only_net_bind_service_for_a_low_port(
@@ -289,6 +293,7 @@ def test_user_without_root_is_a_usage_error() -> None:
     assert "only root can switch to another user" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.bpf
 def test_bpfproxy_without_a_bpffs_drops_too(bpf_lab: Deployment, tmp_path: Path) -> None:
     """Unpinned state (no bpffs can be had): the descriptors came from the compile
@@ -332,6 +337,7 @@ def inotify_inodes(pid: int) -> set[int]:
     return inodes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2], ids=["single", "workers"])
 @pytest.mark.parametrize(
     "binary", ["tcpproxy", pytest.param("bpfproxy", marks=pytest.mark.bpf)]

@@ -109,6 +109,7 @@ def test_start_with_a_target_on_our_own_port_exits_2(deployment: Deployment) -> 
         assert "listening port (-p)" in output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_reload_with_a_target_on_our_own_port_is_rejected(
     deployment: Deployment, workers: str
@@ -225,6 +226,7 @@ def test_the_connect_time_guard_with_a_bind_address_refuses_that_address_only() 
 BIND = "127.0.0.2"  # a loopback address other than 127.0.0.1: Linux answers all of 127/8
 
 
+@pytest.mark.slow
 def test_bind_elsewhere_serves_a_loopback_service_on_our_own_port(deployment: Deployment) -> None:
     """--bind B exposes 127.0.0.1:P on B:P, same port: nothing loops, it starts and serves."""
     d = deployment
@@ -234,6 +236,7 @@ def test_bind_elsewhere_serves_a_loopback_service_on_our_own_port(deployment: De
     assert d.which(port, host=BIND) == "loopback-service"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", ["1", "2"])  # workers get --bind for their guard too
 def test_bind_elsewhere_serves_a_name_for_a_loopback_service_on_our_own_port(
     deployment: Deployment, workers: str

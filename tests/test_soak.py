@@ -180,6 +180,7 @@ def _configs(ports: list[int], extra: int, targets: list[str]) -> list[list[dict
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.soak
 def test_soak_mixed_traffic_reloads_and_restarts(deployment: Deployment) -> None:
     d = deployment
@@ -266,6 +267,7 @@ def _garbage(rng: random.Random, good: bytes) -> bytes:
     return good.replace(b'"Ports"', b'"Portz"')
 
 
+@pytest.mark.slow
 def test_reload_torture_keeps_serving_the_last_good_config(
     deployment: Deployment, tmp_path: Path
 ) -> None:

@@ -86,6 +86,7 @@ async def test_target_reset_aborts_the_client(use_splice: bool) -> None:
     proxy_target.close()
 
 
+@pytest.mark.slow
 @MODES
 async def test_backpressure_bounds_what_the_proxy_takes(use_splice: bool) -> None:
     """A target that never reads stops the client: the proxy does not buffer it all."""

@@ -172,6 +172,7 @@ async def test_a_worker_that_does_not_answer_is_restarted_and_the_rest_rolled_ba
     assert pool.config == config(NEW)
 
 
+@pytest.mark.slow
 async def test_a_worker_that_does_not_read_a_large_config_is_restarted(
     make_fanout,  # type: ignore[no-untyped-def]
     monkeypatch: pytest.MonkeyPatch,

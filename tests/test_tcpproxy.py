@@ -416,6 +416,7 @@ def test_sigterm_drains_then_exits_zero(config_path: Path, backends) -> None:
         assert proxy.proc.wait(TIMEOUT) == 0
 
 
+@pytest.mark.slow
 def test_drain_timeout_cuts_remaining_connections(config_path: Path, backends) -> None:
     a = backends("a")
     port = free_port()
@@ -430,6 +431,7 @@ def test_drain_timeout_cuts_remaining_connections(config_path: Path, backends) -
         idle.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["epoll", "trio"])
 def test_drain_timeout_resets_the_target_too(config_path: Path, backends, engine: str) -> None:
     """A cut upload must not look complete to the backend: it sees a reset, not EOF."""

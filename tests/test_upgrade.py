@@ -181,6 +181,7 @@ def upgrade(proxy: ProxyProcess, pid_file: Path, *, twice: bool = False) -> int:
     return new
 
 
+@pytest.mark.slow
 def test_upgrade_under_load(config_path: Path, backends, monkeypatch: pytest.MonkeyPatch) -> None:
     """Three upgrades in a row: no short connection fails, the long-lived ones go on
     with the first process, each old process exits once drained. As nobody: the new
@@ -256,6 +257,7 @@ def _reaches(port: int, make_socket: Callable[[int], socket.socket] | None = Non
         return None
 
 
+@pytest.mark.slow
 def test_failing_upgrade_keeps_the_old_process(config_path: Path, backends) -> None:
     """The config is made invalid on disk, then SIGUSR2: the new process refuses
     it and exits; the old one goes on serving, and no connection fails."""
@@ -292,6 +294,7 @@ def no_migrate_req(netns: NetNS) -> None:
         subprocess.run(["ip", "netns", "exec", netns.name, "sysctl", "-qw", setting], check=True)
 
 
+@pytest.mark.slow
 def test_workers_upgrade_under_load(config_path: Path, netns: NetNS) -> None:
     """--workers 2, net.ipv4.tcp_migrate_req=0: three upgrades in a row (the second
     SIGUSR2 of the first ignored), then a failing one (config made invalid): no
@@ -366,6 +369,7 @@ def test_the_new_process_pings_the_watchdog() -> None:
     assert Notifier(ours).watchdog_interval is None  # as it would be with the old pid
 
 
+@pytest.mark.slow
 def test_systemd_hears_the_new_main_pid(tmp_path: Path, backends) -> None:
     """Under systemd (a fake NOTIFY_SOCKET, with the sender's pid from SO_PASSCRED):
     the new process sends READY=1 with MAINPID= and from then on the watchdog
@@ -466,6 +470,7 @@ def test_a_short_message_closes_what_was_received() -> None:
         assert set(os.listdir("/proc/self/fd")) <= before
 
 
+@pytest.mark.slow
 def test_sigusr2_before_serving_does_not_end_the_process(config_path: Path, backends) -> None:
     """The pid file is written before the process serves: a SIGUSR2 sent as soon as
     it names the process is ignored (its default action would end the process)."""
@@ -492,6 +497,7 @@ def children(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("binary", BINARIES)
 def test_workers_upgrade_serves_what_the_old_workers_queued(
     binary: str, config_path: Path, netns: NetNS, monkeypatch: pytest.MonkeyPatch
@@ -547,6 +553,7 @@ def test_workers_upgrade_serves_what_the_old_workers_queued(
     assert wait_until(lambda: gone(newest))
 
 
+@pytest.mark.slow
 def test_a_worker_that_does_not_hand_over_its_listeners_fails_the_upgrade(
     config_path: Path, netns: NetNS
 ) -> None:
@@ -680,6 +687,7 @@ def refuse_while_stopping(
     assert "Traceback" not in proxy.output, proxy.output
 
 
+@pytest.mark.slow
 def test_a_stopping_process_refuses_the_hand_over(tmp_path: Path, backends) -> None:
     """The old process is stopping when the new one says "ready": it answers no "go",
     and the new one does not take over (no pid file, no MAINPID=, it exits)."""
@@ -711,6 +719,7 @@ def kill_started(proxy: ProxyProcess) -> None:
     proxy.kill()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("binary", BINARIES)
 def test_a_stopping_supervisor_refuses_the_hand_over(
     binary: str, config_path: Path, netns: NetNS
@@ -748,6 +757,7 @@ def listening_inodes(port: int) -> set[int]:
     return found
 
 
+@pytest.mark.slow
 def test_an_upgrade_hands_over_the_metrics_socket(config_path: Path, backends) -> None:
     """--metrics is bound without SO_REUSEPORT and handed over like the listeners:
     across two upgrades the same socket (one inode) serves /metrics, scraped in a

@@ -12,6 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
 import trio
 
 from tcpproxy.sources import file as watch
@@ -50,6 +51,7 @@ def test_configmap_updates_are_all_applied(tmp_path: Path, backends) -> None:
             assert which_backend(port) == target.name
 
 
+@pytest.mark.slow
 def test_directory_removed_and_recreated_is_watched_again(tmp_path: Path, backends) -> None:
     a, b, c = backends("a"), backends("b"), backends("c")
     port = free_port()
@@ -96,6 +98,7 @@ async def _blind_awatch(*paths, **kw):
     yield set()
 
 
+@pytest.mark.slow
 async def test_stat_poll_sees_what_inotify_cannot(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(watch.watchfiles, "awatch", _blind_awatch)
     config = tmp_path / "config.json"
@@ -110,6 +113,7 @@ async def test_stat_poll_sees_what_inotify_cannot(tmp_path: Path, monkeypatch) -
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.slow
 async def test_missing_directory_is_waited_for_quietly(tmp_path: Path, caplog) -> None:
     caplog.set_level(logging.INFO, logger="tcpproxy")
     directory = tmp_path / "later"

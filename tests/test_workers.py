@@ -26,6 +26,7 @@ def worker_pids(d: Deployment) -> list[int]:
     return sorted(int(p) for p in out.stdout.split())
 
 
+@pytest.mark.slow
 def test_two_workers_share_the_ports(deployment: Deployment) -> None:
     d = deployment
     a = d.backend("a")
@@ -39,6 +40,7 @@ def test_two_workers_share_the_ports(deployment: Deployment) -> None:
     assert served["w0"] > 0 and served["w1"] > 0, served  # the kernel spreads them
 
 
+@pytest.mark.slow
 def test_reload_reaches_every_worker_and_bad_config_none(deployment: Deployment) -> None:
     d = deployment
     a, b = d.backend("a"), d.backend("b")
@@ -57,6 +59,7 @@ def test_reload_reaches_every_worker_and_bad_config_none(deployment: Deployment)
     assert proxy.output.count("rejected") == 1  # validated once, by the supervisor
 
 
+@pytest.mark.slow
 def test_sigterm_drains_every_worker_then_exits_zero(deployment: Deployment) -> None:
     d = deployment
     a = d.backend("a")
@@ -77,6 +80,7 @@ def test_sigterm_drains_every_worker_then_exits_zero(deployment: Deployment) -> 
     assert "stopped" in proxy.output
 
 
+@pytest.mark.slow
 def test_a_stopped_worker_does_not_hold_up_shutdown(deployment: Deployment) -> None:
     """A worker that cannot drain (here SIGSTOPped) is killed once the drain
     timeout and STOP_GRACE have passed; the supervisor then exits 0."""
@@ -102,6 +106,7 @@ def test_a_stopped_worker_does_not_hold_up_shutdown(deployment: Deployment) -> N
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_a_dead_worker_is_replaced(deployment: Deployment) -> None:
     d = deployment
     a = d.backend("a")
@@ -117,6 +122,7 @@ def test_a_dead_worker_is_replaced(deployment: Deployment) -> None:
     assert second in worker_pids(d)
 
 
+@pytest.mark.slow
 def test_workers_die_with_their_supervisor(deployment: Deployment) -> None:
     d = deployment
     a = d.backend("a")
@@ -132,6 +138,7 @@ def test_workers_die_with_their_supervisor(deployment: Deployment) -> None:
 THREAD_IDLE = 10.0  # seconds trio keeps an idle worker thread (the one that forked a worker)
 
 
+@pytest.mark.slow
 def test_a_replaced_worker_stays_up_and_its_metric_files_go(deployment: Deployment) -> None:
     """A worker started again must not be stopped when the thread that forked it
     retires (PR_SET_PDEATHSIG fired then), and the dead one's files must not pile up."""
@@ -170,6 +177,7 @@ def test_a_replaced_worker_stays_up_and_its_metric_files_go(deployment: Deployme
     assert not os.path.exists(directory)
 
 
+@pytest.mark.slow
 def test_one_ctrl_c_drains(deployment: Deployment) -> None:
     """Ctrl-C signals the whole process group; workers must hear it once (from
     their supervisor), so one Ctrl-C drains rather than cuts."""
@@ -193,6 +201,7 @@ def test_one_ctrl_c_drains(deployment: Deployment) -> None:
     assert "again" not in proxy.output
 
 
+@pytest.mark.slow
 def test_a_second_proxy_on_the_same_ports_is_refused(deployment: Deployment) -> None:
     """SO_REUSEPORT must not let a second supervisor join the first's ports."""
     d = deployment
@@ -215,6 +224,7 @@ RACES = 3  # pairs of supervisors started at once (each pair: 2 supervisors, 4 w
 SERVES = "INFO tcpproxy started: 2 workers"  # the supervisor's line, once its workers serve
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("deployment", ["tcpproxy"], indirect=True)  # bpfproxy: see test_plans
 def test_of_two_supervisors_started_at_once_one_runs(deployment: Deployment) -> None:
     """The free-port check and the workers' SO_REUSEPORT binds are not atomic:
@@ -241,6 +251,7 @@ def test_of_two_supervisors_started_at_once_one_runs(deployment: Deployment) -> 
                 proxy.kill()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("deployment", ["tcpproxy"], indirect=True)  # bpfproxy binds no app port
 def test_a_supervisor_holds_the_ports_it_serves(deployment: Deployment) -> None:
     """Ports added by a reload are claimed; removed ones are free for others."""
@@ -264,6 +275,7 @@ def test_a_supervisor_holds_the_ports_it_serves(deployment: Deployment) -> None:
     other.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("deployment", ["tcpproxy"], indirect=True)  # bpfproxy binds no app port
 def test_a_reload_onto_a_port_another_process_listens_on_is_rejected(
     deployment: Deployment,
