@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tcpproxy.config import Config, ConfigError, parse_config
+from tcpproxy.config import MAX_PROBLEMS, Config, ConfigError, parse_config
 from tcpproxy.fleet.assemble import DEFAULTS, Assembly, assemble, key_root
 
 P = "/fleet"
@@ -73,6 +73,14 @@ def test_a_new_bad_app_is_not_served_and_says_why_with_the_files_message() -> No
     assert rejection.key == f"{P}/apps/bad"
     assert rejection.revision == s.revision
     assert rejection.reason == "Ports[0]: must be between 1 and 65535, got 70000"
+
+
+def test_a_rejection_gives_the_first_problems_and_counts_the_rest() -> None:
+    s = Store()
+    a = s.put("apps/bad", app([70000] * (MAX_PROBLEMS + 3)))
+    reasons = a.rejected["bad"].reason.split("; ")
+    assert reasons[0] == "Ports[0]: must be between 1 and 65535, got 70000"
+    assert len(reasons) == MAX_PROBLEMS + 1 and reasons[-1] == "... and 3 more"
 
 
 @pytest.mark.parametrize(

@@ -408,4 +408,5 @@ def _load(value: bytes) -> dict[str, object]:
 
 def _reason(exc: ConfigError) -> str:
     """The problems of a ConfigError, without its source (the Rejection names the key)."""
-    return "; ".join(exc.problems)
+    more = [f"... and {exc.more} more"] if exc.more else []
+    return "; ".join([*exc.problems, *more])
