@@ -67,7 +67,8 @@ on `AppConfig`, and a row in this table.
 Validation is strict, because a proxy that guesses what a typo meant sends traffic
 somewhere nobody intended: unknown keys, wrong types (``"5001"`` is not a port) and
 out-of-range values are all errors. Every problem is reported at once, each with its
-location (``Apps[2].Ports[1]``), so one edit fixes them all.
+location (``Apps[2].Ports[1]``), so one edit fixes them all: the first `MAX_PROBLEMS`
+in document order, and how many more.
 
 pydantic is this module's implementation detail: the rest of the program sees only the
 dataclasses, and no exception but `ConfigError` escapes `parse_config`.
@@ -75,6 +76,7 @@ dataclasses, and no exception but `ConfigError` escapes `parse_config`.
 
 import difflib
 import enum
+import heapq
 import ipaddress
 import json
 import re
@@ -83,7 +85,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from itertools import chain
+from itertools import chain, islice
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationError
@@ -92,6 +94,7 @@ from pydantic_core import ErrorDetails
 
 __all__ = [
     "APP_SHARE_DIVISOR",
+    "MAX_PROBLEMS",
     "AppConfig",
     "Config",
     "ConfigError",
@@ -112,27 +115,39 @@ __all__ = [
 # so one app whose clients pile up leaves most slots to the others.
 APP_SHARE_DIVISOR = 10
 
+# Problems a ConfigError holds and shows; the rest are only counted. One mistake
+# repeated over thousands of apps then makes a message (and a rejected reload's log
+# line) of this many lines, not thousands, and only these are worded.
+MAX_PROBLEMS = 20
+
 
 class ConfigError(Exception):
     """Our side: the configuration is wrong (as opposed to peer/target errors).
 
-    ``problems`` holds every problem found, each prefixed with its location, such as
-    ``"Apps[2].Ports[1]: must be between 1 and 65535, got 70000"``.
+    ``problems`` holds the first `MAX_PROBLEMS` problems found, each prefixed with
+    its location, such as ``"Apps[2].Ports[1]: must be between 1 and 65535, got
+    70000"``; ``more`` counts the others (given by the caller, which need not word
+    them, plus any beyond the first MAX_PROBLEMS of ``problems``).
     """
 
     source: str  # the file's path, or "<config>"
     problems: tuple[str, ...]
+    more: int  # problems found but not kept
 
-    def __init__(self, source: str, problems: Iterable[str]) -> None:
+    def __init__(self, source: str, problems: Iterable[str], more: int = 0) -> None:
         self.source = source
-        self.problems = tuple(problems)
-        super().__init__(source, self.problems)  # keeps the error picklable
+        rest = iter(problems)
+        self.problems = tuple(islice(rest, MAX_PROBLEMS))
+        self.more = more + sum(1 for _ in rest)
+        super().__init__(source, self.problems, self.more)  # keeps the error picklable
 
     def __str__(self) -> str:
-        if len(self.problems) == 1:
+        if len(self.problems) == 1 and not self.more:
             return f"{self.source}: {self.problems[0]}"
         lines = "".join(f"\n  {problem}" for problem in self.problems)
-        return f"{self.source}: {len(self.problems)} problems:{lines}"
+        if self.more:
+            lines += f"\n  ... and {self.more} more"
+        return f"{self.source}: {len(self.problems) + self.more} problems:{lines}"
 
 
 class Strategy(enum.StrEnum):
@@ -499,9 +514,16 @@ def _app_config(app: _App, defaults: _Options) -> AppConfig:
 
 
 def _error(source: str, problems: list[_Problem]) -> ConfigError:
-    """Every problem, in document order, each with its location."""
-    problems.sort(key=lambda problem: [(isinstance(part, str), part) for part in problem[0]])
-    return ConfigError(source, [f"{_format_loc(loc)}: {message}" for loc, message in problems])
+    """The first MAX_PROBLEMS problems in document order, each with its location, and
+    how many more."""
+    first = heapq.nsmallest(
+        MAX_PROBLEMS, problems, key=lambda problem: [(isinstance(p, str), p) for p in problem[0]]
+    )
+    return ConfigError(
+        source,
+        [f"{_format_loc(loc)}: {message}" for loc, message in first],
+        more=len(problems) - len(first),
+    )
 
 
 def _load_json(data: bytes | str, source: str) -> tuple[object, list[_Problem]]:

@@ -28,10 +28,12 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from functools import partial
+from itertools import islice
 from typing import Any
 
-from tcpproxy.config import Config, ConfigError, Target
+from tcpproxy.config import MAX_PROBLEMS, Config, ConfigError, Target
 
 __all__ = [
     "LOCAL_ADDRESSES_TTL",
@@ -120,9 +122,21 @@ def self_loops(
     Returns one problem per such target, located as config errors are
     (``Apps[i].Targets[j]: ...``); host names are left to connect time.
     """
-    ports = config.ports  # worked out once per config; owners are named only for a problem
-    others = owners or {}
-    problems = []
+    found = _loops(config, extra_ports, local, bind, owners or {})
+    return [describe() for describe in found]
+
+
+def _loops(
+    config: Config,
+    extra_ports: Collection[int],
+    local: Collection[IPAddress],
+    bind: IPAddress | None,
+    others: Mapping[int, str],
+) -> Iterator[Callable[[], str]]:
+    """`self_loops`' search, in one pass over the targets, yielding for each loop a
+    function that words it: a caller that shows only a few words only those."""
+    ports = config.ports  # worked out once per config
+    listeners: dict[int, tuple[int, int]] | None = None  # indexed at the first loop
     for i, app in enumerate(config.apps):
         for j, target in enumerate(app.targets):
             ours = target.port in ports or target.port in extra_ports
@@ -130,14 +144,58 @@ def self_loops(
             ip = parse_ip(target.host) if mine else None
             if ip is None or not reaches_proxy(ip, bind, local):
                 continue
-            owner = _owner(config, extra_ports, target.port) if ours else others[target.port]
-            where = "an address of this host" if bind is None else f"where it listens ({bind})"
-            problems.append(
-                f"Apps[{i}].Targets[{j}]: {str(target)!r} of app {app.name!r} is this proxy "
-                f"itself: {ip} is {where} and {target.port} is {owner}; "
-                f"each connection would loop back into the proxy until no slot is left"
-            )
-    return problems
+            if listeners is None:
+                listeners = _listeners(config)
+            yield partial(_describe, config, listeners, extra_ports, others, i, j, ip, bind)
+
+
+def _describe(
+    config: Config,
+    listeners: Mapping[int, tuple[int, int]],
+    extra_ports: Collection[int],
+    others: Mapping[int, str],
+    i: int,
+    j: int,
+    ip: IPAddress,
+    bind: IPAddress | None,
+) -> str:
+    """The problem of target j of app i, which reaches the proxy at `ip`."""
+    app, target = config.apps[i], config.apps[i].targets[j]
+    where = "an address of this host" if bind is None else f"where it listens ({bind})"
+    return (
+        f"Apps[{i}].Targets[{j}]: {str(target)!r} of app {app.name!r} is this proxy "
+        f"itself: {ip} is {where} and {target.port} is "
+        f"{_owner(config, listeners, extra_ports, others, target.port)}; "
+        f"each connection would loop back into the proxy until no slot is left"
+    )
+
+
+def _listeners(config: Config) -> dict[int, tuple[int, int]]:
+    """Each app port's (app index, index in its Ports), built once per check: a scan
+    of every app per loop made N apps looping into one port cost N^2 (16,000 apps:
+    minutes). The last app listing a port wins, and its first listing of it."""
+    return {
+        port: (i, j)
+        for i, app in enumerate(config.apps)
+        for j, port in reversed(list(enumerate(app.ports)))
+    }
+
+
+def _owner(
+    config: Config,
+    listeners: Mapping[int, tuple[int, int]],
+    extra_ports: Collection[int],
+    others: Mapping[int, str],
+    port: int,
+) -> str:
+    """Who listens on `port`, for a problem's message (an app's port wins over -p,
+    which wins over the `others` a fleet node serves)."""
+    if port in listeners:
+        i, j = listeners[port]
+        return f"a port of app {config.apps[i].name!r} (Apps[{i}].Ports[{j}])"
+    if port in extra_ports:
+        return "bpfproxy's listening port (-p)"
+    return others[port]
 
 
 # -- edge -------------------------------------------------------------------------------
@@ -245,30 +303,28 @@ class _LocalView(Collection[IPAddress]):
         return len(self._addresses or ())
 
 
-def _owner(config: Config, extra_ports: Collection[int], port: int) -> str:
-    """Who listens on `port`, for a problem's message (an app's port wins over -p)."""
-    for i, app in reversed(list(enumerate(config.apps))):
-        if port in app.ports:
-            return f"a port of app {app.name!r} (Apps[{i}].Ports[{app.ports.index(port)}])"
-    return "bpfproxy's listening port (-p)"
-
-
 def reject_self_loops(
     config: Config,
     extra_ports: Collection[int] = (),
     source: str = "<config>",
     bind: str | None = None,
     owners: Mapping[int, str] | None = None,
+    local: Collection[IPAddress] | None = None,
 ) -> None:
-    """Raise ConfigError naming every target of `config` that is the proxy itself.
+    """Raise ConfigError naming the targets of `config` that are the proxy itself:
+    the first MAX_PROBLEMS, and how many more (counted, not worded).
 
     The validation hook for every config load: at start (exit 2) and on reload
-    (rejected, the running config stays). `bind`: the --bind option as given."""
+    (rejected, the running config stays). `bind`: the --bind option as given.
+    `local`: the addresses that are this host (None: this namespace's, read only
+    if needed; tcpproxyctl, judging for every node, gives none)."""
     address = parse_bind(bind)
-    local: Collection[IPAddress] = _LocalView() if address is None else ()
-    problems = self_loops(config, extra_ports, local, address, owners)
-    if problems:
-        raise ConfigError(source, problems)
+    if local is None:
+        local = _LocalView() if address is None else ()
+    found = _loops(config, extra_ports, local, address, owners or {})
+    first = [describe() for describe in islice(found, MAX_PROBLEMS)]
+    if first:
+        raise ConfigError(source, first, more=sum(1 for _ in found))
 
 
 class SelfLoopError(OSError):

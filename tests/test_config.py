@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tcpproxy.config import (
+    MAX_PROBLEMS,
     AppConfig,
     Config,
     ConfigError,
@@ -541,6 +542,39 @@ def test_config_error_pickles() -> None:
     error = ConfigError("proxy.json", ["a", "b"])
     copy = pickle.loads(pickle.dumps(error))
     assert (copy.source, copy.problems, str(copy)) == (error.source, error.problems, str(error))
+    error = ConfigError("proxy.json", ["a"], more=3)
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.problems, copy.more, str(copy)) == (("a",), 3, str(error))
+
+
+def test_config_error_keeps_the_first_problems_and_counts_the_rest() -> None:
+    error = ConfigError("proxy.json", (f"p{i}" for i in range(MAX_PROBLEMS + 5)), more=2)
+    assert error.problems == tuple(f"p{i}" for i in range(MAX_PROBLEMS))
+    assert error.more == 7
+    lines = str(error).split("\n")
+    assert lines[0] == f"proxy.json: {MAX_PROBLEMS + 7} problems:"
+    assert lines[1:-1] == [f"  p{i}" for i in range(MAX_PROBLEMS)]
+    assert lines[-1] == "  ... and 7 more"
+    assert str(ConfigError("x", ["only"], more=1)) == "x: 2 problems:\n  only\n  ... and 1 more"
+
+
+def test_thousands_of_bad_apps_report_the_first_few_in_document_order() -> None:
+    """One mistake copied over many apps: a bounded message, still in document order
+    (pydantic's problems and the cross checks' interleaved), and the count of the rest."""
+    apps = [app(Name=f"a{i}", Ports=[70000, 1]) for i in range(3000)]
+    with pytest.raises(ConfigError) as info:
+        parse_config(document(*apps))
+    error = info.value
+    assert error.problems[:3] == (
+        "Apps[0].Ports[0]: must be between 1 and 65535, got 70000",
+        "Apps[1].Ports[0]: must be between 1 and 65535, got 70000",
+        "Apps[1].Ports[1]: port 1 is used by both app 'a0' (Apps[0].Ports[1])"
+        " and app 'a1' (Apps[1].Ports[1])",
+    )
+    assert len(error.problems) == MAX_PROBLEMS
+    assert error.more == 3000 + 2999 - MAX_PROBLEMS
+    assert str(error).endswith(f"\n  ... and {error.more} more")
+    assert len(str(error)) < 200 * MAX_PROBLEMS
 
 
 def test_problems_in_defaults_and_apps_do_not_mask_each_other() -> None:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tcpproxy.config import Config, ConfigError, parse_config
+from tcpproxy.config import MAX_PROBLEMS, Config, ConfigError, parse_config
 from tcpproxy.fleet.assemble import DEFAULTS, Assembly, assemble, key_root
 
 P = "/fleet"
@@ -73,6 +73,14 @@ def test_a_new_bad_app_is_not_served_and_says_why_with_the_files_message() -> No
     assert rejection.key == f"{P}/apps/bad"
     assert rejection.revision == s.revision
     assert rejection.reason == "Ports[0]: must be between 1 and 65535, got 70000"
+
+
+def test_a_rejection_gives_the_first_problems_and_counts_the_rest() -> None:
+    s = Store()
+    a = s.put("apps/bad", app([70000] * (MAX_PROBLEMS + 3)))
+    reasons = a.rejected["bad"].reason.split("; ")
+    assert reasons[0] == "Ports[0]: must be between 1 and 65535, got 70000"
+    assert len(reasons) == MAX_PROBLEMS + 1 and reasons[-1] == "... and 3 more"
 
 
 @pytest.mark.parametrize(
@@ -315,3 +323,49 @@ def test_ports_moved_between_apps_in_one_change_follow_the_values() -> None:
     a = s.delete("apps/c")
     assert served(a) == {"a": (1001,), "b": (2000, 1000), "x": (3000, 4000)}
     assert "port 3000 is used by app 'x'" in a.rejected["y"].reason
+
+
+def test_rule_7_many_apps_looping_into_one_port_are_judged_once_each() -> None:
+    """Rejected one at a time in name order, yet an app that passed is not judged again
+    after each rejection (a round over every app per rejection made N apps cost N^2)."""
+    n = 400
+    names = [f"a{i:03}" for i in range(n)]
+    bad = set(names[1::2])  # every other app is one the cross check refuses
+    calls: list[str] = []
+
+    def cross(config: Config, others: object) -> None:
+        calls.append(config.apps[0].name)
+        if config.apps[0].name in bad:
+            raise ConfigError("x", [f"{config.apps[0].name} loops"])
+
+    values = {  # each app's target is a port of a000: all but a000 are checked
+        f"{P}/apps/{name}": (app([1000 + i], ("127.0.0.1:1000",)), 2 + i)
+        for i, name in enumerate(names)
+    }
+    a = assemble(values, P, n + 2, None, cross=cross)
+    assert set(a.rejected) == bad
+    assert {name: r.reason for name, r in a.rejected.items()} == {x: f"{x} loops" for x in bad}
+    assert sorted(calls) == names[1:]  # each judged once
+
+
+def test_rule_4_many_port_conflicts_cost_linear_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two new apps for each of n/2 ports: settled lowest port first, the older value
+    winning, with work linear in the apps (counted as comparisons of an app with
+    its version before; settling one port per round over every app made it N^2)."""
+    import tcpproxy.fleet.assemble as module
+
+    n = 400
+    calls = [0]
+    same = module._same
+
+    def counted(last: object, now: object) -> bool:
+        calls[0] += 1
+        return same(last, now)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(module, "_same", counted)
+    values = {f"{P}/apps/a{i:03}": (app([1000 + i // 2]), 2 + i) for i in range(n)}
+    a = assemble(values, P, n + 2, None)
+    assert served(a) == {f"a{i:03}": (1000 + i // 2,) for i in range(0, n, 2)}
+    assert a.rejected["a001"].reason == f"Ports[0]: port 1000 is used by app 'a000' ({P}/apps/a000)"
+    assert len(a.rejected) == n // 2
+    assert calls[0] <= 10 * n, calls

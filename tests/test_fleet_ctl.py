@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tcpproxy.config import parse_config
+from tcpproxy.config import MAX_PROBLEMS, parse_config
 from tcpproxy.fleet.ctl import main
 from tests.etcd_server import EtcdCluster
 from tests.helpers import refused_port
@@ -86,6 +86,21 @@ def test_check_good_and_bad_files(tmp_path: Path) -> None:
     result = ctl("check", str(tmp_path / "missing.json"))
     assert result.returncode == 2 and "missing.json" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_check_of_thousands_of_looping_apps_is_quick_and_short(tmp_path: Path) -> None:
+    """The issue's file (app i on port i, every target 127.0.0.1:1): the check took
+    over 120 s and printed 16,000 lines; now seconds, the first problems and a count."""
+    n = 16_000
+    apps = [{"Name": f"a{i}", "Ports": [i], "Targets": ["127.0.0.1:1"]} for i in range(1, n + 1)]
+    loops = write(tmp_path / "loops.json", {"Apps": apps})
+    result = ctl("check", str(loops), timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0] == f"tcpproxyctl: error: {loops}: {n} problems:"
+    assert lines[1].startswith("  Apps[0].Targets[0]: '127.0.0.1:1' of app 'a1' is this proxy")
+    assert lines[-1] == f"  ... and {n - MAX_PROBLEMS} more"
+    assert len(lines) == MAX_PROBLEMS + 2
 
 
 def test_check_refuses_what_push_refuses(etcd: EtcdCluster, tmp_path: Path) -> None:

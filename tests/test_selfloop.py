@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
+from contextlib import nullcontext
 
 import pytest
 
-from tcpproxy.config import AppConfig, Config, Target
+from tcpproxy import selfloop
+from tcpproxy.config import MAX_PROBLEMS, AppConfig, Config, ConfigError, Target
 from tcpproxy.selfloop import (
     SELF_LOOP,
     SELF_LOOP_LOG_INTERVAL,
@@ -15,6 +18,7 @@ from tcpproxy.selfloop import (
     SelfLoopGuard,
     local_addresses,
     parse_bind,
+    reject_self_loops,
     self_loops,
 )
 from tests.deploy import BPF_LISTEN_PORT, Deployment, deployment
@@ -63,6 +67,88 @@ def test_bpfproxy_listening_port_counts_as_ours() -> None:
     (problem,) = self_loops(config("127.0.0.1:8000"), (8000,), LOCAL)
     assert "8000 is bpfproxy's listening port (-p)" in problem
     assert self_loops(config("127.0.0.1:8000"), (), LOCAL) == []
+
+
+def looping(n: int, apps: type[tuple] = tuple) -> Config:
+    """The issue's file: app i on port i, every target 127.0.0.1:1 (app 1's port)."""
+    return Config(apps=apps(
+        AppConfig(f"a{i}", (i,), (Target("127.0.0.1", 1),)) for i in range(1, n + 1)
+    ))  # fmt: skip
+
+
+def test_each_loop_names_the_app_and_the_port_it_reaches() -> None:
+    """Among many apps, each problem names the owner of the port its target reaches."""
+    apps = tuple(
+        AppConfig(f"a{i}", (1000 + 2 * i, 1001 + 2 * i), (Target("127.0.0.1", 1003 + 2 * i),))
+        for i in range(50)
+    )  # app i targets the second port of app i+1; the last one reaches no port
+    problems = self_loops(Config(apps), (), LOCAL)
+    assert len(problems) == 49
+    for i, problem in enumerate(problems):
+        assert problem.startswith(f"Apps[{i}].Targets[0]: '127.0.0.1:{1003 + 2 * i}' of app")
+        assert f"is a port of app 'a{i + 1}' (Apps[{i + 1}].Ports[1]);" in problem
+
+
+def test_an_apps_port_wins_over_bpfproxys_which_wins_over_a_fleets_other_apps() -> None:
+    others = {5000: "a port of app 'x'", 8000: "a port of app 'y'", 7000: "a port of app 'z'"}
+    targets = ("127.0.0.1:5000", "127.0.0.1:8000", "127.0.0.1:7000")
+    problems = self_loops(config(*targets), (5000, 8000), LOCAL, owners=others)
+    assert [re.findall(r" and \d+ is (.*); each", problem)[0] for problem in problems] == [
+        "a port of app 'web' (Apps[0].Ports[0])",
+        "bpfproxy's listening port (-p)",
+        "a port of app 'z'",
+    ]
+
+
+def test_a_rejection_words_the_first_loops_and_counts_the_rest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    worded: list[object] = []
+    describe = selfloop._describe
+    monkeypatch.setattr(selfloop, "_describe", lambda *a: worded.append(a) or describe(*a))
+    with pytest.raises(ConfigError) as info:
+        reject_self_loops(looping(1000), source="big.json", local=())
+    assert len(worded) == MAX_PROBLEMS  # the rest are counted, not worded
+    assert info.value.problems == tuple(self_loops(looping(MAX_PROBLEMS), (), ()))
+    assert info.value.problems[0] == (
+        "Apps[0].Targets[0]: '127.0.0.1:1' of app 'a1' is this proxy itself: 127.0.0.1 is "
+        "an address of this host and 1 is a port of app 'a1' (Apps[0].Ports[0]); each "
+        "connection would loop back into the proxy until no slot is left"
+    )
+    assert info.value.more == 1000 - MAX_PROBLEMS
+    assert str(info.value).endswith(f"\n  ... and {1000 - MAX_PROBLEMS} more")
+
+
+class CountedApps(tuple):
+    """A config's apps that count how often they are walked."""
+
+    walks = 0
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        CountedApps.walks += 1
+        return super().__iter__()
+
+
+@pytest.mark.parametrize("check", ["self_loops", "reject_self_loops"])
+def test_the_apps_are_walked_a_fixed_number_of_times_however_many_loop(check: str) -> None:
+    """Linear: looking up each problem's owner by a scan of every app made N looping
+    apps cost N^2 (16,000 apps: minutes)."""
+    walks = []
+    for n in (100, 1000):
+        CountedApps.walks = 0
+        with pytest.raises(ConfigError) if check == "reject_self_loops" else nullcontext():
+            getattr(selfloop, check)(looping(n, CountedApps), (), ())
+        walks.append(CountedApps.walks)
+    assert walks[0] == walks[1] <= 3, walks
+
+
+@pytest.mark.timeout(20)  # the quadratic check took over 120 s for 16,000 apps
+def test_sixteen_thousand_looping_apps_are_judged_in_seconds() -> None:
+    config = looping(16_000)
+    assert len(self_loops(config, (), ())) == 16_000
+    with pytest.raises(ConfigError) as info:
+        reject_self_loops(config, local=())
+    assert (len(info.value.problems), info.value.more) == (MAX_PROBLEMS, 16_000 - MAX_PROBLEMS)
 
 
 def test_the_hosts_own_addresses_are_found() -> None:
@@ -122,6 +208,27 @@ def test_reload_with_a_target_on_our_own_port_is_rejected(
     d.reconfigure([app("A", [port], [b.address, f"[::1]:{other}"]), app("B", [other], [b.address])])
     proxy.wait_for(rf"rejected.*Apps\[0\]\.Targets\[1\]: '\[::1\]:{other}'.*itself", start=mark)
     assert d.which(port) == "a"  # the old config still serves
+
+
+def test_a_reload_of_thousands_of_looping_apps_is_rejected_with_a_short_log(
+    deployment: Deployment,
+) -> None:
+    """The issue's file as a reload: rejected in seconds (it held a core for 81 s), in a
+    log of MAX_PROBLEMS problems and a count (it was 16,000 lines, 3.7 MB)."""
+    d = deployment
+    live = d.backend("live")
+    (port,) = d.ports(1)
+    proxy = d.start([app("web", [port], [live.address])])
+    mark = proxy.mark()
+    n = 16_000
+    d.reconfigure([app(f"a{i}", [i], ["127.0.0.1:1"]) for i in range(1, n + 1)])
+    proxy.wait_for(rf"rejected.*: {n} problems:$", start=mark, timeout=30)  # old: ~60 s
+    proxy.wait_for(rf"^  \.\.\. and {n - MAX_PROBLEMS} more$", start=mark)
+    lines = proxy.output.split("\n")[mark:]
+    shown = [line for line in lines if line.startswith("  Apps[")]
+    assert len(shown) == MAX_PROBLEMS, lines
+    assert shown[0].startswith("  Apps[0].Targets[0]: '127.0.0.1:1' of app 'a1' is this proxy")
+    assert d.which(port) == "live"  # the running config still serves
 
 
 def test_a_name_that_resolves_to_our_own_port_is_refused_and_failed_over(

@@ -28,6 +28,7 @@ assembly before it, so a fixed value clears its rejection by itself):
 
 from __future__ import annotations
 
+import heapq
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -211,52 +212,14 @@ def assemble(
         if kept is not None:
             chosen[name] = kept
 
-    # Rule 4: ports two apps want. Each round settles one conflict; a loser falls back
-    # to its last good version (whose ports were its own before) or is dropped. Apps
-    # serving what they served before cannot collide with each other (the previous
-    # assembly settled that), so only the ports of the others are looked at: a change
-    # costs its own apps' ports, not the config's.
+    # Rule 4: ports two apps want, the lowest first; a loser falls back to its last
+    # good version (whose ports were its own before) or is dropped. Apps serving what
+    # they served before cannot collide with each other (the previous assembly settled
+    # that), so only the ports of the others are looked at: a change costs its own
+    # apps' ports, not the config's.
     owners = previous._owners if previous is not None else {}
-    while True:
-        claims: dict[int, list[str]] = {}
-        for name in sorted(chosen):
-            if _same(before.get(name), chosen[name]):
-                continue
-            for port in chosen[name].app.ports:
-                claims.setdefault(port, []).append(name)
-        for port, names in claims.items():
-            owner = owners.get(port)  # an unchanged app's port is still that app's
-            if owner is not None and owner not in names and _same(before[owner], chosen.get(owner)):
-                names.append(owner)
-                names.sort()
-        conflicts = [port for port, names in claims.items() if len(names) > 1]
-        if not conflicts:
-            break
-        port = min(conflicts)
-        names = claims[port]
-        owner = owners.get(port)
-        winner = owner if owner is not None and owner in names else None
-        if winner is None:
-            winner = min(names, key=lambda name: (chosen[name].revision, name))
-        for loser in names:
-            if loser == winner:
-                continue
-            key, _, mod = wanted[loser]
-            served = chosen.pop(loser)
-            where = f"Ports[{served.app.ports.index(port)}]"
-            rejected.setdefault(
-                loser,
-                Rejection(
-                    key,
-                    mod,
-                    f"{where}: port {port} is used by app {winner!r} ({wanted[winner][0]})",
-                ),
-            )
-            last = before.get(loser)
-            if last is not None and served is not last and last.value != served.value:
-                kept = _last_good(last, loser, defaults, defaults_value, parsed, cache, check)
-                if kept is not None:
-                    chosen[loser] = kept
+    _settle_ports(chosen, wanted, before, owners, rejected, defaults, defaults_value,
+                  parsed, cache, check)  # fmt: skip
 
     if cross is not None:
         _cross_check(chosen, wanted, before, rejected, cross, defaults, defaults_value,
@@ -284,6 +247,80 @@ def assemble(
     )  # fmt: skip
 
 
+def _settle_ports(
+    chosen: dict[str, Served],
+    wanted: Mapping[str, tuple[str, bytes, int]],
+    before: Mapping[str, Served],
+    owners: Mapping[int, str],
+    rejected: dict[str, Rejection],
+    defaults: Defaults,
+    defaults_value: bytes | None,
+    parsed: dict[tuple[str, bytes, bytes | None], AppConfig | str],
+    cache: dict[tuple[str, bytes, bytes | None], AppConfig | str],
+    check: Check | None,
+) -> None:
+    """Rule 4, in place: each port two apps want goes to the app that served it
+    before, else to the value written first; the lowest such port is settled first.
+
+    A port's claimants are kept up to date as losers fall and fallbacks come back,
+    and a port is looked at again only when one of those claims it: N conflicts
+    cost N, where settling one per round over every claim cost N^2."""
+    claims: dict[int, set[str]] = {}  # port -> the changed apps that want it
+
+    def claim(name: str, served: Served) -> list[int]:
+        """`served` now serves `name`: the ports where a conflict may have begun."""
+        if not _same(before.get(name), served):
+            for port in served.app.ports:
+                claims.setdefault(port, set()).add(name)
+            return list(served.app.ports)
+        # back to what it served: an unchanged owner contends for its ports again
+        return [port for port in served.app.ports if owners.get(port) == name]
+
+    def claimants(port: int) -> list[str]:
+        names = set(claims.get(port, ()))
+        owner = owners.get(port)  # an unchanged app's port is still that app's
+        if names and owner is not None and _same(before[owner], chosen.get(owner)):
+            names.add(owner)
+        return sorted(names)
+
+    for name, served in chosen.items():
+        claim(name, served)
+    ports = [port for port in claims if len(claimants(port)) > 1]  # a heap, lowest first
+    heapq.heapify(ports)
+    while ports:
+        port = heapq.heappop(ports)
+        names = claimants(port)
+        if len(names) < 2:  # settled meanwhile (a loser elsewhere wanted it too)
+            continue
+        owner = owners.get(port)
+        winner = owner if owner is not None and owner in names else None
+        if winner is None:
+            winner = min(names, key=lambda name: (chosen[name].revision, name))
+        for loser in names:
+            if loser == winner:
+                continue
+            key, _, mod = wanted[loser]
+            served = chosen.pop(loser)
+            for lost in served.app.ports:  # a loser is a changed app: it claimed them
+                claims[lost].discard(loser)
+            where = f"Ports[{served.app.ports.index(port)}]"
+            rejected.setdefault(
+                loser,
+                Rejection(
+                    key,
+                    mod,
+                    f"{where}: port {port} is used by app {winner!r} ({wanted[winner][0]})",
+                ),
+            )
+            last = before.get(loser)
+            if last is not None and served is not last and last.value != served.value:
+                kept = _last_good(last, loser, defaults, defaults_value, parsed, cache, check)
+                if kept is not None:
+                    chosen[loser] = kept
+                    for again in claim(loser, kept):
+                        heapq.heappush(ports, again)
+
+
 def _cross_check(
     chosen: dict[str, Served],
     wanted: Mapping[str, tuple[str, bytes, int]],
@@ -297,38 +334,58 @@ def _cross_check(
     check: Check | None,
 ) -> None:
     """Rule 7, in place. Only an app with a target on another app's port is checked
-    (the check may read the host's addresses); one rejection a round, since it
-    frees ports another app may have targeted."""
+    (the check may read the host's addresses).
+
+    The apps are judged in name order, one rejection at a time, since a rejection
+    frees ports another app may have targeted: the outcome of judging every app
+    again after each rejection. An app that passed still passes when ports are
+    freed, so it is judged again only when a fallback takes a port it targets:
+    N rejections cost N checks, where a round over every app per rejection cost N^2.
+    """
+    owner = {port: name for name in sorted(chosen) for port in chosen[name].app.ports}
+    targeting: dict[int, set[str]] = {}  # port -> the apps with a target on it
+    for name, served in chosen.items():
+        for target in served.app.targets:
+            targeting.setdefault(target.port, set()).add(name)
     fallen: set[str] = set()  # fell back to their last good version already
-    while True:
-        owner = {port: name for name in sorted(chosen) for port in chosen[name].app.ports}
-        for name in sorted(chosen):
-            served = chosen[name]
-            others = {
-                target.port: f"a port of app {owner[target.port]!r} "
-                f"({wanted[owner[target.port]][0]})"
-                for target in served.app.targets
-                if owner.get(target.port, name) != name
-            }
-            if not others:
-                continue
-            try:
-                cross(Config(apps=(served.app,)), others)
-            except ConfigError as exc:
-                problem = _reason(exc)
-                break
+    pending = sorted(chosen)  # a heap: the apps to judge, first name first
+    while pending:
+        name = heapq.heappop(pending)
+        served = chosen.get(name)
+        if served is None:
+            continue
+        others = {
+            target.port: f"a port of app {owner[target.port]!r} ({wanted[owner[target.port]][0]})"
+            for target in served.app.targets
+            if owner.get(target.port, name) != name
+        }
+        if not others:
+            continue
+        try:
+            cross(Config(apps=(served.app,)), others)
+        except ConfigError as exc:
+            problem = _reason(exc)
         else:
-            return
+            continue
         key, _, mod = wanted[name]
         rejected.setdefault(name, Rejection(key, mod, problem))
         del chosen[name]
+        for port in served.app.ports:
+            if owner.get(port) == name:
+                del owner[port]
         last = before.get(name)
         if name not in fallen and last is not None and last.value != served.value:
             fallen.add(name)
             kept = _last_good(last, name, defaults, defaults_value, parsed, cache, check)
-            taken = {port for other in chosen.values() for port in other.app.ports}
-            if kept is not None and not taken & set(kept.app.ports):
+            if kept is not None and not any(port in owner for port in kept.app.ports):
                 chosen[name] = kept
+                owner.update(dict.fromkeys(kept.app.ports, name))
+                for target in kept.app.targets:
+                    targeting.setdefault(target.port, set()).add(name)
+                heapq.heappush(pending, name)
+                for port in kept.app.ports:
+                    for other in targeting.get(port, ()):
+                        heapq.heappush(pending, other)
 
 
 def assembly_from_document(
@@ -408,4 +465,5 @@ def _load(value: bytes) -> dict[str, object]:
 
 def _reason(exc: ConfigError) -> str:
     """The problems of a ConfigError, without its source (the Rejection names the key)."""
-    return "; ".join(exc.problems)
+    more = [f"... and {exc.more} more"] if exc.more else []
+    return "; ".join([*exc.problems, *more])

@@ -19,7 +19,7 @@ import trio
 
 from tcpproxy import __version__
 from tcpproxy.cli_common import fail, run_cli
-from tcpproxy.config import Config, ConfigError, parse_config
+from tcpproxy.config import Config, parse_config
 from tcpproxy.fleet.client import EtcdClient, EtcdCompacted, EtcdConflict, EtcdError
 from tcpproxy.fleet.keys import (
     PushPlan,
@@ -34,7 +34,7 @@ from tcpproxy.fleet.keys import (
 )
 from tcpproxy.fleet.nodes import FleetStatus, judge, parse_record
 from tcpproxy.fleet.url import DEFAULT_PASSWORD_ENV, EtcdTarget, parse_etcd_url
-from tcpproxy.selfloop import self_loops
+from tcpproxy.selfloop import reject_self_loops
 from tcpproxy.sources.file import read_config_bytes
 
 __all__ = ["main", "validate_file"]
@@ -81,9 +81,7 @@ def validate_file(path: Path) -> tuple[Config, dict[str, Any]]:
     config = parse_config(data, str(path))
     document = json.loads(data.decode("utf-8-sig"))
     check_key_names(document, str(path))
-    loops = self_loops(config, (), frozenset())
-    if loops:
-        raise ConfigError(str(path), loops)
+    reject_self_loops(config, source=str(path), local=())
     return config, document
 
 
@@ -113,7 +111,10 @@ def cli(ctx: click.Context, **options: Any) -> None:
 @cli.command()
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
 def check(file: Path) -> None:
-    """Validate FILE as the proxies would, without etcd."""
+    """Validate FILE as the proxies would, without etcd.
+
+    A bad file exits 2 naming its first problems, and how many more.
+    """
     config, _document = validate_file(file)
     ports = sum(len(app.ports) for app in config.apps)
     click.echo(f"{file}: ok ({len(config.apps)} apps, {ports} ports)")
