@@ -88,6 +88,7 @@ def test_check_good_and_bad_files(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_check_of_thousands_of_looping_apps_is_quick_and_short(tmp_path: Path) -> None:
     """The issue's file (app i on port i, every target 127.0.0.1:1): the check took
     over 120 s and printed 16,000 lines; now seconds, the first problems and a count."""

@@ -210,6 +210,7 @@ def test_reload_with_a_target_on_our_own_port_is_rejected(
     assert d.which(port) == "a"  # the old config still serves
 
 
+@pytest.mark.slow
 def test_a_reload_of_thousands_of_looping_apps_is_rejected_with_a_short_log(
     deployment: Deployment,
 ) -> None:
