@@ -151,7 +151,10 @@ class Reloader:
         if why != "SIGHUP" and (data, stamp) == self._rejected:
             return None  # an event that did not change the file
         try:
-            new = await trio.to_thread.run_sync(self._parse, data, contents.config)
+            # abandoned if cancelled (a stop): a parse has no effect to wait for
+            new = await trio.to_thread.run_sync(
+                self._parse, data, contents.config, abandon_on_cancel=True
+            )
         except ConfigError as exc:
             self.source.refused(contents, self._current(), exc)
             return self._reject(why, exc, (data, stamp))

@@ -1,6 +1,6 @@
 """Reading the config file: a regular file only, bounded, never blocking; and what a
 FIFO, a directory or an oversized file at the path does to a start, a reload, a
-stop and `tcpproxyctl check`."""
+stop and `tcpproxyctl check`; a read that hangs."""
 
 from __future__ import annotations
 
@@ -9,13 +9,16 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from tcpproxy.config import ConfigError
 from tcpproxy.sources import file as file_source
-from tcpproxy.sources.file import MAX_FILE_BYTES, read_config_bytes, read_stamped
+from tcpproxy.sources.file import MAX_FILE_BYTES, FileSource, read_config_bytes, read_stamped
 from tests.helpers import (
     ROOT,
     TIMEOUT,
@@ -27,6 +30,8 @@ from tests.helpers import (
     which_backend,
     write_config,
 )
+
+GOOD = b'{"Apps": [{"Name": "A", "Ports": [7001], "Targets": ["127.0.0.1:9"]}]}'
 
 # -- the reader -------------------------------------------------------------------
 
@@ -101,6 +106,75 @@ def test_a_missing_file_keeps_its_errno(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="No such file") as caught:
         read_config_bytes(tmp_path / "nope.json")
     assert isinstance(caught.value.__cause__, FileNotFoundError)
+
+
+# -- a read that hangs (a hung file system) ---------------------------------------------
+
+
+HANG_LIMIT = 3 * TIMEOUT  # seconds a "hung" read waits at most if a test fails to release it
+
+
+class Hang:
+    """read_stamped as on a hung file system: it waits until `release` is set."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.returned = threading.Event()
+
+    def __call__(self, path: Path) -> tuple[bytes, object]:
+        self.entered.set()
+        self.release.wait(HANG_LIMIT)
+        self.returned.set()
+        return read_stamped(path)
+
+
+@pytest.fixture
+def hang(monkeypatch) -> Iterator[Hang]:
+    hang = Hang()
+    monkeypatch.setattr(file_source, "read_stamped", hang)
+    try:
+        yield hang
+    finally:
+        hang.release.set()  # the abandoned thread ends too
+
+
+async def test_a_hung_read_is_bounded_and_not_repeated(
+    config_path: Path, hang: Hang, monkeypatch
+) -> None:
+    """No read of ours blocks, but a file system can: the reload's read gives up after
+    READ_TIMEOUT and starts no second thread beside the hung one."""
+    config_path.write_bytes(GOOD)
+    monkeypatch.setattr(file_source, "READ_TIMEOUT", 0.2)
+    source = FileSource(config_path)
+    with pytest.raises(ConfigError, match=r"no answer in 0.2s"):
+        await source.read()
+    with trio.fail_after(TIMEOUT):  # on a busy machine the thread may start late
+        while not hang.entered.is_set():
+            await trio.sleep(0.01)
+    with pytest.raises(ConfigError, match="an earlier read has not returned yet"):
+        await source.read()
+    hang.release.set()
+    with trio.fail_after(TIMEOUT):  # once the hung thread returned, reads work again
+        while True:
+            try:
+                contents = await source.read()
+                break
+            except ConfigError:
+                await trio.sleep(0.05)
+    assert contents.data == GOOD
+
+
+async def test_a_stop_does_not_wait_for_a_hung_read(config_path: Path, hang: Hang) -> None:
+    """A read cancelled (the reloader's task, at a stop) abandons its thread."""
+    config_path.write_bytes(GOOD)
+    source = FileSource(config_path)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(source.read)
+        while not hang.entered.is_set():
+            await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert not hang.returned.is_set()  # the task ended while its thread still hangs
 
 
 # -- the processes -----------------------------------------------------------------------

@@ -43,6 +43,7 @@ __all__ = [
     "MAX_FILE_BYTES",
     "OPEN_FLAGS",
     "POLL_INTERVAL",
+    "READ_TIMEOUT",
     "FileSource",
     "FileStamp",
     "load_config",
@@ -161,6 +162,7 @@ DEBOUNCE_MS = 50  # group events this close together into one reload check
 WAKEUP_MS = 500  # the watcher thread checks for cancellation this often
 RETRY_DELAY = 1.0  # seconds before watching again after the watcher failed
 POLL_INTERVAL = 1.0  # seconds between stat() checks of the file (the backstop)
+READ_TIMEOUT = 10.0  # seconds a reload's read of the file may take (a hung file system)
 
 # A directory to watch and its identity (st_dev, st_ino): a directory removed and
 # recreated under the same name is a new one, and needs a new watch.
@@ -296,10 +298,33 @@ class FileSource:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self.name = str(path)
+        self._reading = False  # a read's thread has not returned (abandoned: it hangs)
 
     async def read(self) -> Contents:
-        data, stamp = await trio.to_thread.run_sync(read_stamped, self.path)
-        return Contents(data, stamp)
+        """The file now, read on a thread, for READ_TIMEOUT at most.
+
+        Error handling: no read of ours blocks, but a file system can (a hung NFS
+        server): a read that takes too long, or while an abandoned one still hangs,
+        is a ConfigError (the reload is rejected; the next change or SIGHUP reads
+        again). Its thread is abandoned, as it is when the read is cancelled (a
+        stop): nothing waits for it, and hung threads do not pile up.
+        """
+        if self._reading:
+            raise ConfigError(self.name, ["cannot read file: an earlier read has not "
+                                          "returned yet (is its file system hung?)"])  # fmt: skip
+
+        def read() -> tuple[bytes, FileStamp]:
+            self._reading = True  # here, not before: a thread cancelled unstarted never is
+            try:
+                return read_stamped(self.path)
+            finally:
+                self._reading = False
+
+        with trio.move_on_after(READ_TIMEOUT):
+            data, stamp = await trio.to_thread.run_sync(read, abandon_on_cancel=True)
+            return Contents(data, stamp)
+        raise ConfigError(self.name, [f"cannot read file: no answer in {READ_TIMEOUT:g}s "
+                                      "(is its file system hung?)"])  # fmt: skip
 
     async def watch(
         self,
