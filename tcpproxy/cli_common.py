@@ -20,6 +20,7 @@ from tcpproxy import __version__
 from tcpproxy.config import Config, ConfigError, no_isolation, parse_config
 from tcpproxy.engine import ENGINES
 from tcpproxy.errors import ProxyError, StartupError
+from tcpproxy.heap import return_large_blocks
 from tcpproxy.privileges import CAP_NET_BIND_SERVICE, unprivileged_port_start
 from tcpproxy.selfloop import reject_self_loops
 from tcpproxy.service import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CONNECTIONS, validate_config
@@ -516,6 +517,7 @@ def metrics_for(address: str | None, *, worker: bool = False) -> tuple[Any, Any]
 
 def run_cli(prog: str, command: click.Command, argv: Sequence[str] | None) -> int:
     """Run a click command in-process and return its exit code (tests call this)."""
+    return_large_blocks()  # a config's copies go back to the system once freed
     try:
         result = command.main(args=argv, prog_name=prog, standalone_mode=False)
     except click.exceptions.Exit as exc:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tcpproxy.errors import StartupError
+from tcpproxy.sources.file import OPEN_FLAGS
 
 __all__ = [
     "CAP_BPF",
@@ -170,9 +171,8 @@ def check_access(
     found: list[tuple[str, Path, str]] = []  # (what, path, why): the first path refused
 
     def attempt() -> None:
-        try:
-            with open(config_path, "rb"):
-                pass
+        try:  # non-blocking: a FIFO's open() waits for a writer (the reader refuses it)
+            os.close(os.open(config_path, OPEN_FLAGS))
         except FileNotFoundError:
             pass  # said by the config reader, in its own words
         except OSError as exc:

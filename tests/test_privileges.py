@@ -267,10 +267,12 @@ def alive(pid: int) -> bool:
         return False
 
 
-def run_tcpproxy(*args: str, runner: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+def run_tcpproxy(
+    *args: str, runner: tuple[str, ...] = (), timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*runner, sys.executable, "-m", "tcpproxy", *args],
-        capture_output=True, text=True, timeout=60, cwd=ROOT, check=False,
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False,
     )  # fmt: skip
 
 
@@ -281,6 +283,16 @@ def test_a_config_the_user_cannot_read_is_a_startup_error(tmp_path: Path) -> Non
     assert proc.returncode == 2, proc.stderr
     assert "user nobody (--user) cannot read the config file" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_fifo_config_is_refused_not_waited_on(readable_dir: Path) -> None:
+    """Checking that --user can read the config must not open a FIFO and wait for a
+    writer: the start goes on to the reader, which refuses it."""
+    config = readable_dir / "config.json"
+    os.mkfifo(config)  # mode 644 after the umask: nobody may open it
+    proc = run_tcpproxy("-c", str(config), "--user", "nobody", timeout=TIMEOUT)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{config}: is a FIFO (named pipe), not a regular file" in proc.stderr
 
 
 def test_user_without_root_is_a_usage_error() -> None:

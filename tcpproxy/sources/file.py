@@ -1,8 +1,11 @@
 """The config file as a source of configs: read it, bounded, and notice when it changes.
 
-Reading: at most MAX_FILE_BYTES (a FIFO or /dev/zero cannot exhaust memory),
-with a stamp (inode, size, times) taken just before, so a reload can tell a
-file saved again from one left alone even when the bytes are the same.
+Reading: a regular file only, at most MAX_FILE_BYTES, and never blocking: what
+is not a regular file (a FIFO, a directory, a device) is refused, unread, so
+a FIFO put at the path cannot hang a reload and /dev/zero cannot exhaust
+memory. With the bytes, a stamp (inode, size, times) taken just before, so a
+reload can tell a file saved again from one left alone even when the bytes
+are the same.
 
 Watching: editors and config managers replace files atomically (write a temporary
 file, rename it over the old one), and inotify on the file itself loses track
@@ -26,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,7 +41,9 @@ from tcpproxy.sources import Contents
 
 __all__ = [
     "MAX_FILE_BYTES",
+    "OPEN_FLAGS",
     "POLL_INTERVAL",
+    "READ_TIMEOUT",
     "FileSource",
     "FileStamp",
     "load_config",
@@ -59,26 +65,92 @@ def read_config_bytes(path: str | os.PathLike[str]) -> bytes:
 
     Kept apart from parsing so a reload can compare contents before parsing.
     """
-    source = os.fspath(path)
-    try:
-        with open(path, "rb") as file:
-            data = file.read(MAX_FILE_BYTES + 1)  # bounded, in case of /dev/zero or a FIFO
-    except OSError as exc:
-        raise ConfigError(source, [f"cannot read file: {exc.strerror or exc}"]) from exc
-    if len(data) > MAX_FILE_BYTES:
-        raise ConfigError(source, [f"file is larger than {MAX_FILE_BYTES // 2**20} MiB"])
-    return data
+    return _read(path)[0]
 
 
 def read_stamped(path: Path) -> tuple[bytes, FileStamp]:
-    """The file's contents and, taken just before, its stamp: a save changes the stamp
-    even when it writes the same bytes."""
+    """The file's contents and its stamp, taken on the descriptor just before reading:
+    a save changes the stamp even when it writes the same bytes."""
+    data, st = _read(path)
+    return data, (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+# No open() that can block: a FIFO's waits for a writer (forever, once it is replaced),
+# a terminal's may wait for carrier. Without O_NOCTTY a terminal would become ours.
+OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+READ_CHUNK = 2**20  # bytes per read when the size is not known (a /proc-like file says 0)
+
+
+def _read(path: str | os.PathLike[str]) -> tuple[bytes, os.stat_result]:
+    """A regular file's bytes (at most MAX_FILE_BYTES) and its fstat, or ConfigError.
+
+    Resource handling: what is not a regular file is refused before it is opened
+    (opening a device can have effects) and again on the descriptor (it could have
+    been replaced in between); nothing is read from it. A file whose size is over
+    the limit is refused unread; one that says less and grows, or whose size is
+    not known, is read no further than MAX_FILE_BYTES + 1 bytes.
+
+    Error handling: an OSError is the ConfigError's cause (the reloader tells a
+    shortage of descriptors or a missing file apart from a bad file by its errno).
+    """
+    source = os.fspath(path)
     try:
-        st = os.stat(path)
-        stamp: FileStamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    except OSError:
-        stamp = None  # read_config_bytes says why
-    return read_config_bytes(path), stamp
+        _refuse_special(source, os.stat(path))
+        fd = os.open(path, OPEN_FLAGS)
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read file: {exc.strerror or exc}"]) from exc
+    try:
+        st = os.fstat(fd)
+        _refuse_special(source, st)
+        if st.st_size > MAX_FILE_BYTES:
+            raise _too_large(source)
+        return _read_at_most(fd, st.st_size, source), st
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read file: {exc.strerror or exc}"]) from exc
+    finally:
+        os.close(fd)
+
+
+def _read_at_most(fd: int, size: int, source: str) -> bytes:
+    """Read to the end, but no more than MAX_FILE_BYTES + 1 bytes (then ConfigError).
+
+    `size`, fstat's, is a hint: asking for one byte more reads a file of that size
+    in one buffer, then sees the end. A file that says 0 (/proc) or grows is read
+    in READ_CHUNK pieces, joined: memory stays under twice the limit.
+    """
+    chunks = []
+    total = 0
+    want = size + 1 if size else READ_CHUNK
+    while total <= MAX_FILE_BYTES:
+        chunk = os.read(fd, min(want, MAX_FILE_BYTES + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+        want = READ_CHUNK
+    if total > MAX_FILE_BYTES:
+        raise _too_large(source)
+    return b"".join(chunks)  # one chunk: that same object, not a copy
+
+
+def _too_large(source: str) -> ConfigError:
+    return ConfigError(source, [f"file is larger than {MAX_FILE_BYTES // 2**20} MiB"])
+
+
+_KINDS = {
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def _refuse_special(source: str, st: os.stat_result) -> None:
+    """ConfigError unless `st` is a regular file's (after symlinks)."""
+    if not stat.S_ISREG(st.st_mode):
+        kind = _KINDS.get(stat.S_IFMT(st.st_mode), "a special file")
+        raise ConfigError(source, [f"is {kind}, not a regular file"])
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -90,6 +162,7 @@ DEBOUNCE_MS = 50  # group events this close together into one reload check
 WAKEUP_MS = 500  # the watcher thread checks for cancellation this often
 RETRY_DELAY = 1.0  # seconds before watching again after the watcher failed
 POLL_INTERVAL = 1.0  # seconds between stat() checks of the file (the backstop)
+READ_TIMEOUT = 10.0  # seconds a reload's read of the file may take (a hung file system)
 
 # A directory to watch and its identity (st_dev, st_ino): a directory removed and
 # recreated under the same name is a new one, and needs a new watch.
@@ -225,10 +298,33 @@ class FileSource:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self.name = str(path)
+        self._reading = False  # a read's thread has not returned (abandoned: it hangs)
 
     async def read(self) -> Contents:
-        data, stamp = await trio.to_thread.run_sync(read_stamped, self.path)
-        return Contents(data, stamp)
+        """The file now, read on a thread, for READ_TIMEOUT at most.
+
+        Error handling: no read of ours blocks, but a file system can (a hung NFS
+        server): a read that takes too long, or while an abandoned one still hangs,
+        is a ConfigError (the reload is rejected; the next change or SIGHUP reads
+        again). Its thread is abandoned, as it is when the read is cancelled (a
+        stop): nothing waits for it, and hung threads do not pile up.
+        """
+        if self._reading:
+            raise ConfigError(self.name, ["cannot read file: an earlier read has not "
+                                          "returned yet (is its file system hung?)"])  # fmt: skip
+
+        def read() -> tuple[bytes, FileStamp]:
+            self._reading = True  # here, not before: a thread cancelled unstarted never is
+            try:
+                return read_stamped(self.path)
+            finally:
+                self._reading = False
+
+        with trio.move_on_after(READ_TIMEOUT):
+            data, stamp = await trio.to_thread.run_sync(read, abandon_on_cancel=True)
+            return Contents(data, stamp)
+        raise ConfigError(self.name, [f"cannot read file: no answer in {READ_TIMEOUT:g}s "
+                                      "(is its file system hung?)"])  # fmt: skip
 
     async def watch(
         self,
