@@ -30,7 +30,16 @@ import pytest
 
 from tcpproxy.privileges import Unreadable, when_unreadable
 from tests.deploy import BPF_LISTEN_PORT, Deployment
-from tests.helpers import ROOT, TIMEOUT, app, wait_until, write_config
+from tests.helpers import (
+    ROOT,
+    TIMEOUT,
+    ProxyProcess,
+    app,
+    exchange,
+    free_ports,
+    wait_until,
+    write_config,
+)
 from tests.netns import NetNS
 
 NOBODY = 65534
@@ -529,3 +538,31 @@ def test_an_explicit_user_is_not_replaced_by_root(private_dir: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     assert f"user nobody (--user) cannot read the config file {config}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_make_run_as_root_stops_its_echo_backends(
+    readable_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`make run`'s demo started as root serves as nobody, and can no longer signal the
+    echo backends it started as root: SIGTERM to it alone (not its process group)
+    still stops it cleanly, and them with it."""
+    monkeypatch.delenv("TCPPROXY_USER", raising=False)
+    port, target = free_ports(2)
+    config = readable_dir / "config.json"
+    write_config(config, [app("A", [port], [f"127.0.0.1:{target}"])])
+    config.chmod(0o644)
+    demo = ProxyProcess([sys.executable, "-m", "tcpproxy.demo", "--config", str(config)])
+    echo = None
+    try:
+        demo.wait_for(r"serving as uid 65534 gid 65534 \(nobody\) with no capabilities")
+        demo.wait_for(r"echo backends on 127.0.0.1 ports")
+        [echo] = children(demo.proc.pid)
+        assert status(echo)["Uid"].split()[0] == "0"
+        assert wait_until(lambda: exchange(port) == b"hello")
+        assert demo.stop(signal.SIGTERM) == 0, demo.output
+        assert "Traceback" not in demo.output
+        assert wait_until(lambda: not alive(echo))
+    finally:
+        demo.kill()
+        if echo is not None and alive(echo):
+            os.kill(echo, signal.SIGKILL)
