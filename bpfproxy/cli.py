@@ -181,11 +181,11 @@ def command(
         if release:
             return _release(bpffs, name)
         check_environment()  # first: "run it with sudo" is what a user must fix first
-        account = target_account(user)
         code = [*serving_code(), Path(__file__).parent]
-        reading = check_access(
-            account, access_path(config_path, fleet), code, chosen=user is not None
+        serving = check_access(
+            target_account(user), access_path(config_path, fleet), code, chosen=user is not None
         )
+        account, reading = serving.account, serving.keep
         keep = (*reading, *_bpf_capability(), *low_port_capability({listen_port}, metrics_address))
         limit = fit_connection_limit(max_connections)
         source, data, config = open_config(config_path, fleet, (listen_port,), bind, limit)
@@ -296,7 +296,7 @@ def _handed_config(
 ) -> tuple[Path | ConfigSource, bytes, Config, int]:
     """What a process an upgrade started serves (both paths): its user can read the
     config, which is valid here; and its connection limit."""
-    account = target_account(user)
+    account = target_account(user, upgrade=True)
     code = [*serving_code(), Path(__file__).parent]
     check_access(account, access_path(config_path, fleet), code, chosen=user is not None)
     limit = fit_connection_limit(max_connections)

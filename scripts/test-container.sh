@@ -3,8 +3,9 @@
 # and without a container registry (CI as root): installs docker.io and
 # debootstrap if missing, starts its own dockerd with everything in a
 # temporary directory, makes the Dockerfile's base image (debian:12-slim)
-# with debootstrap, runs make build-in-container, and always stops the daemon
-# and removes what it made.
+# with debootstrap, runs make build-in-container, then scripts/test-newcomer.sh
+# (make setup and make run as root in a fresh container), and always stops the
+# daemon and removes what it made.
 #
 # Environment: DEBIAN_MIRROR (for debootstrap; default: the first Debian URI
 # of this machine's apt sources), CA_CERTS_FILE (passed on; default: the
@@ -87,5 +88,9 @@ if [ -z "${CA_CERTS_FILE:-}" ] && compgen -G "/usr/local/share/ca-certificates/*
     cat /usr/local/share/ca-certificates/*.crt >"$work/ca.pem"
     CA_CERTS_FILE="$work/ca.pem"
 fi
+status=0
 make build-in-container DOCKER="$DOCKER" DOCKER_BUILD_FLAGS=--network=host \
-    CA_CERTS_FILE="${CA_CERTS_FILE:-}"
+    CA_CERTS_FILE="${CA_CERTS_FILE:-}" || status=$?
+say "make build-in-container: exit $status ($((SECONDS - started)) s)"
+DOCKER="$DOCKER" CA_CERTS_FILE="${CA_CERTS_FILE:-}" bash scripts/test-newcomer.sh || status=$?
+exit "$status"

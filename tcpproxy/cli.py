@@ -109,11 +109,12 @@ def command(
         return 0
     setup_logging(log_level, log_format=log_format)
     handover = take_handover()  # started by an upgrade
-    account = target_account(user)
+    account = target_account(user, upgrade=handover is not None)
     fleet = FleetOptions(**fleet_params)
-    reading = check_access(
+    serving = check_access(
         account, access_path(config_path, fleet), serving_code(), chosen=user is not None
     )
+    account, reading = serving.account, serving.keep
     limit = fit_connection_limit(max_connections)
     source, data, config = open_config(
         config_path, fleet, bind=bind, max_connections=limit, handover=handover

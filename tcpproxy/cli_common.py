@@ -179,7 +179,8 @@ def common_options(prog: str) -> Callable[[F], F]:
                     "group, no other groups) with no capability; 'root' keeps uid 0 but "
                     "drops every capability. Not root: only your own name is accepted. "
                     "Not given and nobody cannot read the config or the code: nobody "
-                    "keeping CAP_DAC_READ_SEARCH, with a warning.  "
+                    "keeping CAP_DAC_READ_SEARCH or, where that is not permitted (a "
+                    "container), root with no capability; with a warning.  "
                     "[default: nobody when started as root]",
                 ),
                 click.option(

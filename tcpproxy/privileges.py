@@ -9,11 +9,13 @@ that they serve as ``--user`` (default ``nobody``) with no capability:
   naming someone else is then an error: only root can switch).
 - :func:`check_access` checks, still at start and before any setup, that
   the account can read the config file and the code it still imports
-  (briefly taking its identity as the effective one). If it cannot, an
-  account named with ``--user`` is an error at start (rather than failed
-  reloads later); the default account instead keeps CAP_DAC_READ_SEARCH,
-  with a warning, so that a config or a clone in a private directory (a
-  mode-700 temp dir, /root) still works without options.
+  (briefly taking its identity as the effective one). If it cannot, what
+  happens is :func:`when_unreadable`'s decision: an account named with
+  ``--user`` is an error at start (rather than failed reloads later); the
+  default account keeps CAP_DAC_READ_SEARCH or, where that cannot be kept
+  (Docker's default capabilities), root stays root with no capability;
+  either with a warning, so that a config or a clone in a private
+  directory (a mode-700 temp dir, /root) still works without options.
 - :func:`drop_privileges` switches uid, gid and groups and clears every
   capability (permitted, effective, inheritable, ambient) except the ones
   asked to keep, sets ``no_new_privs`` and checks the result in
@@ -27,6 +29,7 @@ the log line that reports the drop.
 from __future__ import annotations
 
 import ctypes
+import enum
 import logging
 import os
 import pwd
@@ -43,12 +46,15 @@ __all__ = [
     "CAP_NET_BIND_SERVICE",
     "DEFAULT_USER",
     "Account",
+    "Serving",
+    "Unreadable",
     "capability_sets",
     "check_access",
     "drop_privileges",
     "inherited_capabilities",
     "target_account",
     "unprivileged_port_start",
+    "when_unreadable",
 ]
 
 log = logging.getLogger("tcpproxy")
@@ -99,16 +105,18 @@ class Account:
     gid: int
 
 
-def target_account(user: str | None) -> Account | None:
+def target_account(user: str | None, *, upgrade: bool = False) -> Account | None:
     """The account to switch to after setup, or None to keep the current user.
 
     Started as root (euid 0): ``user``, or :data:`DEFAULT_USER` when None.
     Started as another user: None (only capabilities are dropped) when
     ``user`` is None or names that user; StartupError otherwise, since only
     root can switch users. ``user`` may be a name or a numeric uid.
+    ``upgrade`` (started by a predecessor's SIGUSR2, already unprivileged): with
+    no ``user``, None whoever we are: the predecessor chose, perhaps to stay root.
     """
     euid = os.geteuid()
-    if user is None and euid != 0:
+    if user is None and (euid != 0 or upgrade):
         return None
     account = _lookup(user or DEFAULT_USER)
     if euid != 0:
@@ -153,22 +161,114 @@ def _as(account: Account, attempt: Callable[[], None]) -> None:
             os.setgroups(groups)
 
 
+def _without_capabilities(attempt: Callable[[], None]) -> None:
+    """Run ``attempt`` as ourselves with no effective capability (what uid 0 reads
+    after the drop: only what the permission bits give it), then take them back."""
+    sets = capability_sets()
+    _capset(0, sets["CapPrm"], sets["CapInh"])
+    try:
+        attempt()
+    finally:
+        _capset(sets["CapEff"], sets["CapPrm"], sets["CapInh"])
+
+
+class Unreadable(enum.Enum):
+    """What to do when the account to serve as cannot read the config or the code."""
+
+    REFUSE = "refuse"  # StartupError naming the path: exit 2
+    KEEP_READ_SEARCH = "keep CAP_DAC_READ_SEARCH"  # serve as that account all the same
+    STAY = "stay"  # serve as the user we started as (root), with no capability
+
+
+def when_unreadable(*, chosen: bool, read_search_permitted: bool) -> Unreadable:
+    """The decision, by rules:
+
+    1. An account that was chosen (``--user`` or its environment variable) is the
+       operator's word: no capability and no other user makes up for it.
+    2. The default account keeps CAP_DAC_READ_SEARCH (read any file, nothing more)
+       where this process may keep it: a host's root, most units.
+    3. Else (Docker's default capabilities leave it out, as may a bounding set) root
+       stays root with no capability, as ``--user root`` does: the newcomer's clone
+       under /root, in a container, works with no option. It is checked in turn.
+    """
+    if chosen:
+        return Unreadable.REFUSE
+    if read_search_permitted:
+        return Unreadable.KEEP_READ_SEARCH
+    return Unreadable.STAY
+
+
+@dataclass(frozen=True)
+class Serving:
+    """Whom to serve as after the drop, and the capabilities kept so that it reads."""
+
+    account: Account | None
+    keep: tuple[int, ...] = ()
+
+
 def check_access(
     account: Account | None, config_path: Path, code: Iterable[Path], *, chosen: bool
-) -> tuple[int, ...]:
+) -> Serving:
     """Check that ``account`` can read the config file and list the directories in
-    ``code`` (the packages imported while serving); return the capabilities it must
-    keep after the drop to do so.
+    ``code`` (the packages imported while serving); return whom to serve as and the
+    capabilities it must keep to read them.
 
-    Returns () when it can, and for None or the user we already are. When it cannot:
-    ``chosen`` (the account was named, with --user or its environment variable) raises
-    StartupError; the default account keeps (CAP_DAC_READ_SEARCH,) instead, with a
-    warning naming the path, so that running from a private directory keeps working
-    (StartupError too if this process does not hold that capability to keep).
+    ``account`` as it is, keeping nothing, when it can, and for None or the user we
+    already are. When it cannot, :func:`when_unreadable` decides, with ``chosen``
+    (the account was named, with --user or its environment variable): StartupError;
+    ``account`` keeping (CAP_DAC_READ_SEARCH,); or the user we are (root) keeping
+    nothing, if it can read them without capabilities (else StartupError). The two
+    last warn once, naming the path and how to serve as ``account`` instead.
     """
     if account is None or account.uid == os.geteuid():
-        return ()  # staying who we are: the files were readable a moment ago
-    found: list[tuple[str, Path, str]] = []  # (what, path, why): the first path refused
+        return Serving(account)  # staying who we are: the files were readable a moment ago
+    refused = _refused(account, config_path, code)
+    if refused is None:
+        return Serving(account)
+    what, path, why = refused
+    permitted = bool(capability_sets()["CapPrm"] & (1 << CAP_DAC_READ_SEARCH))
+    decision = when_unreadable(chosen=chosen, read_search_permitted=permitted)
+    name = account.name
+    shown = f"{'the config file ' if what == 'config' else ''}{path}"
+    if decision is Unreadable.KEEP_READ_SEARCH:
+        log.warning(
+            "user %s cannot read %s (%s): serving as %s anyway, keeping CAP_DAC_READ_SEARCH "
+            "(it reads any file) to reload the config and import the code; to serve with no "
+            "capability, make it and its directories readable by %s, or pass --user",
+            name, shown, why, name, name,
+        )  # fmt: skip
+        return Serving(account, (CAP_DAC_READ_SEARCH,))
+    if decision is Unreadable.STAY:
+        why += "; CAP_DAC_READ_SEARCH, which would read it anyway, is not permitted here"
+        ours = _current_account()
+        if _refused(ours, config_path, code) is None:
+            log.warning(
+                "user %s cannot read %s (%s): serving as %s (uid %d) with no capabilities "
+                "instead, as --user %s does; to serve as %s, make it and its directories "
+                "readable by %s (or install it elsewhere), or pass --user",
+                name, shown, why, ours.name, ours.uid, ours.name, name, name,
+            )  # fmt: skip
+            return Serving(ours)
+        why += f", and {ours.name} cannot without capabilities"
+    who = f"user {name} (--user)"
+    if what == "config":
+        raise StartupError(
+            f"{who} cannot read the config file {path} ({why}), and "
+            "bpfproxy/tcpproxy serve as that user after setup: make the file and its "
+            "directories readable by it, or choose another --user"
+        )
+    raise StartupError(
+        f"{who} cannot read {path} ({why}), where this program's "
+        "code is: install it where that user can read it, or choose another --user"
+    )
+
+
+def _refused(
+    account: Account, config_path: Path, code: Iterable[Path]
+) -> tuple[str, Path, str] | None:
+    """(what, path, why) of the first path ``account`` cannot read, or None: tried with
+    its identity as the effective one and no capability (ours, with no capability)."""
+    found: list[tuple[str, Path, str]] = []
 
     def attempt() -> None:
         try:  # non-blocking: a FIFO's open() waits for a writer (the reader refuses it)
@@ -185,33 +285,21 @@ def check_access(
                 found.append(("code", directory, exc.strerror or str(exc)))
                 return
 
-    _as(account, attempt)
-    if not found:
-        return ()
-    what, path, why = found[0]
-    can_keep = capability_sets()["CapPrm"] & (1 << CAP_DAC_READ_SEARCH)
-    if chosen or not can_keep:
-        who = f"user {account.name} (--user)"
-        if not chosen:  # e.g. a unit whose CapabilityBoundingSet leaves it out
-            why += "; CAP_DAC_READ_SEARCH, which would read it anyway, is not permitted here"
-        if what == "config":
-            raise StartupError(
-                f"{who} cannot read the config file {path} ({why}), and "
-                "bpfproxy/tcpproxy serve as that user after setup: make the file and its "
-                "directories readable by it, or choose another --user"
-            )
-        raise StartupError(
-            f"{who} cannot read {path} ({why}), where this program's "
-            "code is: install it where that user can read it, or choose another --user"
-        )
-    name = account.name
-    log.warning(
-        "user %s cannot read %s%s (%s): serving as %s anyway, keeping CAP_DAC_READ_SEARCH "
-        "(it reads any file) to reload the config and import the code; to serve with no "
-        "capability, make it and its directories readable by %s, or pass --user",
-        name, "the config file " if what == "config" else "", path, why, name, name,
-    )  # fmt: skip
-    return (CAP_DAC_READ_SEARCH,)
+    if account.uid == os.geteuid():
+        _without_capabilities(attempt)
+    else:
+        _as(account, attempt)
+    return found[0] if found else None
+
+
+def _current_account() -> Account:
+    """The user and group we run as (to stay them)."""
+    uid = os.geteuid()
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = str(uid)
+    return Account(name, uid, os.getegid())
 
 
 def unprivileged_port_start() -> int:
@@ -238,11 +326,12 @@ def _prctl(option: int, arg: int = 0, what: str = "prctl") -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def _capset(caps: int, inheritable: int) -> None:
+def _capset(effective: int, permitted: int, inheritable: int) -> None:
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
     for word in range(2):
-        data[word].effective = data[word].permitted = (caps >> (32 * word)) & 0xFFFFFFFF
+        data[word].effective = (effective >> (32 * word)) & 0xFFFFFFFF
+        data[word].permitted = (permitted >> (32 * word)) & 0xFFFFFFFF
         data[word].inheritable = (inheritable >> (32 * word)) & 0xFFFFFFFF
     if _libc.capset(ctypes.byref(header), data) != 0:
         err = ctypes.get_errno()
@@ -281,7 +370,7 @@ def drop_privileges(
             os.setgroups([])
             os.setresgid(account.gid, account.gid, account.gid)
             os.setresuid(account.uid, account.uid, account.uid)
-        _capset(mask, inherited)
+        _capset(mask, mask, inherited)
         _prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, "PR_CAP_AMBIENT_CLEAR_ALL")
         for cap in ambient:
             if _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE, cap, 0, 0) != 0:

@@ -63,3 +63,29 @@ def test_echoes_bytes() -> None:
     finally:
         proc.terminate()
         proc.wait(TIMEOUT)
+
+
+def test_until_stdin_closes_stops_when_its_starter_lets_go() -> None:
+    """make run's echo backends stop when the pipe on their stdin closes (the demo
+    ended), with no signal: the demo may no longer be allowed to send one."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tcpproxy.echo", "--until-stdin-closes", str(port)],
+        cwd=ROOT, stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert "ports" in proc.stderr.readline()
+        proc.stdin.write("anything written is ignored\n")
+        proc.stdin.flush()
+        with connect(port) as sock:  # still serving
+            sock.sendall(b"hello")
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_all(sock) == b"hello"
+        proc.stdin.close()
+        assert proc.wait(TIMEOUT) == 0
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(TIMEOUT)
+        proc.stderr.close()

@@ -9,7 +9,9 @@ restarted worker, a clean stop that releases every port and pin.
 
 Without --user, a config nobody cannot read (in a mode-700 directory) is no
 error: the process drops to nobody all the same but keeps CAP_DAC_READ_SEARCH,
-and its reloads, its config watcher and its workers still work.
+and its reloads, its config watcher and its workers still work. Where that
+capability is not permitted (run under setpriv without it in the bounding
+set, as in a container), it stays root with no capability instead.
 """
 
 from __future__ import annotations
@@ -26,8 +28,18 @@ from pathlib import Path
 
 import pytest
 
+from tcpproxy.privileges import Unreadable, when_unreadable
 from tests.deploy import BPF_LISTEN_PORT, Deployment
-from tests.helpers import ROOT, TIMEOUT, app, wait_until, write_config
+from tests.helpers import (
+    ROOT,
+    TIMEOUT,
+    ProxyProcess,
+    app,
+    exchange,
+    free_ports,
+    wait_until,
+    write_config,
+)
 from tests.netns import NetNS
 
 NOBODY = 65534
@@ -423,3 +435,152 @@ def test_an_explicit_user_that_cannot_read_is_still_an_error(
     assert proc.returncode == 2, proc.stderr
     assert f"user nobody (--user) cannot read the config file {config}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("chosen", "permitted", "expected"),
+    [
+        (True, True, Unreadable.REFUSE),  # rule 1: named, whatever could be kept
+        (True, False, Unreadable.REFUSE),
+        (False, True, Unreadable.KEEP_READ_SEARCH),  # rule 2: a host's root
+        (False, False, Unreadable.STAY),  # rule 3: Docker's default capabilities
+    ],
+)
+def test_when_the_account_cannot_read(chosen: bool, permitted: bool, expected: Unreadable) -> None:
+    assert when_unreadable(chosen=chosen, read_search_permitted=permitted) is expected
+
+
+def without_dac_read_search() -> tuple[str, ...]:
+    """A prefix that runs a command with CAP_DAC_READ_SEARCH out of its bounding set, so
+    root is not permitted it (as in a container with Docker's default capabilities)."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    return (setpriv, "--bounding-set", "-dac_read_search", "--")
+
+
+def assert_root_without_capabilities(pid: int) -> None:
+    fields = status(pid)
+    assert fields["Uid"].split()[:3] == ["0"] * 3, fields["Uid"]
+    for caps in ("CapEff", "CapPrm", "CapAmb"):
+        assert int(fields[caps], 16) == 0, (caps, fields[caps])
+    assert fields["NoNewPrivs"] == "1"
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["single", "workers"])
+@pytest.mark.parametrize(
+    "binary", ["tcpproxy", pytest.param("bpfproxy", marks=pytest.mark.bpf)]
+)  # fmt: skip
+def test_default_user_stays_root_without_capabilities_where_it_cannot_read_search(
+    binary: str,
+    workers: int,
+    private_dir: Path,
+    bpffs: Path,
+    netns: NetNS,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The newcomer's case: root in a container (no CAP_DAC_READ_SEARCH to keep), no
+    --user, a config nobody cannot read. The proxy serves as root with no capability
+    (workers too), warns once naming the file and how to serve as nobody, applies a
+    reload, and an upgrade's new process (root, no capability) serves too."""
+    for variable in ("TCPPROXY_USER", "BPFPROXY_USER"):  # conftest sets them to root
+        monkeypatch.delenv(variable, raising=False)
+    prefix = without_dac_read_search()
+    d = Deployment(binary, private_dir / "config.json", netns)
+    new = None
+    try:
+        a, b = d.backend("a"), d.backend("b")
+        extra = ("--bpffs", str(bpffs), "--instance", f"stay-{os.getpid()}")
+        proxy = d.start([app("A", [7001], [a.address])], "--workers", str(workers),
+                        *(extra if binary == "bpfproxy" else ()), prefix=prefix)  # fmt: skip
+        warning = proxy.wait_for(
+            r"WARNING user nobody cannot read the config file (\S+) \(Permission denied; "
+            r"CAP_DAC_READ_SEARCH, which would read it anyway, is not permitted here\): "
+            r"serving as root \(uid 0\) with no capabilities instead, as --user root does; "
+            r"to serve as nobody, make it .* or pass --user"
+        )
+        assert warning.group(1) == str(d.config_path)
+        assert len(proxy.output.split("cannot read the config file")) == 2  # said once
+        proxy.wait_for(r"serving as uid 0 gid 0 \(root\) with no capabilities")
+        assert_root_without_capabilities(d.pid)
+        if workers > 1:
+            wait_until(lambda: len(children(d.pid)) == workers)
+            for pid in children(d.pid):
+                assert_root_without_capabilities(pid)
+        assert d.which(7001) == "a"
+
+        mark = proxy.mark()
+        write_config(d.config_path, [app("A", [7001], [a.address]), app("B", [7002], [b.address])])
+        proxy.wait_for(r"applied", start=mark)
+        assert d.which(7002) == "b"
+
+        # The new process stays root too: it does not try to become nobody.
+        mark = proxy.mark()
+        proxy.send(signal.SIGUSR2)
+        new = int(proxy.wait_for(r"pid (\d+) serves", start=mark)[1])
+        assert proxy.proc.wait(TIMEOUT) == 0
+        assert_root_without_capabilities(new)
+        assert d.which(7002) == "b"
+    finally:
+        if new is not None and alive(new):
+            os.kill(new, signal.SIGTERM)
+            wait_until(lambda: not alive(new))
+        d.close()
+
+
+def test_default_user_refused_where_root_without_capabilities_cannot_read_either(
+    readable_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Staying root is checked too: a file of another user's (mode 600) that neither
+    nobody nor root without capabilities can read is still an error at start."""
+    monkeypatch.delenv("TCPPROXY_USER", raising=False)
+    config = readable_dir / "config.json"
+    write_config(config, [app("A", [7001], ["127.0.0.1:9"])])
+    config.chmod(0o600)
+    os.chown(config, 12345, 12345)
+    proc = run_tcpproxy("-c", str(config), runner=without_dac_read_search())
+    assert proc.returncode == 2, proc.stderr
+    assert (
+        f"user nobody (--user) cannot read the config file {config} (Permission denied; "
+        "CAP_DAC_READ_SEARCH, which would read it anyway, is not permitted here, and root "
+        "cannot without capabilities)"
+    ) in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_an_explicit_user_is_not_replaced_by_root(private_dir: Path) -> None:
+    """--user nobody, named, that cannot read: exit 2 also where root would stay root."""
+    config = private_dir / "config.json"
+    write_config(config, [app("A", [7001], ["127.0.0.1:9"])])
+    proc = run_tcpproxy("-c", str(config), "--user", "nobody", runner=without_dac_read_search())
+    assert proc.returncode == 2, proc.stderr
+    assert f"user nobody (--user) cannot read the config file {config}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_make_run_as_root_stops_its_echo_backends(
+    readable_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`make run`'s demo started as root serves as nobody, and can no longer signal the
+    echo backends it started as root: SIGTERM to it alone (not its process group)
+    still stops it cleanly, and them with it."""
+    monkeypatch.delenv("TCPPROXY_USER", raising=False)
+    port, target = free_ports(2)
+    config = readable_dir / "config.json"
+    write_config(config, [app("A", [port], [f"127.0.0.1:{target}"])])
+    config.chmod(0o644)
+    demo = ProxyProcess([sys.executable, "-m", "tcpproxy.demo", "--config", str(config)])
+    echo = None
+    try:
+        demo.wait_for(r"serving as uid 65534 gid 65534 \(nobody\) with no capabilities")
+        demo.wait_for(r"echo backends on 127.0.0.1 ports")
+        [echo] = children(demo.proc.pid)
+        assert status(echo)["Uid"].split()[0] == "0"
+        assert wait_until(lambda: exchange(port) == b"hello")
+        assert demo.stop(signal.SIGTERM) == 0, demo.output
+        assert "Traceback" not in demo.output
+        assert wait_until(lambda: not alive(echo))
+    finally:
+        demo.kill()
+        if echo is not None and alive(echo):
+            os.kill(echo, signal.SIGKILL)
