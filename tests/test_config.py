@@ -655,7 +655,7 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_directory(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(tmp_path)
-    assert info.value.problems == ("cannot read file: Is a directory",)
+    assert info.value.problems == ("is a directory, not a regular file",)
 
 
 # --- Properties ---------------------------------------------------------------------

@@ -467,6 +467,7 @@ def assert_root_without_capabilities(pid: int) -> None:
     assert fields["NoNewPrivs"] == "1"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2], ids=["single", "workers"])
 @pytest.mark.parametrize(
     "binary", ["tcpproxy", pytest.param("bpfproxy", marks=pytest.mark.bpf)]
