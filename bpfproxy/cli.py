@@ -26,6 +26,7 @@ from tcpproxy.cli_common import (
     low_port_capability,
     metrics_for,
     open_config,
+    open_notifier,
     reload_check,
     run_cli,
     serving_code,
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
     from bpfproxy.pinning import Instance
     from tcpproxy.config import Config
     from tcpproxy.metrics import NullMetrics
+    from tcpproxy.notify import Notifier
     from tcpproxy.sources import ConfigSource
 
 __all__ = ["command", "main"]
@@ -208,7 +210,7 @@ def command(
                     validate=reload_check(
                         config_path, (listen_port,), bind, max_connections=limit
                     ),
-                    drain_timeout=drain_timeout,
+                    drain_timeout=drain_timeout, notifier=open_notifier(None),
                 )  # fmt: skip
                 plan.hand_to(account)
                 _write_pid_file(stack, pid_file, account)
@@ -234,9 +236,10 @@ def command(
             frontend = SteeredListener(listener, dispatcher, listen_port, metrics, pins)
             frontend.steer(config)
             pids = _write_pid_file(stack, pid_file, account)
+            notifier = open_notifier(None)
             # ambient: the process an upgrade starts (SIGUSR2) keeps the same, no more
             _drop(pins, account, keep, ambient=keep)
-            _serve(source, data, config, frontend, pins, pids, None, drain_timeout,
+            _serve(source, data, config, frontend, pins, pids, None, notifier, drain_timeout,
                    limit, splice, metrics, address, listen_port, bind, engine)  # fmt: skip
     except SteeringError as exc:
         raise StartupError(str(exc)) from None
@@ -261,6 +264,7 @@ def _serve(
     pins: Instance | None,
     pids: PidFile,
     handover: Handover | None,
+    notifier: Notifier,
     drain_timeout: float,
     limit: int,
     splice: bool,
@@ -278,7 +282,7 @@ def _serve(
             max_connections=limit, use_splice=splice, metrics=metrics,
             metrics_address=address, listen_ports=frozenset({listen_port}), bind=bind,
             engine=engine, listeners=frontend.sockets, state=frontend, handover=handover,
-            pid_file=pids, task_status=_Serving(pins),
+            pid_file=pids, notifier=notifier, task_status=_Serving(pins),
         )
     )  # fmt: skip
     if not frontend.handed_over and (handover is None or handover.served):
@@ -351,9 +355,10 @@ def _run_handed_over(
         frontend.steer(config)
         pids = PidFile(pid_file)  # rewritten once serving (run_service), as this user
         stack.callback(pids.remove)
+        notifier = open_notifier(handover)
         keep = inherited_capabilities()
         drop_privileges(None, keep, ambient=keep)
-        _serve(source, data, config, frontend, pins, pids, handover, drain_timeout,
+        _serve(source, data, config, frontend, pins, pids, handover, notifier, drain_timeout,
                limit, splice, metrics, address, listen_port, bind, engine)  # fmt: skip
     return 0
 
@@ -406,6 +411,7 @@ def _run_handed_over_workers(
             plan, source, data, config, workers, metrics_address,
             validate=reload_check(config_path, (listen_port,), bind, max_connections=limit),
             drain_timeout=drain_timeout, handover=handover, pid_file=pids,
+            notifier=open_notifier(handover),
         )  # fmt: skip
         keep = inherited_capabilities()
         drop_privileges(None, keep, ambient=keep)
@@ -421,6 +427,8 @@ def _close_all(handover: Handover) -> None:
         sock.close()
     if handover.metrics is not None:
         handover.metrics.close()
+    if handover.notify is not None:
+        handover.notify.close()
     for fd in handover.fds.values():
         with contextlib.suppress(OSError):
             os.close(fd)

@@ -21,6 +21,7 @@ from tcpproxy.cli_common import (
     low_port_capability,
     metrics_for,
     open_config,
+    open_notifier,
     reload_check,
     run_cli,
     serving_code,
@@ -132,6 +133,7 @@ def command(
             plan, source, data, config, workers, metrics_address,
             validate=reload_check(config_path, bind=bind, max_connections=limit),
             drain_timeout=drain_timeout, handover=handover, pid_file=pids,
+            notifier=open_notifier(handover),
         )  # fmt: skip
         if handover is None:  # else rewritten once its workers serve, as its user
             pids.write_at_start(account.uid if account is not None else None)
@@ -148,6 +150,7 @@ def command(
     pids = PidFile(pid_file)
     if handover is None:  # else rewritten once this process serves, as its user
         pids.write_at_start(account.uid if account is not None else None)
+    notifier = open_notifier(handover)
     try:
         # ambient: a process an upgrade starts (SIGUSR2) keeps them too
         drop_privileges(account, keep, ambient=keep)
@@ -157,6 +160,7 @@ def command(
                 max_connections=limit, use_splice=splice, metrics=metrics,
                 metrics_address=address, bind=bind, engine=engine,
                 listeners=frontend.sockets, handover=handover, pid_file=pids,
+                notifier=notifier,
             )
         )  # fmt: skip
     finally:

@@ -52,7 +52,14 @@ from tcpproxy.sources import ConfigSource
 from tcpproxy.sources.file import FileSource
 from tcpproxy.status import Loaded
 from tcpproxy.status import snapshot as status_snapshot
-from tcpproxy.upgrade import CONFIG_FD, METRICS_FD, Handover, config_fd, start_successor
+from tcpproxy.upgrade import (
+    CONFIG_FD,
+    METRICS_FD,
+    NOTIFY_FD,
+    Handover,
+    config_fd,
+    start_successor,
+)
 
 if TYPE_CHECKING:
     from tcpproxy.workers.link import SupervisorLink
@@ -133,6 +140,7 @@ async def run_service(
     state: UpgradeState | None = None,
     handover: Handover | None = None,
     pid_file: PidFile | None = None,
+    notifier: Notifier | None = None,
     task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `config` through `frontend` until SIGTERM/SIGINT, then drain.
@@ -167,8 +175,12 @@ async def run_service(
         sends MAINPID= (else it stops: rule 4).
       pid_file: rewritten by a process started by an upgrade (the caller
         writes it at a normal start, before dropping privileges, and removes it).
+      notifier: speaks to systemd (None: one from the environment, as a
+        worker's, which says nothing); the caller's, connected before it
+        dropped privileges; an upgrade hands the new process its socket.
     """
     metrics = metrics or NullMetrics()
+    notifier = notifier if notifier is not None else Notifier()
     stop_accepting = trio.CancelScope()
     cut_connections = trio.CancelScope()
     upgrade = _Upgrade()
@@ -188,7 +200,6 @@ async def run_service(
                     if proxy.engine is not None:
                         await connections.start(proxy.engine.run)
                     apply = apply_locally(proxy, frontend)
-                    notifier = Notifier()
                     source = FileSource(path) if isinstance(path, (Path, str)) else path
                     if supervisor is None:
                         source.use_metrics(metrics)
@@ -252,6 +263,9 @@ async def run_service(
                         )
                         upgrade.fds[METRICS_FD] = server.socket.fileno()  # handed on in turn
                         outer.start_soon(_shut_down_on_exit, server, upgrade.handed_over)
+                    notify_fd = notifier.fileno()
+                    if notify_fd is not None:  # the new process may not connect it (unprivileged)
+                        upgrade.fds[NOTIFY_FD] = notify_fd
                     with stop_accepting:
                         async with trio.open_nursery() as control:
                             await control.start(proxy.health.run)

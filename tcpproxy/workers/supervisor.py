@@ -54,6 +54,7 @@ from tcpproxy.status import Loaded, counts_from_samples, snapshot
 from tcpproxy.upgrade import (
     CONFIG_FD,
     METRICS_FD,
+    NOTIFY_FD,
     READY_TIMEOUT,
     Handover,
     config_fd,
@@ -91,11 +92,15 @@ class Supervisor:
         validate: Callable[[Config], None] | None = None,
         handover: Handover | None = None,
         pid_file: PidFile | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         """`drain_timeout`: the workers' --drain-timeout; a worker still running
         that long (plus STOP_GRACE) after a stop is killed. `handover`: set
         when an upgrade started this supervisor: told once every worker
-        serves, which is also when it rewrites `pid_file`."""
+        serves, which is also when it rewrites `pid_file`. `notifier`: speaks
+        to systemd, connected by the caller before it dropped privileges (None:
+        one from the environment); an upgrade hands the new supervisor its socket."""
+        self._notifier = notifier if notifier is not None else Notifier()
         self._handover = handover
         self._pid_file = pid_file
         self._upgrading = False
@@ -123,7 +128,7 @@ class Supervisor:
 
         Raises StartupError when a worker cannot start (the others are stopped).
         """
-        notifier = Notifier()
+        notifier = self._notifier
         metrics_dir, metrics = None, None
         if self._metrics_address is not None:
             metrics_dir, metrics = self._start_metrics()
@@ -322,6 +327,9 @@ class Supervisor:
             handed = dict(fds)
             if self._server is not None:  # the new supervisor serves on the same socket
                 handed[METRICS_FD] = self._server.socket.fileno()
+            notify_fd = self._notifier.fileno()
+            if notify_fd is not None:  # the new supervisor may not connect it (unprivileged)
+                handed[NOTIFY_FD] = notify_fd
             served = self._source.served() if self._source is not None else None
             if served is not None:  # a fleet node's apps, each at its last good version
                 fds[CONFIG_FD] = handed[CONFIG_FD] = config_fd(served)
