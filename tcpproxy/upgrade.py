@@ -47,7 +47,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import trio
 
@@ -106,12 +106,15 @@ async def start_successor(
     *,
     unset: tuple[str, ...] = (),
     accept: Callable[[], bool] = lambda: True,
+    stored: Sequence[str] | None = None,
 ) -> int | None:
     """Start the new process, hand it `sockets` (port -> listener) and `fds` (name ->
     descriptor, still ours: the new process gets its own references), wait until it serves.
     `unset`: environment variables the new process must not inherit. `accept`: asked
     once the new process says it serves; False (e.g. this process is stopping)
-    refuses the hand-over (rule 2).
+    refuses the hand-over (rule 2). `stored`: the names this process keeps in the
+    service manager's store (tcpproxy.fdstore), so that the new one, serving on
+    the same sockets, does not store them again.
 
     Returns its pid once it was told "go": from then on the caller must stop
     accepting (rule 2). None: it was stopped (rule 1), and the log says why.
@@ -142,7 +145,7 @@ async def start_successor(
         with channel:
             with trio.move_on_after(READY_TIMEOUT) as timer:
                 try:
-                    await _send_sockets(channel, sockets, fds or {})
+                    await _send_sockets(channel, sockets, fds or {}, stored)
                     answer = await channel.recv(MESSAGE_SIZE)
                 except OSError as exc:
                     answer, why = b"", f"the socket pair failed: {exc}"
@@ -170,6 +173,7 @@ async def _send_sockets(
     channel: trio.socket.SocketType,
     sockets: Mapping[int, socket.socket],
     named: Mapping[str, int],
+    stored: Sequence[str] | None,
 ) -> None:
     items = sorted(sockets.items())
     for start in range(0, len(items), FDS_PER_MESSAGE):
@@ -183,7 +187,10 @@ async def _send_sockets(
         payload = json.dumps({"names": [name for name, _ in batch2]}).encode()
         fds = [fd for _, fd in batch2]
         await channel.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _pack(fds))])
-    await channel.send(json.dumps({"done": True}).encode())
+    done: dict[str, object] = {"done": True}
+    if stored is not None:
+        done["fdstore"] = list(stored)
+    await channel.send(json.dumps(done).encode())
 
 
 def _tell(channel: socket.socket, message: bytes) -> bool:
@@ -255,7 +262,9 @@ def read_config_fd(fd: int) -> bytes:
 class Handover:
     """The new process's end: the sockets it was handed, other descriptors by name
     (`fds`), the --metrics listener (`metrics`) and the notify socket (`notify`),
-    if they were handed over, and the "ready"/"go" exchange (`confirm`).
+    if they were handed over, the names the old process keeps in the service
+    manager's store (`stored`; None: it said none), and the "ready"/"go"
+    exchange (`confirm`).
 
     Resource handling: owns the channel until `confirm()` or `close()`; the
     sockets, `fds`, `metrics` and `notify` are the caller's once taken.
@@ -268,12 +277,14 @@ class Handover:
         fds: dict[str, int] | None = None,
         metrics: socket.socket | None = None,
         notify: socket.socket | None = None,
+        stored: list[str] | None = None,
     ) -> None:
         self._channel: socket.socket | None = channel
         self.sockets = sockets
         self.fds = fds if fds is not None else {}
         self.metrics = metrics
         self.notify = notify
+        self.stored = stored  # names the old process keeps in the manager's store
         self.served = False  # "go" came: this process has taken over (rule 2)
 
     def abandoned(self) -> bool:
@@ -337,6 +348,7 @@ def take_handover(environ: dict[str, str] | None = None) -> Handover | None:
     named: dict[str, int] = {}
     pending: list[int] = []  # received, not yet in `sockets` or `named`
     metrics: socket.socket | None = None
+    stored: list[str] | None = None
     try:
         while True:
             data, pending, _flags, _address = socket.recv_fds(
@@ -346,6 +358,8 @@ def take_handover(environ: dict[str, str] | None = None) -> Handover | None:
                 raise OSError("the old process closed the socket pair")
             message = json.loads(data)
             if message.get("done"):
+                names = message.get("fdstore")
+                stored = [str(name) for name in names] if isinstance(names, list) else None
                 break
             if "names" in message:
                 if len(message["names"]) != len(pending):
@@ -377,4 +391,4 @@ def take_handover(environ: dict[str, str] | None = None) -> Handover | None:
         if isinstance(exc, (OSError, ValueError, KeyError)):
             raise StartupError(f"upgrade: receiving the listeners: {exc}") from None
         raise
-    return Handover(channel, sockets, named, metrics, notify)
+    return Handover(channel, sockets, named, metrics, notify, stored)

@@ -1,10 +1,21 @@
-"""The service manager's file descriptor store (tcpproxy.fdstore), against a fake manager."""
+"""The service manager's file descriptor store: listeners, and their queues, outlive a kill -9.
+
+The proxies run under `tests.service_manager.ServiceManager`, which keeps the
+descriptors they store and starts them again with those descriptors, as
+systemd does with FileDescriptorStoreMax=. Against it, with and without a
+store: connections queued while the proxy is stopped (SIGSTOP), and those
+started while it is dead, are all served by the restarted proxy with the
+store; without it they are reset or refused.
+"""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,9 +24,18 @@ from tcpproxy.fdstore import FdStore, Wanted, check_listener, fdname_is_valid, l
 from tcpproxy.listeners import open_listener
 from tcpproxy.notify import Notifier
 from tests.helpers import (
+    TIMEOUT,
+    ProxyProcess,
+    app,
+    connect,
     free_ports,
+    recv_all,
+    tcpproxy_argv,
+    wait_until,
+    write_config,
 )
 from tests.service_manager import ServiceManager
+from tests.test_upgrade import gone
 
 QUEUED = 5  # connections queued on the listener of a stopped (SIGSTOP) proxy
 DURING = 3  # connections started while no proxy runs
@@ -133,3 +153,220 @@ def test_what_comes_back_is_taken_if_wanted_and_else_removed(manager: ServiceMan
         for sock in taken.values():
             sock.close()
         notifier.close()
+
+
+# --------------------------------------------------------------------------- tcpproxy
+
+
+def ping(port: int, make_socket: Callable[[int], socket.socket] | None = None) -> socket.socket:
+    """A client that sent "ping" and its half-close (queued, if nobody accepts)."""
+    sock = connect(port, make_socket=make_socket)
+    sock.sendall(b"ping")
+    sock.shutdown(socket.SHUT_WR)
+    return sock
+
+
+def answer(sock: socket.socket) -> str:
+    """What the proxy answered, or why not."""
+    try:
+        with sock:
+            return recv_all(sock).decode()
+    except OSError as exc:
+        return repr(exc)
+
+
+def attempt(port: int, make_socket: Callable[[int], socket.socket] | None = None) -> str:
+    try:
+        return answer(ping(port, make_socket))
+    except OSError as exc:
+        return repr(exc)
+
+
+def ready(manager: ServiceManager, proxy: ProxyProcess) -> None:
+    pid = proxy.proc.pid
+    assert manager.wait(lambda: manager.heard(pid, "READY") is not None), proxy.output
+
+
+def kill(proxy: ProxyProcess) -> None:
+    proxy.send(signal.SIGKILL)
+    proxy.proc.wait(TIMEOUT)
+
+
+class Loops:
+    """Clients in connect/ping/answer loops, each outcome with when it started."""
+
+    def __init__(
+        self, port: int, make_socket: Callable[[int], socket.socket] | None = None
+    ) -> None:
+        self.outcomes: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._loop, args=(port, make_socket), daemon=True)
+            for _ in range(LOOPS)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _loop(self, port: int, make_socket: Callable[[int], socket.socket] | None) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            self.outcomes.append((started, attempt(port, make_socket)))
+
+    def served(self) -> int:
+        return sum(1 for _, outcome in self.outcomes if outcome == ANSWER)
+
+    def finish(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(2 * TIMEOUT)
+
+
+@pytest.mark.parametrize("keep_fds", [True, False], ids=["store", "no-store"])
+def test_tcpproxy_queue_outlives_a_kill(tmp_path: Path, backends, keep_fds: bool) -> None:
+    """Connections queued while tcpproxy is stopped, and those started while it is
+    dead, are served by the restarted one: the store kept the listener open. Without
+    a store (the control) they are reset and refused. A clean stop empties the store."""
+    b1 = backends("b1")
+    (port,) = free_ports(1)
+    config = tmp_path / "config.json"
+    write_config(config, [app("A", [port], [b1.address])])
+    manager = ServiceManager(tmp_path, keep_fds=keep_fds)
+    argv = tcpproxy_argv(config, "--log-level", "debug")
+    proxy = manager.start(argv)
+    try:
+        ready(manager, proxy)
+        assert manager.names() == ([f"tcpproxy-port-{port}"] if keep_fds else [])
+        proxy.send(signal.SIGSTOP)
+        queued = [ping(port) for _ in range(QUEUED)]  # the kernel completes the handshakes
+        kill(proxy)
+        if keep_fds:
+            during = [ping(port) for _ in range(DURING)]  # queued too: not refused
+        else:
+            with pytest.raises(ConnectionRefusedError):
+                ping(port)
+            during = []
+        proxy = manager.start(argv)
+        ready(manager, proxy)
+        answers = [answer(sock) for sock in queued + during]
+        if keep_fds:
+            assert answers == [ANSWER] * (QUEUED + DURING), proxy.output
+            assert f"handed back 1 descriptors: tcpproxy-port-{port}" in proxy.output
+            assert manager.names() == [f"tcpproxy-port-{port}"]
+        else:
+            assert all("Reset" in a or a == "" for a in answers), answers
+        assert manager.duplicates == 0  # the listener taken back was not stored again
+        assert proxy.stop() == 0
+        assert manager.store == []  # emptied at the clean stop: the port refuses
+        with pytest.raises(ConnectionRefusedError):
+            ping(port)
+    finally:
+        proxy.kill()
+        manager.close()
+    assert "Traceback" not in proxy.output
+
+
+def test_tcpproxy_kill_under_load_loses_only_what_it_relayed(
+    tmp_path: Path, backends, manager: ServiceManager
+) -> None:
+    """4 client loops, kill -9, restart at once: no connection refused, every one
+    started after the kill served; at most one per loop (what the dead process was
+    relaying) lost."""
+    b1 = backends("b1")
+    (port,) = free_ports(1)
+    config = tmp_path / "config.json"
+    write_config(config, [app("A", [port], [b1.address])])
+    argv = tcpproxy_argv(config)
+    proxy = manager.start(argv)
+    loops = None
+    try:
+        ready(manager, proxy)
+        loops = Loops(port)
+        assert wait_until(lambda: loops.served() >= 40)
+        kill(proxy)
+        dead = time.monotonic()
+        proxy = manager.start(argv)
+        ready(manager, proxy)
+        before = loops.served()
+        assert wait_until(lambda: loops.served() >= before + 40)
+    finally:
+        if loops is not None:
+            loops.finish()
+        proxy.kill()
+    lost = [outcome for _, outcome in loops.outcomes if outcome != ANSWER]
+    after = {outcome for started, outcome in loops.outcomes if started >= dead}
+    assert after == {ANSWER}, after
+    assert len(lost) <= LOOPS, lost
+    assert not [outcome for outcome in lost if "Refused" in outcome], lost
+
+
+def test_tcpproxy_store_follows_reloads_upgrades_and_restarts(
+    tmp_path: Path, backends, manager: ServiceManager
+) -> None:
+    """A reload that adds a port stores its listener, one that drops a port removes
+    it; an upgrade's new process stores nothing twice and keeps the store in step; a
+    restart after a kill whose config dropped a port closes and removes that one."""
+    b1 = backends("b1")
+    first, second, third = free_ports(3)
+    config = tmp_path / "config.json"
+    write_config(config, [app("A", [first], [b1.address])])
+    argv = tcpproxy_argv(config)
+    proxy = manager.start(argv)
+    new = None
+
+    def names(*ports: int) -> Callable[[], bool]:
+        return lambda: sorted(n for n, _ in manager.store) == [f"tcpproxy-port-{p}" for p in ports]
+
+    try:
+        ready(manager, proxy)
+        write_config(config, [app("A", [first, second], [b1.address])])
+        assert manager.wait(names(first, second)), proxy.output
+        write_config(config, [app("A", [second], [b1.address])])
+        assert manager.wait(names(second)), proxy.output
+        assert attempt(second) == ANSWER
+
+        proxy.send(signal.SIGUSR2)  # the new process serves on the same listener
+        new = int(proxy.wait_for(r"upgrade: pid (\d+) serves")[1])
+        assert manager.wait(lambda: manager.heard(new, "MAINPID") is not None)
+        assert proxy.proc.wait(TIMEOUT) == 0
+        write_config(config, [app("A", [second, third], [b1.address])])
+        assert manager.wait(names(second, third)), proxy.output
+        assert manager.duplicates == 0
+
+        os.kill(new, signal.SIGKILL)
+        assert wait_until(lambda: gone(new))
+        write_config(config, [app("A", [third], [b1.address])])
+        proxy = manager.start(argv)
+        ready(manager, proxy)
+        proxy.wait_for(rf"stored descriptor tcpproxy-port-{second}: not wanted here: closed")
+        assert manager.wait(names(third))
+        assert "Refused" in attempt(second)
+        assert attempt(third) == ANSWER
+        assert manager.duplicates == 0
+    finally:
+        if new is not None and not gone(new):
+            os.kill(new, signal.SIGKILL)
+        proxy.kill()
+    assert "Traceback" not in proxy.output
+
+
+def test_tcpproxy_workers_keep_nothing_in_the_store(
+    tmp_path: Path, backends, manager: ServiceManager
+) -> None:
+    """--workers: each worker binds its own listeners, the supervisor has none to
+    store; what a single process stored before is closed and removed."""
+    b1 = backends("b1")
+    (port,) = free_ports(1)
+    config = tmp_path / "config.json"
+    write_config(config, [app("A", [port], [b1.address])])
+    proxy = manager.start(tcpproxy_argv(config))
+    try:
+        ready(manager, proxy)
+        assert manager.names() == [f"tcpproxy-port-{port}"]
+        kill(proxy)
+        proxy = manager.start(tcpproxy_argv(config, "--workers", "2"))
+        ready(manager, proxy)
+        assert manager.store == []
+        assert attempt(port) == ANSWER
+        assert proxy.stop() == 0
+    finally:
+        proxy.kill()
