@@ -29,9 +29,12 @@ Rules:
 4. At start (`take`), what the manager handed back is checked against what
    is wanted: a descriptor of another name, a duplicate name, or a socket
    other than the name says (not a listening TCP socket, another address or
-   port) is closed and removed from the store at once, so that the port it
-   holds can be bound again (by the next start, if the manager has not
-   closed its copy yet: the removal is asynchronous).
+   port) is removed from the store at once, and closed; a listener among
+   them is shut down first (shutdown(2) acts on the socket, not on one
+   descriptor), so that its port can be bound now, without waiting for the
+   manager to close its copy. No live process of ours accepts on what is
+   handed back: the one that stored it is dead (its workers, if any, stop
+   accepting as soon as their supervisor is gone).
 5. The ``$LISTEN_*`` variables are removed from the environment at once,
    so that workers and an upgrade's new process do not take them for theirs.
 """
@@ -208,33 +211,36 @@ class FdStore:
     def take(self, wanted: Mapping[str, Wanted]) -> dict[str, socket.socket]:
         """The listeners handed back that are `wanted` (rule 4): name -> socket (the
         caller's, non-blocking). Everything else handed back is closed and removed
-        from the store now."""
+        from the store now; a listener among them is shut down first, so that its
+        port is free at once, whenever the manager closes its copy."""
         taken: dict[str, socket.socket] = {}
         received, self._received = self._received, []
         for name, fd in received:
             why = None
             if name not in wanted:
                 why = "not wanted here"
-            elif name in taken:
+            elif name in taken:  # another socket (a manager keeps one open file once)
                 why = "a second descriptor of that name"
                 self._stored.discard(name)  # every copy is removed; sync stores ours again
-            if why is None:
+            try:
                 sock = socket.socket(fileno=fd)
-                fd = -1
-                want = wanted[name]
-                why = check_listener(sock, want.host, want.port, reuse_port=want.reuse_port)
-                if why is None:
-                    sock.setblocking(False)
-                    taken[name] = sock
-                    self._stored.add(name)
-                    continue
-                sock.close()
-            if fd >= 0:
+            except OSError as exc:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+                why = why or f"not a socket ({exc.strerror})"
+            else:
+                if why is None:
+                    want = wanted[name]
+                    why = check_listener(sock, want.host, want.port, reuse_port=want.reuse_port)
+                    if why is None:
+                        sock.setblocking(False)
+                        taken[name] = sock
+                        self._stored.add(name)
+                        continue
+                _shut(sock)
             log.info("stored descriptor %s: %s: closed and removed from the store", name, why)
             self._stale.add(name)
-        for name in sorted(self._stale):  # now: the ports they hold may be bound next
+        for name in sorted(self._stale):
             self._remove(name)
         return taken
 
@@ -290,3 +296,13 @@ class FdStore:
         if self._notifier.send("FDSTOREREMOVE=1", f"FDNAME={name}") or not self.limit:
             self._stored.discard(name)
             self._stale.discard(name)
+
+
+def _shut(sock: socket.socket) -> None:
+    """Close a socket that came back unwanted; a listener is shut down first: it
+    stops listening for every holder (the manager's copy too), so its port can be
+    bound again now, and its queue is reset rather than left to wait."""
+    with contextlib.suppress(OSError):
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            sock.shutdown(socket.SHUT_RDWR)
+    sock.close()

@@ -130,16 +130,24 @@ def test_the_store_keeps_what_serves_once_and_empties_at_a_stop(
 
 
 def test_what_comes_back_is_taken_if_wanted_and_else_removed(manager: ServiceManager) -> None:
+    """The wanted listener is taken; one on another port, one of a name not wanted
+    (its port free again at once: shut down, whoever else holds it) and a descriptor
+    that is no socket are closed, and removed from the store at once."""
     notifier = Notifier(manager.env)
     notifier.connect()
-    port, other = free_ports(2)
+    port, other, unknown_port = free_ports(3)
     good = open_listener("127.0.0.1", port)
     wrong = open_listener("127.0.0.1", other)
-    spare = os.dup(good.fileno())
-    for name, sock in (("good", good), ("wrong", wrong), ("unknown", good)):
-        notifier.send("FDSTORE=1", f"FDNAME={name}", fds=[sock.fileno()])
-    assert manager.wait(lambda: len(manager.store) == 2)  # "unknown" is good's open file
-    received = [("good", good.detach()), ("wrong", wrong.detach()), ("unknown", spare)]
+    unknown = open_listener("127.0.0.1", unknown_port)
+    holder = os.dup(unknown.fileno())  # another holder, as the manager's copy is
+    junk, junk_writer = os.pipe()
+    os.close(junk_writer)
+    for name, fd in (("good", good.fileno()), ("wrong", wrong.fileno()),
+                     ("unknown", unknown.fileno()), ("junk", junk)):  # fmt: skip
+        notifier.send("FDSTORE=1", f"FDNAME={name}", fds=[fd])
+    assert manager.wait(lambda: len(manager.store) == 4)
+    received = [("good", good.detach()), ("wrong", wrong.detach()),
+                ("unknown", unknown.detach()), ("junk", junk)]  # fmt: skip
     store = FdStore(notifier, 4, received=received)
     taken = store.take({"good": Wanted("127.0.0.1", port), "wrong": Wanted("127.0.0.1", port)})
     try:
@@ -148,10 +156,12 @@ def test_what_comes_back_is_taken_if_wanted_and_else_removed(manager: ServiceMan
         assert manager.wait(lambda: manager.names() == ["good"])  # the rest removed at once
         assert store.stored == ["good"]
         with pytest.raises(OSError):
-            os.fstat(spare)  # closed
+            os.fstat(junk)  # closed
+        open_listener("127.0.0.1", unknown_port).close()  # free, though still held
     finally:
         for sock in taken.values():
             sock.close()
+        os.close(holder)
         notifier.close()
 
 
