@@ -5,7 +5,8 @@ descriptors they store and starts them again with those descriptors, as
 systemd does with FileDescriptorStoreMax=. Against it, with and without a
 store: connections queued while the proxy is stopped (SIGSTOP), and those
 started while it is dead, are all served by the restarted proxy with the
-store; without it they are reset or refused.
+store; without it they are reset or refused. bpfproxy runs in a network
+namespace of the test's own, with a bpffs of its own for its pins.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +25,7 @@ import pytest
 from tcpproxy.fdstore import FdStore, Wanted, check_listener, fdname_is_valid, listen_fds
 from tcpproxy.listeners import open_listener
 from tcpproxy.notify import Notifier
+from tests.deploy import Deployment
 from tests.helpers import (
     TIMEOUT,
     ProxyProcess,
@@ -34,8 +37,10 @@ from tests.helpers import (
     wait_until,
     write_config,
 )
+from tests.netns import NetNS
 from tests.service_manager import ServiceManager
-from tests.test_upgrade import gone
+from tests.test_bpfproxy import counter, instance_name, pinned_args
+from tests.test_upgrade import children, gone
 
 QUEUED = 5  # connections queued on the listener of a stopped (SIGSTOP) proxy
 DURING = 3  # connections started while no proxy runs
@@ -380,3 +385,116 @@ def test_tcpproxy_workers_keep_nothing_in_the_store(
         assert proxy.stop() == 0
     finally:
         proxy.kill()
+
+
+# --------------------------------------------------------------------------- bpfproxy
+
+
+def bpf_service(
+    lab: Deployment, manager: ServiceManager, *args: str
+) -> tuple[list[str], ProxyProcess]:
+    """bpfproxy under the manager in the lab's namespace: its argv, and it started."""
+    argv = lab.popen_argv(lab.argv("--log-level", "debug", *args))
+    proxy = manager.start(argv)
+    ready(manager, proxy)
+    return argv, proxy
+
+
+@pytest.fixture
+def bpffs(tmp_path: Path) -> Iterator[Path]:
+    """A bpffs of the test's own, which `ip netns exec` leaves alone; unmounting it
+    releases whatever a failed test left pinned."""
+    root = tmp_path / "bpffs"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(root)], check=True, timeout=TIMEOUT)
+    try:
+        yield root
+    finally:
+        subprocess.run(["umount", "--lazy", str(root)], check=False, timeout=TIMEOUT)
+
+
+@pytest.fixture
+def lab(tmp_path: Path, netns: NetNS) -> Iterator[Deployment]:
+    d = Deployment("bpfproxy", tmp_path / "config.json", netns)
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+@pytest.mark.bpf
+@pytest.mark.parametrize("workers", [1, 2], ids=["single", "workers"])
+def test_bpfproxy_queue_outlives_a_kill(
+    lab: Deployment, bpffs: Path, manager: ServiceManager, workers: int
+) -> None:
+    """bpfproxy (and --workers 2, the supervisor and its workers killed): connections
+    queued while it is stopped and those started while it is dead are served by the
+    restarted one. The stored listener stayed open and in the pinned sockmap, so no
+    SYN had to be held; the restart puts the same one in and compiles nothing."""
+    b1 = lab.backend("b1")
+    write_config(lab.config_path, [app("A", [7001], [b1.address])])
+    instance = instance_name()
+    args = (*pinned_args(bpffs, instance), "--workers", str(workers))
+    argv, proxy = bpf_service(lab, manager, *args)
+    names = ["bpfproxy-listener"] if workers == 1 else ["bpfproxy-group-0", "bpfproxy-group-1"]
+    try:
+        assert sorted(manager.names()) == names
+        service = [proxy.proc.pid, *children(proxy.proc.pid)]
+        assert len(service) == workers + (workers > 1)
+        for pid in service:
+            os.kill(pid, signal.SIGSTOP)
+        queued = [ping(7001, lab.make_socket) for _ in range(QUEUED)]
+        for pid in service:
+            os.kill(pid, signal.SIGKILL)
+        proxy.proc.wait(TIMEOUT)
+        assert wait_until(lambda: all(gone(pid) for pid in service))
+        held = counter(bpffs, instance, "held")
+        during = [ping(7001, lab.make_socket) for _ in range(DURING)]  # queued, not held
+        assert counter(bpffs, instance, "held") == held
+        proxy = manager.start(argv)
+        ready(manager, proxy)
+        answers = [answer(sock) for sock in queued + during]
+        assert answers == [ANSWER] * (QUEUED + DURING), proxy.output
+        assert "reusing the pinned program" in proxy.output
+        assert "compiled and loaded" not in proxy.output
+        assert sorted(manager.names()) == names
+        assert manager.duplicates == 0
+        assert proxy.stop() == 0
+        assert manager.store == []  # a clean stop: the store emptied, every port released
+        assert "Refused" in attempt(7001, lab.make_socket)
+    finally:
+        proxy.kill()
+    assert "Traceback" not in proxy.output
+
+
+@pytest.mark.bpf
+def test_bpfproxy_kill_under_load_loses_only_what_it_relayed(
+    lab: Deployment, bpffs: Path, manager: ServiceManager
+) -> None:
+    """4 client loops, kill -9, restart at once: no connection refused or held for a
+    retransmission, every one started after the kill served, at most one per loop
+    lost (what the dead process was relaying)."""
+    b1 = lab.backend("b1")
+    write_config(lab.config_path, [app("A", [7001], [b1.address])])
+    instance = instance_name()
+    argv, proxy = bpf_service(lab, manager, *pinned_args(bpffs, instance))
+    loops = None
+    try:
+        loops = Loops(7001, lab.make_socket)
+        assert wait_until(lambda: loops.served() >= 40)
+        kill(proxy)
+        dead = time.monotonic()
+        proxy = manager.start(argv)
+        ready(manager, proxy)
+        before = loops.served()
+        assert wait_until(lambda: loops.served() >= before + 40)
+    finally:
+        if loops is not None:
+            loops.finish()
+        proxy.kill()
+    lost = [outcome for _, outcome in loops.outcomes if outcome != ANSWER]
+    after = {outcome for started, outcome in loops.outcomes if started >= dead}
+    assert after == {ANSWER}, after
+    assert len(lost) <= LOOPS, lost
+    assert not [outcome for outcome in lost if "Refused" in outcome], lost
+    assert counter(bpffs, instance, "held") == 0  # the listener never left the sockmap

@@ -38,6 +38,7 @@ import trio
 from tcpproxy.config import Config
 from tcpproxy.diff import format_ports
 from tcpproxy.errors import StartupError
+from tcpproxy.fdstore import FdStore
 from tcpproxy.metrics import (
     Metrics,
     mark_dead,
@@ -93,14 +94,21 @@ class Supervisor:
         handover: Handover | None = None,
         pid_file: PidFile | None = None,
         notifier: Notifier | None = None,
+        fdstore: FdStore | None = None,
     ) -> None:
         """`drain_timeout`: the workers' --drain-timeout; a worker still running
         that long (plus STOP_GRACE) after a stop is killed. `handover`: set
         when an upgrade started this supervisor: told once every worker
         serves, which is also when it rewrites `pid_file`. `notifier`: speaks
         to systemd, connected by the caller before it dropped privileges (None:
-        one from the environment); an upgrade hands the new supervisor its socket."""
+        one from the environment); an upgrade hands the new supervisor its socket.
+        `fdstore`: keeps the plan's listeners (`Plan.stored`) in the service
+        manager's store from READY=1 on, as workers start and die; emptied at
+        a stop, handed on by name to an upgrade's new supervisor."""
         self._notifier = notifier if notifier is not None else Notifier()
+        self._fdstore = fdstore
+        if fdstore is not None:
+            fdstore.keep(plan.stored)
         self._handover = handover
         self._pid_file = pid_file
         self._upgrading = False
@@ -115,7 +123,7 @@ class Supervisor:
         self._metrics_address = metrics_address
         self._drain_timeout = drain_timeout
         died = _forget_metrics if metrics_address is not None else None
-        self.pool = Pool(plan, config, workers, died)
+        self.pool = Pool(plan, config, workers, died, fdstore.sync if fdstore else None)
         self._fanout = Fanout(self.pool, plan)
 
     @property
@@ -220,6 +228,8 @@ class Supervisor:
                     )  # fmt: skip
                     if self._handover is not None:
                         self._take_over(self._handover)
+                    if self._fdstore is not None:  # stored first: READY=1 means "and kept"
+                        self._fdstore.serve()
                     notifier.ready(status(), main_pid=self._handover is not None)
                     nursery.start_soon(notifier.watchdog, status)
                     if self._handover is not None:
@@ -244,6 +254,8 @@ class Supervisor:
                             log.info("%s: stopping %d workers", signal.Signals(event).name,
                                      len(pool.workers))  # fmt: skip
                             if self._successor is None:
+                                if self._fdstore is not None:  # before the listeners close
+                                    self._fdstore.clear()
                                 notifier.stopping(status())
                             else:  # a stop queued just after "go": the new one is the service
                                 notifier.disable()
@@ -301,6 +313,8 @@ class Supervisor:
                 # no checkpoint since "go": a SIGTERM cannot come in between
                 if pid is not None:  # committed (upgrade rule 2): the new one owns it all
                     self._successor = pid  # set at once: a SIGTERM queued now must see it
+                    if self._fdstore is not None:
+                        self._fdstore.hand_over()
                     self._plan.upgraded(True, self.config)
                     self._reloading.cancel()  # before the lock goes: no reload after this
                 elif not self.pool.stopping:
@@ -338,6 +352,7 @@ class Supervisor:
             return await start_successor(
                 {}, handed, unset=("PROMETHEUS_MULTIPROC_DIR",),
                 accept=lambda: not self.pool.stopping,
+                stored=self._fdstore.stored if self._fdstore is not None else None,
             )  # fmt: skip
         except OSError as exc:  # EMFILE duplicating them: nothing changed
             log.error("upgrade failed: %s; this supervisor goes on serving", exc)
