@@ -11,6 +11,7 @@ namespace of the test's own, with a bpffs of its own for its pins.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -498,3 +499,48 @@ def test_bpfproxy_kill_under_load_loses_only_what_it_relayed(
     assert len(lost) <= LOOPS, lost
     assert not [outcome for outcome in lost if "Refused" in outcome], lost
     assert counter(bpffs, instance, "held") == 0  # the listener never left the sockmap
+
+
+@pytest.mark.bpf
+@pytest.mark.parametrize("workers", [1, 2], ids=["single", "workers"])
+def test_bpfproxy_upgrade_hands_the_store_on(
+    lab: Deployment, bpffs: Path, manager: ServiceManager, workers: int
+) -> None:
+    """After an upgrade (SIGUSR2) the store holds the same sockets, none twice, and
+    is the new process's (or new supervisor's): a kill -9 of it and a restart still
+    serve what queued; its clean stop empties the store."""
+    b1 = lab.backend("b1")
+    write_config(lab.config_path, [app("A", [7001], [b1.address])])
+    instance = instance_name()
+    args = (*pinned_args(bpffs, instance), "--workers", str(workers))
+    argv, proxy = bpf_service(lab, manager, *args)
+    names = sorted(manager.names())
+    first = proxy
+    new = None
+    try:
+        proxy.send(signal.SIGUSR2)
+        new = int(proxy.wait_for(r"upgrade: pid (\d+) serves")[1])
+        assert manager.wait(lambda: manager.heard(new, "MAINPID") is not None), proxy.output
+        assert proxy.proc.wait(TIMEOUT) == 0
+        assert sorted(manager.names()) == names and manager.duplicates == 0
+        service = [new, *children(new)]
+        for pid in service:
+            os.kill(pid, signal.SIGSTOP)
+        queued = [ping(7001, lab.make_socket) for _ in range(QUEUED)]
+        for pid in service:
+            os.kill(pid, signal.SIGKILL)
+        assert wait_until(lambda: all(gone(pid) for pid in service))
+        proxy = manager.start(argv)
+        ready(manager, proxy)
+        assert [answer(sock) for sock in queued] == [ANSWER] * QUEUED, proxy.output
+        assert sorted(manager.names()) == names and manager.duplicates == 0
+        assert proxy.stop() == 0
+        assert manager.store == []
+    finally:
+        if new is not None and not gone(new):
+            for pid in [new, *children(new)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        proxy.kill()
+        first.kill()
+    assert "Traceback" not in first.output + proxy.output
