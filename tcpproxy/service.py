@@ -19,9 +19,10 @@ Lifecycle rules:
    to the next start), in step with reloads.
 4. SIGUSR2 upgrades (tcpproxy.upgrade): a new process started from the same
    command line gets the listeners (and the frontend's `UpgradeState`:
-   bpfproxy's BPF descriptors; the names kept in the store); once it serves, this one stops
-   accepting and drains as on SIGTERM, but tells systemd nothing (the new
-   one sent READY=1 and MAINPID=). If the new one fails, nothing changes
+   bpfproxy's BPF descriptors; the names kept in the store); once it
+   serves, this one stops accepting and drains as on SIGTERM, but tells
+   systemd nothing and leaves the store alone (the new one sent READY=1
+   and MAINPID=, and keeps the store). If the new one fails, nothing changes
    here. A SIGUSR2 during an upgrade, or while stopping, is ignored.
    The new process names itself (pid file, MAINPID=) only once the old one
    said "go" (tcpproxy.upgrade rule 2); refused, it drains what it accepted

@@ -9,7 +9,9 @@ other descriptors the new process needs, by name (bpfproxy: its BPF program,
 maps, link and instance lock; the --metrics listener, METRICS_FD, which has
 no SO_REUSEPORT: the new process serves on the same socket; the socket
 connected to systemd's notify socket, NOTIFY_FD, which the new process,
-unprivileged, might not be allowed to connect), then an end mark. The new process
+unprivileged, might not be allowed to connect), then an end mark, with the
+names the old process keeps in the service manager's store (tcpproxy.fdstore:
+the new one stores nothing twice). The new process
 (`take_handover`) serves on them (binding only ports its config added), then
 says "ready" and waits for "go" (`Handover.confirm`).
 
