@@ -15,8 +15,8 @@ import click
 import trio
 
 from bpfproxy.pinning import BPFFS_ENV, DEFAULT_BPFFS, check_instance_name, default_instance
-from bpfproxy.plan import BpfPlan
-from bpfproxy.steered import SharedListener, SteeredListener, check_listen_port
+from bpfproxy.plan import BpfPlan, kept_group
+from bpfproxy.steered import STORE_NAME, SharedListener, SteeredListener, check_listen_port
 from tcpproxy.cli_common import (
     FleetOptions,
     access_path,
@@ -26,6 +26,7 @@ from tcpproxy.cli_common import (
     low_port_capability,
     metrics_for,
     open_config,
+    open_notifier,
     reload_check,
     run_cli,
     serving_code,
@@ -33,6 +34,7 @@ from tcpproxy.cli_common import (
     worker_options,
 )
 from tcpproxy.errors import StartupError
+from tcpproxy.fdstore import FdStore, Wanted
 from tcpproxy.listeners import open_listener
 from tcpproxy.pidfile import PidFile
 from tcpproxy.privileges import (
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
     from bpfproxy.pinning import Instance
     from tcpproxy.config import Config
     from tcpproxy.metrics import NullMetrics
+    from tcpproxy.notify import Notifier
     from tcpproxy.sources import ConfigSource
 
 __all__ = ["command", "main"]
@@ -181,6 +184,8 @@ def command(
         if release:
             return _release(bpffs, name)
         check_environment()  # first: "run it with sudo" is what a user must fix first
+        notifier = open_notifier(None)  # before the drop of privileges
+        fdstore = FdStore.at_start(notifier, None)
         code = [*serving_code(), Path(__file__).parent]
         serving = check_access(
             target_account(user), access_path(config_path, fleet), code, chosen=user is not None
@@ -200,7 +205,8 @@ def command(
                 options = worker_options(
                     {**ctx.params, "max_connections": math.ceil(limit / workers)}, skip=set()
                 )
-                plan = BpfPlan(bind, listen_port, options, workers, pins)
+                kept = kept_group(fdstore, bind, listen_port, workers)  # after a crash
+                plan = BpfPlan(bind, listen_port, options, workers, pins, kept)
                 stack.callback(plan.close)
                 plan.steer(config)
                 supervisor = Supervisor(
@@ -208,7 +214,7 @@ def command(
                     validate=reload_check(
                         config_path, (listen_port,), bind, max_connections=limit
                     ),
-                    drain_timeout=drain_timeout,
+                    drain_timeout=drain_timeout, notifier=notifier, fdstore=fdstore,
                 )  # fmt: skip
                 plan.hand_to(account)
                 _write_pid_file(stack, pid_file, account)
@@ -226,7 +232,9 @@ def command(
                 if not plan.handed_over:  # else the state is the new supervisor's
                     _stopped_cleanly(pins)
                 return 0
-            listener = open_listener(bind, listen_port)
+            # after a crash: the listener the service manager kept, with its queue
+            kept_listener = fdstore.take({STORE_NAME: Wanted(bind, listen_port)})
+            listener = kept_listener.get(STORE_NAME) or open_listener(bind, listen_port)
             stack.callback(listener.close)
             dispatcher = pins.dispatcher(listener) if pins else Dispatcher(listener)
             stack.callback(dispatcher.close)  # runs before listener.close: unsteer first
@@ -234,10 +242,12 @@ def command(
             frontend = SteeredListener(listener, dispatcher, listen_port, metrics, pins)
             frontend.steer(config)
             pids = _write_pid_file(stack, pid_file, account)
+            fdstore.keep(frontend.stored)
             # ambient: the process an upgrade starts (SIGUSR2) keeps the same, no more
             _drop(pins, account, keep, ambient=keep)
-            _serve(source, data, config, frontend, pins, pids, None, drain_timeout,
-                   limit, splice, metrics, address, listen_port, bind, engine)  # fmt: skip
+            _serve(source, data, config, frontend, pins, pids, None, notifier, fdstore,
+                   drain_timeout, limit, splice, metrics, address, listen_port, bind,
+                   engine)  # fmt: skip
     except SteeringError as exc:
         raise StartupError(str(exc)) from None
     return 0
@@ -261,6 +271,8 @@ def _serve(
     pins: Instance | None,
     pids: PidFile,
     handover: Handover | None,
+    notifier: Notifier,
+    fdstore: FdStore,
     drain_timeout: float,
     limit: int,
     splice: bool,
@@ -278,7 +290,7 @@ def _serve(
             max_connections=limit, use_splice=splice, metrics=metrics,
             metrics_address=address, listen_ports=frozenset({listen_port}), bind=bind,
             engine=engine, listeners=frontend.sockets, state=frontend, handover=handover,
-            pid_file=pids, task_status=_Serving(pins),
+            pid_file=pids, notifier=notifier, fdstore=fdstore, task_status=_Serving(pins),
         )
     )  # fmt: skip
     if not frontend.handed_over and (handover is None or handover.served):
@@ -351,10 +363,14 @@ def _run_handed_over(
         frontend.steer(config)
         pids = PidFile(pid_file)  # rewritten once serving (run_service), as this user
         stack.callback(pids.remove)
+        notifier = open_notifier(handover)
+        fdstore = FdStore.at_start(notifier, handover.stored)
+        fdstore.keep(frontend.stored)
         keep = inherited_capabilities()
         drop_privileges(None, keep, ambient=keep)
-        _serve(source, data, config, frontend, pins, pids, handover, drain_timeout,
-               limit, splice, metrics, address, listen_port, bind, engine)  # fmt: skip
+        _serve(source, data, config, frontend, pins, pids, handover, notifier, fdstore,
+               drain_timeout, limit, splice, metrics, address, listen_port, bind,
+               engine)  # fmt: skip
     return 0
 
 
@@ -402,10 +418,12 @@ def _run_handed_over_workers(
         plan.steer(config)
         pids = PidFile(pid_file)  # rewritten once its workers serve, as this user
         stack.callback(pids.remove)
+        notifier = open_notifier(handover)
         supervisor = Supervisor(
             plan, source, data, config, workers, metrics_address,
             validate=reload_check(config_path, (listen_port,), bind, max_connections=limit),
             drain_timeout=drain_timeout, handover=handover, pid_file=pids,
+            notifier=notifier, fdstore=FdStore.at_start(notifier, handover.stored),
         )  # fmt: skip
         keep = inherited_capabilities()
         drop_privileges(None, keep, ambient=keep)
@@ -421,6 +439,8 @@ def _close_all(handover: Handover) -> None:
         sock.close()
     if handover.metrics is not None:
         handover.metrics.close()
+    if handover.notify is not None:
+        handover.notify.close()
     for fd in handover.fds.values():
         with contextlib.suppress(OSError):
             os.close(fd)

@@ -6,6 +6,12 @@ the copy of each worker's), the port lock and the BPF state
 its worker INDEX serves on the old worker INDEX's listener, so no member of
 the group closes and nothing queued is reset. Once it serves the old plan
 touches neither the maps nor the hold flag again (`handed_over`).
+
+With the service manager's store (tcpproxy.fdstore) the supervisor keeps
+every member there (``bpfproxy-group-INDEX``), in step as workers die and
+start again: after a crash of the whole service the members come back
+(`kept_group`), open all along and in the sockmap, with what they queued;
+the group goes on with them and the first one is steered to again.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from bpfproxy.errors import SteeringError
 from bpfproxy.steered import check_listen_port
 from tcpproxy.config import Config
 from tcpproxy.errors import StartupError
+from tcpproxy.fdstore import FdStore, Wanted
 from tcpproxy.listeners import open_listener
 from tcpproxy.upgrade import duplicates
 from tcpproxy.workers.link import worker_argv
@@ -32,11 +39,24 @@ if TYPE_CHECKING:
     from tcpproxy.privileges import Account
     from tcpproxy.upgrade import Handover
 
-__all__ = ["GROUP_FD_PREFIX", "BpfPlan"]
+__all__ = ["GROUP_FD_PREFIX", "GROUP_STORE_PREFIX", "BpfPlan", "kept_group"]
 
 log = logging.getLogger("tcpproxy")
 
 GROUP_FD_PREFIX = "group:"  # worker INDEX's member of the group among an upgrade's descriptors
+GROUP_STORE_PREFIX = "bpfproxy-group-"  # + INDEX: its name in the service manager's store
+
+
+def kept_group(
+    store: FdStore, bind: str | None, listen_port: int, count: int
+) -> dict[int, socket.socket]:
+    """The members of the group the service manager kept (a crash), by worker index."""
+    wanted = {
+        f"{GROUP_STORE_PREFIX}{index}": Wanted(bind, listen_port, reuse_port=True)
+        for index in range(count)
+    }
+    taken = store.take(wanted)
+    return {int(name.removeprefix(GROUP_STORE_PREFIX)): sock for name, sock in taken.items()}
 
 
 class BpfPlan:
@@ -56,7 +76,12 @@ class BpfPlan:
         options: list[str],
         count: int,
         pins: Instance | None = None,
+        kept: Mapping[int, socket.socket] | None = None,
     ) -> None:
+        """`kept`: members of the group the service manager kept after a crash
+        (tcpproxy.fdstore), by worker index, now ours: the group goes on with them,
+        with what they queued, and the first is steered to (put in the sockmap,
+        whatever the pinned one holds)."""
         from bpfproxy.dispatcher import Dispatcher
 
         self._init(bind, listen_port, options, count)
@@ -66,13 +91,20 @@ class BpfPlan:
             # instant), then bound once WITHOUT SO_REUSEPORT: fails if anyone
             # listens on the port, where our reuseport group would otherwise join theirs.
             self._locks.take([listen_port])
-            open_listener(bind, listen_port, listen=False).close()
-            self._listeners = [self._open() for _ in range(count)]
-            first = self._listeners[0]
+            if kept:  # the group lives on; a missing member is opened by its worker's start,
+                # as the serving user (a member joins the group of its owner only)
+                self._listeners = [kept.get(index) for index in range(count)]
+            else:
+                open_listener(bind, listen_port, listen=False).close()
+                self._listeners = [self._open() for _ in range(count)]
+            steered = next(i for i, sock in enumerate(self._listeners) if sock is not None)
+            first = self._listeners[steered]
             assert first is not None
             self.dispatcher = pins.dispatcher(first) if pins else Dispatcher(first)
-            self._steered = 0
+            self._steered = steered
         except BaseException:
+            for sock in (kept or {}).values():
+                sock.close()
             self.close()
             raise
 
@@ -266,6 +298,14 @@ class BpfPlan:
             if sock is not None:
                 # close(), never shutdown(): after an upgrade the new workers accept on it
                 sock.close()  # the workers' copies close as they stop; then ports refuse
+
+    def stored(self) -> dict[str, int]:
+        """The group's members, to keep in the service manager's store."""
+        return {
+            f"{GROUP_STORE_PREFIX}{index}": sock.fileno()
+            for index, sock in enumerate(self._listeners)
+            if sock is not None
+        }
 
     def close(self) -> None:
         if self.dispatcher is not None:

@@ -21,9 +21,11 @@ from tcpproxy.proxy import Proxy
 if TYPE_CHECKING:
     from bpfproxy.pinning import Instance
 
-__all__ = ["SharedListener", "SteeredListener", "check_listen_port"]
+__all__ = ["STORE_NAME", "SharedListener", "SteeredListener", "check_listen_port"]
 
 log = logging.getLogger("tcpproxy")
+
+STORE_NAME = "bpfproxy-listener"  # the one listener's name in the service manager's store
 
 
 def check_listen_port(listen_port: int, config: Config) -> None:
@@ -91,6 +93,11 @@ class SteeredListener(SharedListener):
     def sockets(self) -> dict[int, socket.socket]:
         """The one listener, for an upgrade (tcpproxy.upgrade)."""
         return {self._listen_port: self._listener}
+
+    def stored(self) -> dict[str, int]:
+        """What the service manager's store keeps (tcpproxy.fdstore): the listener,
+        so that it stays open, in the sockmap, with its queue, if this process dies."""
+        return {STORE_NAME: self._listener.fileno()}
 
     def fds(self) -> dict[str, int]:
         """The BPF descriptors an upgrade hands over (bpfproxy.handover)."""

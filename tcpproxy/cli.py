@@ -21,6 +21,7 @@ from tcpproxy.cli_common import (
     low_port_capability,
     metrics_for,
     open_config,
+    open_notifier,
     reload_check,
     run_cli,
     serving_code,
@@ -29,6 +30,7 @@ from tcpproxy.cli_common import (
     worker_options,
 )
 from tcpproxy.config import Config
+from tcpproxy.fdstore import FdStore
 from tcpproxy.pidfile import PidFile
 from tcpproxy.port_listeners import PortListeners
 from tcpproxy.port_plan import TcpPlan
@@ -109,6 +111,8 @@ def command(
         return 0
     setup_logging(log_level, log_format=log_format)
     handover = take_handover()  # started by an upgrade
+    notifier = open_notifier(handover)  # before the drop of privileges
+    fdstore = FdStore.at_start(notifier, handover.stored if handover is not None else None)
     account = target_account(user, upgrade=handover is not None)
     fleet = FleetOptions(**fleet_params)
     serving = check_access(
@@ -123,6 +127,9 @@ def command(
     if handover is not None:
         keep = inherited_capabilities()
     if workers > 1:
+        # Each worker binds its own listeners; the supervisor holds none to store, and
+        # closes any the service manager kept (see the README's systemd section).
+        fdstore.take({})
         plan = TcpPlan(bind, _options(ctx, math.ceil(limit / workers)), workers)
         if handover is not None:  # the old supervisor's port locks: its ports are ours
             plan.adopt(handover.fds)
@@ -133,6 +140,7 @@ def command(
             plan, source, data, config, workers, metrics_address,
             validate=reload_check(config_path, bind=bind, max_connections=limit),
             drain_timeout=drain_timeout, handover=handover, pid_file=pids,
+            notifier=notifier,
         )  # fmt: skip
         if handover is None:  # else rewritten once its workers serve, as its user
             pids.write_at_start(account.uid if account is not None else None)
@@ -144,8 +152,12 @@ def command(
         return 0
     metrics, address = metrics_for(metrics_address)
     frontend = PortListeners(bind)
-    inherited = handover.sockets if handover is not None else None
+    if handover is not None:
+        inherited = handover.sockets
+    else:  # after a crash: the listeners the service manager kept, with their queues
+        inherited = frontend.from_store(fdstore, config.ports)
     data, config = start_listening(frontend, source, data, config, inherited)
+    fdstore.keep(frontend.stored)
     pids = PidFile(pid_file)
     if handover is None:  # else rewritten once this process serves, as its user
         pids.write_at_start(account.uid if account is not None else None)
@@ -158,6 +170,7 @@ def command(
                 max_connections=limit, use_splice=splice, metrics=metrics,
                 metrics_address=address, bind=bind, engine=engine,
                 listeners=frontend.sockets, handover=handover, pid_file=pids,
+                notifier=notifier, fdstore=fdstore,
             )
         )  # fmt: skip
     finally:

@@ -28,6 +28,7 @@ from tcpproxy.sources import ConfigSource
 from tcpproxy.sources.file import read_config_bytes
 
 if TYPE_CHECKING:
+    from tcpproxy.notify import Notifier
     from tcpproxy.port_listeners import PortListeners
     from tcpproxy.upgrade import Handover
 
@@ -40,6 +41,7 @@ __all__ = [
     "fail",
     "fit_connection_limit",
     "open_config",
+    "open_notifier",
     "read_config",
     "reload_check",
     "run_cli",
@@ -278,6 +280,17 @@ def ignore_sigusr2() -> None:
     serves: ignored until run_service's signal receiver takes it over (an upgrade
     asked for that early is lost, not the process)."""
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+def open_notifier(handover: Handover | None) -> Notifier:
+    """The sd_notify channel, connected now: call it before dropping privileges (a
+    notify socket only root may write still hears from the process after the drop).
+    A process started by an upgrade uses the socket the old one handed over."""
+    from tcpproxy.notify import Notifier
+
+    notifier = Notifier(handed=handover.notify if handover is not None else None)
+    notifier.connect()
+    return notifier
 
 
 def low_port_capability(ports: Collection[int], metrics_address: str | None) -> tuple[int, ...]:

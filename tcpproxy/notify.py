@@ -4,15 +4,22 @@
 stopping, a one-line status, and watchdog pings. The protocol is one
 datagram per message to the unix socket named by $NOTIFY_SOCKET; with no
 such variable (not under systemd) every call does nothing.
+
+The socket is connected once, at start (`connect`), while the process is
+still root: the permission to write to a socket's path is checked at
+connect(2), so a notify socket only root may write keeps hearing from the
+process after it dropped to --user. An upgrade hands the connected socket
+to the new process (tcpproxy.upgrade's NOTIFY_FD), which starts unprivileged.
 """
 
 from __future__ import annotations
 
+import array
 import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import trio
 
@@ -24,11 +31,17 @@ log = logging.getLogger("tcpproxy")
 class Notifier:
     """Sends sd_notify messages; a no-op outside systemd.
 
-    Error handling: a failed send is logged once and otherwise ignored: the
-    proxy must not stop serving because systemd's socket went away.
+    Resource handling: owns its socket (`handed`, or the one `connect` or the
+    first message makes) until `close` or `disable`.
+
+    Error handling: a failed connect or send is logged once and otherwise
+    ignored: the proxy must not stop serving because systemd's socket went away.
     """
 
-    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, environ: Mapping[str, str] | None = None, *, handed: socket.socket | None = None
+    ) -> None:
+        """`handed`: a socket already connected to the notify socket (an upgrade's)."""
         env = os.environ if environ is None else environ
         path = env.get("NOTIFY_SOCKET", "")
         self._address: str | bytes | None = None
@@ -40,24 +53,60 @@ class Notifier:
         pid = env.get("WATCHDOG_PID", "")
         mine = not pid or pid == str(os.getpid())
         self.watchdog_interval = int(usec) / 1e6 / 2 if usec.isdigit() and mine else None
-        self._sock: socket.socket | None = None
+        self._sock = handed
+        self._connected = handed is not None
+        self._enabled = self._address is not None or handed is not None
         self._warned = False
 
     @property
     def enabled(self) -> bool:
-        return self._address is not None
+        return self._enabled
 
-    def send(self, *lines: str) -> None:
-        if self._address is None:
+    def connect(self) -> None:
+        """Connect the socket now (at start, before dropping privileges); if that
+        fails, each message is sent to the address instead, and may fail alike."""
+        if self._address is None or self._sock is not None:
             return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(self._address)
+        except OSError as exc:
+            self._warn(exc)
+        else:
+            self._connected = True
+        self._sock = sock
+
+    def fileno(self) -> int | None:
+        """The connected socket's descriptor (still ours), for an upgrade to hand over."""
+        return self._sock.fileno() if self._sock is not None and self._connected else None
+
+    def send(self, *lines: str, fds: Sequence[int] = ()) -> bool:
+        """One message; `fds` go with it (SCM_RIGHTS: FDSTORE=1). False if it failed."""
+        if not self._enabled:
+            return False
+        data = ["\n".join(lines).encode()]
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            self._sock.sendto("\n".join(lines).encode(), self._address)
+            if self._connected:
+                try:
+                    self._sock.sendmsg(data, ancillary)
+                    return True
+                except ConnectionRefusedError:  # its socket was made anew: try its path
+                    if self._address is None:
+                        raise
+            assert self._address is not None  # else enabled only by a handed (connected) one
+            self._sock.sendmsg(data, ancillary, 0, self._address)
         except OSError as exc:
-            if not self._warned:
-                self._warned = True
-                log.warning("sd_notify failed: %s", exc)
+            self._warn(exc)
+            return False
+        return True
+
+    def _warn(self, exc: OSError) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("sd_notify failed: %s", exc)
 
     def ready(self, status: str, *, main_pid: bool = False) -> None:
         """READY=1; `main_pid`: also MAINPID= (a process started by an upgrade takes over)."""
@@ -84,12 +133,14 @@ class Notifier:
     def disable(self) -> None:
         """Send nothing more: another process (an upgrade's) speaks for the service now."""
         self._address = None
+        self._enabled = False
         self.close()
 
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+            self._connected = False
 
 
 def child_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -9,12 +9,15 @@ import trio
 
 from tcpproxy.config import Config
 from tcpproxy.errors import StartupError
+from tcpproxy.fdstore import FdStore, Wanted
 from tcpproxy.listeners import open_listener
 from tcpproxy.proxy import Proxy
 
-__all__ = ["PortListeners"]
+__all__ = ["STORE_PREFIX", "PortListeners"]
 
 log = logging.getLogger("tcpproxy")
+
+STORE_PREFIX = "tcpproxy-port-"  # + PORT: a listener's name in the service manager's store
 
 
 class PortListeners:
@@ -99,6 +102,22 @@ class PortListeners:
     def sockets(self) -> dict[int, socket.socket]:
         """Every listening socket by port, to hand over to a new process (an upgrade)."""
         return {**self._accepting, **self._pending}
+
+    def from_store(self, store: FdStore, ports: frozenset[int]) -> dict[int, socket.socket]:
+        """The listeners of `ports` the service manager kept for us (tcpproxy.fdstore),
+        by port, to `open` on; any other it handed back is closed."""
+        wanted = {
+            f"{STORE_PREFIX}{port}": Wanted(self._bind, port, self._reuse_port)
+            for port in sorted(ports)
+        }
+        taken = store.take(wanted)
+        return {int(name.removeprefix(STORE_PREFIX)): sock for name, sock in taken.items()}
+
+    def stored(self) -> dict[str, int]:
+        """What the service manager's store keeps: every listener, by name."""
+        return {
+            f"{STORE_PREFIX}{port}": sock.fileno() for port, sock in sorted(self.sockets().items())
+        }
 
     async def serve(
         self, proxy: Proxy, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

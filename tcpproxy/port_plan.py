@@ -114,3 +114,6 @@ class TcpPlan:
 
     def stopping(self) -> None:
         pass
+
+    def stored(self) -> dict[str, int]:
+        return {}  # the supervisor holds no listener: its workers bind their own

@@ -12,13 +12,17 @@ Lifecycle rules:
    the frontend first (it may still reject, e.g. a port that cannot be
    bound), then the routes, with no checkpoint between, so no connection
    sees half a reload. Established connections are never touched.
-3. SIGTERM or SIGINT stops accepting, lets connections finish for up to the
-   drain timeout, then cuts the rest; a second SIGINT cuts them at once.
+3. SIGTERM or SIGINT empties the service manager's store (tcpproxy.fdstore
+   rule 3), stops accepting, lets connections finish for up to the drain
+   timeout, then cuts the rest; a second SIGINT cuts them at once. From
+   READY=1 on, the store keeps every listener (a crash leaves their queues
+   to the next start), in step with reloads.
 4. SIGUSR2 upgrades (tcpproxy.upgrade): a new process started from the same
    command line gets the listeners (and the frontend's `UpgradeState`:
-   bpfproxy's BPF descriptors); once it serves, this one stops
-   accepting and drains as on SIGTERM, but tells systemd nothing (the new
-   one sent READY=1 and MAINPID=). If the new one fails, nothing changes
+   bpfproxy's BPF descriptors; the names kept in the store); once it
+   serves, this one stops accepting and drains as on SIGTERM, but tells
+   systemd nothing and leaves the store alone (the new one sent READY=1
+   and MAINPID=, and keeps the store). If the new one fails, nothing changes
    here. A SIGUSR2 during an upgrade, or while stopping, is ignored.
    The new process names itself (pid file, MAINPID=) only once the old one
    said "go" (tcpproxy.upgrade rule 2); refused, it drains what it accepted
@@ -42,6 +46,7 @@ import trio
 from tcpproxy.config import Config, no_isolation
 from tcpproxy.diff import format_ports
 from tcpproxy.errors import StartupError
+from tcpproxy.fdstore import FdStore
 from tcpproxy.metrics import NullMetrics, serve_http, stop_http
 from tcpproxy.notify import Notifier
 from tcpproxy.pidfile import PidFile
@@ -52,7 +57,14 @@ from tcpproxy.sources import ConfigSource
 from tcpproxy.sources.file import FileSource
 from tcpproxy.status import Loaded
 from tcpproxy.status import snapshot as status_snapshot
-from tcpproxy.upgrade import CONFIG_FD, METRICS_FD, Handover, config_fd, start_successor
+from tcpproxy.upgrade import (
+    CONFIG_FD,
+    METRICS_FD,
+    NOTIFY_FD,
+    Handover,
+    config_fd,
+    start_successor,
+)
 
 if TYPE_CHECKING:
     from tcpproxy.workers.link import SupervisorLink
@@ -133,6 +145,8 @@ async def run_service(
     state: UpgradeState | None = None,
     handover: Handover | None = None,
     pid_file: PidFile | None = None,
+    notifier: Notifier | None = None,
+    fdstore: FdStore | None = None,
     task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `config` through `frontend` until SIGTERM/SIGINT, then drain.
@@ -167,8 +181,15 @@ async def run_service(
         sends MAINPID= (else it stops: rule 4).
       pid_file: rewritten by a process started by an upgrade (the caller
         writes it at a normal start, before dropping privileges, and removes it).
+      notifier: speaks to systemd (None: one from the environment, as a
+        worker's, which says nothing); the caller's, connected before it
+        dropped privileges; an upgrade hands the new process its socket.
+      fdstore: the listeners kept in the service manager's store
+        (tcpproxy.fdstore): kept in step from READY=1 on and after each reload,
+        emptied at a stop by signal, handed on (by name) to an upgrade.
     """
     metrics = metrics or NullMetrics()
+    notifier = notifier if notifier is not None else Notifier()
     stop_accepting = trio.CancelScope()
     cut_connections = trio.CancelScope()
     upgrade = _Upgrade()
@@ -188,7 +209,8 @@ async def run_service(
                     if proxy.engine is not None:
                         await connections.start(proxy.engine.run)
                     apply = apply_locally(proxy, frontend)
-                    notifier = Notifier()
+                    if fdstore is not None:
+                        apply = _then_sync(apply, fdstore)
                     source = FileSource(path) if isinstance(path, (Path, str)) else path
                     if supervisor is None:
                         source.use_metrics(metrics)
@@ -221,11 +243,13 @@ async def run_service(
                         else:
                             upgrade.in_flight = True
                             outer.start_soon(_upgrade, upgrade, listeners, state,
-                                             stop_accepting, source.served)  # fmt: skip
+                                             stop_accepting, source.served, fdstore)  # fmt: skip
 
+                    on_stop = fdstore.clear if fdstore is not None else _nothing
                     outer.start_soon(
-                        _handle_signals, signals, on_hup, on_usr2, stop_accepting, cut_connections
-                    )
+                        _handle_signals, signals, on_hup, on_usr2, on_stop, stop_accepting,
+                        cut_connections,
+                    )  # fmt: skip
                     handed = handover.metrics if handover is not None else None
                     if metrics_address is None and handed is not None:
                         handed.close()  # not served here (cannot be: same command line)
@@ -252,6 +276,9 @@ async def run_service(
                         )
                         upgrade.fds[METRICS_FD] = server.socket.fileno()  # handed on in turn
                         outer.start_soon(_shut_down_on_exit, server, upgrade.handed_over)
+                    notify_fd = notifier.fileno()
+                    if notify_fd is not None:  # the new process may not connect it (unprivileged)
+                        upgrade.fds[NOTIFY_FD] = notify_fd
                     with stop_accepting:
                         async with trio.open_nursery() as control:
                             await control.start(proxy.health.run)
@@ -274,6 +301,8 @@ async def run_service(
                                 refused = True  # the old process serves on: this one stops
                                 stop_accepting.cancel()
                             else:
+                                if fdstore is not None:  # kept from now on: stored first,
+                                    fdstore.serve()  # so READY=1 means "and kept"
                                 notifier.ready(status(), main_pid=handover is not None)
                                 outer.start_soon(notifier.watchdog, status)  # while draining too
                                 if handover is not None and supervisor is None:
@@ -330,9 +359,11 @@ async def _upgrade(
     state: UpgradeState | None,
     stop_accepting: trio.CancelScope,
     served: Callable[[], bytes | None],
+    fdstore: FdStore | None,
 ) -> None:
     """`served`: the source's config in force, handed over as CONFIG_FD (a fleet
-    node's: the new process keeps the apps' last good versions)."""
+    node's: the new process keeps the apps' last good versions). `fdstore`: its
+    names go to the new process, which keeps the store from "go" on."""
     fds = {**(state.fds() if state is not None else {}), **upgrade.fds}
     config = served()
     try:
@@ -342,12 +373,15 @@ async def _upgrade(
         ours = {}
     try:  # a SIGTERM meanwhile: it refuses the hand-over (and stops the new process)
         pid = await start_successor(
-            listeners(), {**fds, **ours}, accept=lambda: not stop_accepting.cancel_called
-        )
+            listeners(), {**fds, **ours}, accept=lambda: not stop_accepting.cancel_called,
+            stored=fdstore.stored if fdstore is not None else None,
+        )  # fmt: skip
     finally:
         upgrade.in_flight = False
         for fd in ours.values():
             os.close(fd)
+    if pid is not None and fdstore is not None:
+        fdstore.hand_over()  # no checkpoint since "go": nothing is stored or removed here now
     if state is not None:
         state.upgraded(pid is not None)
     if pid is not None:
@@ -384,13 +418,30 @@ def _ignore(why: str) -> None:
     """A worker's SIGHUP: its supervisor reloads for it."""
 
 
+def _nothing() -> None:
+    """No store to empty at a stop."""
+
+
+def _then_sync(apply: ApplyFn, fdstore: FdStore) -> ApplyFn:
+    """`apply`, then the store in step with the listeners (a port added or dropped)."""
+
+    async def apply_and_sync(old: Config, new: Config) -> None:
+        await apply(old, new)
+        fdstore.sync()
+
+    return apply_and_sync
+
+
 async def _handle_signals(
     signals: AsyncIterator[int],
     on_hup: Callable[[str], None],
     on_usr2: Callable[[], None],
+    on_stop: Callable[[], None],
     stop_accepting: trio.CancelScope,
     cut_connections: trio.CancelScope,
 ) -> None:
+    """`on_stop`: called before accepting stops (the store is emptied first: a
+    listener it kept open would queue connections nobody accepts)."""
     async for signum in signals:
         if signum == signal.SIGHUP:
             on_hup("SIGHUP")
@@ -398,6 +449,7 @@ async def _handle_signals(
             on_usr2()
         elif not stop_accepting.cancel_called:
             log.info("%s: stopping", signal.Signals(signum).name)
+            on_stop()
             stop_accepting.cancel()
         elif signum == signal.SIGINT:
             log.info("SIGINT again: closing connections now")

@@ -7,7 +7,11 @@ number is in UPGRADE_FD_ENV. Over it go the listening sockets (SCM_RIGHTS,
 in batches of FDS_PER_MESSAGE, each with the ports it carries), then any
 other descriptors the new process needs, by name (bpfproxy: its BPF program,
 maps, link and instance lock; the --metrics listener, METRICS_FD, which has
-no SO_REUSEPORT: the new process serves on the same socket), then an end mark. The new process
+no SO_REUSEPORT: the new process serves on the same socket; the socket
+connected to systemd's notify socket, NOTIFY_FD, which the new process,
+unprivileged, might not be allowed to connect), then an end mark, with the
+names the old process keeps in the service manager's store (tcpproxy.fdstore:
+the new one stores nothing twice). The new process
 (`take_handover`) serves on them (binding only ports its config added), then
 says "ready" and waits for "go" (`Handover.confirm`).
 
@@ -45,7 +49,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import trio
 
@@ -54,6 +58,7 @@ from tcpproxy.errors import StartupError
 __all__ = [
     "CONFIG_FD",
     "METRICS_FD",
+    "NOTIFY_FD",
     "READY_TIMEOUT",
     "UPGRADE_FD_ENV",
     "UPGRADE_LOAD_TIMEOUT",
@@ -74,6 +79,7 @@ STOP_GRACE = 5.0  # seconds a failed new process gets after SIGTERM before SIGKI
 FDS_PER_MESSAGE = 200  # the kernel takes at most 253 descriptors in one message (SCM_MAX_FD)
 MESSAGE_SIZE = 65536  # bytes of one message: a batch of ports as JSON, or an answer
 METRICS_FD = "metrics"  # the --metrics listener's name among the named descriptors
+NOTIFY_FD = "notify"  # the socket connected to $NOTIFY_SOCKET (tcpproxy.notify)
 CONFIG_FD = "config"  # the config served (a fleet node's), in a memfd: its last good apps
 UPGRADE_LOAD_TIMEOUT = 4.0  # seconds a new process waits for etcd before it starts from the
 # config handed over (well within READY_TIMEOUT: the rest is for binding and serving)
@@ -102,12 +108,15 @@ async def start_successor(
     *,
     unset: tuple[str, ...] = (),
     accept: Callable[[], bool] = lambda: True,
+    stored: Sequence[str] | None = None,
 ) -> int | None:
     """Start the new process, hand it `sockets` (port -> listener) and `fds` (name ->
     descriptor, still ours: the new process gets its own references), wait until it serves.
     `unset`: environment variables the new process must not inherit. `accept`: asked
     once the new process says it serves; False (e.g. this process is stopping)
-    refuses the hand-over (rule 2).
+    refuses the hand-over (rule 2). `stored`: the names this process keeps in the
+    service manager's store (tcpproxy.fdstore), so that the new one, serving on
+    the same sockets, does not store them again.
 
     Returns its pid once it was told "go": from then on the caller must stop
     accepting (rule 2). None: it was stopped (rule 1), and the log says why.
@@ -138,7 +147,7 @@ async def start_successor(
         with channel:
             with trio.move_on_after(READY_TIMEOUT) as timer:
                 try:
-                    await _send_sockets(channel, sockets, fds or {})
+                    await _send_sockets(channel, sockets, fds or {}, stored)
                     answer = await channel.recv(MESSAGE_SIZE)
                 except OSError as exc:
                     answer, why = b"", f"the socket pair failed: {exc}"
@@ -166,6 +175,7 @@ async def _send_sockets(
     channel: trio.socket.SocketType,
     sockets: Mapping[int, socket.socket],
     named: Mapping[str, int],
+    stored: Sequence[str] | None,
 ) -> None:
     items = sorted(sockets.items())
     for start in range(0, len(items), FDS_PER_MESSAGE):
@@ -179,7 +189,10 @@ async def _send_sockets(
         payload = json.dumps({"names": [name for name, _ in batch2]}).encode()
         fds = [fd for _, fd in batch2]
         await channel.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _pack(fds))])
-    await channel.send(json.dumps({"done": True}).encode())
+    done: dict[str, object] = {"done": True}
+    if stored is not None:
+        done["fdstore"] = list(stored)
+    await channel.send(json.dumps(done).encode())
 
 
 def _tell(channel: socket.socket, message: bytes) -> bool:
@@ -250,11 +263,13 @@ def read_config_fd(fd: int) -> bytes:
 
 class Handover:
     """The new process's end: the sockets it was handed, other descriptors by name
-    (`fds`), the --metrics listener (`metrics`, if one was handed over), and the
-    "ready"/"go" exchange (`confirm`).
+    (`fds`), the --metrics listener (`metrics`) and the notify socket (`notify`),
+    if they were handed over, the names the old process keeps in the service
+    manager's store (`stored`; None: it said none), and the "ready"/"go"
+    exchange (`confirm`).
 
     Resource handling: owns the channel until `confirm()` or `close()`; the
-    sockets, `fds` and `metrics` are the caller's once taken.
+    sockets, `fds`, `metrics` and `notify` are the caller's once taken.
     """
 
     def __init__(
@@ -263,11 +278,15 @@ class Handover:
         sockets: dict[int, socket.socket],
         fds: dict[str, int] | None = None,
         metrics: socket.socket | None = None,
+        notify: socket.socket | None = None,
+        stored: list[str] | None = None,
     ) -> None:
         self._channel: socket.socket | None = channel
         self.sockets = sockets
         self.fds = fds if fds is not None else {}
         self.metrics = metrics
+        self.notify = notify
+        self.stored = stored  # names the old process keeps in the manager's store
         self.served = False  # "go" came: this process has taken over (rule 2)
 
     def abandoned(self) -> bool:
@@ -330,6 +349,8 @@ def take_handover(environ: dict[str, str] | None = None) -> Handover | None:
     sockets: dict[int, socket.socket] = {}
     named: dict[str, int] = {}
     pending: list[int] = []  # received, not yet in `sockets` or `named`
+    metrics: socket.socket | None = None
+    stored: list[str] | None = None
     try:
         while True:
             data, pending, _flags, _address = socket.recv_fds(
@@ -339,6 +360,8 @@ def take_handover(environ: dict[str, str] | None = None) -> Handover | None:
                 raise OSError("the old process closed the socket pair")
             message = json.loads(data)
             if message.get("done"):
+                names = message.get("fdstore")
+                stored = [str(name) for name in names] if isinstance(names, list) else None
                 break
             if "names" in message:
                 if len(message["names"]) != len(pending):
@@ -356,9 +379,13 @@ def take_handover(environ: dict[str, str] | None = None) -> Handover | None:
                 sockets[port].setblocking(False)
         metrics = socket.socket(fileno=named[METRICS_FD]) if METRICS_FD in named else None
         named.pop(METRICS_FD, None)  # now closed with `metrics`
+        notify = socket.socket(fileno=named[NOTIFY_FD]) if NOTIFY_FD in named else None
+        named.pop(NOTIFY_FD, None)  # now closed with `notify`
     except BaseException as exc:
         for sock in sockets.values():
             sock.close()
+        if metrics is not None:
+            metrics.close()
         for fd in [*named.values(), *pending]:
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -366,4 +393,4 @@ def take_handover(environ: dict[str, str] | None = None) -> Handover | None:
         if isinstance(exc, (OSError, ValueError, KeyError)):
             raise StartupError(f"upgrade: receiving the listeners: {exc}") from None
         raise
-    return Handover(channel, sockets, named, metrics)
+    return Handover(channel, sockets, named, metrics, notify, stored)

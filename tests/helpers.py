@@ -219,7 +219,13 @@ def app(name: str, ports: Sequence[int], targets: Sequence[str], **options: obje
 class ProxyProcess:
     """The real binary, as a user runs it; stderr is collected for assertions."""
 
-    def __init__(self, argv: Sequence[str], *, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        pass_fds: Sequence[int] = (),
+    ) -> None:
         self.argv = list(argv)
         self.proc = subprocess.Popen(
             self.argv,
@@ -228,6 +234,7 @@ class ProxyProcess:
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
             cwd=ROOT,
+            pass_fds=pass_fds,
         )
         self.lines: list[str] = []
         self._cond = threading.Condition()

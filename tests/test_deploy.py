@@ -48,6 +48,9 @@ def test_unit_uses_notify_reload_and_restart(unit: Path) -> None:
     assert keys["NoNewPrivileges"] == "yes"
     assert keys["NotifyAccess"] == "all"  # an upgraded process sends MAINPID=
     assert f"--pid-file {keys['PIDFile']}" in keys["ExecStart"]
+    # the listeners outlive a crash in the store; systemd 252 does not set $FDSTORE
+    assert int(keys["FileDescriptorStoreMax"]) > 0
+    assert keys["Environment"] == f"FDSTORE={keys['FileDescriptorStoreMax']}"
     caps = set(keys["CapabilityBoundingSet"].split())
     if unit.name.startswith("bpfproxy"):
         assert {"CAP_BPF", "CAP_NET_ADMIN"} <= caps and "CAP_SYS_ADMIN" not in caps

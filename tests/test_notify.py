@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import TIMEOUT, ProxyProcess, app, free_ports, write_config
+from tests.helpers import (
+    TIMEOUT,
+    ProxyProcess,
+    app,
+    free_ports,
+    tcpproxy_argv,
+    wait_until,
+    write_config,
+)
+from tests.test_upgrade import FakeSystemd as PassCredSystemd
+from tests.test_upgrade import gone, kill_started
 
 
 class FakeSystemd:
@@ -78,3 +92,59 @@ def test_no_notify_socket_is_fine(tmp_path: Path, backends) -> None:
         assert proxy.proc.wait(TIMEOUT) == 0
     finally:
         proxy.kill()
+
+
+@pytest.fixture
+def readable_dir() -> Iterator[Path]:
+    """A directory the serving user (nobody) can read: pytest's are root's, mode 700."""
+    path = Path(tempfile.mkdtemp(prefix="tcpproxy-notify-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (it drops it)")
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_notify_socket_only_root_may_write_hears_every_process(
+    tmp_path: Path, readable_dir: Path, backends, workers: str
+) -> None:
+    """The notify socket is root's, mode 600, in a mode-700 directory (a service
+    manager or a harness running as root, not systemd): the proxy, started as root,
+    connects it before it drops to nobody, so READY=1 arrives; the new process an
+    upgrade starts, nobody from its start, sends READY=1 and MAINPID= on the socket
+    it was handed; STOPPING=1 comes from it at the end."""
+    (port,) = free_ports(1)
+    config = readable_dir / "config.json"
+    write_config(config, [app("A", [port], [backends("b1").address])])
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    systemd = PassCredSystemd(private / "notify.sock")
+    systemd.path.chmod(0o600)
+    argv = tcpproxy_argv(config, "--user", "nobody", "--workers", workers)
+    proxy = ProxyProcess(argv, env=systemd.env)
+    first = proxy.proc.pid
+
+    def heard(pid: int, field: str) -> dict[str, str] | None:
+        found = [f for sender, f in systemd.received() if sender == pid and field in f]
+        return found[0] if found else None
+
+    try:
+        proxy.wait_for(r"serving as uid 65534 gid 65534 \(nobody\)")
+        assert wait_until(lambda: heard(first, "READY") is not None), proxy.output
+        proxy.send(signal.SIGUSR2)
+        new = int(proxy.wait_for(r"upgrade: pid (\d+) serves")[1])
+        assert wait_until(lambda: heard(new, "MAINPID") is not None), proxy.output
+        taken_over = heard(new, "MAINPID")
+        assert taken_over is not None and taken_over["MAINPID"] == str(new)
+        assert taken_over["READY"] == "1"
+        assert proxy.proc.wait(TIMEOUT) == 0
+        os.kill(new, signal.SIGTERM)
+        assert wait_until(lambda: heard(new, "STOPPING") is not None), proxy.output
+        assert wait_until(lambda: gone(new))
+        assert heard(first, "STOPPING") is None  # the old one said nothing more
+    finally:
+        kill_started(proxy)
+        systemd.close()
+    assert "sd_notify failed" not in proxy.output, proxy.output

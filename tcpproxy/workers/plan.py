@@ -59,3 +59,7 @@ class Plan(Protocol):
 
     def stopping(self) -> None:
         """Stop accepting for good (bpfproxy: close the supervisor's listener copies)."""
+
+    def stored(self) -> dict[str, int]:
+        """The listeners to keep in the service manager's store (tcpproxy.fdstore), by
+        name (bpfproxy: its group's; tcpproxy: none, its workers hold their own)."""

@@ -86,6 +86,8 @@ class Pool:
     Args:
       died: called with the pid of a worker that died on its own (the
         supervisor drops its metric files).
+      changed: called once the plan was told a worker started or died (its
+        listeners may have changed: the supervisor keeps the store in step).
     """
 
     def __init__(
@@ -94,9 +96,11 @@ class Pool:
         config: Config,
         count: int,
         died: Callable[[int], None] | None = None,
+        changed: Callable[[], None] | None = None,
     ) -> None:
         self._plan = plan
         self._died = died
+        self._changed = changed
         self.config = config  # the config in force; changed under `lock` (fanout)
         self.workers = [Worker(i) for i in range(count)]
         self.lock = trio.Lock()  # one reload or (re)start at a time
@@ -193,6 +197,8 @@ class Pool:
             if self._stopping:
                 return
             self._plan.worker_died(worker.index)
+            if self._changed is not None:
+                self._changed()
             if self._died is not None:
                 self._died(worker.process.pid)
             log.error("worker %d (pid %d) died (exit code %s); starting it again in %gs",
@@ -228,6 +234,8 @@ class Pool:
         finally:
             theirs.close()
         self._plan.worker_started(worker.index)
+        if self._changed is not None:
+            self._changed()
         run = self.attach(worker, process, Connection(ours.detach()))
         with trio.move_on_after(READY_TIMEOUT):
             try:

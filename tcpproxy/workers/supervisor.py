@@ -38,6 +38,7 @@ import trio
 from tcpproxy.config import Config
 from tcpproxy.diff import format_ports
 from tcpproxy.errors import StartupError
+from tcpproxy.fdstore import FdStore
 from tcpproxy.metrics import (
     Metrics,
     mark_dead,
@@ -54,6 +55,7 @@ from tcpproxy.status import Loaded, counts_from_samples, snapshot
 from tcpproxy.upgrade import (
     CONFIG_FD,
     METRICS_FD,
+    NOTIFY_FD,
     READY_TIMEOUT,
     Handover,
     config_fd,
@@ -91,11 +93,22 @@ class Supervisor:
         validate: Callable[[Config], None] | None = None,
         handover: Handover | None = None,
         pid_file: PidFile | None = None,
+        notifier: Notifier | None = None,
+        fdstore: FdStore | None = None,
     ) -> None:
         """`drain_timeout`: the workers' --drain-timeout; a worker still running
         that long (plus STOP_GRACE) after a stop is killed. `handover`: set
         when an upgrade started this supervisor: told once every worker
-        serves, which is also when it rewrites `pid_file`."""
+        serves, which is also when it rewrites `pid_file`. `notifier`: speaks
+        to systemd, connected by the caller before it dropped privileges (None:
+        one from the environment); an upgrade hands the new supervisor its socket.
+        `fdstore`: keeps the plan's listeners (`Plan.stored`) in the service
+        manager's store from READY=1 on, as workers start and die; emptied at
+        a stop, handed on by name to an upgrade's new supervisor."""
+        self._notifier = notifier if notifier is not None else Notifier()
+        self._fdstore = fdstore
+        if fdstore is not None:
+            fdstore.keep(plan.stored)
         self._handover = handover
         self._pid_file = pid_file
         self._upgrading = False
@@ -110,7 +123,7 @@ class Supervisor:
         self._metrics_address = metrics_address
         self._drain_timeout = drain_timeout
         died = _forget_metrics if metrics_address is not None else None
-        self.pool = Pool(plan, config, workers, died)
+        self.pool = Pool(plan, config, workers, died, fdstore.sync if fdstore else None)
         self._fanout = Fanout(self.pool, plan)
 
     @property
@@ -123,7 +136,7 @@ class Supervisor:
 
         Raises StartupError when a worker cannot start (the others are stopped).
         """
-        notifier = Notifier()
+        notifier = self._notifier
         metrics_dir, metrics = None, None
         if self._metrics_address is not None:
             metrics_dir, metrics = self._start_metrics()
@@ -215,6 +228,8 @@ class Supervisor:
                     )  # fmt: skip
                     if self._handover is not None:
                         self._take_over(self._handover)
+                    if self._fdstore is not None:  # stored first: READY=1 means "and kept"
+                        self._fdstore.serve()
                     notifier.ready(status(), main_pid=self._handover is not None)
                     nursery.start_soon(notifier.watchdog, status)
                     if self._handover is not None:
@@ -239,6 +254,8 @@ class Supervisor:
                             log.info("%s: stopping %d workers", signal.Signals(event).name,
                                      len(pool.workers))  # fmt: skip
                             if self._successor is None:
+                                if self._fdstore is not None:  # before the listeners close
+                                    self._fdstore.clear()
                                 notifier.stopping(status())
                             else:  # a stop queued just after "go": the new one is the service
                                 notifier.disable()
@@ -296,6 +313,8 @@ class Supervisor:
                 # no checkpoint since "go": a SIGTERM cannot come in between
                 if pid is not None:  # committed (upgrade rule 2): the new one owns it all
                     self._successor = pid  # set at once: a SIGTERM queued now must see it
+                    if self._fdstore is not None:
+                        self._fdstore.hand_over()
                     self._plan.upgraded(True, self.config)
                     self._reloading.cancel()  # before the lock goes: no reload after this
                 elif not self.pool.stopping:
@@ -322,6 +341,9 @@ class Supervisor:
             handed = dict(fds)
             if self._server is not None:  # the new supervisor serves on the same socket
                 handed[METRICS_FD] = self._server.socket.fileno()
+            notify_fd = self._notifier.fileno()
+            if notify_fd is not None:  # the new supervisor may not connect it (unprivileged)
+                handed[NOTIFY_FD] = notify_fd
             served = self._source.served() if self._source is not None else None
             if served is not None:  # a fleet node's apps, each at its last good version
                 fds[CONFIG_FD] = handed[CONFIG_FD] = config_fd(served)
@@ -330,6 +352,7 @@ class Supervisor:
             return await start_successor(
                 {}, handed, unset=("PROMETHEUS_MULTIPROC_DIR",),
                 accept=lambda: not self.pool.stopping,
+                stored=self._fdstore.stored if self._fdstore is not None else None,
             )  # fmt: skip
         except OSError as exc:  # EMFILE duplicating them: nothing changed
             log.error("upgrade failed: %s; this supervisor goes on serving", exc)
