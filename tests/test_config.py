@@ -711,6 +711,7 @@ def test_any_json_value_gives_config_or_config_error(value: object) -> None:
     assert_config_or_config_error(json.dumps(value))
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(st.lists(loose_apps, max_size=3), st.none() | json_values)
 def test_app_shaped_documents_give_config_or_config_error(

@@ -209,6 +209,7 @@ def swap_in_fifo(path: Path) -> None:
     os.replace(fifo, path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_fifo_swapped_in_neither_hangs_reloads_nor_the_stop(
     config_path: Path, backends, workers: int

@@ -277,6 +277,7 @@ BIND_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("bind", "steered", "refused"), BIND_CASES, ids=[c[0] for c in BIND_CASES])
 def test_steers_only_connections_to_the_listeners_address(
     netns: NetNS, peer: NetNS, bind: str, steered: list, refused: list

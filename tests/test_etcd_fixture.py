@@ -17,6 +17,7 @@ from tests import etcd_server
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("require", ["", "1"])
 def test_missing_etcd_skips_or_fails_when_required(require: str, tmp_path: Path) -> None:
     """With etcd off PATH an etcd test is skipped, naming make setup; under

@@ -65,6 +65,7 @@ def test_syn_dropping_target_costs_one_connect_timeout(deployment: Deployment) -
         hole.close()
 
 
+@pytest.mark.slow
 def test_target_reset_mid_stream_ends_the_client_promptly(deployment: Deployment) -> None:
     d = deployment
 
@@ -361,6 +362,7 @@ def test_active_health_checks_log_state_changes(deployment: Deployment) -> None:
     assert d.which(port) == "t2"
 
 
+@pytest.mark.slow
 def test_target_resetting_before_any_byte_is_retried_on_another(deployment: Deployment) -> None:
     d = deployment
 
@@ -386,6 +388,7 @@ def test_target_resetting_before_any_byte_is_retried_on_another(deployment: Depl
     assert re.search(rf"failed-first={re.escape(flaky.address)}\(connection reset", proxy.output)
 
 
+@pytest.mark.slow
 def test_idle_ports_do_not_hold_connection_slots(deployment: Deployment) -> None:
     d = deployment
     a = d.backend("a")

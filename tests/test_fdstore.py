@@ -237,6 +237,7 @@ class Loops:
             thread.join(2 * TIMEOUT)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("keep_fds", [True, False], ids=["store", "no-store"])
 def test_tcpproxy_queue_outlives_a_kill(tmp_path: Path, backends, keep_fds: bool) -> None:
     """Connections queued while tcpproxy is stopped, and those started while it is
@@ -281,6 +282,7 @@ def test_tcpproxy_queue_outlives_a_kill(tmp_path: Path, backends, keep_fds: bool
     assert "Traceback" not in proxy.output
 
 
+@pytest.mark.slow
 def test_tcpproxy_kill_under_load_loses_only_what_it_relayed(
     tmp_path: Path, backends, manager: ServiceManager
 ) -> None:
@@ -315,6 +317,7 @@ def test_tcpproxy_kill_under_load_loses_only_what_it_relayed(
     assert not [outcome for outcome in lost if "Refused" in outcome], lost
 
 
+@pytest.mark.slow
 def test_tcpproxy_store_follows_reloads_upgrades_and_restarts(
     tmp_path: Path, backends, manager: ServiceManager
 ) -> None:
@@ -365,6 +368,7 @@ def test_tcpproxy_store_follows_reloads_upgrades_and_restarts(
     assert "Traceback" not in proxy.output
 
 
+@pytest.mark.slow
 def test_tcpproxy_workers_keep_nothing_in_the_store(
     tmp_path: Path, backends, manager: ServiceManager
 ) -> None:
@@ -423,6 +427,7 @@ def lab(tmp_path: Path, netns: NetNS) -> Iterator[Deployment]:
         d.close()
 
 
+@pytest.mark.slow
 @pytest.mark.bpf
 @pytest.mark.parametrize("workers", [1, 2], ids=["single", "workers"])
 def test_bpfproxy_queue_outlives_a_kill(
@@ -468,6 +473,7 @@ def test_bpfproxy_queue_outlives_a_kill(
     assert "Traceback" not in proxy.output
 
 
+@pytest.mark.slow
 @pytest.mark.bpf
 def test_bpfproxy_kill_under_load_loses_only_what_it_relayed(
     lab: Deployment, bpffs: Path, manager: ServiceManager
@@ -501,6 +507,7 @@ def test_bpfproxy_kill_under_load_loses_only_what_it_relayed(
     assert counter(bpffs, instance, "held") == 0  # the listener never left the sockmap
 
 
+@pytest.mark.slow
 @pytest.mark.bpf
 @pytest.mark.parametrize("workers", [1, 2], ids=["single", "workers"])
 def test_bpfproxy_upgrade_hands_the_store_on(

@@ -163,6 +163,7 @@ def test_push_refuses_a_bad_file_and_writes_nothing(etcd: EtcdCluster, tmp_path:
     assert etcd.revision() == revision
 
 
+@pytest.mark.slow
 def test_get_prints_the_file_format(etcd: EtcdCluster, tmp_path: Path) -> None:
     file = write(tmp_path / "c.json", {"Defaults": {"IdleTimeout": 60}, "Apps": [APP_C, APP_A]})
     assert ctl("push", str(file), etcd=etcd).returncode == 0

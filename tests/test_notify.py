@@ -105,6 +105,7 @@ def readable_dir() -> Iterator[Path]:
         shutil.rmtree(path)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (it drops it)")
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_notify_socket_only_root_may_write_hears_every_process(

@@ -559,6 +559,7 @@ def test_an_explicit_user_is_not_replaced_by_root(private_dir: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_make_run_as_root_stops_its_echo_backends(
     readable_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

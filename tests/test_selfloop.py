@@ -177,6 +177,7 @@ def _run_to_exit(d: Deployment, apps: list[dict], *args: str) -> tuple[int, str]
     return code, proc.output
 
 
+@pytest.mark.slow
 def test_start_with_a_target_on_our_own_port_exits_2(deployment: Deployment) -> None:
     d = deployment
     live = d.backend("live")
@@ -232,6 +233,7 @@ def test_a_reload_of_thousands_of_looping_apps_is_rejected_with_a_short_log(
     assert d.which(port) == "live"  # the running config still serves
 
 
+@pytest.mark.slow
 def test_a_name_that_resolves_to_our_own_port_is_refused_and_failed_over(
     deployment: Deployment,
 ) -> None:

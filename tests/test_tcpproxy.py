@@ -95,6 +95,7 @@ def test_failover_past_refused_and_unresolvable_targets(config_path: Path, backe
     assert all(r == b"live\nping" for r in results), results
 
 
+@pytest.mark.slow
 def test_blackholed_target_times_out_then_fails_over(config_path: Path, backends) -> None:
     live = backends("live")
     port = free_port()
