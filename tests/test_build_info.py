@@ -118,6 +118,27 @@ def test_an_interpreted_module_is_replaced_by_a_compiled_one_importing_it() -> N
     assert out.stdout.split() == ["False", "True", "1"]
 
 
+def test_the_start_says_once_that_it_runs_interpreted(tmp_path) -> None:
+    code = "import sys; from tcpproxy.cli import main; sys.exit(main(['--config', 'no']))"
+    out = run(code, interpreted=True, cwd=tmp_path)
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if "build" in line]
+    assert len(lines) == 1 and f"interpreted ({INTERPRETED_ENV}=1) build" in lines[0], out.stderr
+
+
+@needs_compiled
+def test_a_source_edited_after_the_compile_is_named_at_start(tmp_path) -> None:
+    shutil.copytree(PACKAGE, tmp_path / "tcpproxy", ignore=shutil.ignore_patterns("__pycache__"))
+    code = "import sys; from tcpproxy.cli import main; sys.exit(main(['--config', 'no']))"
+    out = run(code, cwd=tmp_path, PYTHONPATH=str(tmp_path))
+    assert out.returncode == 2 and "stale" not in out.stderr, out.stderr
+    with (tmp_path / "tcpproxy" / "flow.py").open("a") as source:
+        source.write("# edited\n")
+    out = run(code, cwd=tmp_path, PYTHONPATH=str(tmp_path))
+    assert out.returncode == 2
+    assert "the compiled build is stale: tcpproxy/flow.py changed" in out.stderr, out.stderr
+
+
 def _checkout_copy(tmp_path: Path) -> Path:
     """The sources setup.py builds from, without any compiled module."""
     for name in ("setup.py", "pyproject.toml", "README.md"):
