@@ -38,12 +38,14 @@ ENV PATH=/opt/tcpproxy/venv/bin:$PATH
 FROM base AS build
 ARG CA_CERTS=""
 
+# gcc and python3-dev: pip compiles the hot path with mypyc (setup.py); the images get
+# the compiled modules, not the compiler.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3-venv \
+    && apt-get install -y --no-install-recommends python3-venv gcc python3-dev \
     && apt-get clean && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY bpf ./bpf
 COPY bpfproxy ./bpfproxy
 COPY tcpproxy ./tcpproxy

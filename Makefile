@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup run test check lint bpfproxy bench bench-ports bench-rss bench-fleet build-in-container test-container clean
+.PHONY: setup run test check lint typecheck bpfproxy bench bench-ports bench-rss bench-fleet build-in-container test-container clean
 
 setup:
 	@bash scripts/setup.sh
@@ -18,9 +18,15 @@ test: setup
 check: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-lint: setup
+lint: setup typecheck
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# mypyc compiles the modules tcpproxy/build_info.py lists and needs them type-correct
+typecheck: setup
+	$(BIN)/mypy setup.py tcpproxy/build_info.py $$($(BIN)/python -c \
+		'from tcpproxy.build_info import COMPILED_MODULES, source_path; \
+		print(*(source_path(name, ".") for name in COMPILED_MODULES))')
 
 # compile and load the sk_lookup program without attaching it (needs root)
 bpfproxy: setup
@@ -58,4 +64,5 @@ test-container:
 	@bash scripts/test-container.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache build *.egg-info tcpproxy/compiled.json
+	find tcpproxy -name '*.so' -delete

@@ -78,6 +78,7 @@ class Mode:
     index: int
     binary: str | None  # None: direct, no proxy
     args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()  # a variant's environment variables
 
     def port(self, service: str) -> int:
         if self.binary is None:
@@ -87,7 +88,7 @@ class Mode:
 
 def all_modes(variants: list[Variant]) -> dict[str, Mode]:
     modes = [Mode(name, i, None if name == "direct" else name) for i, name in enumerate(MODES)]
-    modes += [Mode(v.name, len(MODES) + i, v.binary, v.args) for i, v in enumerate(variants)]
+    modes += [Mode(v.name, len(MODES) + i, v.binary, v.args, v.env) for i, v in enumerate(variants)]
     return {m.name: m for m in modes}
 
 
@@ -251,7 +252,11 @@ http {{ access_log off; keepalive_timeout 600s; keepalive_requests 1000000;
         if self.args.workers is not None:
             argv += ["--workers", str(self.args.workers)]
         argv += mode.args  # last, so a variant's arguments win
-        self.spawn(mode.name, self.pinned(argv, self.args.proxy_cpus), cwd=str(ROOT))
+        env = {**os.environ, **dict(mode.env)}
+        self.spawn(mode.name, self.pinned(argv, self.args.proxy_cpus), cwd=str(ROOT), env=env)
+        if mode.env:
+            variables = " ".join(f"{key}={value}" for key, value in mode.env)
+            self.commands[mode.name] = f"{variables} {self.commands[mode.name]}"
         for service in SERVICES:
             self.wait_port(mode.port(service))
 
@@ -341,11 +346,12 @@ def versions() -> dict[str, str]:
             return "?"
 
     from tcpproxy import __version__
+    from tcpproxy.build_info import describe
 
     return {
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "tcpproxy": __version__,
+        "tcpproxy": f"{__version__}, {describe()}",  # the rows without TCPPROXY_INTERPRETED=1
         "haproxy": first_line(["haproxy", "-v"]),
         "nginx": first_line(["nginx", "-v"]),
         "sockperf": first_line(["sockperf", "--version"]),
@@ -554,7 +560,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=_variant,
         metavar="NAME=BINARY:ARGS",
         help="one more row: BINARY (tcpproxy or bpfproxy) with extra ARGS, e.g. "
-        "'tcpproxy-w2=tcpproxy:--workers 2'; repeatable",
+        "'tcpproxy-w2=tcpproxy:--workers 2', or environment variables first: "
+        "'tcpproxy-interpreted=tcpproxy:TCPPROXY_INTERPRETED=1'; repeatable",
     )
     parser.add_argument(
         "--modes",

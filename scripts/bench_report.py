@@ -77,15 +77,19 @@ class Results:
 
 @dataclass(frozen=True)
 class Variant:
-    """A second run of one of our binaries with extra arguments, measured as its own row."""
+    """A second run of one of our binaries with extra arguments (and environment
+    variables), measured as its own row."""
 
     name: str
     binary: str
     args: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()
 
 
 def parse_variant(spec: str) -> Variant:
-    """`NAME=BINARY:ARGS`, e.g. `tcpproxy-w2=tcpproxy:--workers 2`.
+    """`NAME=BINARY:ARGS`, e.g. `tcpproxy-w2=tcpproxy:--workers 2`; ARGS may start with
+    environment variables, as in a shell: `tcpproxy-interpreted=tcpproxy:TCPPROXY_INTERPRETED=1`
+    (the interpreted build, tcpproxy/build_info.py).
 
     Raises:
         ValueError: not of that form, an unknown binary, or a name taken by a mode.
@@ -98,7 +102,12 @@ def parse_variant(spec: str) -> Variant:
         raise ValueError(f"variant {spec!r}: binary must be one of {', '.join(OURS)}")
     if name in ("direct", HAPROXY, *OURS):
         raise ValueError(f"variant {spec!r}: {name!r} is a mode's name already")
-    return Variant(name, binary, tuple(shlex.split(args)))
+    words = shlex.split(args)
+    env = []
+    while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):
+        key, _, value = words.pop(0).partition("=")
+        env.append((key, value))
+    return Variant(name, binary, tuple(words), tuple(env))
 
 
 # -- the tools' output ---------------------------------------------------------

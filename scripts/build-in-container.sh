@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # make build-in-container: build the tcpproxy and bpfproxy images, then check
-# them in containers: `bpfproxy --check` (compiles and loads the sk_lookup
-# program with the host's kernel headers) and a tcpproxy that relays `nc` to
-# an echo backend.
+# them in containers: both carry the compiled build (`--version`), `bpfproxy
+# --check` (compiles and loads the sk_lookup program with the host's kernel
+# headers) and a tcpproxy that relays `nc` to an echo backend.
 #
 # Environment: DOCKER (client, default docker), DOCKER_BUILD_FLAGS (e.g.
 # --network=host), CA_CERTS_FILE (PEM file of extra CA certificates for pip,
@@ -45,6 +45,11 @@ fi
 for image in tcpproxy bpfproxy; do
     say "building $image"
     "$DOCKER" build "${build_flags[@]}" "${build_args[@]}" --target "$image" -t "$image" .
+done
+for image in tcpproxy bpfproxy; do  # the images carry the compiled build (setup.py)
+    version=$("$DOCKER" run --rm --network none "$image" --version)
+    [[ $version == *", compiled ("* ]] || die "the $image image is not the compiled build: $version"
+    say "$version"
 done
 base=$(sed -n 's/^FROM \([^ ]*\) AS base$/\1/p' Dockerfile)
 for image in "$base" tcpproxy bpfproxy; do

@@ -6,8 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # etcd-server and etcd-client: fleet mode's store; the tests start their own members.
+# gcc and python3-dev: the install compiles the hot path with mypyc (setup.py).
 APT_PACKAGES=(python3-venv python3-bpfcc linux-headers-amd64 netcat-openbsd nftables iproute2
-    etcd-server etcd-client)
+    etcd-server etcd-client gcc python3-dev)
 EXTRAS=test
 if [ "${1:-}" = "--bench" ]; then  # the load tools and peers `make bench` measures with
     APT_PACKAGES+=(sockperf iperf3 wrk nginx-light haproxy)
@@ -70,11 +71,31 @@ if [ "$(id -u)" -eq 0 ] && [ "$owner" -ne 0 ]; then
     as_owner=(setpriv --reuid="$owner" --regid="$(stat -c %g .)" --init-groups env HOME="$home")
 fi
 stamp=".venv/.installed-${EXTRAS/,/-}"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ]; then
     echo "setup: installing the project and its Python packages into .venv (pip output in $LOG)"
     if [ ! -x .venv/bin/python ]; then
         logged "${as_owner[@]}" /usr/bin/python3 -m venv --system-site-packages .venv
     fi
     logged "${as_owner[@]}" .venv/bin/pip install --disable-pip-version-check -e ".[$EXTRAS]"
     logged "${as_owner[@]}" touch "$stamp"
+fi
+
+# The compiled build (setup.py) of an editable install sits beside the sources, and
+# Python imports it before them: a source edited since it was compiled would not run.
+# Each run compares the sources with the digests the last build recorded (build_info
+# rule 3) and compiles again in place when one changed. If that fails (a type error:
+# `make typecheck`), the compiled modules are removed so the current sources run,
+# interpreted, and the stamp is emptied so that each run tries again until it works.
+changed_sources='import sys; from tcpproxy.build_info import changed_sources as c; s = c(); print(*s); sys.exit(bool(s))'
+compiled='import sys; from tcpproxy.build_info import changed_sources as c, describe as d; sys.exit(bool(c()) or not d().startswith("compiled"))'
+python=("${as_owner[@]}" env -u TCPPROXY_INTERPRETED .venv/bin/python)  # as the checkout's owner
+if ! changed=$("${python[@]}" -c "$changed_sources"); then
+    echo "setup: $changed changed since compiled: compiling again (output in $LOG)"
+    logged "${python[@]}" setup.py build_ext --inplace
+    if ! "${python[@]}" -c "$compiled"; then
+        echo "setup: the compile failed (see $LOG, or run 'make typecheck'); the sources" \
+            "run interpreted until it works" >&2
+        find tcpproxy -name '*.so' -delete
+        echo '{"sources": {}}' >tcpproxy/compiled.json
+    fi
 fi

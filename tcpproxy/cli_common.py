@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from tcpproxy import __version__
+from tcpproxy import __version__, build_info
 from tcpproxy.config import Config, ConfigError, no_isolation, parse_config
 from tcpproxy.engine import ENGINES
 from tcpproxy.errors import ProxyError, StartupError
@@ -48,6 +48,7 @@ __all__ = [
     "serving_code",
     "setup_logging",
     "start_listening",
+    "version_option",
 ]
 
 EXIT_USAGE = 2  # our error: bad config, bad option, cannot start as asked
@@ -206,13 +207,19 @@ def common_options(prog: str) -> Callable[[F], F]:
                     help="'json': one object a line, for log pipelines.",
                 ),
                 *fleet_options(),
-                click.version_option(__version__, prog_name=prog),
+                version_option(prog),
             ]
         ):  # fmt: skip
             func = option(func)
         return func
 
     return decorate
+
+
+def version_option(prog: str) -> Callable[[F], F]:
+    """--version: the version and which build runs ("compiled (mypyc X.Y)", "interpreted")."""
+    message = f"%(prog)s, version %(version)s, {build_info.describe()}"
+    return click.version_option(__version__, prog_name=prog, message=message)
 
 
 FDS_PER_CONNECTION = 6  # two sockets and two pipes (two descriptors each)
@@ -253,6 +260,8 @@ def setup_logging(level: str, prefix: str = "", log_format: str = "text") -> Non
 
     `json`: one JSON object a line (python-json-logger) with time, level,
     message, and the structured fields a line carries (`conn`, `worker`).
+    Then, in a process that is not a worker, the line about the build, if
+    there is one to say (interpreted, stale: `build_info.announce`).
     """
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
@@ -273,6 +282,8 @@ def setup_logging(level: str, prefix: str = "", log_format: str = "text") -> Non
     logging.getLogger("watchfiles").setLevel(logging.WARNING)  # its debug lines are per poll
     for chatty in ("httpx", "httpcore"):  # a line per etcd request (fleet mode)
         logging.getLogger(chatty).setLevel(logging.WARNING)
+    if not prefix:  # a worker runs the build its supervisor announced
+        build_info.announce(logging.getLogger("tcpproxy"))
 
 
 def ignore_sigusr2() -> None:

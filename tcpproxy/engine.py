@@ -563,7 +563,7 @@ class Engine:
     def _accept(self, lst: _Listener, ev: int) -> None:
         """Accept a batch (listeners.accept_loop's rules, without a task)."""
         proxy = self._proxy
-        slots, dispatch, accept = proxy.slots, proxy.dispatch, lst.sock._accept
+        slots, dispatch, accept = proxy.slots, proxy.dispatch, lst.sock._accept  # type: ignore[attr-defined]
         family, kind, proto = lst.kind
         for _ in range(ACCEPT_BATCH):
             if not slots.value:  # at the limit: the rest wait in the listen queue
@@ -846,8 +846,8 @@ class Engine:
         if conn.attempts:
             return  # others still in flight
         errors = conn.attempt_errors
-        exc = next((e for e in errors if e.errno in LOCAL_ERRNOS), errors[0])
-        self._target_failed(conn, describe_error(exc), exc=exc)
+        first = next((e for e in errors if e.errno in LOCAL_ERRNOS), errors[0])
+        self._target_failed(conn, describe_error(first), exc=first)
 
     def _on_attempt(self, attempt: tuple[Conn, socket.SocketType], ev: int) -> None:
         """A connect in flight answered: won, or failed (then the next address)."""

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
+from tcpproxy.build_info import describe as describe_build
 from tcpproxy.config import Config, no_isolation
 from tcpproxy.diff import format_ports
 from tcpproxy.errors import StartupError
@@ -255,6 +256,7 @@ async def run_service(
                         handed.close()  # not served here (cannot be: same command line)
                     if metrics_address is not None:
                         token = trio.lowlevel.current_trio_token()
+                        build = describe_build()  # what runs is settled once imported
 
                         def snapshot() -> dict[str, Any]:
                             loaded = Loaded(
@@ -267,6 +269,7 @@ async def run_service(
                                 proxy.config,
                                 proxy.counts(),
                                 rejected=source.rejected(),
+                                build=build,
                             )
 
                         server = serve_http(

@@ -46,10 +46,14 @@ class Counts:
 def snapshot(
     binary: str, pid: int, loaded: Loaded, config: Config, counts: Counts,
     workers: int | None = None, rejected: Mapping[str, Mapping[str, object]] | None = None,
+    build: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The /status document; `workers`: the supervisor's count (None in a single process);
-    `rejected`: apps a fleet's source refused (by name: key, revision, reason)."""
+    `rejected`: apps a fleet's source refused (by name: key, revision, reason); `build`:
+    which build runs (`build_info.describe()`: "compiled (mypyc X.Y)", "interpreted")."""
     status: dict[str, Any] = {"binary": binary, "pid": pid}
+    if build is not None:
+        status["build"] = build
     if workers is not None:
         status["workers"] = workers
     status["config"] = {
@@ -108,7 +112,8 @@ def as_text(status: dict[str, Any]) -> str:
     """The snapshot for people: /status.txt."""
     lines = [
         f"{status['binary']}: {status.get('workers', 1)} process(es), "
-        f"{status['active_connections']} active connections",
+        f"{status['active_connections']} active connections"
+        + (f", {status['build']} build" if "build" in status else ""),
         f"config {status['config']['hash']} loaded {status['config']['loaded']}, "
         f"last reload: {status['last_reload']}",
     ]

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tcpproxy.build_info import describe as describe_build
 from tests.etcd_server import EtcdCluster, etcd_unavailable_reason
 from tests.helpers import Backend
 from tests.netns import bpf_unavailable_reason, netns_fixture
@@ -24,6 +25,11 @@ REQUIRE_BPF = os.environ.get("TCPPROXY_REQUIRE_BPF") == "1"
 # capability is still dropped) unless they pass --user or unset these.
 for _prog in ("TCPPROXY", "BPFPROXY"):
     os.environ.setdefault(f"{_prog}_USER", "root")
+
+
+def pytest_report_header() -> str:
+    """Which build the tests run (tcpproxy/build_info.py): compiled, or interpreted."""
+    return f"tcpproxy build: {describe_build()}"
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -32,6 +32,8 @@ from tests.helpers import (
     write_config,
 )
 
+pytestmark = pytest.mark.engine  # the connection engine's: CI runs them interpreted too
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 

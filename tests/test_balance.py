@@ -10,6 +10,8 @@ import pytest
 from tcpproxy.balance import Balancer, Claim
 from tcpproxy.config import Strategy, Target
 
+pytestmark = pytest.mark.engine  # the connection engine's: CI runs them interpreted too
+
 T = [Target("10.0.0.1", 80), Target("10.0.0.2", 80), Target("10.0.0.3", 80)]
 
 

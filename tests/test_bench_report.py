@@ -91,6 +91,10 @@ def test_variant_parsed() -> None:
         "tcpproxy-w2", "tcpproxy", ("--workers", "2", "--no-splice")
     )
     assert parse_variant("bpf-plain=bpfproxy:") == Variant("bpf-plain", "bpfproxy", ())
+    # environment variables first, as in a shell: the interpreted build as a row of its own
+    assert parse_variant("interp=tcpproxy:TCPPROXY_INTERPRETED=1 --workers 2") == Variant(
+        "interp", "tcpproxy", ("--workers", "2"), (("TCPPROXY_INTERPRETED", "1"),)
+    )
 
 
 @pytest.mark.parametrize(

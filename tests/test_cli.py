@@ -6,6 +6,7 @@ import pytest
 
 from bpfproxy.cli import main as bpfproxy_main
 from tcpproxy import __version__
+from tcpproxy.build_info import describe
 from tcpproxy.cli import main as tcpproxy_main
 
 COMMANDS = pytest.mark.parametrize(
@@ -23,9 +24,17 @@ def test_help_shows_options_and_examples(prog, main, capsys) -> None:
 
 
 @COMMANDS
-def test_version(prog, main, capsys) -> None:
+def test_version_says_which_build_runs(prog, main, capsys) -> None:
     assert main(["--version"]) == 0
-    assert capsys.readouterr().out.strip() == f"{prog}, version {__version__}"
+    build = describe()  # "compiled (mypyc X.Y)" or "interpreted": tests/test_build_info.py
+    assert capsys.readouterr().out.strip() == f"{prog}, version {__version__}, {build}"
+
+
+def test_tcpproxyctl_version_says_which_build(capsys) -> None:
+    from tcpproxy.fleet.ctl import main as ctl_main
+
+    assert ctl_main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"tcpproxyctl, version {__version__}, {describe()}"
 
 
 @COMMANDS

@@ -9,6 +9,7 @@ import socket
 import struct
 from typing import Any
 
+import pytest
 import trio
 
 from tcpproxy.config import AppConfig, Config, Target
@@ -17,6 +18,8 @@ from tcpproxy.flow import Flow
 from tcpproxy.listeners import ACCEPT_BACKOFF
 from tcpproxy.proxy import Proxy
 from tests.test_connect import Blackhole
+
+pytestmark = pytest.mark.engine  # the connection engine's: CI runs them interpreted too
 
 PORT = 1  # the app's port: connections are handed to dispatch(), nothing listens
 

@@ -19,6 +19,8 @@ import pytest
 from tests.deploy import Deployment, deployment
 from tests.helpers import TIMEOUT, app, echo, recv_all, recv_line, wait_until
 
+pytestmark = pytest.mark.engine  # the connection engine's: CI runs them interpreted too
+
 __all__ = ["deployment"]
 
 RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset

@@ -10,6 +10,8 @@ from tcpproxy.config import Target
 from tcpproxy.flow import TRANSITIONS, Action, Flow, FlowError, Side, State, Timeout
 from tcpproxy.proxy_protocol import ProxyHeaderError, header_extent
 
+pytestmark = pytest.mark.engine  # the connection engine's: CI runs them interpreted too
+
 A, B, C = Target("10.0.0.1", 80), Target("10.0.0.2", 80), Target("10.0.0.3", 80)
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tcpproxy.config import Target
 from tcpproxy.health import BACKOFF_INITIAL, BACKOFF_MAX, HealthBook
+
+pytestmark = pytest.mark.engine  # the connection engine's: CI runs them interpreted too
 
 T = Target("10.0.0.1", 80)
 U = Target("10.0.0.2", 80)

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from tcpproxy.build_info import describe as describe_build
 from tests.deploy import Deployment, deployment
 from tests.helpers import TIMEOUT, app, free_ports, recv_line
 
@@ -66,6 +67,7 @@ def test_metrics_move_with_traffic(deployment: Deployment, workers: str) -> None
     assert value(text, "tcpproxy_connect_seconds_count", target=a.address) >= 6
     status = json.loads(scrape(d, metrics_port, "/status"))
     assert status["active_connections"] == 1
+    assert status["build"] == describe_build()  # the same install and environment as here
     assert status["apps"][0]["targets"][0] == {
         **status["apps"][0]["targets"][0],
         "address": a.address,

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import socket
 
+import pytest
 import trio
 
 from tcpproxy.config import AppConfig, Config, Strategy, Target
 from tcpproxy.proxy import Proxy
+
+pytestmark = pytest.mark.engine  # the connection engine's: CI runs them interpreted too
 
 PORT = 1  # the app's port: connections are handed to dispatch(), nothing listens
 

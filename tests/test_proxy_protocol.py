@@ -18,6 +18,8 @@ from proxyprotocol.v2 import ProxyProtocolV2
 from tcpproxy.proxy_protocol import ProxyHeaderError, build_header, read_header
 from tests.helpers import app, connect, free_ports, recv_all, running_tcpproxy, write_config
 
+pytestmark = pytest.mark.engine  # the connection engine's: CI runs them interpreted too
+
 
 def announce_client(conn: socket.socket) -> None:
     """Read one PROXY header, reply with 'host:port' of the client it names, then echo."""

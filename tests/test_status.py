@@ -44,10 +44,11 @@ def test_one_layout_for_a_process_and_a_supervisor() -> None:
         by_target={("A", "127.0.0.1:9"): 2, ("A", "127.0.0.1:10"): 1},
         down={"127.0.0.1:10": "connection refused"},
     )
-    single = snapshot("tcpproxy", 42, LOADED, CONFIG, counts)
-    summed = snapshot("tcpproxy", 42, LOADED, CONFIG, counts, workers=2)
+    single = snapshot("tcpproxy", 42, LOADED, CONFIG, counts, build="interpreted")
+    summed = snapshot("tcpproxy", 42, LOADED, CONFIG, counts, workers=2, build="interpreted")
     assert "workers" not in single and summed.pop("workers") == 2
     assert single == summed
+    assert single["build"] == "interpreted"
     assert single["active_connections"] == 3
     assert single["config"]["hash"] == "abc123"
     a, b = single["apps"]
@@ -63,9 +64,10 @@ def test_one_layout_for_a_process_and_a_supervisor() -> None:
 
 def test_the_text_says_the_same() -> None:
     counts = Counts(total=1, by_app={"A": 1}, by_target={("A", "127.0.0.1:9"): 1})
-    text = as_text(snapshot("tcpproxy", 42, LOADED, CONFIG, counts, workers=2))
+    build = "compiled (mypyc 2.4.1)"
+    text = as_text(snapshot("tcpproxy", 42, LOADED, CONFIG, counts, workers=2, build=build))
     assert text.splitlines() == [
-        "tcpproxy: 2 process(es), 1 active connections",
+        "tcpproxy: 2 process(es), 1 active connections, compiled (mypyc 2.4.1) build",
         "config abc123 loaded "
         + snapshot("x", 1, LOADED, CONFIG, counts)["config"]["loaded"]
         + ", last reload: none",

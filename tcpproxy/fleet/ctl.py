@@ -17,8 +17,7 @@ from typing import Any
 import click
 import trio
 
-from tcpproxy import __version__
-from tcpproxy.cli_common import fail, run_cli
+from tcpproxy.cli_common import fail, run_cli, version_option
 from tcpproxy.config import Config, parse_config
 from tcpproxy.fleet.client import EtcdClient, EtcdCompacted, EtcdConflict, EtcdError
 from tcpproxy.fleet.keys import (
@@ -101,7 +100,7 @@ def validate_file(path: Path) -> tuple[Config, dict[str, Any]]:
     "--etcd-password-env", "password_env", metavar="VAR",
     help=f"Read the password from this variable instead.  [default: {DEFAULT_PASSWORD_ENV}]",
 )  # fmt: skip
-@click.version_option(__version__, prog_name=PROG)
+@version_option(PROG)
 @click.pass_context
 def cli(ctx: click.Context, **options: Any) -> None:
     """Manage the configuration a fleet of tcpproxy/bpfproxy nodes follows in etcd."""

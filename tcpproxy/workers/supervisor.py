@@ -35,6 +35,7 @@ from typing import Any
 
 import trio
 
+from tcpproxy.build_info import describe as describe_build
 from tcpproxy.config import Config
 from tcpproxy.diff import format_ports
 from tcpproxy.errors import StartupError
@@ -177,6 +178,7 @@ class Supervisor:
     def _serve_metrics(self, directory: str | None, reloader: Reloader) -> Any:
         assert directory is not None and self._metrics_address is not None
         registry = multiprocess_registry(directory)
+        build = describe_build()  # the workers run the same install and environment
 
         def status() -> dict[str, Any]:
             samples = (sample for metric in registry.collect() for sample in metric.samples)
@@ -185,7 +187,7 @@ class Supervisor:
             return snapshot(
                 self._plan.name, os.getpid(), loaded, self.config,
                 counts_from_samples(samples), workers=len(self.pool.workers),
-                rejected=source.rejected(),
+                rejected=source.rejected(), build=build,
             )  # fmt: skip
 
         handed = self._handover.metrics if self._handover is not None else None
