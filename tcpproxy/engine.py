@@ -1,9 +1,9 @@
 """The epoll engine: every proxied connection's I/O, driven from one trio task.
 
-The trio path runs a task (with its nursery and cancel scopes) per
-connection; that machinery costs more CPU per connection than the syscalls.
-Here a connection is a `flow.Flow` (what to do, pure) plus a `Conn` (its
-sockets and buffers), and one loop over a private, level-triggered epoll
+A trio task per connection (with its nursery and cancel scopes) cost more
+CPU per connection than the syscalls; that path is gone. Here a connection
+is a `flow.Flow` (what to do, pure) plus a `Conn` (its sockets and
+buffers), and one loop over a private, level-triggered epoll
 serves them all: many events per wake-up, no task, nursery, cancel scope or
 timeout object per connection. Timeouts (PROXY header, first byte, connect,
 happy-eyeballs stagger, idle) sit on one heap, invalidated lazily.
@@ -14,7 +14,7 @@ keep coming it polls again without going through trio's scheduler, and
 yields every ROUNDS_BEFORE_YIELD rounds so the control plane (reloads,
 probes, metrics, signals) still runs. Everything happens in the trio thread,
 so health, metrics, the balancer and the warning limiter are called
-synchronously, as from a connection task. Host names not in the resolver's
+synchronously. Host names not in the resolver's
 cache are looked up by a trio task the engine owns, whose answer comes back
 as an event.
 
@@ -89,11 +89,10 @@ from tcpproxy.splice import CHUNK_SIZE, COPY_SIZE, FAIRNESS_BYTES, abort
 if TYPE_CHECKING:
     from tcpproxy.proxy import AppRuntime, Proxy
 
-__all__ = ["ENGINES", "Engine"]
+__all__ = ["Engine"]
 
 log = logging.getLogger("tcpproxy")
 
-ENGINES = ("trio", "epoll")  # --engine choices: a task per connection, or this engine
 MAX_EVENTS = 256  # events taken per epoll_wait
 ROUNDS_BEFORE_YIELD = 8  # busy rounds (events every time) before trio's other tasks run
 TIMER_SLACK = 2  # the timer heap may hold this many entries per live connection...
@@ -561,7 +560,16 @@ class Engine:
             lst.registered = True
 
     def _accept(self, lst: _Listener, ev: int) -> None:
-        """Accept a batch (listeners.accept_loop's rules, without a task)."""
+        """Accept a burst, up to ACCEPT_BATCH without waiting for readiness again.
+
+        A slot is needed before each accept: at the limit the listeners are
+        paused and new connections wait in the kernel's listen queue rather
+        than fail. Out-of-resource errors (ACCEPT_CAPACITY_ERRNOS) are logged
+        once per episode and the listener is off for ACCEPT_BACKOFF, so
+        running out of descriptors never kills the proxy; errors about one
+        connection that died in the queue are skipped; anything else is a bug
+        (`_internal_error`).
+        """
         proxy = self._proxy
         slots, dispatch, accept = proxy.slots, proxy.dispatch, lst.sock._accept
         family, kind, proto = lst.kind

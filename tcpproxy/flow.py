@@ -4,8 +4,8 @@ The epoll engine (tcpproxy/engine.py) does the syscalls and feeds what
 happened in as events (a method call each); the flow answers with the one
 `Action` the engine must take next. What to do is decided here, so it is
 tested without sockets: the try order and its failover, the redispatch rule,
-half-close, and why the connection ended (the splice.EndReason values, so
-logs and metrics read as with the trio path).
+half-close, and why the connection ended (the splice.EndReason values, as
+logs and metrics name them).
 
 Rules:
 1. accepted -> READ_HEADER if the app accepts PROXY headers, else

@@ -36,25 +36,15 @@ from typing import Any
 
 import trio
 
-from tcpproxy.balance import Balancer, Claim
+from tcpproxy.balance import Balancer
 from tcpproxy.config import AppConfig, Config, Network, Target, app_connection_limit
-from tcpproxy.connect import describe_error, open_target
 from tcpproxy.engine import Engine
-from tcpproxy.errors import ResourceExhausted, TargetUnavailable
 from tcpproxy.health import HealthBook
-from tcpproxy.listeners import accept_loop
 from tcpproxy.metrics import NullMetrics
 from tcpproxy.probes import HealthMonitor
-from tcpproxy.proxy_protocol import (
-    HEADER_TIMEOUT,
-    ProxyHeaderError,
-    build_header,
-    read_header,
-    send_all,
-)
 from tcpproxy.resolve import Resolver
 from tcpproxy.selfloop import SelfLoopGuard
-from tcpproxy.splice import EndReason, RelayStats, abort, relay
+from tcpproxy.splice import abort
 from tcpproxy.status import Counts
 
 __all__ = ["LIMIT_LOG_INTERVAL", "AppRuntime", "Proxy", "WarnLimiter"]
@@ -144,8 +134,6 @@ class Proxy:
 
     Args:
       config: the initial configuration.
-      connections: the nursery that owns every connection task; it outlives
-        listeners, so connections drain after their listener stops.
       max_connections: this process's limit of open connections.
       id_prefix: starts every connection id (a worker's "w1-"), so ids are
         unique across the workers' logs.
@@ -157,14 +145,15 @@ class Proxy:
         -p): a target resolving to a local address on one of them is refused.
       bind: the address every port listens on (--bind; None: every address),
         which narrows what counts as the proxy itself.
-      engine: "trio" (a task per connection) or "epoll" (one loop for all, see
-        tcpproxy/engine.py; its task must be started: `engine.run`).
+
+    Every connection is served by `engine` (tcpproxy/engine.py), whose task the
+    caller starts (`engine.run`) in a nursery that outlives the listeners, so
+    connections drain after their listener stops.
     """
 
     def __init__(
         self,
         config: Config,
-        connections: trio.Nursery,
         *,
         max_connections: int,
         share: int = 1,
@@ -174,9 +163,7 @@ class Proxy:
         use_splice: bool = True,
         listen_ports: frozenset[int] = frozenset(),
         bind: str | None = None,
-        engine: str = "epoll",
     ) -> None:
-        self._connections = connections
         self._resolver = resolver or Resolver()
         self._use_splice = use_splice
         self.max_connections = max_connections
@@ -203,9 +190,7 @@ class Proxy:
         self._apps: dict[str, AppRuntime] = {}
         self._routes: dict[int, AppRuntime] = {}
         self.apply(config)
-        self.engine: Engine | None = None
-        if engine == "epoll":
-            self.engine = Engine(self, use_splice=use_splice)
+        self.engine = Engine(self, use_splice=use_splice)
 
     async def serve_listener(
         self,
@@ -214,11 +199,7 @@ class Proxy:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Accept on `listener` until cancelled (then close it): an accept loop
-        (trio engine), or the epoll engine's, which accepts in its own loop."""
-        if self.engine is None:
-            await accept_loop(listener, port, self.dispatch, self.slots, task_status=task_status)
-            return
+        """Accept on `listener` until cancelled (then close it), in the engine's loop."""
         with listener:
             self.engine.add_listener(listener, port)
             try:
@@ -257,37 +238,6 @@ class Proxy:
         self.config = config
         self._self_loop.ports = config.ports | self._listen_ports
         self.health.apply(config)
-
-    async def _send_header(
-        self, target_sock: socket.socket, header: bytes, cfg: AppConfig, stats: RelayStats
-    ) -> bool:
-        """Send our PROXY header; False (and stats set) if the target failed first."""
-        try:
-            with trio.fail_after(cfg.connect_timeout):
-                await send_all(target_sock, header)
-        except trio.TooSlowError:
-            why = f"PROXY header not taken within {cfg.connect_timeout:g}s"
-            stats.reason, stats.error = EndReason.TARGET_EARLY_ERROR, why
-            return False
-        except OSError as exc:
-            stats.reason, stats.error = EndReason.TARGET_EARLY_ERROR, describe_error(exc)
-            return False
-        return True
-
-    async def _proxy_protocol(
-        self, client: socket.socket, peer: tuple, cfg: AppConfig
-    ) -> tuple[tuple, bytes]:
-        """Read the balancer's header (AcceptProxyProtocol) and build ours
-        (SendProxyProtocol): returns the client's real address and our header."""
-        destination = client.getsockname()
-        if cfg.accept_proxy_protocol:
-            source = await read_header(client)
-            if source is not None:
-                peer = source
-        header = b""
-        if cfg.send_proxy_protocol:
-            header = build_header(cfg.send_proxy_protocol, peer, destination)
-        return peer, header
 
     def counts(self) -> Counts:
         """Open connections and targets marked down, for the /status snapshot."""
@@ -363,165 +313,10 @@ class Proxy:
         self.active_total += 1
         self.active_by_app[name] += 1
         cid = f"{self._id_prefix}{next(self._ids)}"
-        if self.engine is not None:
-            self.engine.start(client, port, peer, app, cid, source)
-            return
-        self._connections.start_soon(
-            self._serve_counted, client, port, peer, app, cid, source, name="conn"
-        )
+        self.engine.start(client, port, peer, app, cid, source)
 
     def _reject(self, client: socket.SocketType, app: str, reason: str) -> None:
         """Count a connection refused at admission, give back its slot, reset it."""
         self.metrics.rejected(app, reason)
         self.slots.release()
         abort(client)
-
-    async def _serve_counted(
-        self,
-        client: socket.socket,
-        port: int,
-        peer: tuple,
-        app: AppRuntime,
-        cid: str,
-        source: tuple[str, str] | None,
-    ) -> None:
-        """`_serve`, then uncount the connection from its source's count (if counted)."""
-        try:
-            await self._serve(client, port, peer, app, cid)
-        finally:
-            if source is not None:
-                self.active_by_source[source] -= 1
-                if not self.active_by_source[source]:
-                    del self.active_by_source[source]  # bounded: only sources with connections
-
-    async def _first_byte(self, client: socket.socket, timeout: float) -> bool:
-        """Wait until the client has sent something (or closed); False after `timeout`."""
-        with trio.move_on_after(timeout):
-            await trio.lowlevel.wait_readable(client)
-            return True
-        return False
-
-    async def _serve(
-        self, client: socket.socket, port: int, peer: tuple, app: AppRuntime, cid: str
-    ) -> None:
-        started = time.monotonic()
-        stats = RelayStats()
-        target: Target | None = None
-        target_sock: socket.socket | None = None
-        reason = "cancelled"
-        metrics = self.metrics
-        cfg = app.config
-        failed: list[str] | None = None  # targets tried in vain before the one that answered
-        claim: Claim | None = None  # this connection's count against its target
-        health = self.health
-        header = b""  # PROXY protocol header for targets
-        try:
-            if cfg.accept_proxy_protocol or cfg.send_proxy_protocol:
-                try:
-                    peer, header = await self._proxy_protocol(client, peer, cfg)
-                except (ProxyHeaderError, trio.TooSlowError, OSError) as exc:
-                    reason = "client-error (PROXY header)"
-                    why = (
-                        f"no complete PROXY header within {HEADER_TIMEOUT:g} s"
-                        if isinstance(exc, trio.TooSlowError)
-                        else describe_error(exc)
-                    )
-                    self._warn_limit(f"proxy-header {cfg.name}",
-                                     "conn %s client=%s port=%d app=%s: %s", cid,
-                                     format_peer(peer), port, cfg.name, why,
-                                     extra={"conn": cid})  # fmt: skip
-                    return
-            if cfg.first_byte_timeout is not None and not await self._first_byte(
-                client, cfg.first_byte_timeout
-            ):
-                reason = "first-byte-timeout"
-                self._warn_limit(
-                    f"first-byte {cfg.name}",
-                    "conn %s client=%s port=%d app=%s: nothing received within "
-                    "FirstByteTimeout (%g s); closing", cid, format_peer(peer), port, cfg.name,
-                    cfg.first_byte_timeout, extra={"conn": cid},
-                )  # fmt: skip
-                return
-            order = app.choose()
-            # counted from the choice on, so a burst still connecting spreads (least-connections)
-            claim = Claim(self.active, order[0])
-            while True:
-                connecting = time.monotonic()
-                try:
-                    target_sock, target, failures = await open_target(
-                        cfg.name, order, self._resolver, cfg.connect_timeout,
-                        on_failure=health.connect_failed_now, on_attempt=claim.move,
-                        check=self._self_loop.check,
-                    )  # fmt: skip
-                except TargetUnavailable as exc:
-                    reason = "no-target"
-                    self._warn_limit(f"no-target {cfg.name}", "conn %s client=%s port=%d: %s",
-                                     cid, format_peer(peer), port, exc,
-                                     extra={"conn": cid})  # fmt: skip
-                    return
-                except ResourceExhausted as exc:
-                    reason = "no-resources"
-                    self._warn_limit("resources", "conn %s client=%s port=%d: %s",
-                                     cid, format_peer(peer), port, exc,
-                                     extra={"conn": cid})  # fmt: skip
-                    return
-                if failures:
-                    failed = (failed or []) + [f"{t}({why})" for t, why in failures]
-                if log.isEnabledFor(logging.DEBUG):
-                    log.debug("conn %s client=%s port=%d app=%s: connected to %s",
-                              cid, format_peer(peer), port, cfg.name, target,
-                              extra={"conn": cid})  # fmt: skip
-                health.connect_ok(target)
-                metrics.connected(cfg.name, target, time.monotonic() - connecting)
-                # A target that fails our PROXY header counts as failing early.
-                if not header or await self._send_header(target_sock, header, cfg, stats):
-                    await relay(
-                        client, target_sock, stats,
-                        use_splice=self._use_splice, idle_timeout=cfg.idle_timeout,
-                    )  # fmt: skip
-                order = order[order.index(target) + 1 :]
-                if stats.reason is not EndReason.TARGET_EARLY_ERROR or not order:
-                    break
-                # The target failed before any byte moved: the client never knew it.
-                failed = [*(failed or []), f"{target}({stats.error.lower()})"]
-                metrics.ended(cfg.name, target, "target-early-error", 0, 0)
-                target_sock.close()
-                target_sock = target = None
-            reason = stats.reason.value
-            if stats.reason is EndReason.TARGET_EARLY_ERROR:
-                abort(client)  # no target left to try
-            if stats.reason in (
-                EndReason.CLIENT_ERROR,
-                EndReason.TARGET_ERROR,
-                EndReason.TARGET_EARLY_ERROR,
-            ):
-                reason = f"{reason} ({stats.error})"
-        except Exception:  # a bug must cost one connection, not the proxy
-            reason = "internal-error"
-            log.exception("conn %s client=%s port=%d: internal error", cid, format_peer(peer),
-                          port, extra={"conn": cid})  # fmt: skip
-        finally:
-            if claim is not None:
-                claim.release()
-            self.active_total -= 1
-            self.active_by_app[cfg.name] -= 1
-            if not self.active_by_app[cfg.name]:
-                del self.active_by_app[cfg.name]
-            self.slots.release()
-            if reason in ("cancelled", "internal-error"):
-                # the proxy cut it short: tell both peers the stream is incomplete
-                abort(client)
-                if target_sock is not None:
-                    abort(target_sock)
-            client.close()
-            if target_sock is not None:
-                target_sock.close()
-            metrics.ended(cfg.name, target, reason.split(" ", 1)[0], stats.up, stats.down)
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug(
-                    "conn %s client=%s port=%d app=%s target=%s up=%d down=%d duration=%.3fs "
-                    "end=%s%s", cid, format_peer(peer), port, cfg.name, target or "-",
-                    stats.up, stats.down, time.monotonic() - started, reason,
-                    f" failed-first={','.join(failed)}" if failed else "",
-                    extra={"conn": cid},
-                )  # fmt: skip

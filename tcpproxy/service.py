@@ -128,7 +128,6 @@ async def run_service(
     metrics_address: tuple[str, int] | None = None,
     listen_ports: frozenset[int] = frozenset(),
     bind: str | None = None,
-    engine: str = "epoll",
     listeners: Callable[[], dict[int, socket.socket]] | None = None,
     state: UpgradeState | None = None,
     handover: Handover | None = None,
@@ -153,9 +152,6 @@ async def run_service(
         may loop back to them.
       bind: the address the ports listen on (--bind; None: every address),
         which decides what loops back (tcpproxy.selfloop).
-      engine: "trio" (a task per connection) or "epoll" (tcpproxy/engine.py:
-        one task serving every connection, in the connections nursery, so the
-        drain deadline and a second SIGINT cut it as they cut connection tasks).
       listeners: the frontend's listening sockets by port, for an upgrade
         (SIGUSR2; in a worker: handed to its supervisor when it asks, for its
         upgrade); None: none to hand over (a bpfproxy worker: its supervisor
@@ -181,12 +177,13 @@ async def run_service(
                     share = supervisor.count if supervisor is not None else 1
                     prefix = f"w{supervisor.index}-" if supervisor is not None else ""
                     proxy = Proxy(
-                        config, connections, max_connections=max_connections, share=share,
+                        config, max_connections=max_connections, share=share,
                         id_prefix=prefix, metrics=metrics, use_splice=use_splice,
-                        listen_ports=listen_ports, bind=bind, engine=engine,
+                        listen_ports=listen_ports, bind=bind,
                     )  # fmt: skip
-                    if proxy.engine is not None:
-                        await connections.start(proxy.engine.run)
+                    # the engine serves every connection from one task, in the connections
+                    # nursery: the drain deadline and a second SIGINT cut it
+                    await connections.start(proxy.engine.run)
                     apply = apply_locally(proxy, frontend)
                     notifier = Notifier()
                     source = FileSource(path) if isinstance(path, (Path, str)) else path
@@ -282,8 +279,7 @@ async def run_service(
                                     reloader.request("upgrade: the config as it is now")
                             task_status.started(proxy)
                     # accepting has stopped and every listener is closed
-                    if proxy.engine is not None:
-                        proxy.engine.drain()  # its task ends once no connection is left
+                    proxy.engine.drain()  # its task ends once no connection is left
                     if upgrade.successor is None and not refused:
                         notifier.stopping(status())
                     else:  # the service goes on, in the new process or in the old one

@@ -12,31 +12,12 @@ from typing import Any
 import trio
 
 from tcpproxy.config import AppConfig, Config, Target
-from tcpproxy.engine import _IN, _PHASE, Conn, Engine
+from tcpproxy.engine import _IN, _PHASE, Conn
 from tcpproxy.flow import Flow
 from tcpproxy.listeners import ACCEPT_BACKOFF
 from tcpproxy.proxy import Proxy
+from tests.inproc import PORT, arrive, serve
 from tests.test_connect import Blackhole
-
-PORT = 1  # the app's port: connections are handed to dispatch(), nothing listens
-
-
-async def serve(nursery: trio.Nursery, app: AppConfig, **options: Any) -> tuple[Proxy, Engine]:
-    """A Proxy for one app on the epoll engine, its loop running in `nursery`."""
-    proxy = Proxy(Config(apps=(app,)), nursery, engine="epoll", **options)
-    engine = proxy.engine
-    assert engine is not None
-    await nursery.start(engine.run)
-    return proxy, engine
-
-
-def arrive(proxy: Proxy) -> socket.socket:
-    """A client accepted on PORT, as an accept loop hands it over; returns its far end."""
-    ours, client = socket.socketpair()
-    ours.setblocking(False)
-    proxy.slots.acquire_nowait()
-    proxy.dispatch(ours, PORT, ("127.0.0.1", 40000))
-    return client
 
 
 class LookupResolver:
@@ -338,15 +319,13 @@ async def test_the_timer_sweep_drops_a_timer_of_an_ended_connection() -> None:
     app = AppConfig("A", (PORT,), (Target("127.0.0.1", 9),))
     ours, client = socket.socketpair()
     try:
-        async with trio.open_nursery() as nursery:
-            proxy = Proxy(Config(apps=(app,)), nursery, max_connections=10, engine="epoll")
-            engine = proxy.engine
-            assert engine is not None
-            flow = Flow(lambda: [], proxy.active)
-            ended = Conn(ours, PORT, ("127.0.0.1", 40000), proxy.route(PORT), "1", None, flow, 0.0)  # type: ignore[arg-type]
-            engine._at(3600.0, ended, _PHASE)  # armed with its current generation
-            engine._compact()
-            assert engine._timers == []
+        proxy = Proxy(Config(apps=(app,)), max_connections=10)
+        engine = proxy.engine
+        flow = Flow(lambda: [], proxy.active)
+        ended = Conn(ours, PORT, ("127.0.0.1", 40000), proxy.route(PORT), "1", None, flow, 0.0)  # type: ignore[arg-type]
+        engine._at(3600.0, ended, _PHASE)  # armed with its current generation
+        engine._compact()
+        assert engine._timers == []
     finally:
         ours.close()
         client.close()

@@ -45,11 +45,10 @@ async def test_a_burst_of_connecting_clients_spreads_over_least_connections(back
     try:
         async with trio.open_nursery() as nursery:
             proxy = Proxy(
-                Config(apps=(app,)), nursery, max_connections=100,
+                Config(apps=(app,)), max_connections=100,
                 resolver=resolver, use_splice=False,  # type: ignore[arg-type]
             )  # fmt: skip
-            if proxy.engine is not None:  # the epoll engine serves from its own task
-                await nursery.start(proxy.engine.run)
+            await nursery.start(proxy.engine.run)
 
             def arrive() -> None:
                 ours, theirs = socket.socketpair()
