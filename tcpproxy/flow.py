@@ -34,9 +34,8 @@ Rules:
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Sequence
 
-from tcpproxy.balance import Claim
 from tcpproxy.config import Target
 from tcpproxy.splice import EndReason
 
@@ -162,17 +161,13 @@ class Flow:
         (`Balancer.order`); called when the flow first connects, not at accept:
         a client silent behind a PROXY header or a FirstByteTimeout neither
         counts against a target nor gets one chosen long before it speaks.
-      active: the per-target counts; this connection's `Claim` on them is taken
-        with that choice, moved on failover, released by `release()`.
       accept_header, send_header: the app's AcceptProxyProtocol/SendProxyProtocol.
       first_byte: whether the app has a FirstByteTimeout.
     """
 
     __slots__ = (
         "_accept_header",
-        "_active",
         "_choose",
-        "_claim",
         "_first_byte",
         "_next",
         "_order",
@@ -191,16 +186,14 @@ class Flow:
     def __init__(
         self,
         choose: Callable[[], Sequence[Target]],
-        active: MutableMapping[Target, int],
         *,
         accept_header: bool = False,
         send_header: bool = False,
         first_byte: bool = False,
     ) -> None:
-        self._choose, self._active = choose, active
-        self._order: Sequence[Target] = ()  # chosen on the first connect
+        self._choose = choose
+        self._order: Sequence[Target] | None = None  # chosen on the first connect
         self._next = 0  # index in order of the next target to try
-        self._claim: Claim | None = None  # taken with the order
         self._accept_header = accept_header
         self._send_header = send_header
         self._first_byte = first_byte
@@ -224,16 +217,12 @@ class Flow:
 
     def _connect_next(self) -> Action | None:
         """Rule 3: CONNECT the next untried target; None when none is left."""
-        if self._claim is None:  # the first connect: choose now
+        if self._order is None:  # the first connect: choose now
             self._order = self._choose()
-            if not self._order:
-                return None
-            self._claim = Claim(self._active, self._order[0])
         if self._next >= len(self._order):
             return None
         self.target = self._order[self._next]
         self._next += 1
-        self._claim.move(self.target)
         self.state = S_CONNECTING
         self.client_done = self.target_done = False
         return A_CONNECT
@@ -255,11 +244,6 @@ class Flow:
     def end_label(self) -> str:
         """The end as logged: the reason, with the error's detail if any."""
         return f"{self.reason} ({self.why})" if self.why else self.reason
-
-    def release(self) -> None:
-        """The connection is gone: give back its place in the per-target counts."""
-        if self._claim is not None:
-            self._claim.release()
 
     # -- events ---------------------------------------------------------------
 

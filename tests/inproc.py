@@ -8,6 +8,7 @@ from typing import Any
 
 import trio
 
+from tcpproxy.admission import Ticket
 from tcpproxy.config import AppConfig, Config
 from tcpproxy.engine import Engine
 from tcpproxy.metrics import NullMetrics
@@ -17,10 +18,10 @@ PORT = 1  # the app's port: connections are handed to the engine, nothing listen
 PEER = ("127.0.0.1", 40000)  # the client's address the engine is told
 
 
-async def serve(nursery: trio.Nursery, app: AppConfig, **options: Any) -> tuple[Proxy, Engine]:
-    """A Proxy for `app` (max_connections 10 unless given), its engine running in `nursery`."""
+async def serve(nursery: trio.Nursery, *apps: AppConfig, **options: Any) -> tuple[Proxy, Engine]:
+    """A Proxy for `apps` (max_connections 10 unless given), its engine running in `nursery`."""
     options.setdefault("max_connections", 10)
-    proxy = Proxy(Config(apps=(app,)), **options)
+    proxy = Proxy(Config(apps=apps), **options)
     await nursery.start(proxy.engine.run)
     return proxy, proxy.engine
 
@@ -36,13 +37,16 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
     return ours, theirs
 
 
-def arrive(proxy: Proxy, *, tcp: bool = False, peer: tuple = PEER) -> socket.socket:
-    """A client accepted on PORT (over loopback TCP if `tcp`, else a socket pair), as
+def arrive(
+    proxy: Proxy, *, tcp: bool = False, peer: tuple = PEER, port: int = PORT
+) -> socket.socket:
+    """A client accepted on `port` (over loopback TCP if `tcp`, else a socket pair), as
     the engine's accept hands it over; returns the client's end."""
     ours, client = tcp_pair() if tcp else socket.socketpair()
     ours.setblocking(False)
-    proxy.slots.acquire_nowait()
-    proxy.dispatch(ours, PORT, peer)
+    ticket = proxy.admission.admit(port, peer)
+    assert isinstance(ticket, Ticket), ticket
+    proxy.engine.start(ours, port, peer, ticket)
     return client
 
 

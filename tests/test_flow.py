@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 
 from tcpproxy.config import Target
@@ -13,33 +11,29 @@ from tcpproxy.proxy_protocol import ProxyHeaderError, header_extent
 A, B, C = Target("10.0.0.1", 80), Target("10.0.0.2", 80), Target("10.0.0.3", 80)
 
 
-def make(order: list[Target] | None = None, **options: bool) -> tuple[Flow, Counter[Target]]:
+def make(order: list[Target] | None = None, **options: bool) -> Flow:
     order = order or [A, B, C]
-    active: Counter[Target] = Counter()
-    return Flow(lambda: order, active, **options), active
+    return Flow(lambda: order, **options)
 
 
-def relaying(**options: bool) -> tuple[Flow, Counter[Target]]:
-    flow, active = make(**options)
+def relaying(**options: bool) -> Flow:
+    flow = make(**options)
     assert flow.accepted() is Action.CONNECT
     assert flow.connected() is Action.RELAY
-    return flow, active
+    return flow
 
 
-def test_plain_connection_connects_at_once_and_counts_its_target() -> None:
-    flow, active = make()
+def test_plain_connection_connects_at_once() -> None:
+    flow = make()
     assert flow.accepted() is Action.CONNECT
-    assert (flow.state, flow.target, active) == (State.CONNECTING, A, Counter({A: 1}))
+    assert (flow.state, flow.target) == (State.CONNECTING, A)
     assert flow.timeout is Timeout.CONNECT
     assert flow.connected() is Action.RELAY
     assert flow.timeout is Timeout.IDLE
-    flow.release()
-    flow.release()  # idempotent
-    assert not active
 
 
 def test_header_then_first_byte_then_connect_then_header_out() -> None:
-    flow, _ = make(accept_header=True, first_byte=True, send_header=True)
+    flow = make(accept_header=True, first_byte=True, send_header=True)
     assert flow.accepted() is Action.READ_HEADER
     assert flow.timeout is Timeout.HEADER_IN
     assert flow.header_read() is Action.WAIT_FIRST_BYTE
@@ -63,17 +57,17 @@ def test_header_then_first_byte_then_connect_then_header_out() -> None:
     ],
 )
 def test_client_side_failures_before_any_target_close_the_client(options, event, label) -> None:
-    flow, _ = make(**options)
+    flow = make(**options)
     flow.accepted()
     assert event(flow) is Action.CLOSE
     assert (flow.state, flow.end_label, flow.target) == (State.CLOSED, label, None)
 
 
 def test_failover_tries_each_target_once_then_no_target() -> None:
-    flow, active = make()
+    flow = make()
     flow.accepted()
     assert flow.connect_failed("connection refused") is Action.CONNECT
-    assert (flow.target, active) == (B, Counter({B: 1}))
+    assert flow.target == B
     assert flow.timed_out(Timeout.CONNECT, "no answer within 2s") is Action.CONNECT
     assert flow.target == C
     assert flow.connect_failed("connection refused") is Action.CLOSE
@@ -86,7 +80,7 @@ def test_failover_tries_each_target_once_then_no_target() -> None:
 
 
 def test_targets_that_failed_before_the_one_used_are_logged() -> None:
-    flow, _ = make()
+    flow = make()
     flow.accepted()
     flow.connect_failed("connection refused")
     assert flow.connected() is Action.RELAY
@@ -94,38 +88,36 @@ def test_targets_that_failed_before_the_one_used_are_logged() -> None:
 
 
 def test_our_own_failure_blames_no_target_and_tries_no_other() -> None:
-    flow, _ = make()
+    flow = make()
     flow.accepted()
     assert flow.connect_failed("too many open files", ours=True) is Action.CLOSE
     assert (flow.end_label, flow.failures) == ("no-resources", [])
 
 
 def test_half_close_is_forwarded_then_both_close_without_a_second_shutdown() -> None:
-    flow, _ = relaying()
+    flow = relaying()
     assert flow.eof(Side.CLIENT) is Action.SHUTDOWN_TARGET
     assert flow.state is State.RELAY
     assert flow.eof(Side.TARGET) is Action.CLOSE
     assert flow.end_label == "done"
-    flow2, _ = relaying()
+    flow2 = relaying()
     assert flow2.eof(Side.TARGET) is Action.SHUTDOWN_CLIENT
     assert flow2.eof(Side.CLIENT) is Action.CLOSE
 
 
 def test_errors_reset_the_other_side() -> None:
-    flow, _ = relaying()
+    flow = relaying()
     assert flow.error(Side.CLIENT, "Connection reset by peer") is Action.ABORT_TARGET
     assert flow.end_label == "client-error (Connection reset by peer)"
-    flow, _ = relaying()
+    flow = relaying()
     assert flow.error(Side.TARGET, "Broken pipe") is Action.ABORT_CLIENT
     assert flow.end_label == "target-error (Broken pipe)"
 
 
 def test_target_failing_before_any_byte_redispatches_then_aborts_the_client() -> None:
-    flow, active = relaying()
+    flow = relaying()
     assert flow.error(Side.TARGET, "Connection reset by peer", moved=False) is Action.REDISPATCH
-    assert (flow.state, flow.target, flow.dropped, active) == (
-        State.CONNECTING, B, A, Counter({B: 1}),
-    )  # fmt: skip
+    assert (flow.state, flow.target, flow.dropped) == (State.CONNECTING, B, A)
     assert flow.connected() is Action.RELAY
     assert flow.error(Side.TARGET, "Connection reset by peer", moved=False) is Action.REDISPATCH
     flow.connected()
@@ -135,7 +127,7 @@ def test_target_failing_before_any_byte_redispatches_then_aborts_the_client() ->
 
 
 def test_a_target_refusing_our_header_is_early_even_if_the_client_spoke() -> None:
-    flow, _ = make(send_header=True)
+    flow = make(send_header=True)
     flow.accepted()
     flow.connected()
     assert flow.timed_out(Timeout.HEADER_OUT, "PROXY header not taken within 2s") is (
@@ -146,7 +138,7 @@ def test_a_target_refusing_our_header_is_early_even_if_the_client_spoke() -> Non
 
 
 def test_redispatch_forgets_the_half_close_of_the_dropped_target() -> None:
-    flow, _ = relaying()
+    flow = relaying()
     flow.eof(Side.TARGET)  # the target closed at once, cleanly: a "done" stream so far
     assert flow.error(Side.TARGET, "Connection reset by peer", moved=False) is Action.REDISPATCH
     flow.connected()
@@ -154,10 +146,10 @@ def test_redispatch_forgets_the_half_close_of_the_dropped_target() -> None:
 
 
 def test_idle_timeout_and_cancel() -> None:
-    flow, _ = relaying()
+    flow = relaying()
     assert flow.timed_out(Timeout.IDLE) is Action.CLOSE
     assert flow.end_label == "idle-timeout"
-    flow, _ = make(accept_header=True)
+    flow = make(accept_header=True)
     flow.accepted()
     assert flow.cancel() is Action.ABORT_BOTH
     assert flow.end_label == "cancelled"
@@ -192,7 +184,7 @@ REACH = {
 @pytest.mark.parametrize("state", list(State))
 @pytest.mark.parametrize("event", list(EVENTS))
 def test_every_state_and_event_follows_the_table(state: State, event: str) -> None:
-    flow, _ = make(accept_header=True, first_byte=True, send_header=True)
+    flow = make(accept_header=True, first_byte=True, send_header=True)
     for step in REACH[state]:
         EVENTS[step](flow)
     assert flow.state is state
@@ -208,7 +200,7 @@ def test_every_state_and_event_follows_the_table(state: State, event: str) -> No
 
 
 def test_a_timeout_of_another_state_is_a_bug() -> None:
-    flow, _ = relaying()
+    flow = relaying()
     with pytest.raises(FlowError):
         flow.timed_out(Timeout.CONNECT)
 
@@ -239,20 +231,17 @@ def test_header_extent_refuses_what_cannot_be_a_header(data: bytes) -> None:
 
 
 @pytest.mark.parametrize("options", [{"first_byte": True}, {"accept_header": True}])
-def test_the_target_is_chosen_and_counted_when_the_client_is_ready(options) -> None:
+def test_the_target_is_chosen_when_the_client_is_ready(options) -> None:
     """A client silent behind a FirstByteTimeout or PROXY header holds no target:
-    the balancer is asked (and the target counted) once it connects, not at accept."""
+    the balancer is asked once it connects, not at accept."""
     chosen: list[int] = []
-    active: Counter[Target] = Counter()
 
     def choose() -> list[Target]:
         chosen.append(1)
         return [B, A]
 
-    flow = Flow(choose, active, **options)
+    flow = Flow(choose, **options)
     flow.accepted()
-    assert (chosen, active) == ([], Counter())
+    assert (chosen, flow.target) == ([], None)
     action = flow.first_byte() if "first_byte" in options else flow.header_read()
-    assert (action, flow.target, chosen, active) == (Action.CONNECT, B, [1], Counter({B: 1}))
-    flow.release()
-    assert active == Counter()
+    assert (action, flow.target, chosen) == (Action.CONNECT, B, [1])

@@ -9,8 +9,9 @@ import trio
 
 from tcpproxy.config import AppConfig, Config, Strategy, Target
 from tcpproxy.proxy import Proxy
+from tests import inproc
 
-PORT = 1  # the app's port: connections are handed to dispatch(), nothing listens
+PORT = inproc.PORT
 
 
 class GatedResolver:
@@ -51,11 +52,7 @@ async def test_a_burst_of_connecting_clients_spreads_over_least_connections(back
             await nursery.start(proxy.engine.run)
 
             def arrive() -> None:
-                ours, theirs = socket.socketpair()
-                ours.setblocking(False)
-                clients.append(theirs)
-                proxy.slots.acquire_nowait()  # as an accept loop does
-                proxy.dispatch(ours, PORT, ("127.0.0.1", 40000 + len(clients)))
+                clients.append(inproc.arrive(proxy, peer=("127.0.0.1", 40000 + len(clients))))
 
             arrive()
             resolver.gate.set()
@@ -66,7 +63,7 @@ async def test_a_burst_of_connecting_clients_spreads_over_least_connections(back
             await trio.sleep(0.1)
             resolver.gate.set()
             await wait_until(lambda: t0.accepted + t1.accepted == 5)
-            assert sorted(proxy.active.values()) == [2, 3]  # not [1, 4]
+            assert sorted(proxy.admission.active.values()) == [2, 3]  # not [1, 4]
             assert sorted((t0.accepted, t1.accepted)) == [2, 3]
             nursery.cancel_scope.cancel()
     finally:
