@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import errno
 import socket
+from typing import Protocol
 
 from tcpproxy.errors import StartupError
 
-__all__ = ["ACCEPT_CAPACITY_ERRNOS", "BACKLOG", "bind_hint", "open_listener"]
+__all__ = ["ACCEPT_CAPACITY_ERRNOS", "BACKLOG", "ListenerHost", "bind_hint", "open_listener"]
 
 BACKLOG = 4096  # pending connections per listener; the kernel caps it at net.core.somaxconn
 # accept() failures that mean "out of resources": back off and retry, never crash
@@ -21,6 +22,20 @@ ACCEPT_BACKOFF = 0.100  # seconds to sleep after an accept capacity error
 ACCEPT_BATCH = 64  # connections accepted in a row before serving the others
 # accept() failures about one connection that died in the queue: skip it
 ACCEPT_TRANSIENT_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+
+
+class ListenerHost(Protocol):
+    """Who accepts on the listening sockets a frontend hands it: the engine.
+
+    The frontend keeps owning each socket: it closes it after `remove_listener`
+    (at a reload that drops its port, at shutdown, after an upgrade).
+    """
+
+    def add_listener(self, sock: socket.socket, port: int | None) -> None:
+        """Accept on `sock`; `port` None: each connection's own destination port."""
+
+    def remove_listener(self, sock: socket.socket) -> None:
+        """Stop accepting on `sock` (a socket not added, or removed already: nothing)."""
 
 
 def bind_hint(exc: OSError) -> str:

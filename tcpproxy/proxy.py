@@ -14,10 +14,6 @@ hold no backend connection (tcpproxy/flow.py rule 1).
 
 from __future__ import annotations
 
-import socket
-
-import trio
-
 from tcpproxy.admission import Admission
 from tcpproxy.config import Config
 from tcpproxy.engine import Engine
@@ -85,22 +81,6 @@ class Proxy:
             self.admission, resolver=self._resolver, health=self.health, metrics=self.metrics,
             warn=warn, check=self._self_loop.check, use_splice=use_splice,
         )  # fmt: skip
-
-    async def serve_listener(
-        self,
-        listener: socket.socket,
-        port: int | None,
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Accept on `listener` until cancelled (then close it), in the engine's loop."""
-        with listener:
-            self.engine.add_listener(listener, port)
-            try:
-                task_status.started()
-                await trio.sleep_forever()
-            finally:
-                self.engine.remove_listener(listener)
 
     def apply(self, config: Config) -> None:
         """Make `config` the one new connections use; established ones are never touched."""

@@ -42,6 +42,7 @@ import trio
 from tcpproxy.config import Config, no_isolation
 from tcpproxy.diff import format_ports
 from tcpproxy.errors import StartupError
+from tcpproxy.listeners import ListenerHost
 from tcpproxy.metrics import NullMetrics, serve_http, stop_http
 from tcpproxy.notify import Notifier
 from tcpproxy.pidfile import PidFile
@@ -76,8 +77,9 @@ class Frontend(Protocol):
 
     name: str
 
-    async def serve(self, proxy: Proxy, *, task_status: trio.TaskStatus[None] = ...) -> None:
-        """Accept on every listener for `proxy` until cancelled; started() once accepting."""
+    async def serve(self, host: ListenerHost, *, task_status: trio.TaskStatus[None] = ...) -> None:
+        """Hand every listener to `host` (the engine, which accepts) until cancelled, then
+        take them back and close them; started() once accepting."""
 
     def update(self, old: Config, new: Config) -> None:
         """Apply a reload's port changes; raise StartupError (changing nothing) to reject it."""
@@ -252,7 +254,7 @@ async def run_service(
                     with stop_accepting:
                         async with trio.open_nursery() as control:
                             await control.start(proxy.health.run)
-                            await control.start(frontend.serve, proxy)
+                            await control.start(frontend.serve, proxy.engine)
                             if supervisor is None:
                                 await control.start(source.watch, reloader.request)
                                 control.start_soon(reloader.run, status)
@@ -349,7 +351,7 @@ async def _upgrade(
     if pid is not None:
         upgrade.successor = pid
         upgrade.handed_over.set()
-        stop_accepting.cancel()  # the accept loops close our descriptors, not the sockets
+        stop_accepting.cancel()  # the frontend closes our descriptors, not the sockets
 
 
 async def _take_over(handover: Handover, pid_file: PidFile | None) -> bool:
