@@ -58,6 +58,7 @@ from tcpproxy.flow import (
     A_ABORT_BOTH,
     A_ABORT_CLIENT,
     A_ABORT_TARGET,
+    A_CHOOSE,
     A_CONNECT,
     A_READ_HEADER,
     A_REDISPATCH,
@@ -458,7 +459,7 @@ class Engine:
                 if not conn.tmask & _OUT or not phase:
                     whys.append("not waiting to send the header, or without its timer")
             else:
-                whys.append("a live connection in a final state")
+                whys.append("a live connection in a state it never waits in")
             problems.extend(f"conn {conn.cid} ({state.value}): {why}" for why in whys if why)
         for fd in registered.keys() - owned:
             problems.append(f"fd {fd} in epoll, owned by no listener or connection")
@@ -668,7 +669,6 @@ class Engine:
         app = ticket.app
         cfg = app.config
         flow = Flow(
-            app.choose,
             accept_header=cfg.accept_proxy_protocol, send_header=bool(cfg.send_proxy_protocol),
             first_byte=cfg.first_byte_timeout is not None,
         )  # fmt: skip
@@ -682,6 +682,8 @@ class Engine:
 
     def _act(self, conn: Conn, action: Action) -> None:
         """Carry out what the flow decided."""
+        if action is A_CHOOSE:  # the client is ready: the app's balancer chooses now
+            action = conn.flow.order_chosen(conn.app.choose())
         if action is A_CONNECT:
             self._connect(conn)
         elif action is A_RELAY:

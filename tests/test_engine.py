@@ -321,7 +321,7 @@ async def test_the_timer_sweep_drops_a_timer_of_an_ended_connection() -> None:
         engine = proxy.engine
         ticket = proxy.admission.admit(PORT, ("127.0.0.1", 40000))
         assert isinstance(ticket, Ticket)
-        ended = Conn(ours, PORT, ("127.0.0.1", 40000), ticket, Flow(lambda: []), 0.0)
+        ended = Conn(ours, PORT, ("127.0.0.1", 40000), ticket, Flow(), 0.0)
         engine._at(3600.0, ended, _PHASE)  # armed with its current generation
         engine._compact()
         assert engine._timers == []

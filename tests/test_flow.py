@@ -11,34 +11,50 @@ from tcpproxy.proxy_protocol import ProxyHeaderError, header_extent
 A, B, C = Target("10.0.0.1", 80), Target("10.0.0.2", 80), Target("10.0.0.3", 80)
 
 
-def make(order: list[Target] | None = None, **options: bool) -> Flow:
-    order = order or [A, B, C]
-    return Flow(lambda: order, **options)
+ORDER = [A, B, C]  # the try order a balancer would choose
+
+
+def connecting(**options: bool) -> Flow:
+    """A flow of a plain connection (no header in, no first byte) connecting to A."""
+    flow = Flow(**options)
+    assert flow.accepted() is Action.CHOOSE
+    assert flow.order_chosen(ORDER) is Action.CONNECT
+    return flow
 
 
 def relaying(**options: bool) -> Flow:
-    flow = make(**options)
-    assert flow.accepted() is Action.CONNECT
+    flow = connecting(**options)
     assert flow.connected() is Action.RELAY
     return flow
 
 
-def test_plain_connection_connects_at_once() -> None:
-    flow = make()
-    assert flow.accepted() is Action.CONNECT
+def test_plain_connection_chooses_and_connects_at_once() -> None:
+    flow = Flow()
+    assert flow.accepted() is Action.CHOOSE  # the engine asks the balancer at once
+    assert (flow.state, flow.target, flow.timeout) == (State.CHOOSING, None, None)
+    assert flow.order_chosen(ORDER) is Action.CONNECT
     assert (flow.state, flow.target) == (State.CONNECTING, A)
     assert flow.timeout is Timeout.CONNECT
     assert flow.connected() is Action.RELAY
     assert flow.timeout is Timeout.IDLE
 
 
+def test_an_empty_try_order_is_no_target() -> None:
+    flow = Flow()
+    flow.accepted()
+    assert flow.order_chosen([]) is Action.CLOSE
+    assert (flow.state, flow.end_label, flow.target) == (State.CLOSED, "no-target", None)
+
+
 def test_header_then_first_byte_then_connect_then_header_out() -> None:
-    flow = make(accept_header=True, first_byte=True, send_header=True)
+    flow = Flow(accept_header=True, first_byte=True, send_header=True)
     assert flow.accepted() is Action.READ_HEADER
     assert flow.timeout is Timeout.HEADER_IN
     assert flow.header_read() is Action.WAIT_FIRST_BYTE
     assert flow.timeout is Timeout.FIRST_BYTE
-    assert flow.first_byte() is Action.CONNECT
+    assert flow.first_byte() is Action.CHOOSE
+    assert flow.order_chosen([B, A]) is Action.CONNECT
+    assert flow.target == B
     assert flow.connected() is Action.SEND_HEADER
     assert flow.timeout is Timeout.HEADER_OUT
     assert flow.header_sent() is Action.RELAY
@@ -57,15 +73,14 @@ def test_header_then_first_byte_then_connect_then_header_out() -> None:
     ],
 )
 def test_client_side_failures_before_any_target_close_the_client(options, event, label) -> None:
-    flow = make(**options)
+    flow = Flow(**options)
     flow.accepted()
     assert event(flow) is Action.CLOSE
     assert (flow.state, flow.end_label, flow.target) == (State.CLOSED, label, None)
 
 
 def test_failover_tries_each_target_once_then_no_target() -> None:
-    flow = make()
-    flow.accepted()
+    flow = connecting()
     assert flow.connect_failed("connection refused") is Action.CONNECT
     assert flow.target == B
     assert flow.timed_out(Timeout.CONNECT, "no answer within 2s") is Action.CONNECT
@@ -80,16 +95,14 @@ def test_failover_tries_each_target_once_then_no_target() -> None:
 
 
 def test_targets_that_failed_before_the_one_used_are_logged() -> None:
-    flow = make()
-    flow.accepted()
+    flow = connecting()
     flow.connect_failed("connection refused")
     assert flow.connected() is Action.RELAY
     assert flow.failed == [f"{A}(connection refused)"]  # the log says why
 
 
 def test_our_own_failure_blames_no_target_and_tries_no_other() -> None:
-    flow = make()
-    flow.accepted()
+    flow = connecting()
     assert flow.connect_failed("too many open files", ours=True) is Action.CLOSE
     assert (flow.end_label, flow.failures) == ("no-resources", [])
 
@@ -127,8 +140,7 @@ def test_target_failing_before_any_byte_redispatches_then_aborts_the_client() ->
 
 
 def test_a_target_refusing_our_header_is_early_even_if_the_client_spoke() -> None:
-    flow = make(send_header=True)
-    flow.accepted()
+    flow = connecting(send_header=True)
     flow.connected()
     assert flow.timed_out(Timeout.HEADER_OUT, "PROXY header not taken within 2s") is (
         Action.REDISPATCH
@@ -149,7 +161,7 @@ def test_idle_timeout_and_cancel() -> None:
     flow = relaying()
     assert flow.timed_out(Timeout.IDLE) is Action.CLOSE
     assert flow.end_label == "idle-timeout"
-    flow = make(accept_header=True)
+    flow = Flow(accept_header=True)
     flow.accepted()
     assert flow.cancel() is Action.ABORT_BOTH
     assert flow.end_label == "cancelled"
@@ -161,6 +173,7 @@ EVENTS = {
     "header_read": lambda f: f.header_read(),
     "header_failed": lambda f: f.header_failed("x"),
     "first_byte": lambda f: f.first_byte(),
+    "order_chosen": lambda f: f.order_chosen(ORDER),
     "connected": lambda f: f.connected(),
     "connect_failed": lambda f: f.connect_failed("x"),
     "header_sent": lambda f: f.header_sent(),
@@ -170,13 +183,16 @@ EVENTS = {
     "cancel": lambda f: f.cancel(),
 }
 # how to bring a fresh flow into each state (with every option on, so all are reachable)
+TO_CHOOSING = ["accepted", "header_read", "first_byte"]
+TO_CONNECTING = [*TO_CHOOSING, "order_chosen"]
 REACH = {
     State.NEW: [],
     State.HEADER_IN: ["accepted"],
     State.FIRST_BYTE: ["accepted", "header_read"],
-    State.CONNECTING: ["accepted", "header_read", "first_byte"],
-    State.HEADER_OUT: ["accepted", "header_read", "first_byte", "connected"],
-    State.RELAY: ["accepted", "header_read", "first_byte", "connected", "header_sent"],
+    State.CHOOSING: TO_CHOOSING,
+    State.CONNECTING: TO_CONNECTING,
+    State.HEADER_OUT: [*TO_CONNECTING, "connected"],
+    State.RELAY: [*TO_CONNECTING, "connected", "header_sent"],
     State.CLOSED: ["accepted", "cancel"],
 }
 
@@ -184,7 +200,7 @@ REACH = {
 @pytest.mark.parametrize("state", list(State))
 @pytest.mark.parametrize("event", list(EVENTS))
 def test_every_state_and_event_follows_the_table(state: State, event: str) -> None:
-    flow = make(accept_header=True, first_byte=True, send_header=True)
+    flow = Flow(accept_header=True, first_byte=True, send_header=True)
     for step in REACH[state]:
         EVENTS[step](flow)
     assert flow.state is state
@@ -231,17 +247,15 @@ def test_header_extent_refuses_what_cannot_be_a_header(data: bytes) -> None:
 
 
 @pytest.mark.parametrize("options", [{"first_byte": True}, {"accept_header": True}])
-def test_the_target_is_chosen_when_the_client_is_ready(options) -> None:
+def test_the_order_is_asked_for_only_when_the_client_is_ready(options) -> None:
     """A client silent behind a FirstByteTimeout or PROXY header holds no target:
-    the balancer is asked once it connects, not at accept."""
-    chosen: list[int] = []
-
-    def choose() -> list[Target]:
-        chosen.append(1)
-        return [B, A]
-
-    flow = Flow(choose, **options)
-    flow.accepted()
-    assert (chosen, flow.target) == ([], None)
+    the flow asks for the try order (CHOOSE) once it may connect, not at accept."""
+    flow = Flow(**options)
+    assert flow.accepted() in (Action.WAIT_FIRST_BYTE, Action.READ_HEADER)
+    assert flow.target is None
+    with pytest.raises(FlowError):  # no order taken before it is asked for
+        flow.order_chosen(ORDER)
     action = flow.first_byte() if "first_byte" in options else flow.header_read()
-    assert (action, flow.target, chosen) == (Action.CONNECT, B, [1])
+    assert (action, flow.state, flow.target) == (Action.CHOOSE, State.CHOOSING, None)
+    assert flow.order_chosen([B, A]) is Action.CONNECT
+    assert flow.target == B
