@@ -142,7 +142,6 @@ def command(
     worker_listener: int | None,
     user: str | None,
     splice: bool,
-    engine: str,
     log_level: str,
     log_format: str,
     **fleet_params: Any,
@@ -157,7 +156,7 @@ def command(
     if worker is not None:  # started by a supervisor, which owns the BPF side
         return _run_worker(worker, worker_listener, config_path, drain_timeout,
                            max_connections, splice, log_level, log_format,
-                           listen_port, bind, engine)  # fmt: skip
+                           listen_port, bind)  # fmt: skip
     setup_logging(log_level, log_format=log_format)
     from bpfproxy.dispatcher import Dispatcher
     from bpfproxy.errors import SteeringError
@@ -174,7 +173,7 @@ def command(
     if handover is not None:  # started by an upgrade: the state comes with the listener
         return _run_handed_over(
             handover, config_path, fleet, listen_port, bind, bpffs, name, user,
-            drain_timeout, max_connections, metrics_address, pid_file, splice, engine,
+            drain_timeout, max_connections, metrics_address, pid_file, splice,
         )  # fmt: skip
     try:
         if check:
@@ -246,8 +245,7 @@ def command(
             # ambient: the process an upgrade starts (SIGUSR2) keeps the same, no more
             _drop(pins, account, keep, ambient=keep)
             _serve(source, data, config, frontend, pins, pids, None, notifier, fdstore,
-                   drain_timeout, limit, splice, metrics, address, listen_port, bind,
-                   engine)  # fmt: skip
+                   drain_timeout, limit, splice, metrics, address, listen_port, bind)  # fmt: skip
     except SteeringError as exc:
         raise StartupError(str(exc)) from None
     return 0
@@ -280,7 +278,6 @@ def _serve(
     address: tuple[str, int] | None,
     listen_port: int,
     bind: str | None,
-    engine: str,
 ) -> None:
     """Serve until stopped or upgraded; a clean stop unpins, a hand-over does not (the
     state is the new process's)."""
@@ -289,7 +286,7 @@ def _serve(
             config_path, data, config, frontend, drain_timeout=drain_timeout,
             max_connections=limit, use_splice=splice, metrics=metrics,
             metrics_address=address, listen_ports=frozenset({listen_port}), bind=bind,
-            engine=engine, listeners=frontend.sockets, state=frontend, handover=handover,
+            listeners=frontend.sockets, state=frontend, handover=handover,
             pid_file=pids, notifier=notifier, fdstore=fdstore, task_status=_Serving(pins),
         )
     )  # fmt: skip
@@ -331,7 +328,6 @@ def _run_handed_over(
     metrics_address: str | None,
     pid_file: Path | None,
     splice: bool,
-    engine: str,
 ) -> int:
     """A process started by an upgrade (SIGUSR2): unprivileged from the start, it
     validates its config, takes the listener and the BPF state it was handed
@@ -369,8 +365,7 @@ def _run_handed_over(
         keep = inherited_capabilities()
         drop_privileges(None, keep, ambient=keep)
         _serve(source, data, config, frontend, pins, pids, handover, notifier, fdstore,
-               drain_timeout, limit, splice, metrics, address, listen_port, bind,
-               engine)  # fmt: skip
+               drain_timeout, limit, splice, metrics, address, listen_port, bind)  # fmt: skip
     return 0
 
 
@@ -532,7 +527,6 @@ def _run_worker(
     log_format: str,
     listen_port: int,
     bind: str | None,
-    engine: str,
 ) -> int:
     if listener_fd is None:
         raise click.UsageError("--worker needs --worker-listener")
@@ -551,7 +545,7 @@ def _run_worker(
         lambda: run_service(
             config_path, b"", config, SharedListener(listener), drain_timeout=drain_timeout,
             max_connections=limit, use_splice=splice, supervisor=link, metrics=metrics,
-            listen_ports=frozenset({listen_port}), bind=bind, engine=engine,
+            listen_ports=frozenset({listen_port}), bind=bind,
         )
     )  # fmt: skip
     return 0

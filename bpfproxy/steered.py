@@ -15,8 +15,8 @@ from bpfproxy.handover import state_fds
 from tcpproxy.config import Config
 from tcpproxy.diff import format_ports
 from tcpproxy.errors import StartupError
+from tcpproxy.listeners import ListenerHost
 from tcpproxy.metrics import NullMetrics
-from tcpproxy.proxy import Proxy
 
 if TYPE_CHECKING:
     from bpfproxy.pinning import Instance
@@ -53,10 +53,18 @@ class SharedListener:
         self._listener = listener
 
     async def serve(
-        self, proxy: Proxy, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self, host: ListenerHost, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        """Hand the listener to `host` (the engine, which accepts on it) until cancelled;
+        then take it back and close it (its connections go on)."""
         # port None: each connection's own destination port (getsockname) picks its app
-        await proxy.serve_listener(self._listener, None, task_status=task_status)
+        host.add_listener(self._listener, None)
+        try:
+            task_status.started()
+            await trio.sleep_forever()
+        finally:
+            host.remove_listener(self._listener)
+            self._listener.close()
 
     def update(self, old: Config, new: Config) -> None:
         pass
@@ -122,13 +130,13 @@ class SteeredListener(SharedListener):
                 log.error("upgrade failed and the port map could not be restored: %s", exc)
 
     async def serve(
-        self, proxy: Proxy, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self, host: ListenerHost, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Accept until cancelled; SYNs are held (pinned state) while serving, and refused
         again from the moment serving stops (a clean stop), as without pinned state."""
         self._dispatcher.set_hold(True)
         try:
-            await super().serve(proxy, task_status=task_status)
+            await super().serve(host, task_status=task_status)
         except trio.Cancelled:
             if not self.handed_over:  # else the new process serves: SYNs stay held
                 self._dispatcher.set_hold(False)

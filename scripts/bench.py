@@ -11,7 +11,7 @@ HAProxy, tcpproxy, bpfproxy (and any `--variant`), in alternating rounds;
 medians are reported. The parsing and the table are in bench_report.py.
 
     sudo .venv/bin/python scripts/bench.py [--rounds 3] [--seconds 4] [--idle 10000]
-        [--engine epoll|trio] [--workers N] [--variant NAME=BINARY:ARGS ...]
+        [--workers N] [--variant NAME=BINARY:ARGS ...]
         [--proxy-cpus LIST --load-cpus LIST] [--modes ...] [--measure ...]
 """
 
@@ -247,8 +247,6 @@ http {{ access_log off; keepalive_timeout 600s; keepalive_requests 1000000;
                 "--log-level", "error", "--max-connections", str(haproxy_maxconn())]  # fmt: skip
         if mode.binary == "bpfproxy":
             argv += ["-p", str(BPF_LISTEN + mode.index)]
-        if self.args.engine:
-            argv += ["--engine", self.args.engine]
         if self.args.workers is not None:
             argv += ["--workers", str(self.args.workers)]
         argv += mode.args  # last, so a variant's arguments win
@@ -413,8 +411,6 @@ def _portable(command: str, workdir: Path, modes: dict[str, Mode]) -> str:
 
 
 def write_report(results: Results, args: argparse.Namespace, modes: dict[str, Mode]) -> None:
-    from tcpproxy.cli_common import DEFAULT_ENGINE
-
     run = results.modes
     docs = ROOT / "docs"
     docs.mkdir(exist_ok=True)
@@ -430,9 +426,6 @@ def write_report(results: Results, args: argparse.Namespace, modes: dict[str, Mo
     commands = "\n".join(f"{name}: {cmd}" for name, cmd in sorted(results.commands.items()))
     parts = f" in {results.parts} parts (`--results`)" if results.parts > 1 else ""
     ports = ", ".join(f"{m} {' / '.join(str(modes[m].port(s)) for s in SERVICES)}" for m in run)
-    engine = (
-        f"`--engine {args.engine}`" if args.engine else f"their default engine ({DEFAULT_ENGINE})"
-    )
     workers = f"`--workers {args.workers}`" if args.workers else "their default workers (1)"
     pinning = (
         f"proxies pinned to CPUs {args.proxy_cpus}, load tools and backends to "
@@ -485,7 +478,7 @@ per proxy per round, proxies alternating within a round; the table shows medians
 - {", ".join(f"{k} {val}" for k, val in v.items())}
 - everything on loopback inside one network namespace; HAProxy with `nbthread`
   = cores it may use, `mode tcp`, `option splice-auto`; tcpproxy/bpfproxy with
-  {engine} and {workers}; {pinning}
+  {workers}; {pinning}
 
 ## Commands
 
@@ -544,12 +537,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--idle", type=int, default=10000, help="idle connections for memory")
-    parser.add_argument(
-        "--engine",
-        choices=["epoll", "trio"],
-        default=None,
-        help="passed to tcpproxy/bpfproxy [default: theirs]",
-    )
     parser.add_argument(
         "--workers", type=int, default=None, help="passed to tcpproxy/bpfproxy [default: theirs]"
     )

@@ -10,8 +10,8 @@ Rules:
    not pile onto one neighbour more than round-robin would).
 3. least-connections: fewest active connections first, ties broken by the
    round-robin rotation so equal targets still share the load. A connection
-   counts from the moment its target is chosen (a `Claim`), not once
-   connected: a burst of clients all still connecting spreads over the
+   counts from the moment its target is chosen (admission.Ticket.claim), not
+   once connected: a burst of clients all still connecting spreads over the
    targets instead of all seeing the same counts and picking the same one.
 4. Targets marked down (by health state) go to the end, in the same relative
    order: they are still tried when nothing else works (fail open).
@@ -20,11 +20,11 @@ Rules:
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from tcpproxy.config import Strategy, Target
 
-__all__ = ["Balancer", "Claim"]
+__all__ = ["Balancer"]
 
 
 def _never_down(target: Target) -> bool:
@@ -79,38 +79,3 @@ class Balancer:
         if len(up) == n:
             return rotated
         return up + [t for t in rotated if is_down(t)]
-
-
-class Claim:
-    """One connection's place in the per-target counts that least-connections reads.
-
-    Taken at choice time (rule 3), moved to the next target on failover,
-    released once when the connection ends. Zero counts are deleted, so the
-    counts hold only targets with open connections.
-    """
-
-    __slots__ = ("_active", "target")
-
-    def __init__(self, active: MutableMapping[Target, int], target: Target) -> None:
-        self._active = active
-        self.target: Target | None = target
-        active[target] = active.get(target, 0) + 1
-
-    def move(self, target: Target) -> None:
-        """The connection now tries (or uses) `target` instead."""
-        # identity first: the first try is the choice itself, and a Target compares in Python
-        if target is not self.target and target != self.target:
-            self.release()
-            self.target = target
-            self._active[target] = self._active.get(target, 0) + 1
-
-    def release(self) -> None:
-        """The connection ended (idempotent)."""
-        target, self.target = self.target, None
-        if target is None:
-            return
-        left = self._active.get(target, 0) - 1
-        if left > 0:
-            self._active[target] = left
-        else:
-            self._active.pop(target, None)

@@ -83,7 +83,6 @@ def command(
     worker_listeners: tuple[str, ...],
     user: str | None,
     splice: bool,
-    engine: str,
     log_level: str,
     log_format: str,
     **fleet_params: Any,
@@ -105,7 +104,7 @@ def command(
             lambda: run_service(
                 config_path, b"", config, frontend, drain_timeout=drain_timeout,
                 max_connections=limit, use_splice=splice, supervisor=link, metrics=metrics,
-                bind=bind, engine=engine, listeners=frontend.sockets,
+                bind=bind, listeners=frontend.sockets,
             )
         )  # fmt: skip
         return 0
@@ -168,7 +167,7 @@ def command(
             lambda: run_service(
                 source, data, config, frontend, drain_timeout=drain_timeout,
                 max_connections=limit, use_splice=splice, metrics=metrics,
-                metrics_address=address, bind=bind, engine=engine,
+                metrics_address=address, bind=bind,
                 listeners=frontend.sockets, handover=handover, pid_file=pids,
                 notifier=notifier, fdstore=fdstore,
             )

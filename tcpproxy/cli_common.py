@@ -18,7 +18,6 @@ import click
 
 from tcpproxy import __version__, build_info
 from tcpproxy.config import Config, ConfigError, no_isolation, parse_config
-from tcpproxy.engine import ENGINES
 from tcpproxy.errors import ProxyError, StartupError
 from tcpproxy.heap import return_large_blocks
 from tcpproxy.privileges import CAP_NET_BIND_SERVICE, unprivileged_port_start
@@ -53,10 +52,7 @@ __all__ = [
 
 EXIT_USAGE = 2  # our error: bad config, bad option, cannot start as asked
 DEFAULT_WORKERS = 1  # see README: measured on 2 cores
-# "epoll" measured ~2x the new connections/s of "trio" at half the CPU, but one soak run
-# saw a session stall under it (1 of 19,266): the default stays on the proven path until
-# that is found.
-DEFAULT_ENGINE = "epoll"  # see docs/ARCHITECTURE.md, "The connection engine"
+ENGINE_ENV = "TCPPROXY_ENGINE"  # --engine's variable, for both binaries (see _engine_gone)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
@@ -191,10 +187,9 @@ def common_options(prog: str) -> Callable[[F], F]:
                     help="Relay with zero-copy splice(2), or copy through a buffer.",
                 ),
                 click.option(
-                    "--engine", type=click.Choice(ENGINES), default=DEFAULT_ENGINE,
-                    envvar="TCPPROXY_ENGINE", show_default=True, show_envvar=True,
-                    help="The connection engine: 'epoll' serves every connection from one "
-                    "event loop (faster); 'trio' runs a task per connection.",
+                    "--engine", metavar="epoll", default=None, envvar=ENGINE_ENV,
+                    hidden=True, expose_value=False, callback=_engine_gone,
+                    help="Deprecated, ignored: epoll is the only engine.",
                 ),
                 click.option(
                     "--log-level", type=click.Choice(LOG_LEVELS), default="info",
@@ -220,6 +215,29 @@ def version_option(prog: str) -> Callable[[F], F]:
     """--version: the version and which build runs ("compiled (mypyc X.Y)", "interpreted")."""
     message = f"%(prog)s, version %(version)s, {build_info.describe()}"
     return click.version_option(__version__, prog_name=prog, message=message)
+
+
+def _engine_gone(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """--engine (or TCPPROXY_ENGINE): the trio engine is gone, and the option with it.
+
+    `epoll`, what an old unit file may still pass, is accepted with one warning, so
+    a proxy upgraded in place still starts; anything else is our error (exit 2).
+    The variable is taken out of the environment, so the workers and an upgrade's
+    new process do not warn again.
+    """
+    if value is None:
+        return
+    from_env = ctx.get_parameter_source("engine") is click.core.ParameterSource.ENVIRONMENT
+    where = f"{ENGINE_ENV}={value}" if from_env else f"--engine {value}"
+    os.environ.pop(ENGINE_ENV, None)
+    if value == "epoll":
+        click.echo(f"{ctx.info_name}: warning: {where} is deprecated and ignored: "
+                   f"epoll is the only engine; remove it", err=True)  # fmt: skip
+        return
+    if value == "trio":
+        raise StartupError(f"{where}: the trio engine was removed (the epoll engine serves "
+                           "every connection); remove it")  # fmt: skip
+    raise StartupError(f"{where}: unknown engine (the option is deprecated: remove it)")
 
 
 FDS_PER_CONNECTION = 6  # two sockets and two pipes (two descriptors each)
@@ -511,7 +529,6 @@ def worker_options(ctx_params: dict[str, Any], skip: set[str]) -> list[str]:
         "log_level": "--log-level",
         "log_format": "--log-format",
         "bind": "--bind",
-        "engine": "--engine",
     }
     options: list[str] = []
     for key, flag in flags.items():

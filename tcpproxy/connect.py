@@ -1,8 +1,9 @@
-"""Connecting to an app's targets, with failover.
+"""Connecting to a target: the order of its addresses, and failures in words.
 
-A target that refuses, does not resolve, or does not answer within the app's
-connect timeout costs the client nothing but time: the next target in the
-balancer's order is tried, until each has been tried once.
+The engine connects connections (tcpproxy/engine.py, with failover across an
+app's targets: tcpproxy/flow.py); `connect_target` here is the probes' one
+connect, on trio. Both try a name's addresses in the same order (happy
+eyeballs) and describe a failure in the same words.
 """
 
 from __future__ import annotations
@@ -16,17 +17,14 @@ from collections.abc import Callable, Sequence
 import trio
 
 from tcpproxy.config import Target
-from tcpproxy.errors import ResourceExhausted, TargetUnavailable
 from tcpproxy.resolve import LookupTimeout, Resolver
 
 __all__ = [
     "HAPPY_EYEBALLS_DELAY",
     "LOCAL_ERRNOS",
-    "NO_FAILURES",
     "connect_target",
     "describe_error",
     "interleave",
-    "open_target",
 ]
 
 _STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
@@ -163,57 +161,3 @@ async def connect_target(
         return won[0]
     # ours first (out of descriptors: say so, not blame the target), else the first failure
     raise next((e for e in errors if e.errno in LOCAL_ERRNOS), errors[0])
-
-
-NO_FAILURES: tuple[tuple[Target, str], ...] = ()
-
-
-async def open_target(
-    name: str,
-    order: list[Target],
-    resolver: Resolver,
-    connect_timeout: float,
-    *,
-    on_failure: Callable[[Target, str], None] | None = None,
-    on_attempt: Callable[[Target], None] | None = None,
-    check: AddressCheck | None = None,
-) -> tuple[socket.socket, Target, Sequence[tuple[Target, str]]]:
-    """Connect to the first target of `order` that answers.
-
-    Args:
-      name: the app's name, for the error.
-      order: every target once, the preferred first (see `Balancer.order`).
-      connect_timeout: seconds allowed per target: the whole attempt at it,
-        resolution and every address of its name included.
-      on_failure: told at once of each target that failed (health tracking).
-      on_attempt: told of each target before it is tried (connection counts).
-      check: vetoes addresses before they are tried (`connect_target`).
-
-    Returns:
-      The socket, its target, and the (target, why) of those that failed
-      first (an empty constant in the common case: no list per connection).
-
-    Raises:
-      TargetUnavailable: every target failed; it lists why for each.
-      ResourceExhausted: this process is out of descriptors or memory.
-    """
-    failures: list[tuple[Target, str]] = []
-    for target in order:
-        if on_attempt is not None:
-            on_attempt(target)
-        try:
-            with trio.fail_after(connect_timeout):
-                sock = await connect_target(target, resolver, check=check)
-            return sock, target, failures or NO_FAILURES
-        except trio.TooSlowError as exc:
-            why = describe_error(exc, connect_timeout)
-        except OSError as exc:
-            if exc.errno in LOCAL_ERRNOS:
-                raise ResourceExhausted(
-                    f"cannot connect to {target}: {describe_error(exc)}"
-                ) from None
-            why = describe_error(exc)
-        failures.append((target, why))
-        if on_failure is not None:
-            on_failure(target, why)
-    raise TargetUnavailable(name, [(str(target), why) for target, why in failures])

@@ -1,9 +1,9 @@
 """The epoll engine: every proxied connection's I/O, driven from one trio task.
 
-The trio path runs a task (with its nursery and cancel scopes) per
-connection; that machinery costs more CPU per connection than the syscalls.
-Here a connection is a `flow.Flow` (what to do, pure) plus a `Conn` (its
-sockets and buffers), and one loop over a private, level-triggered epoll
+A trio task per connection (with its nursery and cancel scopes) cost more
+CPU per connection than the syscalls; that path is gone. Here a connection
+is a `flow.Flow` (what to do, pure) plus a `Conn` (its sockets and
+buffers), and one loop over a private, level-triggered epoll
 serves them all: many events per wake-up, no task, nursery, cancel scope or
 timeout object per connection. Timeouts (PROXY header, first byte, connect,
 happy-eyeballs stagger, idle) sit on one heap, invalidated lazily.
@@ -13,10 +13,9 @@ awaits `wait_readable(epoll fd)` bounded by the next timer; while events
 keep coming it polls again without going through trio's scheduler, and
 yields every ROUNDS_BEFORE_YIELD rounds so the control plane (reloads,
 probes, metrics, signals) still runs. Everything happens in the trio thread,
-so health, metrics, the balancer and the warning limiter are called
-synchronously, as from a connection task. Host names not in the resolver's
-cache are looked up by a trio task the engine owns, whose answer comes back
-as an event.
+so admission, health, metrics, the balancer and the warning limiter are
+called synchronously. Host names not in the resolver's cache are looked up
+by a trio task the engine owns, whose answer comes back as an event.
 
 Relay (as splice.py's rules): copy with recv/send; a read that fills
 COPY_SIZE switches that direction to splice(2) through a pipe. A direction
@@ -44,12 +43,22 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from tcpproxy.connect import HAPPY_EYEBALLS_DELAY, LOCAL_ERRNOS, describe_error, interleave
+from tcpproxy.admission import NO_ROUTE, Admission, Ticket
+from tcpproxy.admission import format_peer as _peer
+from tcpproxy.config import Target
+from tcpproxy.connect import (
+    HAPPY_EYEBALLS_DELAY,
+    LOCAL_ERRNOS,
+    AddressCheck,
+    describe_error,
+    interleave,
+)
 from tcpproxy.errors import ResourceExhausted, TargetUnavailable
 from tcpproxy.flow import (
     A_ABORT_BOTH,
     A_ABORT_CLIENT,
     A_ABORT_TARGET,
+    A_CHOOSE,
     A_CONNECT,
     A_READ_HEADER,
     A_REDISPATCH,
@@ -85,15 +94,17 @@ from tcpproxy.proxy_protocol import (
     parse_header,
 )
 from tcpproxy.splice import CHUNK_SIZE, COPY_SIZE, FAIRNESS_BYTES, abort
+from tcpproxy.warnlimit import WarnLimiter
 
 if TYPE_CHECKING:
-    from tcpproxy.proxy import AppRuntime, Proxy
+    from tcpproxy.metrics import NullMetrics
+    from tcpproxy.probes import HealthMonitor
+    from tcpproxy.resolve import Resolver
 
-__all__ = ["ENGINES", "Engine"]
+__all__ = ["Engine"]
 
 log = logging.getLogger("tcpproxy")
 
-ENGINES = ("trio", "epoll")  # --engine choices: a task per connection, or this engine
 MAX_EVENTS = 256  # events taken per epoll_wait
 ROUNDS_BEFORE_YIELD = 8  # busy rounds (events every time) before trio's other tasks run
 TIMER_SLACK = 2  # the timer heap may hold this many entries per live connection...
@@ -194,10 +205,10 @@ class Conn:
         "moved",
         "peer",
         "port",
-        "source",
         "started",
         "target",
         "tfd",
+        "ticket",
         "tmask",
         "up",
         "up_bytes",
@@ -208,14 +219,13 @@ class Conn:
         client: socket.SocketType,
         port: int,
         peer: tuple,
-        app: AppRuntime,
-        cid: str,
-        source: tuple[str, str] | None,
+        ticket: Ticket,
         flow: Flow,
         now: float,
     ) -> None:
         self.client, self.cfd, self.port, self.peer = client, client.fileno(), port, peer
-        self.app, self.cid, self.source, self.flow = app, cid, source, flow
+        self.ticket, self.flow = ticket, flow  # its slot and counts: admission.Ticket
+        self.app, self.cid = ticket.app, ticket.cid
         self.started = self.last = self.connecting = now
         self.target: socket.SocketType | None = None
         self.tfd = -1
@@ -232,16 +242,43 @@ class Conn:
         self.attempt_errors: list[OSError] = []
 
 
+def _no_check(target: Target, family: int, sockaddr: tuple) -> None:
+    pass
+
+
 class Engine:
     """The data path of one process: its listeners' accepts and every connection.
 
     Args:
-      proxy: admission (`Proxy.dispatch`), counts, health, metrics, resolver.
+      admission: routes, limits and counts: asked before each accept
+        (`has_slot`) and after it (`admit`); each connection's `Ticket` is
+        released when it ends, whatever the path.
+      resolver: target names to addresses (its cache at once, else a lookup task).
+      health: told of each connect's outcome (`connect_ok`, `connect_failed_now`).
+      metrics: counts connects and ends.
+      warn: the limiter every client-triggered warning goes through.
+      check: vetoes a target's address before it is connected (the self-loop
+        guard: tcpproxy.selfloop).
       use_splice: splice bulk transfers (else always copy).
     """
 
-    def __init__(self, proxy: Proxy, *, use_splice: bool = True) -> None:
-        self._proxy = proxy
+    def __init__(
+        self,
+        admission: Admission,
+        *,
+        resolver: Resolver,
+        health: HealthMonitor,
+        metrics: NullMetrics,
+        warn: WarnLimiter,
+        check: AddressCheck = _no_check,
+        use_splice: bool = True,
+    ) -> None:
+        self._admission = admission
+        self._resolver = resolver
+        self._health = health
+        self._metrics = metrics
+        self._warn = warn
+        self._check = check
         self._use_splice = use_splice and _HAVE_SPLICE
         self._epoll = select.epoll()
         self._fds: dict[int, tuple[Callable[[Any, int], None], Any]] = {}
@@ -269,6 +306,7 @@ class Engine:
         poll, fds = self._epoll.poll, self._fds
         epoll_fd = self._epoll.fileno()
         monotonic = time.monotonic
+        has_slot = self._admission.has_slot
         debug = partial(log.isEnabledFor, logging.DEBUG)
         # Every connection allocates a few dozen objects, and the idle timers keep ended
         # ones until the heap is swept, so they live long enough to reach the oldest
@@ -294,7 +332,7 @@ class Engine:
                     timers = self._timers
                     if timers and timers[0][0] <= now:
                         self._run_timers(now)
-                    if self._paused and self._proxy.slots.value:
+                    if self._paused and has_slot():
                         self._resume()
                     if self._checks:
                         self._report(self.check())
@@ -421,7 +459,7 @@ class Engine:
                 if not conn.tmask & _OUT or not phase:
                     whys.append("not waiting to send the header, or without its timer")
             else:
-                whys.append("a live connection in a final state")
+                whys.append("a live connection in a state it never waits in")
             problems.extend(f"conn {conn.cid} ({state.value}): {why}" for why in whys if why)
         for fd in registered.keys() - owned:
             problems.append(f"fd {fd} in epoll, owned by no listener or connection")
@@ -497,7 +535,7 @@ class Engine:
             self._warn_header(conn, f"no complete PROXY header within {HEADER_TIMEOUT:g} s")
             self._end(conn, flow.timed_out(timeout))
         elif timeout is Timeout.FIRST_BYTE:
-            self._proxy._warn_limit(
+            self._warn(
                 f"first-byte {cfg.name}",
                 "conn %s client=%s port=%d app=%s: nothing received within "
                 "FirstByteTimeout (%g s); closing", conn.cid, _peer(conn.peer), conn.port,
@@ -561,12 +599,21 @@ class Engine:
             lst.registered = True
 
     def _accept(self, lst: _Listener, ev: int) -> None:
-        """Accept a batch (listeners.accept_loop's rules, without a task)."""
-        proxy = self._proxy
-        slots, dispatch, accept = proxy.slots, proxy.dispatch, lst.sock._accept  # type: ignore[attr-defined]
+        """Accept a burst, up to ACCEPT_BATCH without waiting for readiness again.
+
+        A slot is needed before each accept: at the limit the listeners are
+        paused and new connections wait in the kernel's listen queue rather
+        than fail. Out-of-resource errors (ACCEPT_CAPACITY_ERRNOS) are logged
+        once per episode and the listener is off for ACCEPT_BACKOFF, so
+        running out of descriptors never kills the proxy; errors about one
+        connection that died in the queue are skipped; anything else is a bug
+        (`_internal_error`).
+        """
+        admission = self._admission
+        has_slot, admit, accept = admission.has_slot, admission.admit, lst.sock._accept  # type: ignore[attr-defined]
         family, kind, proto = lst.kind
         for _ in range(ACCEPT_BATCH):
-            if not slots.value:  # at the limit: the rest wait in the listen queue
+            if not has_slot():  # at the limit: the rest wait in the listen queue
                 self._pause()
                 return
             try:
@@ -605,29 +652,27 @@ class Engine:
                 log.warning("port %s: accepting again after %d failed tries", lst.port or "*",
                             lst.failures)  # fmt: skip
                 lst.failures = 0
-            slots.acquire_nowait()
-            dispatch(sock, port, peer)
+            ticket = admit(port, peer)
+            if isinstance(ticket, str):  # refused (why is counted and warned about)
+                if ticket == NO_ROUTE:
+                    sock.close()
+                else:
+                    abort(sock)
+                continue
+            self.start(sock, port, peer, ticket)
 
     # -- connections ------------------------------------------------------------
 
-    def start(
-        self,
-        client: socket.SocketType,
-        port: int,
-        peer: tuple,
-        app: AppRuntime,
-        cid: str,
-        source: tuple[str, str] | None,
-    ) -> None:
-        """Serve an admitted connection (Proxy.dispatch counted it and holds its slot)."""
+    def start(self, client: socket.SocketType, port: int, peer: tuple, ticket: Ticket) -> None:
+        """Serve a connection accepted on `port` from `peer` and admitted (`ticket`:
+        released when it ends)."""
+        app = ticket.app
         cfg = app.config
-        proxy = self._proxy
         flow = Flow(
-            app.choose, proxy.active,
             accept_header=cfg.accept_proxy_protocol, send_header=bool(cfg.send_proxy_protocol),
             first_byte=cfg.first_byte_timeout is not None,
         )  # fmt: skip
-        conn = Conn(client, port, peer, app, cid, source, flow, self._now)
+        conn = Conn(client, port, peer, ticket, flow, self._now)
         self._conns.add(conn)
         self._fds[conn.cfd] = (self._on_client, conn)
         try:
@@ -637,6 +682,8 @@ class Engine:
 
     def _act(self, conn: Conn, action: Action) -> None:
         """Carry out what the flow decided."""
+        if action is A_CHOOSE:  # the client is ready: the app's balancer chooses now
+            action = conn.flow.order_chosen(conn.app.choose())
         if action is A_CONNECT:
             self._connect(conn)
         elif action is A_RELAY:
@@ -709,10 +756,9 @@ class Engine:
 
     def _warn_header(self, conn: Conn, why: str) -> None:
         cfg = conn.app.config
-        self._proxy._warn_limit(f"proxy-header {cfg.name}",
-                                "conn %s client=%s port=%d app=%s: %s", conn.cid,
-                                _peer(conn.peer), conn.port, cfg.name, why,
-                                extra={"conn": conn.cid})  # fmt: skip
+        self._warn(f"proxy-header {cfg.name}", "conn %s client=%s port=%d app=%s: %s",
+                   conn.cid, _peer(conn.peer), conn.port, cfg.name, why,
+                   extra={"conn": conn.cid})  # fmt: skip
 
     def _read_header(self, conn: Conn) -> None:
         """Take the balancer's PROXY header as it arrives, not one byte past its end."""
@@ -747,14 +793,14 @@ class Engine:
         happy eyeballs over its addresses; the connect timeout bounds it all."""
         target = conn.flow.target
         assert target is not None
+        conn.ticket.claim(target)  # counted from the choice on, and moved on failover
         cfg = conn.app.config
         conn.connecting = self._now
         if conn.attempt_errors:
             conn.attempt_errors = []
         conn.gen += 1  # a new phase: older timers and lookups are stale
-        resolver = self._proxy._resolver
         try:
-            addresses = resolver.cached(target.host, target.port)
+            addresses = self._resolver.cached(target.host, target.port)
         except OSError as exc:
             self._target_failed(conn, describe_error(exc), exc=exc)
             return
@@ -773,7 +819,7 @@ class Engine:
         answer: list[tuple[int, tuple]] | OSError | None = None
         with trio.move_on_after(left):  # the resolver gives up just before: says "DNS"
             try:
-                answer = await self._proxy._resolver.resolve(target.host, target.port)
+                answer = await self._resolver.resolve(target.host, target.port)
             except OSError as exc:
                 answer = exc
         if answer is None or conn.gen != gen or conn not in self._conns:
@@ -806,7 +852,7 @@ class Engine:
         """Start the next address; a loopback connect is done at once (no wait)."""
         flow = conn.flow
         target = flow.target
-        check = self._proxy._self_loop.check
+        check = self._check
         while conn.addresses:
             family, sockaddr = conn.addresses.pop(0)
             sock: socket.SocketType | None = None
@@ -896,9 +942,8 @@ class Engine:
             log.debug("conn %s client=%s port=%d app=%s: connected to %s", conn.cid,
                       _peer(conn.peer), conn.port, cfg.name, target,
                       extra={"conn": conn.cid})  # fmt: skip
-        proxy = self._proxy
-        proxy.health.connect_ok(target)
-        proxy.metrics.connected(cfg.name, target, self._now - conn.connecting)
+        self._health.connect_ok(target)
+        self._metrics.connected(cfg.name, target, self._now - conn.connecting)
         self._act(conn, flow.connected())
 
     def _target_failed(
@@ -911,7 +956,7 @@ class Engine:
         assert target is not None
         ours = exc is not None and exc.errno in LOCAL_ERRNOS
         if not ours:
-            self._proxy.health.connect_failed_now(target, why)
+            self._health.connect_failed_now(target, why)
         action = (
             flow.timed_out(Timeout.CONNECT, why) if timeout else flow.connect_failed(why, ours=ours)
         )
@@ -923,16 +968,15 @@ class Engine:
             else:
                 failures = [(str(t), w) for t, w in flow.failures]
                 message, key = TargetUnavailable(cfg.name, failures), f"no-target {cfg.name}"
-            self._proxy._warn_limit(key, "conn %s client=%s port=%d: %s", conn.cid,
-                                    _peer(conn.peer), conn.port, message,
-                                    extra={"conn": conn.cid})  # fmt: skip
+            self._warn(key, "conn %s client=%s port=%d: %s", conn.cid, _peer(conn.peer),
+                       conn.port, message, extra={"conn": conn.cid})  # fmt: skip
         self._act(conn, action)
 
     def _redispatch(self, conn: Conn) -> None:
         """The target failed before any byte moved: close it, try the next (flow's rule 5)."""
         flow = conn.flow
         cfg = conn.app.config
-        self._proxy.metrics.ended(cfg.name, flow.dropped, "target-early-error", 0, 0)
+        self._metrics.ended(cfg.name, flow.dropped, "target-early-error", 0, 0)
         self._interest(conn, 0, conn.tmask)
         self._close_target(conn)
         self._connect(conn)
@@ -1149,22 +1193,11 @@ class Engine:
         conn.hbuf = b""
         if conn.attempt_errors:
             conn.attempt_errors = []
-        flow.release()
-        proxy = self._proxy
-        cfg = conn.app.config
-        name = cfg.name
-        proxy.active_total -= 1
-        proxy.active_by_app[name] -= 1
-        if not proxy.active_by_app[name]:
-            del proxy.active_by_app[name]
-        if conn.source is not None:
-            proxy.active_by_source[conn.source] -= 1
-            if not proxy.active_by_source[conn.source]:
-                del proxy.active_by_source[conn.source]
-        proxy.slots.release()
+        conn.ticket.release()  # the slot and every count, here only
+        name = conn.app.config.name
         connected = conn.target is not None
         used = flow.target if connected else None
-        proxy.metrics.ended(name, used, flow.reason, conn.up_bytes, conn.down_bytes)
+        self._metrics.ended(name, used, flow.reason, conn.up_bytes, conn.down_bytes)
         if self._debug:
             log.debug(
                 "conn %s client=%s port=%d app=%s target=%s up=%d down=%d duration=%.3fs "
@@ -1174,13 +1207,6 @@ class Engine:
                 extra={"conn": conn.cid},
             )  # fmt: skip
         conn.target = None
-
-
-def _peer(peer: tuple) -> str:
-    host, port = peer[0], peer[1]
-    if host.startswith("::ffff:") and "." in host:  # IPv4 client on a dual-stack socket
-        host = host[7:]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _epoll_interest(epfd: int) -> dict[int, tuple[int, int]]:

@@ -4,13 +4,19 @@ The epoll engine (tcpproxy/engine.py) does the syscalls and feeds what
 happened in as events (a method call each); the flow answers with the one
 `Action` the engine must take next. What to do is decided here, so it is
 tested without sockets: the try order and its failover, the redispatch rule,
-half-close, and why the connection ended (the splice.EndReason values, so
-logs and metrics read as with the trio path).
+half-close, and why the connection ended (the splice.EndReason values, as
+logs and metrics name them). The flow holds no reference to anything shared:
+the try order comes in as data, and what a connection counts against is the
+engine's to record (admission.Ticket).
 
 Rules:
 1. accepted -> READ_HEADER if the app accepts PROXY headers, else
-   WAIT_FIRST_BYTE if it has a FirstByteTimeout, else CONNECT (the first
-   target of the balancer's order, asked for at that first CONNECT).
+   WAIT_FIRST_BYTE if it has a FirstByteTimeout, else CHOOSE: the engine asks
+   the app's balancer for the try order at once and hands it in
+   (`order_chosen`), and the flow CONNECTs its first target (an empty order:
+   "no-target"). The order is asked for only then, not at accept: a client
+   silent behind a PROXY header or a FirstByteTimeout neither counts against
+   a target nor gets one chosen long before it speaks.
 2. A header read (or the first byte seen) moves on as rule 1 does; a bad or
    late header ends with "client-error (PROXY header)", a silent client with
    "first-byte-timeout" (both: close the client, no target was touched).
@@ -34,9 +40,8 @@ Rules:
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Sequence
 
-from tcpproxy.balance import Claim
 from tcpproxy.config import Target
 from tcpproxy.splice import EndReason
 
@@ -47,6 +52,7 @@ class State(enum.Enum):
     NEW = "new"
     HEADER_IN = "header-in"  # reading the balancer's PROXY header
     FIRST_BYTE = "first-byte"  # waiting for the client to say something
+    CHOOSING = "choosing"  # waiting for the try order (the engine hands it in at once)
     CONNECTING = "connecting"  # connecting to `Flow.target` (resolution included)
     HEADER_OUT = "header-out"  # sending our PROXY header to the target
     RELAY = "relay"  # bytes both ways, half-close forwarded
@@ -56,6 +62,7 @@ class State(enum.Enum):
 class Action(enum.Enum):
     READ_HEADER = "read-header"
     WAIT_FIRST_BYTE = "wait-first-byte"
+    CHOOSE = "choose"  # ask the app's balancer for the try order: `order_chosen`
     CONNECT = "connect"  # connect to Flow.target
     SEND_HEADER = "send-header"
     RELAY = "relay"
@@ -85,10 +92,13 @@ class Timeout(enum.Enum):
 # EnumType.__getattr__, about 80 ns a read; every event of every connection reads
 # several, so the flow and the engine read these module globals instead (10 ns).
 S_NEW, S_HEADER_IN, S_FIRST_BYTE = State.NEW, State.HEADER_IN, State.FIRST_BYTE
+S_CHOOSING = State.CHOOSING
 S_CONNECTING, S_HEADER_OUT, S_RELAY, S_CLOSED = (
     State.CONNECTING, State.HEADER_OUT, State.RELAY, State.CLOSED
 )  # fmt: skip
-A_READ_HEADER, A_WAIT_FIRST_BYTE = Action.READ_HEADER, Action.WAIT_FIRST_BYTE
+A_READ_HEADER, A_WAIT_FIRST_BYTE, A_CHOOSE = (
+    Action.READ_HEADER, Action.WAIT_FIRST_BYTE, Action.CHOOSE
+)  # fmt: skip
 A_CONNECT, A_SEND_HEADER, A_RELAY = Action.CONNECT, Action.SEND_HEADER, Action.RELAY
 A_REDISPATCH, A_CLOSE = Action.REDISPATCH, Action.CLOSE
 A_SHUTDOWN_CLIENT, A_SHUTDOWN_TARGET = Action.SHUTDOWN_CLIENT, Action.SHUTDOWN_TARGET
@@ -105,14 +115,18 @@ class FlowError(Exception):
 # The transition table: (state, event) -> the states it may lead to. Events are
 # the Flow's methods; where an event has more than one outcome, the method's
 # docstring says which rule picks it. Anything not listed is a FlowError.
-_ANY_LIVE = (State.HEADER_IN, State.FIRST_BYTE, State.CONNECTING, State.HEADER_OUT, State.RELAY)
+_ANY_LIVE = (
+    State.HEADER_IN, State.FIRST_BYTE, State.CHOOSING, State.CONNECTING, State.HEADER_OUT,
+    State.RELAY,
+)  # fmt: skip
 TRANSITIONS: dict[tuple[State, str], tuple[State, ...]] = {
-    (State.NEW, "accepted"): (State.HEADER_IN, State.FIRST_BYTE, State.CONNECTING),
-    (State.HEADER_IN, "header_read"): (State.FIRST_BYTE, State.CONNECTING),
+    (State.NEW, "accepted"): (State.HEADER_IN, State.FIRST_BYTE, State.CHOOSING),
+    (State.HEADER_IN, "header_read"): (State.FIRST_BYTE, State.CHOOSING),
     (State.HEADER_IN, "header_failed"): (State.CLOSED,),
     (State.HEADER_IN, "timeout"): (State.CLOSED,),
-    (State.FIRST_BYTE, "first_byte"): (State.CONNECTING,),
+    (State.FIRST_BYTE, "first_byte"): (State.CHOOSING,),
     (State.FIRST_BYTE, "timeout"): (State.CLOSED,),
+    (State.CHOOSING, "order_chosen"): (State.CONNECTING, State.CLOSED),
     (State.CONNECTING, "connected"): (State.HEADER_OUT, State.RELAY),
     (State.CONNECTING, "connect_failed"): (State.CONNECTING, State.CLOSED),
     (State.CONNECTING, "timeout"): (State.CONNECTING, State.CLOSED),
@@ -133,6 +147,7 @@ _ON_ACCEPTED = _FROM["accepted"]
 _ON_HEADER_READ = _FROM["header_read"]
 _ON_HEADER_FAILED = _FROM["header_failed"]
 _ON_FIRST_BYTE = _FROM["first_byte"]
+_ON_ORDER_CHOSEN = _FROM["order_chosen"]
 _ON_CONNECTED = _FROM["connected"]
 _ON_CONNECT_FAILED = _FROM["connect_failed"]
 _ON_HEADER_SENT = _FROM["header_sent"]
@@ -145,7 +160,9 @@ _DONE, _CANCELLED, _IDLE = EndReason.DONE.value, EndReason.CANCELLED.value, EndR
 _CLIENT_ERROR, _TARGET_ERROR = EndReason.CLIENT_ERROR.value, EndReason.TARGET_ERROR.value
 _TARGET_EARLY_ERROR = EndReason.TARGET_EARLY_ERROR.value
 
-_TIMEOUTS = {  # the timeout each state arms (the engine keeps one phase timer per connection)
+# the timeout each state arms (the engine keeps one phase timer per connection); CHOOSING
+# has none: the engine answers it at once
+_TIMEOUTS = {
     State.HEADER_IN: Timeout.HEADER_IN,
     State.FIRST_BYTE: Timeout.FIRST_BYTE,
     State.CONNECTING: Timeout.CONNECT,
@@ -158,21 +175,12 @@ class Flow:
     """One connection's state: where it is, which targets are left, how it ended.
 
     Args:
-      choose: the try order, every target once, the balancer's choice first
-        (`Balancer.order`); called when the flow first connects, not at accept:
-        a client silent behind a PROXY header or a FirstByteTimeout neither
-        counts against a target nor gets one chosen long before it speaks.
-      active: the per-target counts; this connection's `Claim` on them is taken
-        with that choice, moved on failover, released by `release()`.
       accept_header, send_header: the app's AcceptProxyProtocol/SendProxyProtocol.
       first_byte: whether the app has a FirstByteTimeout.
     """
 
     __slots__ = (
         "_accept_header",
-        "_active",
-        "_choose",
-        "_claim",
         "_first_byte",
         "_next",
         "_order",
@@ -190,17 +198,13 @@ class Flow:
 
     def __init__(
         self,
-        choose: Callable[[], Sequence[Target]],
-        active: MutableMapping[Target, int],
         *,
         accept_header: bool = False,
         send_header: bool = False,
         first_byte: bool = False,
     ) -> None:
-        self._choose, self._active = choose, active
-        self._order: Sequence[Target] = ()  # chosen on the first connect
+        self._order: Sequence[Target] = ()  # handed in by `order_chosen` (rule 1)
         self._next = 0  # index in order of the next target to try
-        self._claim: Claim | None = None  # taken with the order
         self._accept_header = accept_header
         self._send_header = send_header
         self._first_byte = first_byte
@@ -224,16 +228,10 @@ class Flow:
 
     def _connect_next(self) -> Action | None:
         """Rule 3: CONNECT the next untried target; None when none is left."""
-        if self._claim is None:  # the first connect: choose now
-            self._order = self._choose()
-            if not self._order:
-                return None
-            self._claim = Claim(self._active, self._order[0])
         if self._next >= len(self._order):
             return None
         self.target = self._order[self._next]
         self._next += 1
-        self._claim.move(self.target)
         self.state = S_CONNECTING
         self.client_done = self.target_done = False
         return A_CONNECT
@@ -242,9 +240,8 @@ class Flow:
         if self._first_byte:
             self.state = S_FIRST_BYTE
             return A_WAIT_FIRST_BYTE
-        action = self._connect_next()
-        assert action is not None, "a balancer order is never empty"
-        return action
+        self.state = S_CHOOSING
+        return A_CHOOSE
 
     @property
     def timeout(self) -> Timeout | None:
@@ -255,11 +252,6 @@ class Flow:
     def end_label(self) -> str:
         """The end as logged: the reason, with the error's detail if any."""
         return f"{self.reason} ({self.why})" if self.why else self.reason
-
-    def release(self) -> None:
-        """The connection is gone: give back its place in the per-target counts."""
-        if self._claim is not None:
-            self._claim.release()
 
     # -- events ---------------------------------------------------------------
 
@@ -286,11 +278,22 @@ class Flow:
         return A_CLOSE
 
     def first_byte(self) -> Action:
-        """Rule 2: the client sent something (or closed): connect now."""
+        """Rule 2: the client sent something (or closed): choose, then connect."""
         if self.state not in _ON_FIRST_BYTE:
             raise self._refuse("first_byte")
+        self.state = S_CHOOSING
+        return A_CHOOSE
+
+    def order_chosen(self, order: Sequence[Target]) -> Action:
+        """Rule 1: the try order, every target once, the balancer's choice first
+        (`Balancer.order`); CONNECT its first target."""
+        if self.state not in _ON_ORDER_CHOSEN:
+            raise self._refuse("order_chosen")
+        self._order = order
         action = self._connect_next()
-        assert action is not None
+        if action is None:
+            self._end("no-target")
+            return A_CLOSE
         return action
 
     def connected(self) -> Action:

@@ -10,8 +10,7 @@ import trio
 from tcpproxy.config import Config
 from tcpproxy.errors import StartupError
 from tcpproxy.fdstore import FdStore, Wanted
-from tcpproxy.listeners import open_listener
-from tcpproxy.proxy import Proxy
+from tcpproxy.listeners import ListenerHost, open_listener
 
 __all__ = ["STORE_PREFIX", "PortListeners"]
 
@@ -24,9 +23,11 @@ class PortListeners:
     """A listener per port, opened and closed as the config's ports change.
 
     Resource handling: owns every listening socket. `open()` opens all or
-    none; `serve()` closes them when it is cancelled; `update()` opens the
-    new ports before anything else changes, so a port that cannot be bound
-    rejects the whole reload, and ports that stay keep their socket (no gap).
+    none; `serve()` hands them to the engine, and takes them back and closes
+    them when it is cancelled; `update()` opens the new ports before anything
+    else changes, so a port that cannot be bound rejects the whole reload,
+    ports that stay keep their socket (no gap), and a removed port's socket
+    is taken back from the engine and closed at once.
     """
 
     name = "tcpproxy"
@@ -35,14 +36,12 @@ class PortListeners:
         self._bind = bind
         self._reuse_port = reuse_port  # workers: each has its own socket per port
         self._pending: dict[int, socket.socket] = {}  # opened, not yet accepting
-        self._scopes: dict[int, trio.CancelScope] = {}  # accepting
-        self._accepting: dict[int, socket.socket] = {}  # their sockets, for an upgrade
-        self._nursery: trio.Nursery | None = None
-        self._proxy: Proxy | None = None
+        self._accepting: dict[int, socket.socket] = {}  # handed to the engine
+        self._host: ListenerHost | None = None  # the engine, while serving
 
     @property
     def ports(self) -> frozenset[int]:
-        return frozenset(self._pending) | frozenset(self._scopes)
+        return frozenset(self._pending) | frozenset(self._accepting)
 
     def _open_all(self, ports: frozenset[int], config: Config) -> dict[int, socket.socket]:
         names = {port: app.name for app in config.apps for port in app.ports}
@@ -120,52 +119,48 @@ class PortListeners:
         }
 
     async def serve(
-        self, proxy: Proxy, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self, host: ListenerHost, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        """Hand every listener to `host` (the engine, which accepts on them) until
+        cancelled; then take each back and close it (its connections go on)."""
+        self._host = host
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery, self._proxy = nursery, proxy
-                self._start_pending()
-                task_status.started()
-                await trio.sleep_forever()  # the port set may become empty; keep serving reloads
+            self._start_pending()
+            task_status.started()
+            await trio.sleep_forever()  # the port set may become empty; keep serving reloads
         finally:
-            self._nursery = None
+            for port in sorted(self._accepting):
+                self._stop(port)
+            self._host = None
             for sock in self._pending.values():
                 sock.close()
             self._pending.clear()
 
     def _start_pending(self) -> None:
-        assert self._nursery is not None and self._proxy is not None
+        assert self._host is not None
         for port, sock in sorted(self._pending.items()):
-            scope = trio.CancelScope()
-            self._scopes[port] = scope
+            self._host.add_listener(sock, port)
             self._accepting[port] = sock
-            self._nursery.start_soon(self._accept, scope, sock, port, self._proxy)
         self._pending.clear()
 
-    async def _accept(
-        self, scope: trio.CancelScope, sock: socket.socket, port: int, proxy: Proxy
-    ) -> None:
-        try:
-            with scope:
-                await proxy.serve_listener(sock, port)
-        finally:
-            if self._accepting.get(port) is sock:
-                del self._accepting[port]
+    def _stop(self, port: int) -> None:
+        """Stop accepting on `port` and close its socket; its connections go on."""
+        assert self._host is not None
+        sock = self._accepting.pop(port)
+        self._host.remove_listener(sock)
+        sock.close()
 
     def update(self, old: Config, new: Config) -> None:
         added = new.ports - self.ports
         removed = self.ports - new.ports
         self._pending.update(self._open_all(added, new))  # may raise: nothing changed yet
-        if self._nursery is not None:
+        if self._host is not None:
             self._start_pending()
         for port in sorted(added):
             log.info("listening on port %d", port)
         for port in sorted(removed):
-            scope = self._scopes.pop(port, None)
-            self._accepting.pop(port, None)
-            if scope is not None:
-                scope.cancel()  # its loop closes the socket; its connections go on
+            if port in self._accepting:
+                self._stop(port)
             else:
                 self._pending.pop(port).close()
             log.info("stopped listening on port %d", port)

@@ -4,7 +4,8 @@ Sending: a v1 (text) or v2 (binary) header is written to each target before
 any client byte. Accepting: a load balancer in front writes one to us first;
 we consume exactly its bytes as they arrive (not one payload byte after it)
 and take the client's address from it. Packing and parsing are the
-`proxy-protocol` library's; this module only moves bytes.
+`proxy-protocol` library's; this module says where a header ends, fed the
+bytes seen so far (it reads no socket: the engine moves the bytes).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import ipaddress
 import socket
 
-import trio
 from proxyprotocol.result import (
     ProxyResult,
     ProxyResultIPv4,
@@ -27,8 +27,6 @@ __all__ = [
     "build_header",
     "header_extent",
     "parse_header",
-    "read_header",
-    "send_all",
 ]
 
 HEADER_TIMEOUT = 5.0  # seconds a client may take to send its PROXY header
@@ -83,84 +81,10 @@ def build_header(version: str, source: tuple, destination: tuple) -> bytes:
     return protocol.pack(result)
 
 
-async def send_all(sock: socket.socket, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[sock.send(view) :]
-        except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
-
-
-async def _recv(sock: socket.socket, size: int, flags: int = 0) -> bytes:
-    """Up to `size` bytes once some are readable (not one more); raise if the peer closed."""
-    while True:
-        await trio.lowlevel.wait_readable(sock)
-        try:
-            data = sock.recv(size, flags)
-        except BlockingIOError:  # a spurious wake-up
-            continue
-        if not data:
-            raise ProxyHeaderError("closed before a PROXY header")
-        return data
-
-
-async def _read_v1_line(sock: socket.socket, data: bytes) -> bytes:
-    """Consume the rest of a v1 header, through its LF, and not one byte after it.
-
-    Peek at what has arrived, take it up to the LF if there is one, else take all
-    of it: what was taken is no longer readable, so the next wait sleeps until
-    new bytes come (no polling), and the 107-byte limit bounds the loop.
-    """
-    while True:
-        room = _V1_MAX - len(data)
-        if room <= 0:
-            raise ProxyHeaderError(f"PROXY v1 header longer than {_V1_MAX} bytes")
-        peeked = await _recv(sock, room, socket.MSG_PEEK)
-        end = peeked.find(b"\n")
-        data += sock.recv(len(peeked) if end < 0 else end + 1)  # all peeked: cannot block
-        if end >= 0:
-            return data
-
-
-async def _read(sock: socket.socket) -> bytes:
-    """Consume exactly one PROXY header (v1 or v2), and nothing after it."""
-    data = b""
-    while len(data) < len(_V1_PREFIX):  # the shortest prefix telling v1 from v2
-        data += await _recv(sock, len(_V1_PREFIX) - len(data))
-        if not (_V1_PREFIX.startswith(data) or _V2_SIGNATURE.startswith(data)):
-            raise ProxyHeaderError("no PROXY protocol header")
-    if data == _V1_PREFIX:
-        return await _read_v1_line(sock, data)
-    while len(data) < 16:  # v2: signature, version and command, family, length
-        data += await _recv(sock, 16 - len(data))
-        if not _V2_SIGNATURE.startswith(data[:12]):
-            raise ProxyHeaderError("no PROXY protocol header")
-    length = 16 + int.from_bytes(data[14:16], "big")
-    while len(data) < length:
-        data += await _recv(sock, length - len(data))
-    return data
-
-
-async def read_header(sock: socket.socket) -> tuple[str, int] | None:
-    """Read one PROXY header from `sock`; return the client's (host, port).
-
-    None for a LOCAL/UNKNOWN header (a health check of the balancer itself:
-    keep the socket's own peer). Raises ProxyHeaderError for anything else
-    and trio.TooSlowError after HEADER_TIMEOUT. Bytes are consumed as they
-    come, exactly as many as the header takes (its length is known from its
-    first 16 bytes in v2, from its LF in v1), so the payload behind it stays
-    unread and a header that stops half-way costs only a wait, not polling.
-    """
-    with trio.fail_after(HEADER_TIMEOUT):
-        header = await _read(sock)
-    return parse_header(header)
-
-
 def header_extent(data: bytes) -> int | None:
     """How many bytes the PROXY header that `data` starts with takes; None: not known yet.
 
-    Pure, for a reader that takes bytes as they arrive (the epoll engine):
+    Pure, for a reader that takes bytes as they arrive (the engine):
     v2 says its length in its first 16 bytes, v1 ends at its LF. Raises
     ProxyHeaderError as soon as `data` cannot start a header.
     """

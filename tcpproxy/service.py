@@ -48,6 +48,7 @@ from tcpproxy.config import Config, no_isolation
 from tcpproxy.diff import format_ports
 from tcpproxy.errors import StartupError
 from tcpproxy.fdstore import FdStore
+from tcpproxy.listeners import ListenerHost
 from tcpproxy.metrics import NullMetrics, serve_http, stop_http
 from tcpproxy.notify import Notifier
 from tcpproxy.pidfile import PidFile
@@ -89,8 +90,9 @@ class Frontend(Protocol):
 
     name: str
 
-    async def serve(self, proxy: Proxy, *, task_status: trio.TaskStatus[None] = ...) -> None:
-        """Accept on every listener for `proxy` until cancelled; started() once accepting."""
+    async def serve(self, host: ListenerHost, *, task_status: trio.TaskStatus[None] = ...) -> None:
+        """Hand every listener to `host` (the engine, which accepts) until cancelled, then
+        take them back and close them; started() once accepting."""
 
     def update(self, old: Config, new: Config) -> None:
         """Apply a reload's port changes; raise StartupError (changing nothing) to reject it."""
@@ -141,7 +143,6 @@ async def run_service(
     metrics_address: tuple[str, int] | None = None,
     listen_ports: frozenset[int] = frozenset(),
     bind: str | None = None,
-    engine: str = "epoll",
     listeners: Callable[[], dict[int, socket.socket]] | None = None,
     state: UpgradeState | None = None,
     handover: Handover | None = None,
@@ -168,9 +169,6 @@ async def run_service(
         may loop back to them.
       bind: the address the ports listen on (--bind; None: every address),
         which decides what loops back (tcpproxy.selfloop).
-      engine: "trio" (a task per connection) or "epoll" (tcpproxy/engine.py:
-        one task serving every connection, in the connections nursery, so the
-        drain deadline and a second SIGINT cut it as they cut connection tasks).
       listeners: the frontend's listening sockets by port, for an upgrade
         (SIGUSR2; in a worker: handed to its supervisor when it asks, for its
         upgrade); None: none to hand over (a bpfproxy worker: its supervisor
@@ -203,12 +201,13 @@ async def run_service(
                     share = supervisor.count if supervisor is not None else 1
                     prefix = f"w{supervisor.index}-" if supervisor is not None else ""
                     proxy = Proxy(
-                        config, connections, max_connections=max_connections, share=share,
+                        config, max_connections=max_connections, share=share,
                         id_prefix=prefix, metrics=metrics, use_splice=use_splice,
-                        listen_ports=listen_ports, bind=bind, engine=engine,
+                        listen_ports=listen_ports, bind=bind,
                     )  # fmt: skip
-                    if proxy.engine is not None:
-                        await connections.start(proxy.engine.run)
+                    # the engine serves every connection from one task, in the connections
+                    # nursery: the drain deadline and a second SIGINT cut it
+                    await connections.start(proxy.engine.run)
                     apply = apply_locally(proxy, frontend)
                     if fdstore is not None:
                         apply = _then_sync(apply, fdstore)
@@ -285,7 +284,7 @@ async def run_service(
                     with stop_accepting:
                         async with trio.open_nursery() as control:
                             await control.start(proxy.health.run)
-                            await control.start(frontend.serve, proxy)
+                            await control.start(frontend.serve, proxy.engine)
                             if supervisor is None:
                                 await control.start(source.watch, reloader.request)
                                 control.start_soon(reloader.run, status)
@@ -314,8 +313,7 @@ async def run_service(
                                     reloader.request("upgrade: the config as it is now")
                             task_status.started(proxy)
                     # accepting has stopped and every listener is closed
-                    if proxy.engine is not None:
-                        proxy.engine.drain()  # its task ends once no connection is left
+                    proxy.engine.drain()  # its task ends once no connection is left
                     if upgrade.successor is None and not refused:
                         notifier.stopping(status())
                     else:  # the service goes on, in the new process or in the old one
@@ -390,7 +388,7 @@ async def _upgrade(
     if pid is not None:
         upgrade.successor = pid
         upgrade.handed_over.set()
-        stop_accepting.cancel()  # the accept loops close our descriptors, not the sockets
+        stop_accepting.cancel()  # the frontend closes our descriptors, not the sockets
 
 
 async def _take_over(handover: Handover, pid_file: PidFile | None) -> bool:

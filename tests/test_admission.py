@@ -1,22 +1,30 @@
 """Admission: what a connection must pass before it may hold a target connection.
 
 Per-app and per-source limits, the first-byte timeout, trusted PROXY-protocol
-peers, and the cost of clients that send part of a header and stop.
+peers, and the cost of clients that send part of a header and stop; and
+tcpproxy/admission.py itself, without sockets: each refusal, the slots, and
+the one release that gives back everything a connection holds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import socket
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from tcpproxy.proxy import WarnLimiter
+from tcpproxy.admission import Admission, Ticket
+from tcpproxy.config import AppConfig, Config, Strategy, Target
+from tcpproxy.metrics import NullMetrics
+from tcpproxy.warnlimit import WarnLimiter
 from tests.helpers import (
     TIMEOUT,
     ProxyProcess,
@@ -288,3 +296,152 @@ def test_max_connections_at_the_global_limit_is_warned_at_start_and_reload(
         proxy.wait_for(r"reload \(file changed\).*applied", start=mark)
         proxy.wait_for(warning, start=mark)
         assert "gives app 'b'" not in proxy.output
+
+
+# --- tcpproxy/admission.py without sockets ------------------------------------------
+
+T0, T1 = Target("10.0.0.1", 80), Target("10.0.0.2", 80)
+PEER = ("192.0.2.7", 40000)
+
+
+class Refusals(NullMetrics):
+    """Metrics that keep what was accepted and refused, in order."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, ...]] = []
+
+    def accepted(self, app: str) -> None:
+        self.seen.append(("accepted", app))
+
+    def rejected(self, app: str, reason: str) -> None:
+        self.seen.append(("rejected", app, reason))
+
+
+def admission_for(*apps: AppConfig, **options: Any) -> tuple[Admission, Refusals]:
+    metrics = Refusals()
+    options.setdefault("max_connections", 10)
+    admission = Admission(metrics=metrics, **options)
+    admission.apply(Config(apps=apps))
+    return admission, metrics
+
+
+def admitted(admission: Admission, port: int = 1, peer: tuple = PEER) -> Ticket:
+    ticket = admission.admit(port, peer)
+    assert isinstance(ticket, Ticket), ticket
+    return ticket
+
+
+def held(admission: Admission) -> tuple:
+    """Everything connections hold: every count, and the slots taken."""
+    return (
+        admission.active_total, dict(admission.active_by_app), dict(admission.active_by_source),
+        dict(admission.active), admission.max_connections - admission.free_slots,
+    )  # fmt: skip
+
+
+NOTHING_HELD = (0, {}, {}, {}, 0)
+
+
+def test_a_ticket_holds_a_slot_and_every_count_and_its_release_gives_all_back() -> None:
+    app = AppConfig("A", (1,), (T0, T1), max_connections_per_source=5)
+    admission, metrics = admission_for(app, id_prefix="w1-")
+    ticket = admitted(admission)
+    assert (ticket.app.config, ticket.cid, ticket.source) == (app, "w1-1", ("A", "192.0.2.7"))
+    ticket.claim(T0)
+    assert held(admission) == (1, {"A": 1}, {("A", "192.0.2.7"): 1}, {T0: 1}, 1)
+    ticket.release()
+    assert held(admission) == NOTHING_HELD
+    ticket.release()  # a second call changes nothing
+    ticket.claim(T1)  # nor does a claim once released
+    assert held(admission) == NOTHING_HELD
+    assert metrics.seen == [("accepted", "A")]
+    assert admitted(admission).cid == "w1-2"
+
+
+def test_a_claim_counts_from_the_choice_and_moves_on_failover() -> None:
+    """Least-connections sees a burst still connecting (balance rule 3)."""
+    app = AppConfig("A", (1,), (T0, T1), strategy=Strategy.LEAST_CONNECTIONS)
+    admission, _ = admission_for(app)
+    tickets = [admitted(admission) for _ in range(4)]
+    for ticket in tickets:  # each choice sees the ones before it
+        ticket.claim(ticket.app.choose()[0])
+    assert admission.active == Counter({T0: 2, T1: 2})
+    tickets[0].claim(T1)  # its first choice failed: it now counts against the next
+    assert admission.active == Counter({T0: 1, T1: 3})
+    tickets[0].claim(Target("10.0.0.2", 80))  # the same target (equal, not identical)
+    assert admission.active == Counter({T0: 1, T1: 3})
+    for ticket in tickets:
+        ticket.release()
+    assert held(admission) == NOTHING_HELD  # bounded: no zero entries left behind
+
+
+@pytest.mark.parametrize(
+    ("app", "earlier", "peer", "reason"),
+    [
+        (AppConfig("A", (2,), (T0,)), 0, PEER, "no-route"),  # port 1 is no app's
+        (
+            AppConfig("A", (1,), (T0,), accept_proxy_protocol=True,
+                      trusted_proxies=(ipaddress.ip_network("10.0.0.0/8"),)),
+            0, PEER, "untrusted-proxy",
+        ),
+        (AppConfig("A", (1,), (T0,), max_connections=2), 2, PEER, "over-limit"),
+        (AppConfig("A", (1,), (T0,), max_connections_per_source=2), 2, PEER, "source-limit"),
+    ],
+)  # fmt: skip
+def test_each_refusal_says_why_and_holds_nothing(
+    app: AppConfig, earlier: int, peer: tuple, reason: str
+) -> None:
+    admission, metrics = admission_for(app)
+    tickets = [admitted(admission) for _ in range(earlier)]
+    before = held(admission)
+    assert admission.admit(1, peer) == reason
+    assert held(admission) == before
+    assert metrics.seen[-1] == ("rejected", "-" if reason == "no-route" else "A", reason)
+    for ticket in tickets:
+        ticket.release()
+    assert held(admission) == NOTHING_HELD
+
+
+def test_trusted_proxies_and_sources_count_v4_mapped_clients_as_ipv4() -> None:
+    app = AppConfig("A", (1,), (T0,), accept_proxy_protocol=True, max_connections_per_source=1)
+    admission, _ = admission_for(app)
+    assert admitted(admission, peer=("::ffff:127.0.0.1", 1)).source == ("A", "127.0.0.1")
+    assert admission.admit(1, ("127.0.0.1", 2)) == "source-limit"  # the same client
+    assert admitted(admission, peer=("127.0.0.2", 3)).source == ("A", "127.0.0.2")
+
+
+def test_limits_are_shared_among_workers_and_an_apps_default_is_a_share() -> None:
+    explicit = AppConfig("A", (1,), (T0,), max_connections=4)
+    default = AppConfig("B", (2,), (T0,))
+    admission, _ = admission_for(explicit, default, max_connections=10, share=2)
+    assert [admission.admit(1, PEER) for _ in range(3)][2] == "over-limit"  # 4 / 2 workers
+    # B: the whole proxy's 20 (10 x 2 workers) / 2 apps = 10, this worker's part 5
+    assert [admission.admit(2, PEER) for _ in range(6)][5] == "over-limit"
+
+
+def test_at_max_connections_there_is_no_slot_and_it_is_said_once(caplog) -> None:
+    admission, _ = admission_for(AppConfig("A", (1,), (T0,)), max_connections=2)
+    with caplog.at_level(logging.WARNING, logger="tcpproxy"):
+        first, _second = admitted(admission), admitted(admission)
+        assert not admission.has_slot()
+        first.release()
+        assert admission.has_slot()
+        admitted(admission)
+    assert [r.getMessage() for r in caplog.records] == [
+        "max-connections (2) reached; new connections wait in the listen queue"
+    ]  # the second time within LIMIT_LOG_INTERVAL: held back
+
+
+def test_a_reload_keeps_what_admitted_connections_hold() -> None:
+    """Apps unchanged keep their runtime; a connection of an app the reload removed
+    still gives back what it holds."""
+    a, b = AppConfig("A", (1,), (T0, T1)), AppConfig("B", (2,), (T1,))
+    admission, _ = admission_for(a, b)
+    runtime = admission.route(1)
+    ticket = admitted(admission, port=2)
+    ticket.claim(T1)
+    admission.apply(Config(apps=(a,)))
+    assert admission.route(1) is runtime and admission.route(2) is None
+    assert held(admission) == (1, {"B": 1}, {}, {T1: 1}, 1)
+    ticket.release()
+    assert held(admission) == NOTHING_HELD

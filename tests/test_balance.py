@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from tcpproxy.balance import Balancer, Claim
+from tcpproxy.balance import Balancer
 from tcpproxy.config import Strategy, Target
 
 pytestmark = pytest.mark.engine  # the connection engine's: CI runs them interpreted too
@@ -57,19 +57,3 @@ def test_down_targets_go_last_but_stay_in_the_order(strategy: Strategy) -> None:
 def test_needs_targets() -> None:
     with pytest.raises(ValueError):
         Balancer([])
-
-
-def test_a_claim_counts_from_the_choice_moves_on_failover_and_ends_once() -> None:
-    active: Counter[Target] = Counter()
-    b = Balancer(T[:2], Strategy.LEAST_CONNECTIONS, active=active)
-    # a burst, every connection still connecting: each choice sees the ones before it
-    claims = [Claim(active, b.order()[0]) for _ in range(4)]
-    assert active == Counter({T[0]: 2, T[1]: 2})
-    claims[0].move(T[1])  # its first choice failed: it now counts against the next
-    assert active == Counter({T[0]: 1, T[1]: 3})
-    claims[0].move(T[1])  # no change
-    assert active == Counter({T[0]: 1, T[1]: 3})
-    for claim in claims:
-        claim.release()
-        claim.release()  # idempotent: a connection ends once
-    assert active == Counter()  # bounded: no zero entries left behind

@@ -163,6 +163,6 @@ def test_wrk_errors_reported() -> None:
 
 
 def test_invocation_shown_without_the_results_file() -> None:
-    argv = ["--engine", "epoll", "--results", "x.json", "--variant", "w2=tcpproxy:--workers 2"]
-    assert invocation(argv) == "scripts/bench.py --engine epoll --variant 'w2=tcpproxy:--workers 2'"
+    argv = ["--seconds", "3", "--results", "x.json", "--variant", "w2=tcpproxy:--workers 2"]
+    assert invocation(argv) == "scripts/bench.py --seconds 3 --variant 'w2=tcpproxy:--workers 2'"
     assert invocation(["--results=x.json", "--rounds", "1"]) == "scripts/bench.py --rounds 1"

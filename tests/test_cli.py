@@ -1,6 +1,9 @@
-"""Every command's --help and --version, in-process (`main(argv) -> int`)."""
+"""Every command's --help and --version, and its deprecated options, in-process
+(`main(argv) -> int`)."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
@@ -49,3 +52,31 @@ def test_tcpproxy_bad_config_in_process(tmp_path, capsys) -> None:
     assert tcpproxy_main(["--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("tcpproxy: error: ") and "Apps[0].Ports[0]" in err
+
+
+@COMMANDS
+@pytest.mark.parametrize("given", ["option", "environment"])
+def test_the_trio_engine_is_refused_saying_where(prog, main, given, monkeypatch, capsys) -> None:
+    if given == "environment":
+        monkeypatch.setenv("TCPPROXY_ENGINE", "trio")
+        argv, where = [], "TCPPROXY_ENGINE=trio"
+    else:
+        argv, where = ["--engine", "trio"], "--engine trio"
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{prog}: error: {where}: the trio engine was removed"), err
+    assert "Traceback" not in err
+
+
+def test_engine_epoll_is_accepted_with_one_warning(tmp_path, monkeypatch, capsys) -> None:
+    """An old unit file's --engine epoll still starts the proxy (here: up to its config's
+    error); the variable leaves the environment, so workers do not warn again."""
+    path = tmp_path / "c.json"
+    path.write_text('{"Apps": [{"Name": "a", "Ports": [99999], "Targets": ["h:1"]}]}')
+    monkeypatch.setenv("TCPPROXY_ENGINE", "epoll")
+    assert tcpproxy_main(["--engine", "epoll", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1, err
+    assert "tcpproxy: warning: --engine epoll is deprecated and ignored" in err
+    assert "Apps[0].Ports[0]" in err  # the config's error, not the option's
+    assert "TCPPROXY_ENGINE" not in os.environ

@@ -1,7 +1,9 @@
-"""Connecting to targets: which failures are the target's, and per-address attempts."""
+"""Connecting to targets: which failures are the target's, and per-address attempts
+(through the engine, in-process)."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from pathlib import Path
@@ -9,12 +11,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from tcpproxy.config import Target
-from tcpproxy.connect import describe_error, interleave, open_target
-from tcpproxy.errors import TargetUnavailable
+from tcpproxy.config import AppConfig, Target
+from tcpproxy.connect import describe_error, interleave
 from tcpproxy.proxy_protocol import HEADER_TIMEOUT
-from tcpproxy.resolve import Resolver
 from tests.helpers import TIMEOUT, app, connect, free_ports, running_tcpproxy, write_config
+from tests.inproc import PORT, arrive, serve
 from tests.netns import NetNS
 
 
@@ -33,23 +34,25 @@ def test_address_not_available_fails_over_and_blames_the_target() -> None:
         with listener:
             listener.bind(("127.0.0.1", 0))
             listener.listen()
+            listener.setblocking(False)
             port = listener.getsockname()[1]
             v6, v4 = Target("::1", port), Target("127.0.0.1", port)
-            failed: list[tuple[Target, str]] = []
 
-            async def main() -> tuple[Target, object]:
-                sock, target, failures = await open_target(
-                    "app", [v6, v4], Resolver(), 2.0,
-                    on_failure=lambda t, why: failed.append((t, why)),
-                )  # fmt: skip
-                sock.close()
-                return target, failures
+            async def main() -> str:
+                async with trio.open_nursery() as nursery:
+                    proxy, _ = await serve(nursery, AppConfig("app", (PORT,), (v6, v4)))
+                    with arrive(proxy):
+                        with trio.fail_after(5):  # failed over to the next target
+                            await trio.lowlevel.wait_readable(listener)
+                        listener.accept()[0].close()
+                        book = proxy.health.book
+                        assert not book.is_down(v4)
+                        why = book.get(v6).reason if book.is_down(v6) else "not down"
+                    nursery.cancel_scope.cancel()
+                return why
 
             # sockets are made by the thread running trio: inside the namespace
-            target, failures = ns.call(trio.run, main)
-    assert target == v4
-    assert failures == [(v6, "cannot assign requested address")]
-    assert failed == [(v6, "cannot assign requested address")]
+            assert ns.call(trio.run, main) == "cannot assign requested address"
 
 
 class Blackhole:
@@ -74,13 +77,20 @@ class Blackhole:
 
 
 class StubResolver:
-    """Answers every name with fixed addresses, as a DNS name with several would."""
+    """Answers every name with fixed addresses, as a DNS name with several would
+    (from its cache: at once)."""
 
     def __init__(self, addresses: list[tuple[int, tuple]]) -> None:
         self.addresses = addresses
 
+    def cached(self, host: str, port: int) -> list[tuple[int, tuple]]:
+        return self.addresses
+
     async def resolve(self, host: str, port: int) -> list[tuple[int, tuple]]:
         return self.addresses
+
+    def forget(self) -> None:
+        pass
 
 
 async def test_a_dead_first_address_does_not_use_up_the_connect_timeout() -> None:
@@ -91,30 +101,40 @@ async def test_a_dead_first_address_does_not_use_up_the_connect_timeout() -> Non
     try:
         live.bind(("127.0.0.1", 0))
         live.listen()
+        live.setblocking(False)
         resolver = StubResolver([
             (socket.AF_INET, hole.address), (socket.AF_INET, live.getsockname()),
         ])  # fmt: skip
-        target = Target("db.example", 5432)
-        started = trio.current_time()
-        sock, chosen, failures = await open_target("app", [target], resolver, 2.0)  # type: ignore[arg-type]
-        with sock:
-            assert sock.getpeername() == live.getsockname()
-        assert (chosen, failures) == (target, ())
-        assert trio.current_time() - started < 2.0
+        app = AppConfig("app", (PORT,), (Target("db.example", 5432),), connect_timeout=2.0)
+        async with trio.open_nursery() as nursery:
+            proxy, _ = await serve(nursery, app, resolver=resolver)
+            started = trio.current_time()
+            with arrive(proxy), trio.fail_after(2.0):
+                await trio.lowlevel.wait_readable(live)
+            assert trio.current_time() - started < 2.0
+            live.accept()[0].close()
+            nursery.cancel_scope.cancel()
     finally:
         hole.close()
         live.close()
 
 
-async def test_every_address_failing_reports_the_failure() -> None:
+async def test_every_address_failing_reports_the_failure(caplog) -> None:
     refused = socket.socket()
     refused.bind(("127.0.0.1", 0))  # bound, not listening: connects are refused
     with refused:
         resolver = StubResolver([(socket.AF_INET, refused.getsockname())] * 2)
-        target = Target("db.example", 5432)
-        with pytest.raises(TargetUnavailable) as info:
-            await open_target("app", [target], resolver, 2.0)  # type: ignore[arg-type]
-    assert info.value.failures == [(str(target), "connection refused")]
+        app = AppConfig("app", (PORT,), (Target("db.example", 5432),))
+        async with trio.open_nursery() as nursery:
+            proxy, _ = await serve(nursery, app, resolver=resolver)
+            with caplog.at_level(logging.WARNING, logger="tcpproxy"), arrive(proxy) as client:
+                with trio.fail_after(5):
+                    assert await trio.to_thread.run_sync(client.recv, 1) == b""  # closed
+            nursery.cancel_scope.cancel()
+    assert (
+        "app 'app': no target could be connected (db.example:5432: connection refused)"
+        in caplog.text
+    )
 
 
 def test_addresses_interleave_families_first_family_first() -> None:

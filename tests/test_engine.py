@@ -12,34 +12,16 @@ from typing import Any
 import pytest
 import trio
 
+from tcpproxy.admission import Ticket
 from tcpproxy.config import AppConfig, Config, Target
-from tcpproxy.engine import _IN, _PHASE, Conn, Engine
+from tcpproxy.engine import _IN, _PHASE, Conn
 from tcpproxy.flow import Flow
 from tcpproxy.listeners import ACCEPT_BACKOFF
 from tcpproxy.proxy import Proxy
+from tests.inproc import PORT, arrive, serve
 from tests.test_connect import Blackhole
 
 pytestmark = pytest.mark.engine  # the connection engine's: CI runs them interpreted too
-
-PORT = 1  # the app's port: connections are handed to dispatch(), nothing listens
-
-
-async def serve(nursery: trio.Nursery, app: AppConfig, **options: Any) -> tuple[Proxy, Engine]:
-    """A Proxy for one app on the epoll engine, its loop running in `nursery`."""
-    proxy = Proxy(Config(apps=(app,)), nursery, engine="epoll", **options)
-    engine = proxy.engine
-    assert engine is not None
-    await nursery.start(engine.run)
-    return proxy, engine
-
-
-def arrive(proxy: Proxy) -> socket.socket:
-    """A client accepted on PORT, as an accept loop hands it over; returns its far end."""
-    ours, client = socket.socketpair()
-    ours.setblocking(False)
-    proxy.slots.acquire_nowait()
-    proxy.dispatch(ours, PORT, ("127.0.0.1", 40000))
-    return client
 
 
 class LookupResolver:
@@ -123,11 +105,8 @@ async def test_a_listener_backing_off_then_paused_at_the_limit_accepts_again() -
             late = socket.create_connection(listener.getsockname())
             clients.append(late)
             await trio.sleep(0.03)  # its accept failed: backing off
-            ours, first = socket.socketpair()  # meanwhile the one slot is taken
+            first = arrive(proxy)  # meanwhile the one slot is taken
             clients.append(first)
-            ours.setblocking(False)
-            proxy.slots.acquire_nowait()
-            proxy.dispatch(ours, PORT, ("127.0.0.1", 40000))
             with trio.fail_after(5):
                 await trio.lowlevel.wait_readable(backend)
             backend.accept()[0].close()
@@ -194,12 +173,12 @@ async def test_a_silent_client_holds_no_target_until_it_speaks() -> None:
             proxy, _engine = await serve(nursery, app, max_connections=10, use_splice=False)
             client = arrive(proxy)
             await trio.sleep(0.05)
-            assert dict(proxy.active) == {}
+            assert dict(proxy.admission.active) == {}
             client.send(b"x")
             with trio.fail_after(5):
-                while not proxy.active:
+                while not proxy.admission.active:
                     await trio.sleep(0.01)
-            assert dict(proxy.active) == {target: 1}
+            assert dict(proxy.admission.active) == {target: 1}
             nursery.cancel_scope.cancel()
     finally:
         backend.close()
@@ -341,15 +320,65 @@ async def test_the_timer_sweep_drops_a_timer_of_an_ended_connection() -> None:
     app = AppConfig("A", (PORT,), (Target("127.0.0.1", 9),))
     ours, client = socket.socketpair()
     try:
-        async with trio.open_nursery() as nursery:
-            proxy = Proxy(Config(apps=(app,)), nursery, max_connections=10, engine="epoll")
-            engine = proxy.engine
-            assert engine is not None
-            flow = Flow(lambda: [], proxy.active)
-            ended = Conn(ours, PORT, ("127.0.0.1", 40000), proxy.route(PORT), "1", None, flow, 0.0)  # type: ignore[arg-type]
-            engine._at(3600.0, ended, _PHASE)  # armed with its current generation
-            engine._compact()
-            assert engine._timers == []
+        proxy = Proxy(Config(apps=(app,)), max_connections=10)
+        engine = proxy.engine
+        ticket = proxy.admission.admit(PORT, ("127.0.0.1", 40000))
+        assert isinstance(ticket, Ticket)
+        ended = Conn(ours, PORT, ("127.0.0.1", 40000), ticket, Flow(), 0.0)
+        engine._at(3600.0, ended, _PHASE)  # armed with its current generation
+        engine._compact()
+        assert engine._timers == []
     finally:
         ours.close()
         client.close()
+
+
+async def test_every_way_a_connection_ends_gives_back_what_it_held() -> None:
+    """A refused target, a silent client, a bad PROXY header, a relay both sides end,
+    a shutdown's cut: each connection's ticket is released, its slot and every count
+    given back (admission.Ticket.release, called from one place)."""
+    refused, backend = socket.socket(), socket.socket()
+    clients: list[socket.socket] = []
+    try:
+        refused.bind(("127.0.0.1", 0))  # bound, not listening: connects are refused
+        backend.bind(("127.0.0.1", 0))
+        backend.listen()
+        up = Target("127.0.0.1", backend.getsockname()[1])
+        apps = (
+            AppConfig("refused", (1,), (Target("127.0.0.1", refused.getsockname()[1]),)),
+            AppConfig("silent", (2,), (up,), first_byte_timeout=0.1),
+            AppConfig("header", (3,), (up,), accept_proxy_protocol=True),
+            AppConfig("relay", (4,), (up,), max_connections_per_source=5),
+        )
+        async with trio.open_nursery() as nursery:
+            proxy, engine = await serve(nursery, *apps, use_splice=False)
+            admission = proxy.admission
+
+            def nothing_held() -> bool:
+                return (
+                    admission.active_total, admission.free_slots, admission.active,
+                    admission.active_by_app, admission.active_by_source,
+                ) == (0, admission.max_connections, {}, {}, {})  # fmt: skip
+
+            for port in (1, 2, 3):
+                clients.append(arrive(proxy, port=port))
+            clients[-1].sendall(b"GET / HTTP/1.0\r\n\r\n")  # not a PROXY header
+            with trio.fail_after(5):
+                while engine.connections:
+                    await trio.sleep(0.01)
+            assert nothing_held()
+            for _ in range(2):  # one ends cleanly, one is cut at shutdown
+                clients.append(arrive(proxy, port=4))
+                served = (await trio.to_thread.run_sync(backend.accept))[0]
+                clients.append(served)
+            clients[-4].shutdown(socket.SHUT_WR)
+            clients[-3].shutdown(socket.SHUT_WR)
+            with trio.fail_after(5):
+                while engine.connections > 1:
+                    await trio.sleep(0.01)
+            assert admission.active_total == 1
+            nursery.cancel_scope.cancel()
+        assert nothing_held()
+    finally:
+        for sock in (*clients, refused, backend):
+            sock.close()

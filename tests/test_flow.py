@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 
 from tcpproxy.config import Target
@@ -15,38 +13,50 @@ pytestmark = pytest.mark.engine  # the connection engine's: CI runs them interpr
 A, B, C = Target("10.0.0.1", 80), Target("10.0.0.2", 80), Target("10.0.0.3", 80)
 
 
-def make(order: list[Target] | None = None, **options: bool) -> tuple[Flow, Counter[Target]]:
-    order = order or [A, B, C]
-    active: Counter[Target] = Counter()
-    return Flow(lambda: order, active, **options), active
+ORDER = [A, B, C]  # the try order a balancer would choose
 
 
-def relaying(**options: bool) -> tuple[Flow, Counter[Target]]:
-    flow, active = make(**options)
-    assert flow.accepted() is Action.CONNECT
+def connecting(**options: bool) -> Flow:
+    """A flow of a plain connection (no header in, no first byte) connecting to A."""
+    flow = Flow(**options)
+    assert flow.accepted() is Action.CHOOSE
+    assert flow.order_chosen(ORDER) is Action.CONNECT
+    return flow
+
+
+def relaying(**options: bool) -> Flow:
+    flow = connecting(**options)
     assert flow.connected() is Action.RELAY
-    return flow, active
+    return flow
 
 
-def test_plain_connection_connects_at_once_and_counts_its_target() -> None:
-    flow, active = make()
-    assert flow.accepted() is Action.CONNECT
-    assert (flow.state, flow.target, active) == (State.CONNECTING, A, Counter({A: 1}))
+def test_plain_connection_chooses_and_connects_at_once() -> None:
+    flow = Flow()
+    assert flow.accepted() is Action.CHOOSE  # the engine asks the balancer at once
+    assert (flow.state, flow.target, flow.timeout) == (State.CHOOSING, None, None)
+    assert flow.order_chosen(ORDER) is Action.CONNECT
+    assert (flow.state, flow.target) == (State.CONNECTING, A)
     assert flow.timeout is Timeout.CONNECT
     assert flow.connected() is Action.RELAY
     assert flow.timeout is Timeout.IDLE
-    flow.release()
-    flow.release()  # idempotent
-    assert not active
+
+
+def test_an_empty_try_order_is_no_target() -> None:
+    flow = Flow()
+    flow.accepted()
+    assert flow.order_chosen([]) is Action.CLOSE
+    assert (flow.state, flow.end_label, flow.target) == (State.CLOSED, "no-target", None)
 
 
 def test_header_then_first_byte_then_connect_then_header_out() -> None:
-    flow, _ = make(accept_header=True, first_byte=True, send_header=True)
+    flow = Flow(accept_header=True, first_byte=True, send_header=True)
     assert flow.accepted() is Action.READ_HEADER
     assert flow.timeout is Timeout.HEADER_IN
     assert flow.header_read() is Action.WAIT_FIRST_BYTE
     assert flow.timeout is Timeout.FIRST_BYTE
-    assert flow.first_byte() is Action.CONNECT
+    assert flow.first_byte() is Action.CHOOSE
+    assert flow.order_chosen([B, A]) is Action.CONNECT
+    assert flow.target == B
     assert flow.connected() is Action.SEND_HEADER
     assert flow.timeout is Timeout.HEADER_OUT
     assert flow.header_sent() is Action.RELAY
@@ -65,17 +75,16 @@ def test_header_then_first_byte_then_connect_then_header_out() -> None:
     ],
 )
 def test_client_side_failures_before_any_target_close_the_client(options, event, label) -> None:
-    flow, _ = make(**options)
+    flow = Flow(**options)
     flow.accepted()
     assert event(flow) is Action.CLOSE
     assert (flow.state, flow.end_label, flow.target) == (State.CLOSED, label, None)
 
 
 def test_failover_tries_each_target_once_then_no_target() -> None:
-    flow, active = make()
-    flow.accepted()
+    flow = connecting()
     assert flow.connect_failed("connection refused") is Action.CONNECT
-    assert (flow.target, active) == (B, Counter({B: 1}))
+    assert flow.target == B
     assert flow.timed_out(Timeout.CONNECT, "no answer within 2s") is Action.CONNECT
     assert flow.target == C
     assert flow.connect_failed("connection refused") is Action.CLOSE
@@ -88,46 +97,42 @@ def test_failover_tries_each_target_once_then_no_target() -> None:
 
 
 def test_targets_that_failed_before_the_one_used_are_logged() -> None:
-    flow, _ = make()
-    flow.accepted()
+    flow = connecting()
     flow.connect_failed("connection refused")
     assert flow.connected() is Action.RELAY
     assert flow.failed == [f"{A}(connection refused)"]  # the log says why
 
 
 def test_our_own_failure_blames_no_target_and_tries_no_other() -> None:
-    flow, _ = make()
-    flow.accepted()
+    flow = connecting()
     assert flow.connect_failed("too many open files", ours=True) is Action.CLOSE
     assert (flow.end_label, flow.failures) == ("no-resources", [])
 
 
 def test_half_close_is_forwarded_then_both_close_without_a_second_shutdown() -> None:
-    flow, _ = relaying()
+    flow = relaying()
     assert flow.eof(Side.CLIENT) is Action.SHUTDOWN_TARGET
     assert flow.state is State.RELAY
     assert flow.eof(Side.TARGET) is Action.CLOSE
     assert flow.end_label == "done"
-    flow2, _ = relaying()
+    flow2 = relaying()
     assert flow2.eof(Side.TARGET) is Action.SHUTDOWN_CLIENT
     assert flow2.eof(Side.CLIENT) is Action.CLOSE
 
 
 def test_errors_reset_the_other_side() -> None:
-    flow, _ = relaying()
+    flow = relaying()
     assert flow.error(Side.CLIENT, "Connection reset by peer") is Action.ABORT_TARGET
     assert flow.end_label == "client-error (Connection reset by peer)"
-    flow, _ = relaying()
+    flow = relaying()
     assert flow.error(Side.TARGET, "Broken pipe") is Action.ABORT_CLIENT
     assert flow.end_label == "target-error (Broken pipe)"
 
 
 def test_target_failing_before_any_byte_redispatches_then_aborts_the_client() -> None:
-    flow, active = relaying()
+    flow = relaying()
     assert flow.error(Side.TARGET, "Connection reset by peer", moved=False) is Action.REDISPATCH
-    assert (flow.state, flow.target, flow.dropped, active) == (
-        State.CONNECTING, B, A, Counter({B: 1}),
-    )  # fmt: skip
+    assert (flow.state, flow.target, flow.dropped) == (State.CONNECTING, B, A)
     assert flow.connected() is Action.RELAY
     assert flow.error(Side.TARGET, "Connection reset by peer", moved=False) is Action.REDISPATCH
     flow.connected()
@@ -137,8 +142,7 @@ def test_target_failing_before_any_byte_redispatches_then_aborts_the_client() ->
 
 
 def test_a_target_refusing_our_header_is_early_even_if_the_client_spoke() -> None:
-    flow, _ = make(send_header=True)
-    flow.accepted()
+    flow = connecting(send_header=True)
     flow.connected()
     assert flow.timed_out(Timeout.HEADER_OUT, "PROXY header not taken within 2s") is (
         Action.REDISPATCH
@@ -148,7 +152,7 @@ def test_a_target_refusing_our_header_is_early_even_if_the_client_spoke() -> Non
 
 
 def test_redispatch_forgets_the_half_close_of_the_dropped_target() -> None:
-    flow, _ = relaying()
+    flow = relaying()
     flow.eof(Side.TARGET)  # the target closed at once, cleanly: a "done" stream so far
     assert flow.error(Side.TARGET, "Connection reset by peer", moved=False) is Action.REDISPATCH
     flow.connected()
@@ -156,10 +160,10 @@ def test_redispatch_forgets_the_half_close_of_the_dropped_target() -> None:
 
 
 def test_idle_timeout_and_cancel() -> None:
-    flow, _ = relaying()
+    flow = relaying()
     assert flow.timed_out(Timeout.IDLE) is Action.CLOSE
     assert flow.end_label == "idle-timeout"
-    flow, _ = make(accept_header=True)
+    flow = Flow(accept_header=True)
     flow.accepted()
     assert flow.cancel() is Action.ABORT_BOTH
     assert flow.end_label == "cancelled"
@@ -171,6 +175,7 @@ EVENTS = {
     "header_read": lambda f: f.header_read(),
     "header_failed": lambda f: f.header_failed("x"),
     "first_byte": lambda f: f.first_byte(),
+    "order_chosen": lambda f: f.order_chosen(ORDER),
     "connected": lambda f: f.connected(),
     "connect_failed": lambda f: f.connect_failed("x"),
     "header_sent": lambda f: f.header_sent(),
@@ -180,13 +185,16 @@ EVENTS = {
     "cancel": lambda f: f.cancel(),
 }
 # how to bring a fresh flow into each state (with every option on, so all are reachable)
+TO_CHOOSING = ["accepted", "header_read", "first_byte"]
+TO_CONNECTING = [*TO_CHOOSING, "order_chosen"]
 REACH = {
     State.NEW: [],
     State.HEADER_IN: ["accepted"],
     State.FIRST_BYTE: ["accepted", "header_read"],
-    State.CONNECTING: ["accepted", "header_read", "first_byte"],
-    State.HEADER_OUT: ["accepted", "header_read", "first_byte", "connected"],
-    State.RELAY: ["accepted", "header_read", "first_byte", "connected", "header_sent"],
+    State.CHOOSING: TO_CHOOSING,
+    State.CONNECTING: TO_CONNECTING,
+    State.HEADER_OUT: [*TO_CONNECTING, "connected"],
+    State.RELAY: [*TO_CONNECTING, "connected", "header_sent"],
     State.CLOSED: ["accepted", "cancel"],
 }
 
@@ -194,7 +202,7 @@ REACH = {
 @pytest.mark.parametrize("state", list(State))
 @pytest.mark.parametrize("event", list(EVENTS))
 def test_every_state_and_event_follows_the_table(state: State, event: str) -> None:
-    flow, _ = make(accept_header=True, first_byte=True, send_header=True)
+    flow = Flow(accept_header=True, first_byte=True, send_header=True)
     for step in REACH[state]:
         EVENTS[step](flow)
     assert flow.state is state
@@ -210,7 +218,7 @@ def test_every_state_and_event_follows_the_table(state: State, event: str) -> No
 
 
 def test_a_timeout_of_another_state_is_a_bug() -> None:
-    flow, _ = relaying()
+    flow = relaying()
     with pytest.raises(FlowError):
         flow.timed_out(Timeout.CONNECT)
 
@@ -241,20 +249,15 @@ def test_header_extent_refuses_what_cannot_be_a_header(data: bytes) -> None:
 
 
 @pytest.mark.parametrize("options", [{"first_byte": True}, {"accept_header": True}])
-def test_the_target_is_chosen_and_counted_when_the_client_is_ready(options) -> None:
+def test_the_order_is_asked_for_only_when_the_client_is_ready(options) -> None:
     """A client silent behind a FirstByteTimeout or PROXY header holds no target:
-    the balancer is asked (and the target counted) once it connects, not at accept."""
-    chosen: list[int] = []
-    active: Counter[Target] = Counter()
-
-    def choose() -> list[Target]:
-        chosen.append(1)
-        return [B, A]
-
-    flow = Flow(choose, active, **options)
-    flow.accepted()
-    assert (chosen, active) == ([], Counter())
+    the flow asks for the try order (CHOOSE) once it may connect, not at accept."""
+    flow = Flow(**options)
+    assert flow.accepted() in (Action.WAIT_FIRST_BYTE, Action.READ_HEADER)
+    assert flow.target is None
+    with pytest.raises(FlowError):  # no order taken before it is asked for
+        flow.order_chosen(ORDER)
     action = flow.first_byte() if "first_byte" in options else flow.header_read()
-    assert (action, flow.target, chosen, active) == (Action.CONNECT, B, [1], Counter({B: 1}))
-    flow.release()
-    assert active == Counter()
+    assert (action, flow.state, flow.target) == (Action.CHOOSE, State.CHOOSING, None)
+    assert flow.order_chosen([B, A]) is Action.CONNECT
+    assert flow.target == B

@@ -10,10 +10,11 @@ import trio
 
 from tcpproxy.config import AppConfig, Config, Strategy, Target
 from tcpproxy.proxy import Proxy
+from tests import inproc
 
 pytestmark = pytest.mark.engine  # the connection engine's: CI runs them interpreted too
 
-PORT = 1  # the app's port: connections are handed to dispatch(), nothing listens
+PORT = inproc.PORT
 
 
 class GatedResolver:
@@ -48,18 +49,13 @@ async def test_a_burst_of_connecting_clients_spreads_over_least_connections(back
     try:
         async with trio.open_nursery() as nursery:
             proxy = Proxy(
-                Config(apps=(app,)), nursery, max_connections=100,
+                Config(apps=(app,)), max_connections=100,
                 resolver=resolver, use_splice=False,  # type: ignore[arg-type]
             )  # fmt: skip
-            if proxy.engine is not None:  # the epoll engine serves from its own task
-                await nursery.start(proxy.engine.run)
+            await nursery.start(proxy.engine.run)
 
             def arrive() -> None:
-                ours, theirs = socket.socketpair()
-                ours.setblocking(False)
-                clients.append(theirs)
-                proxy.slots.acquire_nowait()  # as an accept loop does
-                proxy.dispatch(ours, PORT, ("127.0.0.1", 40000 + len(clients)))
+                clients.append(inproc.arrive(proxy, peer=("127.0.0.1", 40000 + len(clients))))
 
             arrive()
             resolver.gate.set()
@@ -70,7 +66,7 @@ async def test_a_burst_of_connecting_clients_spreads_over_least_connections(back
             await trio.sleep(0.1)
             resolver.gate.set()
             await wait_until(lambda: t0.accepted + t1.accepted == 5)
-            assert sorted(proxy.active.values()) == [2, 3]  # not [1, 4]
+            assert sorted(proxy.admission.active.values()) == [2, 3]  # not [1, 4]
             assert sorted((t0.accepted, t1.accepted)) == [2, 3]
             nursery.cancel_scope.cancel()
     finally:

@@ -7,6 +7,7 @@ backend might use, and answers with the client address it learned.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 
 import pytest
@@ -15,8 +16,10 @@ from proxyprotocol.detect import ProxyProtocolDetect
 from proxyprotocol.v1 import ProxyProtocolV1
 from proxyprotocol.v2 import ProxyProtocolV2
 
-from tcpproxy.proxy_protocol import ProxyHeaderError, build_header, read_header
+from tcpproxy.config import AppConfig, Target
+from tcpproxy.proxy_protocol import build_header
 from tests.helpers import app, connect, free_ports, recv_all, running_tcpproxy, write_config
+from tests.inproc import PORT, arrive, serve
 
 pytestmark = pytest.mark.engine  # the connection engine's: CI runs them interpreted too
 
@@ -141,30 +144,39 @@ def test_build_header_keeps_the_client_address(
     assert (dst_host, dst_port) == (ipaddress.ip_address(expected_destination), destination[1])
 
 
-# --- read_header: byte by byte, and nothing after the header -----------------------
+# --- a header read by the engine: byte by byte, and nothing after it --------------
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
-def test_read_header_in_pieces_leaves_the_payload_unread(version: str) -> None:
+async def test_a_header_in_pieces_leaves_the_payload_unread(version: str) -> None:
+    """The client's address is taken from the header (our v1 header to the target
+    names it) and the payload behind it reaches the target whole."""
     header = build_header(version, ("203.0.113.7", 4444), ("192.0.2.1", 80))
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-
-    async def main() -> tuple[str, int] | None:
+    listener = socket.socket()
+    with listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        target = Target("127.0.0.1", listener.getsockname()[1])
+        app = AppConfig(
+            "A", (PORT,), (target,), accept_proxy_protocol=True, send_proxy_protocol="v1"
+        )
         async with trio.open_nursery() as nursery:
-
-            async def dribble() -> None:
+            proxy, _ = await serve(nursery, app)
+            with arrive(proxy, tcp=True) as client:
                 for byte in header:  # one byte at a time, with pauses between
-                    theirs.send(bytes([byte]))
+                    client.send(bytes([byte]))
                     await trio.sleep(0.001)
-                theirs.send(b"payload")
-
-            nursery.start_soon(dribble)
-            return await read_header(ours)
-
-    with ours, theirs:
-        assert trio.run(main) == ("203.0.113.7", 4444)
-        assert ours.recv(100) == b"payload"
+                client.send(b"payload")
+                client.shutdown(socket.SHUT_WR)
+                with trio.fail_after(5):
+                    await trio.lowlevel.wait_readable(listener)
+                served = listener.accept()[0]
+                with served:
+                    received = await trio.to_thread.run_sync(recv_all, served)
+            nursery.cancel_scope.cancel()
+    assert received.startswith(b"PROXY TCP4 203.0.113.7 127.0.0.1 4444 ")
+    assert received.split(b"\r\n", 1)[1] == b"payload"
 
 
 @pytest.mark.parametrize(
@@ -177,11 +189,18 @@ def test_read_header_in_pieces_leaves_the_payload_unread(version: str) -> None:
         (b"PROXY TCP4 nonsense\r\n", "bad PROXY header"),
     ],
 )
-def test_read_header_errors(sent: bytes, error: str) -> None:
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    with ours, theirs:
-        theirs.sendall(sent)
-        theirs.shutdown(socket.SHUT_WR)
-        with pytest.raises(ProxyHeaderError, match=error):
-            trio.run(read_header, ours)
+async def test_a_bad_header_closes_the_client_and_says_why(sent: bytes, error: str, caplog) -> None:
+    app = AppConfig("A", (PORT,), (Target("127.0.0.1", 9),), accept_proxy_protocol=True)
+    async with trio.open_nursery() as nursery:
+        proxy, _ = await serve(nursery, app)
+        with caplog.at_level(logging.WARNING, logger="tcpproxy"), arrive(proxy) as client:
+            client.sendall(sent)
+            client.shutdown(socket.SHUT_WR)
+            with trio.fail_after(5):  # closed (reset: it closed with our bytes unread)
+                try:
+                    assert await trio.to_thread.run_sync(client.recv, 1) == b""
+                except ConnectionResetError:
+                    pass
+        nursery.cancel_scope.cancel()
+    (line,) = [r.getMessage() for r in caplog.records if "app=A: " in r.getMessage()]
+    assert error in line, line

@@ -3,16 +3,16 @@ threads and timeout (a fake clock and fake lookups; no network)."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 
 import pytest
 import trio
 
-from tcpproxy.config import Target
-from tcpproxy.connect import open_target
-from tcpproxy.errors import TargetUnavailable
+from tcpproxy.config import AppConfig, Target
 from tcpproxy.resolve import DNS_THREADS, NEGATIVE_TTL, POSITIVE_TTL, Resolver
+from tests.inproc import PORT, arrive, serve
 
 WAIT = 10.0  # seconds: a bound on waits that should end far sooner
 
@@ -136,15 +136,19 @@ async def test_a_hanging_lookup_times_out_with_its_own_message() -> None:
         lookup.release.set()
 
 
-async def test_the_callers_deadline_bounds_the_lookup_and_names_dns() -> None:
+async def test_the_callers_deadline_bounds_the_lookup_and_names_dns(caplog) -> None:
     """The connect path reports a hanging lookup as such, not as a silent target."""
     lookup = HangingLookup()
     r = Resolver(lookup=lookup)  # its own timeout is longer than the connect timeout
+    app = AppConfig("A", (PORT,), (Target("slow.example", 80),), connect_timeout=0.5)
     try:
-        with trio.fail_after(WAIT):
-            with pytest.raises(TargetUnavailable) as caught:
-                await open_target("A", [Target("slow.example", 80)], r, connect_timeout=0.5)
-        message = str(caught.value)
+        async with trio.open_nursery() as nursery:
+            proxy, _ = await serve(nursery, app, resolver=r)
+            with caplog.at_level(logging.WARNING, logger="tcpproxy"), arrive(proxy) as client:
+                with trio.fail_after(WAIT):  # the connect timeout ends it: closed
+                    assert await trio.to_thread.run_sync(client.recv, 1) == b""
+            nursery.cancel_scope.cancel()
+        (message,) = [r.getMessage() for r in caplog.records if "no target" in r.getMessage()]
         assert "slow.example:80: DNS lookup for slow.example timed out" in message, message
         assert "no answer" not in message
     finally:
