@@ -97,6 +97,10 @@ class Reloader:
         self.last = "none"  # the last reload's outcome, for status lines
         self._running = data  # contents of the config in force (or an equivalent)
         self._rejected: tuple[bytes, object] | None = None  # the last rejected file
+        # why the last read was refused (a FIFO, a directory at the path), until a read
+        # succeeds: another event (a neighbour in the directory, our own log file there)
+        # refused the same way is not logged again; SIGHUP always is
+        self._unreadable: str | None = None
         self._send, self._receive = trio.open_memory_channel[str](1)
         self._short = False  # reading the file failed for want of descriptors or memory
         self._missing = False  # the file was not there at the last read
@@ -151,7 +155,11 @@ class Reloader:
                 self._missing = True
                 return None
             self._missing = False
+            if why != "SIGHUP" and str(exc) == self._unreadable:
+                return None  # said already; nothing about the file changed that
+            self._unreadable = str(exc)
             return self._reject(why, exc)
+        self._unreadable = None
         data, stamp = contents.data, contents.stamp
         self._read_size = len(data)
         if self._short or self._missing:

@@ -78,6 +78,30 @@ async def test_out_of_descriptors_is_not_a_rejected_config(
     assert "Too many open files" in message and "rejected" not in message, message
 
 
+async def test_a_path_that_is_not_a_file_is_refused_once_until_sighup(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A FIFO at the path: every event of its directory (a log file written there,
+    after each refusal too) would refuse it again; it is said once, and again at SIGHUP."""
+    path = tmp_path / "config.json"
+    running = Running()
+    reloader = reloader_for(path, running)
+    path.unlink()
+    os.mkfifo(path)
+    assert await reloader._reload("file changed") == "rejected"
+    for _ in range(3):  # a neighbour written: not this file
+        assert await reloader._reload("file changed") is None
+    assert await reloader._reload("SIGHUP") == "rejected"
+    assert reloader.rejected == 2
+    assert len(errors(caplog)) == 2 and "is a FIFO" in errors(caplog)[0]
+    path.unlink()
+    path.write_bytes(NEW)
+    assert await reloader._reload("file changed") == "applied"
+    path.unlink()
+    os.mkfifo(path)  # refused once more: a read succeeded in between
+    assert await reloader._reload("file changed") == "rejected"
+
+
 async def test_saving_a_rejected_file_again_retries(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
