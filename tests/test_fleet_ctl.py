@@ -104,6 +104,7 @@ def test_check_of_thousands_of_looping_apps_is_quick_and_short(tmp_path: Path) -
     assert len(lines) == MAX_PROBLEMS + 2
 
 
+@pytest.mark.slow
 def test_check_refuses_what_push_refuses(etcd: EtcdCluster, tmp_path: Path) -> None:
     """An app name with '/' cannot be a key's last part: check says so as push does."""
     file = write(tmp_path / "slash.json", {"Apps": [APP_A, {**APP_B, "Name": "a/b"}]})
