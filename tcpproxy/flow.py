@@ -1,6 +1,6 @@
 """One proxied connection's life as a state machine, with no I/O (h11 style).
 
-The epoll engine (tcpproxy/engine.py) does the syscalls and feeds what
+The epoll engine (tcpproxy/engine/) does the syscalls and feeds what
 happened in as events (a method call each); the flow answers with the one
 `Action` the engine must take next. What to do is decided here, so it is
 tested without sockets: the try order and its failover, the redispatch rule,
@@ -34,7 +34,10 @@ Rules:
    tried (REDISPATCH); with none left, the client is aborted.
 6. An idle timeout ends with "idle-timeout" (close both); a cancel (shutdown
    cut) ends with "cancelled" (abort both: neither peer takes it for complete).
-7. An event a state does not expect is a bug (FlowError), never ignored.
+7. A bug in the engine while serving the connection (`crashed`, in any state,
+   even closed: the teardown may be what failed) ends it with "internal-error":
+   abort both, as a cut does.
+8. An event a state does not expect is a bug (FlowError), never ignored.
 """
 
 from __future__ import annotations
@@ -137,6 +140,8 @@ TRANSITIONS: dict[tuple[State, str], tuple[State, ...]] = {
     (State.RELAY, "error"): (State.CONNECTING, State.CLOSED),
     (State.RELAY, "timeout"): (State.CLOSED,),
     **{(state, "cancel"): (State.CLOSED,) for state in (State.NEW, *_ANY_LIVE)},
+    # a bug may strike after the flow closed, before the engine's teardown
+    **{(state, "crashed"): (State.CLOSED,) for state in (State.NEW, *_ANY_LIVE, State.CLOSED)},
 }
 # Each event's allowed states, from the table: a check by identity per event (a
 # (state, event) key would hash the enum in Python on every event of every connection).
@@ -155,6 +160,7 @@ _ON_EOF = _FROM["eof"]
 _ON_ERROR = _FROM["error"]
 _ON_TIMEOUT = _FROM["timeout"]
 _ON_CANCEL = _FROM["cancel"]
+_ON_CRASHED = _FROM["crashed"]
 # End reasons as plain strings (an enum's .value is a Python-level property)
 _DONE, _CANCELLED, _IDLE = EndReason.DONE.value, EndReason.CANCELLED.value, EndReason.IDLE.value
 _CLIENT_ERROR, _TARGET_ERROR = EndReason.CLIENT_ERROR.value, EndReason.TARGET_ERROR.value
@@ -395,4 +401,11 @@ class Flow:
         if self.state not in _ON_CANCEL:
             raise self._refuse("cancel")
         self._end(_CANCELLED)
+        return A_ABORT_BOTH
+
+    def crashed(self) -> Action:
+        """Rule 7: the engine failed while serving this connection (a bug)."""
+        if self.state not in _ON_CRASHED:
+            raise self._refuse("crashed")
+        self._end("internal-error")
         return A_ABORT_BOTH

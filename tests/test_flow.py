@@ -183,6 +183,7 @@ EVENTS = {
     "error": lambda f: f.error(Side.CLIENT, "x"),
     "timeout": lambda f: f.timed_out(f.timeout or Timeout.IDLE, "x"),
     "cancel": lambda f: f.cancel(),
+    "crashed": lambda f: f.crashed(),
 }
 # how to bring a fresh flow into each state (with every option on, so all are reachable)
 TO_CHOOSING = ["accepted", "header_read", "first_byte"]
@@ -215,6 +216,17 @@ def test_every_state_and_event_follows_the_table(state: State, event: str) -> No
         action = EVENTS[event](flow)
         assert isinstance(action, Action)
         assert flow.state in allowed
+
+
+@pytest.mark.parametrize("state", list(State))
+def test_a_crash_in_any_state_ends_it_as_an_internal_error(state: State) -> None:
+    """Rule 7: what the engine did when a bug struck it, the flow's end says so (the
+    engine used to write the flow's fields itself)."""
+    flow = Flow(accept_header=True, first_byte=True, send_header=True)
+    for step in REACH[state]:
+        EVENTS[step](flow)
+    assert flow.crashed() is Action.ABORT_BOTH
+    assert (flow.state, flow.end_label) == (State.CLOSED, "internal-error")
 
 
 def test_a_timeout_of_another_state_is_a_bug() -> None:
