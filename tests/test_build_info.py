@@ -102,7 +102,7 @@ interpreted("tcpproxy.{first}")
 from tcpproxy import engine, flow
 from tcpproxy.engine import core
 print(flow.__file__.endswith(".so"), engine.__file__.endswith(".so"),
-      core.A_CONNECT is flow.A_CONNECT, flow.Flow().accepted() is flow.A_CHOOSE)
+      core.A_CONNECT is flow.A_CONNECT, flow.Flow().accepted() is flow.A_ROUTE)
 """
 
 

@@ -337,8 +337,9 @@ async def test_the_timer_sweep_drops_a_timer_of_an_ended_connection() -> None:
 
 
 async def test_every_way_a_connection_ends_gives_back_what_it_held() -> None:
-    """A refused target, a silent client, a bad PROXY header, a relay both sides end,
-    a shutdown's cut: each connection's ticket is released, its slot and every count
+    """A refused target, a silent client, a bad PROXY header, a refusal of the app's
+    limit at routing, a relay both sides end, a shutdown's cut: each connection's
+    ticket is released, its slot and every count
     given back (admission.Ticket.release, called from one place)."""
     refused, backend = socket.socket(), socket.socket()
     clients: list[socket.socket] = []
@@ -352,6 +353,7 @@ async def test_every_way_a_connection_ends_gives_back_what_it_held() -> None:
             AppConfig("silent", (2,), (up,), first_byte_timeout=0.1),
             AppConfig("header", (3,), (up,), accept_proxy_protocol=True),
             AppConfig("relay", (4,), (up,), max_connections_per_source=5),
+            AppConfig("full", (5,), (up,), max_connections_per_source=1, first_byte_timeout=0.2),
         )
         async with trio.open_nursery() as nursery:
             proxy, engine = await serve(nursery, *apps, use_splice=False)
@@ -366,6 +368,10 @@ async def test_every_way_a_connection_ends_gives_back_what_it_held() -> None:
             for port in (1, 2, 3):
                 clients.append(arrive(proxy, port=port))
             clients[-1].sendall(b"GET / HTTP/1.0\r\n\r\n")  # not a PROXY header
+            clients.append(arrive(proxy, port=5))  # waits for its first byte...
+            clients.append(arrive(proxy, port=5))  # ...so this one is over its source limit
+            assert clients[-1].recv(1) == b""  # refused at routing (AF_UNIX: no reset)
+            assert admission.active_by_app["full"] == 1  # the first, until its timeout
             with trio.fail_after(5):
                 while engine.connections:
                     await trio.sleep(0.01)

@@ -107,7 +107,8 @@ class Conn:
     ) -> None:
         self.client, self.cfd, self.port, self.peer = client, client.fileno(), port, peer
         self.ticket, self.flow = ticket, flow  # its slot and counts: admission.Ticket
-        self.app, self.cid = ticket.app, ticket.cid
+        # the port's app until routed (its preamble settings, log lines), then its own
+        self.app, self.cid = ticket.router.app, ticket.cid
         self.started = self.last = self.connecting = now
         self.target: socket.SocketType | None = None
         self.tfd = -1

@@ -46,6 +46,7 @@ from tcpproxy.flow import (
     A_READ_HEADER,
     A_REDISPATCH,
     A_RELAY,
+    A_ROUTE,
     A_SEND_HEADER,
     A_SHUTDOWN_CLIENT,
     A_SHUTDOWN_TARGET,
@@ -189,7 +190,7 @@ class Engine:
     # -- a connection's start ------------------------------------------------------
 
     def _accepted(self, sock: socket.SocketType, port: int, peer: tuple) -> None:
-        ticket = self._admission.admit(port, peer)
+        ticket = self._admission.arrive(port, peer)
         if isinstance(ticket, str):  # refused (why is counted and warned about)
             if ticket == NO_ROUTE:
                 sock.close()
@@ -199,12 +200,13 @@ class Engine:
         self.start(sock, port, peer, ticket)
 
     def start(self, client: socket.SocketType, port: int, peer: tuple, ticket: Ticket) -> None:
-        """Serve a connection accepted on `port` from `peer` and admitted (`ticket`:
-        released when it ends)."""
-        cfg = ticket.app.config
+        """Serve a connection accepted on `port` from `peer` (`ticket`: its slot and
+        router, from `Admission.arrive`; released when it ends)."""
+        router = ticket.router
+        cfg = router.preamble
         flow = Flow(
-            accept_header=cfg.accept_proxy_protocol, send_header=bool(cfg.send_proxy_protocol),
-            first_byte=cfg.first_byte_timeout is not None,
+            accept_header=cfg.accept_proxy_protocol, first_byte=cfg.first_byte_timeout is not None,
+            route_late=router.needs_bytes,
         )  # fmt: skip
         conn = Conn(client, port, peer, ticket, flow, self.loop.now)
         self.conns.add(conn)
@@ -218,6 +220,8 @@ class Engine:
 
     def act(self, conn: Conn, action: Action) -> None:
         """Carry out what the flow decided."""
+        if action is A_ROUTE:  # at accept (a port one app owns), or after the preamble
+            action = self._route(conn)
         if action is A_CHOOSE:  # the client is ready: the app's balancer chooses now
             action = conn.flow.order_chosen(conn.app.choose())
         if action is A_CONNECT:
@@ -242,6 +246,24 @@ class Engine:
             self._redispatch(conn)
         else:
             self.finish(conn, action)
+
+    def _route(self, conn: Conn) -> Action:
+        """Choose the connection's app (its port's router) and admit it to that app."""
+        ticket = conn.ticket
+        # A router that needs bytes would be fed what MSG_PEEK shows (they stay for the
+        # target) under a timeout of its own; none does yet: a port one app owns.
+        app = ticket.router.choose(b"")
+        admission = self._admission
+        why = (
+            admission.admit_to(ticket, app)
+            if app is not None
+            else admission.no_route(ticket, conn.port)
+        )
+        if why:  # counted and warned about by admission; the slot goes back at the end
+            return conn.flow.route_failed(why, reset=why != NO_ROUTE)
+        assert app is not None
+        conn.app = app
+        return conn.flow.routed(send_header=bool(app.config.send_proxy_protocol))
 
     def _phase(self, conn: Conn, seconds: float | None) -> None:
         """A new phase: older timers and lookups go stale; arm this one's timeout."""
@@ -458,7 +480,11 @@ class Engine:
         conn.hbuf = b""
         if conn.attempt_errors:
             conn.attempt_errors = []
-        conn.ticket.release()  # the slot and every count, here only
+        ticket = conn.ticket
+        ticket.release()  # the slot and every count, here only
+        if ticket.app is None:  # refused at routing: counted as rejected, not ended
+            conn.target = None
+            return
         name = conn.app.config.name
         connected = conn.target is not None
         used = flow.target if connected else None
