@@ -1,30 +1,37 @@
 """Admission: which app a connection is for, whether it may be served, and what it holds.
 
 Pure bookkeeping (no I/O, no trio): the engine asks, then acts on the
-answer. `Admission` owns the routes (port -> `AppRuntime`), the limits and
-the counts; `admit()` answers with a `Ticket` or the reason of a refusal,
-and the ticket's `release()` is the one place that gives back what an
-admitted connection holds.
+answer. `Admission` owns the routes (port -> `Router`), the limits and
+the counts. At accept, `arrive()` answers with a `Ticket` (a slot) or the
+reason of a refusal; once the connection is routed (its flow's ROUTE),
+`admit_to()` admits it to its app or says why not; the ticket's `release()`
+is the one place that gives back what a connection holds. `admit()` does
+both at once (a port one app owns).
 
 Rules:
-1. Route: the connection's local port picks its app, at accept time (a
-   reload that lands later cannot strand it). A port no app has any more
-   (steered or queued before a reload removed it) is refused: "no-route",
-   closed.
+1. Route: the connection's local port picks its router at accept time (a
+   reload that lands later cannot strand it), and the router its app. A port
+   one app owns routes at once, without a byte (`Router.needs_bytes` False);
+   a router of apps sharing a port would be told the client's first bytes.
+   A port no app has any more (steered or queued before a reload removed
+   it) is refused: "no-route", closed. What is read before routing (the
+   PROXY header, the first byte: AcceptProxyProtocol, TrustedProxies,
+   FirstByteTimeout) follows the port's settings (`Router.preamble`), on
+   which the apps sharing a port must agree.
 2. Slots: at most `max_connections` connections of this process at once.
    The engine asks `has_slot()` before each accept: at the limit it stops
    accepting and new connections wait in the kernel's listen queue (as
    HAProxy's maxconn does) instead of failing; they are accepted as slots
    free up. An admitted connection holds one slot.
-3. An app's `TrustedProxies` (with AcceptProxyProtocol): a peer outside them
-   is refused before its header is read ("untrusted-proxy"), so nobody who
+3. The port's `TrustedProxies` (with AcceptProxyProtocol): a peer outside them
+   is refused at accept, before its header is read ("untrusted-proxy"), so nobody who
    can reach the port directly can claim any client address.
-4. An app's `MaxConnections` (without one: a share of the whole proxy's
-   limit, config.app_connection_limit) and its `MaxConnectionsPerSource`
-   (per client IP): a connection over either is refused ("over-limit",
-   "source-limit"). One listener may serve many apps under bpfproxy, so
-   there is no per-app queue to hold it in. With `share` worker processes,
-   each enforces its part, rounded up.
+4. Once routed, an app's `MaxConnections` (without one: a share of the whole
+   proxy's limit, config.app_connection_limit) and its `MaxConnectionsPerSource`
+   (per client IP, the peer's at accept): a connection over either is refused
+   ("over-limit", "source-limit"), and gives its slot back. One listener may
+   serve many apps under bpfproxy, so there is no per-app queue to hold it in.
+   With `share` worker processes, each enforces its part, rounded up.
 5. A refusal of rules 3-4 is reset by the engine; each kind is warned about
    at most once per LIMIT_LOG_INTERVAL per app (warnlimit.WarnLimiter).
 6. One owner gives back: an admitted connection's slot, its place in the
@@ -56,6 +63,7 @@ __all__ = [
     "UNTRUSTED_PROXY",
     "Admission",
     "AppRuntime",
+    "Router",
     "Ticket",
     "client_ip",
     "format_peer",
@@ -109,27 +117,52 @@ def format_peer(peer: tuple) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class Router:
+    """Which app a connection on one port is for (rule 1): the port's one app.
+
+    `needs_bytes` is False: it answers at once, from no byte. A router of apps
+    sharing a port (told apart by TLS SNI or HTTP Host) would need the client's
+    first bytes, peeked, and answer "need more", an app, or None (no app).
+    """
+
+    __slots__ = ("app", "needs_bytes")
+
+    def __init__(self, app: AppRuntime) -> None:
+        self.app = app
+        self.needs_bytes = False
+
+    @property
+    def preamble(self) -> AppConfig:
+        """The settings of what is read before routing: the port's apps agree on them."""
+        return self.app.config
+
+    def choose(self, data: bytes) -> AppRuntime | None:
+        """The app for a client that sent `data` first (here: the port's one app)."""
+        return self.app
+
+
 def _never_down(target: Target) -> bool:
     return False
 
 
 class Ticket:
-    """What one admitted connection holds: a slot and its places in the counts.
+    """What one connection holds: a slot, and once admitted its places in the counts.
 
-    `app` and `cid` (its id, for every log line about it) are the
-    connection's for its whole life. `target` is the target it is counted
+    `router` and `cid` (its id, for every log line about it) are the
+    connection's for its whole life; `app` is its app once admitted to it
+    (`Admission.admit_to`), None before. `target` is the target it is counted
     against (None before its first connect).
     """
 
-    __slots__ = ("_admission", "app", "cid", "source", "target")
+    __slots__ = ("_admission", "app", "cid", "peer", "router", "source", "target")
 
-    def __init__(
-        self, admission: Admission, app: AppRuntime, cid: str, source: tuple[str, str] | None
-    ) -> None:
+    def __init__(self, admission: Admission, router: Router, cid: str, peer: tuple) -> None:
         self._admission: Admission | None = admission  # None once released
-        self.app = app
+        self.router = router
         self.cid = cid
-        self.source = source  # (app, client IP), if counted per source
+        self.peer = peer  # as accepted (a PROXY header does not change whom it counts as)
+        self.app: AppRuntime | None = None
+        self.source: tuple[str, str] | None = None  # (app, client IP), if counted per source
         self.target: Target | None = None
 
     def claim(self, target: Target) -> None:
@@ -156,6 +189,10 @@ class Ticket:
         if admission is None:
             return
         self._admission = None
+        admission.active_total -= 1
+        admission._free += 1
+        if self.app is None:  # never admitted to an app: the slot was all
+            return
         target = self.target
         if target is not None:  # inline, as below: this runs for every connection
             counts = admission.active
@@ -173,8 +210,6 @@ class Ticket:
             del by_app[name]
         if self.source is not None:
             _uncount(admission.active_by_source, self.source)
-        admission.active_total -= 1
-        admission._free += 1
 
 
 def _uncount(counts: Counter, key: object) -> None:
@@ -228,27 +263,33 @@ class Admission:
         self.active_by_source: Counter[tuple[str, str]] = Counter()  # (app, client IP)
         self.active_total = 0
         self._apps: dict[str, AppRuntime] = {}
-        self._routes: dict[int, AppRuntime] = {}
+        self._routes: dict[int, Router] = {}
+        self._routers: dict[str, Router] = {}  # each app's, shared by its ports
         self._limits: dict[str, int] = {}
 
     def apply(self, config: Config) -> None:
         """Route new connections by `config` from now on.
 
         Apps whose config is unchanged keep their runtime (and round-robin
-        position); connections already admitted keep theirs and their counts.
+        position) and router; connections already admitted keep theirs and
+        their counts.
         """
         apps: dict[str, AppRuntime] = {}
+        routers: dict[str, Router] = {}
         for app in config.apps:
             old = self._apps.get(app.name)
             if old is not None and (old.config is app or old.config == app):
                 apps[app.name] = old
+                routers[app.name] = self._routers[app.name]
             else:
                 balancer = Balancer(app.targets, app.strategy, active=self.active)
                 apps[app.name] = AppRuntime(app, balancer, partial(balancer.order, self._is_down))
+                routers[app.name] = Router(apps[app.name])
         self._apps = apps
-        routes: dict[int, AppRuntime] = {}
+        self._routers = routers
+        routes: dict[int, Router] = {}
         for app in config.apps:  # dict.fromkeys: at C speed, 20,000 ports take ~1 ms
-            routes.update(dict.fromkeys(app.ports, apps[app.name]))
+            routes.update(dict.fromkeys(app.ports, routers[app.name]))
         self._routes = routes
         # each app's limit of open connections, worked out once per config, not per connection
         self._limits = {
@@ -256,7 +297,7 @@ class Admission:
             for app in config.apps
         }
 
-    def route(self, port: int) -> AppRuntime | None:
+    def route(self, port: int) -> Router | None:
         return self._routes.get(port)
 
     def has_slot(self) -> bool:
@@ -269,22 +310,35 @@ class Admission:
         return self._free
 
     def admit(self, port: int, peer: tuple) -> Ticket | str:
-        """A connection accepted on `port` from `peer`: its ticket, or why it is refused
-        (NO_ROUTE, UNTRUSTED_PROXY, OVER_LIMIT, SOURCE_LIMIT; counted and warned about).
+        """`arrive`, then `admit_to` the app the port's router chooses from no byte
+        (a port one app owns): a ticket admitted to its app, or why not (given back)."""
+        ticket = self.arrive(port, peer)
+        if isinstance(ticket, str):
+            return ticket
+        app = ticket.router.choose(b"")
+        refused = self.admit_to(ticket, app) if app is not None else self.no_route(ticket, port)
+        if refused:
+            ticket.release()
+            return refused
+        return ticket
+
+    def arrive(self, port: int, peer: tuple) -> Ticket | str:
+        """A connection accepted on `port` from `peer`: its ticket (a slot, its router),
+        or why it is refused (NO_ROUTE, UNTRUSTED_PROXY; counted and warned about).
 
         Takes a slot: only called when `has_slot()`.
         """
-        assert self._free > 0, "admit() without a slot"
-        app = self._routes.get(port)
-        if app is None:  # steered or queued before its port was removed
+        assert self._free > 0, "arrive() without a slot"
+        router = self._routes.get(port)
+        if router is None:  # steered or queued before its port was removed
             cid = f"{self._id_prefix}{next(self._ids)}"
             log.debug("conn %s client=%s port=%d: no app for this port; closing",
                       cid, format_peer(peer), port, extra={"conn": cid})  # fmt: skip
             self._metrics.rejected("-", NO_ROUTE)
             return NO_ROUTE
-        cfg = app.config
-        name = cfg.name
+        cfg = router.preamble
         if cfg.accept_proxy_protocol and not is_trusted(peer, cfg.trusted_proxies):
+            name = cfg.name
             self._warn(
                 f"untrusted-proxy {name}",
                 "app %r: PROXY header from %s refused: not in TrustedProxies; resetting",
@@ -292,6 +346,25 @@ class Admission:
             )  # fmt: skip
             self._metrics.rejected(name, UNTRUSTED_PROXY)
             return UNTRUSTED_PROXY
+        self._free -= 1
+        self.active_total += 1
+        return Ticket(self, router, f"{self._id_prefix}{next(self._ids)}", peer)
+
+    def no_route(self, ticket: Ticket, port: int) -> str:
+        """The router found no app for the connection: NO_ROUTE, counted (rule 1)."""
+        cid = ticket.cid
+        log.debug("conn %s client=%s port=%d: no app for this connection; closing",
+                  cid, format_peer(ticket.peer), port, extra={"conn": cid})  # fmt: skip
+        self._metrics.rejected("-", NO_ROUTE)
+        return NO_ROUTE
+
+    def admit_to(self, ticket: Ticket, app: AppRuntime) -> str:
+        """Admit the connection of `ticket` to `app` (rule 4): "" if admitted, else why
+        not (OVER_LIMIT, SOURCE_LIMIT; counted and warned about; the caller ends it,
+        its ticket's release gives the slot back)."""
+        peer = ticket.peer
+        cfg = app.config
+        name = cfg.name
         app_limit = self._limits[name]
         if self.active_by_app[name] * self._share >= app_limit:
             default = "" if cfg.max_connections is not None else ", a share of max-connections"
@@ -314,13 +387,12 @@ class Admission:
                 self._metrics.rejected(name, SOURCE_LIMIT)
                 return SOURCE_LIMIT
             self.active_by_source[source] += 1
-        self._free -= 1
         if not self._free:
             self._warn(
                 "", "max-connections (%d) reached; new connections wait in the listen queue",
                 self.max_connections,
             )  # fmt: skip
         self._metrics.accepted(name)
-        self.active_total += 1
         self.active_by_app[name] += 1
-        return Ticket(self, app, f"{self._id_prefix}{next(self._ids)}", source)
+        ticket.app, ticket.source = app, source
+        return ""

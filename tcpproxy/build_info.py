@@ -56,6 +56,15 @@ __all__ = [
 COMPILED_MODULES: Final = (
     "tcpproxy.balance",
     "tcpproxy.engine",
+    "tcpproxy.engine.accept",
+    "tcpproxy.engine.check",
+    "tcpproxy.engine.conn",
+    "tcpproxy.engine.core",
+    "tcpproxy.engine.dial",
+    "tcpproxy.engine.loop",
+    "tcpproxy.engine.preamble",
+    "tcpproxy.engine.relay",
+    "tcpproxy.engine.timers",
     "tcpproxy.flow",
     "tcpproxy.health",
     "tcpproxy.proxy_protocol",
@@ -112,10 +121,13 @@ def _origins() -> dict[str, str]:
     origins = {}
     for name in COMPILED_MODULES:
         module = sys.modules.get(name)
+        spec = importlib.util.find_spec(name) if module is None else None
+        # finding a package's module imports the package, whose compiled code may have
+        # imported the module meanwhile (then its spec is not the import system's to give)
+        module = sys.modules.get(name)
         if module is not None:
             origin = getattr(module, "__file__", None) or ""
         else:
-            spec = importlib.util.find_spec(name)
             origin = (spec.origin or "") if spec is not None else ""
         origins[name] = origin
     return origins

@@ -1,6 +1,6 @@
 """Connecting to a target: the order of its addresses, and failures in words.
 
-The engine connects connections (tcpproxy/engine.py, with failover across an
+The engine connects connections (tcpproxy/engine/, with failover across an
 app's targets: tcpproxy/flow.py); `connect_target` here is the probes' one
 connect, on trio. Both try a name's addresses in the same order (happy
 eyeballs) and describe a failure in the same words.

@@ -1,6 +1,6 @@
 """One proxied connection's life as a state machine, with no I/O (h11 style).
 
-The epoll engine (tcpproxy/engine.py) does the syscalls and feeds what
+The epoll engine (tcpproxy/engine/) does the syscalls and feeds what
 happened in as events (a method call each); the flow answers with the one
 `Action` the engine must take next. What to do is decided here, so it is
 tested without sockets: the try order and its failover, the redispatch rule,
@@ -10,15 +10,21 @@ the try order comes in as data, and what a connection counts against is the
 engine's to record (admission.Ticket).
 
 Rules:
-1. accepted -> READ_HEADER if the app accepts PROXY headers, else
-   WAIT_FIRST_BYTE if it has a FirstByteTimeout, else CHOOSE: the engine asks
-   the app's balancer for the try order at once and hands it in
+1. Routing: accepted -> ROUTE: the engine asks the port's router which app
+   the connection is for, admits it to that app (its limits) and hands the
+   app's facts in (`routed`), or its refusal (`route_failed`: "no-route" is
+   closed, a limit's refusal reset). A port one app owns routes at once, at
+   accept. A router that must see the client's first bytes (`route_late`:
+   apps sharing a port, told apart by what the client sends) routes after
+   the preamble of rule 2 instead, from bytes peeked, not taken.
+2. The preamble: READ_HEADER if the port accepts PROXY headers, then
+   WAIT_FIRST_BYTE if it has a FirstByteTimeout, then (routed) CHOOSE: the
+   engine asks the app's balancer for the try order at once and hands it in
    (`order_chosen`), and the flow CONNECTs its first target (an empty order:
    "no-target"). The order is asked for only then, not at accept: a client
    silent behind a PROXY header or a FirstByteTimeout neither counts against
-   a target nor gets one chosen long before it speaks.
-2. A header read (or the first byte seen) moves on as rule 1 does; a bad or
-   late header ends with "client-error (PROXY header)", a silent client with
+   a target nor gets one chosen long before it speaks. A bad or late header
+   ends with "client-error (PROXY header)", a silent client with
    "first-byte-timeout" (both: close the client, no target was touched).
 3. Connecting: success -> SEND_HEADER if the app sends PROXY headers, else
    RELAY. A failure (refused, unresolvable, timeout) -> CONNECT the next target
@@ -34,7 +40,10 @@ Rules:
    tried (REDISPATCH); with none left, the client is aborted.
 6. An idle timeout ends with "idle-timeout" (close both); a cancel (shutdown
    cut) ends with "cancelled" (abort both: neither peer takes it for complete).
-7. An event a state does not expect is a bug (FlowError), never ignored.
+7. A bug in the engine while serving the connection (`crashed`, in any state,
+   even closed: the teardown may be what failed) ends it with "internal-error":
+   abort both, as a cut does.
+8. An event a state does not expect is a bug (FlowError), never ignored.
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ __all__ = ["TRANSITIONS", "Action", "Flow", "FlowError", "Side", "State", "Timeo
 
 class State(enum.Enum):
     NEW = "new"
+    ROUTING = "routing"  # waiting for the app (the engine routes and admits at once)
     HEADER_IN = "header-in"  # reading the balancer's PROXY header
     FIRST_BYTE = "first-byte"  # waiting for the client to say something
     CHOOSING = "choosing"  # waiting for the try order (the engine hands it in at once)
@@ -60,6 +70,7 @@ class State(enum.Enum):
 
 
 class Action(enum.Enum):
+    ROUTE = "route"  # choose the app and admit to it: `routed` or `route_failed`
     READ_HEADER = "read-header"
     WAIT_FIRST_BYTE = "wait-first-byte"
     CHOOSE = "choose"  # ask the app's balancer for the try order: `order_chosen`
@@ -92,12 +103,12 @@ class Timeout(enum.Enum):
 # EnumType.__getattr__, about 80 ns a read; every event of every connection reads
 # several, so the flow and the engine read these module globals instead (10 ns).
 S_NEW, S_HEADER_IN, S_FIRST_BYTE = State.NEW, State.HEADER_IN, State.FIRST_BYTE
-S_CHOOSING = State.CHOOSING
+S_ROUTING, S_CHOOSING = State.ROUTING, State.CHOOSING
 S_CONNECTING, S_HEADER_OUT, S_RELAY, S_CLOSED = (
     State.CONNECTING, State.HEADER_OUT, State.RELAY, State.CLOSED
 )  # fmt: skip
-A_READ_HEADER, A_WAIT_FIRST_BYTE, A_CHOOSE = (
-    Action.READ_HEADER, Action.WAIT_FIRST_BYTE, Action.CHOOSE
+A_ROUTE, A_READ_HEADER, A_WAIT_FIRST_BYTE, A_CHOOSE = (
+    Action.ROUTE, Action.READ_HEADER, Action.WAIT_FIRST_BYTE, Action.CHOOSE
 )  # fmt: skip
 A_CONNECT, A_SEND_HEADER, A_RELAY = Action.CONNECT, Action.SEND_HEADER, Action.RELAY
 A_REDISPATCH, A_CLOSE = Action.REDISPATCH, Action.CLOSE
@@ -116,15 +127,17 @@ class FlowError(Exception):
 # the Flow's methods; where an event has more than one outcome, the method's
 # docstring says which rule picks it. Anything not listed is a FlowError.
 _ANY_LIVE = (
-    State.HEADER_IN, State.FIRST_BYTE, State.CHOOSING, State.CONNECTING, State.HEADER_OUT,
-    State.RELAY,
+    State.ROUTING, State.HEADER_IN, State.FIRST_BYTE, State.CHOOSING, State.CONNECTING,
+    State.HEADER_OUT, State.RELAY,
 )  # fmt: skip
 TRANSITIONS: dict[tuple[State, str], tuple[State, ...]] = {
-    (State.NEW, "accepted"): (State.HEADER_IN, State.FIRST_BYTE, State.CHOOSING),
-    (State.HEADER_IN, "header_read"): (State.FIRST_BYTE, State.CHOOSING),
+    (State.NEW, "accepted"): (State.ROUTING, State.HEADER_IN, State.FIRST_BYTE),
+    (State.ROUTING, "routed"): (State.HEADER_IN, State.FIRST_BYTE, State.CHOOSING),
+    (State.ROUTING, "route_failed"): (State.CLOSED,),
+    (State.HEADER_IN, "header_read"): (State.FIRST_BYTE, State.ROUTING, State.CHOOSING),
     (State.HEADER_IN, "header_failed"): (State.CLOSED,),
     (State.HEADER_IN, "timeout"): (State.CLOSED,),
-    (State.FIRST_BYTE, "first_byte"): (State.CHOOSING,),
+    (State.FIRST_BYTE, "first_byte"): (State.ROUTING, State.CHOOSING),
     (State.FIRST_BYTE, "timeout"): (State.CLOSED,),
     (State.CHOOSING, "order_chosen"): (State.CONNECTING, State.CLOSED),
     (State.CONNECTING, "connected"): (State.HEADER_OUT, State.RELAY),
@@ -137,6 +150,8 @@ TRANSITIONS: dict[tuple[State, str], tuple[State, ...]] = {
     (State.RELAY, "error"): (State.CONNECTING, State.CLOSED),
     (State.RELAY, "timeout"): (State.CLOSED,),
     **{(state, "cancel"): (State.CLOSED,) for state in (State.NEW, *_ANY_LIVE)},
+    # a bug may strike after the flow closed, before the engine's teardown
+    **{(state, "crashed"): (State.CLOSED,) for state in (State.NEW, *_ANY_LIVE, State.CLOSED)},
 }
 # Each event's allowed states, from the table: a check by identity per event (a
 # (state, event) key would hash the enum in Python on every event of every connection).
@@ -144,6 +159,8 @@ _FROM: dict[str, tuple[State, ...]] = {}
 for _state, _event in TRANSITIONS:
     _FROM[_event] = (*_FROM.get(_event, ()), _state)
 _ON_ACCEPTED = _FROM["accepted"]
+_ON_ROUTED = _FROM["routed"]
+_ON_ROUTE_FAILED = _FROM["route_failed"]
 _ON_HEADER_READ = _FROM["header_read"]
 _ON_HEADER_FAILED = _FROM["header_failed"]
 _ON_FIRST_BYTE = _FROM["first_byte"]
@@ -155,13 +172,14 @@ _ON_EOF = _FROM["eof"]
 _ON_ERROR = _FROM["error"]
 _ON_TIMEOUT = _FROM["timeout"]
 _ON_CANCEL = _FROM["cancel"]
+_ON_CRASHED = _FROM["crashed"]
 # End reasons as plain strings (an enum's .value is a Python-level property)
 _DONE, _CANCELLED, _IDLE = EndReason.DONE.value, EndReason.CANCELLED.value, EndReason.IDLE.value
 _CLIENT_ERROR, _TARGET_ERROR = EndReason.CLIENT_ERROR.value, EndReason.TARGET_ERROR.value
 _TARGET_EARLY_ERROR = EndReason.TARGET_EARLY_ERROR.value
 
-# the timeout each state arms (the engine keeps one phase timer per connection); CHOOSING
-# has none: the engine answers it at once
+# the timeout each state arms (the engine keeps one phase timer per connection); ROUTING
+# and CHOOSING have none: the engine answers them at once
 _TIMEOUTS = {
     State.HEADER_IN: Timeout.HEADER_IN,
     State.FIRST_BYTE: Timeout.FIRST_BYTE,
@@ -175,8 +193,9 @@ class Flow:
     """One connection's state: where it is, which targets are left, how it ended.
 
     Args:
-      accept_header, send_header: the app's AcceptProxyProtocol/SendProxyProtocol.
-      first_byte: whether the app has a FirstByteTimeout.
+      accept_header: the port's AcceptProxyProtocol (its apps agree on it).
+      first_byte: whether the port's apps have a FirstByteTimeout.
+      route_late: route after the preamble (rule 1), not at accept.
     """
 
     __slots__ = (
@@ -184,6 +203,8 @@ class Flow:
         "_first_byte",
         "_next",
         "_order",
+        "_route_late",
+        "_routed",
         "_send_header",
         "client_done",
         "dropped",
@@ -200,14 +221,16 @@ class Flow:
         self,
         *,
         accept_header: bool = False,
-        send_header: bool = False,
         first_byte: bool = False,
+        route_late: bool = False,
     ) -> None:
-        self._order: Sequence[Target] = ()  # handed in by `order_chosen` (rule 1)
+        self._order: Sequence[Target] = ()  # handed in by `order_chosen` (rule 2)
         self._next = 0  # index in order of the next target to try
         self._accept_header = accept_header
-        self._send_header = send_header
+        self._send_header = False  # the app's SendProxyProtocol: known once routed
         self._first_byte = first_byte
+        self._route_late = route_late
+        self._routed = False
         self.state = S_NEW
         self.target: Target | None = None  # being connected, or connected
         self.failures: list[tuple[Target, str]] = []  # failed connects: (target, why)
@@ -236,10 +259,24 @@ class Flow:
         self.client_done = self.target_done = False
         return A_CONNECT
 
+    def _preamble(self) -> Action:
+        """Rule 2, from its start."""
+        if self._accept_header:
+            self.state = S_HEADER_IN
+            return A_READ_HEADER
+        return self._after_header()
+
     def _after_header(self) -> Action:
         if self._first_byte:
             self.state = S_FIRST_BYTE
             return A_WAIT_FIRST_BYTE
+        return self._ready()
+
+    def _ready(self) -> Action:
+        """The preamble is over: ROUTE (if not routed yet: rule 1), else CHOOSE."""
+        if not self._routed:
+            self.state = S_ROUTING
+            return A_ROUTE
         self.state = S_CHOOSING
         return A_CHOOSE
 
@@ -259,10 +296,26 @@ class Flow:
         """Rule 1."""
         if self.state not in _ON_ACCEPTED:
             raise self._refuse("accepted")
-        if self._accept_header:
-            self.state = S_HEADER_IN
-            return A_READ_HEADER
-        return self._after_header()
+        if not self._route_late:
+            self.state = S_ROUTING
+            return A_ROUTE
+        return self._preamble()
+
+    def routed(self, *, send_header: bool) -> Action:
+        """Rule 1: the app is chosen and admitted; `send_header`: its SendProxyProtocol."""
+        if self.state not in _ON_ROUTED:
+            raise self._refuse("routed")
+        self._routed = True
+        self._send_header = send_header
+        return self._ready() if self._route_late else self._preamble()
+
+    def route_failed(self, reason: str, *, reset: bool) -> Action:
+        """Rule 1: no app for the connection, or its app refused it (`reason`, as
+        admission names it); `reset`: the client is reset, else closed."""
+        if self.state not in _ON_ROUTE_FAILED:
+            raise self._refuse("route_failed")
+        self._end(reason)
+        return A_ABORT_CLIENT if reset else A_CLOSE
 
     def header_read(self) -> Action:
         """Rule 2: the balancer's header is consumed."""
@@ -278,14 +331,13 @@ class Flow:
         return A_CLOSE
 
     def first_byte(self) -> Action:
-        """Rule 2: the client sent something (or closed): choose, then connect."""
+        """Rule 2: the client sent something (or closed): route or choose, then connect."""
         if self.state not in _ON_FIRST_BYTE:
             raise self._refuse("first_byte")
-        self.state = S_CHOOSING
-        return A_CHOOSE
+        return self._ready()
 
     def order_chosen(self, order: Sequence[Target]) -> Action:
-        """Rule 1: the try order, every target once, the balancer's choice first
+        """Rule 2: the try order, every target once, the balancer's choice first
         (`Balancer.order`); CONNECT its first target."""
         if self.state not in _ON_ORDER_CHOSEN:
             raise self._refuse("order_chosen")
@@ -395,4 +447,11 @@ class Flow:
         if self.state not in _ON_CANCEL:
             raise self._refuse("cancel")
         self._end(_CANCELLED)
+        return A_ABORT_BOTH
+
+    def crashed(self) -> Action:
+        """Rule 7: the engine failed while serving this connection (a bug)."""
+        if self.state not in _ON_CRASHED:
+            raise self._refuse("crashed")
+        self._end("internal-error")
         return A_ABORT_BOTH

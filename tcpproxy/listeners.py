@@ -2,7 +2,7 @@
 
 Kept apart from serving (as trio's `open_tcp_listeners` and
 `serve_listeners` are) so both binaries compose them: a frontend opens its
-sockets here and hands them to the engine, which accepts (tcpproxy/engine.py).
+sockets here and hands them to the engine, which accepts (tcpproxy/engine/).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ How a connection arrives (a listener per port, or one socket steered by BPF)
 is the binary's business; from the engine's accept on, both run this: the
 admission (routes, limits, counts: tcpproxy/admission.py), the health of the
 targets and its probes, DNS, the self-loop guard, and the engine that serves
-every connection (tcpproxy/engine.py), which receives each of them and
+every connection (tcpproxy/engine/), which receives each of them and
 nothing else. A reload reaches them all through `apply`.
 
 An app's `FirstByteTimeout`: no target is connected before the client sends

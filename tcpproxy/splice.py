@@ -1,6 +1,6 @@
 """The relay's rules and sizes, and how a connection is cut (`abort`).
 
-The engine (tcpproxy/engine.py) moves the bytes; what it follows is here.
+The engine (tcpproxy/engine/) moves the bytes; what it follows is here.
 Each direction starts by copying with recv/send (small messages cost the
 same two syscalls either way, and need no pipe); once a read fills
 COPY_SIZE, a bulk transfer is under way and the direction switches to

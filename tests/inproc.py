@@ -44,7 +44,7 @@ def arrive(
     the engine's accept hands it over; returns the client's end."""
     ours, client = tcp_pair() if tcp else socket.socketpair()
     ours.setblocking(False)
-    ticket = proxy.admission.admit(port, peer)
+    ticket = proxy.admission.arrive(port, peer)  # the engine routes and admits it
     assert isinstance(ticket, Ticket), ticket
     proxy.engine.start(ours, port, peer, ticket)
     return client

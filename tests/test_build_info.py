@@ -90,16 +90,19 @@ def test_the_build_named_is_the_one_that_runs() -> None:
 
 # Rule 1: a compiled module brings its compiled imports with it, over interpreted copies.
 MIX = """
-import importlib.util, sys
+import importlib.util, os, sys
+from tcpproxy.build_info import source_path
 def interpreted(name):
-    path = "{root}/" + name.replace(".", "/") + ".py"
-    spec = importlib.util.spec_from_file_location(name, path)
+    path = source_path(name, "{root}")
+    package = [os.path.dirname(path)] if path.endswith("__init__.py") else None
+    spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=package)
     module = sys.modules[name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
 interpreted("tcpproxy.{first}")
 from tcpproxy import engine, flow
+from tcpproxy.engine import core
 print(flow.__file__.endswith(".so"), engine.__file__.endswith(".so"),
-      engine.A_CONNECT is flow.A_CONNECT, flow.Flow().accepted() is flow.A_CHOOSE)
+      core.A_CONNECT is flow.A_CONNECT, flow.Flow().accepted() is flow.A_ROUTE)
 """
 
 

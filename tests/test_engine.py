@@ -14,7 +14,9 @@ import trio
 
 from tcpproxy.admission import Ticket
 from tcpproxy.config import AppConfig, Config, Target
-from tcpproxy.engine import _IN, _PHASE, Conn
+from tcpproxy.engine.conn import Conn
+from tcpproxy.engine.loop import IN
+from tcpproxy.engine.timers import PHASE
 from tcpproxy.flow import Flow
 from tcpproxy.listeners import ACCEPT_BACKOFF
 from tcpproxy.proxy import Proxy
@@ -135,7 +137,7 @@ async def test_an_ended_connection_lets_go_of_its_buffers() -> None:
         async with trio.open_nursery() as nursery:
             proxy, engine = await serve(nursery, app, max_connections=10, use_splice=False)
             client = arrive(proxy)
-            (conn,) = engine._conns
+            (conn,) = engine.conns
             client.send(b"x")  # the first byte: the engine connects
             served = (await trio.to_thread.run_sync(backend.accept))[0]
             served.setblocking(False)
@@ -149,7 +151,7 @@ async def test_an_ended_connection_lets_go_of_its_buffers() -> None:
             client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             client.close()  # reset
             with trio.fail_after(5):
-                while conn in engine._conns:
+                while conn in engine.conns:
                     await trio.sleep(0.01)
             assert (conn.up, conn.down, conn.header, conn.hbuf) == (None, None, None, b"")
             nursery.cancel_scope.cancel()
@@ -238,11 +240,11 @@ async def test_the_self_check_sees_a_connection_waiting_for_nothing() -> None:
             proxy, engine = await serve(nursery, app, max_connections=10, use_splice=False)
             client = arrive(proxy)
             served = (await trio.to_thread.run_sync(backend.accept))[0]
-            (conn,) = engine._conns
+            (conn,) = engine.conns
             assert engine.check() == []
-            engine._interest(conn, 0, 0)  # as a forgotten _update would leave it
+            conn.interest(engine.loop, 0, 0)  # as a forgotten _update would leave it
             assert any("watching neither socket" in p for p in engine.check())
-            engine._interest(conn, _IN, _IN)
+            conn.interest(engine.loop, IN, IN)
             assert engine.check() == []
             twin = os.dup(conn.tfd)  # the file stays in epoll after its descriptor closes
             os.close(conn.tfd)
@@ -294,14 +296,14 @@ async def test_a_connect_failing_while_its_event_is_read_is_not_a_success() -> N
                 nursery, app, max_connections=10, resolver=resolver, use_splice=False
             )  # type: ignore[arg-type]
             client = arrive(proxy)
-            (conn,) = engine._conns
+            (conn,) = engine.conns
             (attempt,) = conn.attempts  # to the blackhole: SYN_SENT
             fd = attempt.fileno()
             family, kind, proto = attempt.family, attempt.type, attempt.proto
             attempt = RefusedMeanwhile(family, kind, proto, attempt.detach())
             conn.attempts[0] = attempt
-            engine._fds[fd] = (engine._on_attempt, (conn, attempt))
-            engine._on_attempt((conn, attempt), select.EPOLLOUT)  # a stale event
+            engine.loop.fds[fd] = (engine.dialer.on_attempt, (conn, attempt))
+            engine.dialer.on_attempt((conn, attempt), select.EPOLLOUT)  # a stale event
             with trio.move_on_after(2.5) as waited:  # the stagger tries the next address
                 await trio.lowlevel.wait_readable(live)
             assert not waited.cancelled_caught, "the next address was not tried"
@@ -315,8 +317,9 @@ async def test_a_connect_failing_while_its_event_is_read_is_not_a_success() -> N
 
 
 async def test_the_timer_sweep_drops_a_timer_of_an_ended_connection() -> None:
-    """_compact keeps a timer only if its owner is live; an ended connection's timer
-    must be dropped, whatever its generation (a Conn has no listener's descriptor)."""
+    """The sweep (Timers.compact) keeps a timer only if its owner is live; an ended
+    connection's timer must be dropped, whatever its generation (a Conn has no
+    listener's descriptor)."""
     app = AppConfig("A", (PORT,), (Target("127.0.0.1", 9),))
     ours, client = socket.socketpair()
     try:
@@ -325,17 +328,18 @@ async def test_the_timer_sweep_drops_a_timer_of_an_ended_connection() -> None:
         ticket = proxy.admission.admit(PORT, ("127.0.0.1", 40000))
         assert isinstance(ticket, Ticket)
         ended = Conn(ours, PORT, ("127.0.0.1", 40000), ticket, Flow(), 0.0)
-        engine._at(3600.0, ended, _PHASE)  # armed with its current generation
-        engine._compact()
-        assert engine._timers == []
+        engine.loop.timers.at(3600.0, ended, PHASE)  # armed with its current generation
+        engine.loop.timers.compact()
+        assert engine.loop.timers.heap == []
     finally:
         ours.close()
         client.close()
 
 
 async def test_every_way_a_connection_ends_gives_back_what_it_held() -> None:
-    """A refused target, a silent client, a bad PROXY header, a relay both sides end,
-    a shutdown's cut: each connection's ticket is released, its slot and every count
+    """A refused target, a silent client, a bad PROXY header, a refusal of the app's
+    limit at routing, a relay both sides end, a shutdown's cut: each connection's
+    ticket is released, its slot and every count
     given back (admission.Ticket.release, called from one place)."""
     refused, backend = socket.socket(), socket.socket()
     clients: list[socket.socket] = []
@@ -349,6 +353,7 @@ async def test_every_way_a_connection_ends_gives_back_what_it_held() -> None:
             AppConfig("silent", (2,), (up,), first_byte_timeout=0.1),
             AppConfig("header", (3,), (up,), accept_proxy_protocol=True),
             AppConfig("relay", (4,), (up,), max_connections_per_source=5),
+            AppConfig("full", (5,), (up,), max_connections_per_source=1, first_byte_timeout=0.2),
         )
         async with trio.open_nursery() as nursery:
             proxy, engine = await serve(nursery, *apps, use_splice=False)
@@ -363,6 +368,10 @@ async def test_every_way_a_connection_ends_gives_back_what_it_held() -> None:
             for port in (1, 2, 3):
                 clients.append(arrive(proxy, port=port))
             clients[-1].sendall(b"GET / HTTP/1.0\r\n\r\n")  # not a PROXY header
+            clients.append(arrive(proxy, port=5))  # waits for its first byte...
+            clients.append(arrive(proxy, port=5))  # ...so this one is over its source limit
+            assert clients[-1].recv(1) == b""  # refused at routing (AF_UNIX: no reset)
+            assert admission.active_by_app["full"] == 1  # the first, until its timeout
             with trio.fail_after(5):
                 while engine.connections:
                     await trio.sleep(0.01)

@@ -16,23 +16,34 @@ A, B, C = Target("10.0.0.1", 80), Target("10.0.0.2", 80), Target("10.0.0.3", 80)
 ORDER = [A, B, C]  # the try order a balancer would choose
 
 
-def connecting(**options: bool) -> Flow:
-    """A flow of a plain connection (no header in, no first byte) connecting to A."""
+def started(send_header: bool = False, **options: bool) -> Flow:
+    """A flow accepted and routed at once (a port one app owns: rule 1)."""
     flow = Flow(**options)
-    assert flow.accepted() is Action.CHOOSE
+    assert flow.accepted() is Action.ROUTE
+    assert flow.state is State.ROUTING and flow.timeout is None  # answered at once
+    flow.routed(send_header=send_header)
+    return flow
+
+
+def connecting(send_header: bool = False) -> Flow:
+    """A flow of a plain connection (no header in, no first byte) connecting to A."""
+    flow = Flow()
+    assert flow.accepted() is Action.ROUTE
+    assert flow.routed(send_header=send_header) is Action.CHOOSE
     assert flow.order_chosen(ORDER) is Action.CONNECT
     return flow
 
 
-def relaying(**options: bool) -> Flow:
-    flow = connecting(**options)
+def relaying(send_header: bool = False) -> Flow:
+    flow = connecting(send_header)
     assert flow.connected() is Action.RELAY
     return flow
 
 
 def test_plain_connection_chooses_and_connects_at_once() -> None:
     flow = Flow()
-    assert flow.accepted() is Action.CHOOSE  # the engine asks the balancer at once
+    assert flow.accepted() is Action.ROUTE  # the engine routes at once
+    assert flow.routed(send_header=False) is Action.CHOOSE  # ...and asks the balancer
     assert (flow.state, flow.target, flow.timeout) == (State.CHOOSING, None, None)
     assert flow.order_chosen(ORDER) is Action.CONNECT
     assert (flow.state, flow.target) == (State.CONNECTING, A)
@@ -42,15 +53,15 @@ def test_plain_connection_chooses_and_connects_at_once() -> None:
 
 
 def test_an_empty_try_order_is_no_target() -> None:
-    flow = Flow()
-    flow.accepted()
+    flow = started()
     assert flow.order_chosen([]) is Action.CLOSE
     assert (flow.state, flow.end_label, flow.target) == (State.CLOSED, "no-target", None)
 
 
 def test_header_then_first_byte_then_connect_then_header_out() -> None:
-    flow = Flow(accept_header=True, first_byte=True, send_header=True)
-    assert flow.accepted() is Action.READ_HEADER
+    flow = Flow(accept_header=True, first_byte=True)
+    assert flow.accepted() is Action.ROUTE
+    assert flow.routed(send_header=True) is Action.READ_HEADER
     assert flow.timeout is Timeout.HEADER_IN
     assert flow.header_read() is Action.WAIT_FIRST_BYTE
     assert flow.timeout is Timeout.FIRST_BYTE
@@ -75,8 +86,7 @@ def test_header_then_first_byte_then_connect_then_header_out() -> None:
     ],
 )
 def test_client_side_failures_before_any_target_close_the_client(options, event, label) -> None:
-    flow = Flow(**options)
-    flow.accepted()
+    flow = started(**options)
     assert event(flow) is Action.CLOSE
     assert (flow.state, flow.end_label, flow.target) == (State.CLOSED, label, None)
 
@@ -163,8 +173,7 @@ def test_idle_timeout_and_cancel() -> None:
     flow = relaying()
     assert flow.timed_out(Timeout.IDLE) is Action.CLOSE
     assert flow.end_label == "idle-timeout"
-    flow = Flow(accept_header=True)
-    flow.accepted()
+    flow = started(accept_header=True)
     assert flow.cancel() is Action.ABORT_BOTH
     assert flow.end_label == "cancelled"
 
@@ -172,6 +181,8 @@ def test_idle_timeout_and_cancel() -> None:
 # every (state, event) pair not in the table is refused
 EVENTS = {
     "accepted": lambda f: f.accepted(),
+    "routed": lambda f: f.routed(send_header=True),
+    "route_failed": lambda f: f.route_failed("over-limit", reset=True),
     "header_read": lambda f: f.header_read(),
     "header_failed": lambda f: f.header_failed("x"),
     "first_byte": lambda f: f.first_byte(),
@@ -183,14 +194,16 @@ EVENTS = {
     "error": lambda f: f.error(Side.CLIENT, "x"),
     "timeout": lambda f: f.timed_out(f.timeout or Timeout.IDLE, "x"),
     "cancel": lambda f: f.cancel(),
+    "crashed": lambda f: f.crashed(),
 }
 # how to bring a fresh flow into each state (with every option on, so all are reachable)
-TO_CHOOSING = ["accepted", "header_read", "first_byte"]
+TO_CHOOSING = ["accepted", "routed", "header_read", "first_byte"]
 TO_CONNECTING = [*TO_CHOOSING, "order_chosen"]
 REACH = {
     State.NEW: [],
-    State.HEADER_IN: ["accepted"],
-    State.FIRST_BYTE: ["accepted", "header_read"],
+    State.ROUTING: ["accepted"],
+    State.HEADER_IN: ["accepted", "routed"],
+    State.FIRST_BYTE: ["accepted", "routed", "header_read"],
     State.CHOOSING: TO_CHOOSING,
     State.CONNECTING: TO_CONNECTING,
     State.HEADER_OUT: [*TO_CONNECTING, "connected"],
@@ -202,7 +215,7 @@ REACH = {
 @pytest.mark.parametrize("state", list(State))
 @pytest.mark.parametrize("event", list(EVENTS))
 def test_every_state_and_event_follows_the_table(state: State, event: str) -> None:
-    flow = Flow(accept_header=True, first_byte=True, send_header=True)
+    flow = Flow(accept_header=True, first_byte=True)
     for step in REACH[state]:
         EVENTS[step](flow)
     assert flow.state is state
@@ -215,6 +228,45 @@ def test_every_state_and_event_follows_the_table(state: State, event: str) -> No
         action = EVENTS[event](flow)
         assert isinstance(action, Action)
         assert flow.state in allowed
+
+
+@pytest.mark.parametrize("state", list(State))
+def test_a_crash_in_any_state_ends_it_as_an_internal_error(state: State) -> None:
+    """Rule 7: what the engine did when a bug struck it, the flow's end says so (the
+    engine used to write the flow's fields itself)."""
+    flow = Flow(accept_header=True, first_byte=True)
+    for step in REACH[state]:
+        EVENTS[step](flow)
+    assert flow.crashed() is Action.ABORT_BOTH
+    assert (flow.state, flow.end_label) == (State.CLOSED, "internal-error")
+
+
+@pytest.mark.parametrize(("reason", "reset"), [("no-route", False), ("over-limit", True)])
+def test_a_refusal_at_routing_ends_before_any_target(reason: str, reset: bool) -> None:
+    """Rule 1: no app, or the app's limit: closed or reset, no target touched."""
+    flow = Flow(accept_header=True)
+    assert flow.accepted() is Action.ROUTE
+    action = flow.route_failed(reason, reset=reset)
+    assert action is (Action.ABORT_CLIENT if reset else Action.CLOSE)
+    assert (flow.state, flow.end_label, flow.target) == (State.CLOSED, reason, None)
+
+
+@pytest.mark.parametrize("options", [{}, {"first_byte": True}, {"accept_header": True}])
+def test_a_router_that_needs_bytes_routes_after_the_preamble(options) -> None:
+    """Rule 1's later routers: the PROXY header and the first byte come first (what
+    the client sends is what tells its app), then ROUTE, then the try order."""
+    flow = Flow(route_late=True, **options)
+    action = flow.accepted()
+    if options.get("accept_header"):
+        assert action is Action.READ_HEADER
+        action = flow.header_read()
+    if options.get("first_byte"):
+        assert action is Action.WAIT_FIRST_BYTE
+        action = flow.first_byte()
+    assert (action, flow.state) == (Action.ROUTE, State.ROUTING)
+    assert flow.routed(send_header=True) is Action.CHOOSE
+    assert flow.order_chosen([A]) is Action.CONNECT
+    assert flow.connected() is Action.SEND_HEADER
 
 
 def test_a_timeout_of_another_state_is_a_bug() -> None:
@@ -253,7 +305,8 @@ def test_the_order_is_asked_for_only_when_the_client_is_ready(options) -> None:
     """A client silent behind a FirstByteTimeout or PROXY header holds no target:
     the flow asks for the try order (CHOOSE) once it may connect, not at accept."""
     flow = Flow(**options)
-    assert flow.accepted() in (Action.WAIT_FIRST_BYTE, Action.READ_HEADER)
+    assert flow.accepted() is Action.ROUTE
+    assert flow.routed(send_header=False) in (Action.WAIT_FIRST_BYTE, Action.READ_HEADER)
     assert flow.target is None
     with pytest.raises(FlowError):  # no order taken before it is asked for
         flow.order_chosen(ORDER)
