@@ -91,6 +91,9 @@ compiled='import sys; from tcpproxy.build_info import changed_sources as c, desc
 python=("${as_owner[@]}" env -u TCPPROXY_INTERPRETED .venv/bin/python)  # as the checkout's owner
 if ! changed=$("${python[@]}" -c "$changed_sources"); then
     echo "setup: $changed changed since compiled: compiling again (output in $LOG)"
+    # every compiled module is built again; none of an earlier layout may stay (a module
+    # compiled once as tcpproxy/engine.py would shadow nothing, but misleads)
+    find tcpproxy -name '*.so' -delete
     logged "${python[@]}" setup.py build_ext --inplace
     if ! "${python[@]}" -c "$compiled"; then
         echo "setup: the compile failed (see $LOG, or run 'make typecheck'); the sources" \
