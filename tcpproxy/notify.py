@@ -15,6 +15,7 @@ to the new process (tcpproxy.upgrade's NOTIFY_FD), which starts unprivileged.
 from __future__ import annotations
 
 import array
+import errno
 import logging
 import os
 import socket
@@ -26,6 +27,9 @@ import trio
 __all__ = ["Notifier"]
 
 log = logging.getLogger("tcpproxy")
+
+# a connected notify socket's peer is gone (systemd made its socket anew)
+_GONE = frozenset({errno.ECONNREFUSED, errno.ENOTCONN, errno.ECONNRESET})
 
 
 class Notifier:
@@ -93,9 +97,21 @@ class Notifier:
                 try:
                     self._sock.sendmsg(data, ancillary)
                     return True
-                except ConnectionRefusedError:  # its socket was made anew: try its path
-                    if self._address is None:
+                except OSError as exc:
+                    # Its socket was made anew: the kernel has disconnected ours (the next
+                    # send would say ENOTCONN). Connect again (which may be refused to us
+                    # now, unprivileged), else send to its path from now on.
+                    if exc.errno not in _GONE or self._address is None:
                         raise
+                    self._connected = False
+                    try:
+                        self._sock.connect(self._address)
+                    except OSError:
+                        pass
+                    else:
+                        self._connected = True
+                        self._sock.sendmsg(data, ancillary)
+                        return True
             assert self._address is not None  # else enabled only by a handed (connected) one
             self._sock.sendmsg(data, ancillary, 0, self._address)
         except OSError as exc:

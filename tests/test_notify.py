@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tcpproxy.notify import Notifier
 from tests.helpers import (
     TIMEOUT,
     ProxyProcess,
@@ -149,3 +150,26 @@ def test_a_notify_socket_only_root_may_write_hears_every_process(
         kill_started(proxy)
         systemd.close()
     assert "sd_notify failed" not in proxy.output, proxy.output
+
+
+def test_a_notify_socket_made_anew_keeps_hearing_every_message(tmp_path: Path) -> None:
+    """The service manager's socket is closed and bound again at the same path: the
+    connected socket is disconnected by the kernel; the notifier connects again, so
+    the next messages (a watchdog ping, STOPPING) still arrive, and an upgrade still
+    gets a connected socket to hand over."""
+    path = str(tmp_path / "notify")
+    first = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    first.bind(path)
+    notifier = Notifier({"NOTIFY_SOCKET": path})
+    notifier.connect()
+    assert notifier.send("A") and first.recv(64) == b"A"
+    first.close()
+    os.unlink(path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as again:
+        again.bind(path)
+        again.settimeout(5)
+        for message in ("B", "WATCHDOG=1", "STOPPING=1"):
+            assert notifier.send(message)
+            assert again.recv(64) == message.encode()
+        assert notifier.fileno() is not None
+    notifier.close()
