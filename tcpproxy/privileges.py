@@ -33,7 +33,7 @@ import enum
 import logging
 import os
 import pwd
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +53,7 @@ __all__ = [
     "drop_privileges",
     "inherited_capabilities",
     "target_account",
+    "under_service_manager",
     "unprivileged_port_start",
     "when_unreadable",
 ]
@@ -180,7 +181,9 @@ class Unreadable(enum.Enum):
     STAY = "stay"  # serve as the user we started as (root), with no capability
 
 
-def when_unreadable(*, chosen: bool, read_search_permitted: bool) -> Unreadable:
+def when_unreadable(
+    *, chosen: bool, read_search_permitted: bool, managed: bool = False
+) -> Unreadable:
     """The decision, by rules:
 
     1. An account that was chosen (``--user`` or its environment variable) is the
@@ -190,12 +193,23 @@ def when_unreadable(*, chosen: bool, read_search_permitted: bool) -> Unreadable:
     3. Else (Docker's default capabilities leave it out, as may a bounding set) root
        stays root with no capability, as ``--user root`` does: the newcomer's clone
        under /root, in a container, works with no option. It is checked in turn.
+    4. Except under a service manager (``managed``: $INVOCATION_ID or $NOTIFY_SOCKET
+       set): a unit whose bounding set leaves CAP_DAC_READ_SEARCH out chose to serve
+       as that account; uid 0, even with no capability, still owns every root file
+       and /proc/sys, so it is refused there rather than done unasked.
     """
     if chosen:
         return Unreadable.REFUSE
     if read_search_permitted:
         return Unreadable.KEEP_READ_SEARCH
-    return Unreadable.STAY
+    return Unreadable.REFUSE if managed else Unreadable.STAY
+
+
+def under_service_manager(environ: Mapping[str, str] | None = None) -> bool:
+    """Started by a service manager: systemd sets $INVOCATION_ID for every unit and
+    $NOTIFY_SOCKET for Type=notify ones."""
+    env = os.environ if environ is None else environ
+    return bool(env.get("INVOCATION_ID") or env.get("NOTIFY_SOCKET"))
 
 
 @dataclass(frozen=True)
@@ -227,7 +241,8 @@ def check_access(
         return Serving(account)
     what, path, why = refused
     permitted = bool(capability_sets()["CapPrm"] & (1 << CAP_DAC_READ_SEARCH))
-    decision = when_unreadable(chosen=chosen, read_search_permitted=permitted)
+    managed = under_service_manager()
+    decision = when_unreadable(chosen=chosen, read_search_permitted=permitted, managed=managed)
     name = account.name
     shown = f"{'the config file ' if what == 'config' else ''}{path}"
     if decision is Unreadable.KEEP_READ_SEARCH:
@@ -250,6 +265,11 @@ def check_access(
             )  # fmt: skip
             return Serving(ours)
         why += f", and {ours.name} cannot without capabilities"
+    elif not chosen and not permitted and managed:
+        why += (
+            "; CAP_DAC_READ_SEARCH, which would read it anyway, is not permitted here, and "
+            "under a service manager root does not stay root unasked"
+        )
     who = f"user {name} (--user)"
     if what == "config":
         raise StartupError(

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tcpproxy.privileges import Unreadable, when_unreadable
+from tcpproxy.privileges import Unreadable, under_service_manager, when_unreadable
 from tests.deploy import BPF_LISTEN_PORT, Deployment
 from tests.helpers import (
     ROOT,
@@ -448,6 +448,15 @@ def test_an_explicit_user_that_cannot_read_is_still_an_error(
 )
 def test_when_the_account_cannot_read(chosen: bool, permitted: bool, expected: Unreadable) -> None:
     assert when_unreadable(chosen=chosen, read_search_permitted=permitted) is expected
+    # rule 4: under a service manager root never stays root unasked
+    managed = when_unreadable(chosen=chosen, read_search_permitted=permitted, managed=True)
+    assert managed is (Unreadable.REFUSE if expected is Unreadable.STAY else expected)
+
+
+def test_a_service_manager_is_seen_by_its_variables() -> None:
+    assert not under_service_manager({})
+    assert under_service_manager({"INVOCATION_ID": "5f0c"})
+    assert under_service_manager({"NOTIFY_SOCKET": "/run/systemd/notify"})
 
 
 def without_dac_read_search() -> tuple[str, ...]:
@@ -457,6 +466,26 @@ def without_dac_read_search() -> tuple[str, ...]:
     if setpriv is None:
         pytest.skip("setpriv (util-linux) is not installed")
     return (setpriv, "--bounding-set", "-dac_read_search", "--")
+
+
+@pytest.mark.parametrize("variable", ["INVOCATION_ID", "NOTIFY_SOCKET"])
+def test_under_a_service_manager_root_does_not_stay_root_unasked(
+    variable: str, private_dir: Path, netns: NetNS
+) -> None:
+    """As the newcomer's case, but started by a service manager (a unit whose bounding
+    set leaves CAP_DAC_READ_SEARCH out): exit 2 naming the file, not uid 0 unasked."""
+    config = private_dir / "config.json"
+    write_config(config, [app("A", [7001], ["127.0.0.1:9"])])
+    argv = ["ip", "netns", "exec", netns.name, *without_dac_read_search(), sys.executable,
+            "-m", "tcpproxy", "-c", str(config)]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("TCPPROXY_USER", "BPFPROXY_USER")}
+    env[variable] = str(private_dir / "notify") if variable == "NOTIFY_SOCKET" else "5f0c"
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          env=env, check=False)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert f"user nobody (--user) cannot read the config file {config}" in proc.stderr
+    assert "under a service manager root does not stay root unasked" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def assert_root_without_capabilities(pid: int) -> None:
