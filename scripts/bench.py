@@ -6,12 +6,14 @@ Backends and load tools are Debian's: sockperf (latency), iperf3
 (throughput, 1 and 4 streams), wrk against nginx with `Connection: close`
 (new connections per second), and nginx keep-alive connections for memory
 per idle connection. The proxies' CPU time is read from /proc around the
-wrk and the 1-stream iperf3 runs. Each figure is measured for direct,
-HAProxy, tcpproxy, bpfproxy (and any `--variant`), in alternating rounds;
-medians are reported. The parsing and the table are in bench_report.py.
+wrk and the 1-stream iperf3 runs, user and kernel time apart. Each figure
+is measured for direct, HAProxy, tcpproxy, bpfproxy, tcpproxy interpreted
+(`TCPPROXY_INTERPRETED=1`, unless `--no-interpreted`) and any `--variant`,
+in alternating rounds; medians are reported. The parsing and the table are
+in bench_report.py.
 
     sudo .venv/bin/python scripts/bench.py [--rounds 3] [--seconds 4] [--idle 10000]
-        [--workers N] [--variant NAME=BINARY:ARGS ...]
+        [--workers N] [--no-interpreted] [--variant NAME=BINARY:ARGS ...]
         [--proxy-cpus LIST --load-cpus LIST] [--modes ...] [--measure ...]
 """
 
@@ -39,11 +41,15 @@ from bench_report import (  # noqa: E402 - a sibling module, importable once the
     HAND_WRITTEN,
     HAPROXY,
     METRICS,
+    OURS,
     Results,
     Variant,
+    build_of,
+    builds_line,
     core_percent_per_gbps,
     cpu_ticks,
     cpu_us_per_connection,
+    default_variants,
     direction_note,
     invocation,
     keep_hand_written,
@@ -57,6 +63,7 @@ from bench_report import (  # noqa: E402 - a sibling module, importable once the
     wrk_errors,
 )
 
+from tcpproxy.build_info import interpreted_requested  # noqa: E402
 from tests.netns import NetNS  # noqa: E402
 
 # Backend ports; a proxy's front ports are FRONT_BASE + FRONT_STEP * its index + the service's.
@@ -68,6 +75,16 @@ MODES = ["direct", HAPROXY, "tcpproxy", "bpfproxy"]
 MEASURES = ["latency", "throughput", "connections", "idle"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 TOOL_GRACE = 30  # seconds a load tool may take beyond its run before it counts as hung
+VERSION_TIMEOUT = 30  # seconds `BINARY --version` may take (imports the package; a busy box)
+
+
+@dataclass(frozen=True)
+class ConnectionCost:
+    """The proxy's CPU over a wrk run: µs per connection, user and kernel, and cores busy."""
+
+    user_us: float
+    kernel_us: float
+    cores: float
 
 
 @dataclass(frozen=True)
@@ -84,6 +101,11 @@ class Mode:
         if self.binary is None:
             return SERVICES[service]
         return FRONT_BASE + FRONT_STEP * self.index + list(SERVICES).index(service)
+
+    @property
+    def slug(self) -> str:
+        """The name as a file name: `tcpproxy (interpreted)` -> `tcpproxy-interpreted`."""
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", self.name).strip("-")
 
 
 def all_modes(variants: list[Variant]) -> dict[str, Mode]:
@@ -107,7 +129,7 @@ class Bench:
         return ["taskset", "-c", cpus, *argv] if cpus else argv
 
     def spawn(self, name: str, argv: list[str], **kw: object) -> subprocess.Popen:
-        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+        log = open(self.workdir / f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}.log", "wb")  # noqa: SIM115 - lives as long as the process
         proc = self.ns.popen(argv, stdout=log, stderr=subprocess.STDOUT, **kw)
         self.procs[name] = proc
         self.commands[name] = " ".join(argv)
@@ -157,15 +179,16 @@ class Bench:
         root = self.procs[mode.name].pid
         return [root, *_descendants(root)]
 
-    def cpu_seconds(self, mode: Mode) -> float:
-        """User + system CPU time so far of every process (and thread) of the proxy."""
-        ticks = 0
+    def cpu_seconds(self, mode: Mode) -> tuple[float, float]:
+        """User and kernel CPU time so far of every process (and thread) of the proxy."""
+        user = kernel = 0
         for pid in self.pids(mode):
             try:
-                ticks += cpu_ticks(Path(f"/proc/{pid}/stat").read_text())
+                utime, stime = cpu_ticks(Path(f"/proc/{pid}/stat").read_text())
             except (FileNotFoundError, ProcessLookupError):
-                pass  # a process that ended between the listing and the read
-        return ticks / CLK_TCK
+                continue  # a process that ended between the listing and the read
+            user, kernel = user + utime, kernel + stime
+        return user / CLK_TCK, kernel / CLK_TCK
 
     def rss_kib(self, mode: Mode) -> int:
         """RSS of the proxy's processes together, in KiB."""
@@ -237,7 +260,7 @@ http {{ access_log off; keepalive_timeout 600s; keepalive_requests 1000000;
             }
             for service, port in SERVICES.items()
         ]
-        path = self.workdir / f"{mode.name}.json"
+        path = self.workdir / f"{mode.slug}.json"
         path.write_text(json.dumps({"Apps": apps}))
         return path
 
@@ -275,16 +298,16 @@ http {{ access_log off; keepalive_timeout 600s; keepalive_requests 1000000;
                 "-t", str(self.seconds), "-J"]  # fmt: skip
         if streams > 1:
             argv += ["-P", str(streams)]
-        before = self.cpu_seconds(mode) if mode.binary else 0.0
+        before = sum(self.cpu_seconds(mode)) if mode.binary else 0.0
         out = self.run(name, argv)
         gbps, gigabits = parse_iperf3(out)
         if not mode.binary:
             return gbps, None
-        return gbps, core_percent_per_gbps(self.cpu_seconds(mode) - before, gigabits)
+        return gbps, core_percent_per_gbps(sum(self.cpu_seconds(mode)) - before, gigabits)
 
-    def connections(self, mode: Mode) -> tuple[float, float | None, float | None]:
-        """New connections per second; the proxy's CPU µs per connection and cores busy."""
-        before, started = (self.cpu_seconds(mode) if mode.binary else 0.0), time.monotonic()
+    def connections(self, mode: Mode) -> tuple[float, ConnectionCost | None]:
+        """New connections per second; what they cost the proxy (None: direct)."""
+        before, started = (self.cpu_seconds(mode) if mode.binary else (0.0, 0.0)), time.monotonic()
         out = self.run(
             "wrk",
             ["wrk", "-t", "2", "-c", "32", "-d", f"{self.seconds}s",
@@ -293,10 +316,15 @@ http {{ access_log off; keepalive_timeout 600s; keepalive_requests 1000000;
         rate, count = parse_wrk(out)
         if wrk_errors(out):
             print(f"wrk through {mode.name}: {wrk_errors(out)}", flush=True)
-        if not mode.binary:
-            return rate, None, None
-        cpu = self.cpu_seconds(mode) - before
-        return rate, cpu_us_per_connection(cpu, count), cpu / (time.monotonic() - started)
+        if not mode.binary or not count:
+            return rate, None
+        (user, kernel), (user_before, kernel_before) = self.cpu_seconds(mode), before
+        user, kernel = user - user_before, kernel - kernel_before
+        return rate, ConnectionCost(
+            user_us=cpu_us_per_connection(user, count) or 0.0,
+            kernel_us=cpu_us_per_connection(kernel, count) or 0.0,
+            cores=(user + kernel) / (time.monotonic() - started),
+        )
 
     def idle_memory(self, mode: Mode, count: int) -> float:
         """KiB of proxy RSS per idle proxied connection (keep-alive to nginx)."""
@@ -335,6 +363,22 @@ def _descendants(pid: int) -> list[int]:
     return children + [d for c in children for d in _descendants(c)]
 
 
+def build(mode: Mode) -> str:
+    """The build a row of ours runs, as its binary says with the row's environment.
+
+    Raises:
+        ValueError: the binary failed or said something else.
+    """
+    assert mode.binary is not None
+    out = subprocess.run(
+        [sys.executable, "-m", mode.binary, "--version"], capture_output=True, text=True,
+        cwd=str(ROOT), env={**os.environ, **dict(mode.env)}, timeout=VERSION_TIMEOUT, check=False,
+    )  # fmt: skip
+    if out.returncode != 0:
+        raise ValueError(f"{mode.binary} --version failed ({out.returncode}): {out.stderr[-500:]}")
+    return build_of(out.stdout)
+
+
 def versions() -> dict[str, str]:
     def first_line(argv: list[str]) -> str:
         try:
@@ -344,12 +388,11 @@ def versions() -> dict[str, str]:
             return "?"
 
     from tcpproxy import __version__
-    from tcpproxy.build_info import describe
 
     return {
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "tcpproxy": f"{__version__}, {describe()}",  # the rows without TCPPROXY_INTERPRETED=1
+        "tcpproxy": __version__,  # the build each row ran: write_report's "builds"
         "haproxy": first_line(["haproxy", "-v"]),
         "nginx": first_line(["nginx", "-v"]),
         "sockperf": first_line(["sockperf", "--version"]),
@@ -368,12 +411,13 @@ def chart(results: Results, modes: list[str], path: Path) -> None:
     panels = [
         ("direct", ["p50", "p99", "gbps1", "gbps4", "cps"],
          "fraction of direct's performance\n(1.0 = as fast as no proxy)"),
-        (HAPROXY, ["cpu_us_per_conn", "core_pct_per_gbps", "kib_per_conn", "rss_mib"],
+        (HAPROXY, ["cpu_us_per_conn", "user_us_per_conn", "kernel_us_per_conn",
+                   "core_pct_per_gbps", "kib_per_conn", "rss_mib"],
          "HAProxy's cost / ours\n(above 1.0 = cheaper than HAProxy)"),
     ]  # fmt: skip
     by_key = {m.key: m for m in METRICS}
     proxies = [m for m in modes if m != "direct"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [5, 4]})
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [5, 6]})
     width = 0.8 / max(1, len(proxies))
     for ax, (reference, keys, ylabel) in zip(axes, panels, strict=True):
         for i, mode in enumerate(proxies):
@@ -426,6 +470,7 @@ def write_report(results: Results, args: argparse.Namespace, modes: dict[str, Mo
     commands = "\n".join(f"{name}: {cmd}" for name, cmd in sorted(results.commands.items()))
     parts = f" in {results.parts} parts (`--results`)" if results.parts > 1 else ""
     ports = ", ".join(f"{m} {' / '.join(str(modes[m].port(s)) for s in SERVICES)}" for m in run)
+    builds = builds_line(results.builds, run) or "?"
     workers = f"`--workers {args.workers}`" if args.workers else "their default workers (1)"
     pinning = (
         f"proxies pinned to CPUs {args.proxy_cpus}, load tools and backends to "
@@ -460,6 +505,10 @@ per proxy per round, proxies alternating within a round; the table shows medians
   divided by the requests wrk completed. Kernel work done in softirq context
   while the proxy's process runs is charged to it; work on other CPUs'
   softirqs (none on loopback without RPS) is not.
+- **user µs/conn**, **kernel µs/conn**: the same, split: utime (the proxy's
+  own code and its libraries) and stime (its syscalls and the softirq work
+  charged to it), from the same runs. Each column is a median of its own, so
+  the two need not add up to CPU µs/conn exactly.
 - **% of a core per Gbit/s**: the proxy's CPU time during the 1-stream iperf3
   run divided by the run's time (cores busy), divided by the Gbit/s measured,
   times 100; equivalently CPU seconds per gigabit moved, times 100. 10 % means
@@ -476,6 +525,7 @@ per proxy per round, proxies alternating within a round; the table shows medians
 
 - CPU: {cpu}, {os.cpu_count()} cores; memory {memory_gib} GiB
 - {", ".join(f"{k} {val}" for k, val in v.items())}
+- builds (as `--version` says, with each row's environment): {builds}
 - everything on loopback inside one network namespace; HAProxy with `nbthread`
   = cores it may use, `mode tcp`, `option splice-auto`; tcpproxy/bpfproxy with
   {workers}; {pinning}
@@ -515,13 +565,19 @@ def measure_round(bench: Bench, results: Results, mode: Mode, measures: list[str
             results.add(name, "core_pct_per_gbps", core_pct)
             said.append(f"{core_pct:.1f} % of a core per Gbit/s")
     if "connections" in measures:
-        rate, cpu_us, cores = bench.connections(mode)
+        rate, cost = bench.connections(mode)
         results.add(name, "cps", rate)
         said.append(f"{rate:,.0f} conn/s")
-        if cpu_us is not None and cores is not None:
+        if cost is not None:
+            cpu_us = cost.user_us + cost.kernel_us
             results.add(name, "cpu_us_per_conn", cpu_us)
-            results.add(name, "cores_busy", cores)
-            said.append(f"{cpu_us:.0f} CPU µs/conn ({cores:.2f} cores busy)")
+            results.add(name, "user_us_per_conn", cost.user_us)
+            results.add(name, "kernel_us_per_conn", cost.kernel_us)
+            results.add(name, "cores_busy", cost.cores)
+            said.append(
+                f"{cpu_us:.0f} CPU µs/conn ({cost.user_us:.0f} user, {cost.kernel_us:.0f} "
+                f"kernel; {cost.cores:.2f} cores busy)"
+            )
     return ", ".join(said)
 
 
@@ -541,6 +597,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--workers", type=int, default=None, help="passed to tcpproxy/bpfproxy [default: theirs]"
     )
     parser.add_argument(
+        "--no-interpreted",
+        dest="interpreted",
+        action="store_false",
+        help="leave out the row 'tcpproxy (interpreted)' (TCPPROXY_INTERPRETED=1), "
+        "measured by default beside the compiled build: a quicker run",
+    )
+    parser.add_argument(
         "--variant",
         action="append",
         default=[],
@@ -548,12 +611,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="NAME=BINARY:ARGS",
         help="one more row: BINARY (tcpproxy or bpfproxy) with extra ARGS, e.g. "
         "'tcpproxy-w2=tcpproxy:--workers 2', or environment variables first: "
-        "'tcpproxy-interpreted=tcpproxy:TCPPROXY_INTERPRETED=1'; repeatable",
+        "'bpfproxy-interpreted=bpfproxy:TCPPROXY_INTERPRETED=1'; repeatable",
     )
     parser.add_argument(
         "--modes",
         default=None,
-        help=f"comma-separated rows to measure [default: {','.join(MODES)} and every variant]",
+        help=f"comma-separated rows to measure [default: {','.join(MODES)}, "
+        "'tcpproxy (interpreted)' and every variant]",
     )
     parser.add_argument(
         "--measure",
@@ -599,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
             f"bench: missing tools: {' '.join(missing)} (make bench installs them)", file=sys.stderr
         )
         return 2
-    modes = all_modes(args.variant)
+    modes = all_modes(default_variants(args.interpreted) + args.variant)
     run = args.modes.split(",") if args.modes else list(modes)
     unknown = [m for m in run if m not in modes]
     if unknown:
@@ -618,6 +682,15 @@ def main(argv: list[str] | None = None) -> int:
     saved = Path(args.results) if args.results else None
     results = Results.from_json(saved.read_text()) if saved and saved.exists() else Results()
     started = time.monotonic()
+    try:
+        builds = {name: build(modes[name]) for name in run if modes[name].binary in OURS}
+    except (OSError, subprocess.SubprocessError, ValueError) as e:
+        print(f"bench: which build each row runs: {e}", file=sys.stderr)
+        return 2
+    for name, made in builds.items():
+        if not interpreted_requested(dict(modes[name].env)) and not made.startswith("compiled"):
+            print(f"bench: {name} runs {made}, not the compiled build", file=sys.stderr)
+        print(f"{name}: {made}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp, NetNS(prefix="bench") as ns:
         workdir = Path(tmp)
         os.chmod(workdir, 0o755)  # nginx workers run as www-data
@@ -650,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
         commands = {n: _portable(c, workdir, modes) for n, c in bench.commands.items()}
         part = f" (part {results.parts + 1})" if results.parts else ""
         commands[f"bench.py{part}"] = invocation(sys.argv[1:] if argv is None else argv)
-    results.add_part(run, commands, time.monotonic() - started)
+    results.add_part(run, commands, time.monotonic() - started, builds)
     if saved:
         saved.write_text(results.to_json())
     print()

@@ -32,6 +32,8 @@ METRICS = [
     Metric("gbps4", "Gbit/s 4 streams", "{:.2f}", False),
     Metric("cps", "new conn/s", "{:,.0f}", False),
     Metric("cpu_us_per_conn", "CPU µs/conn", "{:.0f}", True),
+    Metric("user_us_per_conn", "user µs/conn", "{:.0f}", True),  # utime: our code, libc
+    Metric("kernel_us_per_conn", "kernel µs/conn", "{:.0f}", True),  # stime: syscalls, softirq
     Metric("core_pct_per_gbps", "% of a core per Gbit/s", "{:.1f}", True),
     Metric("kib_per_conn", "KiB/idle conn", "{:.1f}", True),
     Metric("rss_mib", "RSS MiB at rest", "{:.1f}", True),
@@ -47,15 +49,23 @@ class Results:
     rows: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     modes: list[str] = field(default_factory=list)  # the table's rows, in order
     commands: dict[str, str] = field(default_factory=dict)  # by name, as reported
+    builds: dict[str, str] = field(default_factory=dict)  # our rows: the build each ran
     elapsed: float = 0.0  # seconds, all parts together
     parts: int = 0
 
     def add(self, mode: str, metric: str, value: float) -> None:
         self.rows.setdefault(mode, {}).setdefault(metric, []).append(value)
 
-    def add_part(self, modes: list[str], commands: dict[str, str], elapsed: float) -> None:
+    def add_part(
+        self,
+        modes: list[str],
+        commands: dict[str, str],
+        elapsed: float,
+        builds: dict[str, str] | None = None,
+    ) -> None:
         self.modes += [m for m in modes if m not in self.modes]
         self.commands.update(commands)
+        self.builds.update(builds or {})
         self.elapsed += elapsed
         self.parts += 1
 
@@ -110,6 +120,34 @@ def parse_variant(spec: str) -> Variant:
     return Variant(name, binary, tuple(words), tuple(env))
 
 
+# The row measured by default beside the compiled ones (issue 18: both builds, one run);
+# its name cannot clash with a --variant's, which has no space.
+INTERPRETED = Variant("tcpproxy (interpreted)", "tcpproxy", (), (("TCPPROXY_INTERPRETED", "1"),))
+
+
+def default_variants(interpreted: bool) -> list[Variant]:
+    """The rows measured beyond the modes unless asked otherwise (`--no-interpreted`)."""
+    return [INTERPRETED] if interpreted else []
+
+
+def build_of(version: str) -> str:
+    """The build from `BINARY --version`'s line, `tcpproxy, version 0.1.0, compiled
+    (mypyc 2.4.1)`: `compiled (mypyc 2.4.1)` (tcpproxy/build_info.py's describe()).
+
+    Raises:
+        ValueError: not a line of that form.
+    """
+    parts = version.strip().split(", ", 2)
+    if len(parts) != 3 or not parts[1].startswith("version "):
+        raise ValueError(f"--version: expected 'NAME, version V, BUILD', got {version.strip()!r}")
+    return parts[2]
+
+
+def builds_line(builds: dict[str, str], modes: list[str]) -> str:
+    """Which build each of our rows ran, in the table's order, for the report."""
+    return "; ".join(f"{mode}: {builds[mode]}" for mode in modes if mode in builds)
+
+
 # -- the tools' output ---------------------------------------------------------
 
 
@@ -150,14 +188,15 @@ def wrk_errors(out: str) -> str:
     )
 
 
-def cpu_ticks(stat: str) -> int:
-    """utime + stime of a process (every thread, live or ended) from /proc/PID/stat.
+def cpu_ticks(stat: str) -> tuple[int, int]:
+    """utime and stime (user and kernel time, in clock ticks) of a process, every
+    thread live or ended, from /proc/PID/stat.
 
     The command name (field 2) may hold spaces and parentheses, so fields are
     counted after its closing parenthesis: there field 3 (state) is first.
     """
     fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[14 - 3]) + int(fields[15 - 3])
+    return int(fields[14 - 3]), int(fields[15 - 3])
 
 
 def rss_kib(status: str) -> int:

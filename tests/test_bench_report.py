@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from scripts.bench_report import (
     HAND_WRITTEN,
+    INTERPRETED,
     METRICS,
     Results,
     Variant,
+    build_of,
+    builds_line,
     core_percent_per_gbps,
     cpu_ticks,
     cpu_us_per_connection,
+    default_variants,
     format_cell,
     invocation,
     keep_hand_written,
@@ -70,7 +77,12 @@ def test_iperf3_all_streams_together() -> None:
 def test_cpu_ticks_counts_after_a_command_name_with_spaces_and_parentheses() -> None:
     # pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime
     stat = "4242 (a (b) c) S 1 4242 4242 0 -1 4194560 900 0 3 0 250 70 0 0 20 0 3 0 99\n"
-    assert cpu_ticks(stat) == 320
+    assert cpu_ticks(stat) == (250, 70)  # user, kernel
+
+
+def test_cpu_ticks_of_a_real_process_split_user_and_kernel() -> None:
+    user, kernel = cpu_ticks(Path("/proc/self/stat").read_text())
+    assert user >= 0 and kernel >= 0
 
 
 def test_rss_from_status() -> None:
@@ -105,6 +117,39 @@ def test_bad_variants_refused(spec: str) -> None:
         parse_variant(spec)
 
 
+def test_interpreted_build_is_a_row_by_default() -> None:
+    assert default_variants(interpreted=True) == [INTERPRETED]
+    assert INTERPRETED.name == "tcpproxy (interpreted)"
+    assert (INTERPRETED.binary, INTERPRETED.args) == ("tcpproxy", ())
+    assert INTERPRETED.env == (("TCPPROXY_INTERPRETED", "1"),)
+    assert default_variants(interpreted=False) == []  # --no-interpreted
+
+
+def test_build_from_version_line() -> None:
+    assert build_of("tcpproxy, version 0.1.0, compiled (mypyc 2.4.1)\n") == "compiled (mypyc 2.4.1)"
+    line = "tcpproxy, version 0.1.0, interpreted (TCPPROXY_INTERPRETED=1)"
+    assert build_of(line) == "interpreted (TCPPROXY_INTERPRETED=1)"
+    with pytest.raises(ValueError, match="NAME, version V, BUILD"):
+        build_of("Traceback (most recent call last):")
+
+
+def test_builds_line_in_the_tables_order() -> None:
+    builds = {"tcpproxy (interpreted)": "interpreted", "tcpproxy": "compiled (mypyc 2.4.1)"}
+    modes = ["direct", "haproxy", "tcpproxy", "tcpproxy (interpreted)"]
+    assert builds_line(builds, modes) == (
+        "tcpproxy: compiled (mypyc 2.4.1); tcpproxy (interpreted): interpreted"
+    )
+
+
+def test_help_offers_leaving_the_interpreted_row_out() -> None:
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert "--no-interpreted" in out.stdout
+
+
 def test_cpu_lists() -> None:
     assert parse_cpu_list("0") == [0]
     assert parse_cpu_list("0,2-4") == [0, 2, 3, 4]
@@ -134,6 +179,32 @@ def test_table_rows_medians_and_ratios() -> None:
     assert tcpproxy[1] == "40.0"  # HAProxy has no p50 here: no ratio
 
 
+def test_table_splits_cpu_per_connection_into_user_and_kernel() -> None:
+    results = Results()
+    for mode, user, kernel in (("haproxy", 20.0, 50.0), ("tcpproxy", 60.0, 50.0)):
+        results.add(mode, "cpu_us_per_conn", user + kernel)
+        results.add(mode, "user_us_per_conn", user)
+        results.add(mode, "kernel_us_per_conn", kernel)
+    lines = table(results, ["haproxy", "tcpproxy"]).splitlines()
+    head = lines[0].split(" | ")
+    keys = [m.key for m in METRICS]
+    cpu, user, kernel = (
+        1 + keys.index(k) for k in ("cpu_us_per_conn", "user_us_per_conn", "kernel_us_per_conn")
+    )
+    assert (head[cpu], head[user], head[kernel]) == (
+        "CPU µs/conn ↓",
+        "user µs/conn ↓",
+        "kernel µs/conn ↓",
+    )
+    haproxy, tcpproxy = (line.split(" | ") for line in lines[2:])
+    assert (haproxy[cpu], haproxy[user], haproxy[kernel]) == ("70", "20", "50")
+    assert (tcpproxy[cpu], tcpproxy[user], tcpproxy[kernel]) == (
+        "110 (1.57x)",
+        "60 (3.00x)",
+        "50 (1.00x)",
+    )
+
+
 def test_hand_written_tail_kept() -> None:
     old = f"# Benchmarks\n\ngenerated\n\n{HAND_WRITTEN}\n\n## Workers\n\nmeasured\n"
     assert keep_hand_written(old) == f"{HAND_WRITTEN}\n\n## Workers\n\nmeasured\n"
@@ -147,11 +218,18 @@ def test_results_made_in_parts_survive_json() -> None:
     second = Results.from_json(first.to_json())
     second.add("haproxy", "p50", 23.0)
     second.add("haproxy", "cps", 16000.0)
-    second.add_part(["haproxy", "tcpproxy"], {"iperf3 1 stream": "iperf3 -c"}, 50.0)
+    second.add_part(
+        ["haproxy", "tcpproxy"], {"iperf3 1 stream": "iperf3 -c"}, 50.0, {"tcpproxy": "compiled"}
+    )
     assert second.median("haproxy", "p50") == 22.0
     assert second.modes == ["direct", "haproxy", "tcpproxy"]
     assert set(second.commands) == {"wrk", "iperf3 1 stream"}
     assert (second.elapsed, second.parts) == (150.0, 2)
+    assert Results.from_json(second.to_json()).builds == {"tcpproxy": "compiled"}
+    # a results file from before builds were recorded still reads
+    old = json.loads(first.to_json())
+    del old["builds"]
+    assert Results.from_json(json.dumps(old)).builds == {}
 
 
 def test_wrk_errors_reported() -> None:
