@@ -322,22 +322,33 @@ class EtcdCluster:
     def request(
         self, path: str, body: dict, member: EtcdMember | None = None, timeout: float = 5
     ) -> dict:
-        """One gateway request (for test set-up), to ``member`` or the first answering one."""
-        member = member or next(m for m in self.members if m.answering)
+        """One gateway request (for test set-up), to ``member`` or the first answering one.
+
+        Without ``member``, a request that times out is sent to the next answering
+        member: a member just resumed from SIGSTOP answers reads before a write through
+        it gets through (its stale term can start an election first). Set-up writes
+        are idempotent (the same value again), so sending one twice is harmless.
+        """
+        members = [member] if member else [m for m in self.members if m.answering]
         context = None
         if self.tls:
             context = ssl.create_default_context(cafile=str(self.tls.cacert))
             context.load_cert_chain(str(self.tls.client_cert), str(self.tls.client_key))
-        req = urllib.request.Request(
-            member.client_url + path,
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=timeout, context=context) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            raise RuntimeError(f"etcd {path}: HTTP {exc.code}: {exc.read()[:300]!r}") from None
+        for i, candidate in enumerate(members):
+            req = urllib.request.Request(
+                candidate.client_url + path,
+                data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=timeout, context=context) as response:
+                    return json.loads(response.read())
+            except urllib.error.HTTPError as exc:
+                raise RuntimeError(f"etcd {path}: HTTP {exc.code}: {exc.read()[:300]!r}") from None
+            except (TimeoutError, urllib.error.URLError):
+                if i == len(members) - 1:
+                    raise
+        raise AssertionError("no etcd member to ask")  # members is never empty
 
     def put(self, key: str, value: bytes | str) -> int:
         """Set a key; returns the revision."""
