@@ -145,8 +145,11 @@ _SCHEME: Final = b"+-.0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuv
 class Verdict:
     """The sniffer's answer: `kind` (MORE, NAME, NO_NAME, BAD) and what goes with it."""
 
-    def __init__(self, kind: int, at_least: int = 0, name: str = "", why: str = "") -> None:
+    def __init__(
+        self, kind: int, at_least: int = 0, name: str = "", why: str = "", oversize: bool = False
+    ) -> None:
         self.kind = kind
+        self.oversize = oversize  # BAD: over a limit (MAX_HELLO, MAX_WIRE, MAX_HEAD)
         self.at_least = at_least  # MORE: bytes (from the first) the next answer needs at least
         self.name = name  # NAME: normalized, for NameTable.lookup
         self.why = why  # NO_NAME, BAD: which case, in words for a log line
@@ -158,6 +161,11 @@ class Verdict:
 
 def _bad(why: str) -> Verdict:
     return Verdict(BAD, why=why)
+
+
+def _oversize(why: str) -> Verdict:
+    """BAD for a size over a limit (the engine counts these apart: "oversize")."""
+    return Verdict(BAD, why=why, oversize=True)
 
 
 def _no_name(why: str) -> Verdict:
@@ -356,7 +364,7 @@ class Sniffer:
 
     def _more(self, at_least: int) -> Verdict:
         if at_least > MAX_WIRE:
-            return _bad(f"a ClientHello that does not end within {MAX_WIRE} bytes")
+            return _oversize(f"a ClientHello that does not end within {MAX_WIRE} bytes")
         return Verdict(MORE, at_least=at_least)
 
     def _tls(self, data: bytes) -> Verdict:
@@ -373,8 +381,9 @@ class Sniffer:
             if pos == self._record_end:  # a record header next
                 if pos == 0 and ((size > 1 and data[1] != 3) or (size > 2 and data[2] > 4)):
                     return _no_name("a first byte of 0x16 but no TLS record version")
-                if size < pos + _RECORD_HEADER:
-                    return self._more(pos + _RECORD_HEADER)
+                if size < pos + _RECORD_HEADER:  # this header, and the hello's bytes left
+                    left = (self._want or _HANDSHAKE_HEADER) - len(gathered)
+                    return self._more(pos + _RECORD_HEADER + left)
                 if data[pos] != _HANDSHAKE:
                     return _bad(f"a record of type {data[pos]} inside the ClientHello")
                 if data[pos + 1] != 3 or data[pos + 2] > 4:
@@ -383,7 +392,7 @@ class Sniffer:
                 if length == 0:
                     return _bad("an empty handshake record")
                 if length > MAX_RECORD:
-                    return _bad(f"a record of {length} bytes (at most {MAX_RECORD})")
+                    return _oversize(f"a record of {length} bytes (at most {MAX_RECORD})")
                 pos += _RECORD_HEADER
                 self._pos = pos
                 self._record_end = pos + length
@@ -413,12 +422,18 @@ class Sniffer:
                     want = self._want
                 if len(gathered) == want:
                     if pos > MAX_WIRE:
-                        return _bad(f"a ClientHello that does not end within {MAX_WIRE} bytes")
+                        return _oversize(f"a ClientHello that does not end within {MAX_WIRE} bytes")
                     return _client_hello(bytes(gathered), _HANDSHAKE_HEADER, want)
             if pos < self._record_end:  # this record has more to come
                 if pos < size:  # here already: the hello's size was just learnt
                     continue
-                return self._more(min(self._record_end, pos + want - len(gathered)))
+                # the hello's bytes left, and a record header if they go past this record:
+                # a hello trickled in small records wakes the engine a few dozen times,
+                # not once per record (each wake peeks, and copies, from the start)
+                left = want - len(gathered)
+                if pos + left > self._record_end:
+                    return self._more(pos + left + _RECORD_HEADER)
+                return self._more(pos + left)
 
     def _hello_header(self, data: bytes | bytearray, at: int) -> Verdict | None:
         """The handshake header at data[at:]: sets the hello's size, or BAD."""
@@ -426,7 +441,7 @@ class Sniffer:
             return _bad(f"a handshake message of type {data[at]}, not a ClientHello")
         length = (data[at + 1] << 16) | (data[at + 2] << 8) | data[at + 3]
         if length > MAX_HELLO:
-            return _bad(f"a ClientHello of {length} bytes (at most {MAX_HELLO})")
+            return _oversize(f"a ClientHello of {length} bytes (at most {MAX_HELLO})")
         self._want = _HANDSHAKE_HEADER + length
         return None
 
@@ -439,7 +454,7 @@ class Sniffer:
                 self._searched = size
                 return self._more_head(size)
             if lf >= MAX_HEAD:  # as a feed that stopped at MAX_HEAD bytes would have said
-                return _bad(f"a request head over {MAX_HEAD} bytes")
+                return _oversize(f"a request head over {MAX_HEAD} bytes")
             verdict = self._request_line(data, lf)
             if verdict is not None:
                 return verdict
@@ -467,12 +482,12 @@ class Sniffer:
         if end < 0:
             return self._more_head(size)
         if end > MAX_HEAD:
-            return _bad(f"a request head over {MAX_HEAD} bytes")
+            return _oversize(f"a request head over {MAX_HEAD} bytes")
         return self._headers(data, end)
 
     def _more_head(self, size: int) -> Verdict:
         if size >= MAX_HEAD:
-            return _bad(f"a request head over {MAX_HEAD} bytes")
+            return _oversize(f"a request head over {MAX_HEAD} bytes")
         return Verdict(MORE, at_least=size + 1)
 
     def _request_line(self, data: bytes, lf: int) -> Verdict | None:
