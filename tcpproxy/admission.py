@@ -438,7 +438,9 @@ class Admission:
         peer = ticket.peer
         cfg = app.config
         name = cfg.name
-        app_limit = self._limits[name]
+        app_limit = self._limits.get(name)
+        if app_limit is None:  # removed by a reload while the connection was inspected
+            app_limit = app_connection_limit(cfg, self._total_limit, max(len(self._apps), 1))
         if self.active_by_app[name] * self._share >= app_limit:
             default = "" if cfg.max_connections is not None else ", a share of max-connections"
             self._warn(
