@@ -7,11 +7,12 @@ cd "$(dirname "$0")/.."
 
 # etcd-server and etcd-client: fleet mode's store; the tests start their own members.
 # gcc and python3-dev: the install compiles the hot path with mypyc (setup.py).
+# nginx-light, curl and openssl: real TLS and HTTP clients and servers for routing by name.
 APT_PACKAGES=(python3-venv python3-bpfcc linux-headers-amd64 netcat-openbsd nftables iproute2
-    etcd-server etcd-client gcc python3-dev)
+    etcd-server etcd-client gcc python3-dev nginx-light curl openssl)
 EXTRAS=test
 if [ "${1:-}" = "--bench" ]; then  # the load tools and peers `make bench` measures with
-    APT_PACKAGES+=(sockperf iperf3 wrk nginx-light haproxy)
+    APT_PACKAGES+=(sockperf iperf3 wrk haproxy)
     EXTRAS=test,bench
 fi
 LOG="${TMPDIR:-/tmp}/tcpproxy-setup-$(id -u).log"

@@ -9,16 +9,18 @@ proxy peeked reached it intact, exactly once and in order.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from pathlib import Path
 
 import pytest
 
-from tests import deploy
+from tests import deploy, test_faults
 from tests.deploy import Deployment
 from tests.hellos import client_hello, records
 from tests.helpers import (
+    TIMEOUT,
     app,
     connect,
     free_port,
@@ -31,8 +33,13 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.slow
 deployment = deploy.deployment  # the fixture: each test using it runs on both binaries
+many_descriptors = test_faults.many_descriptors  # the fixture: a soft RLIMIT_NOFILE of 5,000
 
 INSPECT = 0.6  # seconds: the InspectTimeout of these tests' ports (short, for silent clients)
+HALF_OPEN = 2000  # partial hellos held open at once
+HALF_OPEN_INSPECT = 5.0  # seconds: their InspectTimeout, time enough to open them all
+HALF_OPEN_KIB = 4  # KiB of proxy memory each may cost at most (measured: under 2)
+STALL_CPU = 0.1  # seconds of CPU the proxy may use in a second while they all stall
 
 
 def _shared(config_path: Path, backends, port: int, *, default: bool = True, **options) -> dict:
@@ -133,6 +140,60 @@ def test_a_silent_client_goes_to_the_default_a_partial_hello_is_closed(
             sock.sendall(wire[:200])  # then nothing: never the default
             assert recv_all(sock) == b""
         assert made["a"].accepted == 0 and made["d"].accepted == 1
+
+
+def _cpu_rss_fds(pid: int) -> tuple[float, int, int]:
+    """The process's CPU seconds so far, its RSS in KiB, its open descriptors."""
+    with open(f"/proc/{pid}/stat") as stat:
+        utime, stime = stat.read().rsplit(")", 1)[1].split()[11:13]
+    with open(f"/proc/{pid}/status") as status:
+        rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+    cpu = (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK")
+    return cpu, rss, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_many_partial_hellos_cost_little_and_are_closed_at_the_deadline(
+    many_descriptors: None, config_path: Path, backends
+) -> None:
+    """2,000 clients send part of a hello and stall: bounded memory, the proxy idle
+    (SO_RCVLOWAT: level-triggered epoll would otherwise report the peeked bytes
+    again and again), each closed at InspectTimeout, none to the default, and
+    every descriptor given back."""
+    port = free_port()
+    made = {name: backends(name) for name in ("a", "d")}
+    write_config(
+        config_path,
+        [
+            app("A", [port], [made["a"].address], Hostnames=["a.test"]),
+            app("D", [port], [made["d"].address]),
+        ],
+        Defaults={"InspectTimeout": HALF_OPEN_INSPECT},
+    )
+    partial = _hello("a.test")[:1000]
+    socks: list[socket.socket] = []
+    with running_tcpproxy(config_path, "--log-level", "info") as proxy:
+        pid = proxy.proc.pid
+        _, rss_before, fds_before = _cpu_rss_fds(pid)
+        started = time.monotonic()
+        try:
+            for _ in range(HALF_OPEN):
+                socks.append(connect(port))
+                socks[-1].sendall(partial)
+            opened = time.monotonic() - started
+            assert opened < HALF_OPEN_INSPECT / 2, f"{HALF_OPEN} clients took {opened:.1f} s"
+            assert wait_until(lambda: _cpu_rss_fds(pid)[2] >= fds_before + HALF_OPEN)
+            cpu, rss, _ = _cpu_rss_fds(pid)
+            time.sleep(1.0)
+            assert _cpu_rss_fds(pid)[0] - cpu < STALL_CPU, "busy while every client stalls"
+            assert rss - rss_before < HALF_OPEN * HALF_OPEN_KIB, (rss_before, rss)
+            for sock in socks:  # each closed cleanly at its deadline
+                sock.settimeout(HALF_OPEN_INSPECT + TIMEOUT)
+                assert sock.recv(100) == b""
+        finally:
+            for sock in socks:
+                sock.close()
+        assert wait_until(lambda: _cpu_rss_fds(pid)[2] == fds_before)
+    assert sum(backend.accepted for backend in made.values()) == 0
 
 
 def test_without_a_default_unknown_names_are_reset(config_path: Path, backends) -> None:

@@ -331,7 +331,14 @@ class Engine:
 
     def _inspect_timed_out(self, conn: Conn) -> Action:
         """InspectTimeout ran out: a client that sent nothing goes to the default app (it
-        may wait for the server to speak); one that sent part of its hello is closed."""
+        may wait for the server to speak); one that sent part of its hello is closed.
+
+        Its socket is peeked once more first: bytes can be there unseen (they came after
+        the round's epoll_wait, or in a round with more than MAX_EVENTS events, whose
+        timers still run), and a partial hello must not pass for silence."""
+        action = self._inspect(conn, 0)
+        if action is not None:  # they completed the hello (or broke it): decided by them
+            return action
         end_inspection(conn)
         if conn.peeked:
             seconds = conn.ticket.router.preamble.inspect_timeout
