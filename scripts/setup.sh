@@ -40,11 +40,14 @@ if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     logged apt-get update
     logged apt-get install -y --no-install-recommends "${missing[@]}"
-    # Debian starts etcd as a service on install; the tests start members of their own
-    # on free ports, and a store nobody asked for should not run. Only one installed now;
+    # Debian starts etcd and nginx as services on install; the tests start their own on
+    # free ports, and servers nobody asked for should not run. Only those installed now;
     # with or without systemd as init, and never a reason for setup to fail.
     if [[ " ${missing[*]} " == *" etcd-server "* ]]; then
-        LOG="$LOG" bash scripts/etcd-service.sh
+        LOG="$LOG" bash scripts/quiet-service.sh etcd
+    fi
+    if [[ " ${missing[*]} " == *" nginx-light "* ]]; then  # its nginx would hold port 80
+        LOG="$LOG" bash scripts/quiet-service.sh nginx
     fi
 fi
 

@@ -1,4 +1,4 @@
-"""`make setup`'s etcd service step (scripts/etcd-service.sh), with and without systemd.
+"""`make setup`'s service step (scripts/quiet-service.sh), with and without systemd.
 
 Each test runs the real script with a PATH holding only fake `systemctl`,
 `service` and `update-rc.d` (shell scripts that record their arguments and act
@@ -17,7 +17,7 @@ import pytest
 
 from tests.helpers import ROOT
 
-SCRIPT = ROOT / "scripts" / "etcd-service.sh"
+SCRIPT = ROOT / "scripts" / "quiet-service.sh"
 SCRIPT_TIMEOUT = 10  # seconds: the script only runs the fakes
 NOT_BOOTED = "System has not been booted with systemd as init system (PID 1). Can't operate."
 
@@ -65,7 +65,7 @@ class Host:
     def etcd_running(self) -> bool:
         return (self.state / "etcd").read_text() == "running\n"
 
-    def run(self) -> subprocess.CompletedProcess[str]:
+    def run(self, service: str = "etcd") -> subprocess.CompletedProcess[str]:
         bash = shutil.which("bash")
         assert bash is not None
         env = {
@@ -75,7 +75,7 @@ class Host:
             "LOG": str(self.log),
             "SYSTEMD_BOOTED_DIR": str(self.booted_dir),
         }
-        return subprocess.run([bash, str(SCRIPT)], env=env, capture_output=True, text=True,
+        return subprocess.run([bash, str(SCRIPT), service], env=env, capture_output=True, text=True,
                               timeout=SCRIPT_TIMEOUT, check=False)  # fmt: skip
 
     @property
@@ -132,6 +132,16 @@ def test_with_systemd_as_init_disable_now(host: Host) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert host.calls == ["systemctl disable --now etcd"]
     assert "setup: stopped and disabled the etcd service" in proc.stdout
+
+
+def test_the_same_step_quiets_nginx(host: Host) -> None:
+    """nginx-light's nginx (port 80) is stopped the same way."""
+    host.booted_dir.mkdir()
+    host.fake("systemctl")
+    proc = host.run("nginx")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert host.calls == ["systemctl disable --now nginx"]
+    assert "setup: stopped and disabled the nginx service" in proc.stdout
 
 
 @pytest.mark.parametrize("booted", [True, False], ids=["systemd", "no-systemd"])
