@@ -11,28 +11,23 @@ its counters move to an archive file so no file per dead pid piles up.
 Those files cannot drop a label, so a config hash no longer loaded is set
 to 0 there and left out of what the supervisor serves.
 
-The HTTP server runs in a thread (wsgiref). /status asks the event loop for
-a snapshot (trio.from_thread), so it never reads state mid-update.
+tcpproxy.statusserver serves them (and /status) on the event loop.
 """
 
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
-import socket
-import threading
 from collections.abc import Callable, Iterable
-from socketserver import ThreadingMixIn
-from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from typing import TYPE_CHECKING, Any
 
 from tcpproxy.errors import StartupError
-from tcpproxy.listeners import bind_hint
-from tcpproxy.status import as_text
 
-__all__ = ["END_REASONS", "Metrics", "NullMetrics", "parse_address", "serve_http"]
+if TYPE_CHECKING:
+    from tcpproxy.config import Config
+
+__all__ = ["END_REASONS", "Metrics", "NullMetrics", "parse_address"]
 
 log = logging.getLogger("tcpproxy")
 
@@ -65,6 +60,7 @@ class NullMetrics:
     def config_loaded(self, digest: str) -> None: ...
     def app_rejected(self, app: str) -> None: ...
     def steered_ports(self, count: int) -> None: ...
+    def keep_only(self, config: Config) -> None: ...
 
 
 class Metrics(NullMetrics):
@@ -180,7 +176,7 @@ class Metrics(NullMetrics):
             self._child(self._bytes, app, target, "down").inc(down)
 
     def target_state(self, target: object, up: bool) -> None:
-        self._health.labels(str(target)).set(1 if up else 0)
+        self._child(self._health, target).set(1 if up else 0)
 
     def reload(self, ok: bool) -> None:
         self._reloads.labels("ok" if ok else "rejected").inc()
@@ -205,105 +201,56 @@ class Metrics(NullMetrics):
     def steered_ports(self, count: int) -> None:
         self._steered.set(count)
 
-
-HTTP_TIMEOUT = 10.0  # seconds a scrape connection may sit idle before it is dropped
-
-
-class _QuietHandler(WSGIRequestHandler):
-    timeout = HTTP_TIMEOUT  # a client that sends nothing must not hold a thread forever
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    """A thread per request: one slow client cannot hold up the others or shutdown().
-
-    No SO_REUSEPORT: a port another process serves (a second proxy, or a
-    --workers listener) is refused at bind. An upgrade hands the listening
-    socket itself to the new process instead (`handed`), so both serve on one
-    accept queue until the old one stops. The socket is non-blocking: with two
-    processes on one queue, the other may take the connection between select()
-    and accept(), and a blocking accept() would hang shutdown().
-    """
-
-    daemon_threads = True
-    handed: socket.socket | None = None  # set on a subclass: serve on it, bind nothing
-
-    def server_bind(self) -> None:
-        if self.handed is None:
-            super().server_bind()
-        else:
-            self.socket.close()
-            self.socket = self.handed
-            self.server_address = self.socket.getsockname()
-            self.server_name, self.server_port = self.server_address[:2]
-            self.setup_environ()
-        self.socket.setblocking(False)
-
-    def server_activate(self) -> None:
-        if self.handed is None:
-            super().server_activate()
+    def keep_only(self, config: Config) -> None:
+        """Drop the series of apps and targets `config` no longer has (after a reload),
+        but an open connection's gauge, which its end still counts down. Multiprocess
+        files cannot drop a series: there the supervisor's registry leaves them out."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return
+        current = Current(config)
+        for key in list(self._children):
+            metric, *values = key
+            labels = dict(zip(metric._labelnames, (str(v) for v in values), strict=True))
+            if current.has(labels):
+                continue
+            if metric is self._active and self._children[key]._value.get():
+                continue
+            del self._children[key]
+            metric.remove(*labels.values())
 
 
-def serve_http(
-    host: str,
-    port: int,
-    status: Callable[[], dict[str, Any]],
-    registry: Any = None,
-    *,
-    handed: socket.socket | None = None,
-) -> WSGIServer:
-    """Serve /metrics, /status (JSON) and /status.txt in a daemon thread.
+class Current:
+    """Which label values belong to a config: its apps, their targets, and "-" (none)."""
 
-    `handed`: the listening socket an upgrade handed over (tcpproxy.upgrade),
-    served as it is if it is on `port` (else closed, and the port bound).
+    def __init__(self, config: Config) -> None:
+        self._apps = {app.name: {str(t) for t in app.targets} for app in config.apps}
+        self._targets = {t for targets in self._apps.values() for t in targets}
 
-    Raises StartupError naming the address when it cannot be bound (in use:
-    another proxy's metrics, or a listening port). The caller shuts the
-    returned server down; its `socket` is what an upgrade hands over.
-    """
-    from prometheus_client import REGISTRY, make_wsgi_app
+    def has(self, labels: dict[str, str]) -> bool:
+        """False for a series of an app or a target that is gone."""
+        app, target = labels.get("app"), labels.get("target")
+        if app is not None and app not in self._apps:
+            return False
+        if target is None or target == "-":
+            return True
+        return target in (self._apps[app] if app is not None else self._targets)
 
-    metrics_app = make_wsgi_app(registry if registry is not None else REGISTRY)
 
-    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "")
-        if path in ("/status", "/status.txt"):
-            try:
-                snapshot = status()
-            except Exception as exc:  # the loop is stopping: say so, do not crash the thread
-                start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
-                return [f"status unavailable: {exc}\n".encode()]
-            if path == "/status":
-                body = json.dumps(snapshot, indent=2).encode() + b"\n"
-                content = "application/json"
-            else:
-                body, content = as_text(snapshot).encode(), "text/plain; charset=utf-8"
-            start_response("200 OK", [("Content-Type", content)])
-            return [body]
-        if path == "/metrics":
-            return metrics_app(environ, start_response)
-        start_response("404 Not Found", [("Content-Type", "text/plain")])
-        return [b"try /metrics, /status or /status.txt\n"]
+def current_only(registry: Any, config: Callable[[], Config]) -> Any:
+    """A registry serving `registry`'s series but those of apps and targets that
+    `config()` (the config in force) no longer has."""
+    from prometheus_client import CollectorRegistry
 
-    if handed is not None and handed.getsockname()[1] != port:
-        handed.close()  # the old process served another port
-        handed = None
+    class CurrentOnly:
+        def collect(self) -> Iterable[Any]:
+            current = Current(config())
+            for metric in registry.collect():
+                metric.samples = [s for s in metric.samples if current.has(s.labels)]
+                yield metric
 
-    class _Server(_ThreadingServer):
-        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-
-    _Server.handed = handed
-    try:
-        server = make_server(host, port, app, server_class=_Server,
-                             handler_class=_QuietHandler)  # fmt: skip
-    except OSError as exc:
-        raise StartupError(f"--metrics {host}:{port}: {bind_hint(exc)}") from None
-    thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
-    thread.start()
-    log.info("metrics and status on http://%s:%d/metrics and /status", host, port)
-    return server
+    filtered = CollectorRegistry(auto_describe=False)
+    filtered.register(CurrentOnly())
+    return filtered
 
 
 def multiprocess_registry(directory: str) -> Any:
@@ -324,17 +271,6 @@ def multiprocess_registry(directory: str) -> Any:
     registry = CollectorRegistry()
     registry.register(RunningHashOnly())
     return registry
-
-
-async def stop_http(server: WSGIServer) -> None:
-    """Stop the server off the event loop (shutdown() waits for its thread, and a
-    /status request in flight may be waiting for the loop), shielded so that it
-    completes even while the caller is being cancelled."""
-    import trio
-
-    with trio.CancelScope(shield=True):
-        await trio.to_thread.run_sync(server.shutdown)
-    server.server_close()
 
 
 ARCHIVED_KINDS = ("counter", "histogram")  # whose values a dead worker leaves to the sum

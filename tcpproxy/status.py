@@ -4,12 +4,20 @@ A single process counts its connections itself (`Proxy.counts`); a
 supervisor sums its workers' multiprocess metrics (`counts_from_samples`).
 Either way the counts go through `snapshot`, so the JSON has one shape, and
 `as_text` renders it for /status.txt. Pure: callers take the counts (on the
-event loop) and metrics.py serves the result.
+event loop) and statusserver.py serves the result.
+
+What the status page adds (rates, ends by reason, connect times, the last
+5 minutes) comes from the metrics' totals, sampled every RING_STEP seconds
+into a `History` (`totals_from_samples`, both modes alike): a poll reads the
+last samples and never walks the metrics itself.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
+from array import array
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,10 +25,34 @@ from typing import Any
 from tcpproxy.config import Config
 from tcpproxy.diff import format_ports
 
-__all__ = ["Counts", "Loaded", "as_text", "counts_from_samples", "snapshot"]
+__all__ = [
+    "RING_SLOTS",
+    "RING_STEP",
+    "Counts",
+    "History",
+    "Loaded",
+    "Totals",
+    "as_text",
+    "counts_from_samples",
+    "snapshot",
+    "totals_from_samples",
+]
 
 ACTIVE_METRIC = "tcpproxy_connections_active"  # gauge per app and target (metrics.py)
 UP_METRIC = "tcpproxy_target_up"  # gauge per target: 1 up, 0 marked down (metrics.py)
+ACCEPTED_METRIC = "tcpproxy_connections_accepted_total"  # counter per app
+ENDED_METRIC = "tcpproxy_connections_ended_total"  # counter per app, target and reason
+BYTES_METRIC = "tcpproxy_bytes_total"  # counter per app, target and direction
+CONNECT_BUCKET_METRIC = "tcpproxy_connect_seconds_bucket"  # histogram per target
+STEERED_METRIC = "tcpproxy_bpf_steered_ports"  # gauge (bpfproxy)
+
+RING_STEP = 5.0  # seconds between two samples of the totals
+RING_SLOTS = 61  # samples kept: 5 minutes of steps, plus the one they start from
+RATE_WINDOW = 10.0  # seconds the rates on the page are averaged over
+CONNECT_WINDOW = 60.0  # seconds: connect times are of the last 1-2 windows' connects
+# memory of the ring: RING_SLOTS x 3 doubles (accepted, bytes up, bytes down) = 1.5 KB per
+# app (1.5 MB for 1,000 apps), plus the times; per target two baselines of the connect
+# histogram (2 x 14 doubles)
 
 
 @dataclass(frozen=True)
@@ -46,14 +78,20 @@ class Counts:
 def snapshot(
     binary: str, pid: int, loaded: Loaded, config: Config, counts: Counts,
     workers: int | None = None, rejected: Mapping[str, Mapping[str, object]] | None = None,
-    build: str | None = None,
+    build: str | None = None, history: History | None = None, with_history: bool = False,
+    extra: Mapping[str, Any] | None = None, wall: float | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The /status document; `workers`: the supervisor's count (None in a single process);
     `rejected`: apps a fleet's source refused (by name: key, revision, reason); `build`:
-    which build runs (`build_info.describe()`: "compiled (mypyc X.Y)", "interpreted")."""
+    which build runs (`build_info.describe()`: "compiled (mypyc X.Y)", "interpreted");
+    `history`: the sampled totals, for rates, ends and connect times per app and target
+    (and the last 5 minutes per app if `with_history`); `extra`: more top-level fields
+    (version, uptime, fleet); `wall`: now (epoch seconds; None: the clock's)."""
     status: dict[str, Any] = {"binary": binary, "pid": pid}
     if build is not None:
         status["build"] = build
+    if extra:
+        status.update(extra)
     if workers is not None:
         status["workers"] = workers
     status["config"] = {
@@ -65,6 +103,10 @@ def snapshot(
     if rejected:
         status["rejected"] = {name: dict(why) for name, why in sorted(rejected.items())}
     status["active_connections"] = counts.total
+    if history is not None:
+        history.observe(counts.down, time.time() if wall is None else wall)
+        if history.steered is not None:
+            status["steered_ports"] = history.steered
     status["apps"] = [
         {
             "name": app.name,
@@ -82,6 +124,9 @@ def snapshot(
         }
         for app in config.apps
     ]
+    if history is not None:
+        for entry in status["apps"]:
+            history.describe(entry, with_history)
     return status
 
 
@@ -106,6 +151,178 @@ def counts_from_samples(samples: Iterable[Any]) -> Counts:
         by_target={key: int(value) for key, value in by_target.items()},
         down={target: "" for target, value in up.items() if not value},
     )
+
+
+@dataclass
+class Totals:
+    """The metrics' counters at one moment, summed over workers."""
+
+    accepted: dict[str, float] = field(default_factory=dict)  # app ->
+    up: dict[str, float] = field(default_factory=dict)  # app -> bytes client to target
+    down: dict[str, float] = field(default_factory=dict)  # app -> bytes target to client
+    ended: dict[str, dict[str, float]] = field(default_factory=dict)  # app -> reason ->
+    by_target: dict[tuple[str, str], float] = field(default_factory=dict)  # ended, (app, target)
+    buckets: dict[str, dict[float, float]] = field(default_factory=dict)  # target -> le -> n
+    steered: float | None = None  # bpfproxy's ports in its map
+
+
+def totals_from_samples(samples: Iterable[Any]) -> Totals:
+    """Totals from prometheus-client samples (`.name`, `.labels`, `.value`), summed."""
+    t = Totals()
+    for sample in samples:
+        name, labels, value = sample.name, sample.labels, sample.value
+        if name == ACCEPTED_METRIC:
+            t.accepted[labels["app"]] = t.accepted.get(labels["app"], 0.0) + value
+        elif name == ENDED_METRIC:
+            app, target = labels["app"], labels["target"]
+            reasons = t.ended.setdefault(app, {})
+            reasons[labels["reason"]] = reasons.get(labels["reason"], 0.0) + value
+            t.by_target[(app, target)] = t.by_target.get((app, target), 0.0) + value
+        elif name == BYTES_METRIC:
+            way = t.up if labels["direction"] == "up" else t.down
+            way[labels["app"]] = way.get(labels["app"], 0.0) + value
+        elif name == CONNECT_BUCKET_METRIC:
+            le = float(labels["le"])
+            buckets = t.buckets.setdefault(labels["target"], {})
+            buckets[le] = buckets.get(le, 0.0) + value
+        elif name == STEERED_METRIC:
+            t.steered = max(t.steered or 0.0, value)
+    return t
+
+
+@dataclass(slots=True)
+class _TargetSeen:
+    state: str
+    since: float  # wall-clock seconds
+    error: str = ""  # the last reason it was down for
+    error_at: float = 0.0
+
+
+class History:
+    """The totals sampled every RING_STEP seconds, RING_SLOTS kept (a fixed-size ring per
+    app, dropped with the app), and each target's state as last seen and since when.
+
+    Times are passed in (`now`: monotonic, `wall`: epoch seconds, when it started).
+    """
+
+    def __init__(self, now: float, wall: float) -> None:
+        self._wall_start = wall
+        self._times = array("d", [math.nan] * RING_SLOTS)  # monotonic time of each slot
+        self._apps: dict[str, array[float]] = {}  # app -> 3 x RING_SLOTS cumulative values
+        self._next = 0  # the slot written next
+        self._latest: Totals = Totals()
+        self._baselines: tuple[Totals, Totals] = (Totals(), Totals())  # for connect times
+        self._baseline_at = now
+        self._targets: dict[str, _TargetSeen] = {}
+        self.steered: int | None = None
+
+    def record(self, totals: Totals, now: float, config: Config) -> None:
+        """A new sample of the totals; the apps and targets not in `config` are forgotten."""
+        slot = self._next
+        self._next = (slot + 1) % RING_SLOTS
+        self._times[slot] = now
+        names = {app.name for app in config.apps}
+        for gone in self._apps.keys() - names:
+            del self._apps[gone]
+        for name in names:
+            ring = self._apps.get(name)
+            if ring is None:
+                ring = self._apps[name] = array("d", [math.nan] * (3 * RING_SLOTS))
+            ring[slot] = totals.accepted.get(name, 0.0)
+            ring[RING_SLOTS + slot] = totals.up.get(name, 0.0)
+            ring[2 * RING_SLOTS + slot] = totals.down.get(name, 0.0)
+        if now - self._baseline_at >= CONNECT_WINDOW:
+            self._baselines = (self._baselines[1], totals)
+            self._baseline_at = now
+        targets = {str(t) for app in config.apps for t in app.targets}
+        for gone in self._targets.keys() - targets:
+            del self._targets[gone]
+        self._latest = totals
+        self.steered = int(totals.steered) if totals.steered is not None else None
+
+    def observe(self, down: Mapping[str, str], wall: float) -> None:
+        """The targets' states at `wall` (`down`: target -> why), to know since when."""
+        for target, seen in self._targets.items():
+            state = "down" if target in down else "up"
+            if state != seen.state:
+                seen.state, seen.since = state, wall
+            if state == "down" and down[target] and down[target] != seen.error:
+                seen.error, seen.error_at = down[target], wall
+        for target, why in down.items():
+            if target not in self._targets:
+                self._targets[target] = _TargetSeen("down", wall, why, wall if why else 0.0)
+
+    def describe(self, app: dict[str, Any], with_history: bool) -> None:
+        """Add the rates, ends, and per target since / last error / total / connect
+        times to `app`, a /status entry."""
+        name = app["name"]
+        ring = self._apps.get(name)
+        latest = self._latest
+        app["rates"] = self._rates(ring)
+        app["ended"] = {k: int(v) for k, v in sorted(latest.ended.get(name, {}).items())}
+        if with_history:
+            app["history"] = self._history(ring)
+        for target in app["targets"]:
+            address = target["address"]
+            seen = self._targets.get(address)
+            if seen is None:
+                seen = self._targets[address] = _TargetSeen(target["state"], self._wall_start)
+            target["since"] = _iso(seen.since)
+            target["last_error"] = seen.error
+            target["last_error_at"] = _iso(seen.error_at) if seen.error else ""
+            ended = latest.by_target.get((name, address), 0.0)
+            target["total"] = int(ended) + target["active"]
+            target["connect"] = self._connect_times(address)
+
+    def _ordered(self) -> list[int]:
+        """The written slots, oldest first."""
+        order = [(self._next + i) % RING_SLOTS for i in range(RING_SLOTS)]
+        return [i for i in order if not math.isnan(self._times[i])]
+
+    def _rates(self, ring: array[float] | None) -> dict[str, float]:
+        slots = [i for i in self._ordered() if ring is not None and not math.isnan(ring[i])]
+        if ring is None or len(slots) < 2:
+            return {"conn": 0.0, "up": 0.0, "down": 0.0}
+        last = slots[-1]
+        first = next((i for i in reversed(slots[:-1])
+                      if self._times[last] - self._times[i] >= RATE_WINDOW), slots[0])  # fmt: skip
+        span = self._times[last] - self._times[first]
+        rates = {}
+        for k, key in enumerate(("conn", "up", "down")):
+            a, b = ring[k * RING_SLOTS + first], ring[k * RING_SLOTS + last]
+            rates[key] = 0.0 if math.isnan(a) or span <= 0 else round((b - a) / span, 2)
+        return rates
+
+    def _history(self, ring: array[float] | None) -> dict[str, Any]:
+        """Per step: new connections per second and bytes per second (both ways)."""
+        slots = self._ordered()
+        conn: list[float | None] = []
+        total: list[float | None] = []
+        for a, b in itertools.pairwise(slots):
+            span = self._times[b] - self._times[a]
+            if ring is None or math.isnan(ring[a]) or span <= 0:
+                conn.append(None)
+                total.append(None)
+                continue
+            conn.append(round((ring[b] - ring[a]) / span, 2))
+            moved = sum(ring[k * RING_SLOTS + b] - ring[k * RING_SLOTS + a] for k in (1, 2))
+            total.append(round(moved / span, 1))
+        return {"step": RING_STEP, "conn": conn, "bytes": total}
+
+    def _connect_times(self, target: str) -> dict[str, float | None]:
+        """Median and p99 of the connects since the older baseline (1-2 windows ago), as
+        the upper bound of the histogram bucket they fall in (seconds); None if none."""
+        now = self._latest.buckets.get(target, {})
+        then = self._baselines[0].buckets.get(target, {})
+        counts = sorted((le, n - then.get(le, 0.0)) for le, n in now.items())
+        total = counts[-1][1] if counts else 0.0
+        result: dict[str, float | None] = {"median": None, "p99": None, "count": int(total)}
+        if total <= 0:
+            return result
+        for key, q in (("median", 0.5), ("p99", 0.99)):
+            le = next(le for le, n in counts if n >= q * total)
+            result[key] = le if math.isfinite(le) else None
+        return result
 
 
 def as_text(status: dict[str, Any]) -> str:
