@@ -1,4 +1,4 @@
-"""What `--metrics ADDRESS:PORT` serves: /metrics, /status, /status.txt, over httpserver.
+"""What `--metrics ADDRESS:PORT` serves: the page, /status, /metrics, over httpserver.
 
 The routes are read-only. Work that may be slow with many apps (the
 Prometheus exposition, JSON of a large snapshot) runs in a worker thread
@@ -9,11 +9,13 @@ its event loop, so never mid-update).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -35,6 +37,25 @@ __all__ = [
 log = logging.getLogger("tcpproxy")
 
 RENDER_THREADS = 1  # worker threads rendering at once; more requests wait their turn
+
+# the status page: one HTML file, its script and its style, served from the package
+PAGE = {
+    "/": ("status.html", "text/html; charset=utf-8"),
+    "/status.js": ("status.js", "text/javascript; charset=utf-8"),
+    "/status.css": ("status.css", "text/css; charset=utf-8"),
+    "/favicon.svg": ("favicon.svg", "image/svg+xml"),
+}
+# nothing the proxy does not serve itself: no inline script or style, no other origin
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
+PAGE_HEADERS = (
+    ("Content-Security-Policy", CSP),
+    ("Referrer-Policy", "no-referrer"),
+    ("X-Frame-Options", "DENY"),
+)
 
 StatusFn = Callable[[bool], Awaitable[dict[str, Any]]]  # (with the 5 minutes' history?)
 
@@ -59,7 +80,11 @@ class StatusRoutes:
                 body = await self._in_thread(_json, snapshot)
                 return Response(200, body, "application/json")
             return Response(200, await self._in_thread(_text, snapshot))
-        return Response(404, b"try /metrics, /status or /status.txt\n")
+        page = PAGE.get(request.path)
+        if page is not None:
+            name, content_type = page
+            return Response(200, _asset(name), content_type, headers=PAGE_HEADERS)
+        return Response(404, b"try /, /metrics, /status or /status.txt\n")
 
     async def _metrics(self, request: Request) -> Response:
         from prometheus_client.exposition import choose_encoder
@@ -73,6 +98,11 @@ class StatusRoutes:
 
     async def _in_thread(self, render: Callable[[Any], bytes], value: Any) -> bytes:
         return await trio.to_thread.run_sync(render, value, limiter=self._render)
+
+
+@functools.cache
+def _asset(name: str) -> bytes:
+    return resources.files("tcpproxy.page").joinpath(name).read_bytes()
 
 
 def _json(snapshot: dict[str, Any]) -> bytes:
