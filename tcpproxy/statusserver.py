@@ -74,10 +74,10 @@ class StatusRoutes:
         if request.path == "/metrics":
             return await self._metrics(request)
         if request.path in ("/status", "/status.txt"):
-            with_history = "history=1" in request.query.split("&")
-            snapshot = await self._status(with_history)
+            asked = request.query.split("&")
+            snapshot = await self._status("history=1" in asked)
             if request.path == "/status":
-                body = await self._in_thread(_json, snapshot)
+                body = await self._in_thread(_compact if "compact=1" in asked else _json, snapshot)
                 return Response(200, body, "application/json")
             return Response(200, await self._in_thread(_text, snapshot))
         page = PAGE.get(request.path)
@@ -107,6 +107,11 @@ def _asset(name: str) -> bytes:
 
 def _json(snapshot: dict[str, Any]) -> bytes:
     return json.dumps(snapshot, indent=2).encode() + b"\n"
+
+
+def _compact(snapshot: dict[str, Any]) -> bytes:
+    """For the page: a third of the bytes, and of the time to write them."""
+    return json.dumps(snapshot, separators=(",", ":")).encode()
 
 
 def _text(snapshot: dict[str, Any]) -> bytes:

@@ -170,7 +170,7 @@ function updateHeader(s) {
   fact(dl, "active", s.active_connections);
   fact(dl, "config", s.config.hash + " loaded " + s.config.loaded.replace("T", " "));
   fact(dl, "from", s.config.path);
-  if (s.steered_ports !== undefined) fact(dl, "steered ports", s.steered_ports);
+  if (s.binary === "bpfproxy") fact(dl, "steered ports", s.steered_ports);
   if (s.fleet) {
     fact(dl, "node", s.fleet.node);
     fact(dl, "etcd revision", s.fleet.revision);
@@ -252,7 +252,7 @@ async function poll() {
   const abort = new AbortController();
   const timer = setTimeout(() => abort.abort(), TIMEOUT_MS);
   try {
-    const response = await fetch(withHistory ? "/status?history=1" : "/status",
+    const response = await fetch(withHistory ? "/status?compact=1&history=1" : "/status?compact=1",
                                  { signal: abort.signal, cache: "no-store" });
     if (!response.ok) throw new Error("HTTP " + response.status);
     render(await response.json());
