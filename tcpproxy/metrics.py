@@ -211,7 +211,7 @@ class Metrics(NullMetrics):
         for key in list(self._children):
             metric, *values = key
             labels = dict(zip(metric._labelnames, (str(v) for v in values), strict=True))
-            if current.has(labels):
+            if metric._name not in PER_APP_AND_TARGET or current.has(labels):
                 continue
             if metric is self._active and self._children[key]._value.get():
                 continue
@@ -236,6 +236,15 @@ class Current:
         return target in (self._apps[app] if app is not None else self._targets)
 
 
+# the metrics whose app and target labels are the config's (not, say, the apps a
+# fleet's source refused, tcpproxy_config_app_rejections)
+PER_APP_AND_TARGET = frozenset({
+    "tcpproxy_connections_accepted", "tcpproxy_connections_active",
+    "tcpproxy_connections_ended", "tcpproxy_bytes", "tcpproxy_connect_seconds",
+    "tcpproxy_target_up",
+})  # fmt: skip
+
+
 def current_only(registry: Any, config: Callable[[], Config]) -> Any:
     """A registry serving `registry`'s series but those of apps and targets that
     `config()` (the config in force) no longer has."""
@@ -245,7 +254,8 @@ def current_only(registry: Any, config: Callable[[], Config]) -> Any:
         def collect(self) -> Iterable[Any]:
             current = Current(config())
             for metric in registry.collect():
-                metric.samples = [s for s in metric.samples if current.has(s.labels)]
+                if metric.name in PER_APP_AND_TARGET:
+                    metric.samples = [s for s in metric.samples if current.has(s.labels)]
                 yield metric
 
     filtered = CollectorRegistry(auto_describe=False)
