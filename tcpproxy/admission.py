@@ -47,7 +47,7 @@ import ipaddress
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -57,7 +57,11 @@ from tcpproxy.metrics import NullMetrics
 from tcpproxy.warnlimit import WarnLimiter
 
 __all__ = [
+    "CLIENT_CLOSED",
+    "INSPECT_TIMEOUT",
+    "MALFORMED",
     "NO_ROUTE",
+    "OVERSIZE",
     "OVER_LIMIT",
     "SOURCE_LIMIT",
     "UNTRUSTED_PROXY",
@@ -77,6 +81,11 @@ NO_ROUTE = "no-route"  # rule 1: closed
 UNTRUSTED_PROXY = "untrusted-proxy"  # rule 3: reset
 OVER_LIMIT = "over-limit"  # rule 4: reset
 SOURCE_LIMIT = "source-limit"  # rule 4: reset
+# rule 1, a port told apart by name (Hostnames): the client could not be routed
+INSPECT_TIMEOUT = "inspect-timeout"  # part of a hello or request head, then silence
+CLIENT_CLOSED = "client-closed"  # it closed (or failed) before its name was known
+OVERSIZE = "oversize"  # a hello or request head over the sniffer's limit
+MALFORMED = "malformed"  # not a well-formed hello or request head
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,27 +127,57 @@ def format_peer(peer: tuple) -> str:
 
 
 class Router:
-    """Which app a connection on one port is for (rule 1): the port's one app.
+    """Which app a connection on one port is for (rule 1).
 
-    `needs_bytes` is False: it answers at once, from no byte. A router of apps
-    sharing a port (told apart by TLS SNI or HTTP Host) would need the client's
-    first bytes, peeked, and answer "need more", an app, or None (no app).
+    A port one app without Hostnames owns routes at once, from no byte
+    (`needs_bytes` False). Otherwise the engine reads the name the client asks
+    for (TLS SNI, HTTP Host: tcpproxy.sniff) and `choose`s by it: the app
+    with that name exactly, else the one with a matching ``*.`` wildcard
+    (exact beats wildcard), else the port's default (its app without
+    Hostnames), else None: no app ("no-route").
     """
 
-    __slots__ = ("app", "needs_bytes")
+    __slots__ = ("_exact", "_wild", "app", "apps", "default", "needs_bytes")
 
-    def __init__(self, app: AppRuntime) -> None:
-        self.app = app
-        self.needs_bytes = False
+    def __init__(self, apps: Sequence[AppRuntime]) -> None:
+        self.apps = tuple(apps)
+        defaults = [app for app in apps if not app.config.hostnames]
+        self.default = defaults[0] if defaults else None  # config: one at most
+        # the port's settings and the name in log lines before routing: its default's
+        self.app = self.default if self.default is not None else apps[0]
+        self.needs_bytes = len(apps) > 1 or self.default is None
+        self._exact: dict[str, AppRuntime] = {}
+        self._wild: dict[str, AppRuntime] = {}  # "*.example.com" under "example.com"
+        for app in apps:
+            for name in app.config.hostnames:
+                if name.startswith("*."):
+                    self._wild[name[2:]] = app
+                else:
+                    self._exact[name] = app
 
     @property
     def preamble(self) -> AppConfig:
         """The settings of what is read before routing: the port's apps agree on them."""
         return self.app.config
 
-    def choose(self, data: bytes) -> AppRuntime | None:
-        """The app for a client that sent `data` first (here: the port's one app)."""
-        return self.app
+    @property
+    def names(self) -> list[str]:
+        """The names this port tells apart, exact ones first, for /status."""
+        return sorted(self._exact) + sorted(f"*.{base}" for base in self._wild)
+
+    def choose(self, name: str | None = None) -> AppRuntime | None:
+        """The app for a client that asked for `name` (normalized: lower case, no
+        trailing dot; None: it named none), or None if the port has none for it."""
+        if name is not None and (self._exact or self._wild):
+            app = self._exact.get(name)
+            if app is not None:
+                return app
+            dot = name.find(".")
+            if dot > 0:  # a wildcard stands for exactly one label: "a.b.x" is not "*.x"'s
+                app = self._wild.get(name[dot + 1 :])
+                if app is not None:
+                    return app
+        return self.default
 
 
 def _never_down(target: Target) -> bool:
@@ -264,7 +303,7 @@ class Admission:
         self.active_total = 0
         self._apps: dict[str, AppRuntime] = {}
         self._routes: dict[int, Router] = {}
-        self._routers: dict[str, Router] = {}  # each app's, shared by its ports
+        self._routers: dict[tuple[str, ...], Router] = {}  # by the names of its apps
         self._limits: dict[str, int] = {}
 
     def apply(self, config: Config) -> None:
@@ -275,27 +314,45 @@ class Admission:
         their counts.
         """
         apps: dict[str, AppRuntime] = {}
-        routers: dict[str, Router] = {}
         for app in config.apps:
             old = self._apps.get(app.name)
             if old is not None and (old.config is app or old.config == app):
                 apps[app.name] = old
-                routers[app.name] = self._routers[app.name]
             else:
                 balancer = Balancer(app.targets, app.strategy, active=self.active)
                 apps[app.name] = AppRuntime(app, balancer, partial(balancer.order, self._is_down))
-                routers[app.name] = Router(apps[app.name])
         self._apps = apps
-        self._routers = routers
+        # a router per set of apps sharing ports: per app, for ports one app owns
+        routers: dict[tuple[str, ...], Router] = {}
         routes: dict[int, Router] = {}
+        shared: dict[int, list[str]] = {}
         for app in config.apps:  # dict.fromkeys: at C speed, 20,000 ports take ~1 ms
-            routes.update(dict.fromkeys(app.ports, routers[app.name]))
+            for port in routes.keys() & app.ports:  # shared (by Hostnames): routed below
+                if port not in shared:
+                    shared[port] = [routes[port].app.config.name]
+                shared[port].append(app.name)
+            routers[(app.name,)] = router = self._router((apps[app.name],))
+            routes.update(dict.fromkeys(app.ports, router))
+        for port, names in shared.items():
+            key = tuple(names)
+            router = routers.get(key)
+            if router is None:
+                routers[key] = router = self._router(tuple(apps[name] for name in names))
+            routes[port] = router
+        self._routers = routers
         self._routes = routes
         # each app's limit of open connections, worked out once per config, not per connection
         self._limits = {
             app.name: app_connection_limit(app, self._total_limit, len(config.apps))
             for app in config.apps
         }
+
+    def _router(self, apps: tuple[AppRuntime, ...]) -> Router:
+        """The router of `apps`: the one in force if they are unchanged."""
+        old = self._routers.get(tuple(app.config.name for app in apps))
+        if old is not None and old.apps == apps:
+            return old
+        return Router(apps)
 
     def route(self, port: int) -> Router | None:
         return self._routes.get(port)
@@ -315,7 +372,7 @@ class Admission:
         ticket = self.arrive(port, peer)
         if isinstance(ticket, str):
             return ticket
-        app = ticket.router.choose(b"")
+        app = ticket.router.choose()
         refused = self.admit_to(ticket, app) if app is not None else self.no_route(ticket, port)
         if refused:
             ticket.release()
@@ -350,13 +407,29 @@ class Admission:
         self.active_total += 1
         return Ticket(self, router, f"{self._id_prefix}{next(self._ids)}", peer)
 
-    def no_route(self, ticket: Ticket, port: int) -> str:
-        """The router found no app for the connection: NO_ROUTE, counted (rule 1)."""
+    def no_route(self, ticket: Ticket, port: int, name: str = "") -> str:
+        """The router found no app for the connection (`name`: the one it asked for):
+        NO_ROUTE, counted and warned about (rule 1)."""
         cid = ticket.cid
-        log.debug("conn %s client=%s port=%d: no app for this connection; closing",
-                  cid, format_peer(ticket.peer), port, extra={"conn": cid})  # fmt: skip
+        asked = f"name {name!r}" if name else "no name"
+        self._warn(
+            f"no-route {port}",
+            "conn %s client=%s port=%d: no app for %s, and the port has no default app "
+            "(one without Hostnames); resetting", cid, format_peer(ticket.peer), port, asked,
+            extra={"conn": cid},
+        )  # fmt: skip
         self._metrics.rejected("-", NO_ROUTE)
         return NO_ROUTE
+
+    def not_inspected(self, ticket: Ticket, port: int, reason: str, why: str) -> None:
+        """The client's name could not be read (`reason`: INSPECT_TIMEOUT, CLIENT_CLOSED,
+        OVERSIZE, MALFORMED; `why`, in words): counted, warned about (rule 1)."""
+        cid = ticket.cid
+        self._warn(
+            f"{reason} {port}", "conn %s client=%s port=%d: %s: %s; closing", cid,
+            format_peer(ticket.peer), port, reason, why, extra={"conn": cid},
+        )  # fmt: skip
+        self._metrics.rejected("-", reason)
 
     def admit_to(self, ticket: Ticket, app: AppRuntime) -> str:
         """Admit the connection of `ticket` to `app` (rule 4): "" if admitted, else why
@@ -365,7 +438,9 @@ class Admission:
         peer = ticket.peer
         cfg = app.config
         name = cfg.name
-        app_limit = self._limits[name]
+        app_limit = self._limits.get(name)
+        if app_limit is None:  # removed by a reload while the connection was inspected
+            app_limit = app_connection_limit(cfg, self._total_limit, max(len(self._apps), 1))
         if self.active_by_app[name] * self._share >= app_limit:
             default = "" if cfg.max_connections is not None else ", a share of max-connections"
             self._warn(

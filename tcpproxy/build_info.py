@@ -67,7 +67,9 @@ COMPILED_MODULES: Final = (
     "tcpproxy.engine.timers",
     "tcpproxy.flow",
     "tcpproxy.health",
+    "tcpproxy.hostnames",
     "tcpproxy.proxy_protocol",
+    "tcpproxy.sniff",
 )
 GROUP: Final = "tcpproxy.compiled"  # mypyc's shared library: tcpproxy/compiled__mypyc.*.so
 STAMP: Final = "compiled.json"  # in the package directory, written by the build (rule 3)

@@ -59,7 +59,26 @@ SendProxy...    none         --       SendProxyProtocol "v1" or "v2": a PROXY he
                                       each target, so it sees the client's address.
 AcceptProxy...  false        --       AcceptProxyProtocol: the client (a balancer) sends
                                       a PROXY header first; its address is the client's.
+Hostnames       none         names    Per app only: the names (TLS SNI, HTTP Host) its
+                                      clients ask for, exact or ``*.example.com`` (one
+                                      label, not the apex). Apps whose names do not
+                                      overlap may share a port; at most one of them
+                                      without Hostnames, the port's default (no name, an
+                                      unknown name, not TLS or HTTP). Unicode names are
+                                      stored as A-labels ("xn--..."). None: the app's
+                                      ports are its own, and nothing is inspected.
+InspectTimeout  5.0          seconds  On a port told apart by name: how long a client
+                                      may take to send its whole TLS ClientHello or
+                                      HTTP request head. One that sent nothing by then
+                                      goes to the default app (server-speaks-first
+                                      protocols); a partial one is closed. Long enough
+                                      for a slow mobile link's 2-3 round trips, short
+                                      enough that a stalled client does not hold its
+                                      slot long (HAProxy's usual inspect-delay). <= 300.
 ==============  ===========  =======  =================================================
+
+Apps sharing a port must agree on what is read before the app is known:
+AcceptProxyProtocol, TrustedProxies and InspectTimeout.
 
 Adding an option takes a field on ``_Options`` (default and bounds), the same field
 on `AppConfig`, and a row in this table.
@@ -91,6 +110,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationError
 from pydantic.alias_generators import to_pascal
 from pydantic_core import ErrorDetails
+
+from tcpproxy.hostnames import normalize_name
 
 __all__ = [
     "APP_SHARE_DIVISOR",
@@ -206,20 +227,39 @@ class AppConfig:
     send_proxy_protocol: str | None = None  # "v1" or "v2": tell targets the client's address
     accept_proxy_protocol: bool = False  # a load balancer in front sends a PROXY header
     trusted_proxies: tuple[Network, ...] = LOOPBACK  # peers whose PROXY headers are believed
+    # the names (SNI, Host) that pick this app on a port it shares, normalized (lower
+    # case, A-labels, no trailing dot; "*.x" wildcards); (): none, the ports' default
+    hostnames: tuple[str, ...] = ()
+    inspect_timeout: float = 5.0  # seconds a client may take to show its name
+
+
+# What is read from a client before its app is known: the apps sharing a port agree on
+# these (AppConfig fields, as the file names them)
+PORT_SETTINGS = {
+    "accept_proxy_protocol": "AcceptProxyProtocol",
+    "trusted_proxies": "TrustedProxies",
+    "inspect_timeout": "InspectTimeout",
+}
 
 
 @dataclass(frozen=True)
 class Config:
-    """A validated configuration: names and ports are unique across all apps.
+    """A validated configuration: names are unique across all apps, and a port is one
+    app's or shared by apps told apart by Hostnames (at most one without: the default).
 
     Not slotted: `ports` is worked out once per config (a config of 20,000
     ports is asked for them several times by each reload)."""
 
     apps: tuple[AppConfig, ...]
 
-    def port_map(self) -> dict[int, AppConfig]:
-        """Map every listening port to the app that owns it."""
-        return {port: app for app in self.apps for port in app.ports}
+    def port_apps(self) -> dict[int, list[AppConfig]]:
+        """Map every listening port to the apps that serve it (several: told apart by
+        their Hostnames), in the config's order."""
+        apps: dict[int, list[AppConfig]] = {}
+        for app in self.apps:
+            for port in app.ports:
+                apps.setdefault(port, []).append(app)
+        return apps
 
     @cached_property
     def ports(self) -> frozenset[int]:
@@ -273,7 +313,42 @@ def parse_config(data: bytes | str, source: str = "<config>") -> Config:
     problems += _cross_check(doc)
     if raw is None or problems:
         raise _error(source, problems)
-    return Config(apps=tuple(_app_config(app, raw.defaults) for app in raw.apps))
+    config = Config(apps=tuple(_app_config(app, raw.defaults) for app in raw.apps))
+    problems += disagreements(config.apps)
+    if problems:
+        raise _error(source, problems)
+    return config
+
+
+def disagreements(apps: Iterable[AppConfig]) -> list[tuple[tuple[int | str, ...], str]]:
+    """Apps sharing a port whose PORT_SETTINGS differ: each later app's problem (its
+    index in `apps`, the key), naming the first app of the port it differs from."""
+    first: dict[int, tuple[AppConfig, int]] = {}  # port -> its first app, and its index
+    problems: list[tuple[tuple[int | str, ...], str]] = []
+    for i, app in enumerate(apps):
+        reported: set[str] = set()
+        for port in app.ports:
+            owner, _ = first.setdefault(port, (app, i))
+            if owner is app:
+                continue
+            for field, key in PORT_SETTINGS.items():
+                mine, theirs = getattr(app, field), getattr(owner, field)
+                if mine != theirs and key not in reported:
+                    reported.add(key)
+                    problems.append((
+                        ("Apps", i, key),
+                        f"app {_quote(app.name)} shares port {port} with app "
+                        f"{_quote(owner.name)}, whose {key} is {_setting(theirs)}, not "
+                        f"{_setting(mine)}: apps sharing a port must agree on "
+                        f"{', '.join(PORT_SETTINGS.values())} (read before the app is known)",
+                    ))  # fmt: skip
+    return problems
+
+
+def _setting(value: object) -> str:
+    if isinstance(value, tuple):
+        return f"[{', '.join(str(item) for item in value)}]"
+    return json.dumps(value)
 
 
 def parse_defaults(data: bytes | str, source: str = "<defaults>") -> Defaults:
@@ -490,6 +565,7 @@ class _Options(_Model):
     trusted_proxies: list[Annotated[Network, PlainValidator(_parse_network)]] = Field(
         default=list(LOOPBACK), min_length=1
     )
+    inspect_timeout: float = Field(default=5.0, gt=0, le=300, allow_inf_nan=False)
 
 
 class _App(_Options):
@@ -497,6 +573,8 @@ class _App(_Options):
     ports: list[Annotated[int, AfterValidator(_check_port)]] = Field(min_length=1)
     # PlainValidator: _parse_target does the whole job, checking that it got a str included.
     targets: list[Annotated[Target, PlainValidator(_parse_target)]] = Field(min_length=1)
+    # each name is checked (and normalized) by _cross_check, which knows the app's name
+    hostnames: list[str] = Field(default_factory=list, min_length=1)  # absent: none
 
 
 class _File(_Model):
@@ -513,7 +591,11 @@ def _app_config(app: _App, defaults: _Options) -> AppConfig:
     options["trusted_proxies"] = tuple(options["trusted_proxies"])
     if options["health_check"] is not None:
         options["health_check"] = HealthCheck(**options["health_check"].model_dump())
-    return AppConfig(name=app.name, ports=tuple(app.ports), targets=tuple(app.targets), **options)
+    hostnames = tuple(normalize_name(name) for name in app.hostnames)
+    return AppConfig(
+        name=app.name, ports=tuple(app.ports), targets=tuple(app.targets), hostnames=hostnames,
+        **options,
+    )  # fmt: skip
 
 
 def _error(source: str, problems: list[_Problem]) -> ConfigError:
@@ -597,7 +679,10 @@ def _cross_check(doc: object) -> Iterator[_Problem]:
     if not isinstance(apps, list):
         return
     names: dict[str, int] = {}
-    port_owners: dict[int, tuple[str, _Loc]] = {}
+    # each port's default app (the first without Hostnames), each (port, name)'s app
+    defaults: dict[int, tuple[str, _Loc]] = {}
+    holders: dict[tuple[int, str], tuple[str, _Loc]] = {}
+    clashes: set[tuple[str, str]] = set()  # (other app, name) said for this app
     for i, app in enumerate(apps):
         if not isinstance(app, dict):
             continue
@@ -611,6 +696,11 @@ def _cross_check(doc: object) -> Iterator[_Problem]:
                 )
             names.setdefault(name, i)
 
+        hostnames = None if "Hostnames" not in app else _hostnames(i, label, app["Hostnames"])
+        if hostnames is not None:
+            yield from hostnames[1]
+        # its names -> where; None: no Hostnames (a default); False: not a list (pydantic's)
+        names_here = None if hostnames is None else hostnames[0]
         own_ports: dict[int, _Loc] = {}
         for j, port in _items(app.get("Ports")):
             if type(port) is not int or not 1 <= port <= 65535:
@@ -620,18 +710,29 @@ def _cross_check(doc: object) -> Iterator[_Problem]:
             if port in own_ports:
                 first = _format_loc(own_ports[port])
                 yield loc, f"port {port} is listed twice in {label} ({first} and {where})"
-            elif port in port_owners:
-                owner, owner_loc = port_owners[port]
-                yield (
-                    loc,
-                    (
-                        f"port {port} is used by both {owner} ({_format_loc(owner_loc)})"
-                        f" and {label} ({where})"
-                    ),
-                )
-            else:
-                port_owners[port] = (label, loc)
-            own_ports.setdefault(port, loc)
+                continue
+            own_ports[port] = loc
+            if names_here is None:  # the port's default: one at most
+                first_default = defaults.setdefault(port, (label, loc))
+                if first_default[1] != loc:
+                    other, other_loc = first_default
+                    yield (
+                        loc,
+                        f"port {port} is used by both {other} ({_format_loc(other_loc)}) "
+                        f"and {label} ({where}); {_SHARING}",
+                    )
+            elif isinstance(names_here, dict):
+                for name, name_loc in names_here.items():
+                    other, other_loc = holders.setdefault((port, name), (label, name_loc))
+                    if other_loc != name_loc and (other, name) not in clashes:
+                        clashes.add((other, name))  # once, not again for each port they share
+                        yield (
+                            name_loc,
+                            f"hostname {_quote(name)} on port {port} is in both {other} "
+                            f"({_format_loc(other_loc)}) and {label}: a name picks one app "
+                            "per port",
+                        )
+        clashes.clear()
 
         own_targets: dict[tuple[str, int], tuple[str, _Loc]] = {}
         for j, text in _items(app.get("Targets")):
@@ -652,6 +753,37 @@ def _cross_check(doc: object) -> Iterator[_Problem]:
                     ),
                 )
             own_targets.setdefault(key, (text, loc))
+
+
+# why two apps without Hostnames cannot share a port, and what would let them
+_SHARING = "apps share a port only if Hostnames tell them apart (one may go without)"
+
+
+def _hostnames(i: int, label: str, value: object) -> tuple[dict[str, _Loc] | bool, list[_Problem]]:
+    """An app's Hostnames, normalized, each with where it is (False: not a list, which
+    pydantic reports), and the problems of the names themselves."""
+    if not isinstance(value, list):
+        return False, []
+    names: dict[str, _Loc] = {}
+    problems: list[_Problem] = []
+    for j, text in enumerate(value):
+        if not isinstance(text, str):
+            continue  # pydantic: "must be a string"
+        loc: _Loc = ("Apps", i, "Hostnames", j)
+        try:
+            name = normalize_name(text)
+        except ValueError as exc:
+            problems.append((loc, f"invalid hostname in {label}: {exc}, got {_show(text)}"))
+            continue
+        if name in names:
+            problems.append((
+                loc,
+                f"hostname {_quote(name)} is listed twice in {label} "
+                f"({_format_loc(names[name])} and {_format_loc(loc)})",
+            ))  # fmt: skip
+            continue
+        names[name] = loc
+    return names, problems
 
 
 def _items(value: object) -> Iterable[tuple[int, object]]:

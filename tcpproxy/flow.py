@@ -16,7 +16,12 @@ Rules:
    closed, a limit's refusal reset). A port one app owns routes at once, at
    accept. A router that must see the client's first bytes (`route_late`:
    apps sharing a port, told apart by what the client sends) routes after
-   the preamble of rule 2 instead, from bytes peeked, not taken.
+   the PROXY header of rule 2 instead, from bytes peeked, not taken: while
+   they do not tell the app yet, the engine says `inspecting` (INSPECTING,
+   under the port's InspectTimeout), then `routed` or `route_failed` as
+   the bytes, or the timeout, decide (the engine's choice: a client that
+   said nothing goes to the port's default app). There, FirstByteTimeout
+   is the routed app's, from its routing on (`routed(first_byte=...)`).
 2. The preamble: READ_HEADER if the port accepts PROXY headers, then
    WAIT_FIRST_BYTE if it has a FirstByteTimeout, then (routed) CHOOSE: the
    engine asks the app's balancer for the try order at once and hands it in
@@ -60,6 +65,7 @@ __all__ = ["TRANSITIONS", "Action", "Flow", "FlowError", "Side", "State", "Timeo
 class State(enum.Enum):
     NEW = "new"
     ROUTING = "routing"  # waiting for the app (the engine routes and admits at once)
+    INSPECTING = "inspecting"  # waiting for the client's first bytes to tell its app
     HEADER_IN = "header-in"  # reading the balancer's PROXY header
     FIRST_BYTE = "first-byte"  # waiting for the client to say something
     CHOOSING = "choosing"  # waiting for the try order (the engine hands it in at once)
@@ -71,6 +77,7 @@ class State(enum.Enum):
 
 class Action(enum.Enum):
     ROUTE = "route"  # choose the app and admit to it: `routed` or `route_failed`
+    INSPECT = "inspect"  # wait for more of the client's bytes (InspectTimeout) to route
     READ_HEADER = "read-header"
     WAIT_FIRST_BYTE = "wait-first-byte"
     CHOOSE = "choose"  # ask the app's balancer for the try order: `order_chosen`
@@ -93,6 +100,7 @@ class Side(enum.Enum):
 
 class Timeout(enum.Enum):
     HEADER_IN = "header-in"
+    INSPECT = "inspect"
     FIRST_BYTE = "first-byte"
     CONNECT = "connect"
     HEADER_OUT = "header-out"
@@ -103,12 +111,12 @@ class Timeout(enum.Enum):
 # EnumType.__getattr__, about 80 ns a read; every event of every connection reads
 # several, so the flow and the engine read these module globals instead (10 ns).
 S_NEW, S_HEADER_IN, S_FIRST_BYTE = State.NEW, State.HEADER_IN, State.FIRST_BYTE
-S_ROUTING, S_CHOOSING = State.ROUTING, State.CHOOSING
+S_ROUTING, S_INSPECTING, S_CHOOSING = State.ROUTING, State.INSPECTING, State.CHOOSING
 S_CONNECTING, S_HEADER_OUT, S_RELAY, S_CLOSED = (
     State.CONNECTING, State.HEADER_OUT, State.RELAY, State.CLOSED
 )  # fmt: skip
-A_ROUTE, A_READ_HEADER, A_WAIT_FIRST_BYTE, A_CHOOSE = (
-    Action.ROUTE, Action.READ_HEADER, Action.WAIT_FIRST_BYTE, Action.CHOOSE
+A_ROUTE, A_INSPECT, A_READ_HEADER, A_WAIT_FIRST_BYTE, A_CHOOSE = (
+    Action.ROUTE, Action.INSPECT, Action.READ_HEADER, Action.WAIT_FIRST_BYTE, Action.CHOOSE
 )  # fmt: skip
 A_CONNECT, A_SEND_HEADER, A_RELAY = Action.CONNECT, Action.SEND_HEADER, Action.RELAY
 A_REDISPATCH, A_CLOSE = Action.REDISPATCH, Action.CLOSE
@@ -127,13 +135,16 @@ class FlowError(Exception):
 # the Flow's methods; where an event has more than one outcome, the method's
 # docstring says which rule picks it. Anything not listed is a FlowError.
 _ANY_LIVE = (
-    State.ROUTING, State.HEADER_IN, State.FIRST_BYTE, State.CHOOSING, State.CONNECTING,
-    State.HEADER_OUT, State.RELAY,
+    State.ROUTING, State.INSPECTING, State.HEADER_IN, State.FIRST_BYTE, State.CHOOSING,
+    State.CONNECTING, State.HEADER_OUT, State.RELAY,
 )  # fmt: skip
 TRANSITIONS: dict[tuple[State, str], tuple[State, ...]] = {
     (State.NEW, "accepted"): (State.ROUTING, State.HEADER_IN, State.FIRST_BYTE),
     (State.ROUTING, "routed"): (State.HEADER_IN, State.FIRST_BYTE, State.CHOOSING),
     (State.ROUTING, "route_failed"): (State.CLOSED,),
+    (State.ROUTING, "inspecting"): (State.INSPECTING,),
+    (State.INSPECTING, "routed"): (State.FIRST_BYTE, State.CHOOSING),
+    (State.INSPECTING, "route_failed"): (State.CLOSED,),
     (State.HEADER_IN, "header_read"): (State.FIRST_BYTE, State.ROUTING, State.CHOOSING),
     (State.HEADER_IN, "header_failed"): (State.CLOSED,),
     (State.HEADER_IN, "timeout"): (State.CLOSED,),
@@ -161,6 +172,7 @@ for _state, _event in TRANSITIONS:
 _ON_ACCEPTED = _FROM["accepted"]
 _ON_ROUTED = _FROM["routed"]
 _ON_ROUTE_FAILED = _FROM["route_failed"]
+_ON_INSPECTING = _FROM["inspecting"]
 _ON_HEADER_READ = _FROM["header_read"]
 _ON_HEADER_FAILED = _FROM["header_failed"]
 _ON_FIRST_BYTE = _FROM["first_byte"]
@@ -181,6 +193,7 @@ _TARGET_EARLY_ERROR = EndReason.TARGET_EARLY_ERROR.value
 # the timeout each state arms (the engine keeps one phase timer per connection); ROUTING
 # and CHOOSING have none: the engine answers them at once
 _TIMEOUTS = {
+    State.INSPECTING: Timeout.INSPECT,  # the engine decides its outcome (rule 1)
     State.HEADER_IN: Timeout.HEADER_IN,
     State.FIRST_BYTE: Timeout.FIRST_BYTE,
     State.CONNECTING: Timeout.CONNECT,
@@ -301,13 +314,26 @@ class Flow:
             return A_ROUTE
         return self._preamble()
 
-    def routed(self, *, send_header: bool) -> Action:
-        """Rule 1: the app is chosen and admitted; `send_header`: its SendProxyProtocol."""
+    def routed(self, *, send_header: bool, first_byte: bool = False) -> Action:
+        """Rule 1: the app is chosen and admitted; `send_header`: its SendProxyProtocol;
+        `first_byte` (after INSPECTING): wait for the client under the app's
+        FirstByteTimeout first (it was routed without a byte)."""
         if self.state not in _ON_ROUTED:
             raise self._refuse("routed")
         self._routed = True
         self._send_header = send_header
+        if self.state is S_INSPECTING:
+            self._first_byte = first_byte
+            return self._after_header()
         return self._ready() if self._route_late else self._preamble()
+
+    def inspecting(self) -> Action:
+        """Rule 1: the client's bytes so far do not tell its app: INSPECT (wait for
+        more, under InspectTimeout)."""
+        if self.state not in _ON_INSPECTING:
+            raise self._refuse("inspecting")
+        self.state = S_INSPECTING
+        return A_INSPECT
 
     def route_failed(self, reason: str, *, reset: bool) -> Action:
         """Rule 1: no app for the connection, or its app refused it (`reason`, as
@@ -426,7 +452,7 @@ class Flow:
         """The current state's timeout (`kind` must be it) ran out; `detail` says how long."""
         if self.state not in _ON_TIMEOUT:
             raise self._refuse("timeout")
-        if kind is not self.timeout:
+        if kind is not self.timeout or kind is Timeout.INSPECT:  # INSPECT: the engine's
             raise FlowError(f"timeout {kind.value} in state {self.state.value}")
         if kind is Timeout.HEADER_IN:
             self._end(_CLIENT_ERROR, "PROXY header")

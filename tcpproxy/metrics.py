@@ -61,6 +61,7 @@ class NullMetrics:
     def app_rejected(self, app: str) -> None: ...
     def steered_ports(self, count: int) -> None: ...
     def keep_only(self, config: Config) -> None: ...
+    def routed(self, app: str, how: str) -> None: ...
 
 
 class Metrics(NullMetrics):
@@ -139,6 +140,14 @@ class Metrics(NullMetrics):
             "tcpproxy_bpf_steered_ports", "Ports in bpfproxy's port map",
             registry=reg, multiprocess_mode="max",
         )  # fmt: skip
+        self._routed = Counter(
+            "tcpproxy_connections_routed",
+            "Connections on ports told apart by name, per app and how they were routed "
+            "(name: by TLS SNI or HTTP Host; default: no name or an unknown one; silent: "
+            "nothing sent within InspectTimeout)",
+            ["app", "by"],
+            registry=reg,
+        )
         self._last_hash: str | None = None
         # The labelled series each connection touches, by their labels as we hold them:
         # labels() validates, formats and locks on every call (several us a connection).
@@ -154,6 +163,9 @@ class Metrics(NullMetrics):
 
     def accepted(self, app: str) -> None:
         self._child(self._accepted, app).inc()
+
+    def routed(self, app: str, how: str) -> None:
+        self._child(self._routed, app, how).inc()
 
     def rejected(self, app: str, reason: str) -> None:
         self._child(self._accepted, app).inc()

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tcpproxy.config import Config
+from tcpproxy.config import AppConfig, Config
 from tcpproxy.diff import format_ports
 
 __all__ = [
@@ -111,6 +111,7 @@ def snapshot(
         {
             "name": app.name,
             "ports": format_ports(app.ports),
+            **({"hostnames": list(app.hostnames)} if app.hostnames else {}),
             "active": counts.by_app.get(app.name, 0),
             "targets": [
                 {
@@ -127,7 +128,31 @@ def snapshot(
     if history is not None:
         for entry in status["apps"]:
             history.describe(entry, with_history)
+    routes = by_name(config)
+    if routes:
+        status["routed_by_name"] = routes
     return status
+
+
+def by_name(config: Config) -> list[dict[str, Any]]:
+    """The ports told apart by name (TLS SNI, HTTP Host): each with its names' apps and
+    its default app (None: unknown names are reset), ports of the same apps together."""
+    groups: dict[tuple[str, ...], list[int]] = {}
+    apps_of: dict[tuple[str, ...], list[AppConfig]] = {}
+    for port, apps in sorted(config.port_apps().items()):
+        if len(apps) == 1 and not apps[0].hostnames:
+            continue  # one app's own port: not inspected
+        key = tuple(app.name for app in apps)
+        groups.setdefault(key, []).append(port)
+        apps_of[key] = apps
+    return [
+        {
+            "ports": format_ports(ports),
+            "names": {name: app.name for app in apps_of[key] for name in app.hostnames},
+            "default": next((app.name for app in apps_of[key] if not app.hostnames), None),
+        }
+        for key, ports in groups.items()
+    ]
 
 
 def counts_from_samples(samples: Iterable[Any]) -> Counts:
@@ -335,9 +360,14 @@ def as_text(status: dict[str, Any]) -> str:
         f"last reload: {status['last_reload']}",
     ]
     for app in status["apps"]:
-        lines.append(f"app {app['name']}: ports {app['ports']}, {app['active']} active")
+        names = f", hostnames {' '.join(app['hostnames'])}" if "hostnames" in app else ""
+        lines.append(f"app {app['name']}: ports {app['ports']}{names}, {app['active']} active")
         for target in app["targets"]:
             lines.append(f"  {target['address']}: {target['state']}, {target['active']} active")
+    for route in status.get("routed_by_name", []):
+        default = route["default"] or "none (reset)"
+        lines.append(f"ports {route['ports']}: by name, {len(route['names'])} names, "
+                     f"default {default}")  # fmt: skip
     for name, why in status.get("rejected", {}).items():
         where = f"{why['key']} at revision {why['revision']}"
         lines.append(f"rejected {name}: {where}: {why['reason']}")

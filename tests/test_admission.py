@@ -432,6 +432,21 @@ def test_at_max_connections_there_is_no_slot_and_it_is_said_once(caplog) -> None
     ]  # the second time within LIMIT_LOG_INTERVAL: held back
 
 
+def test_a_connection_routed_after_its_app_was_removed_is_still_admitted() -> None:
+    """A port told apart by name routes late (InspectTimeout): a reload may remove the
+    app between accept and routing; the connection is served by the router it was
+    accepted with, as one routed at accept would have been."""
+    a = AppConfig("A", (1,), (T0,), hostnames=("a.test",))
+    admission, _ = admission_for(a)
+    ticket = admission.arrive(1, PEER)
+    assert isinstance(ticket, Ticket) and ticket.router.needs_bytes
+    admission.apply(Config(apps=()))
+    app = ticket.router.choose("a.test")
+    assert app is not None and admission.admit_to(ticket, app) == ""
+    ticket.release()
+    assert held(admission) == (0, {}, {}, {}, 0)
+
+
 def test_a_reload_keeps_what_admitted_connections_hold() -> None:
     """Apps unchanged keep their runtime; a connection of an app the reload removed
     still gives back what it holds."""
@@ -445,3 +460,25 @@ def test_a_reload_keeps_what_admitted_connections_hold() -> None:
     assert held(admission) == (1, {"B": 1}, {}, {T1: 1}, 1)
     ticket.release()
     assert held(admission) == NOTHING_HELD
+
+
+def test_a_router_chooses_exact_then_one_label_wildcard_then_the_default() -> None:
+    shop = AppConfig("shop", (1,), (T0,), hostnames=("shop.test", "*.shop.test"))
+    tenants = AppConfig("tenants", (1, 2), (T1,), hostnames=("*.test",))
+    fallback = AppConfig("fallback", (1,), (T0,))
+    alone = AppConfig("alone", (3,), (T0,))
+    admission, _ = admission_for(shop, tenants, fallback, alone)
+    router = admission.route(1)
+    assert router is not None and router.needs_bytes
+    pick = {name: getattr(router.choose(name), "config", None) for name in (
+        "shop.test", "a.shop.test", "x.test", "a.b.c.test", "test", None)}  # fmt: skip
+    assert pick == {
+        "shop.test": shop, "a.shop.test": shop, "x.test": tenants,
+        "a.b.c.test": fallback, "test": fallback, None: fallback,
+    }  # fmt: skip
+    assert router.names == ["shop.test", "*.shop.test", "*.test"]
+    only_named = admission.route(2)  # one app, with names: inspected, no default
+    assert only_named is not None and only_named.needs_bytes
+    assert only_named.choose("y.test").config is tenants and only_named.choose("t") is None
+    own = admission.route(3)  # one app without names: routed at once, from no byte
+    assert own is not None and not own.needs_bytes and own.choose().config is alone

@@ -249,10 +249,10 @@ def test_target_forms_round_trip(text: str, target: Target) -> None:
 def test_port_map_and_ports() -> None:
     config = parse_config(CHALLENGE)
     five, six, seven = config.apps
-    port_map = config.port_map()
-    assert port_map[5001] is five
-    assert port_map[6400] is six
-    assert port_map[7200] is seven
+    port_map = config.port_apps()
+    assert port_map[5001] == [five]
+    assert port_map[6400] == [six]
+    assert port_map[7200] == [seven]
     assert len(port_map) == 12
     assert config.ports == frozenset(port_map)
 
@@ -287,15 +287,17 @@ def test_utf8_bom_is_tolerated() -> None:
         (
             document(Defaults={"Ports": [1]}),
             "Defaults.Ports: unknown key 'Ports' (expected one of: AcceptProxyProtocol,"
-            " ConnectTimeout, FirstByteTimeout, HealthCheck, IdleTimeout, MaxConnections,"
-            " MaxConnectionsPerSource, SendProxyProtocol, Strategy, TrustedProxies)",
+            " ConnectTimeout, FirstByteTimeout, HealthCheck, IdleTimeout, InspectTimeout,"
+            " MaxConnections, MaxConnectionsPerSource, SendProxyProtocol, Strategy,"
+            " TrustedProxies)",
         ),
         (
             document(app(**{"a b": 1})),
             "Apps[0][\"a b\"]: unknown key 'a b'"
             " (expected one of: AcceptProxyProtocol, ConnectTimeout, FirstByteTimeout,"
-            " HealthCheck, IdleTimeout, MaxConnections, MaxConnectionsPerSource, Name, Ports,"
-            " SendProxyProtocol, Strategy, Targets, TrustedProxies)",
+            " HealthCheck, Hostnames, IdleTimeout, InspectTimeout, MaxConnections,"
+            " MaxConnectionsPerSource, Name, Ports, SendProxyProtocol, Strategy, Targets,"
+            " TrustedProxies)",
         ),
         # Name
         (document(app(Name=None)), "Apps[0].Name: missing required key 'Name'"),
@@ -342,7 +344,8 @@ def test_utf8_bom_is_tolerated() -> None:
         (
             document(app(Name="five-thousand", Ports=[5001]), app(Name="b", Ports=[5001])),
             "Apps[1].Ports[0]: port 5001 is used by both app 'five-thousand' (Apps[0].Ports[0])"
-            " and app 'b' (Apps[1].Ports[0])",
+            " and app 'b' (Apps[1].Ports[0]); apps share a port only if Hostnames tell them apart"
+            " (one may go without)",
         ),
         # Targets
         (document(app(Targets=None)), "Apps[0].Targets: missing required key 'Targets'"),
@@ -525,7 +528,8 @@ def test_all_problems_reported_together_in_document_order() -> None:
         'Apps[0].Ports[1]: must be an integer, got "2"',
         "Apps[1].Name: app name 'a' is already used by Apps[0]",
         "Apps[1].Ports[0]: port 1 is used by both app 'a' (Apps[0].Ports[0])"
-        " and app 'a' (Apps[1].Ports[0])",
+        " and app 'a' (Apps[1].Ports[0]); apps share a port only if Hostnames tell them apart"
+        " (one may go without)",
         "Apps[1].Strategy: must be one of 'round-robin', 'random', 'least-connections', got \"x\"",
         "Apps[1].Targets[0]: 'nope' has no port, expected host:port",
         "Defaults.ConnectTimeout: must be greater than 0, got 0",
@@ -569,7 +573,8 @@ def test_thousands_of_bad_apps_report_the_first_few_in_document_order() -> None:
         "Apps[0].Ports[0]: must be between 1 and 65535, got 70000",
         "Apps[1].Ports[0]: must be between 1 and 65535, got 70000",
         "Apps[1].Ports[1]: port 1 is used by both app 'a0' (Apps[0].Ports[1])"
-        " and app 'a1' (Apps[1].Ports[1])",
+        " and app 'a1' (Apps[1].Ports[1]); apps share a port only if Hostnames tell them apart"
+        " (one may go without)",
     )
     assert len(error.problems) == MAX_PROBLEMS
     assert error.more == 3000 + 2999 - MAX_PROBLEMS
@@ -582,12 +587,13 @@ def test_problems_in_defaults_and_apps_do_not_mask_each_other() -> None:
     assert 'Apps[0].Name: must not be empty, got ""' in found
     assert (
         "Apps[1].Ports[0]: port 1000 is used by both app Apps[0] (Apps[0].Ports[0])"
-        " and app 'b' (Apps[1].Ports[0])" in found
+        " and app 'b' (Apps[1].Ports[0]); apps share a port only if Hostnames tell them apart"
+        " (one may go without)" in found
     )
     assert (
         "Defaults.X: unknown key 'X' (expected one of: AcceptProxyProtocol, ConnectTimeout,"
-        " FirstByteTimeout, HealthCheck, IdleTimeout, MaxConnections, MaxConnectionsPerSource,"
-        " SendProxyProtocol, Strategy, TrustedProxies)" in found
+        " FirstByteTimeout, HealthCheck, IdleTimeout, InspectTimeout, MaxConnections,"
+        " MaxConnectionsPerSource, SendProxyProtocol, Strategy, TrustedProxies)" in found
     )
 
 
@@ -694,7 +700,7 @@ def assert_config_or_config_error(data: bytes | str) -> None:
         assert all(problem.strip() for problem in error.problems)
         assert str(error).startswith("<config>: ")
     else:
-        assert len(config.port_map()) == sum(len(app.ports) for app in config.apps)
+        assert len(config.port_apps()) == sum(len(app.ports) for app in config.apps)
         assert len({app.name for app in config.apps}) == len(config.apps)
 
 

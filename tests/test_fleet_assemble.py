@@ -369,3 +369,45 @@ def test_rule_4_many_port_conflicts_cost_linear_work(monkeypatch: pytest.MonkeyP
     assert a.rejected["a001"].reason == f"Ports[0]: port 1000 is used by app 'a000' ({P}/apps/a000)"
     assert len(a.rejected) == n // 2
     assert calls[0] <= 10 * n, calls
+
+
+def test_apps_told_apart_by_hostnames_share_a_port() -> None:
+    s = Store()
+    s.put("apps/shop", app([443], Hostnames=["shop.example"]))
+    s.put("apps/tenants", app([443], Hostnames=["*.example.com"]))
+    a = s.put("apps/fallback", app([443]))
+    assert served(a) == {"fallback": (443,), "shop": (443,), "tenants": (443,)}
+    assert a.rejected == {}
+    assert parse_config(a.document()) == a.config
+
+
+def test_a_name_or_a_default_on_a_port_stays_with_the_app_that_had_it() -> None:
+    """Rule 4 for names: the claim is (port, name); the newcomer is set aside alone."""
+    s = Store()
+    s.put("apps/shop", app([443, 80], Hostnames=["shop.example"]))
+    s.put("apps/fallback", app([443]))
+    a = s.put("apps/copycat", app([443], Hostnames=["other.example", "SHOP.example."]))
+    assert served(a) == {"fallback": (443,), "shop": (443, 80)}
+    assert a.rejected["copycat"].reason == (
+        f"Hostnames[1]: hostname 'shop.example' on port 443 is used by app 'shop' ({P}/apps/shop)"
+    )
+    a = s.put("apps/second-default", app([443]))
+    assert "second-default" not in served(a)
+    assert a.rejected["second-default"].reason == (
+        f"Ports[0]: port 443 is used by app 'fallback' ({P}/apps/fallback)"
+    )
+    # the holder drops the name: the newcomer gets it at its next judging
+    a = s.put("apps/shop", app([443, 80], Hostnames=["www.example"]))
+    assert served(a)["copycat"] == (443,) and "copycat" not in a.rejected
+
+
+def test_apps_sharing_a_port_must_agree_on_what_is_read_before_routing() -> None:
+    s = Store()
+    s.put("apps/shop", app([443], Hostnames=["shop.example"], InspectTimeout=2))
+    a = s.put("apps/blog", app([443], Hostnames=["blog.example"]))
+    assert served(a) == {"shop": (443,)}
+    assert a.rejected["blog"].reason.startswith(
+        f"InspectTimeout: differs from that of app 'shop' ({P}/apps/shop), which shares port 443"
+    )
+    a = s.put("apps/blog", app([443], Hostnames=["blog.example"], InspectTimeout=2))
+    assert served(a) == {"blog": (443,), "shop": (443,)} and a.rejected == {}

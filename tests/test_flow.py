@@ -183,6 +183,7 @@ EVENTS = {
     "accepted": lambda f: f.accepted(),
     "routed": lambda f: f.routed(send_header=True),
     "route_failed": lambda f: f.route_failed("over-limit", reset=True),
+    "inspecting": lambda f: f.inspecting(),
     "header_read": lambda f: f.header_read(),
     "header_failed": lambda f: f.header_failed("x"),
     "first_byte": lambda f: f.first_byte(),
@@ -202,6 +203,7 @@ TO_CONNECTING = [*TO_CHOOSING, "order_chosen"]
 REACH = {
     State.NEW: [],
     State.ROUTING: ["accepted"],
+    State.INSPECTING: ["accepted", "inspecting"],
     State.HEADER_IN: ["accepted", "routed"],
     State.FIRST_BYTE: ["accepted", "routed", "header_read"],
     State.CHOOSING: TO_CHOOSING,
@@ -267,6 +269,30 @@ def test_a_router_that_needs_bytes_routes_after_the_preamble(options) -> None:
     assert flow.routed(send_header=True) is Action.CHOOSE
     assert flow.order_chosen([A]) is Action.CONNECT
     assert flow.connected() is Action.SEND_HEADER
+
+
+@pytest.mark.parametrize("first_byte", [False, True])
+def test_inspecting_waits_for_the_name_then_routes(first_byte: bool) -> None:
+    """Rule 1, a port told apart by name: after the PROXY header, INSPECTING (under
+    InspectTimeout) until the engine routes; FirstByteTimeout is then the app's."""
+    flow = Flow(route_late=True, accept_header=True, first_byte=True)
+    assert flow.accepted() is Action.READ_HEADER
+    assert flow.header_read() is Action.WAIT_FIRST_BYTE  # the port's, as before
+    assert flow.first_byte() is Action.ROUTE
+    assert flow.inspecting() is Action.INSPECT
+    assert (flow.state, flow.timeout) == (State.INSPECTING, Timeout.INSPECT)
+    with pytest.raises(FlowError):  # the engine decides what InspectTimeout means
+        flow.timed_out(Timeout.INSPECT)
+    action = flow.routed(send_header=False, first_byte=first_byte)
+    assert action is (Action.WAIT_FIRST_BYTE if first_byte else Action.CHOOSE)
+
+
+def test_a_refusal_while_inspecting_touches_no_target() -> None:
+    flow = Flow(route_late=True)
+    assert flow.accepted() is Action.ROUTE
+    assert flow.inspecting() is Action.INSPECT
+    assert flow.route_failed("inspect-timeout", reset=False) is Action.CLOSE
+    assert (flow.state, flow.end_label, flow.target) == (State.CLOSED, "inspect-timeout", None)
 
 
 def test_a_timeout_of_another_state_is_a_bug() -> None:

@@ -20,6 +20,7 @@ from tcpproxy.flow import Flow
 
 if TYPE_CHECKING:
     from tcpproxy.engine.loop import Loop
+    from tcpproxy.sniff import Sniffer
 
 __all__ = ["Conn", "Way"]
 
@@ -84,9 +85,13 @@ class Conn:
         "hbuf",
         "header",
         "last",
+        "lowat",
         "moved",
+        "name",
+        "peeked",
         "peer",
         "port",
+        "sniffer",
         "started",
         "target",
         "tfd",
@@ -120,6 +125,12 @@ class Conn:
         self.up_bytes = self.down_bytes = 0
         self.hbuf = b""  # PROXY header bytes read so far
         self.header: memoryview | None = None  # our PROXY header, still to send
+        # inspection (a port told apart by name): the parser, the bytes it was shown,
+        # the socket's SO_RCVLOWAT; then the name that routed it ("": none)
+        self.sniffer: Sniffer | None = None
+        self.peeked = 0
+        self.lowat = 1
+        self.name = ""
         self.attempts: list[socket.SocketType] = []  # connects in flight to the current target
         self.addresses: list[tuple[int, tuple]] = []  # the target's addresses not tried yet
         self.attempt_errors: list[OSError] = []

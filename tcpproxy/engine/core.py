@@ -24,7 +24,16 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from tcpproxy.admission import NO_ROUTE, Admission, Ticket
+from tcpproxy.admission import (
+    CLIENT_CLOSED,
+    INSPECT_TIMEOUT,
+    MALFORMED,
+    NO_ROUTE,
+    OVERSIZE,
+    Admission,
+    AppRuntime,
+    Ticket,
+)
 from tcpproxy.admission import format_peer as _peer
 from tcpproxy.config import Target
 from tcpproxy.connect import LOCAL_ERRNOS, AddressCheck, describe_error
@@ -32,8 +41,15 @@ from tcpproxy.engine.accept import Acceptor, Listener
 from tcpproxy.engine.check import check
 from tcpproxy.engine.conn import Conn
 from tcpproxy.engine.dial import Dialer
-from tcpproxy.engine.loop import IN, OUT, Loop
-from tcpproxy.engine.preamble import peek_first_byte, read_header_in, send_header_out
+from tcpproxy.engine.loop import HUP_BITS, IN, OUT, RDHUP, Loop
+from tcpproxy.engine.preamble import (
+    discard_peeked,
+    end_inspection,
+    inspect,
+    peek_first_byte,
+    read_header_in,
+    send_header_out,
+)
 from tcpproxy.engine.relay import Relay
 from tcpproxy.engine.timers import BACKOFF, IDLE, PHASE, STAGGER
 from tcpproxy.errors import ResourceExhausted, TargetUnavailable
@@ -43,6 +59,7 @@ from tcpproxy.flow import (
     A_ABORT_TARGET,
     A_CHOOSE,
     A_CONNECT,
+    A_INSPECT,
     A_READ_HEADER,
     A_REDISPATCH,
     A_RELAY,
@@ -56,6 +73,7 @@ from tcpproxy.flow import (
     S_FIRST_BYTE,
     S_HEADER_IN,
     S_HEADER_OUT,
+    S_INSPECTING,
     S_RELAY,
     SIDE_TARGET,
     Action,
@@ -64,6 +82,7 @@ from tcpproxy.flow import (
     Timeout,
 )
 from tcpproxy.proxy_protocol import HEADER_TIMEOUT, ProxyHeaderError
+from tcpproxy.sniff import BAD, MORE, NAME
 from tcpproxy.splice import abort
 from tcpproxy.warnlimit import WarnLimiter
 
@@ -204,9 +223,10 @@ class Engine:
         router, from `Admission.arrive`; released when it ends)."""
         router = ticket.router
         cfg = router.preamble
+        late = router.needs_bytes  # its FirstByteTimeout is the routed app's (flow rule 1)
         flow = Flow(
-            accept_header=cfg.accept_proxy_protocol, first_byte=cfg.first_byte_timeout is not None,
-            route_late=router.needs_bytes,
+            accept_header=cfg.accept_proxy_protocol,
+            first_byte=cfg.first_byte_timeout is not None and not late, route_late=late,
         )  # fmt: skip
         conn = Conn(client, port, peer, ticket, flow, self.loop.now)
         self.conns.add(conn)
@@ -234,6 +254,9 @@ class Engine:
                 sock.shutdown(socket.SHUT_WR)  # type: ignore[union-attr]
             except OSError:  # peer already gone: the other direction will report it
                 pass
+        elif action is A_INSPECT:
+            self._phase(conn, conn.ticket.router.preamble.inspect_timeout)
+            conn.interest(self.loop, IN | RDHUP, conn.tmask)
         elif action is A_READ_HEADER:
             self._phase(conn, HEADER_TIMEOUT)
             conn.interest(self.loop, IN, conn.tmask)
@@ -249,21 +272,81 @@ class Engine:
 
     def _route(self, conn: Conn) -> Action:
         """Choose the connection's app (its port's router) and admit it to that app."""
+        router = conn.ticket.router
+        if router.needs_bytes:  # apps told apart by the name the client asks for
+            action = self._inspect(conn, 0)
+            assert action is not None  # ROUTING: at worst, start INSPECTING
+            return action
+        return self._admit(conn, router.choose(), "")
+
+    def _admit(self, conn: Conn, app: AppRuntime | None, how: str) -> Action:
+        """Admit the connection to `app` (None: no app for it); `how` it was routed
+        ("name", "default", "silent"; "": its port's one app)."""
         ticket = conn.ticket
-        # A router that needs bytes would be fed what MSG_PEEK shows (they stay for the
-        # target) under a timeout of its own; none does yet: a port one app owns.
-        app = ticket.router.choose(b"")
         admission = self._admission
-        why = (
-            admission.admit_to(ticket, app)
-            if app is not None
-            else admission.no_route(ticket, conn.port)
-        )
+        if app is None:
+            why = admission.no_route(ticket, conn.port, conn.name)
+        else:
+            why = admission.admit_to(ticket, app)
         if why:  # counted and warned about by admission; the slot goes back at the end
-            return conn.flow.route_failed(why, reset=why != NO_ROUTE)
+            # a port's removal closes; a name no app has resets, as limits do
+            return conn.flow.route_failed(why, reset=why != NO_ROUTE or bool(how))
         assert app is not None
         conn.app = app
-        return conn.flow.routed(send_header=bool(app.config.send_proxy_protocol))
+        cfg = app.config
+        if how:
+            self._metrics.routed(cfg.name, how)
+        return conn.flow.routed(
+            send_header=bool(cfg.send_proxy_protocol),
+            first_byte=how == "silent" and cfg.first_byte_timeout is not None,
+        )
+
+    def _inspect(self, conn: Conn, ev: int) -> Action | None:
+        """Route by the name the client asks for, once its bytes tell (peeked: they stay
+        for the target); None: wait for more (INSPECTING, under InspectTimeout)."""
+        try:
+            verdict = inspect(conn)
+        except OSError as exc:
+            return self._not_inspected(conn, CLIENT_CLOSED, describe_error(exc))
+        kind = MORE if verdict is None else verdict.kind
+        if kind == MORE:
+            if ev & (RDHUP | HUP_BITS):  # it closed (or failed) before naming its app
+                return self._not_inspected(conn, CLIENT_CLOSED, "closed before its name")
+            if conn.flow.state is S_INSPECTING:
+                return None
+            return conn.flow.inspecting()
+        assert verdict is not None
+        end_inspection(conn)
+        if kind == BAD:  # malformed, oversize: counted and closed, never a default's
+            reason = OVERSIZE if verdict.oversize else MALFORMED
+            return self._not_inspected(conn, reason, verdict.why)
+        router = conn.ticket.router
+        if kind == NAME:
+            conn.name = verdict.name
+            app = router.choose(verdict.name)
+            how = "default" if app is router.default else "name"
+        else:  # not TLS or HTTP, or no name in it
+            app, how = router.default, "default"
+        return self._admit(conn, app, how)
+
+    def _inspect_timed_out(self, conn: Conn) -> Action:
+        """InspectTimeout ran out: a client that sent nothing goes to the default app (it
+        may wait for the server to speak); one that sent part of its hello is closed."""
+        end_inspection(conn)
+        if conn.peeked:
+            seconds = conn.ticket.router.preamble.inspect_timeout
+            return self._not_inspected(
+                conn, INSPECT_TIMEOUT, f"no complete hello or request within {seconds:g} s"
+            )
+        router = conn.ticket.router
+        return self._admit(conn, router.default, "silent")
+
+    def _not_inspected(self, conn: Conn, reason: str, why: str) -> Action:
+        """The client cannot be routed by name: counted, warned about, closed."""
+        end_inspection(conn)
+        discard_peeked(conn)
+        self._admission.not_inspected(conn.ticket, conn.port, reason, why)
+        return conn.flow.route_failed(reason, reset=False)
 
     def _phase(self, conn: Conn, seconds: float | None) -> None:
         """A new phase: older timers and lookups go stale; arm this one's timeout."""
@@ -279,6 +362,11 @@ class Engine:
             self.relay.event(conn, ev, conn.up, conn.down)  # type: ignore[arg-type]
         elif state is S_HEADER_IN:
             self._read_header(conn)
+        elif state is S_INSPECTING:
+            action = self._inspect(conn, ev)
+            if action is not None:
+                conn.interest(self.loop, 0, conn.tmask)
+                self.act(conn, action)
         elif state is S_FIRST_BYTE and peek_first_byte(conn):  # else a stale event
             conn.interest(self.loop, 0, conn.tmask)
             self.act(conn, conn.flow.first_byte())
@@ -313,7 +401,10 @@ class Engine:
             self.finish(conn, flow.timed_out(Timeout.IDLE))
             return
         timeout = flow.timeout
-        if timeout is Timeout.HEADER_IN:
+        if timeout is Timeout.INSPECT:
+            conn.interest(self.loop, 0, conn.tmask)
+            self.act(conn, self._inspect_timed_out(conn))
+        elif timeout is Timeout.HEADER_IN:
             self._warn_header(conn, f"no complete PROXY header within {HEADER_TIMEOUT:g} s")
             self.finish(conn, flow.timed_out(timeout))
         elif timeout is Timeout.FIRST_BYTE:
@@ -476,7 +567,7 @@ class Engine:
                 way.close_pipe()
         # A stale timer (the idle one is due an hour later) keeps this Conn until the
         # heap is swept: let go now of what can be large, the bytes a peer never took.
-        conn.up = conn.down = conn.header = None
+        conn.up = conn.down = conn.header = conn.sniffer = None
         conn.hbuf = b""
         if conn.attempt_errors:
             conn.attempt_errors = []
@@ -492,9 +583,10 @@ class Engine:
         if self.loop.debug:
             log.debug(
                 "conn %s client=%s port=%d app=%s target=%s up=%d down=%d duration=%.3fs "
-                "end=%s%s", conn.cid, _peer(conn.peer), conn.port, name, used or "-",
+                "end=%s%s%s", conn.cid, _peer(conn.peer), conn.port, name, used or "-",
                 conn.up_bytes, conn.down_bytes, time.monotonic() - conn.started, flow.end_label,
                 f" failed-first={','.join(flow.failed)}" if flow.failed else "",
+                f" name={conn.name}" if conn.name else "",
                 extra={"conn": conn.cid},
             )  # fmt: skip
         conn.target = None

@@ -32,7 +32,7 @@ import trio
 
 from tcpproxy.engine.timers import Timers
 
-__all__ = ["IN", "IN_BITS", "OUT", "OUT_BITS", "Loop"]
+__all__ = ["HUP_BITS", "IN", "IN_BITS", "OUT", "OUT_BITS", "RDHUP", "Loop"]
 
 log = logging.getLogger("tcpproxy")
 
@@ -43,6 +43,8 @@ IN: Final = int(select.EPOLLIN)
 OUT: Final = int(select.EPOLLOUT)
 IN_BITS: Final = int(select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR)  # a read will tell
 OUT_BITS: Final = int(select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR)  # a write will tell
+RDHUP: Final = int(select.EPOLLRDHUP)  # the peer shut down its side (asked for while peeking)
+HUP_BITS: Final = int(select.EPOLLHUP | select.EPOLLERR)  # no more bytes will come
 
 Handler = Callable[[Any, int], None]
 

@@ -1,11 +1,15 @@
-"""What a connection reads or writes before relaying: PROXY header in, first byte, header out.
+"""What a connection reads or writes before relaying: PROXY header in, the name it asks
+for (TLS SNI, HTTP Host: peeked, never taken), first byte, header out.
 
 Functions of a `Conn` that do the I/O and say what happened; what follows
 (the flow's event, the timer, the epoll interest, the warning) is the
 composer's (core.Engine), so nothing here calls up.
 
 Resources: the header read so far lives in `conn.hbuf`, ours still to send in
-`conn.header`; both are dropped by the teardown. Errors: a bad, truncated or
+`conn.header`, the inspection's parser in `conn.sniffer`; all are dropped by
+the teardown. An inspection raises the socket's SO_RCVLOWAT to the bytes the
+parser still needs, so level-triggered epoll does not report the bytes it
+already peeked again and again; `end_inspection` lowers it back to 1. Errors: a bad, truncated or
 unreadable header raises ProxyHeaderError or OSError to the caller; a
 descriptor that is not ready yet (a stale event) is "not yet", never an error.
 """
@@ -17,8 +21,17 @@ from typing import Final
 
 from tcpproxy.engine.conn import Conn
 from tcpproxy.proxy_protocol import ProxyHeaderError, build_header, header_extent, parse_header
+from tcpproxy.sniff import MAX_WIRE, MORE, Sniffer, Verdict
 
-__all__ = ["HEADER_PEEK", "peek_first_byte", "read_header_in", "send_header_out"]
+__all__ = [
+    "HEADER_PEEK",
+    "discard_peeked",
+    "end_inspection",
+    "inspect",
+    "peek_first_byte",
+    "read_header_in",
+    "send_header_out",
+]
 
 HEADER_PEEK: Final = 16 + 65535  # bytes peeked at most while reading a PROXY header (v2's max)
 
@@ -48,6 +61,51 @@ def read_header_in(conn: Conn) -> bool:
     if source is not None:
         conn.peer = source
     return True
+
+
+def inspect(conn: Conn) -> Verdict | None:
+    """Peek at what the client sent so far and feed it to the connection's sniffer
+    (made at the first call): its verdict, or None if nothing new came (a stale event,
+    or the client closed: the caller tells them apart). Raises OSError (the client
+    failed)."""
+    sniffer = conn.sniffer
+    if sniffer is None:
+        conn.sniffer = sniffer = Sniffer()
+    try:
+        data = conn.client.recv(MAX_WIRE, socket.MSG_PEEK)
+    except BlockingIOError:
+        return None
+    if len(data) <= conn.peeked:
+        return None
+    conn.peeked = len(data)
+    verdict = sniffer.feed(data)
+    if verdict.kind == MORE:  # wake when the bytes it needs are there, not for each segment
+        lowat = min(max(verdict.at_least, len(data) + 1), MAX_WIRE)
+        if lowat != conn.lowat:
+            conn.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+            conn.lowat = lowat
+    return verdict
+
+
+def discard_peeked(conn: Conn) -> None:
+    """Drop the bytes peeked (unread bytes make close() reset): the client is closed
+    cleanly, with a FIN. MSG_TRUNC: TCP discards them without copying."""
+    if conn.peeked:
+        try:
+            conn.client.recv(conn.peeked, socket.MSG_TRUNC | socket.MSG_DONTWAIT)
+        except OSError:  # gone already: it is closed either way
+            pass
+
+
+def end_inspection(conn: Conn) -> None:
+    """The app is chosen: the socket wakes for every byte again, the parser goes."""
+    conn.sniffer = None
+    if conn.lowat > 1:
+        try:
+            conn.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        except OSError:  # the client is gone: the relay will find out
+            pass
+        conn.lowat = 1
 
 
 def peek_first_byte(conn: Conn) -> bool:

@@ -14,7 +14,12 @@ assembly before it, so a fixed value clears its rejection by itself):
    app has a `Rejection` naming the key, the value's revision and the reason.
 4. A port two apps want stays with the app that served it before; if neither
    did, with the value written first (lower mod_revision, then name). The
-   other app's value is rejected as in rule 3.
+   other app's value is rejected as in rule 3. Apps with Hostnames want a
+   port's names, not the whole port: a (port, name) claim, ("port", "") for
+   an app without (the port's default); two apps collide only on the same
+   claim. Apps sharing a port must also agree on config.PORT_SETTINGS: one
+   that differs from the port's owner (the app that served it before, else
+   the first written) is rejected as in rule 3.
 5. A bad defaults value: the defaults in force before stay (the built-in
    ones if none were); the rejection is listed under DEFAULTS.
 6. An app value `held` (valid alone, but applying it failed: a port that
@@ -35,6 +40,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from tcpproxy.config import (
+    PORT_SETTINGS,
     AppConfig,
     Config,
     ConfigError,
@@ -64,6 +70,13 @@ Check = Callable[[Config], None]  # a further check of one app, raising ConfigEr
 # (port -> what it is), raising ConfigError
 CrossCheck = Callable[[Config, Mapping[int, str]], None]
 Held = Mapping[str, tuple[bytes, str]]  # app name -> (its value, why applying it failed)
+Claim = tuple[int, str]  # (port, hostname): "" for the port's default (rule 4)
+
+
+def _claims(app: AppConfig) -> list[Claim]:
+    """What an app wants of its ports (rule 4)."""
+    names = app.hostnames or ("",)
+    return [(port, name) for port in app.ports for name in names]
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +118,8 @@ class Assembly:
 
     # (app name, value) -> the app as `document` renders it, reused by the next assembly
     _rendered: dict[tuple[str, bytes], str] = field(default_factory=dict, repr=False, compare=False)
-    # port -> the app serving it in `config`: the next assembly's judge of rule 4
-    _owners: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
+    # (port, hostname) -> the app serving it in `config`: the next assembly's judge of rule 4
+    _owners: dict[Claim, str] = field(default_factory=dict, repr=False, compare=False)
 
     def document(self) -> bytes:
         """The config served, in the file format (`config.parse_config` reads it back
@@ -220,21 +233,22 @@ def assemble(
     owners = previous._owners if previous is not None else {}
     _settle_ports(chosen, wanted, before, owners, rejected, defaults, defaults_value,
                   parsed, cache, check)  # fmt: skip
+    _settle_settings(chosen, wanted, before, owners, rejected)
 
     if cross is not None:
         _cross_check(chosen, wanted, before, rejected, cross, defaults, defaults_value,
                      parsed, cache, check)  # fmt: skip
 
     config = Config(apps=tuple(chosen[name].app for name in sorted(chosen)))
-    ports = dict(owners)  # the new port owners: the old ones, less what moved
+    ports = dict(owners)  # the new claims' owners: the old ones, less what moved
     for name, last in before.items():
         if not _same(last, chosen.get(name)):
-            for port in last.app.ports:
+            for port in _claims(last.app):
                 if ports.get(port) == name:
                     del ports[port]
     for name, served in chosen.items():
         if not _same(before.get(name), served):
-            ports.update(dict.fromkeys(served.app.ports, name))
+            ports.update(dict.fromkeys(_claims(served.app), name))
     known = previous._rendered if previous is not None else {}
     rendered = {
         (name, served.value): known[(name, served.value)]
@@ -251,7 +265,7 @@ def _settle_ports(
     chosen: dict[str, Served],
     wanted: Mapping[str, tuple[str, bytes, int]],
     before: Mapping[str, Served],
-    owners: Mapping[int, str],
+    owners: Mapping[Claim, str],
     rejected: dict[str, Rejection],
     defaults: Defaults,
     defaults_value: bytes | None,
@@ -259,24 +273,25 @@ def _settle_ports(
     cache: dict[tuple[str, bytes, bytes | None], AppConfig | str],
     check: Check | None,
 ) -> None:
-    """Rule 4, in place: each port two apps want goes to the app that served it
-    before, else to the value written first; the lowest such port is settled first.
+    """Rule 4, in place: each claim (port, hostname) two apps want goes to the app that
+    served it before, else to the value written first; the lowest is settled first.
 
     A port's claimants are kept up to date as losers fall and fallbacks come back,
     and a port is looked at again only when one of those claims it: N conflicts
     cost N, where settling one per round over every claim cost N^2."""
-    claims: dict[int, set[str]] = {}  # port -> the changed apps that want it
+    claims: dict[Claim, set[str]] = {}  # claim -> the changed apps that want it
 
-    def claim(name: str, served: Served) -> list[int]:
-        """`served` now serves `name`: the ports where a conflict may have begun."""
+    def claim(name: str, served: Served) -> list[Claim]:
+        """`served` now serves `name`: the claims where a conflict may have begun."""
+        mine = _claims(served.app)
         if not _same(before.get(name), served):
-            for port in served.app.ports:
+            for port in mine:
                 claims.setdefault(port, set()).add(name)
-            return list(served.app.ports)
-        # back to what it served: an unchanged owner contends for its ports again
-        return [port for port in served.app.ports if owners.get(port) == name]
+            return mine
+        # back to what it served: an unchanged owner contends for its claims again
+        return [port for port in mine if owners.get(port) == name]
 
-    def claimants(port: int) -> list[str]:
+    def claimants(port: Claim) -> list[str]:
         names = set(claims.get(port, ()))
         owner = owners.get(port)  # an unchanged app's port is still that app's
         if names and owner is not None and _same(before[owner], chosen.get(owner)):
@@ -301,15 +316,19 @@ def _settle_ports(
                 continue
             key, _, mod = wanted[loser]
             served = chosen.pop(loser)
-            for lost in served.app.ports:  # a loser is a changed app: it claimed them
+            for lost in _claims(served.app):  # a loser is a changed app: it claimed them
                 claims[lost].discard(loser)
-            where = f"Ports[{served.app.ports.index(port)}]"
+            number, hostname = port
+            where = f"Ports[{served.app.ports.index(number)}]"
+            if hostname:
+                what = f"hostname {hostname!r} on port {number}"
+                where = f"Hostnames[{served.app.hostnames.index(hostname)}]"
+            else:
+                what = f"port {number}"
             rejected.setdefault(
                 loser,
                 Rejection(
-                    key,
-                    mod,
-                    f"{where}: port {port} is used by app {winner!r} ({wanted[winner][0]})",
+                    key, mod, f"{where}: {what} is used by app {winner!r} ({wanted[winner][0]})"
                 ),
             )
             last = before.get(loser)
@@ -319,6 +338,51 @@ def _settle_ports(
                     chosen[loser] = kept
                     for again in claim(loser, kept):
                         heapq.heappush(ports, again)
+
+
+def _settle_settings(
+    chosen: dict[str, Served],
+    wanted: Mapping[str, tuple[str, bytes, int]],
+    before: Mapping[str, Served],
+    owners: Mapping[Claim, str],
+    rejected: dict[str, Rejection],
+) -> None:
+    """Rule 4's agreement, in place: on a port several apps share, an app whose
+    PORT_SETTINGS differ from the port's owner's (the app that served the port
+    before, unchanged; else the first written) is rejected, and not served."""
+    sharing: dict[int, list[str]] = {}
+    for name in sorted(chosen):
+        for port in chosen[name].app.ports:
+            sharing.setdefault(port, []).append(name)
+    for port in sorted(sharing):
+        names = [name for name in sharing[port] if name in chosen]
+        if len(names) < 2:
+            continue
+        unchanged = [
+            name for name in names
+            if _same(before.get(name), chosen[name])
+            and any(owners.get((port, hostname)) == name
+                    for hostname in chosen[name].app.hostnames or ("",))
+        ]  # fmt: skip
+        owner = min(unchanged or names, key=lambda name: (chosen[name].revision, name))
+        reference = chosen[owner].app
+        for name in names:
+            app = chosen[name].app
+            differ = [key for field, key in PORT_SETTINGS.items()
+                      if getattr(app, field) != getattr(reference, field)]  # fmt: skip
+            if name == owner or not differ:
+                continue
+            key, _, mod = wanted[name]
+            rejected.setdefault(
+                name,
+                Rejection(
+                    key, mod,
+                    f"{differ[0]}: differs from that of app {owner!r} ({wanted[owner][0]}), "
+                    f"which shares port {port}: apps sharing a port must agree on "
+                    f"{', '.join(PORT_SETTINGS.values())}",
+                ),
+            )  # fmt: skip
+            del chosen[name]
 
 
 def _cross_check(
