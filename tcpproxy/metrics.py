@@ -232,7 +232,8 @@ class Metrics(NullMetrics):
 
 
 class Current:
-    """Which label values belong to a config: its apps, their targets, and "-" (none)."""
+    """Which label values belong to a config: its apps, their targets, and "-" (none:
+    a connection that ended before it had an app, or a target)."""
 
     def __init__(self, config: Config) -> None:
         self._apps = {app.name: {str(t) for t in app.targets} for app in config.apps}
@@ -241,11 +242,11 @@ class Current:
     def has(self, labels: dict[str, str]) -> bool:
         """False for a series of an app or a target that is gone."""
         app, target = labels.get("app"), labels.get("target")
-        if app is not None and app not in self._apps:
+        if app is not None and app != "-" and app not in self._apps:
             return False
         if target is None or target == "-":
             return True
-        return target in (self._apps[app] if app is not None else self._targets)
+        return target in (self._apps[app] if app not in (None, "-") else self._targets)
 
 
 # the metrics whose app and target labels are the config's (not, say, the apps a
@@ -253,7 +254,7 @@ class Current:
 PER_APP_AND_TARGET = frozenset({
     "tcpproxy_connections_accepted", "tcpproxy_connections_active",
     "tcpproxy_connections_ended", "tcpproxy_bytes", "tcpproxy_connect_seconds",
-    "tcpproxy_target_up",
+    "tcpproxy_target_up", "tcpproxy_connections_routed",
 })  # fmt: skip
 
 

@@ -158,6 +158,18 @@ def test_a_name_that_cannot_be_encoded_is_a_config_error() -> None:
         parse_config(data)
 
 
+def test_series_without_an_app_stay_and_those_of_a_removed_app_go() -> None:
+    """'-': a connection that ended before it had an app (a malformed hello, no route)."""
+    from tcpproxy.metrics import PER_APP_AND_TARGET, Current
+
+    current = Current(parse_config(json.dumps({"Apps": [app("A", [7001], ["127.0.0.1:1"])]})))
+    assert current.has({"app": "-", "target": "-", "reason": "malformed"})
+    assert current.has({"app": "A", "by": "name"})
+    assert not current.has({"app": "B", "by": "name"})
+    assert current.has({"target": "127.0.0.1:1"}) and not current.has({"target": "127.0.0.1:2"})
+    assert "tcpproxy_connections_routed" in PER_APP_AND_TARGET
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_series_of_removed_apps_and_targets_are_gone(tmp_path, backends, workers) -> None:
