@@ -280,13 +280,10 @@ def multiprocess_registry(directory: str) -> Any:
     """The supervisor's registry: the sum of its workers' files, where the
     config hashes no longer loaded (set to 0, see `config_loaded`) are left out."""
     from prometheus_client import CollectorRegistry
-    from prometheus_client.multiprocess import MultiProcessCollector
-
-    files = MultiProcessCollector(None, path=directory)
 
     class RunningHashOnly:
         def collect(self) -> Iterable[Any]:
-            for metric in files.collect():
+            for metric in _merged_files(directory):
                 if metric.name == "tcpproxy_config_info":
                     metric.samples = [sample for sample in metric.samples if sample.value]
                 yield metric
@@ -294,6 +291,29 @@ def multiprocess_registry(directory: str) -> Any:
     registry = CollectorRegistry()
     registry.register(RunningHashOnly())
     return registry
+
+
+FILE_READS = 3  # tries to read the workers' files while workers start and end
+MIN_FILE_SIZE = 8  # bytes: a file holds its used length first; empty: just created
+
+
+def _merged_files(directory: str) -> Iterable[Any]:
+    """The metrics of every worker's file, summed, as prometheus-client's
+    MultiProcessCollector, but read while workers come and go (an upgrade starts new
+    ones as the old ones end): a file just created is still empty (skipped: nothing in
+    it yet), a dead worker's may be removed between the listing and the read (listed
+    again: its counts are in the archive by then)."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    for attempt in range(FILE_READS):
+        paths = glob.glob(os.path.join(glob.escape(directory), "*.db"))
+        try:
+            files = [path for path in paths if os.stat(path).st_size >= MIN_FILE_SIZE]
+            return MultiProcessCollector.merge(files, accumulate=True)
+        except FileNotFoundError:
+            if attempt == FILE_READS - 1:
+                raise
+    raise AssertionError("not reached")
 
 
 ARCHIVED_KINDS = ("counter", "histogram")  # whose values a dead worker leaves to the sum
