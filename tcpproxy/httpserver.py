@@ -21,6 +21,12 @@ module reads, writes, and holds the limits:
 Resource handling: the server owns the accepted sockets (closed in one
 `finally`), not the listening socket, which its caller opened (`listen`) and
 closes once `serve` returned (an upgrade hands it on: see tcpproxy.upgrade).
+
+Two ways to end: `stop()` cuts every connection (the service ends); `hand_over()`
+stops accepting, since another process accepts on the same socket from then on,
+and lets each open connection finish the request it is in or about to send
+(within its deadline), answered with "Connection: close"; `serve` returns once
+they all closed.
 """
 
 from __future__ import annotations
@@ -119,14 +125,24 @@ class HttpServer:
         self.socket = sock  # what an upgrade hands over; the caller closes it
         self._handler = handler
         self._warn = WarnLimiter()
-        self._scope = trio.CancelScope()
+        self._scope = trio.CancelScope()  # everything: stop()
+        self._accepting = trio.CancelScope()  # the accept loop: hand_over()
+        self.handed_over = False
 
     def stop(self) -> None:
         """Stop serving (`serve` returns; open connections are cut)."""
         self._scope.cancel()
 
+    def hand_over(self) -> None:
+        """Accept no more, and close each connection after its next response (`serve`
+        returns once none is open): the clients in the listen queue, and those that
+        come later, are the process's that took the socket over."""
+        self.handed_over = True
+        self._accepting.cancel()
+
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Accept and serve until `stop()` or cancelled."""
+        """Accept and serve until `stop()` or cancelled; or after `hand_over()`, until
+        the connections open then are done."""
         listener = trio.socket.from_stdlib_socket(
             socket.socket(fileno=self.socket.fileno(), family=self.socket.family)
         )
@@ -135,23 +151,30 @@ class HttpServer:
             with self._scope:
                 async with trio.open_nursery() as nursery:
                     task_status.started()
-                    while True:
-                        if slots.value == 0:
-                            self._warn("http-cap", CAP_REACHED, MAX_CLIENTS)
-                        await slots.acquire()
-                        try:
-                            sock, _ = await listener.accept()
-                        except OSError as exc:
-                            slots.release()
-                            if exc.errno in ACCEPT_CAPACITY_ERRNOS:
-                                self._warn("http-accept", "metrics: accept failed: %s", exc)
-                                await trio.sleep(ACCEPT_PAUSE)
-                            elif exc.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
-                                raise
-                            continue
-                        nursery.start_soon(self._serve_client, trio.SocketStream(sock), slots)
+                    with self._accepting:
+                        await self._accept(listener, slots, nursery)
         finally:
             listener.detach()  # the fd is the caller's socket's, closed by the caller
+
+    async def _accept(
+        self, listener: trio.socket.SocketType, slots: trio.Semaphore, nursery: trio.Nursery
+    ) -> None:
+        """Accept for ever, a connection per free slot, each served in `nursery`."""
+        while True:
+            if slots.value == 0:
+                self._warn("http-cap", CAP_REACHED, MAX_CLIENTS)
+            await slots.acquire()
+            try:
+                sock, _ = await listener.accept()
+            except OSError as exc:
+                slots.release()
+                if exc.errno in ACCEPT_CAPACITY_ERRNOS:
+                    self._warn("http-accept", "metrics: accept failed: %s", exc)
+                    await trio.sleep(ACCEPT_PAUSE)
+                elif exc.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    raise
+                continue
+            nursery.start_soon(self._serve_client, trio.SocketStream(sock), slots)
 
     async def _serve_client(self, stream: trio.SocketStream, slots: trio.Semaphore) -> None:
         """One connection, request after request (keep-alive), each within the deadline."""
@@ -165,6 +188,7 @@ class HttpServer:
                     return
                 if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
                     conn.start_next_cycle()
+                # else MUST_CLOSE or closed (an error, "Connection: close", a hand-over)
         except _CLIENT_ERRORS as exc:
             log.debug("metrics: client gone: %r", exc)
         finally:
@@ -197,7 +221,7 @@ class HttpServer:
             except Exception as exc:  # a bug of ours: answered and logged, never a traceback
                 self._warn("http-handler", "metrics: %s %s failed: %r", method, path, exc)
                 response = Response(500, b"internal error, see the proxy's log\n")
-        await _send(conn, stream, response, head_only=request.method == b"HEAD")
+        await _send(conn, stream, response, request.method == b"HEAD", self.handed_over)
 
 
 async def _read_request(
@@ -225,9 +249,14 @@ async def _read_request(
 
 
 async def _send(
-    conn: h11.Connection, stream: trio.SocketStream, response: Response, head_only: bool = False
+    conn: h11.Connection,
+    stream: trio.SocketStream,
+    response: Response,
+    head_only: bool = False,
+    last: bool = False,
 ) -> None:
-    """Send `response`; close after it if it is an error or the client asked to."""
+    """Send `response`; close after it if it is an error, the `last` (a hand-over), or
+    the client asked to."""
     headers = [
         ("Content-Type", response.content_type),
         ("Content-Length", str(len(response.body))),
@@ -235,7 +264,7 @@ async def _send(
         ("X-Content-Type-Options", "nosniff"),
         *response.headers,
     ]
-    if response.status >= 400:
+    if response.status >= 400 or last:
         headers.append(("Connection", "close"))
     reason = HTTPStatus(response.status).phrase.encode()
     data = conn.send(h11.Response(status_code=response.status, headers=headers, reason=reason))

@@ -421,13 +421,14 @@ async def _serve_until_handed_over(
     server: HttpServer, handed_over: trio.Event, *, task_status: trio.TaskStatus[None]
 ) -> None:
     """Serve /metrics and /status until the service ends (this task is cancelled) or an
-    upgrade's new process serves them; then close the socket (the new one has its own)."""
+    upgrade's new process serves them: then the requests open finish (within their
+    deadline) while the new one accepts; then close the socket (the new one has its own)."""
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
             task_status.started()
             await handed_over.wait()
-            server.stop()
+            server.hand_over()
     finally:
         server.socket.close()
 

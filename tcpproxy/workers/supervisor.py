@@ -163,7 +163,7 @@ class Supervisor:
         try:
             await _serving(self._server, self._history_task(), self._run(notifier, reloader))
         finally:
-            self._stop_metrics()
+            self._stop_metrics(handed_over=False)
             if metrics_dir is not None:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
 
@@ -174,10 +174,15 @@ class Supervisor:
         history, read = self._history, self._read_samples
         return partial(keep_history, history, read, lambda: self.config)
 
-    def _stop_metrics(self) -> None:
-        """At the end, or once an upgrade's new supervisor serves /metrics and /status."""
+    def _stop_metrics(self, *, handed_over: bool) -> None:
+        """At the end (the requests open are cut), or once an upgrade's new supervisor
+        serves /metrics and /status (`handed_over`: they finish, it accepts)."""
         server, self._server = self._server, None
-        if server is not None:
+        if server is None:
+            return
+        if handed_over:
+            server.hand_over()
+        else:
             server.stop()  # `_serving` closes its socket once it stopped
 
     def _start_metrics(self) -> tuple[str, Metrics]:
@@ -276,7 +281,7 @@ class Supervisor:
                             log.info("upgrade: stopping %d workers; pid %d serves",
                                      len(pool.workers), self._successor)  # fmt: skip
                             notifier.disable()  # the new supervisor speaks for the service
-                            self._stop_metrics()
+                            self._stop_metrics(handed_over=True)
                             event = signal.SIGTERM
                         else:
                             log.info("%s: stopping %d workers", signal.Signals(event).name,
@@ -412,20 +417,30 @@ async def _serving(
     server: HttpServer | None, sampling: Callable[[], Awaitable[None]] | None, body: Awaitable[None]
 ) -> None:
     """Await `body` while `server` serves beside it, and `sampling` runs (in a nursery of
-    its own, so an exception of `body` comes out as itself, not in a group)."""
+    its own, so an exception of `body` comes out as itself, not in a group). Then stop
+    both; but a server handed over to a new supervisor finishes its open requests."""
     error: BaseException | None = None
+    sampled = trio.CancelScope()
     async with trio.open_nursery() as nursery:
         if server is not None:
             nursery.start_soon(_serve_then_close, server)
         if sampling is not None:
-            nursery.start_soon(sampling)
+            nursery.start_soon(_within, sampled, sampling)
         try:
             await body
         except BaseException as exc:  # re-raised below, outside the nursery
             error = exc
-        nursery.cancel_scope.cancel()
+        if error is None and server is not None and server.handed_over:
+            sampled.cancel()  # the server returns once its last request is answered
+        else:
+            nursery.cancel_scope.cancel()
     if error is not None:
         raise error
+
+
+async def _within(scope: trio.CancelScope, run: Callable[[], Awaitable[None]]) -> None:
+    with scope:
+        await run()
 
 
 async def _serve_then_close(server: HttpServer) -> None:
