@@ -250,3 +250,39 @@ async def test_keep_alive_head_and_refusals(server: HttpServer, caplog) -> None:
     assert data.startswith(b"HTTP/1.1 500")
     assert "metrics: GET /boom failed: RuntimeError('a bug')" in caplog.text
     assert "Traceback" not in caplog.text
+
+
+async def test_a_hand_over_answers_the_request_taken_and_accepts_no_more(nursery) -> None:
+    """After hand_over() a connection already accepted gets its next answer, with
+    "Connection: close"; a new client waits in the queue (for the new process)."""
+    srv = HttpServer(listen("127.0.0.1", 0), _routes)
+    returned = trio.Event()
+
+    async def serve(task_status=trio.TASK_STATUS_IGNORED) -> None:
+        await srv.serve(task_status=task_status)
+        returned.set()
+
+    await nursery.start(serve)
+    port = srv.socket.getsockname()[1]
+    try:
+        with trio.fail_after(TIMEOUT):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = await stream.receive_some(65536)
+            assert first.startswith(b"HTTP/1.1 200") and b"GET /one" in first
+            srv.hand_over()
+            await stream.send_all(b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = b""
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+            assert data.startswith(b"HTTP/1.1 200") and b"GET /two" in data
+            assert b"connection: close" in data.lower()
+            await returned.wait()
+            queued = await trio.open_tcp_stream("127.0.0.1", port)  # the listen queue's
+            await stream.aclose()
+        with trio.move_on_after(0.2) as waited:  # neither answered nor closed here
+            await queued.receive_some(100)
+        assert waited.cancelled_caught
+        await queued.aclose()
+    finally:
+        srv.socket.close()
