@@ -269,7 +269,7 @@ async def run_service(
                         history = History(time.monotonic(), time.time())
                         extra = status_extra(source, time.time())
 
-                        async def snapshot(with_history: bool) -> dict[str, Any]:
+                        async def snapshot(with_history: bool | Collection[str]) -> dict[str, Any]:
                             # on the loop: never mid-update
                             loaded = Loaded(
                                 source.name, reloader.digest, reloader.loaded_at, reloader.last

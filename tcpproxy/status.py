@@ -18,7 +18,7 @@ import itertools
 import math
 import time
 from array import array
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ __all__ = [
     "RING_STEP",
     "Counts",
     "History",
+    "Layout",
     "Loaded",
     "Totals",
     "as_text",
@@ -78,14 +79,16 @@ class Counts:
 def snapshot(
     binary: str, pid: int, loaded: Loaded, config: Config, counts: Counts,
     workers: int | None = None, rejected: Mapping[str, Mapping[str, object]] | None = None,
-    build: str | None = None, history: History | None = None, with_history: bool = False,
+    build: str | None = None, history: History | None = None,
+    with_history: bool | Collection[str] = False,
     extra: Mapping[str, Any] | None = None, wall: float | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The /status document; `workers`: the supervisor's count (None in a single process);
     `rejected`: apps a fleet's source refused (by name: key, revision, reason); `build`:
     which build runs (`build_info.describe()`: "compiled (mypyc X.Y)", "interpreted");
     `history`: the sampled totals, for rates, ends and connect times per app and target
-    (and the last 5 minutes per app if `with_history`); `extra`: more top-level fields
+    (and the last 5 minutes of every app if `with_history` is True, or of the apps it
+    names); `extra`: more top-level fields
     (version, uptime, fleet); `wall`: now (epoch seconds; None: the clock's)."""
     status: dict[str, Any] = {"binary": binary, "pid": pid}
     if build is not None:
@@ -107,31 +110,51 @@ def snapshot(
         history.observe(counts.down, time.time() if wall is None else wall)
         if history.steered is not None:
             status["steered_ports"] = history.steered
+    layout = history.layout(config) if history is not None else Layout(config)
+    by_app, by_target, down = counts.by_app, counts.by_target, counts.down
     status["apps"] = [
         {
-            "name": app.name,
-            "ports": format_ports(app.ports),
-            **({"hostnames": list(app.hostnames)} if app.hostnames else {}),
-            "active": counts.by_app.get(app.name, 0),
+            **head,
+            "active": by_app.get(head["name"], 0),
             "targets": [
                 {
-                    "address": str(t),
-                    "state": "down" if str(t) in counts.down else "up",
-                    "reason": counts.down.get(str(t), ""),
-                    "active": counts.by_target.get((app.name, str(t)), 0),
+                    "address": address,
+                    "state": "down" if address in down else "up",
+                    "reason": down.get(address, ""),
+                    "active": by_target.get((head["name"], address), 0),
                 }
-                for t in app.targets
+                for address in addresses
             ],
         }
-        for app in config.apps
+        for head, addresses in layout.apps
     ]
     if history is not None:
         for entry in status["apps"]:
             history.describe(entry, with_history)
-    routes = by_name(config)
-    if routes:
-        status["routed_by_name"] = routes
+    if layout.routed_by_name:
+        status["routed_by_name"] = layout.routed_by_name
     return status
+
+
+class Layout:
+    """What a snapshot takes from the config alone, worked out once per config (a
+    poll of 1,000 apps x 20 ports would spend most of its time here otherwise)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        # per app: its first fields (name, ports, hostnames), its targets' addresses
+        self.apps: list[tuple[dict[str, Any], list[str]]] = [
+            (
+                {
+                    "name": app.name,
+                    "ports": format_ports(app.ports),
+                    **({"hostnames": list(app.hostnames)} if app.hostnames else {}),
+                },
+                [str(t) for t in app.targets],
+            )
+            for app in config.apps
+        ]
+        self.routed_by_name = by_name(config)
 
 
 def by_name(config: Config) -> list[dict[str, Any]]:
@@ -215,12 +238,21 @@ def totals_from_samples(samples: Iterable[Any]) -> Totals:
     return t
 
 
-@dataclass(slots=True)
 class _TargetSeen:
-    state: str
-    since: float  # wall-clock seconds
-    error: str = ""  # the last reason it was down for
-    error_at: float = 0.0
+    """A target's state as last seen, since when, and its last error; the times as
+    the page shows them, written once per change, not per poll."""
+
+    __slots__ = ("error", "error_at_iso", "since_iso", "state")
+
+    def __init__(self, state: str, since: float, error: str = "", error_at: float = 0.0) -> None:
+        self.state, self.since_iso = state, _iso(since)
+        self.error, self.error_at_iso = error, _iso(error_at) if error else ""
+
+    def moved(self, state: str, wall: float) -> None:
+        self.state, self.since_iso = state, _iso(wall)
+
+    def failed(self, error: str, wall: float) -> None:
+        self.error, self.error_at_iso = error, _iso(wall)
 
 
 class History:
@@ -240,6 +272,20 @@ class History:
         self._baseline_at = now
         self._targets: dict[str, _TargetSeen] = {}
         self.steered: int | None = None
+        self._layout: Layout | None = None
+        # what a sample settles, worked out at the first poll after it, for every poll
+        # until the next: per app its rates and history, per target its connect times
+        self._rates_of: dict[str, dict[str, float]] = {}
+        self._ended_of: dict[str, dict[str, int]] = {}
+        self._history_of: dict[str, dict[str, Any]] = {}
+        self._connect_of: dict[str, dict[str, float | None]] = {}
+        self._order: list[int] | None = None  # the slots written, oldest first
+
+    def layout(self, config: Config) -> Layout:
+        """The config's `Layout`, kept while `config` is the one in force."""
+        if self._layout is None or self._layout.config is not config:
+            self._layout = Layout(config)
+        return self._layout
 
     def record(self, totals: Totals, now: float, config: Config) -> None:
         """A new sample of the totals; the apps and targets not in `config` are forgotten."""
@@ -264,45 +310,62 @@ class History:
             del self._targets[gone]
         self._latest = totals
         self.steered = int(totals.steered) if totals.steered is not None else None
+        self._rates_of, self._history_of, self._connect_of = {}, {}, {}
+        self._ended_of = {}
+        self._order = None
 
     def observe(self, down: Mapping[str, str], wall: float) -> None:
         """The targets' states at `wall` (`down`: target -> why), to know since when."""
         for target, seen in self._targets.items():
             state = "down" if target in down else "up"
             if state != seen.state:
-                seen.state, seen.since = state, wall
+                seen.moved(state, wall)
             if state == "down" and down[target] and down[target] != seen.error:
-                seen.error, seen.error_at = down[target], wall
+                seen.failed(down[target], wall)
         for target, why in down.items():
             if target not in self._targets:
                 self._targets[target] = _TargetSeen("down", wall, why, wall if why else 0.0)
 
-    def describe(self, app: dict[str, Any], with_history: bool) -> None:
+    def describe(self, app: dict[str, Any], with_history: bool | Collection[str]) -> None:
         """Add the rates, ends, and per target since / last error / total / connect
         times to `app`, a /status entry."""
         name = app["name"]
-        ring = self._apps.get(name)
         latest = self._latest
-        app["rates"] = self._rates(ring)
-        app["ended"] = {k: int(v) for k, v in sorted(latest.ended.get(name, {}).items())}
-        if with_history:
-            app["history"] = self._history(ring)
+        rates = self._rates_of.get(name)
+        if rates is None:
+            rates = self._rates_of[name] = self._rates(self._apps.get(name))
+        app["rates"] = rates
+        ended = self._ended_of.get(name)
+        if ended is None:
+            reasons = sorted(latest.ended.get(name, {}).items())
+            ended = self._ended_of[name] = {k: int(v) for k, v in reasons}
+        app["ended"] = ended
+        if with_history is True or (not isinstance(with_history, bool) and name in with_history):
+            past = self._history_of.get(name)
+            if past is None:
+                past = self._history_of[name] = self._history(self._apps.get(name))
+            app["history"] = past
         for target in app["targets"]:
             address = target["address"]
             seen = self._targets.get(address)
             if seen is None:
                 seen = self._targets[address] = _TargetSeen(target["state"], self._wall_start)
-            target["since"] = _iso(seen.since)
+            target["since"] = seen.since_iso
             target["last_error"] = seen.error
-            target["last_error_at"] = _iso(seen.error_at) if seen.error else ""
+            target["last_error_at"] = seen.error_at_iso
             ended = latest.by_target.get((name, address), 0.0)
             target["total"] = int(ended) + target["active"]
-            target["connect"] = self._connect_times(address)
+            connect = self._connect_of.get(address)
+            if connect is None:
+                connect = self._connect_of[address] = self._connect_times(address)
+            target["connect"] = connect
 
     def _ordered(self) -> list[int]:
         """The written slots, oldest first."""
-        order = [(self._next + i) % RING_SLOTS for i in range(RING_SLOTS)]
-        return [i for i in order if not math.isnan(self._times[i])]
+        if self._order is None:
+            order = [(self._next + i) % RING_SLOTS for i in range(RING_SLOTS)]
+            self._order = [i for i in order if not math.isnan(self._times[i])]
+        return self._order
 
     def _rates(self, ring: array[float] | None) -> dict[str, float]:
         slots = [i for i in self._ordered() if ring is not None and not math.isnan(ring[i])]

@@ -5,19 +5,26 @@ Prometheus exposition, JSON of a large snapshot) runs in a worker thread
 behind RENDER_THREADS, never one thread per client; the snapshot itself is
 taken by the caller's `status` where the state lives (a single process: on
 its event loop, so never mid-update).
+
+What a poll of the page costs is kept small (docs/benchmarks.md, "The status
+page"): the page's body is shared by the polls within SHARED_FOR seconds, the
+5 minutes' history is sent only for the apps asked (`history_of`), and a client
+that accepts gzip gets it (zlib level 1: a poll's JSON shrinks about 20 times
+for under a millisecond).
 """
 
 from __future__ import annotations
 
 import functools
+import gzip
 import json
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
 
 import trio
 
@@ -37,6 +44,10 @@ __all__ = [
 log = logging.getLogger("tcpproxy")
 
 RENDER_THREADS = 1  # worker threads rendering at once; more requests wait their turn
+SHARED_FOR = 1.0  # seconds the page's /status body serves every poll (below its 2 s period)
+SHARED_MAX = 8  # bodies kept at once (pages that expanded different apps ask differently)
+GZIP_ABOVE = 1024  # bytes: smaller bodies are sent as they are
+GZIP_LEVEL = 1  # zlib's fastest: most of the gain, a fraction of the CPU
 
 # the status page: one HTML file, its script and its style, served from the package
 PAGE = {
@@ -57,7 +68,8 @@ PAGE_HEADERS = (
     ("X-Frame-Options", "DENY"),
 )
 
-StatusFn = Callable[[bool], Awaitable[dict[str, Any]]]  # (with the 5 minutes' history?)
+# the snapshot, with the 5 minutes' history of: every app (True), none (False), or these
+StatusFn = Callable[[bool | Collection[str]], Awaitable[dict[str, Any]]]
 
 
 class StatusRoutes:
@@ -69,24 +81,44 @@ class StatusRoutes:
         self._status = status
         self._registry = registry if registry is not None else REGISTRY
         self._render = trio.CapacityLimiter(RENDER_THREADS)
+        # the page's polls: (query, gzip?) -> (when, the response); polls within
+        # SHARED_FOR seconds of each other share one render
+        self._shared: dict[tuple[str, bool], tuple[float, Response]] = {}
 
     async def __call__(self, request: Request) -> Response:
+        zipped = "gzip" in request.headers.get("accept-encoding", "")
         if request.path == "/metrics":
-            return await self._metrics(request)
+            return await self._metrics(request, zipped)
         if request.path in ("/status", "/status.txt"):
             asked = request.query.split("&")
-            snapshot = await self._status("history=1" in asked)
+            if request.path == "/status" and "compact=1" in asked:
+                return await self._page_status(request.query, zipped)
+            snapshot = await self._status(_history_asked(asked))
             if request.path == "/status":
-                body = await self._in_thread(_compact if "compact=1" in asked else _json, snapshot)
-                return Response(200, body, "application/json")
-            return Response(200, await self._in_thread(_text, snapshot))
+                return await self._rendered(_json, snapshot, "application/json", zipped)
+            return await self._rendered(_text, snapshot, "text/plain; charset=utf-8", zipped)
         page = PAGE.get(request.path)
         if page is not None:
             name, content_type = page
             return Response(200, _asset(name), content_type, headers=PAGE_HEADERS)
         return Response(404, b"try /, /metrics, /status or /status.txt\n")
 
-    async def _metrics(self, request: Request) -> Response:
+    async def _page_status(self, query: str, zipped: bool) -> Response:
+        """/status?compact=1, as the page asks: shared by the polls of SHARED_FOR seconds."""
+        now = time.monotonic()
+        for key, (when, _) in list(self._shared.items()):
+            if now - when >= SHARED_FOR:  # at most one entry per query asked in a second
+                del self._shared[key]
+        shared = self._shared.get((query, zipped))
+        if shared is not None:
+            return shared[1]
+        snapshot = await self._status(_history_asked(query.split("&")))
+        response = await self._rendered(_compact, snapshot, "application/json", zipped)
+        if len(self._shared) < SHARED_MAX:
+            self._shared[(query, zipped)] = (now, response)
+        return response
+
+    async def _metrics(self, request: Request, zipped: bool) -> Response:
         from prometheus_client.exposition import choose_encoder
 
         encoder, content_type = choose_encoder(request.headers.get("accept", ""))
@@ -94,10 +126,34 @@ class StatusRoutes:
         names = parse_qs(request.query).get("name[]")
         if names:  # as prometheus-client's own server: only the series asked for
             registry = registry.restricted_registry(names)
-        return Response(200, await self._in_thread(encoder, registry), content_type)
+        return await self._rendered(encoder, registry, content_type, zipped)
 
-    async def _in_thread(self, render: Callable[[Any], bytes], value: Any) -> bytes:
-        return await trio.to_thread.run_sync(render, value, limiter=self._render)
+    async def _rendered(
+        self, render: Callable[[Any], bytes], value: Any, content_type: str, zipped: bool
+    ) -> Response:
+        """`render(value)` in a worker thread, gzipped there if `zipped` and worth it."""
+
+        def run() -> tuple[bytes, bool]:
+            body = render(value)
+            if zipped and len(body) > GZIP_ABOVE:
+                return gzip.compress(body, GZIP_LEVEL, mtime=0), True
+            return body, False
+
+        body, gzipped = await trio.to_thread.run_sync(run, limiter=self._render)
+        headers = (("Content-Encoding", "gzip"),) if gzipped else ()
+        return Response(200, body, content_type, headers=(*headers, ("Vary", "Accept-Encoding")))
+
+
+def _history_asked(asked: list[str]) -> bool | frozenset[str]:
+    """From a query's parts: `history=1` (every app), `history_of=A,B` (these apps,
+    each percent-encoded, so a name may hold a comma), or neither."""
+    if "history=1" in asked:
+        return True
+    for part in asked:
+        key, _, value = part.partition("=")
+        if key == "history_of":
+            return frozenset(unquote(name) for name in value.split(","))
+    return False
 
 
 @functools.cache

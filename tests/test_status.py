@@ -121,6 +121,16 @@ def test_history_gives_rates_ends_since_and_connect_times_and_forgets_removed_ap
     assert down["state"] == "down" and down["last_error"] == "connection refused"
     assert down["since"] == status_time(2000.0)
     assert b["rates"]["conn"] == 0.0
+    # the charts of the apps asked only (the page's open apps); the rest as before
+    only_b = snapshot("tcpproxy", 1, LOADED, CONFIG, counts, history=history,
+                      with_history=frozenset({"B"}), wall=2001.0)  # fmt: skip
+    assert "history" not in only_b["apps"][0] and "history" in only_b["apps"][1]
+    assert only_b["apps"][0]["rates"] == a["rates"] and only_b["apps"][0]["ended"] == a["ended"]
+    # a new sample moves the rates worked out once per sample
+    history.record(Totals(accepted={"A": 10.0 * (RING_SLOTS + 5) + 100.0}), 5.0 * (RING_SLOTS + 5),
+                   CONFIG)  # fmt: skip
+    later = snapshot("tcpproxy", 1, LOADED, CONFIG, counts, history=history, wall=2002.0)
+    assert later["apps"][0]["rates"]["conn"] > a["rates"]["conn"]
     smaller = parse_config(
         b'{"Apps": [{"Name": "A", "Ports": [7001], "Targets": ["127.0.0.1:9"]}]}'
     )

@@ -286,3 +286,30 @@ async def test_a_hand_over_answers_the_request_taken_and_accepts_no_more(nursery
         await queued.aclose()
     finally:
         srv.socket.close()
+
+
+async def test_the_page_polls_share_a_render_get_gzip_and_the_charts_asked() -> None:
+    import gzip
+
+    from prometheus_client import CollectorRegistry
+
+    from tcpproxy.httpserver import Request
+    from tcpproxy.statusserver import StatusRoutes
+
+    asked: list[object] = []
+    doc = {"apps": [{"name": f"app-{i}", "ports": "7001"} for i in range(100)]}
+
+    async def status(with_history: object) -> dict:
+        asked.append(with_history)
+        return doc
+
+    routes = StatusRoutes(status, CollectorRegistry())
+    page = Request("GET", "/status", "compact=1&history_of=a%2Cb,c", {"accept-encoding": "gzip"})
+    first = await routes(page)
+    assert asked == [frozenset({"a,b", "c"})]  # a name may hold a comma
+    assert ("Content-Encoding", "gzip") in first.headers
+    assert json.loads(gzip.decompress(first.body)) == doc
+    assert await routes(page) is first and len(asked) == 1  # a second viewer: no render
+    plain = await routes(Request("GET", "/status", "history=1", {}))
+    assert asked[-1] is True and json.loads(plain.body) == doc
+    assert all(name != "Content-Encoding" for name, _ in plain.headers)

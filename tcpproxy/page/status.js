@@ -7,10 +7,12 @@ const POLL_MS = 2000; // how often /status is asked
 const TIMEOUT_MS = 5000; // a poll with no answer by then counts as lost contact
 const HISTORY_EVERY = 3; // polls between two asks for the 5 minutes' history
 const COLLAPSE_ABOVE = 50; // apps start collapsed when there are more than this
+const MAX_NAMES_QUERY = 4000; // characters of open apps' names asked by name; beyond: all
 const SVG = "http://www.w3.org/2000/svg";
 
 const apps = new Map(); // name -> {body, cells, targets: Map(address -> cells)}
 let polls = 0;
+let historySoon = false; // an app was opened: its charts at the next poll
 let lostSince = null;
 let lastOk = null;
 
@@ -88,7 +90,9 @@ function makeApp(entry, collapsed) {
   c[7].classList.add("ended");
   const conn = c[9].appendChild(spark("conn"));
   const bytes = c[10].appendChild(spark("bytes"));
-  row.addEventListener("click", () => body.classList.toggle("collapsed"));
+  row.addEventListener("click", () => {
+    historySoon = body.classList.toggle("collapsed") === false || historySoon;
+  });
   return { body, c, name, hosts, conn, bytes, targets: new Map() };
 }
 
@@ -246,14 +250,28 @@ function contact(ok, why) {
   }
 }
 
+// The charts are asked for the open apps only: with many apps folded, the proxy
+// does not send 5 minutes of numbers nobody sees.
+function historyQuery() {
+  const open = [];
+  for (const [name, app] of apps) {
+    if (!app.body.classList.contains("collapsed")) open.push(encodeURIComponent(name));
+  }
+  if (open.length === apps.size) return "&history=1"; // all open, or none known yet
+  if (open.length === 0) return "";
+  const names = open.join(",");
+  return names.length > MAX_NAMES_QUERY ? "&history=1" : "&history_of=" + names;
+}
+
 async function poll() {
-  const withHistory = polls % HISTORY_EVERY === 0;
+  const withHistory = polls % HISTORY_EVERY === 0 || historySoon;
+  historySoon = false;
   polls++;
   const abort = new AbortController();
   const timer = setTimeout(() => abort.abort(), TIMEOUT_MS);
   try {
-    const response = await fetch(withHistory ? "/status?compact=1&history=1" : "/status?compact=1",
-                                 { signal: abort.signal, cache: "no-store" });
+    const query = "/status?compact=1" + (withHistory ? historyQuery() : "");
+    const response = await fetch(query, { signal: abort.signal, cache: "no-store" });
     if (!response.ok) throw new Error("HTTP " + response.status);
     render(await response.json());
     contact(true);
@@ -271,6 +289,7 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   document.getElementById("expand").addEventListener("click", () => {
     for (const app of apps.values()) app.body.classList.remove("collapsed");
+    historySoon = true;
   });
   document.getElementById("collapse").addEventListener("click", () => {
     for (const app of apps.values()) app.body.classList.add("collapsed");

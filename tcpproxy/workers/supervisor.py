@@ -30,7 +30,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -208,7 +208,7 @@ class Supervisor:
         self._read_samples = read_samples
         extra = status_extra(reloader.source, time.time())
 
-        async def status(with_history: bool) -> dict[str, Any]:
+        async def status(with_history: bool | Collection[str]) -> dict[str, Any]:
             samples = await trio.to_thread.run_sync(read_samples, limiter=reading)
             source = reloader.source
             loaded = Loaded(source.name, reloader.digest, reloader.loaded_at, reloader.last)
