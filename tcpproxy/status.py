@@ -422,6 +422,11 @@ def as_text(status: dict[str, Any]) -> str:
         f"config {status['config']['hash']} loaded {status['config']['loaded']}, "
         f"last reload: {status['last_reload']}",
     ]
+    fleet = status.get("fleet")
+    if fleet is not None:
+        lost = f", etcd lost since {fleet['lost_since']}" if fleet.get("lost_since") else ""
+        lines.append(f"fleet node {fleet['node']}: revision {fleet['revision']} applied, "
+                     f"{fleet['seen']} seen{lost}")  # fmt: skip
     for app in status["apps"]:
         names = f", hostnames {' '.join(app['hostnames'])}" if "hostnames" in app else ""
         lines.append(f"app {app['name']}: ports {app['ports']}{names}, {app['active']} active")

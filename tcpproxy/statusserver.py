@@ -197,7 +197,8 @@ async def keep_history(
 
 def status_extra(source: Any, started: float) -> Callable[[], dict[str, Any]]:
     """The header fields a snapshot does not know: version, start, uptime, and in fleet
-    mode the etcd revision applied (a source with a `revision`)."""
+    mode (a source with a `fleet_status`, tcpproxy.fleet.source) the node, the etcd
+    revision applied and seen, the lag between them, and since when etcd is lost."""
     from tcpproxy import __version__
 
     def extra() -> dict[str, Any]:
@@ -206,9 +207,12 @@ def status_extra(source: Any, started: float) -> Callable[[], dict[str, Any]]:
             "started": _iso(started),
             "uptime": round(time.time() - started),
         }
-        revision = getattr(source, "revision", None)
-        if revision is not None:
-            fields["fleet"] = {"revision": revision}
+        fleet_status = getattr(source, "fleet_status", None)
+        if fleet_status is not None:
+            fleet = dict(fleet_status())
+            lost = fleet.get("lost_since")
+            fleet["lost_since"] = _iso(lost) if lost is not None else None
+            fields["fleet"] = fleet
         return fields
 
     return extra

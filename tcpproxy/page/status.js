@@ -178,7 +178,10 @@ function updateHeader(s) {
   if (s.fleet) {
     fact(dl, "node", s.fleet.node);
     fact(dl, "etcd revision", s.fleet.revision);
-    fact(dl, "lag", s.fleet.lag);
+    if (s.fleet.lag !== null && s.fleet.lag !== undefined) {
+      fact(dl, "lag", s.fleet.lag ? s.fleet.lag + " revisions (seen " + s.fleet.seen + ")" : "none");
+    }
+    if (s.fleet.lost_since) fact(dl, "etcd", "lost since " + s.fleet.lost_since.replace("T", " "));
   }
   const old = document.getElementById("facts");
   old.replaceWith(dl);
