@@ -9,14 +9,18 @@ files (PROMETHEUS_MULTIPROC_DIR, set by the supervisor) and the supervisor
 serves the sum; a worker that dies is marked dead so its gauges drop out, and
 its counters move to an archive file so no file per dead pid piles up.
 Those files cannot drop a label, so a config hash no longer loaded is set
-to 0 there and left out of what the supervisor serves.
+to 0 there and left out of what the supervisor serves. Why a worker marked a
+target down is no label (its words are unbounded): each worker keeps it in a
+small file of its own beside them (REASONS_FILE), for the supervisor's /status.
 
 tcpproxy.statusserver serves them (and /status) on the event loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import json
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -27,7 +31,7 @@ from tcpproxy.errors import StartupError
 if TYPE_CHECKING:
     from tcpproxy.config import Config
 
-__all__ = ["END_REASONS", "Metrics", "NullMetrics", "parse_address"]
+__all__ = ["END_REASONS", "Metrics", "NullMetrics", "down_reasons", "parse_address"]
 
 log = logging.getLogger("tcpproxy")
 
@@ -37,6 +41,7 @@ END_REASONS = (
     "cancelled", "no-target", "no-resources", "internal-error", "over-limit", "no-route",
     "source-limit", "first-byte-timeout", "untrusted-proxy",
 )  # fmt: skip
+REASONS_FILE = "reasons_{pid}.json"  # per worker: target -> why it is down (multiprocess)
 CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
@@ -55,7 +60,7 @@ class NullMetrics:
     def rejected(self, app: str, reason: str) -> None: ...
     def connected(self, app: str, target: object, seconds: float) -> None: ...
     def ended(self, app: str, target: object, reason: str, up: int, down: int) -> None: ...
-    def target_state(self, target: object, up: bool) -> None: ...
+    def target_state(self, target: object, up: bool, why: str = "") -> None: ...
     def reload(self, ok: bool) -> None: ...
     def config_loaded(self, digest: str) -> None: ...
     def app_rejected(self, app: str) -> None: ...
@@ -153,6 +158,9 @@ class Metrics(NullMetrics):
         # labels() validates, formats and locks on every call (several us a connection).
         # Bounded as the label values are (apps, targets, reasons of the config).
         self._children: dict[tuple, Any] = {}
+        # with workers: the targets this one marked down, and why, in its REASONS_FILE
+        self._reasons_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        self._down: dict[str, str] = {}
 
     def _child(self, metric: Any, *labels: Any) -> Any:
         key = (metric, *labels)
@@ -187,8 +195,25 @@ class Metrics(NullMetrics):
         if down:
             self._child(self._bytes, app, target, "down").inc(down)
 
-    def target_state(self, target: object, up: bool) -> None:
+    def target_state(self, target: object, up: bool, why: str = "") -> None:
         self._child(self._health, target).set(1 if up else 0)
+        if self._reasons_dir is None:
+            return  # one process: /status asks the health book itself
+        key = str(target)
+        if up:
+            if self._down.pop(key, None) is None:
+                return  # it was not down: nothing to write
+        elif self._down.get(key) == why and key in self._down:
+            return
+        else:
+            self._down[key] = why
+        path = os.path.join(self._reasons_dir, REASONS_FILE.format(pid=os.getpid()))
+        try:  # a few hundred bytes, at a change of state: written whole, then renamed
+            with open(path + ".new", "w", encoding="utf-8") as out:
+                json.dump(self._down, out)
+            os.replace(path + ".new", path)
+        except OSError as exc:  # /status then shows no reason: not worth more
+            log.debug("metrics: %s not written: %s", path, exc)
 
     def reload(self, ok: bool) -> None:
         self._reloads.labels("ok" if ok else "rejected").inc()
@@ -316,6 +341,23 @@ def _merged_files(directory: str) -> Iterable[Any]:
     raise AssertionError("not reached")
 
 
+def down_reasons(directory: str) -> dict[str, str]:
+    """Why the workers marked targets down (their REASONS_FILEs); one reason per target."""
+    reasons: dict[str, str] = {}
+    pattern = os.path.join(glob.escape(directory), REASONS_FILE.format(pid="*"))
+    for path in glob.glob(pattern):
+        try:
+            with open(path, encoding="utf-8") as file:
+                found = json.load(file)
+        except (OSError, ValueError):  # a worker gone meanwhile
+            continue
+        if isinstance(found, dict):
+            for target, why in found.items():
+                if why and not reasons.get(target):
+                    reasons[str(target)] = str(why)
+    return reasons
+
+
 ARCHIVED_KINDS = ("counter", "histogram")  # whose values a dead worker leaves to the sum
 
 
@@ -343,3 +385,5 @@ def mark_dead(pid: int) -> None:
             archive.close()
     for path in glob.glob(os.path.join(glob.escape(directory), f"*_{pid}.db")):
         os.remove(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(directory, REASONS_FILE.format(pid=pid)))

@@ -8,6 +8,7 @@ HTTP server's own contract, in-process (keep-alive, HEAD, refusals).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -199,6 +200,31 @@ def test_series_of_removed_apps_and_targets_are_gone(tmp_path, backends, workers
         assert f'app="A",target="{a.address}"' in text or f'target="{a.address}"' in text
         status = json.loads(get(metrics_port, "/status")[1])
         assert [x["name"] for x in status["apps"]] == ["A"]
+    finally:
+        proxy.kill()
+    assert "Traceback" not in proxy.output, proxy.output
+
+
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]], ids=["single", "workers"])
+def test_a_targets_last_error_is_shown_with_workers_too(tmp_path, workers) -> None:
+    """A worker's reason for marking a target down reaches the supervisor's /status."""
+    port, dead, metrics_port = free_ports(3)  # nobody listens on `dead`: refused
+    config = tmp_path / "c.json"
+    write_config(config, [app("A", [port], [f"127.0.0.1:{dead}"])])
+    proxy = ProxyProcess([sys.executable, "-m", "tcpproxy", "-c", str(config), "--metrics",
+                          f"127.0.0.1:{metrics_port}", *workers])  # fmt: skip
+    try:
+        proxy.wait_for(r"INFO tcpproxy started")
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            with contextlib.suppress(OSError):
+                exchange(port, b"x")  # the connect is refused: the target goes down
+            target = json.loads(get(metrics_port, "/status")[1])["apps"][0]["targets"][0]
+            if target["state"] == "down" and target["last_error"]:
+                break
+            assert time.monotonic() < deadline, target
+            time.sleep(0.2)
+        assert "refused" in target["last_error"], target
     finally:
         proxy.kill()
     assert "Traceback" not in proxy.output, proxy.output

@@ -31,6 +31,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from tcpproxy.httpserver import HttpServer
 from tcpproxy.metrics import (
     Metrics,
     current_only,
+    down_reasons,
     mark_dead,
     multiprocess_registry,
     parse_address,
@@ -208,13 +210,18 @@ class Supervisor:
         self._read_samples = read_samples
         extra = status_extra(reloader.source, time.time())
 
+        def read() -> tuple[Iterable[Any], dict[str, str]]:
+            return read_samples(), down_reasons(directory)
+
         async def status(with_history: bool | Collection[str]) -> dict[str, Any]:
-            samples = await trio.to_thread.run_sync(read_samples, limiter=reading)
+            samples, reasons = await trio.to_thread.run_sync(read, limiter=reading)
+            counts = counts_from_samples(samples)
+            counts = replace(counts, down={t: reasons.get(t, "") for t in counts.down})
             source = reloader.source
             loaded = Loaded(source.name, reloader.digest, reloader.loaded_at, reloader.last)
             return snapshot(
                 self._plan.name, os.getpid(), loaded, self.config,
-                counts_from_samples(samples), workers=len(self.pool.workers),
+                counts, workers=len(self.pool.workers),
                 rejected=source.rejected(), build=build, history=self._history,
                 with_history=with_history, extra=extra(),
             )  # fmt: skip
