@@ -353,8 +353,7 @@ class History:
             target["since"] = seen.since_iso
             target["last_error"] = seen.error
             target["last_error_at"] = seen.error_at_iso
-            ended = latest.by_target.get((name, address), 0.0)
-            target["total"] = int(ended) + target["active"]
+            target["total"] = int(latest.by_target.get((name, address), 0.0)) + target["active"]
             connect = self._connect_of.get(address)
             if connect is None:
                 connect = self._connect_of[address] = self._connect_times(address)
