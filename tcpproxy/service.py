@@ -59,7 +59,7 @@ from tcpproxy.reload import ApplyFn, Reloader, digest
 from tcpproxy.selfloop import reject_self_loops
 from tcpproxy.sources import ConfigSource
 from tcpproxy.sources.file import FileSource
-from tcpproxy.status import History, Loaded
+from tcpproxy.status import SAMPLED_METRICS, History, Loaded
 from tcpproxy.status import snapshot as status_snapshot
 from tcpproxy.statusserver import (
     keep_history,
@@ -281,8 +281,9 @@ async def run_service(
                             )  # fmt: skip
 
                         registry = current_only(REGISTRY, lambda: proxy.config)
+                        sampled = REGISTRY.restricted_registry(SAMPLED_METRICS)
                         await outer.start(
-                            keep_history, history, registry_samples(REGISTRY), lambda: proxy.config
+                            keep_history, history, registry_samples(sampled), lambda: proxy.config
                         )
                         server = open_status_server(
                             *metrics_address, snapshot, registry, handed=handed

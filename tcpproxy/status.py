@@ -28,6 +28,7 @@ from tcpproxy.diff import format_ports
 __all__ = [
     "RING_SLOTS",
     "RING_STEP",
+    "SAMPLED_METRICS",
     "Counts",
     "History",
     "Layout",
@@ -46,6 +47,10 @@ ENDED_METRIC = "tcpproxy_connections_ended_total"  # counter per app, target and
 BYTES_METRIC = "tcpproxy_bytes_total"  # counter per app, target and direction
 CONNECT_BUCKET_METRIC = "tcpproxy_connect_seconds_bucket"  # histogram per target
 STEERED_METRIC = "tcpproxy_bpf_steered_ports"  # gauge (bpfproxy)
+# what the sampler reads (a registry restricted to them skips the gauge per target)
+SAMPLED_METRICS = (
+    ACCEPTED_METRIC, ENDED_METRIC, BYTES_METRIC, CONNECT_BUCKET_METRIC, STEERED_METRIC,
+)  # fmt: skip
 
 RING_STEP = 5.0  # seconds between two samples of the totals
 RING_SLOTS = 61  # samples kept: 5 minutes of steps, plus the one they start from
