@@ -8,8 +8,9 @@ cd "$(dirname "$0")/.."
 # etcd-server and etcd-client: fleet mode's store; the tests start their own members.
 # gcc and python3-dev: the install compiles the hot path with mypyc (setup.py).
 # nginx-light, curl and openssl: real TLS and HTTP clients and servers for routing by name.
+# chromium and chromium-driver: the status page's browser tests (selenium drives them).
 APT_PACKAGES=(python3-venv python3-bpfcc linux-headers-amd64 netcat-openbsd nftables iproute2
-    etcd-server etcd-client gcc python3-dev nginx-light curl openssl)
+    etcd-server etcd-client gcc python3-dev nginx-light curl openssl chromium chromium-driver)
 EXTRAS=test
 if [ "${1:-}" = "--bench" ]; then  # the load tools and peers `make bench` measures with
     APT_PACKAGES+=(sockperf iperf3 wrk haproxy)

@@ -20,6 +20,7 @@ from tcpproxy import __version__, build_info
 from tcpproxy.config import Config, ConfigError, no_isolation, parse_config
 from tcpproxy.errors import ProxyError, StartupError
 from tcpproxy.heap import return_large_blocks
+from tcpproxy.httpserver import MAX_CLIENTS
 from tcpproxy.privileges import CAP_NET_BIND_SERVICE, unprivileged_port_start
 from tcpproxy.selfloop import reject_self_loops
 from tcpproxy.service import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CONNECTIONS, validate_config
@@ -241,7 +242,9 @@ def _engine_gone(ctx: click.Context, param: click.Parameter, value: str | None) 
 
 
 FDS_PER_CONNECTION = 6  # two sockets and two pipes (two descriptors each)
-FDS_RESERVED = 64  # for listeners, the BPF maps, logs, probes
+# for listeners, the BPF maps, logs, probes; and the --metrics server's clients at most
+# (httpserver.MAX_CLIENTS), so scrapes never take a descriptor the data plane counts on
+FDS_RESERVED = 64 + MAX_CLIENTS + 1
 
 
 def fit_connection_limit(wanted: int | None) -> int:

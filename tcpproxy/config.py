@@ -420,6 +420,9 @@ def _check_name(name: str) -> str:
         raise ValueError(f"must not start or end with whitespace, got {_show(name)}")
     if any(unicodedata.category(char) == "Cc" for char in name):
         raise ValueError(f"must not contain control characters, got {_show(name)}")
+    if not name.isascii() and any(unicodedata.category(char) == "Cs" for char in name):
+        # a lone surrogate cannot be written as UTF-8: not in a metric label, nor in JSON
+        raise ValueError(f"must be valid Unicode (no lone surrogates), got {_show(name)}")
     return name
 
 

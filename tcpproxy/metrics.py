@@ -9,30 +9,29 @@ files (PROMETHEUS_MULTIPROC_DIR, set by the supervisor) and the supervisor
 serves the sum; a worker that dies is marked dead so its gauges drop out, and
 its counters move to an archive file so no file per dead pid piles up.
 Those files cannot drop a label, so a config hash no longer loaded is set
-to 0 there and left out of what the supervisor serves.
+to 0 there and left out of what the supervisor serves. Why a worker marked a
+target down is no label (its words are unbounded): each worker keeps it in a
+small file of its own beside them (REASONS_FILE), for the supervisor's /status.
 
-The HTTP server runs in a thread (wsgiref). /status asks the event loop for
-a snapshot (trio.from_thread), so it never reads state mid-update.
+tcpproxy.statusserver serves them (and /status) on the event loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
 import os
-import socket
-import threading
 from collections.abc import Callable, Iterable
-from socketserver import ThreadingMixIn
-from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from typing import TYPE_CHECKING, Any
 
 from tcpproxy.errors import StartupError
-from tcpproxy.listeners import bind_hint
-from tcpproxy.status import as_text
 
-__all__ = ["END_REASONS", "Metrics", "NullMetrics", "parse_address", "serve_http"]
+if TYPE_CHECKING:
+    from tcpproxy.config import Config
+
+__all__ = ["END_REASONS", "Metrics", "NullMetrics", "down_reasons", "parse_address"]
 
 log = logging.getLogger("tcpproxy")
 
@@ -42,6 +41,7 @@ END_REASONS = (
     "cancelled", "no-target", "no-resources", "internal-error", "over-limit", "no-route",
     "source-limit", "first-byte-timeout", "untrusted-proxy",
 )  # fmt: skip
+REASONS_FILE = "reasons_{pid}.json"  # per worker: target -> why it is down (multiprocess)
 CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
@@ -60,11 +60,12 @@ class NullMetrics:
     def rejected(self, app: str, reason: str) -> None: ...
     def connected(self, app: str, target: object, seconds: float) -> None: ...
     def ended(self, app: str, target: object, reason: str, up: int, down: int) -> None: ...
-    def target_state(self, target: object, up: bool) -> None: ...
+    def target_state(self, target: object, up: bool, why: str = "") -> None: ...
     def reload(self, ok: bool) -> None: ...
     def config_loaded(self, digest: str) -> None: ...
     def app_rejected(self, app: str) -> None: ...
     def steered_ports(self, count: int) -> None: ...
+    def keep_only(self, config: Config) -> None: ...
     def routed(self, app: str, how: str) -> None: ...
 
 
@@ -157,6 +158,9 @@ class Metrics(NullMetrics):
         # labels() validates, formats and locks on every call (several us a connection).
         # Bounded as the label values are (apps, targets, reasons of the config).
         self._children: dict[tuple, Any] = {}
+        # with workers: the targets this one marked down, and why, in its REASONS_FILE
+        self._reasons_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        self._down: dict[str, str] = {}
 
     def _child(self, metric: Any, *labels: Any) -> Any:
         key = (metric, *labels)
@@ -191,8 +195,25 @@ class Metrics(NullMetrics):
         if down:
             self._child(self._bytes, app, target, "down").inc(down)
 
-    def target_state(self, target: object, up: bool) -> None:
-        self._health.labels(str(target)).set(1 if up else 0)
+    def target_state(self, target: object, up: bool, why: str = "") -> None:
+        self._child(self._health, target).set(1 if up else 0)
+        if self._reasons_dir is None:
+            return  # one process: /status asks the health book itself
+        key = str(target)
+        if up:
+            if self._down.pop(key, None) is None:
+                return  # it was not down: nothing to write
+        elif self._down.get(key) == why and key in self._down:
+            return
+        else:
+            self._down[key] = why
+        path = os.path.join(self._reasons_dir, REASONS_FILE.format(pid=os.getpid()))
+        try:  # a few hundred bytes, at a change of state: written whole, then renamed
+            with open(path + ".new", "w", encoding="utf-8") as out:
+                json.dump(self._down, out)
+            os.replace(path + ".new", path)
+        except OSError as exc:  # /status then shows no reason: not worth more
+            log.debug("metrics: %s not written: %s", path, exc)
 
     def reload(self, ok: bool) -> None:
         self._reloads.labels("ok" if ok else "rejected").inc()
@@ -217,118 +238,77 @@ class Metrics(NullMetrics):
     def steered_ports(self, count: int) -> None:
         self._steered.set(count)
 
-
-HTTP_TIMEOUT = 10.0  # seconds a scrape connection may sit idle before it is dropped
-
-
-class _QuietHandler(WSGIRequestHandler):
-    timeout = HTTP_TIMEOUT  # a client that sends nothing must not hold a thread forever
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    """A thread per request: one slow client cannot hold up the others or shutdown().
-
-    No SO_REUSEPORT: a port another process serves (a second proxy, or a
-    --workers listener) is refused at bind. An upgrade hands the listening
-    socket itself to the new process instead (`handed`), so both serve on one
-    accept queue until the old one stops. The socket is non-blocking: with two
-    processes on one queue, the other may take the connection between select()
-    and accept(), and a blocking accept() would hang shutdown().
-    """
-
-    daemon_threads = True
-    handed: socket.socket | None = None  # set on a subclass: serve on it, bind nothing
-
-    def server_bind(self) -> None:
-        if self.handed is None:
-            super().server_bind()
-        else:
-            self.socket.close()
-            self.socket = self.handed
-            self.server_address = self.socket.getsockname()
-            self.server_name, self.server_port = self.server_address[:2]
-            self.setup_environ()
-        self.socket.setblocking(False)
-
-    def server_activate(self) -> None:
-        if self.handed is None:
-            super().server_activate()
+    def keep_only(self, config: Config) -> None:
+        """Drop the series of apps and targets `config` no longer has (after a reload),
+        but an open connection's gauge, which its end still counts down. Multiprocess
+        files cannot drop a series: there the supervisor's registry leaves them out."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return
+        current = Current(config)
+        for key in list(self._children):
+            metric, *values = key
+            labels = dict(zip(metric._labelnames, (str(v) for v in values), strict=True))
+            if metric._name not in PER_APP_AND_TARGET or current.has(labels):
+                continue
+            if metric is self._active and self._children[key]._value.get():
+                continue
+            del self._children[key]
+            metric.remove(*labels.values())
 
 
-def serve_http(
-    host: str,
-    port: int,
-    status: Callable[[], dict[str, Any]],
-    registry: Any = None,
-    *,
-    handed: socket.socket | None = None,
-) -> WSGIServer:
-    """Serve /metrics, /status (JSON) and /status.txt in a daemon thread.
+class Current:
+    """Which label values belong to a config: its apps, their targets, and "-" (none:
+    a connection that ended before it had an app, or a target)."""
 
-    `handed`: the listening socket an upgrade handed over (tcpproxy.upgrade),
-    served as it is if it is on `port` (else closed, and the port bound).
+    def __init__(self, config: Config) -> None:
+        self._apps = {app.name: {str(t) for t in app.targets} for app in config.apps}
+        self._targets = {t for targets in self._apps.values() for t in targets}
 
-    Raises StartupError naming the address when it cannot be bound (in use:
-    another proxy's metrics, or a listening port). The caller shuts the
-    returned server down; its `socket` is what an upgrade hands over.
-    """
-    from prometheus_client import REGISTRY, make_wsgi_app
+    def has(self, labels: dict[str, str]) -> bool:
+        """False for a series of an app or a target that is gone."""
+        app, target = labels.get("app"), labels.get("target")
+        if app is not None and app != "-" and app not in self._apps:
+            return False
+        if target is None or target == "-":
+            return True
+        return target in (self._apps[app] if app not in (None, "-") else self._targets)
 
-    metrics_app = make_wsgi_app(registry if registry is not None else REGISTRY)
 
-    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "")
-        if path in ("/status", "/status.txt"):
-            try:
-                snapshot = status()
-            except Exception as exc:  # the loop is stopping: say so, do not crash the thread
-                start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
-                return [f"status unavailable: {exc}\n".encode()]
-            if path == "/status":
-                body = json.dumps(snapshot, indent=2).encode() + b"\n"
-                content = "application/json"
-            else:
-                body, content = as_text(snapshot).encode(), "text/plain; charset=utf-8"
-            start_response("200 OK", [("Content-Type", content)])
-            return [body]
-        if path == "/metrics":
-            return metrics_app(environ, start_response)
-        start_response("404 Not Found", [("Content-Type", "text/plain")])
-        return [b"try /metrics, /status or /status.txt\n"]
+# the metrics whose app and target labels are the config's (not, say, the apps a
+# fleet's source refused, tcpproxy_config_app_rejections)
+PER_APP_AND_TARGET = frozenset({
+    "tcpproxy_connections_accepted", "tcpproxy_connections_active",
+    "tcpproxy_connections_ended", "tcpproxy_bytes", "tcpproxy_connect_seconds",
+    "tcpproxy_target_up", "tcpproxy_connections_routed",
+})  # fmt: skip
 
-    if handed is not None and handed.getsockname()[1] != port:
-        handed.close()  # the old process served another port
-        handed = None
 
-    class _Server(_ThreadingServer):
-        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+def current_only(registry: Any, config: Callable[[], Config]) -> Any:
+    """A registry serving `registry`'s series but those of apps and targets that
+    `config()` (the config in force) no longer has."""
+    from prometheus_client import CollectorRegistry
 
-    _Server.handed = handed
-    try:
-        server = make_server(host, port, app, server_class=_Server,
-                             handler_class=_QuietHandler)  # fmt: skip
-    except OSError as exc:
-        raise StartupError(f"--metrics {host}:{port}: {bind_hint(exc)}") from None
-    thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
-    thread.start()
-    log.info("metrics and status on http://%s:%d/metrics and /status", host, port)
-    return server
+    class CurrentOnly:
+        def collect(self) -> Iterable[Any]:
+            current = Current(config())
+            for metric in registry.collect():
+                if metric.name in PER_APP_AND_TARGET:
+                    metric.samples = [s for s in metric.samples if current.has(s.labels)]
+                yield metric
+
+    filtered = CollectorRegistry(auto_describe=False)
+    filtered.register(CurrentOnly())
+    return filtered
 
 
 def multiprocess_registry(directory: str) -> Any:
     """The supervisor's registry: the sum of its workers' files, where the
     config hashes no longer loaded (set to 0, see `config_loaded`) are left out."""
     from prometheus_client import CollectorRegistry
-    from prometheus_client.multiprocess import MultiProcessCollector
-
-    files = MultiProcessCollector(None, path=directory)
 
     class RunningHashOnly:
         def collect(self) -> Iterable[Any]:
-            for metric in files.collect():
+            for metric in _merged_files(directory):
                 if metric.name == "tcpproxy_config_info":
                     metric.samples = [sample for sample in metric.samples if sample.value]
                 yield metric
@@ -338,15 +318,44 @@ def multiprocess_registry(directory: str) -> Any:
     return registry
 
 
-async def stop_http(server: WSGIServer) -> None:
-    """Stop the server off the event loop (shutdown() waits for its thread, and a
-    /status request in flight may be waiting for the loop), shielded so that it
-    completes even while the caller is being cancelled."""
-    import trio
+FILE_READS = 3  # tries to read the workers' files while workers start and end
+MIN_FILE_SIZE = 8  # bytes: a file holds its used length first; empty: just created
 
-    with trio.CancelScope(shield=True):
-        await trio.to_thread.run_sync(server.shutdown)
-    server.server_close()
+
+def _merged_files(directory: str) -> Iterable[Any]:
+    """The metrics of every worker's file, summed, as prometheus-client's
+    MultiProcessCollector, but read while workers come and go (an upgrade starts new
+    ones as the old ones end): a file just created is still empty (skipped: nothing in
+    it yet), a dead worker's may be removed between the listing and the read (listed
+    again: its counts are in the archive by then)."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    for attempt in range(FILE_READS):
+        paths = glob.glob(os.path.join(glob.escape(directory), "*.db"))
+        try:
+            files = [path for path in paths if os.stat(path).st_size >= MIN_FILE_SIZE]
+            return MultiProcessCollector.merge(files, accumulate=True)
+        except FileNotFoundError:
+            if attempt == FILE_READS - 1:
+                raise
+    raise AssertionError("not reached")
+
+
+def down_reasons(directory: str) -> dict[str, str]:
+    """Why the workers marked targets down (their REASONS_FILEs); one reason per target."""
+    reasons: dict[str, str] = {}
+    pattern = os.path.join(glob.escape(directory), REASONS_FILE.format(pid="*"))
+    for path in glob.glob(pattern):
+        try:
+            with open(path, encoding="utf-8") as file:
+                found = json.load(file)
+        except (OSError, ValueError):  # a worker gone meanwhile
+            continue
+        if isinstance(found, dict):
+            for target, why in found.items():
+                if why and not reasons.get(target):
+                    reasons[str(target)] = str(why)
+    return reasons
 
 
 ARCHIVED_KINDS = ("counter", "histogram")  # whose values a dead worker leaves to the sum
@@ -376,3 +385,5 @@ def mark_dead(pid: int) -> None:
             archive.close()
     for path in glob.glob(os.path.join(glob.escape(directory), f"*_{pid}.db")):
         os.remove(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(directory, REASONS_FILE.format(pid=pid)))

@@ -92,10 +92,14 @@ class HealthMonitor:
         if message is None:
             return
         log.warning("%s; probing it again in %gs", message, BACKOFF_INITIAL)
-        self._metrics.target_state(target, False)
+        self._state_to_metrics(target)
         if self._nursery is not None and target not in self._recovering:
             self._recovering.add(target)
             self._nursery.start_soon(self._recover, target)
+
+    def _state_to_metrics(self, target: Target) -> None:
+        down = self.book.is_down(target)
+        self._metrics.target_state(target, not down, self.book.get(target).reason if down else "")
 
     def probe_timeout(self, target: Target) -> float:
         """The seconds a recovery probe of `target` may take: as long as a client's
@@ -117,7 +121,7 @@ class HealthMonitor:
                 message = self.book.probe_result(target, ok, trio.current_time(), why=why)
                 if message:
                     log.info("%s", message)
-                    self._metrics.target_state(target, not self.book.is_down(target))
+                    self._state_to_metrics(target)
         finally:
             self._recovering.discard(target)
 
@@ -134,7 +138,7 @@ class HealthMonitor:
         targets = set(timeouts)
         self.book.retain(targets)
         for target in targets:
-            self._metrics.target_state(target, not self.book.is_down(target))
+            self._state_to_metrics(target)
         if self._nursery is None:
             return
         wanted = {
@@ -161,5 +165,5 @@ class HealthMonitor:
                     )
                     if message:
                         log.warning("%s (health check)", message)
-                        self._metrics.target_state(target, not self.book.is_down(target))
+                        self._state_to_metrics(target)
                 await trio.sleep(check.interval)

@@ -35,6 +35,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from functools import partial
@@ -48,8 +49,9 @@ from tcpproxy.config import Config, no_isolation
 from tcpproxy.diff import format_ports
 from tcpproxy.errors import StartupError
 from tcpproxy.fdstore import FdStore
+from tcpproxy.httpserver import HttpServer
 from tcpproxy.listeners import ListenerHost
-from tcpproxy.metrics import NullMetrics, serve_http, stop_http
+from tcpproxy.metrics import NullMetrics, current_only
 from tcpproxy.notify import Notifier
 from tcpproxy.pidfile import PidFile
 from tcpproxy.proxy import Proxy
@@ -57,8 +59,14 @@ from tcpproxy.reload import ApplyFn, Reloader, digest
 from tcpproxy.selfloop import reject_self_loops
 from tcpproxy.sources import ConfigSource
 from tcpproxy.sources.file import FileSource
-from tcpproxy.status import Loaded
+from tcpproxy.status import SAMPLED_METRICS, History, Loaded
 from tcpproxy.status import snapshot as status_snapshot
+from tcpproxy.statusserver import (
+    keep_history,
+    open_status_server,
+    registry_samples,
+    status_extra,
+)
 from tcpproxy.upgrade import (
     CONFIG_FD,
     METRICS_FD,
@@ -125,6 +133,7 @@ def apply_locally(proxy: Proxy, frontend: Frontend) -> ApplyFn:
     async def apply(old: Config, new: Config) -> None:
         frontend.update(old, new)
         proxy.apply(new)
+        proxy.metrics.keep_only(new)  # the series of apps and targets gone
 
     return apply
 
@@ -254,30 +263,33 @@ async def run_service(
                     if metrics_address is None and handed is not None:
                         handed.close()  # not served here (cannot be: same command line)
                     if metrics_address is not None:
-                        token = trio.lowlevel.current_trio_token()
-                        build = describe_build()  # what runs is settled once imported
+                        from prometheus_client import REGISTRY
 
-                        def snapshot() -> dict[str, Any]:
+                        build = describe_build()  # what runs is settled once imported
+                        history = History(time.monotonic(), time.time())
+                        extra = status_extra(source, time.time())
+
+                        async def snapshot(with_history: bool | Collection[str]) -> dict[str, Any]:
+                            # on the loop: never mid-update
                             loaded = Loaded(
                                 source.name, reloader.digest, reloader.loaded_at, reloader.last
                             )
                             return status_snapshot(
-                                frontend.name,
-                                os.getpid(),
-                                loaded,
-                                proxy.config,
-                                proxy.counts(),
-                                rejected=source.rejected(),
-                                build=build,
-                            )
+                                frontend.name, os.getpid(), loaded, proxy.config,
+                                proxy.counts(), rejected=source.rejected(), build=build,
+                                history=history, with_history=with_history, extra=extra(),
+                            )  # fmt: skip
 
-                        server = serve_http(
-                            *metrics_address,
-                            lambda: trio.from_thread.run_sync(snapshot, trio_token=token),
-                            handed=handed,
+                        registry = current_only(REGISTRY, lambda: proxy.config)
+                        sampled = REGISTRY.restricted_registry(SAMPLED_METRICS)
+                        await outer.start(
+                            keep_history, history, registry_samples(sampled), lambda: proxy.config
+                        )
+                        server = open_status_server(
+                            *metrics_address, snapshot, registry, handed=handed
                         )
                         upgrade.fds[METRICS_FD] = server.socket.fileno()  # handed on in turn
-                        outer.start_soon(_shut_down_on_exit, server, upgrade.handed_over)
+                        await outer.start(_serve_until_handed_over, server, upgrade.handed_over)
                     notify_fd = notifier.fileno()
                     if notify_fd is not None:  # the new process may not connect it (unprivileged)
                         upgrade.fds[NOTIFY_FD] = notify_fd
@@ -406,13 +418,20 @@ async def _take_over(handover: Handover, pid_file: PidFile | None) -> bool:
     return True
 
 
-async def _shut_down_on_exit(server: Any, handed_over: trio.Event) -> None:
-    """Stop the metrics server thread when the service ends (this task is cancelled),
-    or once an upgrade's new process serves (it serves /metrics and /status now)."""
+async def _serve_until_handed_over(
+    server: HttpServer, handed_over: trio.Event, *, task_status: trio.TaskStatus[None]
+) -> None:
+    """Serve /metrics and /status until the service ends (this task is cancelled) or an
+    upgrade's new process serves them: then the requests open finish (within their
+    deadline) while the new one accepts; then close the socket (the new one has its own)."""
     try:
-        await handed_over.wait()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            task_status.started()
+            await handed_over.wait()
+            server.hand_over()
     finally:
-        await stop_http(server)
+        server.socket.close()
 
 
 def _ignore(why: str) -> None:

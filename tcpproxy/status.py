@@ -4,23 +4,61 @@ A single process counts its connections itself (`Proxy.counts`); a
 supervisor sums its workers' multiprocess metrics (`counts_from_samples`).
 Either way the counts go through `snapshot`, so the JSON has one shape, and
 `as_text` renders it for /status.txt. Pure: callers take the counts (on the
-event loop) and metrics.py serves the result.
+event loop) and statusserver.py serves the result.
+
+What the status page adds (rates, ends by reason, connect times, the last
+5 minutes) comes from the metrics' totals, sampled every RING_STEP seconds
+into a `History` (`totals_from_samples`, both modes alike): a poll reads the
+last samples and never walks the metrics itself.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
-from collections.abc import Iterable, Mapping
+from array import array
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from tcpproxy.config import AppConfig, Config
 from tcpproxy.diff import format_ports
 
-__all__ = ["Counts", "Loaded", "as_text", "counts_from_samples", "snapshot"]
+__all__ = [
+    "RING_SLOTS",
+    "RING_STEP",
+    "SAMPLED_METRICS",
+    "Counts",
+    "History",
+    "Layout",
+    "Loaded",
+    "Totals",
+    "as_text",
+    "counts_from_samples",
+    "snapshot",
+    "totals_from_samples",
+]
 
 ACTIVE_METRIC = "tcpproxy_connections_active"  # gauge per app and target (metrics.py)
 UP_METRIC = "tcpproxy_target_up"  # gauge per target: 1 up, 0 marked down (metrics.py)
+ACCEPTED_METRIC = "tcpproxy_connections_accepted_total"  # counter per app
+ENDED_METRIC = "tcpproxy_connections_ended_total"  # counter per app, target and reason
+BYTES_METRIC = "tcpproxy_bytes_total"  # counter per app, target and direction
+CONNECT_BUCKET_METRIC = "tcpproxy_connect_seconds_bucket"  # histogram per target
+STEERED_METRIC = "tcpproxy_bpf_steered_ports"  # gauge (bpfproxy)
+# what the sampler reads (a registry restricted to them skips the gauge per target)
+SAMPLED_METRICS = (
+    ACCEPTED_METRIC, ENDED_METRIC, BYTES_METRIC, CONNECT_BUCKET_METRIC, STEERED_METRIC,
+)  # fmt: skip
+
+RING_STEP = 5.0  # seconds between two samples of the totals
+RING_SLOTS = 61  # samples kept: 5 minutes of steps, plus the one they start from
+RATE_WINDOW = 10.0  # seconds the rates on the page are averaged over
+CONNECT_WINDOW = 60.0  # seconds: connect times are of the last 1-2 windows' connects
+# memory of the ring: RING_SLOTS x 3 doubles (accepted, bytes up, bytes down) = 1.5 KB per
+# app (1.5 MB for 1,000 apps), plus the times; per target two baselines of the connect
+# histogram (2 x 14 doubles)
 
 
 @dataclass(frozen=True)
@@ -46,14 +84,22 @@ class Counts:
 def snapshot(
     binary: str, pid: int, loaded: Loaded, config: Config, counts: Counts,
     workers: int | None = None, rejected: Mapping[str, Mapping[str, object]] | None = None,
-    build: str | None = None,
+    build: str | None = None, history: History | None = None,
+    with_history: bool | Collection[str] = False,
+    extra: Mapping[str, Any] | None = None, wall: float | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The /status document; `workers`: the supervisor's count (None in a single process);
     `rejected`: apps a fleet's source refused (by name: key, revision, reason); `build`:
-    which build runs (`build_info.describe()`: "compiled (mypyc X.Y)", "interpreted")."""
+    which build runs (`build_info.describe()`: "compiled (mypyc X.Y)", "interpreted");
+    `history`: the sampled totals, for rates, ends and connect times per app and target
+    (and the last 5 minutes of every app if `with_history` is True, or of the apps it
+    names); `extra`: more top-level fields
+    (version, uptime, fleet); `wall`: now (epoch seconds; None: the clock's)."""
     status: dict[str, Any] = {"binary": binary, "pid": pid}
     if build is not None:
         status["build"] = build
+    if extra:
+        status.update(extra)
     if workers is not None:
         status["workers"] = workers
     status["config"] = {
@@ -65,28 +111,55 @@ def snapshot(
     if rejected:
         status["rejected"] = {name: dict(why) for name, why in sorted(rejected.items())}
     status["active_connections"] = counts.total
+    if history is not None:
+        history.observe(counts.down, time.time() if wall is None else wall)
+        if history.steered is not None:
+            status["steered_ports"] = history.steered
+    layout = history.layout(config) if history is not None else Layout(config)
+    by_app, by_target, down = counts.by_app, counts.by_target, counts.down
     status["apps"] = [
         {
-            "name": app.name,
-            "ports": format_ports(app.ports),
-            **({"hostnames": list(app.hostnames)} if app.hostnames else {}),
-            "active": counts.by_app.get(app.name, 0),
+            **head,
+            "active": by_app.get(head["name"], 0),
             "targets": [
                 {
-                    "address": str(t),
-                    "state": "down" if str(t) in counts.down else "up",
-                    "reason": counts.down.get(str(t), ""),
-                    "active": counts.by_target.get((app.name, str(t)), 0),
+                    "address": address,
+                    "state": "down" if address in down else "up",
+                    "reason": down.get(address, ""),
+                    "active": by_target.get((head["name"], address), 0),
                 }
-                for t in app.targets
+                for address in addresses
             ],
         }
-        for app in config.apps
+        for head, addresses in layout.apps
     ]
-    routes = by_name(config)
-    if routes:
-        status["routed_by_name"] = routes
+    if history is not None:
+        for entry in status["apps"]:
+            history.describe(entry, with_history)
+    if layout.routed_by_name:
+        status["routed_by_name"] = layout.routed_by_name
     return status
+
+
+class Layout:
+    """What a snapshot takes from the config alone, worked out once per config (a
+    poll of 1,000 apps x 20 ports would spend most of its time here otherwise)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        # per app: its first fields (name, ports, hostnames), its targets' addresses
+        self.apps: list[tuple[dict[str, Any], list[str]]] = [
+            (
+                {
+                    "name": app.name,
+                    "ports": format_ports(app.ports),
+                    **({"hostnames": list(app.hostnames)} if app.hostnames else {}),
+                },
+                [str(t) for t in app.targets],
+            )
+            for app in config.apps
+        ]
+        self.routed_by_name = by_name(config)
 
 
 def by_name(config: Config) -> list[dict[str, Any]]:
@@ -133,6 +206,217 @@ def counts_from_samples(samples: Iterable[Any]) -> Counts:
     )
 
 
+@dataclass
+class Totals:
+    """The metrics' counters at one moment, summed over workers."""
+
+    accepted: dict[str, float] = field(default_factory=dict)  # app ->
+    up: dict[str, float] = field(default_factory=dict)  # app -> bytes client to target
+    down: dict[str, float] = field(default_factory=dict)  # app -> bytes target to client
+    ended: dict[str, dict[str, float]] = field(default_factory=dict)  # app -> reason ->
+    by_target: dict[tuple[str, str], float] = field(default_factory=dict)  # ended, (app, target)
+    buckets: dict[str, dict[float, float]] = field(default_factory=dict)  # target -> le -> n
+    steered: float | None = None  # bpfproxy's ports in its map
+
+
+def totals_from_samples(samples: Iterable[Any]) -> Totals:
+    """Totals from prometheus-client samples (`.name`, `.labels`, `.value`), summed."""
+    t = Totals()
+    for sample in samples:
+        name, labels, value = sample.name, sample.labels, sample.value
+        if name == ACCEPTED_METRIC:
+            t.accepted[labels["app"]] = t.accepted.get(labels["app"], 0.0) + value
+        elif name == ENDED_METRIC:
+            app, target = labels["app"], labels["target"]
+            reasons = t.ended.setdefault(app, {})
+            reasons[labels["reason"]] = reasons.get(labels["reason"], 0.0) + value
+            t.by_target[(app, target)] = t.by_target.get((app, target), 0.0) + value
+        elif name == BYTES_METRIC:
+            way = t.up if labels["direction"] == "up" else t.down
+            way[labels["app"]] = way.get(labels["app"], 0.0) + value
+        elif name == CONNECT_BUCKET_METRIC:
+            le = float(labels["le"])
+            buckets = t.buckets.setdefault(labels["target"], {})
+            buckets[le] = buckets.get(le, 0.0) + value
+        elif name == STEERED_METRIC:
+            t.steered = max(t.steered or 0.0, value)
+    return t
+
+
+class _TargetSeen:
+    """A target's state as last seen, since when, and its last error; the times as
+    the page shows them, written once per change, not per poll."""
+
+    __slots__ = ("error", "error_at_iso", "since_iso", "state")
+
+    def __init__(self, state: str, since: float, error: str = "", error_at: float = 0.0) -> None:
+        self.state, self.since_iso = state, _iso(since)
+        self.error, self.error_at_iso = error, _iso(error_at) if error else ""
+
+    def moved(self, state: str, wall: float) -> None:
+        self.state, self.since_iso = state, _iso(wall)
+
+    def failed(self, error: str, wall: float) -> None:
+        self.error, self.error_at_iso = error, _iso(wall)
+
+
+class History:
+    """The totals sampled every RING_STEP seconds, RING_SLOTS kept (a fixed-size ring per
+    app, dropped with the app), and each target's state as last seen and since when.
+
+    Times are passed in (`now`: monotonic, `wall`: epoch seconds, when it started).
+    """
+
+    def __init__(self, now: float, wall: float) -> None:
+        self._wall_start = wall
+        self._times = array("d", [math.nan] * RING_SLOTS)  # monotonic time of each slot
+        self._apps: dict[str, array[float]] = {}  # app -> 3 x RING_SLOTS cumulative values
+        self._next = 0  # the slot written next
+        self._latest: Totals = Totals()
+        self._baselines: tuple[Totals, Totals] = (Totals(), Totals())  # for connect times
+        self._baseline_at = now
+        self._targets: dict[str, _TargetSeen] = {}
+        self.steered: int | None = None
+        self._layout: Layout | None = None
+        # what a sample settles, worked out at the first poll after it, for every poll
+        # until the next: per app its rates and history, per target its connect times
+        self._rates_of: dict[str, dict[str, float]] = {}
+        self._ended_of: dict[str, dict[str, int]] = {}
+        self._history_of: dict[str, dict[str, Any]] = {}
+        self._connect_of: dict[str, dict[str, float | None]] = {}
+        self._order: list[int] | None = None  # the slots written, oldest first
+
+    def layout(self, config: Config) -> Layout:
+        """The config's `Layout`, kept while `config` is the one in force."""
+        if self._layout is None or self._layout.config is not config:
+            self._layout = Layout(config)
+        return self._layout
+
+    def record(self, totals: Totals, now: float, config: Config) -> None:
+        """A new sample of the totals; the apps and targets not in `config` are forgotten."""
+        slot = self._next
+        self._next = (slot + 1) % RING_SLOTS
+        self._times[slot] = now
+        names = {app.name for app in config.apps}
+        for gone in self._apps.keys() - names:
+            del self._apps[gone]
+        for name in names:
+            ring = self._apps.get(name)
+            if ring is None:
+                ring = self._apps[name] = array("d", [math.nan] * (3 * RING_SLOTS))
+            ring[slot] = totals.accepted.get(name, 0.0)
+            ring[RING_SLOTS + slot] = totals.up.get(name, 0.0)
+            ring[2 * RING_SLOTS + slot] = totals.down.get(name, 0.0)
+        if now - self._baseline_at >= CONNECT_WINDOW:
+            self._baselines = (self._baselines[1], totals)
+            self._baseline_at = now
+        targets = {str(t) for app in config.apps for t in app.targets}
+        for gone in self._targets.keys() - targets:
+            del self._targets[gone]
+        self._latest = totals
+        self.steered = int(totals.steered) if totals.steered is not None else None
+        self._rates_of, self._history_of, self._connect_of = {}, {}, {}
+        self._ended_of = {}
+        self._order = None
+
+    def observe(self, down: Mapping[str, str], wall: float) -> None:
+        """The targets' states at `wall` (`down`: target -> why), to know since when."""
+        for target, seen in self._targets.items():
+            state = "down" if target in down else "up"
+            if state != seen.state:
+                seen.moved(state, wall)
+            if state == "down" and down[target] and down[target] != seen.error:
+                seen.failed(down[target], wall)
+        for target, why in down.items():
+            if target not in self._targets:
+                self._targets[target] = _TargetSeen("down", wall, why, wall if why else 0.0)
+
+    def describe(self, app: dict[str, Any], with_history: bool | Collection[str]) -> None:
+        """Add the rates, ends, and per target since / last error / total / connect
+        times to `app`, a /status entry."""
+        name = app["name"]
+        latest = self._latest
+        rates = self._rates_of.get(name)
+        if rates is None:
+            rates = self._rates_of[name] = self._rates(self._apps.get(name))
+        app["rates"] = rates
+        ended = self._ended_of.get(name)
+        if ended is None:
+            reasons = sorted(latest.ended.get(name, {}).items())
+            ended = self._ended_of[name] = {k: int(v) for k, v in reasons}
+        app["ended"] = ended
+        if with_history is True or (not isinstance(with_history, bool) and name in with_history):
+            past = self._history_of.get(name)
+            if past is None:
+                past = self._history_of[name] = self._history(self._apps.get(name))
+            app["history"] = past
+        for target in app["targets"]:
+            address = target["address"]
+            seen = self._targets.get(address)
+            if seen is None:
+                seen = self._targets[address] = _TargetSeen(target["state"], self._wall_start)
+            target["since"] = seen.since_iso
+            target["last_error"] = seen.error
+            target["last_error_at"] = seen.error_at_iso
+            target["total"] = int(latest.by_target.get((name, address), 0.0)) + target["active"]
+            connect = self._connect_of.get(address)
+            if connect is None:
+                connect = self._connect_of[address] = self._connect_times(address)
+            target["connect"] = connect
+
+    def _ordered(self) -> list[int]:
+        """The written slots, oldest first."""
+        if self._order is None:
+            order = [(self._next + i) % RING_SLOTS for i in range(RING_SLOTS)]
+            self._order = [i for i in order if not math.isnan(self._times[i])]
+        return self._order
+
+    def _rates(self, ring: array[float] | None) -> dict[str, float]:
+        slots = [i for i in self._ordered() if ring is not None and not math.isnan(ring[i])]
+        if ring is None or len(slots) < 2:
+            return {"conn": 0.0, "up": 0.0, "down": 0.0}
+        last = slots[-1]
+        first = next((i for i in reversed(slots[:-1])
+                      if self._times[last] - self._times[i] >= RATE_WINDOW), slots[0])  # fmt: skip
+        span = self._times[last] - self._times[first]
+        rates = {}
+        for k, key in enumerate(("conn", "up", "down")):
+            a, b = ring[k * RING_SLOTS + first], ring[k * RING_SLOTS + last]
+            rates[key] = 0.0 if math.isnan(a) or span <= 0 else round((b - a) / span, 2)
+        return rates
+
+    def _history(self, ring: array[float] | None) -> dict[str, Any]:
+        """Per step: new connections per second and bytes per second (both ways)."""
+        slots = self._ordered()
+        conn: list[float | None] = []
+        total: list[float | None] = []
+        for a, b in itertools.pairwise(slots):
+            span = self._times[b] - self._times[a]
+            if ring is None or math.isnan(ring[a]) or span <= 0:
+                conn.append(None)
+                total.append(None)
+                continue
+            conn.append(round((ring[b] - ring[a]) / span, 2))
+            moved = sum(ring[k * RING_SLOTS + b] - ring[k * RING_SLOTS + a] for k in (1, 2))
+            total.append(round(moved / span, 1))
+        return {"step": RING_STEP, "conn": conn, "bytes": total}
+
+    def _connect_times(self, target: str) -> dict[str, float | None]:
+        """Median and p99 of the connects since the older baseline (1-2 windows ago), as
+        the upper bound of the histogram bucket they fall in (seconds); None if none."""
+        now = self._latest.buckets.get(target, {})
+        then = self._baselines[0].buckets.get(target, {})
+        counts = sorted((le, n - then.get(le, 0.0)) for le, n in now.items())
+        total = counts[-1][1] if counts else 0.0
+        result: dict[str, float | None] = {"median": None, "p99": None, "count": int(total)}
+        if total <= 0:
+            return result
+        for key, q in (("median", 0.5), ("p99", 0.99)):
+            le = next(le for le, n in counts if n >= q * total)
+            result[key] = le if math.isfinite(le) else None
+        return result
+
+
 def as_text(status: dict[str, Any]) -> str:
     """The snapshot for people: /status.txt."""
     lines = [
@@ -142,6 +426,11 @@ def as_text(status: dict[str, Any]) -> str:
         f"config {status['config']['hash']} loaded {status['config']['loaded']}, "
         f"last reload: {status['last_reload']}",
     ]
+    fleet = status.get("fleet")
+    if fleet is not None:
+        lost = f", etcd lost since {fleet['lost_since']}" if fleet.get("lost_since") else ""
+        lines.append(f"fleet node {fleet['node']}: revision {fleet['revision']} applied, "
+                     f"{fleet['seen']} seen{lost}")  # fmt: skip
     for app in status["apps"]:
         names = f", hostnames {' '.join(app['hostnames'])}" if "hostnames" in app else ""
         lines.append(f"app {app['name']}: ports {app['ports']}{names}, {app['active']} active")

@@ -181,6 +181,9 @@ def test_a_bad_value_rejects_its_app_only(
     assert status["rejected"]["new"]["revision"] == bad_new
     assert status["rejected"]["web"]["key"] == f"{P}/apps/web"
     assert "rejected new: /fleet/apps/new at revision" in scrape(metrics, "/status.txt")
+    # the page's header: this node, the revision it applied, nothing seen but not applied
+    assert status["fleet"] == {"node": "edge-1", "revision": revision, "seen": revision,
+                               "lag": 0, "lost_since": None}  # fmt: skip
     text = scrape(metrics, "/metrics")
     assert 'tcpproxy_config_app_rejections_total{app="new"} 1.0' in text
     assert wait_until(
@@ -201,9 +204,9 @@ def test_etcd_down_for_10s_fails_no_connection_and_a_later_change_applies(
     etcd: EtcdCluster, backends: Any, proxies: list[ProxyProcess]
 ) -> None:
     a = backends("a")
-    web, late = free_ports(2)
+    web, late, metrics = free_ports(3)
     etcd.put(f"{P}/apps/web", value(web, targets=(a.address,)))
-    proxy = start(etcd.url(P))
+    proxy = start(etcd.url(P), "--metrics", f"127.0.0.1:{metrics}")
     proxies.append(proxy)
     held = socket.create_connection(("127.0.0.1", web), timeout=10)
     assert recv_line(held) == b"a\n"
@@ -214,12 +217,14 @@ def test_etcd_down_for_10s_fails_no_connection_and_a_later_change_applies(
         assert which_backend(web) == "a"
         time.sleep(0.2)
     proxy.wait_for(r"etcd unavailable .* serving the config of revision", 1, mark)
+    assert json.loads(scrape(metrics, "/status"))["fleet"]["lost_since"]  # the page says so
     etcd.start(0)
     revision = etcd.put(f"{P}/apps/late", value(late, targets=(a.address,)))
     applied(proxy, revision, mark)
     assert which_backend(late) == "a"
     assert proxy.output.count("WARNING etcd unavailable") == 1  # once per outage
     proxy.wait_for(r"etcd answers again after \d+\.\ds; following from revision", 1, mark)
+    assert json.loads(scrape(metrics, "/status"))["fleet"]["lost_since"] is None
     held.sendall(b"ping")
     assert held.recv(10) == b"ping"
     held.close()

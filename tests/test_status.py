@@ -87,3 +87,58 @@ def test_apps_a_fleet_refused_are_listed_with_key_revision_and_reason() -> None:
     assert status["rejected"] == {"B": why}
     assert "rejected B: /fleet/apps/B at revision 7: Ports[0]: must be ..." in as_text(status)
     assert "rejected" not in snapshot("tcpproxy", 1, loaded, config, Counts())
+
+
+def test_history_gives_rates_ends_since_and_connect_times_and_forgets_removed_apps() -> None:
+    from tcpproxy.status import RING_SLOTS, History, Totals
+
+    history = History(now=0.0, wall=1000.0)
+    inf = float("inf")
+    for step in range(RING_SLOTS + 5):  # more than the ring holds: it wraps
+        now = step * 5.0
+        totals = Totals(
+            accepted={"A": 10.0 * step, "B": 1.0},
+            up={"A": 100.0 * step},
+            down={"A": 300.0 * step},
+            ended={"A": {"done": 10.0 * step}},
+            by_target={("A", "127.0.0.1:9"): 10.0 * step},
+            buckets={"127.0.0.1:9": {0.001: 9.0 * step, 0.1: 10.0 * step, inf: 10.0 * step}},
+        )  # fmt: skip
+        history.record(totals, now, CONFIG)
+    counts = Counts(total=1, by_app={"A": 1}, by_target={("A", "127.0.0.1:9"): 1},
+                    down={"127.0.0.1:10": "connection refused"})  # fmt: skip
+    status = snapshot("tcpproxy", 1, LOADED, CONFIG, counts, history=history,
+                      with_history=True, wall=2000.0)  # fmt: skip
+    a, b = status["apps"]
+    assert a["rates"] == {"conn": 2.0, "up": 20.0, "down": 60.0}  # per second over 10 s
+    assert a["ended"] == {"done": 650}
+    assert len(a["history"]["conn"]) == RING_SLOTS - 1 and set(a["history"]["conn"]) == {2.0}
+    assert set(a["history"]["bytes"]) == {80.0}
+    first = a["targets"][0]
+    assert first["total"] == 651 and first["connect"]["median"] == 0.001
+    assert first["connect"]["p99"] == 0.1
+    down = b["targets"][0]
+    assert down["state"] == "down" and down["last_error"] == "connection refused"
+    assert down["since"] == status_time(2000.0)
+    assert b["rates"]["conn"] == 0.0
+    # the charts of the apps asked only (the page's open apps); the rest as before
+    only_b = snapshot("tcpproxy", 1, LOADED, CONFIG, counts, history=history,
+                      with_history=frozenset({"B"}), wall=2001.0)  # fmt: skip
+    assert "history" not in only_b["apps"][0] and "history" in only_b["apps"][1]
+    assert only_b["apps"][0]["rates"] == a["rates"] and only_b["apps"][0]["ended"] == a["ended"]
+    # a new sample moves the rates worked out once per sample
+    history.record(Totals(accepted={"A": 10.0 * (RING_SLOTS + 5) + 100.0}), 5.0 * (RING_SLOTS + 5),
+                   CONFIG)  # fmt: skip
+    later = snapshot("tcpproxy", 1, LOADED, CONFIG, counts, history=history, wall=2002.0)
+    assert later["apps"][0]["rates"]["conn"] > a["rates"]["conn"]
+    smaller = parse_config(
+        b'{"Apps": [{"Name": "A", "Ports": [7001], "Targets": ["127.0.0.1:9"]}]}'
+    )
+    history.record(Totals(), 400.0, smaller)
+    assert "B" not in history._apps and "127.0.0.1:10" not in history._targets
+
+
+def status_time(wall: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(wall))

@@ -758,14 +758,19 @@ def listening_inodes(port: int) -> set[int]:
 
 
 @pytest.mark.slow
-def test_an_upgrade_hands_over_the_metrics_socket(config_path: Path, backends) -> None:
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]], ids=["single", "workers"])
+def test_an_upgrade_hands_over_the_metrics_socket(
+    config_path: Path, backends, workers: list[str]
+) -> None:
     """--metrics is bound without SO_REUSEPORT and handed over like the listeners:
     across two upgrades the same socket (one inode) serves /metrics, scraped in a
-    loop meanwhile, and /status names the newest process."""
+    loop meanwhile with not one request cut (the old process answers those it
+    accepted, the new one accepts the rest), and /status names the newest process."""
     port, metrics = free_port(), free_port()
     write_config(config_path, [app("A", [port], [backends("b1").address])])
     pid_file = config_path.parent / "tcpproxy.pid"
-    with proxy_with_pid_file(config_path, pid_file, "--metrics", f"127.0.0.1:{metrics}") as proxy:
+    args = ("--metrics", f"127.0.0.1:{metrics}", *workers)
+    with proxy_with_pid_file(config_path, pid_file, *args) as proxy:
         (inode,) = listening_inodes(metrics)
         stop, scraped, failures = threading.Event(), [0], []
 
@@ -774,7 +779,7 @@ def test_an_upgrade_hands_over_the_metrics_socket(config_path: Path, backends) -
                 url = f"http://127.0.0.1:{metrics}/metrics"
                 try:
                     with urllib.request.urlopen(url, timeout=TIMEOUT) as answer:
-                        assert b"tcpproxy_connections_accepted" in answer.read()
+                        assert b"tcpproxy_config_info{" in answer.read()  # both modes
                     scraped[0] += 1
                 except (OSError, AssertionError) as exc:
                     failures.append(repr(exc))
@@ -785,13 +790,13 @@ def test_an_upgrade_hands_over_the_metrics_socket(config_path: Path, backends) -
             for _ in range(2):
                 before = scraped[0]
                 new = upgrade(proxy, pid_file)
-                assert wait_until(lambda b=before: scraped[0] > b + 20)
+                assert wait_until(lambda b=before: scraped[0] > b + 20), (scraped, failures[:3])
                 assert listening_inodes(metrics) == {inode}
                 assert wait_until(lambda n=new: _status_pid(metrics) == n)
         finally:
             stop.set()
             scraper.join(TIMEOUT)
-        assert failures == [], failures
+        assert failures == [], (failures, [s for s in proxy.lines if "failed" in s])
         assert which_backend(port) == "b1"
         os.kill(new, signal.SIGTERM)
         assert wait_until(lambda: gone(new))

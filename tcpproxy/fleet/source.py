@@ -149,6 +149,7 @@ class EtcdSource:
         self._in_force: Assembly | None = None  # the one it applied last: the judge of
         # the next assembly (what runs is each app's last good version)
         self.revision = 0  # the last revision seen: the watch resumes after it
+        self.lost_since: float | None = None  # when etcd stopped answering (None: it answers)
 
     async def load(self) -> Contents:
         """Read the prefix at one revision (rule 1); raise ConfigError if neither
@@ -254,6 +255,22 @@ class EtcdSource:
         assert contents.config is not None
         self._record(contents.stamp, contents.data, contents.config)
 
+    def fleet_status(self) -> dict[str, Any]:
+        """For the status page's header: this node; the revision of the config in force
+        and of the latest one assembled (the nodes' records aside), and how many
+        revisions apart they are (0: up to date; more while a reload is on its way);
+        since when etcd has not answered (epoch seconds, None: it answers). The apps
+        set aside are in `rejected()`."""
+        applied = self._in_force.revision if self._in_force is not None else None
+        seen = self.assembly.revision if self.assembly is not None else None
+        return {
+            "node": getattr(self._publish, "node", None),
+            "revision": applied,
+            "seen": seen,
+            "lag": max(0, seen - applied) if seen is not None and applied is not None else None,
+            "lost_since": self.lost_since,
+        }
+
     def _record(self, revision: object, data: bytes, config: Config) -> None:
         """Publish the node record if its revision, config or rejections changed."""
         rejected = self.rejected()
@@ -355,7 +372,7 @@ class EtcdSource:
                         await client.get(self._root + "defaults")
                         log.info("etcd answers again after %.1fs; following from revision %d",
                                  time.monotonic() - down_since, self.revision + 1)  # fmt: skip
-                        down_since = None
+                        down_since = self.lost_since = None
                     if not self._synced:
                         revision, kvs = await client.range_prefix(self._root)
                         self._values = {kv.key: (kv.value, kv.mod_revision) for kv in kvs}
@@ -377,7 +394,7 @@ class EtcdSource:
                 continue
             except EtcdError as exc:  # unavailable, or refusing us (auth): the same to us
                 if down_since is None:
-                    down_since = time.monotonic()
+                    down_since, self.lost_since = time.monotonic(), time.time()
                     log.warning("etcd unavailable (%s): serving the config of revision %d; "
                                 "retrying every endpoint with back-off up to %gs", exc,
                                 self.revision, BACKOFF_MAX)  # fmt: skip

@@ -29,7 +29,10 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable, Collection, Iterable
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,19 +43,26 @@ from tcpproxy.config import Config
 from tcpproxy.diff import format_ports
 from tcpproxy.errors import StartupError
 from tcpproxy.fdstore import FdStore
+from tcpproxy.httpserver import HttpServer
 from tcpproxy.metrics import (
     Metrics,
+    current_only,
+    down_reasons,
     mark_dead,
     multiprocess_registry,
     parse_address,
-    serve_http,
-    stop_http,
 )
 from tcpproxy.notify import Notifier
 from tcpproxy.pidfile import PidFile
 from tcpproxy.reload import Reloader, digest
 from tcpproxy.sources import ConfigSource
-from tcpproxy.status import Loaded, counts_from_samples, snapshot
+from tcpproxy.status import History, Loaded, counts_from_samples, snapshot
+from tcpproxy.statusserver import (
+    keep_history,
+    open_status_server,
+    registry_samples,
+    status_extra,
+)
 from tcpproxy.upgrade import (
     CONFIG_FD,
     METRICS_FD,
@@ -115,7 +125,9 @@ class Supervisor:
         self._upgrading = False
         self._reloading = trio.CancelScope()  # the file watcher and reloader; ends at a stop
         self._successor: int | None = None
-        self._server: Any = None  # the metrics server, while it serves
+        self._server: HttpServer | None = None  # the metrics server, while it serves
+        self._history: History | None = None  # sampled for /status, with --metrics
+        self._read_samples: Callable[[], Iterable[Any]] = list
         self._plan = plan
         self._validate = validate  # the reloader's check of a new config (Reloader)
         self._path = path
@@ -151,17 +163,29 @@ class Supervisor:
             metrics.config_loaded(reloader.digest)
             self._server = self._serve_metrics(metrics_dir, reloader)
         try:
-            await self._run(notifier, reloader)
+            await _serving(self._server, self._history_task(), self._run(notifier, reloader))
         finally:
-            await self._stop_metrics()
+            self._stop_metrics(handed_over=False)
             if metrics_dir is not None:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
 
-    async def _stop_metrics(self) -> None:
-        """At the end, or once an upgrade's new supervisor serves /metrics and /status."""
+    def _history_task(self) -> Callable[[], Awaitable[None]] | None:
+        """What samples the workers' totals into the status history (None: no --metrics)."""
+        if self._history is None:
+            return None
+        history, read = self._history, self._read_samples
+        return partial(keep_history, history, read, lambda: self.config)
+
+    def _stop_metrics(self, *, handed_over: bool) -> None:
+        """At the end (the requests open are cut), or once an upgrade's new supervisor
+        serves /metrics and /status (`handed_over`: they finish, it accepts)."""
         server, self._server = self._server, None
-        if server is not None:
-            await stop_http(server)
+        if server is None:
+            return
+        if handed_over:
+            server.hand_over()
+        else:
+            server.stop()  # `_serving` closes its socket once it stopped
 
     def _start_metrics(self) -> tuple[str, Metrics]:
         """Workers write prometheus-client's multiprocess files; we serve their sum."""
@@ -175,23 +199,37 @@ class Supervisor:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory  # read by prometheus-client's import
         return directory, Metrics()
 
-    def _serve_metrics(self, directory: str | None, reloader: Reloader) -> Any:
+    def _serve_metrics(self, directory: str | None, reloader: Reloader) -> HttpServer:
         assert directory is not None and self._metrics_address is not None
-        registry = multiprocess_registry(directory)
+        # the series of apps and targets a reload removed are left out (files keep them)
+        registry = current_only(multiprocess_registry(directory), lambda: self.config)
         build = describe_build()  # the workers run the same install and environment
+        reading = trio.CapacityLimiter(1)  # one read of the workers' files at a time
+        read_samples = registry_samples(registry)
+        self._history = History(time.monotonic(), time.time())
+        self._read_samples = read_samples
+        extra = status_extra(reloader.source, time.time())
 
-        def status() -> dict[str, Any]:
-            samples = (sample for metric in registry.collect() for sample in metric.samples)
+        def read() -> tuple[Iterable[Any], dict[str, str]]:
+            return read_samples(), down_reasons(directory)
+
+        async def status(with_history: bool | Collection[str]) -> dict[str, Any]:
+            samples, reasons = await trio.to_thread.run_sync(read, limiter=reading)
+            counts = counts_from_samples(samples)
+            counts = replace(counts, down={t: reasons.get(t, "") for t in counts.down})
             source = reloader.source
             loaded = Loaded(source.name, reloader.digest, reloader.loaded_at, reloader.last)
             return snapshot(
                 self._plan.name, os.getpid(), loaded, self.config,
-                counts_from_samples(samples), workers=len(self.pool.workers),
-                rejected=source.rejected(), build=build,
+                counts, workers=len(self.pool.workers),
+                rejected=source.rejected(), build=build, history=self._history,
+                with_history=with_history, extra=extra(),
             )  # fmt: skip
 
         handed = self._handover.metrics if self._handover is not None else None
-        return serve_http(*parse_address(self._metrics_address), status, registry, handed=handed)
+        return open_status_server(
+            *parse_address(self._metrics_address), status, registry, handed=handed
+        )
 
     async def _run(self, notifier: Notifier, reloader: Reloader) -> None:
         pool = self.pool
@@ -250,7 +288,7 @@ class Supervisor:
                             log.info("upgrade: stopping %d workers; pid %d serves",
                                      len(pool.workers), self._successor)  # fmt: skip
                             notifier.disable()  # the new supervisor speaks for the service
-                            await self._stop_metrics()
+                            self._stop_metrics(handed_over=True)
                             event = signal.SIGTERM
                         else:
                             log.info("%s: stopping %d workers", signal.Signals(event).name,
@@ -380,6 +418,44 @@ async def _pump(signals: Any, events: trio.MemorySendChannel[int]) -> None:
     """Signals onto the supervisor's event channel (where an upgrade's end goes too)."""
     async for signum in signals:
         events.send_nowait(signum)
+
+
+async def _serving(
+    server: HttpServer | None, sampling: Callable[[], Awaitable[None]] | None, body: Awaitable[None]
+) -> None:
+    """Await `body` while `server` serves beside it, and `sampling` runs (in a nursery of
+    its own, so an exception of `body` comes out as itself, not in a group). Then stop
+    both; but a server handed over to a new supervisor finishes its open requests."""
+    error: BaseException | None = None
+    sampled = trio.CancelScope()
+    async with trio.open_nursery() as nursery:
+        if server is not None:
+            nursery.start_soon(_serve_then_close, server)
+        if sampling is not None:
+            nursery.start_soon(_within, sampled, sampling)
+        try:
+            await body
+        except BaseException as exc:  # re-raised below, outside the nursery
+            error = exc
+        if error is None and server is not None and server.handed_over:
+            sampled.cancel()  # the server returns once its last request is answered
+        else:
+            nursery.cancel_scope.cancel()
+    if error is not None:
+        raise error
+
+
+async def _within(scope: trio.CancelScope, run: Callable[[], Awaitable[None]]) -> None:
+    with scope:
+        await run()
+
+
+async def _serve_then_close(server: HttpServer) -> None:
+    """Serve until stopped; then close the socket (an upgrade's new supervisor has its own)."""
+    try:
+        await server.serve()
+    finally:
+        server.socket.close()
 
 
 def _forget_metrics(pid: int) -> None:
