@@ -37,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import bench_sni  # noqa: E402 - a sibling module too
 from bench_report import (  # noqa: E402 - a sibling module, importable once the script runs
     HAND_WRITTEN,
     HAPROXY,
@@ -64,6 +65,7 @@ from bench_report import (  # noqa: E402 - a sibling module, importable once the
 )
 
 from tcpproxy.build_info import interpreted_requested  # noqa: E402
+from tests.hellos import client_hello, records  # noqa: E402
 from tests.netns import NetNS  # noqa: E402
 
 # Backend ports; a proxy's front ports are FRONT_BASE + FRONT_STEP * its index + the service's.
@@ -72,7 +74,7 @@ SERVICES = {"latency": SOCKPERF, "throughput": IPERF, "http": HTTP}
 FRONT_BASE, FRONT_STEP = 20000, 100
 BPF_LISTEN = 8000  # bpfproxy's -p; + the mode's index, so variants do not collide
 MODES = ["direct", HAPROXY, "tcpproxy", "bpfproxy"]
-MEASURES = ["latency", "throughput", "connections", "idle"]
+MEASURES = ["latency", "throughput", "connections", "idle", "sni"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 TOOL_GRACE = 30  # seconds a load tool may take beyond its run before it counts as hung
 VERSION_TIMEOUT = 30  # seconds `BINARY --version` may take (imports the package; a busy box)
@@ -351,6 +353,134 @@ http {{ access_log off; keepalive_timeout 600s; keepalive_requests 1000000;
         return (after - before) / count
 
 
+class SniBench:
+    """The TLS-by-SNI row (scripts/bench_sni.py): its backends, a proxy of each mode
+    serving the shared port, the load; measured after the other figures, same run.
+
+    Each mode's proxy for it is a process of its own (named "MODE sni"), so the
+    other figures' proxies and configs stay as they are.
+    """
+
+    def __init__(self, bench: Bench, modes: list[Mode]) -> None:
+        self.bench = bench
+        self.modes = modes
+        self.binary = str(bench.workdir / "bench_hello")
+        self.hellos: dict[str, str] = {}
+
+    def proxy(self, mode: Mode) -> Mode:
+        """`mode` as its shared-port process: what Bench.cpu_seconds reads."""
+        return Mode(f"{mode.name} sni", mode.index, mode.binary, mode.args, mode.env)
+
+    def port(self, mode: Mode, which: int) -> int:
+        return FRONT_BASE + FRONT_STEP * mode.index + which
+
+    def start(self) -> None:
+        bench, workdir = self.bench, self.bench.workdir
+        source = ROOT / "scripts" / "bench_hello.c"
+        subprocess.run(["gcc", "-O2", "-o", self.binary, str(source)], check=True, timeout=120)
+        for name in bench_sni.names():
+            path = workdir / f"hello-{name}.bin"
+            path.write_bytes(records(client_hello(name.encode())))  # one record, ~1.7 KB
+            self.hellos[name] = str(path)
+        load, cpus = bench.args.load_cpus, bench.args.proxy_cpus
+        bench.spawn("bench_hello server", bench.pinned(bench_sni.server_argv(self.binary), load))
+        for backend in bench_sni.BACKENDS:
+            bench.wait_port(bench_sni.backend_port(backend))
+        for mode in self.modes:
+            if mode.binary is None:
+                continue
+            shared, plain = self.port(mode, bench_sni.SHARED), self.port(mode, bench_sni.PLAIN)
+            name = self.proxy(mode).name
+            if mode.binary == HAPROXY:
+                threads = len(parse_cpu_list(cpus)) if cpus else os.cpu_count() or 1
+                cfg = workdir / "haproxy-sni.cfg"
+                cfg.write_text(bench_sni.haproxy_config(shared, plain, threads, haproxy_maxconn()))
+                bench.spawn(name, bench.pinned(["haproxy", "-W", "-f", str(cfg)], cpus))
+            else:
+                config = workdir / f"{mode.slug}-sni.json"
+                config.write_text(json.dumps(bench_sni.ours_config(shared, plain)))
+                argv = [sys.executable, "-m", mode.binary, "--config", str(config), "--log-level",
+                        "error", "--max-connections", str(haproxy_maxconn())]  # fmt: skip
+                if mode.binary == "bpfproxy":
+                    argv += ["-p", str(BPF_LISTEN + FRONT_STEP // 2 + mode.index)]
+                if bench.args.workers is not None:
+                    argv += ["--workers", str(bench.args.workers)]
+                argv += mode.args
+                env = {**os.environ, **dict(mode.env)}
+                bench.spawn(name, bench.pinned(argv, cpus), cwd=str(ROOT), env=env)
+            bench.wait_port(shared)
+            bench.wait_port(plain)
+
+    def load(self, mode: Mode, *, plain: bool) -> tuple[float, ConnectionCost | None]:
+        """New conn/s with a hello each through `mode` (its shared port, or `plain`: the
+        port not inspected), and their cost to the proxy."""
+        bench, proxy = self.bench, self.proxy(mode)
+        port = None
+        if mode.binary:
+            port = self.port(mode, bench_sni.PLAIN if plain else bench_sni.SHARED)
+        argv = bench_sni.client_argv(self.binary, bench.seconds, self.hellos, port, plain=plain)
+        before = bench.cpu_seconds(proxy) if mode.binary else (0.0, 0.0)
+        started = time.monotonic()
+        out = bench.run("bench_hello client" + (" (not inspected)" if plain else ""), argv)
+        rate, count, errors = bench_sni.parse_client(out)
+        if errors:
+            print(f"bench_hello through {mode.name}: {errors} errors", flush=True)
+        if not mode.binary or not count:
+            return rate, None
+        (user, kernel), (user_before, kernel_before) = bench.cpu_seconds(proxy), before
+        user, kernel = user - user_before, kernel - kernel_before
+        return rate, ConnectionCost(
+            user_us=cpu_us_per_connection(user, count) or 0.0,
+            kernel_us=cpu_us_per_connection(kernel, count) or 0.0,
+            cores=(user + kernel) / (time.monotonic() - started),
+        )
+
+    def measure_round(self, results: Results, mode: Mode) -> str:
+        said = []
+        for plain, keys in ((False, bench_sni.SNI_KEYS), (True, bench_sni.PLAIN_KEYS)):
+            if plain and not mode.binary:
+                continue  # direct has no port to inspect or not
+            rate, cost = self.load(mode, plain=plain)
+            results.add(mode.name, keys[0], rate)
+            line = f"{rate:,.0f} conn/s"
+            if cost is not None:
+                total = cost.user_us + cost.kernel_us
+                for key, value in zip(keys[1:], (total, cost.user_us, cost.kernel_us), strict=True):
+                    results.add(mode.name, key, value)
+                line += f", {total:.0f} CPU µs/conn ({cost.user_us:.0f} + {cost.kernel_us:.0f})"
+            said.append(("not inspected: " if plain else "TLS by SNI: ") + line)
+        return "; ".join(said)
+
+
+def sni_section(results: Results, modes: list[str]) -> str:
+    """The report's section for the TLS-by-SNI row, or '' when it was not measured."""
+    if not any(results.median(mode, "sni_cps") for mode in modes):
+        return ""
+    return f"""
+## TLS routed by SNI on a shared port (issue 19)
+
+{bench_sni.table(results, modes)}
+
+In brackets: the ratio to HAProxy's figure. The shared port has three apps
+with `Hostnames` (`a.test`, `b.test`, `c.test`) and a default; HAProxy has
+the same in `mode tcp` with `tcp-request inspect-delay {bench_sni.INSPECT_DELAY}s`,
+`tcp-request content accept if {{ req.ssl_hello_type 1 }}` and a
+`use_backend ... if {{ req.ssl_sni -i NAME }}` per name. The load
+(`scripts/bench_hello.c`, C, one thread, epoll, {bench_sni.CONCURRENCY} connections at once) sends
+each connection a browser-shaped ClientHello (GREASE, a post-quantum key
+share, ECH GREASE: about 1.7 KB, one record) for `a.test`, `b.test`,
+`c.test` or `{bench_sni.OTHER}` (no app's: the default) in turn; the backend
+reads the hello, answers its own name and closes, and a connection counts
+only if it reached the backend its name picks. No TLS handshake follows: the
+crypto of a real one (nginx and a TLS client on the same two cores) would
+cost several times the proxy's work per connection and bury it, while a
+routing proxy never sees it. The columns "port not inspected" send the same
+hellos to a port one app owns without `Hostnames`, in the same process: the
+difference is what reading the hello and choosing by it costs. CPU is read
+as in the main table, over each load run.
+"""
+
+
 def haproxy_maxconn() -> int:
     """HAProxy refuses to start unless maxconn fits the descriptor limit: two
     sockets per connection plus a pipe (two fds) per four connections."""
@@ -539,6 +669,7 @@ measured (latency / throughput / http): {ports}.
 {commands}
 ```
 """
+    text += sni_section(results, run)
     if tail:
         text += "\n" + tail
     else:
@@ -643,6 +774,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="add this run's figures to FILE's (JSON, made if missing) and report on all: "
         "one report from a run made in parts, e.g. by --measure",
     )
+    parser.add_argument(
+        "--no-sni",
+        action="store_true",
+        help="leave out the TLS-by-SNI row (its own proxies, after the other figures)",
+    )
+    parser.add_argument(
+        "--sni-modes",
+        default=None,
+        help="comma-separated rows measured for the TLS-by-SNI row [default: every row run]; "
+        "leave out a variant whose code has no Hostnames",
+    )
     parser.add_argument("--no-report", action="store_true", help="print only; write no docs")
     args = parser.parse_args(argv)
     unknown = set(args.measure.split(",")) - set(MEASURES)
@@ -670,6 +812,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: unknown modes {', '.join(unknown)}", file=sys.stderr)
         return 2
     measures = args.measure.split(",")
+    if args.no_sni and "sni" in measures:
+        measures.remove("sni")
+    sni_run = args.sni_modes.split(",") if args.sni_modes else run
+    if "sni" not in measures:
+        sni_run = []
+    unknown = [m for m in sni_run if m not in modes]
+    if unknown:
+        print(f"bench: unknown --sni-modes {', '.join(unknown)}", file=sys.stderr)
+        return 2
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     # Without CAP_SYS_RESOURCE the hard limit caps how many connections
@@ -707,6 +858,14 @@ def main(argv: list[str] | None = None) -> int:
                     line = measure_round(bench, results, modes[name], measures)
                     took = time.monotonic() - started
                     print(f"[{took:3.0f} s] round {r + 1} {name}: {line}", flush=True)
+            if sni_run:
+                sni = SniBench(bench, [modes[name] for name in sni_run])
+                sni.start()
+                for r in range(args.rounds):
+                    for name in sni_run:
+                        line = sni.measure_round(results, modes[name])
+                        took = time.monotonic() - started
+                        print(f"[{took:3.0f} s] round {r + 1} {name}: {line}", flush=True)
             for name in run:
                 if not modes[name].binary:
                     continue

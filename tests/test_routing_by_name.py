@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import time
 from pathlib import Path
@@ -38,8 +39,10 @@ many_descriptors = test_faults.many_descriptors  # the fixture: a soft RLIMIT_NO
 INSPECT = 0.6  # seconds: the InspectTimeout of these tests' ports (short, for silent clients)
 HALF_OPEN = 2000  # partial hellos held open at once
 HALF_OPEN_INSPECT = 5.0  # seconds: their InspectTimeout, time enough to open them all
-HALF_OPEN_KIB = 4  # KiB of proxy memory each may cost at most (measured: under 2)
+HALF_OPEN_KIB = 4  # KiB of proxy RSS each may cost at most (README's limits; measured: under 2)
 STALL_CPU = 0.1  # seconds of CPU the proxy may use in a second while they all stall
+TRICKLE_INSPECT = 1.0  # seconds: the InspectTimeout the trickler runs into
+TRICKLE_PAUSE = 0.1  # seconds between the trickler's bytes: its hello takes ~30 s
 
 
 def _shared(config_path: Path, backends, port: int, *, default: bool = True, **options) -> dict:
@@ -140,6 +143,45 @@ def test_a_silent_client_goes_to_the_default_a_partial_hello_is_closed(
             sock.sendall(wire[:200])  # then nothing: never the default
             assert recv_all(sock) == b""
         assert made["a"].accepted == 0 and made["d"].accepted == 1
+
+
+def test_a_slow_trickle_is_closed_at_the_deadline_never_routed_to_the_default(
+    config_path: Path, backends
+) -> None:
+    """A hello sent a byte every 100 ms, never whole by InspectTimeout: closed then, not
+    earlier, and neither its app nor the default ever sees it. A client silent alongside
+    it, in the same window, does reach the default (which is there to be wrongly had)."""
+    port = free_port()
+    made = {name: backends(name) for name in ("a", "d")}
+    write_config(
+        config_path,
+        [
+            app("A", [port], [made["a"].address], Hostnames=["a.test"]),
+            app("D", [port], [made["d"].address]),
+        ],
+        Defaults={"InspectTimeout": TRICKLE_INSPECT},
+    )
+    wire = records(client_hello(b"a.test", post_quantum=False, ech=False, grease=False))
+    with running_tcpproxy(config_path) as proxy, connect(port) as silent:
+        with connect(port) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            started, sent, closed_at = time.monotonic(), 0, None
+            while closed_at is None and time.monotonic() - started < TRICKLE_INSPECT + TIMEOUT:
+                try:
+                    if select.select([sock], [], [], TRICKLE_PAUSE)[0]:
+                        assert sock.recv(100) == b"", "routed: the backend spoke"
+                        closed_at = time.monotonic() - started
+                    else:
+                        sock.sendall(wire[sent : sent + 1])
+                        sent += 1
+                except (ConnectionResetError, BrokenPipeError):  # closed with bytes in flight
+                    closed_at = time.monotonic() - started
+        assert closed_at is not None, f"still open after {sent} bytes"
+        assert closed_at >= TRICKLE_INSPECT, f"closed after {closed_at:.2f} s, before the deadline"
+        assert sent < len(wire)  # it never had a whole hello to route on
+        proxy.wait_for(r"no complete hello or request within 1 s")
+        assert recv_line(silent) == b"d\n"  # the silent one: the default, as it should
+    assert made["a"].accepted == 0 and made["d"].accepted == 1
 
 
 def _cpu_rss_fds(pid: int) -> tuple[float, int, int]:

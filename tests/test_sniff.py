@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import struct
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -478,6 +479,139 @@ def test_any_bytes_never_raise(data: bytes) -> None:
     for prefix in (b"", b"\x16\x03\x01", b"GET / HTTP/1.1\r\n"):
         verdict = sniff(prefix + data)
         assert verdict.kind in (MORE, NAME, NO_NAME, BAD)
+
+
+# --- against the generator and a reference parse ------------------------------------
+
+GREASES = [0x0A0A + 0x1010 * i for i in range(16)]  # RFC 8701: 0x0A0A, 0x1A1A, ... 0xFAFA
+label = st.from_regex(r"[a-zA-Z0-9]([a-zA-Z0-9_-]{0,61}[a-zA-Z0-9])?", fullmatch=True)
+host_names = st.builds(
+    lambda labels, dot: ".".join(labels) + dot,
+    st.lists(label, min_size=1, max_size=6),
+    st.sampled_from(["", "."]),
+).filter(lambda name: len(name.rstrip(".")) <= 253)
+
+
+class Reader:
+    """Reads a TLS structure front to back; any length past the end raises (an
+    invalid hello, which these tests never build)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.at = data, 0
+
+    def take(self, size: int) -> bytes:
+        assert self.at + size <= len(self.data), "past the end"
+        self.at += size
+        return self.data[self.at - size : self.at]
+
+    def number(self, width: int) -> int:
+        return int.from_bytes(self.take(width), "big")
+
+    def vector(self, width: int) -> bytes:
+        """A vector with a `width`-byte length in front (RFC 8446 3.4)."""
+        return self.take(self.number(width))
+
+    def done(self) -> bool:
+        return self.at == len(self.data)
+
+
+def reference_sni(wire: bytes) -> str | None:
+    """The host name a valid ClientHello at the start of `wire` asks for, lowercased, its
+    trailing dot dropped; None if it has none. The plain reading of RFC 8446 (records, the
+    handshake, the hello) and RFC 6066 (server_name): all the records first, then one
+    pass, nothing shared with the sniffer, no limits, no incremental state."""
+    message, at = b"", 0
+    while len(message) < 4 or len(message) < 4 + int.from_bytes(message[1:4], "big"):
+        kind, version, size = struct.unpack_from("!BHH", wire, at)
+        assert kind == 0x16 and version >> 8 == 3
+        message += wire[at + 5 : at + 5 + size]
+        at += 5 + size
+    hello = Reader(message)
+    assert hello.number(1) == 1  # client_hello
+    body = Reader(hello.vector(3))
+    body.take(2 + 32)  # legacy_version, random
+    body.vector(1), body.vector(2), body.vector(1)  # session id, cipher suites, compression
+    if body.done():
+        return None  # no extensions at all
+    extensions = Reader(body.vector(2))
+    assert body.done()
+    found = None
+    while not extensions.done():
+        kind, data = extensions.number(2), extensions.vector(2)
+        if kind == 0:  # server_name: a list of (name type, name)
+            outer = Reader(data)
+            entries = Reader(outer.vector(2))
+            assert outer.done()
+            while not entries.done():
+                name_type, name = entries.number(1), entries.vector(2)
+                if name_type == 0:  # host_name
+                    found = name
+    if found is None:
+        return None
+    text = found.decode("ascii")
+    return (text[:-1] if text.endswith(".") else text).lower()
+
+
+@st.composite
+def valid_hellos(draw: st.DrawFn) -> tuple[bytes, str | None]:
+    """A valid ClientHello in random records, and the name its maker put in it (None:
+    none). Random extensions (types, GREASE among them, sizes, order), a random
+    server_name place and other name types around its host_name, random vectors before;
+    the case and the trailing dot of the name random too."""
+    sni = draw(st.one_of(st.none(), host_names))
+    others = draw(
+        st.lists(
+            st.tuples(
+                st.one_of(st.sampled_from(GREASES), st.integers(1, 0xFFFF)),
+                st.binary(max_size=300),
+            ),
+            unique_by=lambda pair: pair[0],
+            max_size=12,
+        )
+    )
+    extensions = [extension(kind, data) for kind, data in others]
+    other_names = st.tuples(st.integers(1, 255), st.binary(min_size=1, max_size=40))
+    entries = draw(st.lists(other_names, max_size=2))
+    if sni is not None:
+        entries.insert(draw(st.integers(0, len(entries))), (0, sni.encode()))
+    if entries and draw(st.booleans() if sni is None else st.just(True)):
+        place = draw(st.integers(0, len(extensions)))
+        extensions.insert(place, extension(0, server_name(*entries)))
+    body = hello_body(
+        None if sni is None and not extensions and draw(st.booleans()) else extensions,
+        version=draw(st.sampled_from([0x0300, 0x0301, 0x0302, 0x0303])),
+        session_id=draw(st.binary(max_size=32)),
+        ciphers=draw(st.binary(min_size=1, max_size=40).map(lambda b: b * 2)),
+        compression=draw(st.binary(min_size=1, max_size=4)),
+    )
+    version = draw(st.sampled_from([b"\x03\x01", b"\x03\x02", b"\x03\x03"]))
+    sizes = draw(st.lists(st.integers(1, 3000), min_size=1, max_size=6))
+    wire = records(handshake(body), sizes, version=version)
+    expected = None if sni is None else (sni[:-1] if sni.endswith(".") else sni).lower()
+    return wire, expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(hello=valid_hellos())
+def test_valid_hellos_name_what_their_maker_put_in_as_a_reference_parse_reads_it(
+    hello: tuple[bytes, str | None],
+) -> None:
+    wire, expected = hello
+    assert reference_sni(wire) == expected  # the reference reads what the maker wrote
+    verdict = sniff(wire + b"\x17\x03\x03")  # what follows the hello is not read
+    wanted = ("NO_NAME", "") if expected is None else ("NAME", expected)
+    assert (kind(verdict), verdict.name) == wanted, verdict
+    fed, _ = by_at_least(wire)
+    assert (fed.kind, fed.name) == (verdict.kind, verdict.name)
+
+
+@settings(max_examples=100, deadline=None)
+@given(wire=wires())
+def test_browser_shaped_hellos_agree_with_the_reference_parse(wire: bytes) -> None:
+    verdict = sniff(wire)
+    expected = reference_sni(wire)
+    wanted = ("NO_NAME", "") if expected is None else ("NAME", expected)
+    assert (kind(verdict), verdict.name) == wanted, verdict
 
 
 # --- real clients ---------------------------------------------------------------------
