@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from tcpproxy.admission import Admission, Ticket
+from tcpproxy.cli_common import FDS_PER_CONNECTION, FDS_RESERVED
 from tcpproxy.config import AppConfig, Config, Strategy, Target
 from tcpproxy.metrics import NullMetrics
 from tcpproxy.warnlimit import WarnLimiter
@@ -247,8 +248,9 @@ def test_proxy_header_from_an_untrusted_peer_is_refused(config_path, backends) -
     ("prefix", "args", "app_limit", "silent"),
     [
         ((), ("--max-connections", "10"), 5, 12),  # half of 10: two apps
-        # 200 descriptors allow (200 - 64) // 6 = 22 connections: half is 11
-        (("prlimit", "--nofile=200:200"), (), 11, 25),
+        # 400 descriptors allow (400 - FDS_RESERVED) // 6 connections (45 with the
+        # metrics server's reserve): each app half of them
+        (("prlimit", "--nofile=400:400"), (), (400 - FDS_RESERVED) // FDS_PER_CONNECTION // 2, 50),
     ],
     ids=["max-connections", "descriptor-limit"],
 )
