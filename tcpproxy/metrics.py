@@ -11,6 +11,13 @@ its counters move to an archive file so no file per dead pid piles up.
 Those files cannot drop a label, so a config hash no longer loaded is set
 to 0 there and left out of what the supervisor serves.
 
+What each connection counts (accepted, connected, ended, bytes) is kept in
+plain ints and folded into the series by `flush()`, which the engine calls
+at the end of each round of its loop: a busy round serves several
+connections, and one series update per round replaces one per connection
+(each takes a lock, and with workers writes a file). A scrape sees every
+round that has ended.
+
 The HTTP server runs in a thread (wsgiref). /status asks the event loop for
 a snapshot (trio.from_thread), so it never reads state mid-update.
 """
@@ -65,6 +72,7 @@ class NullMetrics:
     def config_loaded(self, digest: str) -> None: ...
     def app_rejected(self, app: str) -> None: ...
     def steered_ports(self, count: int) -> None: ...
+    def flush(self) -> None: ...
 
 
 class Metrics(NullMetrics):
@@ -148,6 +156,13 @@ class Metrics(NullMetrics):
         # labels() validates, formats and locks on every call (several us a connection).
         # Bounded as the label values are (apps, targets, reasons of the config).
         self._children: dict[tuple, Any] = {}
+        # Counted per connection, not yet in the series (`flush`): label tuple -> count
+        self._dirty = False
+        self._new_accepted: dict[str, int] = {}
+        self._new_active: dict[tuple[str, object], int] = {}  # a change, may be negative
+        self._new_ended: dict[tuple[str, object, str], int] = {}
+        self._new_bytes: dict[tuple[str, object, str], int] = {}
+        self._new_connects: list[tuple[object, float]] = []  # (target, seconds)
 
     def _child(self, metric: Any, *labels: Any) -> Any:
         key = (metric, *labels)
@@ -157,27 +172,61 @@ class Metrics(NullMetrics):
         return child
 
     def accepted(self, app: str) -> None:
-        self._child(self._accepted, app).inc()
+        counts = self._new_accepted
+        counts[app] = counts.get(app, 0) + 1
+        self._dirty = True
 
     def rejected(self, app: str, reason: str) -> None:
         self._child(self._accepted, app).inc()
         self._child(self._ended, app, "-", reason).inc()
 
     def connected(self, app: str, target: object, seconds: float) -> None:
-        self._child(self._connect, target).observe(seconds)
-        self._child(self._active, app, target).inc()
+        self._new_connects.append((target, seconds))
+        key = (app, target)
+        self._new_active[key] = self._new_active.get(key, 0) + 1
+        self._dirty = True
 
     def ended(self, app: str, target: object, reason: str, up: int, down: int) -> None:
         """`target` None: no target was connected."""
+        self._dirty = True
+        ended = self._new_ended
         if target is None:
-            self._child(self._ended, app, "-", reason).inc()
+            key = (app, "-", reason)
+            ended[key] = ended.get(key, 0) + 1
             return
-        self._child(self._ended, app, target, reason).inc()
-        self._child(self._active, app, target).dec()
+        key = (app, target, reason)
+        ended[key] = ended.get(key, 0) + 1
+        self._new_active[app, target] = self._new_active.get((app, target), 0) - 1
         if up:
-            self._child(self._bytes, app, target, "up").inc(up)
+            key = (app, target, "up")
+            self._new_bytes[key] = self._new_bytes.get(key, 0) + up
         if down:
-            self._child(self._bytes, app, target, "down").inc(down)
+            key = (app, target, "down")
+            self._new_bytes[key] = self._new_bytes.get(key, 0) + down
+
+    def flush(self) -> None:
+        """Fold what connections counted since the last call into the series."""
+        if not self._dirty:
+            return
+        self._dirty = False
+        child = self._child
+        for app, n in self._new_accepted.items():
+            child(self._accepted, app).inc(n)
+        for (app, target), n in self._new_active.items():
+            gauge = child(self._active, app, target)  # made even if the round netted 0
+            if n:
+                gauge.inc(n)
+        for labels, n in self._new_ended.items():
+            child(self._ended, *labels).inc(n)
+        for labels, n in self._new_bytes.items():
+            child(self._bytes, *labels).inc(n)
+        for target, seconds in self._new_connects:
+            child(self._connect, target).observe(seconds)
+        self._new_accepted.clear()
+        self._new_active.clear()
+        self._new_ended.clear()
+        self._new_bytes.clear()
+        self._new_connects.clear()
 
     def target_state(self, target: object, up: bool) -> None:
         self._health.labels(str(target)).set(1 if up else 0)
