@@ -335,10 +335,10 @@ class Admission:
             routes.update(dict.fromkeys(app.ports, router))
         for port, names in shared.items():
             key = tuple(names)
-            router = routers.get(key)
-            if router is None:
-                routers[key] = router = self._router(tuple(apps[name] for name in names))
-            routes[port] = router
+            found = routers.get(key)
+            if found is None:
+                routers[key] = found = self._router(tuple(apps[name] for name in names))
+            routes[port] = found
         self._routers = routers
         self._routes = routes
         # each app's limit of open connections, worked out once per config, not per connection

@@ -54,6 +54,7 @@ __all__ = [
 
 # The hot path: what runs per connection and per event (the "compiled hot path").
 COMPILED_MODULES: Final = (
+    "tcpproxy.admission",
     "tcpproxy.balance",
     "tcpproxy.engine",
     "tcpproxy.engine.accept",

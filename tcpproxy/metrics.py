@@ -14,6 +14,13 @@ target down is no label (its words are unbounded): each worker keeps it in a
 small file of its own beside them (REASONS_FILE), for the supervisor's /status.
 
 tcpproxy.statusserver serves them (and /status) on the event loop.
+
+What each connection counts (accepted, connected, ended, bytes) is kept in
+plain ints and folded into the series by `flush()`, which the engine calls
+at the end of each round of its loop: a busy round serves several
+connections, and one series update per round replaces one per connection
+(each takes a lock, and with workers writes a file). A scrape sees every
+round that has ended.
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ class NullMetrics:
     def steered_ports(self, count: int) -> None: ...
     def keep_only(self, config: Config) -> None: ...
     def routed(self, app: str, how: str) -> None: ...
+    def flush(self) -> None: ...
 
 
 class Metrics(NullMetrics):
@@ -161,6 +169,13 @@ class Metrics(NullMetrics):
         # with workers: the targets this one marked down, and why, in its REASONS_FILE
         self._reasons_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         self._down: dict[str, str] = {}
+        # Counted per connection, not yet in the series (`flush`): label tuple -> count
+        self._dirty = False
+        self._new_accepted: dict[str, int] = {}
+        self._new_active: dict[tuple[str, object], int] = {}  # a change, may be negative
+        self._new_ended: dict[tuple[str, object, str], int] = {}
+        self._new_bytes: dict[tuple[str, object, str], int] = {}
+        self._new_connects: list[tuple[object, float]] = []  # (target, seconds)
 
     def _child(self, metric: Any, *labels: Any) -> Any:
         key = (metric, *labels)
@@ -170,7 +185,9 @@ class Metrics(NullMetrics):
         return child
 
     def accepted(self, app: str) -> None:
-        self._child(self._accepted, app).inc()
+        counts = self._new_accepted
+        counts[app] = counts.get(app, 0) + 1
+        self._dirty = True
 
     def routed(self, app: str, how: str) -> None:
         self._child(self._routed, app, how).inc()
@@ -180,20 +197,52 @@ class Metrics(NullMetrics):
         self._child(self._ended, app, "-", reason).inc()
 
     def connected(self, app: str, target: object, seconds: float) -> None:
-        self._child(self._connect, target).observe(seconds)
-        self._child(self._active, app, target).inc()
+        self._new_connects.append((target, seconds))
+        key = (app, target)
+        self._new_active[key] = self._new_active.get(key, 0) + 1
+        self._dirty = True
 
     def ended(self, app: str, target: object, reason: str, up: int, down: int) -> None:
         """`target` None: no target was connected."""
+        self._dirty = True
+        ended = self._new_ended
         if target is None:
-            self._child(self._ended, app, "-", reason).inc()
+            key = (app, "-", reason)
+            ended[key] = ended.get(key, 0) + 1
             return
-        self._child(self._ended, app, target, reason).inc()
-        self._child(self._active, app, target).dec()
+        key = (app, target, reason)
+        ended[key] = ended.get(key, 0) + 1
+        self._new_active[app, target] = self._new_active.get((app, target), 0) - 1
         if up:
-            self._child(self._bytes, app, target, "up").inc(up)
+            key = (app, target, "up")
+            self._new_bytes[key] = self._new_bytes.get(key, 0) + up
         if down:
-            self._child(self._bytes, app, target, "down").inc(down)
+            key = (app, target, "down")
+            self._new_bytes[key] = self._new_bytes.get(key, 0) + down
+
+    def flush(self) -> None:
+        """Fold what connections counted since the last call into the series."""
+        if not self._dirty:
+            return
+        self._dirty = False
+        child = self._child
+        for app, n in self._new_accepted.items():
+            child(self._accepted, app).inc(n)
+        for (app, target), n in self._new_active.items():
+            gauge = child(self._active, app, target)  # made even if the round netted 0
+            if n:
+                gauge.inc(n)
+        for labels, n in self._new_ended.items():
+            child(self._ended, *labels).inc(n)
+        for labels, n in self._new_bytes.items():
+            child(self._bytes, *labels).inc(n)
+        for target, seconds in self._new_connects:
+            child(self._connect, target).observe(seconds)
+        self._new_accepted.clear()
+        self._new_active.clear()
+        self._new_ended.clear()
+        self._new_bytes.clear()
+        self._new_connects.clear()
 
     def target_state(self, target: object, up: bool, why: str = "") -> None:
         self._child(self._health, target).set(1 if up else 0)

@@ -161,6 +161,49 @@ async def test_an_ended_connection_lets_go_of_its_buffers() -> None:
                 sock.close()
 
 
+async def test_bytes_held_for_a_slow_reader_survive_reads_the_other_way() -> None:
+    """Copying reads into one buffer shared by every connection: what a destination
+    did not take must be kept apart, or the next read (here the other direction's)
+    overwrites it before it is sent."""
+    backend = socket.socket()
+    client = served = None
+    try:
+        backend.bind(("127.0.0.1", 0))
+        backend.listen()
+        app = AppConfig("A", (PORT,), (Target("127.0.0.1", backend.getsockname()[1]),))
+        async with trio.open_nursery() as nursery:
+            proxy, engine = await serve(nursery, app, max_connections=10, use_splice=False)
+            client = arrive(proxy)
+            (conn,) = engine.conns
+            client.send(b"u")  # the first byte: the engine connects
+            served = (await trio.to_thread.run_sync(backend.accept))[0]
+            served.setblocking(False)
+            down = bytearray()
+            block = 0
+            with trio.fail_after(5):  # the client reads nothing: the engine holds bytes
+                while conn.down is None or conn.down.pend is None:
+                    try:
+                        chunk = bytes([block % 251]) * 4096
+                        served.send(chunk)
+                        down += chunk
+                        block += 1
+                    except BlockingIOError:
+                        pass
+                    await trio.sleep(0.001)
+            client.sendall(b"U" * 16384)  # read the other way, into the same buffer
+            received = bytearray()
+            client.settimeout(5)
+            with trio.fail_after(5):
+                while len(received) < len(down):
+                    received += await trio.to_thread.run_sync(client.recv, 65536)
+            assert received == down
+            nursery.cancel_scope.cancel()
+    finally:
+        for sock in (client, served, backend):
+            if sock is not None:
+                sock.close()
+
+
 async def test_a_silent_client_holds_no_target_until_it_speaks() -> None:
     """With a FirstByteTimeout the target is chosen and counted at the first byte
     (as on the trio path), not at accept: a silent client must not weigh on one."""

@@ -91,6 +91,39 @@ def test_metrics_move_with_traffic(deployment: Deployment, workers: str) -> None
     assert "Warning" not in proxy.output, proxy.output
 
 
+def test_what_connections_count_reaches_the_series_once_per_flush() -> None:
+    """Connections count in plain ints; `flush` (the engine's, after each round) folds
+    them into the series, each once."""
+    from prometheus_client import CollectorRegistry
+
+    from tcpproxy.metrics import Metrics
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    sample = registry.get_sample_value
+    for _ in range(2):
+        metrics.accepted("A")
+    metrics.connected("A", "t:1", 0.002)
+    metrics.ended("A", "t:1", "done", 5, 7)
+    metrics.ended("A", None, "no-target", 0, 0)
+    for _ in range(2):  # the second finds nothing new
+        metrics.flush()
+        assert sample("tcpproxy_connections_accepted_total", {"app": "A"}) == 2
+        assert sample("tcpproxy_connections_active", {"app": "A", "target": "t:1"}) == 0
+        assert sample("tcpproxy_connections_ended_total",
+                      {"app": "A", "target": "t:1", "reason": "done"}) == 1  # fmt: skip
+        assert sample("tcpproxy_connections_ended_total",
+                      {"app": "A", "target": "-", "reason": "no-target"}) == 1  # fmt: skip
+        assert sample("tcpproxy_bytes_total",
+                      {"app": "A", "target": "t:1", "direction": "up"}) == 5  # fmt: skip
+        assert sample("tcpproxy_bytes_total",
+                      {"app": "A", "target": "t:1", "direction": "down"}) == 7  # fmt: skip
+        assert sample("tcpproxy_connect_seconds_count", {"target": "t:1"}) == 1
+    metrics.connected("A", "t:1", 0.002)  # held open: counted from the next flush on
+    metrics.flush()
+    assert sample("tcpproxy_connections_active", {"app": "A", "target": "t:1"}) == 1
+
+
 @pytest.mark.slow
 def test_bad_metrics_address_is_a_startup_error(tmp_path) -> None:
     import subprocess

@@ -168,6 +168,7 @@ class Engine:
                 self.finish(conn, conn.flow.cancel())
             if left:
                 log.warning("closed %d connections still open at shutdown", left)
+            self._metrics.flush()
             self.acceptor.remove_all()
 
     def drain(self) -> None:
@@ -181,6 +182,7 @@ class Engine:
                      self.dialer.on_attempt)  # fmt: skip
 
     def _after_round(self) -> None:
+        self._metrics.flush()  # what this round's connections counted (metrics.py)
         if self.acceptor.paused and self._admission.has_slot():
             self.acceptor.resume()
         if self._checks:
