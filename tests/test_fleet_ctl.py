@@ -151,6 +151,7 @@ def test_push_writes_one_key_per_app_and_only_changes(etcd: EtcdCluster, tmp_pat
     assert sorted(keys(etcd)) == [f"{P}/apps/b", f"{P}/apps/c"]
 
 
+@pytest.mark.slow
 def test_push_refuses_a_bad_file_and_writes_nothing(etcd: EtcdCluster, tmp_path: Path) -> None:
     etcd.put(f"{P}/apps/a", json.dumps({"Ports": [7001], "Targets": ["10.0.0.1:80"]}))
     revision = etcd.revision()

@@ -150,6 +150,7 @@ def _node(etcd: EtcdCluster, node: str) -> dict[str, Any]:
     return json.loads(out) if out else {}
 
 
+@pytest.mark.slow
 def test_a_bad_value_rejects_its_app_only(
     etcd: EtcdCluster, backends: Any, proxies: list[ProxyProcess]
 ) -> None:

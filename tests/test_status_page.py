@@ -126,6 +126,7 @@ def demo_apps(d: Deployment, ports: list[int]) -> tuple[list[dict], Backend]:
     return apps, b
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_the_page_follows_targets_and_reloads(tmp_path, browser, workers) -> None:
     d = Deployment("tcpproxy", tmp_path / "c.json", None)
@@ -154,6 +155,7 @@ def test_the_page_follows_targets_and_reloads(tmp_path, browser, workers) -> Non
         d.close()
 
 
+@pytest.mark.slow
 def test_the_page_says_when_it_lost_contact(tmp_path, browser) -> None:
     d = Deployment("tcpproxy", tmp_path / "c.json", None)
     try:
@@ -214,6 +216,7 @@ class Forwarder:
         self._sock.close()
 
 
+@pytest.mark.slow
 @pytest.mark.bpf
 def test_the_page_of_bpfproxy_in_a_namespace(tmp_path, browser, netns) -> None:
     d = Deployment("bpfproxy", tmp_path / "c.json", netns)
