@@ -59,9 +59,11 @@ git clone -q file:///src /root/tcpproxy
 cd /root/tcpproxy
 say "make setup (the first run)"
 make setup
-if service etcd status >/dev/null 2>&1; then
-    say "the etcd service Debian started still runs after make setup"; exit 1
-fi
+for service in etcd nginx; do
+    if service \$service status >/dev/null 2>&1; then
+        say "the \$service service Debian started still runs after make setup"; exit 1
+    fi
+done
 say "make run"
 make run >/root/make-run.log 2>&1 &
 make=\$!
