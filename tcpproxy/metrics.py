@@ -176,6 +176,7 @@ class Metrics(NullMetrics):
         self._new_ended: dict[tuple[str, object, str], int] = {}
         self._new_bytes: dict[tuple[str, object, str], int] = {}
         self._new_connects: list[tuple[object, float]] = []  # (target, seconds)
+        self._new_routed: dict[tuple[str, str], int] = {}  # (app, how)
 
     def _child(self, metric: Any, *labels: Any) -> Any:
         key = (metric, *labels)
@@ -190,7 +191,9 @@ class Metrics(NullMetrics):
         self._dirty = True
 
     def routed(self, app: str, how: str) -> None:
-        self._child(self._routed, app, how).inc()
+        routed = self._new_routed
+        routed[app, how] = routed.get((app, how), 0) + 1
+        self._dirty = True
 
     def rejected(self, app: str, reason: str) -> None:
         self._child(self._accepted, app).inc()
@@ -238,6 +241,9 @@ class Metrics(NullMetrics):
             child(self._bytes, *labels).inc(n)
         for target, seconds in self._new_connects:
             child(self._connect, target).observe(seconds)
+        for labels, n in self._new_routed.items():
+            child(self._routed, *labels).inc(n)
+        self._new_routed.clear()
         self._new_accepted.clear()
         self._new_active.clear()
         self._new_ended.clear()
