@@ -392,3 +392,28 @@ def test_proxy_headers_metrics_status_and_the_log_line(deployment: Deployment) -
     assert status["routed_by_name"] == [
         {"ports": str(port), "names": {"a.test": "A"}, "default": "D"}
     ]
+
+
+def test_an_upgrade_keeps_routing_by_name_and_finishes_a_hello_in_flight(
+    config_path: Path, backends, tmp_path: Path
+) -> None:
+    """SIGUSR2: the new process routes by name; a client the old one was inspecting
+    (half its hello sent) is routed by the old one when the rest comes."""
+    from tests.test_upgrade import proxy_with_pid_file, upgrade
+
+    port = free_port()
+    _shared(config_path, backends, port)
+    pid_file = tmp_path / "tcpproxy.pid"
+    with proxy_with_pid_file(config_path, pid_file, "--log-level", "debug") as proxy:
+        proxy.wait_for(r"tcpproxy started")
+        assert _through(port, [_hello("a.test")])[0] == "a"
+        wire = _hello("x.w.test")
+        held = connect(port)
+        held.sendall(wire[:100])
+        upgrade(proxy, pid_file)
+        held.sendall(wire[100:])
+        held.shutdown(socket.SHUT_WR)
+        assert recv_line(held) == b"w\n" and recv_all(held) == wire
+        held.close()
+        for asked, expected in [("a.test", "a"), ("y.w.test", "w"), ("other.test", "d")]:
+            assert _through(port, [_hello(asked)])[0] == expected
