@@ -1,4 +1,4 @@
-"""`make run`: echo backends for the config's loopback targets, then tcpproxy.
+"""`make run`: echo backends for the config's loopback targets, then (once they listen) tcpproxy.
 
 So that `echo hello | nc -N localhost 6300` answers on a machine with nothing
 else running. Targets that are not on loopback are left to exist elsewhere.
@@ -12,8 +12,10 @@ process holds, closes: when it ends, whoever it serves as, however it stops.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from tcpproxy.cli_common import fail, read_config
 from tcpproxy.config import ConfigError
 
 ECHO_STOP_TIMEOUT = 5.0  # seconds for the echo backends to stop once told to
+ECHO_START_TIMEOUT = 5.0  # seconds to wait for them to listen before tcpproxy starts
 
 
 def loopback_ports(config_path: Path) -> list[int]:
@@ -53,9 +56,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         stdin=subprocess.PIPE,
     )
     try:
+        _wait_listening(ports, echo)  # else tcpproxy's first probes find them down
         return tcpproxy_main(args)
     finally:
         _stop(echo)
+
+
+def _wait_listening(ports: Sequence[int], echo: subprocess.Popen[bytes]) -> None:
+    """Until every port answers on 127.0.0.1, the echo process ends (a port taken:
+    it said so), or ECHO_START_TIMEOUT passes; tcpproxy starts either way."""
+    deadline = time.monotonic() + ECHO_START_TIMEOUT
+    waiting = list(ports)
+    while waiting and echo.poll() is None and time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", waiting[0]), timeout=0.5).close()
+        except OSError:
+            time.sleep(0.05)
+            continue
+        waiting.pop(0)
 
 
 def _stop(echo: subprocess.Popen[bytes]) -> None:
