@@ -9,7 +9,8 @@ event loop) and statusserver.py serves the result.
 What the status page adds (rates, ends by reason, connect times, the last
 5 minutes) comes from the metrics' totals, sampled every RING_STEP seconds
 into a `History` (`totals_from_samples`, both modes alike): a poll reads the
-last samples and never walks the metrics itself.
+last samples and never walks the metrics itself, and gets an app's entry of the
+last poll again while nothing it shows moved.
 """
 
 from __future__ import annotations
@@ -115,30 +116,33 @@ def snapshot(
         history.observe(counts.down, time.time() if wall is None else wall)
         if history.steered is not None:
             status["steered_ports"] = history.steered
-    layout = history.layout(config) if history is not None else Layout(config)
-    by_app, by_target, down = counts.by_app, counts.by_target, counts.down
-    status["apps"] = [
-        {
-            **head,
-            "active": by_app.get(head["name"], 0),
-            "targets": [
-                {
-                    "address": address,
-                    "state": "down" if address in down else "up",
-                    "reason": down.get(address, ""),
-                    "active": by_target.get((head["name"], address), 0),
-                }
-                for address in addresses
-            ],
-        }
-        for head, addresses in layout.apps
-    ]
     if history is not None:
-        for entry in status["apps"]:
-            history.describe(entry, with_history)
+        layout = history.layout(config)
+        status["apps"] = history.entries(layout, counts, with_history)
+    else:
+        layout = Layout(config)
+        status["apps"] = [_entry(head, addresses, counts) for head, addresses in layout.apps]
     if layout.routed_by_name:
         status["routed_by_name"] = layout.routed_by_name
     return status
+
+
+def _entry(head: dict[str, Any], addresses: list[str], counts: Counts) -> dict[str, Any]:
+    """An app's /status entry as the counts tell it (`head`: its part of the Layout)."""
+    name, down = head["name"], counts.down
+    return {
+        **head,
+        "active": counts.by_app.get(name, 0),
+        "targets": [
+            {
+                "address": address,
+                "state": "down" if address in down else "up",
+                "reason": down.get(address, ""),
+                "active": counts.by_target.get((name, address), 0),
+            }
+            for address in addresses
+        ],
+    }
 
 
 class Layout:
@@ -285,12 +289,45 @@ class History:
         self._history_of: dict[str, dict[str, Any]] = {}
         self._connect_of: dict[str, dict[str, float | None]] = {}
         self._order: list[int] | None = None  # the slots written, oldest first
+        # each app's last entry, and what it was made from (see `entries`)
+        self._generation = 0  # moves with a sample and with a target's state or error
+        self._entries: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
 
     def layout(self, config: Config) -> Layout:
         """The config's `Layout`, kept while `config` is the one in force."""
         if self._layout is None or self._layout.config is not config:
             self._layout = Layout(config)
+            self._entries = {}
         return self._layout
+
+    def entries(
+        self, layout: Layout, counts: Counts, with_history: bool | Collection[str]
+    ) -> list[dict[str, Any]]:
+        """Every app's /status entry, described (`describe`). An entry whose inputs did
+        not move since the last call (the sample and targets' states, its counts, charts
+        asked or not) is the same object as then, so a renderer may reuse what it wrote
+        for it (statusserver.py): with 1,000 apps, most of a poll. Entries are not to be
+        changed by their readers."""
+        by_app, by_target, down = counts.by_app, counts.by_target, counts.down
+        generation, kept = self._generation, self._entries
+        every = with_history is True
+        some = with_history if not isinstance(with_history, bool) else ()
+        result = []
+        for head, addresses in layout.apps:
+            name = head["name"]
+            key = (
+                generation, every or name in some, by_app.get(name, 0),
+                *[(by_target.get((name, a), 0), down.get(a)) for a in addresses],
+            )  # fmt: skip
+            seen = kept.get(name)
+            if seen is not None and seen[0] == key:
+                result.append(seen[1])
+                continue
+            entry = _entry(head, addresses, counts)
+            self.describe(entry, with_history)
+            kept[name] = (key, entry)
+            result.append(entry)
+        return result
 
     def record(self, totals: Totals, now: float, config: Config) -> None:
         """A new sample of the totals; the apps and targets not in `config` are forgotten."""
@@ -318,6 +355,7 @@ class History:
         self._rates_of, self._history_of, self._connect_of = {}, {}, {}
         self._ended_of = {}
         self._order = None
+        self._generation += 1
 
     def observe(self, down: Mapping[str, str], wall: float) -> None:
         """The targets' states at `wall` (`down`: target -> why), to know since when."""
@@ -325,11 +363,14 @@ class History:
             state = "down" if target in down else "up"
             if state != seen.state:
                 seen.moved(state, wall)
+                self._generation += 1
             if state == "down" and down[target] and down[target] != seen.error:
                 seen.failed(down[target], wall)
+                self._generation += 1
         for target, why in down.items():
             if target not in self._targets:
                 self._targets[target] = _TargetSeen("down", wall, why, wall if why else 0.0)
+                self._generation += 1
 
     def describe(self, app: dict[str, Any], with_history: bool | Collection[str]) -> None:
         """Add the rates, ends, and per target since / last error / total / connect
