@@ -7,8 +7,9 @@ It starts tcpproxy with --metrics (`--workers N`: a supervisor and N workers;
 one listening socket, so 20,000 ports fit a descriptor limit that tcpproxy's
 listener per port does not; its pins go to a bpffs of its own in a mount
 namespace of its own, so none is left), waits, then measures the CPU time (user + kernel,
-from /proc) of the process that serves /status over a quiet window (the 5 s
-sampler alone) and over POLLS polls, one each POLL_PERIOD seconds, in each of
+from /proc) of the process that serves /status over quiet windows (the 5 s
+sampler alone; one before the polls and one after, as its cost drifts on a busy
+machine) and over POLLS polls, one each POLL_PERIOD seconds, in each of
 the MODES, and prints the cost per poll and as a share of a core.
 """
 
@@ -30,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 POLLS = 20  # polls measured per mode
 HISTORY_EVERY = 3  # as the page: one poll in 3 asks for the history
-QUIET = 20.0  # seconds of no polls: what the sampler costs alone
+QUIET = 40.0  # seconds of no polls, twice: what the sampler costs alone (8 samples each)
 POLL_PERIOD = 2.0  # the page's poll period (seconds); above the server's SHARED_FOR
 METRICS_PORT = 9100
 NOFILE_PER_APP = 21  # descriptors (tcpproxy): 20 listeners per app, and a little room
@@ -135,17 +136,24 @@ def measure(args: argparse.Namespace, extra_argv: list[str]) -> int:
             before = cpu_seconds(pid)
             time.sleep(QUIET)
             quiet = (cpu_seconds(pid) - before) / QUIET
-            mode = f"--workers {args.workers}" if args.workers else "one process"
-            print(f"{args.binary}: {args.apps} apps x 20 ports, 2 targets each, {mode}")
-            print(f"sampler alone (every 5 s): {100 * quiet:.2f} % of a core")
+            costs = []
             for name, (plain, charts, zipped) in MODES.items():
                 sizes = []
                 before, wall = cpu_seconds(pid), time.monotonic()
                 for i in range(POLLS):
                     sizes.append(len(fetch(charts if i % HISTORY_EVERY == 0 else plain, zipped)))
                     time.sleep(max(0.0, wall + (i + 1) * POLL_PERIOD - time.monotonic()))
-                spent = cpu_seconds(pid) - before - quiet * (time.monotonic() - wall)
-                per_poll = spent / POLLS
+                costs.append((name, cpu_seconds(pid) - before, time.monotonic() - wall, sizes))
+            before = cpu_seconds(pid)
+            time.sleep(QUIET)
+            quiet_after = (cpu_seconds(pid) - before) / QUIET
+            mode = f"--workers {args.workers}" if args.workers else "one process"
+            print(f"{args.binary}: {args.apps} apps x 20 ports, 2 targets each, {mode}")
+            print(f"sampler alone (every 5 s): {100 * quiet:.2f} % of a core before the polls, "
+                  f"{100 * quiet_after:.2f} % after")  # fmt: skip
+            quiet = (quiet + quiet_after) / 2
+            for name, spent, window, sizes in costs:
+                per_poll = (spent - quiet * window) / POLLS
                 share = 100 * per_poll / POLL_PERIOD
                 print(f"{name}: one poll {1000 * per_poll:.1f} ms of CPU, "
                       f"{sum(sizes) / len(sizes) / 1024:.0f} KiB on average; at one poll "
