@@ -57,6 +57,8 @@ RING_STEP = 5.0  # seconds between two samples of the totals
 RING_SLOTS = 61  # samples kept: 5 minutes of steps, plus the one they start from
 RATE_WINDOW = 10.0  # seconds the rates on the page are averaged over
 CONNECT_WINDOW = 60.0  # seconds: connect times are of the last 1-2 windows' connects
+STILL_SAMPLES = 4  # an app's totals the same this many samples: its rates (over the last 2-3
+# samples) are what they were, so its entry may stay (`History.entries`)
 # memory of the ring: RING_SLOTS x 3 doubles (accepted, bytes up, bytes down) = 1.5 KB per
 # app (1.5 MB for 1,000 apps), plus the times; per target two baselines of the connect
 # histogram (2 x 14 doubles)
@@ -290,8 +292,11 @@ class History:
         self._connect_of: dict[str, dict[str, float | None]] = {}
         self._order: list[int] | None = None  # the slots written, oldest first
         # each app's last entry, and what it was made from (see `entries`)
-        self._generation = 0  # moves with a sample and with a target's state or error
         self._entries: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+        self._generation = 0  # samples recorded
+        self._moved: dict[str, int] = {}  # app -> the sample its numbers last moved at
+        self._seen_generation = 0  # moves with a target's state or last error
+        self._baseline_generation = 0  # moves with the connect times' baseline
 
     def layout(self, config: Config) -> Layout:
         """The config's `Layout`, kept while `config` is the one in force."""
@@ -304,19 +309,21 @@ class History:
         self, layout: Layout, counts: Counts, with_history: bool | Collection[str]
     ) -> list[dict[str, Any]]:
         """Every app's /status entry, described (`describe`). An entry whose inputs did
-        not move since the last call (the sample and targets' states, its counts, charts
-        asked or not) is the same object as then, so a renderer may reuse what it wrote
-        for it (statusserver.py): with 1,000 apps, most of a poll. Entries are not to be
-        changed by their readers."""
+        not move since the last call (its numbers in the samples, its counts, the targets'
+        states, its charts if asked) is the same object as then, so a renderer may reuse
+        what it wrote for it (statusserver.py): with 1,000 apps, most of a poll. Entries
+        are not to be changed by their readers."""
         by_app, by_target, down = counts.by_app, counts.by_target, counts.down
-        generation, kept = self._generation, self._entries
+        kept, moved = self._entries, self._moved
+        shared = (self._seen_generation, self._baseline_generation)
         every = with_history is True
         some = with_history if not isinstance(with_history, bool) else ()
         result = []
         for head, addresses in layout.apps:
             name = head["name"]
+            charts = self._generation if every or name in some else -1  # move every sample
             key = (
-                generation, every or name in some, by_app.get(name, 0),
+                shared, charts, moved.get(name), by_app.get(name, 0),
                 *[(by_target.get((name, a), 0), down.get(a)) for a in addresses],
             )  # fmt: skip
             seen = kept.get(name)
@@ -334,9 +341,12 @@ class History:
         slot = self._next
         self._next = (slot + 1) % RING_SLOTS
         self._times[slot] = now
+        self._generation += 1
+        previous, moved = self._latest, self._moved
         names = {app.name for app in config.apps}
         for gone in self._apps.keys() - names:
             del self._apps[gone]
+            moved.pop(gone, None)
         for name in names:
             ring = self._apps.get(name)
             if ring is None:
@@ -344,9 +354,18 @@ class History:
             ring[slot] = totals.accepted.get(name, 0.0)
             ring[RING_SLOTS + slot] = totals.up.get(name, 0.0)
             ring[2 * RING_SLOTS + slot] = totals.down.get(name, 0.0)
+            if not _still(ring, slot) or totals.ended.get(name) != previous.ended.get(name):
+                moved[name] = self._generation
+        # connect times: of the targets whose histogram moved (any app's connects)
+        busy = {t for t, buckets in totals.buckets.items() if previous.buckets.get(t) != buckets}
+        if busy:
+            for app in config.apps:
+                if any(str(t) in busy for t in app.targets):
+                    moved[app.name] = self._generation
         if now - self._baseline_at >= CONNECT_WINDOW:
             self._baselines = (self._baselines[1], totals)
             self._baseline_at = now
+            self._baseline_generation += 1
         targets = {str(t) for app in config.apps for t in app.targets}
         for gone in self._targets.keys() - targets:
             del self._targets[gone]
@@ -355,7 +374,6 @@ class History:
         self._rates_of, self._history_of, self._connect_of = {}, {}, {}
         self._ended_of = {}
         self._order = None
-        self._generation += 1
 
     def observe(self, down: Mapping[str, str], wall: float) -> None:
         """The targets' states at `wall` (`down`: target -> why), to know since when."""
@@ -363,14 +381,14 @@ class History:
             state = "down" if target in down else "up"
             if state != seen.state:
                 seen.moved(state, wall)
-                self._generation += 1
+                self._seen_generation += 1
             if state == "down" and down[target] and down[target] != seen.error:
                 seen.failed(down[target], wall)
-                self._generation += 1
+                self._seen_generation += 1
         for target, why in down.items():
             if target not in self._targets:
                 self._targets[target] = _TargetSeen("down", wall, why, wall if why else 0.0)
-                self._generation += 1
+                self._seen_generation += 1
 
     def describe(self, app: dict[str, Any], with_history: bool | Collection[str]) -> None:
         """Add the rates, ends, and per target since / last error / total / connect
@@ -456,6 +474,17 @@ class History:
             le = next(le for le, n in counts if n >= q * total)
             result[key] = le if math.isfinite(le) else None
         return result
+
+
+def _still(ring: array[float], slot: int) -> bool:
+    """Whether an app's three totals in `ring` are the same in the last STILL_SAMPLES
+    slots up to `slot` (a slot not yet written is NaN: never the same)."""
+    for base in (0, RING_SLOTS, 2 * RING_SLOTS):
+        value = ring[base + slot]
+        for back in range(1, STILL_SAMPLES):
+            if ring[base + (slot - back) % RING_SLOTS] != value:
+                return False
+    return True
 
 
 def as_text(status: dict[str, Any]) -> str:

@@ -146,7 +146,7 @@ def status_time(wall: float) -> str:
 
 def test_an_entry_is_the_same_object_until_its_inputs_move() -> None:
     """What lets the page's render write only the apps that changed (statusserver.py)."""
-    from tcpproxy.status import History, Totals
+    from tcpproxy.status import STILL_SAMPLES, History, Totals
 
     history = History(now=0.0, wall=1000.0)
     history.record(Totals(accepted={"A": 1.0}), 0.0, CONFIG)
@@ -172,3 +172,14 @@ def test_an_entry_is_the_same_object_until_its_inputs_move() -> None:
     a5, _ = apps(down)
     assert a5 is not a4 and a5["rates"]["conn"] == 2.0
     assert apps(down, True)[0]["history"]["conn"] == [2.0]
+    # totals that stay put: the entry stays across samples (its rates cannot move) ...
+    for step in range(2, 2 + STILL_SAMPLES):
+        history.record(Totals(accepted={"A": 11.0}), 5.0 * step, CONFIG)
+    still = apps(down)[0]
+    assert still["rates"]["conn"] == 0.0
+    history.record(Totals(accepted={"A": 11.0}), 5.0 * (2 + STILL_SAMPLES), CONFIG)
+    assert apps(down)[0] is still
+    # ... but its charts, once asked, follow each sample; and a connection moves it
+    assert apps(down, True)[0] is not still
+    history.record(Totals(accepted={"A": 12.0}), 5.0 * (3 + STILL_SAMPLES), CONFIG)
+    assert apps(down)[0]["rates"]["conn"] > 0.0
