@@ -8,9 +8,10 @@ its event loop, so never mid-update).
 
 What a poll of the page costs is kept small (docs/benchmarks.md, "The status
 page"): the page's body is shared by the polls within SHARED_FOR seconds, the
-5 minutes' history is sent only for the apps asked (`history_of`), and a client
-that accepts gzip gets it (zlib level 1: a poll's JSON shrinks about 20 times
-for under a millisecond).
+5 minutes' history is sent only for the apps asked (`history_of`), an app's
+JSON is written again only when its entry changed (`History.entries`), and a
+client that accepts gzip gets it (zlib level 1: a poll's JSON shrinks about 20
+times for under a millisecond).
 """
 
 from __future__ import annotations
@@ -84,6 +85,9 @@ class StatusRoutes:
         # the page's polls: (query, gzip?) -> (when, the response); polls within
         # SHARED_FOR seconds of each other share one render
         self._shared: dict[tuple[str, bool], tuple[float, Response]] = {}
+        # the JSON of each app entry of the last compact render, by the entry's identity
+        # (History.entries gives the same object while its inputs stay): entry, bytes
+        self._fragments: dict[int, tuple[dict[str, Any], bytes]] = {}
 
     async def __call__(self, request: Request) -> Response:
         zipped = "gzip" in request.headers.get("accept-encoding", "")
@@ -113,10 +117,26 @@ class StatusRoutes:
         if shared is not None:
             return shared[1]
         snapshot = await self._status(_history_asked(query.split("&")))
-        response = await self._rendered(_compact, snapshot, "application/json", zipped)
+        response = await self._rendered(self._compact, snapshot, "application/json", zipped)
         if len(self._shared) < SHARED_MAX:
             self._shared[(query, zipped)] = (now, response)
         return response
+
+    def _compact(self, snapshot: dict[str, Any]) -> bytes:
+        """`_compact`, writing again only the app entries not written by the last call
+        (the apps last, where the page does not mind). Runs in a render thread; two at
+        once would only each write what they miss."""
+        kept, fragments = self._fragments, {}
+        parts = []
+        for entry in snapshot["apps"]:
+            seen = kept.get(id(entry))
+            part = seen[1] if seen is not None and seen[0] is entry else _compact(entry)
+            fragments[id(entry)] = (entry, part)  # holding the entry keeps its id unique
+            parts.append(part)
+        self._fragments = fragments
+        head = _compact({key: value for key, value in snapshot.items() if key != "apps"})
+        comma = b"," if head != b"{}" else b""
+        return b"".join((head[:-1], comma, b'"apps":[', b",".join(parts), b"]}"))
 
     async def _metrics(self, request: Request, zipped: bool) -> Response:
         from prometheus_client.exposition import choose_encoder

@@ -142,3 +142,44 @@ def status_time(wall: float) -> str:
     import time
 
     return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(wall))
+
+
+def test_an_entry_is_the_same_object_until_its_inputs_move() -> None:
+    """What lets the page's render write only the apps that changed (statusserver.py)."""
+    from tcpproxy.status import STILL_SAMPLES, History, Totals
+
+    history = History(now=0.0, wall=1000.0)
+    history.record(Totals(accepted={"A": 1.0}), 0.0, CONFIG)
+    quiet = Counts(total=0, by_app={}, by_target={}, down={})
+
+    def apps(counts: Counts, charts: object = False) -> list[dict]:
+        return snapshot("tcpproxy", 1, LOADED, CONFIG, counts, history=history,
+                        with_history=charts, wall=1001.0)["apps"]  # fmt: skip
+
+    a, b = apps(quiet)
+    assert [x is y for x, y in zip(apps(quiet), (a, b), strict=True)] == [True, True]
+    busy = Counts(total=1, by_app={"B": 1}, by_target={("B", "127.0.0.1:10"): 1}, down={})
+    a2, b2 = apps(busy)
+    assert a2 is a and b2 is not b and b2["active"] == 1 and b2["targets"][0]["total"] == 1
+    a3, b3 = apps(busy, frozenset({"A"}))  # A's charts asked: A written again, with them
+    assert "history" in a3 and a3 is not a and b3 is b2
+    down = Counts(total=1, by_app={"B": 1}, by_target={("B", "127.0.0.1:10"): 1},
+                  down={"127.0.0.1:10": "refused"})  # fmt: skip
+    a4, b4 = apps(down)  # a target's state moved: every entry anew (A shares 127.0.0.1:10)
+    assert a4 is not a and a4["targets"][1]["state"] == "down" and b4["targets"][0]["reason"]
+    assert apps(down)[1] is b4
+    history.record(Totals(accepted={"A": 11.0}), 5.0, CONFIG)  # a new sample: anew
+    a5, _ = apps(down)
+    assert a5 is not a4 and a5["rates"]["conn"] == 2.0
+    assert apps(down, True)[0]["history"]["conn"] == [2.0]
+    # totals that stay put: the entry stays across samples (its rates cannot move) ...
+    for step in range(2, 2 + STILL_SAMPLES):
+        history.record(Totals(accepted={"A": 11.0}), 5.0 * step, CONFIG)
+    still = apps(down)[0]
+    assert still["rates"]["conn"] == 0.0
+    history.record(Totals(accepted={"A": 11.0}), 5.0 * (2 + STILL_SAMPLES), CONFIG)
+    assert apps(down)[0] is still
+    # ... but its charts, once asked, follow each sample; and a connection moves it
+    assert apps(down, True)[0] is not still
+    history.record(Totals(accepted={"A": 12.0}), 5.0 * (3 + STILL_SAMPLES), CONFIG)
+    assert apps(down)[0]["rates"]["conn"] > 0.0

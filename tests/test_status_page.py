@@ -259,3 +259,56 @@ def test_status_json_is_what_the_page_reads(tmp_path) -> None:
         assert "<script>" not in page and "style=" not in page and "http" not in page.lower()
     finally:
         d.close()
+
+
+MANY_APPS = 1000  # the issue's scale: 1,000 apps x 20 ports, on bpfproxy's one socket
+MANY_WAIT = 60.0  # seconds for the first 1,000-app render (every chart, on a busy 2-core box)
+
+
+@pytest.mark.slow
+@pytest.mark.bpf
+def test_a_thousand_apps_start_folded_and_filter_and_unfold(tmp_path, browser, netns) -> None:
+    """1,000 apps x 20 ports (bpfproxy in a namespace: one listening socket for them all):
+    the apps start folded, the filter box narrows them to one, which unfolds with its
+    targets and charts, asked for that app alone; no console error."""
+    d = Deployment("bpfproxy", tmp_path / "c.json", netns)
+    forwarder = None
+    try:
+        apps = [
+            app(f"app-{i:04d}", list(range(10000 + 20 * i, 10020 + 20 * i)),
+                [f"127.0.0.1:{5000 + i % 50}", f"127.0.0.2:{5000 + i % 50}"])
+            for i in range(MANY_APPS)
+        ]  # fmt: skip
+        d.start(apps, "--metrics", "127.0.0.1:9100")
+        forwarder = Forwarder(netns.socket, 9100)
+        browser.get(f"http://127.0.0.1:{forwarder.port}/")
+        shown = lambda: browser.find_element("id", "shown").text  # noqa: E731
+        wait_for(lambda: shown() == f"{MANY_APPS} of {MANY_APPS} apps", "every app", MANY_WAIT)
+        folded = "return document.querySelectorAll('tbody.app.collapsed').length"
+        assert browser.execute_script(folded) == MANY_APPS
+        one = "app-0777"
+        browser.find_element("id", "filter").send_keys(one)
+        wait_for(lambda: shown() == f"1 of {MANY_APPS} apps", "one app left by the filter")
+        visible = browser.execute_script(
+            "return [...document.querySelectorAll('tbody.app:not(.hidden)')]"
+            ".map(b => b.dataset.app)"
+        )
+        assert visible == [one]
+        body = browser.find_element("css selector", f"tbody.app[data-app='{one}']")
+        assert not any(r.is_displayed() for r in body.find_elements("css selector", "tr.target"))
+        body.find_element("css selector", "tr.app").click()
+        targets = body.find_elements("css selector", "tr.target")
+        assert [r.is_displayed() for r in targets] == [True, True]
+        asked = (
+            "return performance.getEntriesByType('resource').map(e => e.name)"
+            ".filter(n => n.includes('history_of='))"
+        )
+        wait_for(
+            lambda: any(u.endswith(f"history_of={one}") for u in browser.execute_script(asked)),
+            "the charts asked for the open app alone",
+        )
+        assert severe(browser) == []
+    finally:
+        if forwarder is not None:
+            forwarder.close()
+        d.close()

@@ -339,3 +339,27 @@ async def test_the_page_polls_share_a_render_get_gzip_and_the_charts_asked() -> 
     plain = await routes(Request("GET", "/status", "history=1", {}))
     assert asked[-1] is True and json.loads(plain.body) == doc
     assert all(name != "Content-Encoding" for name, _ in plain.headers)
+
+
+async def test_the_page_status_writes_again_only_the_entries_that_are_new() -> None:
+    """The body is the snapshot's JSON whichever entries were written before (an entry
+    the same object as last time is not written again: History.entries)."""
+    from prometheus_client import CollectorRegistry
+
+    from tcpproxy.httpserver import Request
+    from tcpproxy.statusserver import SHARED_FOR, StatusRoutes
+
+    entries = [{"name": f"app-{i}", "active": 0} for i in range(3)]
+    doc: dict = {"binary": "tcpproxy", "apps": entries, "routed_by_name": []}
+
+    async def status(with_history: object) -> dict:
+        return {**doc, "uptime": time.monotonic()}
+
+    routes = StatusRoutes(status, CollectorRegistry())
+    page = Request("GET", "/status", "compact=1", {})
+    first = json.loads((await routes(page)).body)
+    assert first["apps"] == entries and first["routed_by_name"] == []
+    doc["apps"] = [entries[0], {"name": "app-1", "active": 5}, entries[2]]  # one new entry
+    await trio.sleep(SHARED_FOR)  # past the polls that share a body
+    later = json.loads((await routes(page)).body)
+    assert later["apps"] == doc["apps"] and later["uptime"] > first["uptime"]
