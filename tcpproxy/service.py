@@ -283,8 +283,9 @@ async def run_service(
                         registry = current_only(REGISTRY, lambda: proxy.config)
                         sampled = REGISTRY.restricted_registry(SAMPLED_METRICS)
                         await outer.start(
-                            keep_history, history, registry_samples(sampled), lambda: proxy.config
-                        )
+                            keep_history, history, registry_samples(sampled),
+                            lambda: proxy.config, lambda: proxy.counts().down,
+                        )  # fmt: skip
                         server = open_status_server(
                             *metrics_address, snapshot, registry, handed=handed
                         )

@@ -22,7 +22,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, unquote
@@ -198,11 +198,14 @@ async def keep_history(
     history: History,
     read_samples: Callable[[], Iterable[Any]],
     config: Callable[[], Config],
+    down: Callable[[], Mapping[str, str]] | None = None,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Sample the metrics' totals into `history` every RING_STEP seconds until cancelled:
-    read and summed in a worker thread, recorded on the loop."""
+    read and summed in a worker thread, recorded on the loop. `down` (the targets down
+    now, and why): also seen at each sample, so "down since" is right to RING_STEP
+    seconds whether or not anyone polls /status."""
     limiter = trio.CapacityLimiter(1)
 
     def read() -> Totals:
@@ -212,6 +215,8 @@ async def keep_history(
     while True:
         totals = await trio.to_thread.run_sync(read, limiter=limiter)
         history.record(totals, time.monotonic(), config())
+        if down is not None:
+            history.observe(down(), time.time())
         await trio.sleep(RING_STEP)
 
 

@@ -183,3 +183,30 @@ def test_an_entry_is_the_same_object_until_its_inputs_move() -> None:
     assert apps(down, True)[0] is not still
     history.record(Totals(accepted={"A": 12.0}), 5.0 * (3 + STILL_SAMPLES), CONFIG)
     assert apps(down)[0]["rates"]["conn"] > 0.0
+
+
+async def test_a_target_down_is_seen_at_each_sample_not_only_at_a_poll(autojump_clock) -> None:
+    """ "Down since" is when the sampler first saw it (within RING_STEP), even if
+    nobody polled /status for a while."""
+    import time
+
+    import trio
+
+    from tcpproxy.status import RING_STEP, History
+    from tcpproxy.statusserver import keep_history
+
+    history = History(now=0.0, wall=time.time())
+    down: dict[str, str] = {}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(keep_history, history, list, lambda: CONFIG, lambda: dict(down))
+        await trio.sleep(RING_STEP * 1.5)
+        down["127.0.0.1:10"] = "connection refused"
+        went_down = time.time()
+        await trio.sleep(RING_STEP)  # one sample sees it; no poll in between
+        nursery.cancel_scope.cancel()
+    counts = Counts(total=0, by_app={}, by_target={}, down=dict(down))
+    status = snapshot("tcpproxy", 1, LOADED, CONFIG, counts, history=history,
+                      with_history=False, wall=went_down + 3600)  # fmt: skip
+    target = status["apps"][1]["targets"][0]
+    assert target["state"] == "down" and target["last_error"] == "connection refused"
+    assert target["since"] in {status_time(went_down + d) for d in (-1, 0, 1)}
