@@ -58,6 +58,20 @@ def _shared(config_path: Path, backends, port: int, *, default: bool = True, **o
     return made
 
 
+def _named_and_default(config_path: Path, backends, port: int, inspect: float) -> dict:
+    """Two apps on `port`: a.test and the default, under InspectTimeout `inspect`."""
+    made = {name: backends(name) for name in ("a", "d")}
+    write_config(
+        config_path,
+        [
+            app("A", [port], [made["a"].address], Hostnames=["a.test"]),
+            app("D", [port], [made["d"].address]),
+        ],
+        Defaults={"InspectTimeout": inspect},
+    )
+    return made
+
+
 def _through(port: int, parts: list[bytes], pause: float = 0.0) -> tuple[str, bytes]:
     """Send `parts` (one write each, `pause` apart), half-close; the backend's name and
     what it echoed."""
@@ -152,15 +166,7 @@ def test_a_slow_trickle_is_closed_at_the_deadline_never_routed_to_the_default(
     earlier, and neither its app nor the default ever sees it. A client silent alongside
     it, in the same window, does reach the default (which is there to be wrongly had)."""
     port = free_port()
-    made = {name: backends(name) for name in ("a", "d")}
-    write_config(
-        config_path,
-        [
-            app("A", [port], [made["a"].address], Hostnames=["a.test"]),
-            app("D", [port], [made["d"].address]),
-        ],
-        Defaults={"InspectTimeout": TRICKLE_INSPECT},
-    )
+    made = _named_and_default(config_path, backends, port, TRICKLE_INSPECT)
     wire = records(client_hello(b"a.test", post_quantum=False, ech=False, grease=False))
     with running_tcpproxy(config_path) as proxy, connect(port) as silent:
         with connect(port) as sock:
@@ -202,15 +208,7 @@ def test_many_partial_hellos_cost_little_and_are_closed_at_the_deadline(
     again and again), each closed at InspectTimeout, none to the default, and
     every descriptor given back."""
     port = free_port()
-    made = {name: backends(name) for name in ("a", "d")}
-    write_config(
-        config_path,
-        [
-            app("A", [port], [made["a"].address], Hostnames=["a.test"]),
-            app("D", [port], [made["d"].address]),
-        ],
-        Defaults={"InspectTimeout": HALF_OPEN_INSPECT},
-    )
+    made = _named_and_default(config_path, backends, port, HALF_OPEN_INSPECT)
     partial = _hello("a.test")[:1000]
     socks: list[socket.socket] = []
     with running_tcpproxy(config_path, "--log-level", "info") as proxy:
